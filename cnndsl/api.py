@@ -1,0 +1,49 @@
+"""The Python API: `parse` (path or text -> Network), `compile` (-> torch.nn.Module),
+and `emit`. Torch is imported only when a model is compiled."""
+
+from os import PathLike
+from pathlib import Path
+
+from .elaborate import elaborate
+from .errors import CnnError, CnnInputError
+from .ir import Network
+from .parse import parse_program
+
+
+def _read(src: str | PathLike) -> tuple[str, str | None]:
+    """Decide whether `src` is a path or .cnn text, and read it."""
+    if isinstance(src, PathLike) or (isinstance(src, str) and "\n" not in src and src.strip().endswith(".cnn")):
+        path = Path(src)
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except FileNotFoundError:
+            raise CnnInputError(f"no such file: {path}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise CnnInputError(f"cannot read {path}: {err}") from None
+    if not isinstance(src, str):
+        raise CnnInputError(f"expected a path, .cnn text or a Network, got {type(src).__name__}")
+    return src, None
+
+
+def parse(src: str | PathLike, filename: str | None = None) -> Network:
+    """Parse and check a .cnn file (a path ending in .cnn) or source text into a Network."""
+    text, path = _read(src)
+    filename = filename or path
+    try:
+        return elaborate(parse_program(text, filename), text, filename)
+    except CnnError as err:
+        raise err.attach(text, filename) from None
+
+
+def _network(src) -> Network:
+    return src if isinstance(src, Network) else parse(src)
+
+
+def compile(src, backend: str = "triton", fuse: bool = True, device=None, dtype=None):
+    """Build a torch.nn.Module for a Network, path or text.
+
+    backend: "triton" (Triton kernels, fused per `fuse`) or "torch" (the reference).
+    device: default "cuda" when available, else "cpu"; dtype: default torch.float32."""
+    net = _network(src)
+    from .runtime import build_module
+    return build_module(net, backend=backend, fuse=fuse, device=device, dtype=dtype)

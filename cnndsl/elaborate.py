@@ -1,0 +1,229 @@
+"""AST -> IR: expand block calls (binding positional, keyword and default arguments),
+repetitions and residual branches into a flat graph of ir.Nodes in declaration order,
+naming every node, evaluating argument expressions and inferring each shape."""
+
+from dataclasses import dataclass, field
+
+from . import ast, ir
+from .errors import CnnArgumentError, CnnError, CnnNameError, CnnShapeError, Span, did_you_mean
+from .ir import Op
+from .layers import KERNEL, LAYERS, REQUIRED, Symbol, build_attrs, coerce
+from .shapes import infer
+
+
+@dataclass
+class _Scope:
+    """Names inside one block call or residual: `prefix.name`, each unique."""
+
+    prefix: str
+    taken: set = field(default_factory=set)
+
+    def name(self, label: str | None, base: str, span: Span) -> str:
+        if label is not None:
+            if label in self.taken:
+                raise CnnNameError(f"duplicate layer name {label!r}", span,
+                                   hint="names must be unique within a block or residual")
+            chosen = label
+        else:
+            k = 1
+            while f"{base}{k}" in self.taken:
+                k += 1
+            chosen = f"{base}{k}"
+        self.taken.add(chosen)
+        return f"{self.prefix}.{chosen}" if self.prefix else chosen
+
+
+class _Builder:
+    def __init__(self, program: ast.Program):
+        self.program = program
+        self.nodes: list[ir.Node] = []
+        self.blocks: dict[str, ast.Block] = {}
+        for stmt in program.stmts:
+            if isinstance(stmt, ast.Block):
+                self._define(stmt)
+
+    def _define(self, block: ast.Block):
+        if block.name in LAYERS:
+            raise CnnNameError(f"block {block.name!r} has the name of a built-in layer", block.name_span,
+                               hint="choose another name for the block")
+        if block.name in self.blocks:
+            first = self.blocks[block.name].span.line
+            raise CnnNameError(f"block {block.name!r} is already defined at line {first}", block.name_span)
+        seen = set()
+        for p in block.params:
+            if p.name in seen:
+                raise CnnNameError(f"parameter {p.name!r} appears twice in block {block.name!r}", p.span)
+            seen.add(p.name)
+        self.blocks[block.name] = block
+
+    def add(self, op, attrs, inputs, shape, name, span, keyword) -> int:
+        self.nodes.append(ir.Node(len(self.nodes), op, attrs, tuple(inputs), shape, name, span, keyword))
+        return len(self.nodes) - 1
+
+    # --- expressions ---------------------------------------------------------------------------
+    def eval(self, e: ast.Expr, env: dict):
+        if isinstance(e, ast.Number):
+            return e.value
+        if isinstance(e, ast.Dims):
+            return e.values
+        if isinstance(e, ast.Ref):
+            if e.name in env:
+                return env[e.name]
+            return {"true": True, "false": False}.get(e.name, Symbol(e.name, e.span))
+        left, right = self.eval(e.left, env), self.eval(e.right, env)
+        for side, value in ((e.left, left), (e.right, right)):
+            if isinstance(value, Symbol):
+                raise CnnNameError(f"undefined name {value.name!r}", value.span, hint=did_you_mean(value.name, env))
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise CnnArgumentError(f"cannot use {value!r} in arithmetic", side.span, expected="a number")
+        if e.op == "/":
+            if right == 0:
+                raise CnnArgumentError("division by zero", e.span)
+            if isinstance(left, int) and isinstance(right, int):
+                if left % right:
+                    raise CnnArgumentError(f"{left} / {right} is not a whole number", e.span)
+                return left // right
+            return left / right
+        return {"+": left + right, "-": left - right, "*": left * right}[e.op]
+
+    def count(self, rep: ast.Repeat | None, env: dict) -> int:
+        if rep is None:
+            return 1
+        n = self.eval(rep.count, env)
+        if isinstance(n, Symbol):
+            raise CnnNameError(f"undefined name {n.name!r} in repetition", rep.span, hint=did_you_mean(n.name, env))
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise CnnArgumentError(f"repetition count must be a positive integer, got {n!r}", rep.span)
+        return n
+
+    # --- statements ----------------------------------------------------------------------------
+    def stmts(self, stmts, cur: int, env: dict, scope: _Scope, stack: tuple) -> int:
+        for stmt in stmts:
+            if isinstance(stmt, ast.Block):
+                if stack or scope.prefix:
+                    raise CnnNameError(f"block {stmt.name!r} is defined inside another block or branch",
+                                       stmt.name_span, hint="define blocks at the top level of the file")
+                continue
+            reps = self.count(stmt.repeat, env)
+            for i in range(reps):
+                label = stmt.label if stmt.label is None or reps == 1 else f"{stmt.label}.{i}"
+                if isinstance(stmt, ast.Residual):
+                    cur = self.residual(stmt, cur, env, scope.name(label, "residual", stmt.span), stack)
+                elif stmt.name in LAYERS:
+                    cur = self.layer(stmt, cur, env, scope.name(label, stmt.name, stmt.span))
+                elif stmt.name in self.blocks:
+                    cur = self.call(stmt, cur, env, scope.name(label, stmt.name, stmt.span), stack)
+                else:
+                    raise CnnNameError(f"unknown layer {stmt.name!r}", stmt.name_span,
+                                       expected="a layer (" + ", ".join(LAYERS) + ") or a block defined with `block`",
+                                       hint=did_you_mean(stmt.name, [*LAYERS, *self.blocks]))
+        return cur
+
+    def bind(self, params, args, env, owner: str, call_span: Span):
+        """Match arguments to named parameters: positional first, then keywords."""
+        names = [p.name for p in params]
+        out, where = {}, {}
+        positional = [a for a in args if a.name is None]
+        if len(positional) > len(params):
+            extra = positional[len(params)]
+            raise CnnArgumentError(f"{owner} takes at most {len(params)} positional argument"
+                                   f"{'s' if len(params) != 1 else ''}, got {len(positional)}", extra.span,
+                                   expected=f"{owner}({', '.join(names)})" if names else f"{owner} with no arguments")
+        for p, a in zip(params, positional):
+            out[p.name], where[p.name] = self.eval(a.value, env), a.value.span
+        for a in args:
+            if a.name is None:
+                continue
+            if a.name not in names:
+                raise CnnNameError(f"{owner} has no option {a.name!r}", a.span,
+                                   expected=", ".join(names) or "no options", hint=did_you_mean(a.name, names))
+            if a.name in out:
+                raise CnnArgumentError(f"{owner}: {a.name!r} is given twice", a.span)
+            out[a.name], where[a.name] = self.eval(a.value, env), a.value.span
+        return out, where
+
+    def layer(self, stmt: ast.Layer, cur: int, env: dict, name: str) -> int:
+        spec = LAYERS[stmt.name]
+        values, where = self.bind(spec.options,
+                                  stmt.args, env, stmt.name, stmt.span)
+        positional = sum(a.name is None for a in stmt.args)
+        if positional > spec.positional:
+            extra = [a for a in stmt.args if a.name is None][spec.positional]
+            raise CnnArgumentError(f"{stmt.name} takes {spec.positional} positional argument(s), got {positional}",
+                                   extra.span, expected=" ".join(o.name for o in spec.options[:spec.positional])
+                                   + " then name=value options")
+        for opt in spec.options:
+            if opt.name in values:
+                values[opt.name] = coerce(opt, values[opt.name], where[opt.name], env)
+            elif opt.default is KERNEL:
+                values[opt.name] = KERNEL
+            elif opt.default is not REQUIRED:
+                values[opt.name] = coerce(opt, opt.default, stmt.span)
+            else:
+                raise CnnArgumentError(f"{stmt.name} needs {opt.name!r}", stmt.span,
+                                       expected=f"{stmt.name} " + " ".join(o.name.upper() for o in
+                                                                            spec.options[:spec.positional]))
+        attrs = build_attrs(spec, values)
+        shape = infer(spec.op, attrs, self.nodes[cur].shape, stmt.span)
+        return self.add(spec.op, attrs, [cur], shape, name, stmt.span, stmt.name)
+
+    def call(self, stmt: ast.Layer, cur: int, env: dict, name: str, stack: tuple) -> int:
+        block = self.blocks[stmt.name]
+        if block.name in stack:
+            chain = " -> ".join((*stack, block.name))
+            raise CnnNameError(f"block {block.name!r} calls itself ({chain})", stmt.name_span,
+                               hint="blocks cannot be recursive; use repetition `x N`")
+        inner, _ = self.bind(block.params, stmt.args, env, f"block {block.name!r}", stmt.span)
+        for p in block.params:
+            if p.name not in inner:
+                if p.default is None:
+                    raise CnnArgumentError(f"block {block.name!r} needs argument {p.name!r}", stmt.span,
+                                           expected=f"{block.name}(" + ", ".join(q.name for q in block.params) + ")")
+                inner[p.name] = self.eval(p.default, inner)
+        try:
+            return self.stmts(block.body, cur, inner, _Scope(name), (*stack, block.name))
+        except CnnError as err:
+            err.notes.append(f"in block {block.name!r} called at line {stmt.span.line}")
+            raise
+
+    def residual(self, stmt: ast.Residual, cur: int, env: dict, name: str, stack: tuple) -> int:
+        if not stmt.body:
+            raise CnnShapeError("a residual branch needs at least one layer", stmt.span)
+        scope = _Scope(name)
+        branch = self.stmts(stmt.body, cur, env, scope, stack)
+        short = cur
+        if stmt.shortcut:
+            short = self.stmts(stmt.shortcut, cur, env, _Scope(f"{name}.shortcut"), stack)
+        b, s = self.nodes[branch].shape, self.nodes[short].shape
+        if b != s:
+            fmt = "x".join
+            what = "its shortcut ends in" if stmt.shortcut else "its input is"
+            hint = None
+            if not stmt.shortcut and len(b) == 3 and len(s) == 3 and s[1] % b[1] == 0:
+                st = s[1] // b[1]
+                hint = (f"add a projection: `}} shortcut {{` with `conv {b[0]} 1x1 stride={st} bias=false` "
+                        "and `batchnorm`")
+            raise CnnShapeError(f"residual branch ends in {fmt(map(str, b))} but {what} {fmt(map(str, s))}",
+                                stmt.span, hint=hint)
+        return self.add(Op.ADD, ir.Add(), [branch, short], b, f"{name}.add", stmt.span, "residual")
+
+
+def _check_input(dims: ast.Dims):
+    if len(dims.values) != 3 or min(dims.values) < 1:
+        raise CnnArgumentError(f"input must be CxHxW with positive sizes, got {'x'.join(map(str, dims.values))}",
+                               dims.span, expected="e.g. `input 3x32x32`")
+
+
+def elaborate(program: ast.Program, source: str = "", filename: str | None = None) -> ir.Network:
+    """Expand and check a parsed program into an ir.Network; raises CnnError."""
+    _check_input(program.input)
+    b = _Builder(program)
+    b.add(Op.INPUT, ir.Input(), [], program.input.values, "input", program.input.span, "input")
+    b.stmts(program.stmts, 0, {}, _Scope(""), ())
+    if len(b.nodes) == 1:
+        raise CnnShapeError("the network has no layers", program.span, expected="at least one layer after `input`")
+    for node in b.nodes[:-1]:
+        if node.op is Op.SOFTMAX:
+            raise CnnShapeError("softmax must be the last layer", node.span,
+                                hint=f"{len(b.nodes) - 1 - node.id} layer(s) follow it; move softmax to the end")
+    return ir.Network(program.name, program.input.values, tuple(b.nodes), source, filename)

@@ -1,0 +1,101 @@
+"""The CnnError family: every syntax, name, argument and shape error carries a source
+span and renders as `file:line:col: error: ...`, the source line, a caret under the
+culprit, what was expected and a hint where one exists."""
+
+import difflib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Span:
+    """1-based source positions; `end_column` is exclusive."""
+
+    line: int
+    column: int
+    end_line: int
+    end_column: int
+
+
+class CnnError(Exception):
+    """Base of every error cnndsl reports about a model or its inputs."""
+
+    kind = "error"
+
+    def __init__(self, message: str, span: Span | None = None, *, expected: str | None = None,
+                 hint: str | None = None, source: str | None = None, filename: str | None = None):
+        super().__init__(message)
+        self.message, self.span, self.expected, self.hint = message, span, expected, hint
+        self.source, self.filename = source, filename
+        self.notes: list[str] = []
+
+    @property
+    def line(self) -> int | None:
+        return self.span.line if self.span else None
+
+    @property
+    def column(self) -> int | None:
+        return self.span.column if self.span else None
+
+    def attach(self, source: str | None, filename: str | None) -> "CnnError":
+        """Give the error the text it points into (the first attachment wins)."""
+        if self.source is None:
+            self.source, self.filename = source, filename
+        return self
+
+    def render(self) -> str:
+        where = self.filename or "<string>"
+        if self.span:
+            where += f":{self.span.line}:{self.span.column}"
+        out = [f"{where}: {self.kind}: {self.message}"]
+        lines = self.source.splitlines() if self.source else []
+        if self.span and 0 < self.span.line <= len(lines):
+            text = lines[self.span.line - 1].rstrip().expandtabs(1)
+            end = self.span.end_column if self.span.end_line == self.span.line else len(text) + 1
+            width = max(1, min(end, len(text) + 1) - self.span.column)
+            gutter = f"{self.span.line:>5} | "
+            out += [gutter + text, " " * (len(gutter) - 2) + "| " + " " * (self.span.column - 1) + "^" * width]
+        if self.expected:
+            out.append(f"  expected: {self.expected}")
+        out += [f"  note: {n}" for n in self.notes]
+        if self.hint:
+            out.append(f"  hint: {self.hint}")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+class CnnSyntaxError(CnnError):
+    """The text does not follow the grammar."""
+
+    kind = "syntax error"
+
+
+class CnnNameError(CnnError):
+    """An unknown layer, option, block or name; a duplicate or recursive definition."""
+
+    kind = "name error"
+
+
+class CnnArgumentError(CnnError):
+    """A value of the wrong type or range, or the wrong number of arguments."""
+
+    kind = "argument error"
+
+
+class CnnShapeError(CnnError):
+    """Shapes that do not fit: a kernel larger than its input, a branch that differs."""
+
+    kind = "shape error"
+
+
+class CnnInputError(CnnError):
+    """Bad input at run time or on the command line: a missing file, a wrong tensor."""
+
+    kind = "input error"
+
+
+def did_you_mean(word: str, choices) -> str | None:
+    """A hint naming the closest choice, if any is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else None

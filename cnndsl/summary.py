@@ -1,0 +1,52 @@
+"""The torchinfo-style summary of a Network: a table of layers with output shapes,
+parameters and multiply-adds, totals, BN buffers counted apart; and the same as JSON."""
+
+from . import ir
+from .shapes import buffers, macs, numel, params
+
+_BYTES_FP32 = 4
+
+
+def _totals(net: ir.Network) -> dict:
+    nodes = net.nodes[1:]
+    return {
+        "total_params": sum(params(net, n) for n in nodes),
+        "bn_buffers": sum(buffers(net, n) for n in nodes),
+        "macs": sum(macs(net, n) for n in nodes),
+        "activation_bytes": _BYTES_FP32 * sum(numel(n.shape) for n in net.nodes),
+    }
+
+
+def summary_json(net: ir.Network) -> dict:
+    """One JSON-able dict: name, input, layers, totals (per sample where it applies)."""
+    layers = [{"name": n.name, "op": n.keyword if n.op is not ir.Op.ADD else "add",
+               "output_shape": list(n.shape), "params": params(net, n), "macs": macs(net, n),
+               "inputs": [net.nodes[i].name for i in n.inputs], "line": n.span.line if n.span else None}
+              for n in net.nodes[1:]]
+    return {"name": net.name, "input": list(net.input_shape), "output": list(net.output_shape),
+            "layers": layers, **_totals(net)}
+
+
+def _human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def summary_table(net: ir.Network) -> str:
+    rows = [(n.name, "add" if n.op is ir.Op.ADD else n.keyword, "x".join(map(str, n.shape)),
+             f"{params(net, n):,}", f"{macs(net, n):,}") for n in net.nodes]
+    head = ("Layer", "Op", "Output shape", "Params", "Mult-adds")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
+    fmt = "  ".join(f"{{:{'<' if i < 3 else '>'}{w}}}" for i, w in enumerate(widths))
+    rule = "=" * len(fmt.format(*head))
+    t = _totals(net)
+    lines = [f"network {net.name}: input {'x'.join(map(str, net.input_shape))} -> "
+             f"output {'x'.join(map(str, net.output_shape))}", rule, fmt.format(*head), "-" * len(rule),
+             *(fmt.format(*r) for r in rows), rule,
+             f"Total params: {t['total_params']:,}",
+             f"BN buffers (running mean and variance, not trained): {t['bn_buffers']:,}",
+             f"Mult-adds per sample: {_human(t['macs'])}",
+             f"Activation memory per sample (fp32 outputs): {_human(t['activation_bytes'], 'B')}"]
+    return "\n".join(lines)

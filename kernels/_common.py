@@ -1,0 +1,58 @@
+"""What every kernel module shares: interpreter detection, dtype and precision
+switches for `tl.dot`, autotune configs that shrink to one under the interpreter,
+and the launcher checks whose messages carry the numbers."""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Triton's interpreter has no bf16 arithmetic (its numpy backend lacks the type) and
+# computes wrong bf16 dot products, so kernels upcast operands there; on a GPU the dot
+# runs in the input dtype on the tensor cores with fp32 accumulation.
+_DOT_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+SUPPORTED_DTYPES = tuple(_DOT_DTYPE)
+
+
+def dot_dtype(dtype: torch.dtype):
+    """The tl dtype that `tl.dot` operands are cast to for inputs of `dtype`."""
+    return tl.float32 if INTERPRET else _DOT_DTYPE[dtype]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`input_precision` for `tl.dot`: fp32 inputs use TF32 only when torch allows it."""
+    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def autotune(configs, key, interpret_config=None, **kwargs):
+    """`triton.autotune` on a GPU; under the interpreter (which cannot benchmark) the
+    single `interpret_config`, default the first config, so tests run small tiles."""
+    if INTERPRET:
+        configs = [interpret_config or configs[0]]
+    return triton.autotune(configs=configs, key=key, **kwargs)
+
+
+def check(cond: bool, message: str) -> None:
+    """Raise ValueError(message) unless cond: launchers validate before they launch."""
+    if not cond:
+        raise ValueError(message)
+
+
+def check_tensor(t, name: str, ndim: int | None = None, dtype=None, device=None) -> None:
+    """Validate a launcher argument: a contiguous floating tensor of the expected rank,
+    dtype and device, with the expected and actual values in the message."""
+    check(isinstance(t, torch.Tensor), f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        check(t.dim() == ndim, f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+    check(t.dtype in SUPPORTED_DTYPES,
+          f"{name}: dtype {t.dtype} is not supported (float32, float16 or bfloat16)")
+    if dtype is not None:
+        check(t.dtype == dtype, f"{name}: expected dtype {dtype}, got {t.dtype}")
+    if device is not None:
+        check(t.device == device, f"{name}: expected device {device}, got {t.device}")
+    check(t.is_contiguous(), f"{name}: expected a contiguous tensor, got strides {t.stride()}")

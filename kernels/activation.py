@@ -1,0 +1,113 @@
+"""Activations: the scalar maths as `@triton.jit` helpers that other kernels' epilogues
+call (selected by an `ACT: tl.constexpr` code), and the standalone elementwise
+forward/backward kernels with their launchers."""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import autotune, check, check_tensor
+
+# Codes for the ACT constexpr; NONE lets an epilogue skip the stage entirely.
+NONE, RELU, LEAKY_RELU, SIGMOID, TANH, GELU, SILU = range(7)
+ACTIVATIONS = {"relu": RELU, "leaky_relu": LEAKY_RELU, "sigmoid": SIGMOID,
+               "tanh": TANH, "gelu": GELU, "silu": SILU}
+
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@triton.jit
+def apply_act(x, ACT: tl.constexpr, slope):
+    """y = act(x) for fp32 x."""
+    if ACT == RELU:
+        x = tl.maximum(x, 0.0)
+    elif ACT == LEAKY_RELU:
+        x = tl.where(x > 0, x, x * slope)
+    elif ACT == SIGMOID:
+        x = tl.sigmoid(x)
+    elif ACT == TANH:
+        # tanh(x) = 2*sigmoid(2x) - 1: saturates cleanly at +-1 for large |x|.
+        x = 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    elif ACT == GELU:
+        x = 0.5 * x * (1.0 + tl.math.erf(x * _SQRT1_2))
+    elif ACT == SILU:
+        x = x * tl.sigmoid(x)
+    return x
+
+
+@triton.jit
+def apply_act_grad(x, dy, ACT: tl.constexpr, slope):
+    """dx = dy * act'(x) for fp32 x (the activation's input) and dy."""
+    if ACT == RELU:
+        dy = tl.where(x > 0, dy, 0.0)
+    elif ACT == LEAKY_RELU:
+        dy = tl.where(x > 0, dy, dy * slope)
+    elif ACT == SIGMOID:
+        s = tl.sigmoid(x)
+        dy = dy * s * (1.0 - s)
+    elif ACT == TANH:
+        t = 2.0 * tl.sigmoid(2.0 * x) - 1.0
+        dy = dy * (1.0 - t * t)
+    elif ACT == GELU:
+        # d/dx [x Phi(x)] = Phi(x) + x phi(x)
+        cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT1_2))
+        pdf = tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
+        dy = dy * (cdf + x * pdf)
+    elif ACT == SILU:
+        s = tl.sigmoid(x)
+        dy = dy * s * (1.0 + x * (1.0 - s))
+    return dy
+
+
+_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))]
+
+
+@autotune(_CONFIGS, key=["n", "ACT"])
+@triton.jit
+def _activation_fwd_kernel(x_ptr, y_ptr, n, slope, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(y_ptr + offs, apply_act(x, ACT, slope).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@autotune(_CONFIGS, key=["n", "ACT"])
+@triton.jit
+def _activation_bwd_kernel(x_ptr, dy_ptr, dx_ptr, n, slope, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(dx_ptr + offs, apply_act_grad(x, dy, ACT, slope).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _code(kind: str) -> int:
+    check(kind in ACTIVATIONS, f"unknown activation {kind!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[kind]
+
+
+def _grid(n):
+    return lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
+
+
+def activation_forward(x: torch.Tensor, kind: str, slope: float = 0.01) -> torch.Tensor:
+    """y = act(x), any shape; reads and writes n elements once."""
+    check_tensor(x, "x")
+    y = torch.empty_like(x)
+    n = x.numel()
+    if n:
+        _activation_fwd_kernel[_grid(n)](x, y, n, float(slope), ACT=_code(kind))
+    return y
+
+
+def activation_backward(x: torch.Tensor, dy: torch.Tensor, kind: str, slope: float = 0.01) -> torch.Tensor:
+    """dx = dy * act'(x) where x is the activation's saved input."""
+    check_tensor(x, "x")
+    check_tensor(dy, "dy", dtype=x.dtype, device=x.device)
+    check(dy.shape == x.shape, f"dy: expected shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    dx = torch.empty_like(x)
+    n = x.numel()
+    if n:
+        _activation_bwd_kernel[_grid(n)](x, dy, dx, n, float(slope), ACT=_code(kind))
+    return dx
