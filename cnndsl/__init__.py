@@ -7,10 +7,28 @@
 The front end (parse, check, summary) needs only lark; compiling needs torch."""
 
 from .api import compile, parse
-from .errors import (CnnArgumentError, CnnError, CnnInputError, CnnNameError, CnnShapeError,
-                     CnnSyntaxError, Span)
+from .errors import (
+                     CnnArgumentError,
+                     CnnError,
+                     CnnInputError,
+                     CnnNameError,
+                     CnnShapeError,
+                     CnnSyntaxError,
+                     Span,
+)
 from .ir import Network, Op
 
-__all__ = ["parse", "compile", "Network", "Op", "CnnError", "CnnSyntaxError", "CnnNameError",
-           "CnnArgumentError", "CnnShapeError", "CnnInputError", "Span"]
+__all__ = [
+                     "CnnArgumentError",
+                     "CnnError",
+                     "CnnInputError",
+                     "CnnNameError",
+                     "CnnShapeError",
+                     "CnnSyntaxError",
+                     "Network",
+                     "Op",
+                     "Span",
+                     "compile",
+                     "parse",
+]
 __version__ = "0.1.0"

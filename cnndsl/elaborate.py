@@ -5,7 +5,14 @@ naming every node, evaluating argument expressions and inferring each shape."""
 from dataclasses import dataclass, field
 
 from . import ast, ir
-from .errors import CnnArgumentError, CnnError, CnnNameError, CnnShapeError, Span, did_you_mean
+from .errors import (
+    CnnArgumentError,
+    CnnError,
+    CnnNameError,
+    CnnShapeError,
+    Span,
+    did_you_mean,
+)
 from .ir import Op
 from .layers import KERNEL, LAYERS, REQUIRED, Symbol, build_attrs, coerce
 from .shapes import infer

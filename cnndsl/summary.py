@@ -42,8 +42,8 @@ def summary_table(net: ir.Network) -> str:
     fmt = "  ".join(f"{{:{'<' if i < 3 else '>'}{w}}}" for i, w in enumerate(widths))
     rule = "=" * len(fmt.format(*head))
     t = _totals(net)
-    lines = [f"network {net.name}: input {'x'.join(map(str, net.input_shape))} -> "
-             f"output {'x'.join(map(str, net.output_shape))}", rule, fmt.format(*head), "-" * len(rule),
+    lines = [(f"network {net.name}: input {'x'.join(map(str, net.input_shape))} -> "
+             f"output {'x'.join(map(str, net.output_shape))}"), rule, fmt.format(*head), "-" * len(rule),
              *(fmt.format(*r) for r in rows), rule,
              f"Total params: {t['total_params']:,}",
              f"BN buffers (running mean and variance, not trained): {t['bn_buffers']:,}",
