@@ -89,7 +89,7 @@ class CnnShapeError(CnnError):
     kind = "shape error"
 
 
-class CnnInputError(CnnError):
+class CnnInputError(CnnError, ValueError):
     """Bad input at run time or on the command line: a missing file, a wrong tensor."""
 
     kind = "input error"

@@ -1,0 +1,128 @@
+"""NetworkModule: the torch.nn.Module both backends share. It owns the parameters
+and BN buffers as real torch.nn layers in a tree that mirrors the qualified layer
+names (so state dicts and parameter order match the hand-built torch.nn model), checks
+inputs at the boundary, and implements forward/loss on top of a backend's `_run`."""
+
+import torch
+from torch import nn
+
+from .. import ir
+from ..errors import CnnInputError
+from ..ir import Op
+from ..plan import plan as make_plan
+
+
+def make_layer(net: ir.Network, node: ir.Node) -> nn.Module | None:
+    """The torch.nn layer that holds a node's parameters (None for parameter-free ops)."""
+    a, shape = node.attrs, net.in_shape(node) if node.inputs else None
+    if node.op is Op.CONV:
+        pad = "same" if a.same else a.padding
+        return nn.Conv2d(shape[0], a.filters, a.kernel, a.stride, pad, a.dilation, a.groups, a.bias)
+    if node.op is Op.BATCHNORM:
+        bn = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
+        return bn(shape[0], eps=a.eps, momentum=a.momentum, affine=a.affine)
+    if node.op is Op.DENSE:
+        return nn.Linear(shape[0], a.units, a.bias)
+    return None
+
+
+class _Scope(nn.Module):
+    """A container for the layers under one name prefix (a block call, a residual)."""
+
+
+def _place(root: nn.Module, name: str, layer: nn.Module) -> None:
+    *path, leaf = name.split(".")
+    for part in path:
+        if part not in root._modules:
+            root.add_module(part, _Scope())
+        root = root._modules[part]
+    root.add_module(leaf, layer)
+
+
+class NetworkModule(nn.Module):
+    """Base of the compiled model: parameters, boundary checks, forward and loss."""
+
+    def __init__(self, net: ir.Network, fuse: bool):
+        super().__init__()
+        self.net = net
+        self.plan = make_plan(net, fuse)
+        self.layers: dict[int, nn.Module] = {}  # node id -> its torch.nn layer (also in the module tree)
+        for node in net.nodes:
+            layer = make_layer(net, node)
+            if layer is not None:
+                _place(self, node.name, layer)
+                self.layers[node.id] = layer
+        self._probe = torch.empty(0)  # follows .to(): the module's dtype and device
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._probe = fn(self._probe)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._probe.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._probe.device
+
+    def check_input(self, x) -> None:
+        want = (*self.net.input_shape,)
+        if not isinstance(x, torch.Tensor):
+            raise CnnInputError(f"{self.net.name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise CnnInputError(f"{self.net.name}: expected input of shape [N, {', '.join(map(str, want))}], "
+                                f"got {list(x.shape)}")
+        if x.shape[0] == 0:
+            raise CnnInputError(f"{self.net.name}: the batch is empty (shape {list(x.shape)})")
+        if x.dtype != self.dtype:
+            raise CnnInputError(f"{self.net.name}: expected dtype {self.dtype}, got {x.dtype}; "
+                                f"convert the input with x.to({self.dtype}) or the model with model.to(...)")
+        if x.device != self.device:
+            raise CnnInputError(f"{self.net.name}: expected an input on {self.device}, got one on {x.device}")
+
+    def check_target(self, target, n: int) -> None:
+        if not isinstance(target, torch.Tensor) or target.dtype != torch.int64 or list(target.shape) != [n]:
+            got = f"{target.dtype} {list(target.shape)}" if isinstance(target, torch.Tensor) else type(target).__name__
+            raise CnnInputError(f"{self.net.name}: expected target class indices of dtype torch.int64 "
+                                f"and shape [{n}], got {got}")
+        if target.device != self.device:
+            raise CnnInputError(f"{self.net.name}: expected the target on {self.device}, got {target.device}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, C, H, W] -> the network's output ([N, classes] probabilities if it ends in softmax)."""
+        self.check_input(x)
+        return self._run(x, logits=False)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The output before a final softmax (the output itself otherwise)."""
+        self.check_input(x)
+        return self._run(x, logits=True)
+
+    def loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the logits against class indices `target` [N]."""
+        self.check_input(x)
+        self.check_target(target, x.shape[0])
+        if len(self.net.output_shape) != 1:
+            raise CnnInputError(f"{self.net.name}: loss needs class scores, but the output is "
+                                f"{'x'.join(map(str, self.net.output_shape))}")
+        return self._loss(self._run(x, logits=True), target)
+
+    def _run(self, x: torch.Tensor, logits: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"network={self.net.name!r}, input={list(self.net.input_shape)}"
+
+
+def last_uses(net: ir.Network) -> dict[int, int]:
+    """node id -> id of the last node that reads it, so a runner can free values early."""
+    last = {}
+    for node in net.nodes:
+        for i in node.inputs:
+            last[i] = node.id
+    return last
