@@ -27,8 +27,9 @@ def apply_act(x, ACT: tl.constexpr, slope):
     elif ACT == SIGMOID:
         x = tl.sigmoid(x)
     elif ACT == TANH:
-        # tanh(x) = 2*sigmoid(2x) - 1: saturates cleanly at +-1 for large |x|.
-        x = 2.0 * tl.sigmoid(2.0 * x) - 1.0
+        # tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) <= 1: no overflow, no cancellation.
+        e = tl.exp(-2.0 * tl.abs(x))
+        x = tl.where(x < 0, -1.0, 1.0) * (1.0 - e) / (1.0 + e)
     elif ACT == GELU:
         x = 0.5 * x * (1.0 + tl.math.erf(x * _SQRT1_2))
     elif ACT == SILU:
@@ -47,8 +48,9 @@ def apply_act_grad(x, dy, ACT: tl.constexpr, slope):
         s = tl.sigmoid(x)
         dy = dy * s * (1.0 - s)
     elif ACT == TANH:
-        t = 2.0 * tl.sigmoid(2.0 * x) - 1.0
-        dy = dy * (1.0 - t * t)
+        # 1 - tanh(x)^2 = 4e / (1 + e)^2 with e = exp(-2|x|): accurate where tanh saturates.
+        e = tl.exp(-2.0 * tl.abs(x))
+        dy = dy * 4.0 * e / ((1.0 + e) * (1.0 + e))
     elif ACT == GELU:
         # d/dx [x Phi(x)] = Phi(x) + x phi(x)
         cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT1_2))

@@ -1,0 +1,32 @@
+"""Elementwise add: the residual join in the unfused plan, and the sum of the two
+gradients that meet where a residual branch forks from its input."""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import autotune, check, check_tensor
+
+_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))]
+
+
+@autotune(_CONFIGS, key=["n"])
+@triton.jit
+def _add_kernel(a_ptr, b_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a = tl.load(a_ptr + offs, mask=mask).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(y_ptr + offs, (a + b).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def add_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b for two contiguous tensors of one shape and dtype: reads 2n, writes n elements."""
+    check_tensor(a, "a")
+    check_tensor(b, "b", dtype=a.dtype, device=a.device)
+    check(a.shape == b.shape, f"add: shapes differ, {tuple(a.shape)} and {tuple(b.shape)}")
+    y = torch.empty_like(a)
+    n = a.numel()
+    if n:
+        _add_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](a, b, y, n)
+    return y
