@@ -45,8 +45,8 @@ def apply_act_grad(x, dy, ACT: tl.constexpr, slope):
     elif ACT == LEAKY_RELU:
         dy = tl.where(x > 0, dy, dy * slope)
     elif ACT == SIGMOID:
-        s = tl.sigmoid(x)
-        dy = dy * s * (1.0 - s)
+        # s (1 - s) with 1 - s = sigmoid(-x): no cancellation where s is near 1.
+        dy = dy * tl.sigmoid(x) * tl.sigmoid(-x)
     elif ACT == TANH:
         # 1 - tanh(x)^2 = 4e / (1 + e)^2 with e = exp(-2|x|): accurate where tanh saturates.
         e = tl.exp(-2.0 * tl.abs(x))
@@ -57,8 +57,7 @@ def apply_act_grad(x, dy, ACT: tl.constexpr, slope):
         pdf = tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
         dy = dy * (cdf + x * pdf)
     elif ACT == SILU:
-        s = tl.sigmoid(x)
-        dy = dy * s * (1.0 + x * (1.0 - s))
+        dy = dy * tl.sigmoid(x) * (1.0 + x * tl.sigmoid(-x))
     return dy
 
 
