@@ -27,3 +27,59 @@ def assert_close(actual, expected, dtype=torch.float32, reduction=1, depth=1, na
     tol = tolerance(dtype, reduction, depth)
     err = rel_err(actual, expected)
     assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.3g} ({dtype}, reduction {reduction}, depth {depth})"
+
+
+def max_reduction(net, batch: int) -> int:
+    """The longest sum behind any value of a network's forward or backward pass."""
+    from cnndsl.ir import Op
+    longest = 1
+    for node in net.nodes[1:]:
+        shape = net.in_shape(node)
+        if node.op is Op.CONV:
+            a = node.attrs
+            longest = max(longest, shape[0] // a.groups * a.kernel[0] * a.kernel[1],
+                          batch * node.shape[1] * node.shape[2])
+        elif node.op in (Op.DENSE, Op.BATCHNORM, Op.SOFTMAX):
+            longest = max(longest, shape[0], batch * (shape[1] * shape[2] if len(shape) == 3 else 1))
+    return longest
+
+
+def run_both(src, batch=2, dtype=torch.float32, train=True, fuse=False, steps=1, seed=0):
+    """Run the same weights and inputs through the triton backend and the reference backend;
+    compare the loss, the output, the input gradient, every parameter gradient and every buffer
+    (BN running statistics) after `steps` training steps (or one eval pass)."""
+    import cnndsl
+    net = cnndsl.parse(src)
+    torch.manual_seed(seed)
+    ref = cnndsl.compile(net, backend="torch", device="cpu")
+    tri = cnndsl.compile(net, backend="triton", fuse=fuse, device="cpu")
+    tri.load_state_dict(ref.state_dict())
+    ref, tri = ref.to(dtype), tri.to(dtype)
+    for m in (ref, tri):
+        m.train(train)
+    tol = dict(dtype=dtype, reduction=max_reduction(net, batch), depth=len(net.nodes))
+    classes = net.output_shape[0]
+    for step in range(steps):
+        x = torch.randn(batch, *net.input_shape).to(dtype)
+        target = torch.randint(0, classes, (batch,)) if len(net.output_shape) == 1 else None
+        grads = []
+        for m in (ref, tri):
+            xi = x.clone().requires_grad_()
+            m.zero_grad(set_to_none=True)
+            out = m(xi)
+            loss = m.loss(xi, target) if target is not None else (out.float() * out.float()).mean()
+            loss.backward()
+            grads.append((out, loss, xi.grad, [p.grad for p in m.parameters()]))
+        (o_r, l_r, gx_r, gp_r), (o_t, l_t, gx_t, gp_t) = grads
+        assert_close(o_t.float(), o_r.float(), name=f"step {step} output", **tol)
+        assert_close(l_t.float().reshape(1), l_r.float().reshape(1), name=f"step {step} loss", **tol)
+        assert_close(gx_t.float(), gx_r.float(), name=f"step {step} input grad", **tol)
+        names = [n for n, _ in ref.named_parameters()]
+        for name, g_t, g_r in zip(names, gp_t, gp_r):
+            assert_close(g_t.float(), g_r.float(), name=f"step {step} grad {name}", **tol)
+    for (name, b_r), (_, b_t) in zip(ref.named_buffers(), tri.named_buffers()):
+        if b_r.is_floating_point():
+            assert_close(b_t.float(), b_r.float(), name=f"buffer {name}", **tol)
+        else:
+            assert torch.equal(b_t, b_r), f"buffer {name}: {b_t} != {b_r}"
+    return ref, tri
