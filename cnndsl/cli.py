@@ -1,17 +1,33 @@
-"""The `cnndsl` command line: check (summary or --json). Every CnnError is printed
-as its rendered message with exit code 1, never a traceback."""
+"""The `cnndsl` command line: `check` (summary or --json) and `emit` (a standalone
+module). Every CnnError is printed as its rendered message with exit code 1, never a
+traceback."""
 
 import argparse
 import json
 import sys
 
 from . import api
-from .errors import CnnError
+from .errors import CnnError, CnnInputError
 
 
 def _check(args) -> int:
     net = api.parse(args.file)
     print(json.dumps(net.to_json(), indent=2) if args.json else net.summary())
+    return 0
+
+
+def _emit(args) -> int:
+    from .emit import emit
+    text = emit(api.parse(args.file), fuse=not args.no_fuse)
+    if args.output in (None, "-"):
+        print(text, end="")
+        return 0
+    try:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as err:
+        raise CnnInputError(f"cannot write {args.output}: {err.strerror}") from None
+    print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
 
@@ -23,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", help="the .cnn file")
     check.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     check.set_defaults(run=_check)
+    em = sub.add_parser("emit", help="write the network's Triton kernels and launch sequence as one Python module",
+                        description="Write one standalone Python module (needs only torch and triton) with the "
+                                    "Triton kernels and the forward/backward launch sequence of the network.")
+    em.add_argument("file", help="the .cnn file")
+    em.add_argument("-o", "--output", help="where to write the module (default: standard output)")
+    em.add_argument("--no-fuse", action="store_true", help="one kernel per layer")
+    em.set_defaults(run=_emit)
     return p
 
 

@@ -1,0 +1,206 @@
+"""`cnndsl emit`: one standalone Python module for a compiled network — the Triton
+kernels it uses (their real source, relative imports removed), the autograd Functions
+that launch them, and a torch.nn.Module whose forward is the network's launch
+sequence written out line by line. It needs only torch and triton to run.
+
+Everything from the .cnn file that reaches the text is a checked identifier (layer
+names match [A-Za-z_][A-Za-z0-9_.]*) or a number, and is written with repr()."""
+
+import ast as pyast
+import re
+from importlib import resources
+
+from . import ir
+from .codegen import Step, lower
+from .ir import Op
+from .plan import plan as make_plan
+
+# op -> (kernel modules, autograd Functions) its steps need; add.py and ForkFn always come along.
+NEEDS = {
+    Op.CONV: (("conv",), ("ConvFn",)),
+    Op.BATCHNORM: (("batchnorm",), ("BatchNormFn",)),
+    Op.ACTIVATION: ((), ("ActivationFn",)),
+    Op.POOL: (("pool",), ("PoolFn",)),
+    Op.GLOBAL_AVGPOOL: (("pool",), ("GlobalAvgPoolFn",)),
+    Op.FLATTEN: ((), ()),
+    Op.DENSE: (("dense",), ("DenseFn",)),
+    Op.DROPOUT: (("dropout",), ("DropoutFn",)),
+    Op.SOFTMAX: (("softmax",), ("SoftmaxFn",)),
+    Op.ADD: ((), ("AddFn",)),
+}
+_ALWAYS_MODULES = ("_common", "activation", "add")
+_ALWAYS_FNS = ("ForkFn", "CrossEntropyFn")
+_ORDER = ("_common", "activation", "add", "conv", "batchnorm", "pool", "dense", "dropout", "softmax")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*\Z")
+
+
+def _strip(source: str, keep=None) -> str:
+    """Source without relative imports and the module docstring; with `keep`, only the
+    top-level imports and the classes named in it."""
+    tree = pyast.parse(source)
+    lines = source.splitlines()
+    drop = set()
+    for i, node in enumerate(tree.body):
+        relative = isinstance(node, pyast.ImportFrom) and node.level > 0
+        docstring = i == 0 and isinstance(node, pyast.Expr) and isinstance(node.value, pyast.Constant)
+        unwanted = keep is not None and isinstance(node, pyast.ClassDef) and node.name not in keep
+        if relative or docstring or unwanted:
+            first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+            drop.update(range(first - 1, node.end_lineno))
+    text = "\n".join(line for i, line in enumerate(lines) if i not in drop)
+    return re.sub(r"\n{3,}", "\n\n\n", text).strip() + "\n"
+
+
+def _private_names(source: str) -> set:
+    return {t.id if isinstance(t, pyast.Name) else t.name
+            for node in pyast.parse(source).body
+            for t in ([node] if isinstance(node, (pyast.FunctionDef, pyast.ClassDef)) else
+                      getattr(node, "targets", []))
+            if isinstance(t, (pyast.Name, pyast.FunctionDef, pyast.ClassDef))
+            and (t.id if isinstance(t, pyast.Name) else t.name).startswith("_")}
+
+
+def _kernel_sources(modules) -> str:
+    """Each module's text with its private top-level names prefixed by the module's name,
+    so that `_CONFIGS` of two modules cannot collide in one namespace."""
+    out = []
+    for mod in (m for m in _ORDER if m in modules):
+        text = _strip(resources.files("cnndsl.kernels").joinpath(f"{mod}.py").read_text())
+        for name in sorted(_private_names(text), key=len, reverse=True):
+            text = re.sub(rf"(?<![\w.]){re.escape(name)}\b", f"_{mod.strip('_')}{name}", text)
+        out.append(f"# ---- kernels/{mod}.py " + "-" * 60 + "\n" + text)
+    return "\n\n".join(out)
+
+
+def _layer_ctor(net: ir.Network, node: ir.Node) -> str | None:
+    a, shape = node.attrs, net.in_shape(node) if node.inputs else None
+    if node.op is Op.CONV:
+        pad = "'same'" if a.same else repr(a.padding)
+        return (f"nn.Conv2d({shape[0]}, {a.filters}, {a.kernel!r}, {a.stride!r}, {pad}, {a.dilation!r}, "
+                f"{a.groups}, {a.bias})")
+    if node.op is Op.BATCHNORM:
+        bn = "BatchNorm2d" if len(shape) == 3 else "BatchNorm1d"
+        return f"nn.{bn}({shape[0]}, eps={a.eps!r}, momentum={a.momentum!r}, affine={a.affine})"
+    if node.op is Op.DENSE:
+        return f"nn.Linear({shape[0]}, {a.units}, {a.bias})"
+    return None
+
+
+def _call(step: Step, args: list[str]) -> str:
+    k, p = step.kw, f"self.p[{step.node!r}]"
+    x = args[0]
+    match Op(step.op):
+        case Op.CONV:
+            return (f"ConvFn.apply({x}, {p}.weight, {p}.bias, {k['stride']!r}, {k['padding']!r}, "
+                    f"{k['dilation']!r}, {k['groups']!r}, {k['out_hw']!r})")
+        case Op.BATCHNORM:
+            return (f"BatchNormFn.apply({x}, {p}.weight, {p}.bias, {p}.running_mean, {p}.running_var, "
+                    f"{p}.num_batches_tracked, {k['eps']!r}, {k['momentum']!r}, self.training)")
+        case Op.ACTIVATION:
+            return f"ActivationFn.apply({x}, {k['kind']!r}, {k['slope']!r})"
+        case Op.POOL:
+            return (f"PoolFn.apply({x}, {k['mode']!r}, {k['kernel']!r}, {k['stride']!r}, {k['padding']!r}, "
+                    f"{k['out_hw']!r})")
+        case Op.GLOBAL_AVGPOOL:
+            return f"GlobalAvgPoolFn.apply({x})"
+        case Op.FLATTEN:
+            return f"{x}.permute(0, 3, 1, 2).reshape({x}.shape[0], -1)" if k["permute"] else \
+                f"{x}.reshape({x}.shape[0], -1)"
+        case Op.DENSE:
+            return f"DenseFn.apply({x}, {p}.weight, {p}.bias)"
+        case Op.DROPOUT:
+            return (f"DropoutFn.apply({x}, {k['p']!r}, int(torch.randint(2**31 - 1, ()))) "
+                    f"if self.training else {x}")
+        case Op.SOFTMAX:
+            return f"SoftmaxFn.apply({x})"
+        case Op.ADD:
+            return f"AddFn.apply({x}, {args[1]})"
+    raise AssertionError(step.op)
+
+
+def _class_name(net: ir.Network) -> str:
+    words = re.findall(r"[A-Za-z0-9]+", net.name) or ["network"]
+    name = "".join(w[:1].upper() + w[1:] for w in words)
+    return name if name[0].isalpha() else "Net" + name
+
+
+def _network_source(net: ir.Network, steps: tuple[Step, ...]) -> str:
+    readers = {}
+    for s in steps:
+        for i in s.inputs:
+            readers[i] = readers.get(i, 0) + 1
+    cls = _class_name(net)
+    init = []
+    for node in net.nodes:
+        ctor = _layer_ctor(net, node)
+        if ctor:
+            assert _NAME.match(node.name), node.name
+            init.append(f"        _place(self, {node.name!r}, {ctor})")
+
+    def fork(i):
+        k = readers.get(i, 0)
+        if k <= 1:
+            return []
+        names = ", ".join(f"v{i}_{j}" for j in range(k))
+        return [f"        {names} = ForkFn.apply(v{i}, {k})"]
+
+    uses = {}
+    body = ["        v0 = x.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C)", *fork(0)]
+    for s in steps:
+        args = []
+        for i in s.inputs:
+            if readers[i] > 1:
+                args.append(f"v{i}_{uses.get(i, 0)}")
+                uses[i] = uses.get(i, 0) + 1
+            else:
+                args.append(f"v{i}")
+        if s is steps[-1] and net.ends_in_softmax:
+            body.append(f"        if logits:\n            return {args[0]}")
+        body.append(f"        v{s.output} = {_call(s, args)}  # {s.node}: {'x'.join(map(str, net.nodes[s.output].shape))}")
+        body += fork(s.output)
+    last = steps[-1].output
+    out = f"v{last}.permute(0, 3, 1, 2).contiguous()" if len(net.output_shape) == 3 else f"v{last}"
+    return f'''
+
+# ---- the network {net.name!r} --------------------------------------------------------------
+def _place(root, name, layer):
+    *path, leaf = name.split(".")
+    for part in path:
+        if part not in root._modules:
+            root.add_module(part, nn.Module())
+        root = root._modules[part]
+    root.add_module(leaf, layer)
+
+
+class {cls}(nn.Module):
+    """{net.name}: input {list(net.input_shape)} (N, C, H, W) -> output {list(net.output_shape)}."""
+
+    def __init__(self):
+        super().__init__()
+{chr(10).join(init) or "        pass"}
+        self.p = dict(self.named_modules())
+
+    def forward(self, x, logits=False):
+{chr(10).join(body)}
+        return {out}
+
+    def loss(self, x, target):
+        """Mean cross-entropy of the logits against class indices."""
+        return CrossEntropyFn.apply(self.forward(x, logits=True).contiguous(), target)
+'''
+
+
+def emit(net: ir.Network, fuse: bool = True) -> str:
+    """The standalone module's text for `net`."""
+    steps = lower(net, make_plan(net, fuse))
+    modules, fns = set(_ALWAYS_MODULES), set(_ALWAYS_FNS)
+    for node in net.nodes[1:]:
+        modules.update(NEEDS[node.op][0])
+        fns.update(NEEDS[node.op][1])
+    functions = resources.files("cnndsl.runtime").joinpath("functions.py").read_text()
+    header = (f'"""{net.name}: generated by `cnndsl emit` from {net.filename or "<string>"!r}.\n\n'
+              "Triton kernels, their autograd Functions, and the network's launch sequence.\n"
+              'Needs only torch and triton; without a GPU set TRITON_INTERPRET=1 before importing."""\n\n'
+              "import torch\nfrom torch import nn\n\n")
+    return (header + _kernel_sources(modules) + "\n\n# ---- autograd Functions " + "-" * 60 + "\n"
+            + _strip(functions, keep=fns) + _network_source(net, steps))
