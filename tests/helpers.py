@@ -57,7 +57,7 @@ def run_both(src, batch=2, dtype=torch.float32, train=True, fuse=False, steps=1,
     ref, tri = ref.to(dtype), tri.to(dtype)
     for m in (ref, tri):
         m.train(train)
-    tol = dict(dtype=dtype, reduction=max_reduction(net, batch), depth=len(net.nodes))
+    tol = {"dtype": dtype, "reduction": max_reduction(net, batch), "depth": len(net.nodes)}
     classes = net.output_shape[0]
     for step in range(steps):
         x = torch.randn(batch, *net.input_shape).to(dtype)

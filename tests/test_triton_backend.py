@@ -78,7 +78,7 @@ def test_every_layer_kind_batch_1_eval():
 
 
 def test_every_layer_kind_train():
-    ref, tri = run_both(EVERYTHING.replace("dropout 0.3\n", ""), batch=3, train=True)
+    _ref, tri = run_both(EVERYTHING.replace("dropout 0.3\n", ""), batch=3, train=True)
     assert int(tri.state_dict()["batchnorm1.num_batches_tracked"]) == 1
 
 

@@ -6,13 +6,28 @@ import torch
 
 from ..kernels.activation import activation_backward, activation_forward
 from ..kernels.add import add_forward
-from ..kernels.batchnorm import (batchnorm_backward, batchnorm_eval_backward, batchnorm_forward,
-                                 batchnorm_stats, batchnorm_update_running)
+from ..kernels.batchnorm import (
+    batchnorm_backward,
+    batchnorm_eval_backward,
+    batchnorm_forward,
+    batchnorm_stats,
+    batchnorm_update_running,
+)
 from ..kernels.conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
 from ..kernels.dense import dense_backward_input, dense_backward_weight, dense_forward
 from ..kernels.dropout import dropout_backward, dropout_forward
-from ..kernels.pool import global_avgpool_backward, global_avgpool_forward, pool_backward, pool_forward
-from ..kernels.softmax import cross_entropy_backward, cross_entropy_forward, softmax_backward, softmax_forward
+from ..kernels.pool import (
+    global_avgpool_backward,
+    global_avgpool_forward,
+    pool_backward,
+    pool_forward,
+)
+from ..kernels.softmax import (
+    cross_entropy_backward,
+    cross_entropy_forward,
+    softmax_backward,
+    softmax_forward,
+)
 
 
 class ConvFn(torch.autograd.Function):
