@@ -17,16 +17,23 @@ def _read(src: str | PathLike) -> tuple[str, str | None]:
         try:
             return path.read_text(encoding="utf-8"), str(path)
         except FileNotFoundError:
-            raise CnnInputError(f"no such file: {path}") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise CnnInputError(f"cannot read {path}: {err}") from None
+            raise CnnInputError("no such file", filename=str(path)) from None
+        except IsADirectoryError:
+            raise CnnInputError("is a directory, not a .cnn file", filename=str(path)) from None
+        except UnicodeDecodeError as err:
+            raise CnnInputError(f"not UTF-8 text ({err.reason} at byte {err.start})", filename=str(path)) from None
+        except OSError as err:
+            raise CnnInputError(f"cannot read: {err.strerror}", filename=str(path)) from None
     if not isinstance(src, str):
         raise CnnInputError(f"expected a path, .cnn text or a Network, got {type(src).__name__}")
     return src, None
 
 
-def parse(src: str | PathLike, filename: str | None = None) -> Network:
-    """Parse and check a .cnn file (a path ending in .cnn) or source text into a Network."""
+def parse(src: str | PathLike | Network, filename: str | None = None) -> Network:
+    """Parse and check a .cnn file (a Path, or a str ending in .cnn) or source text into a
+    Network; a Network is returned as it is."""
+    if isinstance(src, Network):
+        return src
     text, path = _read(src)
     filename = filename or path
     try:
@@ -35,15 +42,11 @@ def parse(src: str | PathLike, filename: str | None = None) -> Network:
         raise err.attach(text, filename) from None
 
 
-def _network(src) -> Network:
-    return src if isinstance(src, Network) else parse(src)
-
-
 def compile(src, backend: str = "triton", fuse: bool = True, device=None, dtype=None):
     """Build a torch.nn.Module for a Network, path or text.
 
     backend: "triton" (Triton kernels, fused per `fuse`) or "torch" (the reference).
     device: default "cuda" when available, else "cpu"; dtype: default torch.float32."""
-    net = _network(src)
+    net = parse(src)
     from .runtime import build_module
     return build_module(net, backend=backend, fuse=fuse, device=device, dtype=dtype)

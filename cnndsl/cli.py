@@ -5,20 +5,21 @@ traceback."""
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import api
 from .errors import CnnError, CnnInputError
 
 
 def _check(args) -> int:
-    net = api.parse(args.file)
+    net = api.parse(Path(args.file))
     print(json.dumps(net.to_json(), indent=2) if args.json else net.summary())
     return 0
 
 
 def _emit(args) -> int:
     from .emit import emit
-    text = emit(api.parse(args.file), fuse=not args.no_fuse)
+    text = emit(api.parse(Path(args.file)), fuse=not args.no_fuse)
     if args.output in (None, "-"):
         print(text, end="")
         return 0
@@ -59,6 +60,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `cnndsl check big.cnn | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from .errors import (
     did_you_mean,
 )
 from .ir import Op
-from .layers import KERNEL, LAYERS, REQUIRED, Symbol, build_attrs, coerce
+from .layers import KERNEL, LAYERS, REQUIRED, WORDS, Symbol, build_attrs, coerce, show
 from .shapes import infer
 
 
@@ -23,21 +23,30 @@ class _Scope:
     """Names inside one block call or residual: `prefix.name`, each unique."""
 
     prefix: str
-    taken: set = field(default_factory=set)
+    taken: set = field(default_factory=set)  # names used, and reserved ones (`add` in a residual)
+
+    def _clashes(self, name: str) -> bool:
+        """`d` clashes with `d` and with `d.0` (a repeated `d:`), and the other way round."""
+        return any(t == name or t.startswith(name + ".") or name.startswith(t + ".") for t in self.taken)
 
     def name(self, label: str | None, base: str, span: Span) -> str:
         if label is not None:
-            if label in self.taken:
-                raise CnnNameError(f"duplicate layer name {label!r}", span,
-                                   hint="names must be unique within a block or residual")
+            if self._clashes(label):
+                raise CnnNameError(f"duplicate layer name {label.split('.')[0]!r}", span,
+                                   hint="names must be unique within a block or residual "
+                                        "(`add`, `shortcut` and `input` are reserved)")
             chosen = label
         else:
             k = 1
-            while f"{base}{k}" in self.taken:
+            while self._clashes(f"{base}{k}"):
                 k += 1
             chosen = f"{base}{k}"
         self.taken.add(chosen)
         return f"{self.prefix}.{chosen}" if self.prefix else chosen
+
+
+RESERVED = {"network", "input", "block", "residual", "shortcut", "x"} | WORDS
+MAX_DEPTH = 64
 
 
 class _Builder:
@@ -50,14 +59,17 @@ class _Builder:
                 self._define(stmt)
 
     def _define(self, block: ast.Block):
-        if block.name in LAYERS:
-            raise CnnNameError(f"block {block.name!r} has the name of a built-in layer", block.name_span,
+        if block.name in LAYERS or block.name in RESERVED:
+            raise CnnNameError(f"block {block.name!r} has the name of a built-in layer or word", block.name_span,
                                hint="choose another name for the block")
         if block.name in self.blocks:
             first = self.blocks[block.name].span.line
             raise CnnNameError(f"block {block.name!r} is already defined at line {first}", block.name_span)
         seen = set()
         for p in block.params:
+            if p.name in RESERVED:
+                raise CnnNameError(f"parameter {p.name!r} of block {block.name!r} is a reserved word", p.span,
+                                   hint="choose another parameter name")
             if p.name in seen:
                 raise CnnNameError(f"parameter {p.name!r} appears twice in block {block.name!r}", p.span)
             seen.add(p.name)
@@ -79,10 +91,10 @@ class _Builder:
             return {"true": True, "false": False}.get(e.name, Symbol(e.name, e.span))
         left, right = self.eval(e.left, env), self.eval(e.right, env)
         for side, value in ((e.left, left), (e.right, right)):
-            if isinstance(value, Symbol):
+            if isinstance(value, Symbol) and value.name not in WORDS:
                 raise CnnNameError(f"undefined name {value.name!r}", value.span, hint=did_you_mean(value.name, env))
             if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise CnnArgumentError(f"cannot use {value!r} in arithmetic", side.span, expected="a number")
+                raise CnnArgumentError(f"cannot use {show(value)} in arithmetic", side.span, expected="a number")
         if e.op == "/":
             if right == 0:
                 raise CnnArgumentError("division by zero", e.span)
@@ -100,7 +112,7 @@ class _Builder:
         if isinstance(n, Symbol):
             raise CnnNameError(f"undefined name {n.name!r} in repetition", rep.span, hint=did_you_mean(n.name, env))
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise CnnArgumentError(f"repetition count must be a positive integer, got {n!r}", rep.span)
+            raise CnnArgumentError(f"repetition count must be a positive integer, got {show(n)}", rep.span)
         return n
 
     # --- statements ----------------------------------------------------------------------------
@@ -126,24 +138,27 @@ class _Builder:
                                        hint=did_you_mean(stmt.name, [*LAYERS, *self.blocks]))
         return cur
 
-    def bind(self, params, args, env, owner: str, call_span: Span):
-        """Match arguments to named parameters: positional first, then keywords."""
+    def bind(self, params, args, env, owner: str, what: str, positional: int):
+        """Match arguments to named parameters: the first `positional` by position, then
+        keywords. `what` is "option" (a layer's) or "parameter" (a block's)."""
         names = [p.name for p in params]
         out, where = {}, {}
-        positional = [a for a in args if a.name is None]
-        if len(positional) > len(params):
-            extra = positional[len(params)]
-            raise CnnArgumentError(f"{owner} takes at most {len(params)} positional argument"
-                                   f"{'s' if len(params) != 1 else ''}, got {len(positional)}", extra.span,
-                                   expected=f"{owner}({', '.join(names)})" if names else f"{owner} with no arguments")
-        for p, a in zip(params, positional):
+        given = [a for a in args if a.name is None]
+        if len(given) > positional:
+            shown = names[:positional]
+            raise CnnArgumentError(f"{owner} takes {positional} positional argument{'s' if positional != 1 else ''}"
+                                   f", got {len(given)}", given[positional].span,
+                                   expected=f"{owner} {' '.join(n.upper() for n in shown)}".rstrip()
+                                   + (" then name=value options" if what == "option" and len(names) > positional
+                                      else ""))
+        for p, a in zip(params, given):
             out[p.name], where[p.name] = self.eval(a.value, env), a.value.span
         for a in args:
             if a.name is None:
                 continue
             if a.name not in names:
-                raise CnnNameError(f"{owner} has no option {a.name!r}", a.span,
-                                   expected=", ".join(names) or "no options", hint=did_you_mean(a.name, names))
+                raise CnnNameError(f"{owner} has no {what} {a.name!r}", a.span,
+                                   expected=", ".join(names) or f"no {what}s", hint=did_you_mean(a.name, names))
             if a.name in out:
                 raise CnnArgumentError(f"{owner}: {a.name!r} is given twice", a.span)
             out[a.name], where[a.name] = self.eval(a.value, env), a.value.span
@@ -151,14 +166,7 @@ class _Builder:
 
     def layer(self, stmt: ast.Layer, cur: int, env: dict, name: str) -> int:
         spec = LAYERS[stmt.name]
-        values, where = self.bind(spec.options,
-                                  stmt.args, env, stmt.name, stmt.span)
-        positional = sum(a.name is None for a in stmt.args)
-        if positional > spec.positional:
-            extra = [a for a in stmt.args if a.name is None][spec.positional]
-            raise CnnArgumentError(f"{stmt.name} takes {spec.positional} positional argument(s), got {positional}",
-                                   extra.span, expected=" ".join(o.name for o in spec.options[:spec.positional])
-                                   + " then name=value options")
+        values, where = self.bind(spec.options, stmt.args, env, stmt.name, "option", spec.positional)
         for opt in spec.options:
             if opt.name in values:
                 values[opt.name] = coerce(opt, values[opt.name], where[opt.name], env)
@@ -180,7 +188,13 @@ class _Builder:
             chain = " -> ".join((*stack, block.name))
             raise CnnNameError(f"block {block.name!r} calls itself ({chain})", stmt.name_span,
                                hint="blocks cannot be recursive; use repetition `x N`")
-        inner, _ = self.bind(block.params, stmt.args, env, f"block {block.name!r}", stmt.span)
+        if len(stack) >= MAX_DEPTH:
+            raise CnnNameError(f"block calls are nested more than {MAX_DEPTH} deep", stmt.name_span)
+        inner, where = self.bind(block.params, stmt.args, env, block.name, "parameter", len(block.params))
+        for param, value in inner.items():
+            if isinstance(value, Symbol) and value.name not in WORDS:
+                raise CnnNameError(f"undefined name {value.name!r} in the call of {block.name!r}", where[param],
+                                   hint=did_you_mean(value.name, env))
         for p in block.params:
             if p.name not in inner:
                 if p.default is None:
@@ -196,7 +210,7 @@ class _Builder:
     def residual(self, stmt: ast.Residual, cur: int, env: dict, name: str, stack: tuple) -> int:
         if not stmt.body:
             raise CnnShapeError("a residual branch needs at least one layer", stmt.span)
-        scope = _Scope(name)
+        scope = _Scope(name, {"add", "shortcut"})
         branch = self.stmts(stmt.body, cur, env, scope, stack)
         short = cur
         if stmt.shortcut:
@@ -226,7 +240,7 @@ def elaborate(program: ast.Program, source: str = "", filename: str | None = Non
     _check_input(program.input)
     b = _Builder(program)
     b.add(Op.INPUT, ir.Input(), [], program.input.values, "input", program.input.span, "input")
-    b.stmts(program.stmts, 0, {}, _Scope(""), ())
+    b.stmts(program.stmts, 0, {}, _Scope("", {"input"}), ())
     if len(b.nodes) == 1:
         raise CnnShapeError("the network has no layers", program.span, expected="at least one layer after `input`")
     for node in b.nodes[:-1]:

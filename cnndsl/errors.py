@@ -43,10 +43,10 @@ class CnnError(Exception):
         return self
 
     def render(self) -> str:
-        where = self.filename or "<string>"
+        where = self.filename or ("<string>" if self.span else "")
         if self.span:
             where += f":{self.span.line}:{self.span.column}"
-        out = [f"{where}: {self.kind}: {self.message}"]
+        out = [f"{where}: {self.kind}: {self.message}" if where else f"{self.kind}: {self.message}"]
         lines = self.source.splitlines() if self.source else []
         if self.span and 0 < self.span.line <= len(lines):
             text = lines[self.span.line - 1].rstrip().expandtabs(1)

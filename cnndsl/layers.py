@@ -95,7 +95,8 @@ def _is_num(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _show(x) -> str:
+def show(x) -> str:
+    """A value as the .cnn text writes it."""
     if isinstance(x, tuple):
         return "x".join(map(str, x))
     if isinstance(x, bool):
@@ -137,4 +138,4 @@ def coerce(option: Option, value, span: Span, names=()):
         hint = did_you_mean(value.name, list(names) + sorted(WORDS))
         raise CnnNameError(f"undefined name {value.name!r} for option {option.name!r}", span,
                            expected=expected, hint=hint)
-    raise CnnArgumentError(f"option {option.name!r} cannot be {_show(value)}", span, expected=expected)
+    raise CnnArgumentError(f"option {option.name!r} cannot be {show(value)}", span, expected=expected)

@@ -38,6 +38,8 @@ MISTAKES = {
         "network a\ninput 1x8x8\nb(64\n", "network a\ninput 1x8x8\nb(64, 2\n"],
     "one layer per line": [
         "network a\ninput 1x8x8\nconv 8 3, relu\n", "network a\ninput 1x8x8\nrelu; relu\n"],
+    "there is no unary minus: write `0 - x`, or a positive value": [
+        "network a\ninput 1x8x8\nleaky_relu -0.1\n", "network a\ninput 1x8x8\nleaky_relu slope=-1\n"],
 }
 
 _FRIENDLY = {"NAME": "a name", "NUMBER": "a number", "DIMS": "dimensions such as 3x3",
@@ -144,9 +146,32 @@ def _describe(parser: Lark, names) -> str:
     return ", ".join(sorted(shown))
 
 
+def _where(err: UnexpectedInput):
+    """What identifies a mistake: the LALR state and the offending token's type (Lark's own
+    match_examples also compares the stack depth, so it misses a mistake nested one level
+    deeper than its example)."""
+    if isinstance(err, UnexpectedToken):
+        return ("token", err.state.position, err.token.type)
+    if isinstance(err, UnexpectedCharacters):
+        return ("char", err.char, frozenset(err.allowed or ()))
+    return ("eof", tuple(sorted(getattr(err, "expected", ()) or ())))
+
+
+def _match_mistake(err: UnexpectedInput) -> str | None:
+    where = _where(err)
+    for hint, examples in MISTAKES.items():
+        for example in examples:
+            try:
+                _parser().parse(example)
+            except UnexpectedInput as other:
+                if _where(other) == where:
+                    return hint
+    return None
+
+
 def _syntax_error(err: UnexpectedInput, text: str) -> CnnSyntaxError:
     parser = _parser()
-    hint = err.match_examples(parser.parse, MISTAKES, use_accepts=True)
+    hint = _match_mistake(err)
     if isinstance(err, UnexpectedCharacters):
         char = text[err.pos_in_stream] if err.pos_in_stream < len(text) else "?"
         span = Span(err.line, err.column, err.line, err.column + 1)
