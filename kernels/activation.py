@@ -13,26 +13,28 @@ NONE, RELU, LEAKY_RELU, SIGMOID, TANH, GELU, SILU = range(7)
 ACTIVATIONS = {"relu": RELU, "leaky_relu": LEAKY_RELU, "sigmoid": SIGMOID,
                "tanh": TANH, "gelu": GELU, "silu": SILU}
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+# Globals read inside @triton.jit code must be tl.constexpr (plain ints compile only in the interpreter).
+_RELU, _LEAKY_RELU, _SIGMOID, _TANH, _GELU, _SILU = (tl.constexpr(c) for c in range(1, 7))
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
 def apply_act(x, ACT: tl.constexpr, slope):
     """y = act(x) for fp32 x."""
-    if ACT == RELU:
+    if ACT == _RELU:
         x = tl.maximum(x, 0.0)
-    elif ACT == LEAKY_RELU:
+    elif ACT == _LEAKY_RELU:
         x = tl.where(x > 0, x, x * slope)
-    elif ACT == SIGMOID:
+    elif ACT == _SIGMOID:
         x = tl.sigmoid(x)
-    elif ACT == TANH:
+    elif ACT == _TANH:
         # tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) <= 1: no overflow, no cancellation.
         e = tl.exp(-2.0 * tl.abs(x))
         x = tl.where(x < 0, -1.0, 1.0) * (1.0 - e) / (1.0 + e)
-    elif ACT == GELU:
+    elif ACT == _GELU:
         x = 0.5 * x * (1.0 + tl.math.erf(x * _SQRT1_2))
-    elif ACT == SILU:
+    elif ACT == _SILU:
         x = x * tl.sigmoid(x)
     return x
 
@@ -40,23 +42,23 @@ def apply_act(x, ACT: tl.constexpr, slope):
 @triton.jit
 def apply_act_grad(x, dy, ACT: tl.constexpr, slope):
     """dx = dy * act'(x) for fp32 x (the activation's input) and dy."""
-    if ACT == RELU:
+    if ACT == _RELU:
         dy = tl.where(x > 0, dy, 0.0)
-    elif ACT == LEAKY_RELU:
+    elif ACT == _LEAKY_RELU:
         dy = tl.where(x > 0, dy, dy * slope)
-    elif ACT == SIGMOID:
+    elif ACT == _SIGMOID:
         # s (1 - s) with 1 - s = sigmoid(-x): no cancellation where s is near 1.
         dy = dy * tl.sigmoid(x) * tl.sigmoid(-x)
-    elif ACT == TANH:
+    elif ACT == _TANH:
         # 1 - tanh(x)^2 = 4e / (1 + e)^2 with e = exp(-2|x|): accurate where tanh saturates.
         e = tl.exp(-2.0 * tl.abs(x))
         dy = dy * 4.0 * e / ((1.0 + e) * (1.0 + e))
-    elif ACT == GELU:
+    elif ACT == _GELU:
         # d/dx [x Phi(x)] = Phi(x) + x phi(x)
         cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT1_2))
         pdf = tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
         dy = dy * (cdf + x * pdf)
-    elif ACT == SILU:
+    elif ACT == _SILU:
         dy = dy * tl.sigmoid(x) * (1.0 + x * tl.sigmoid(-x))
     return dy
 

@@ -1,0 +1,227 @@
+"""2-D convolution over NHWC activations: one implicit-GEMM kernel for the forward pass
+(bias + activation epilogue) and the input gradient (the same gather run "transposed",
+one launch per stride phase so that only the taps that reach a phase are visited), with a
+direct branch for depthwise layers; the launchers of all three passes (the weight
+gradient's kernels live in conv_backward.py)."""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import autotune, check, check_tensor, dot_dtype, dot_precision
+from .activation import ACTIVATIONS, apply_act
+from .conv_backward import _cfg, weight_grad
+
+_CONV_CONFIGS = [_cfg(*c) for c in ((128, 128, 32, 3, 8), (128, 128, 64, 3, 8), (128, 64, 32, 4, 4),
+                                    (64, 128, 32, 4, 4), (64, 64, 64, 4, 4), (256, 64, 32, 3, 8),
+                                    (256, 128, 32, 3, 8), (128, 32, 32, 4, 4), (64, 32, 64, 4, 4))]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop N tiles far wider than the group's output channels (e.g. depthwise layers)."""
+    cols = named_args["COUT"] if kwargs.get("DEPTHWISE") else named_args["COUT_G"]
+    width = max(32, triton.next_power_of_2(cols))
+    return [c for c in configs if c.kwargs["BLOCK_N"] <= width] or configs
+
+
+@triton.jit
+def _src(o, r, stride, pad, dil, TRANSPOSED: tl.constexpr):
+    """The source pixel that tap r of destination pixel o reads: x[o*stride - pad + r*dil]
+    forward; dy[(o + pad - r*dil) / stride] for the input gradient (exact: r is one of the
+    taps that reach o's stride phase; negative numerators are masked by the caller)."""
+    if TRANSPOSED:
+        return (o + pad - r * dil) // stride
+    else:
+        return o * stride - pad + r * dil
+
+
+@autotune(_CONV_CONFIGS, key=["M", "CIN_G", "COUT_G", "RC", "SC", "TRANSPOSED", "DEPTHWISE", "ACT"],
+          interpret_config=_cfg(32, 16, 16, 1, 4), prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
+                 M, H, W, CIN, OH, OW, COUT, CIN_G, COUT_G,  # src (N, H, W, CIN) -> dst (N, OH, OW, COUT)
+                 GH, GW, P0_H, P0_W,  # dst pixels computed: (P0 + i*stride) when TRANSPOSED, else i
+                 R, S, R0, S0, RSTEP, SSTEP, RC, SC,  # taps visited: r = R0 + i*RSTEP, i < RC
+                 stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, slope,
+                 TRANSPOSED: tl.constexpr, DEPTHWISE: tl.constexpr, FLAT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    # y[n, p, g*COUT_G + co] = sum_{taps, ci} x[n, src(p, tap), g*CIN_G + ci] * w[g, r, s, ci, co]
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    n = offs_m // (GH * GW)
+    oh = (offs_m // GW) % GH
+    ow = offs_m % GW
+    if TRANSPOSED:
+        oh = P0_H + oh * stride_h
+        ow = P0_W + ow * stride_w
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if DEPTHWISE:  # one input channel per output channel: columns are channels, no dot
+        col = offs_n
+        n_mask = col < COUT
+    else:
+        col = g * COUT_G + offs_n
+        n_mask = offs_n < COUT_G
+    w_ptr += g * (R * S * CIN_G * COUT_G)  # w: (G, R, S, CIN_G, COUT_G)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if DEPTHWISE:
+        for t in range(RC * SC):
+            r = R0 + (t // SC) * RSTEP
+            s = S0 + (t % SC) * SSTEP
+            ih = _src(oh, r, stride_h, pad_h, dil_h, TRANSPOSED)
+            iw = _src(ow, s, stride_w, pad_w, dil_w, TRANSPOSED)
+            row_mask = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            pix = ((n * H + ih) * W + iw) * CIN
+            a = tl.load(x_ptr + pix[:, None] + col[None, :], mask=row_mask[:, None] & n_mask[None, :],
+                        other=0.0).to(tl.float32)
+            wv = tl.load(w_ptr + col * (R * S) + r * S + s, mask=n_mask, other=0.0).to(tl.float32)
+            acc += a * wv[None, :]
+    elif FLAT:  # few channels per group: (tap, ci) flattened into one reduction axis
+        K_RED = RC * SC * CIN_G
+        for k0 in range(0, K_RED, BLOCK_K):
+            kk = k0 + offs_k
+            k_mask = kk < K_RED
+            ci = kk % CIN_G
+            r = R0 + (kk // (SC * CIN_G)) * RSTEP
+            s = S0 + ((kk // CIN_G) % SC) * SSTEP
+            ih = _src(oh[:, None], r[None, :], stride_h, pad_h, dil_h, TRANSPOSED)
+            iw = _src(ow[:, None], s[None, :], stride_w, pad_w, dil_w, TRANSPOSED)
+            a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_ptr + ((n[:, None] * H + ih) * W + iw) * CIN + g * CIN_G + ci[None, :],
+                        mask=a_mask, other=0.0)
+            w_row = (r * S + s) * CIN_G + ci
+            b = tl.load(w_ptr + w_row[:, None] * COUT_G + offs_n[None, :],
+                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    else:  # one flat loop over (tap, channel block) so that the pipeline spans taps
+        NCB = tl.cdiv(CIN_G, BLOCK_K)
+        for i in range(RC * SC * NCB):
+            t = i // NCB
+            ci = (i % NCB) * BLOCK_K + offs_k
+            k_mask = ci < CIN_G
+            r = R0 + (t // SC) * RSTEP
+            s = S0 + (t % SC) * SSTEP
+            ih = _src(oh, r, stride_h, pad_h, dil_h, TRANSPOSED)
+            iw = _src(ow, s, stride_w, pad_w, dil_w, TRANSPOSED)
+            row_mask = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            pix = ((n * H + ih) * W + iw) * CIN + g * CIN_G
+            a = tl.load(x_ptr + pix[:, None] + ci[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            b = tl.load(w_ptr + ((r * S + s) * CIN_G + ci)[:, None] * COUT_G + offs_n[None, :],
+                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + col, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    acc = apply_act(acc, ACT, slope)
+    y_row = ((n * OH + oh) * OW + ow) * COUT
+    tl.store(y_ptr + y_row[:, None] + col[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _pair(v, name, minimum):
+    v = (v, v) if isinstance(v, int) else tuple(v)
+    check(len(v) == 2 and all(isinstance(i, int) and i >= minimum for i in v),
+          f"{name}: expected two ints >= {minimum}, got {v}")
+    return v
+
+
+def _geometry(w_shape, c, k, stride, padding, dilation, groups):
+    """Validate the conv's hyper-parameters against C and the weight shape (K, C/g, R, S)."""
+    check(len(w_shape) == 4 and all(isinstance(d, int) and d > 0 for d in w_shape),
+          f"w: expected a positive shape (K, C/groups, R, S), got {tuple(w_shape)}")
+    check(isinstance(groups, int) and groups >= 1, f"groups: expected an int >= 1, got {groups}")
+    check(c % groups == 0 and k % groups == 0,
+          f"groups={groups} must divide both C={c} and K={k}")
+    check(w_shape[0] == k, f"w: expected {k} output channels, got shape {tuple(w_shape)}")
+    check(w_shape[1] * groups == c,
+          f"w: expected C/groups = {c // groups} input channels, got shape {tuple(w_shape)}")
+    return _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
+
+
+def _phases(size, k, stride, pad, dil, transposed):
+    """(first pixel, pixel count, first tap, tap step, tap count) per stride phase of one dim."""
+    if not transposed:
+        return [(0, size, 0, 1, k)]
+    phases = []
+    for a in range(stride):  # dx pixels a, a + stride, ... are reached by taps r with stride | a + pad - r*dil
+        taps = [r for r in range(k) if (a + pad - r * dil) % stride == 0]
+        step = taps[1] - taps[0] if len(taps) > 1 else 1
+        phases.append((a, max(0, -(-(size - a) // stride)), taps[0] if taps else 0, step, len(taps)))
+    return phases
+
+
+def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, padding, dilation,
+                 transposed, act="none", slope=0.01):
+    n, h, w, cin = src.shape
+    _, oh, ow, cout = dst.shape
+    if dst.numel() == 0:
+        return
+    depthwise = cin_g == 1 and cout_g == 1
+    for p0_h, gh, r0, rstep, rc in _phases(oh, r, stride[0], padding[0], dilation[0], transposed):
+        for p0_w, gw, s0, sstep, sc in _phases(ow, s, stride[1], padding[1], dilation[1], transposed):
+            m = n * gh * gw
+            if m == 0:
+                continue
+
+            def grid(meta, m=m):
+                cols = cout if depthwise else cout_g
+                return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]),
+                        1 if depthwise else groups)
+
+            _conv_kernel[grid](src, wt, bias if bias is not None else dst, dst,
+                               m, h, w, cin, oh, ow, cout, cin_g, cout_g, gh, gw, p0_h, p0_w,
+                               r, s, r0, s0, rstep, sstep, rc, sc, *stride, *padding, *dilation,
+                               float(slope), TRANSPOSED=transposed, DEPTHWISE=depthwise,
+                               FLAT=cin_g < 16, HAS_BIAS=bias is not None,
+                               ACT=0 if act == "none" else ACTIVATIONS[act],
+                               DOT_DTYPE=dot_dtype(src.dtype), PRECISION=dot_precision(src.dtype))
+
+
+def conv2d_forward(x, w, bias, stride, padding, dilation, groups, out_hw, act="none", slope=0.01):
+    """y (N, OH, OW, K) = act(conv(x, w) + bias) for x (N, H, W, C) NHWC and w (K, C/groups, R, S);
+    padding is the top/left pad (more padding at the bottom/right falls out of out_hw)."""
+    check_tensor(x, "x", ndim=4)
+    check_tensor(w, "w", ndim=4, dtype=x.dtype, device=x.device)
+    n, _, _, c = x.shape
+    k, cin_g, r, s = w.shape
+    stride, padding, dilation = _geometry(w.shape, c, k, stride, padding, dilation, groups)
+    if bias is not None:
+        check_tensor(bias, "bias", ndim=1, dtype=x.dtype, device=x.device)
+        check(bias.shape[0] == k, f"bias: expected shape ({k},), got {tuple(bias.shape)}")
+    check(act == "none" or act in ACTIVATIONS,
+          f"unknown activation {act!r}; expected 'none' or one of {sorted(ACTIVATIONS)}")
+    oh, ow = _pair(out_hw, "out_hw", 0)
+    y = torch.empty((n, oh, ow, k), dtype=x.dtype, device=x.device)
+    wt = w.view(groups, k // groups, cin_g, r, s).permute(0, 3, 4, 2, 1).contiguous()  # (G, R, S, C/g, K/g)
+    _launch_conv(x, wt, bias, y, groups, cin_g, k // groups, r, s, stride, padding, dilation, False, act, slope)
+    return y
+
+
+def conv2d_backward_input(dy, w, stride, padding, dilation, groups, in_hw):
+    """dx (N, H, W, C) for dy (N, OH, OW, K) and w (K, C/groups, R, S), (H, W) = in_hw."""
+    check_tensor(dy, "dy", ndim=4)
+    check_tensor(w, "w", ndim=4, dtype=dy.dtype, device=dy.device)
+    n, _, _, k = dy.shape
+    _, cin_g, r, s = w.shape
+    stride, padding, dilation = _geometry(w.shape, cin_g * groups, k, stride, padding, dilation, groups)
+    h, wd = _pair(in_hw, "in_hw", 0)
+    dx = torch.empty((n, h, wd, cin_g * groups), dtype=dy.dtype, device=dy.device)
+    wt = w.view(groups, k // groups, cin_g, r, s).permute(0, 3, 4, 1, 2).contiguous()  # (G, R, S, K/g, C/g)
+    _launch_conv(dy, wt, None, dx, groups, k // groups, cin_g, r, s, stride, padding, dilation, True)
+    return dx
+
+
+def conv2d_backward_weight(x, dy, w_shape, stride, padding, dilation, groups, need_bias_grad):
+    """(dw with shape w_shape, db (K,) or None), both in x.dtype, for x (N, H, W, C), dy (N, OH, OW, K)."""
+    check_tensor(x, "x", ndim=4)
+    check_tensor(dy, "dy", ndim=4, dtype=x.dtype, device=x.device)
+    w_shape = tuple(w_shape)
+    n, _, _, c = x.shape
+    k = dy.shape[3]
+    check(dy.shape[0] == n, f"dy: expected batch {n}, got shape {tuple(dy.shape)}")
+    stride, padding, dilation = _geometry(w_shape, c, k, stride, padding, dilation, groups)
+    return weight_grad(x, dy, w_shape, stride, padding, dilation, groups, bool(need_bias_grad))

@@ -1,0 +1,199 @@
+"""Convolution kernels (forward with bias + activation, input gradient, weight and bias
+gradients) against torch.nn.functional.conv2d and its autograd, over NHWC tensors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cnndsl.kernels.activation import ACTIVATIONS
+from cnndsl.kernels.conv import (
+    conv2d_backward_input,
+    conv2d_backward_weight,
+    conv2d_forward,
+)
+from helpers import DTYPES, assert_close
+
+# (N, C, H, W, K, (R, S), stride, padding, dilation, groups, bias); padding "same" is PyTorch's.
+CASES = {
+    "1x1": (2, 16, 7, 7, 16, (1, 1), 1, 0, 1, 1, True),
+    "3x3_c3": (1, 3, 11, 13, 7, (3, 3), 1, 1, 1, 1, True),
+    "3x3_c1_k1": (2, 1, 13, 11, 1, (3, 3), 1, 1, 1, 1, True),
+    "5x5_s2_p2": (2, 5, 13, 11, 16, (5, 5), 2, 2, 1, 1, True),
+    "3x5_s12_p12": (1, 16, 7, 11, 7, (3, 5), (1, 2), (1, 2), 1, 1, False),
+    "7x7_s2_p3_stem": (1, 3, 13, 13, 16, (7, 7), 2, 3, 1, 1, False),
+    "3x3_s3_p0": (2, 5, 13, 11, 7, (3, 3), 3, 0, 1, 1, True),
+    "3x3_s2_c20": (1, 20, 7, 7, 7, (3, 3), 2, 1, 1, 1, True),
+    "3x3_dil2": (1, 16, 11, 13, 16, (3, 3), 1, 2, 2, 1, True),
+    "3x3_s2_dil2_k32": (1, 7, 13, 11, 32, (3, 3), 2, 2, 2, 1, True),
+    "groups2_cg16": (2, 32, 7, 11, 16, (3, 3), 1, 1, 1, 2, True),
+    "groups2_cg5": (1, 10, 11, 7, 16, (3, 3), 2, 1, 1, 2, False),
+    "depthwise": (2, 16, 11, 7, 16, (3, 3), 1, 1, 1, 16, True),
+    "depthwise_s2_c5": (1, 5, 13, 11, 5, (3, 3), 2, 1, 1, 5, True),
+    "depthwise_x2": (1, 3, 7, 7, 6, (3, 3), 1, 1, 1, 3, True),
+    "same_2x4": (1, 5, 7, 11, 7, (2, 4), 1, "same", 1, 1, True),
+    "same_2x4_dil2": (1, 3, 11, 7, 16, (2, 4), 1, "same", 2, 1, True),
+    "1x1_s2": (1, 16, 7, 9, 7, (1, 1), 2, 0, 1, 1, True),
+    "1x1_p2": (1, 3, 5, 5, 7, (1, 1), 1, 2, 1, 1, True),
+    "h_below_stride": (1, 3, 2, 7, 7, (3, 3), 3, 1, 1, 1, True),
+}
+LOW_PRECISION = ["3x3_c3", "5x5_s2_p2", "3x3_s2_c20", "groups2_cg16", "depthwise", "same_2x4"]
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _problem(case, dtype):
+    """Rounded inputs, the kernel's geometry, and float64 torch results with every gradient."""
+    n, c, h, w, k, (r, s), stride, padding, dilation, groups, has_bias = case
+    stride, dilation = _pair(stride), _pair(dilation)
+    x = torch.randn(n, c, h, w).to(dtype)
+    wt = torch.randn(k, c // groups, r, s).to(dtype)
+    b = torch.randn(k).to(dtype) if has_bias else None
+    ref_x, ref_w = x.double().requires_grad_(), wt.double().requires_grad_()
+    ref_b = b.double().requires_grad_() if has_bias else None
+    ref_y = F.conv2d(ref_x, ref_w, ref_b, stride, padding, dilation, groups)
+    if padding == "same":  # top/left pad; the extra bottom/right pad falls out of out_hw
+        padding = tuple(d * (kk - 1) // 2 for d, kk in zip(dilation, (r, s)))
+    dy = torch.randn(ref_y.shape).to(dtype)
+    ref_y.backward(dy.double())
+    return {
+        "x": x.permute(0, 2, 3, 1).contiguous(), "w": wt, "b": b, "dy": dy.permute(0, 2, 3, 1).contiguous(),
+        "geometry": (stride, _pair(padding), dilation, groups), "out_hw": tuple(ref_y.shape[2:]),
+        "y": ref_y.detach(), "dx": ref_x.grad, "dw": ref_w.grad, "db": ref_b.grad if has_bias else None,
+    }
+
+
+def _nchw(t):
+    return t.permute(0, 3, 1, 2).float()
+
+
+# Triton's interpreter warns on every loop whose bound is a kernel argument (numpy < 2.4).
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+
+@pytest.mark.parametrize("name,dtype", [pytest.param(c, d, id=f"{c}-{str(d)[6:]}") for c in CASES for d in DTYPES
+                                        if d == torch.float32 or c in LOW_PRECISION])
+def test_conv(name, dtype):
+    case = CASES[name]
+    n, c, h, w, k, (r, s), *_, groups, has_bias = case
+    p = _problem(case, dtype)
+    y = conv2d_forward(p["x"], p["w"], p["b"], *p["geometry"], p["out_hw"])
+    assert y.dtype == dtype
+    assert_close(_nchw(y), p["y"], dtype, reduction=r * s * c // groups, name=f"{name} y")
+    dx = conv2d_backward_input(p["dy"], p["w"], *p["geometry"], (h, w))
+    assert dx.dtype == dtype
+    assert_close(_nchw(dx), p["dx"], dtype, reduction=r * s * k // groups, name=f"{name} dx")
+    dw, db = conv2d_backward_weight(p["x"], p["dy"], p["w"].shape, *p["geometry"], has_bias)
+    assert dw.dtype == dtype
+    rows = n * p["out_hw"][0] * p["out_hw"][1]
+    assert_close(dw.float(), p["dw"], dtype, reduction=rows, name=f"{name} dw")
+    if has_bias:
+        assert db.dtype == dtype
+        assert_close(db.float(), p["db"], dtype, reduction=rows, name=f"{name} db")
+    else:
+        assert db is None
+
+
+TORCH_ACT = {"relu": F.relu, "leaky_relu": lambda t: F.leaky_relu(t, 0.2), "sigmoid": torch.sigmoid,
+             "tanh": torch.tanh, "gelu": F.gelu, "silu": F.silu}
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_conv_activation_epilogue(act):
+    p = _problem(CASES["3x3_c3"], torch.float32)
+    y = conv2d_forward(p["x"], p["w"], p["b"], *p["geometry"], p["out_hw"], act=act, slope=0.2)
+    assert_close(_nchw(y), TORCH_ACT[act](p["y"]), reduction=27, depth=2, name=f"{act} y")
+
+
+def test_conv_weight_grad_is_deterministic():
+    p = _problem(CASES["3x3_c3"], torch.float32)  # 143 rows: two splits under the interpreter
+    first = conv2d_backward_weight(p["x"], p["dy"], p["w"].shape, *p["geometry"], True)
+    again = conv2d_backward_weight(p["x"], p["dy"], p["w"].shape, *p["geometry"], True)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_conv_empty_batch():
+    x, dy, w = torch.zeros(0, 5, 5, 3), torch.zeros(0, 5, 5, 4), torch.randn(4, 3, 3, 3)
+    geometry = ((1, 1), (1, 1), (1, 1), 1)
+    assert conv2d_forward(x, w, None, *geometry, (5, 5)).shape == (0, 5, 5, 4)
+    assert conv2d_backward_input(dy, w, *geometry, (5, 5)).shape == (0, 5, 5, 3)
+    dw, db = conv2d_backward_weight(x, dy, w.shape, *geometry, True)
+    assert dw.shape == w.shape and not dw.any() and db.shape == (4,) and not db.any()
+
+
+def test_conv_rejects_bad_input():
+    x, w, g1 = torch.zeros(1, 5, 5, 4), torch.zeros(8, 4, 3, 3), ((1, 1), (1, 1), (1, 1), 1)
+    with pytest.raises(ValueError, match=r"w: expected C/groups = 4 input channels, got shape \(8, 3, 3, 3\)"):
+        conv2d_forward(x, torch.zeros(8, 3, 3, 3), None, *g1, (5, 5))
+    with pytest.raises(ValueError, match="groups=3 must divide both C=4 and K=8"):
+        conv2d_forward(x, w, None, (1, 1), (1, 1), (1, 1), 3, (5, 5))
+    with pytest.raises(ValueError, match="w: expected dtype torch.float32, got torch.float16"):
+        conv2d_forward(x, w.half(), None, *g1, (5, 5))
+    with pytest.raises(ValueError, match=r"bias: expected shape \(8,\), got \(7,\)"):
+        conv2d_forward(x, w, torch.zeros(7), *g1, (5, 5))
+    with pytest.raises(ValueError, match="unknown activation 'relu6'"):
+        conv2d_forward(x, w, None, *g1, (5, 5), act="relu6")
+    with pytest.raises(ValueError, match=r"stride: expected two ints >= 1, got \(0, 1\)"):
+        conv2d_forward(x, w, None, (0, 1), (1, 1), (1, 1), 1, (5, 5))
+    with pytest.raises(ValueError, match=r"x: expected 4 dimensions, got shape \(5, 5, 4\)"):
+        conv2d_forward(x[0], w, None, *g1, (5, 5))
+    with pytest.raises(ValueError, match="x: expected a contiguous tensor"):
+        conv2d_forward(torch.zeros(1, 4, 5, 5).permute(0, 2, 3, 1), w, None, *g1, (5, 5))
+    with pytest.raises(ValueError, match=r"in_hw: expected two ints >= 0, got \(-1, 5\)"):
+        conv2d_backward_input(torch.zeros(1, 5, 5, 8), w, *g1, (-1, 5))
+    with pytest.raises(ValueError, match=r"dy: expected batch 1, got shape \(2, 5, 5, 8\)"):
+        conv2d_backward_weight(x, torch.zeros(2, 5, 5, 8), w.shape, *g1, True)
+    with pytest.raises(ValueError, match=r"w: expected 8 output channels, got shape \(7, 4, 3, 3\)"):
+        conv2d_backward_weight(x, torch.zeros(1, 5, 5, 8), (7, 4, 3, 3), *g1, True)
+
+
+# Realistic and > 2**31-element shapes: on a GPU only, against cuDNN in float32.
+GPU_CASES = {
+    "resnet_3x3": (8, 64, 56, 56, 64, (3, 3), 1, 1, 1, 1, True),
+    "resnet_down": (8, 128, 28, 28, 256, (3, 3), 2, 1, 1, 1, False),
+    "stem_7x7": (8, 3, 224, 224, 64, (7, 7), 2, 3, 1, 1, False),
+    "depthwise_s2": (8, 96, 112, 112, 96, (3, 3), 2, 1, 1, 96, True),
+    "pointwise": (8, 96, 56, 56, 24, (1, 1), 1, 0, 1, 1, True),
+    "grouped": (4, 128, 28, 28, 128, (3, 3), 1, 1, 1, 32, True),
+}
+
+
+def _gpu_check(case, dtype, name):
+    n, c, h, w, k, (r, s), stride, padding, dilation, groups, has_bias = case
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    x = torch.randn(n, h, w, c, device="cuda", dtype=dtype)
+    wt = torch.randn(k, c // groups, r, s, device="cuda", dtype=dtype)
+    b = torch.randn(k, device="cuda", dtype=dtype) if has_bias else None
+    ref_x = x.permute(0, 3, 1, 2).float().requires_grad_()
+    ref_w, ref_b = wt.float().requires_grad_(), b.float().requires_grad_() if has_bias else None
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        ref_y = F.conv2d(ref_x, ref_w, ref_b, stride, padding, dilation, groups)
+        dy = torch.randn(ref_y.shape, device="cuda").to(dtype)
+        ref_y.backward(dy.float())
+    dy = dy.permute(0, 2, 3, 1).contiguous()
+    geometry = (stride, padding, dilation, groups)
+    y = conv2d_forward(x, wt, b, *geometry, tuple(ref_y.shape[2:]))
+    # TF32 dots (when torch allows them for fp32) round operands to fp16's 10-bit mantissa.
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    tol, depth = (torch.float16, 2) if tf32 else (dtype, 1)
+    assert_close(_nchw(y), ref_y, tol, reduction=r * s * c // groups, depth=depth, name=f"{name} y")
+    dx = conv2d_backward_input(dy, wt, *geometry, (h, w))
+    assert_close(_nchw(dx), ref_x.grad, tol, reduction=r * s * k // groups, depth=depth, name=f"{name} dx")
+    dw, db = conv2d_backward_weight(x, dy, wt.shape, *geometry, has_bias)
+    rows = dy.shape[0] * dy.shape[1] * dy.shape[2]
+    assert_close(dw.float(), ref_w.grad, tol, reduction=rows, depth=depth, name=f"{name} dw")
+    if has_bias:
+        assert_close(db.float(), ref_b.grad, dtype, reduction=rows, name=f"{name} db")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(GPU_CASES))
+def test_conv_gpu(name, dtype):
+    _gpu_check(GPU_CASES[name], dtype, name)
+
+
+@pytest.mark.gpu
+def test_conv_gpu_int64_offsets():
+    # x has 2 * 1024 * 1024 * 1040 > 2**31 elements: offsets must be computed in int64.
+    _gpu_check((2, 1040, 1024, 1024, 16, (1, 1), 1, 0, 1, 1, True), torch.float16, "int64")
