@@ -81,6 +81,12 @@ class NetworkModule(nn.Module):
                                 f"convert the input with x.to({self.dtype}) or the model with model.to(...)")
         if x.device != self.device:
             raise CnnInputError(f"{self.net.name}: expected an input on {self.device}, got one on {x.device}")
+        if self.training and x.shape[0] == 1:
+            for node in self.net.nodes:
+                shape = self.net.in_shape(node) if node.op is Op.BATCHNORM else None
+                if shape is not None and (len(shape) == 1 or shape[1] * shape[2] == 1):
+                    raise CnnInputError(f"{self.net.name}: {node.name} normalises one value per channel at "
+                                        f"batch 1 in training; use a batch of 2 or more, or model.eval()")
 
     def check_target(self, target, n: int) -> None:
         if not isinstance(target, torch.Tensor) or target.dtype != torch.int64 or list(target.shape) != [n]:
