@@ -1,0 +1,314 @@
+"""Batch normalization over x viewed as (M, C) rows (NHWC flattened, or a flat (N, F)
+tensor as BatchNorm1d): deterministic per-channel statistics (per-tile Welford partials
+merged Chan-style, no atomics), the running-statistics update, the normalization, and
+the training and eval backward passes, each with its launcher.
+
+Tiles of `rows` consecutive rows (chosen by the launcher from M alone, never by the
+autotuned config) give [n_tiles, C] fp32 partials; a tile's count is min(rows, M - tile*rows),
+so only its mean and M2 (or its two sums) are stored. The statistics are taken of x - x[0]
+(row 0 as a per-channel shift): every mean that the merges combine is then O(std), and a
+large |mean| costs no precision beyond rounding the final fp32 mean."""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, autotune, check, check_tensor
+
+_TILE_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=w, num_stages=s)
+                 for m, c, w, s in ((64, 64, 4, 3), (128, 32, 4, 3), (32, 128, 4, 3), (256, 16, 4, 3),
+                                    (128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 2))]
+_TILE_INTERPRET = triton.Config({"BLOCK_M": 32, "BLOCK_C": 32}, num_warps=4)
+_FLAT_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))]
+# Rows per tile: a power of two >= every BLOCK_M (small under the interpreter so that tests
+# merge several tiles and several sub-blocks per tile), with at most _MAX_TILES tiles.
+_MIN_ROWS, _MAX_TILES = (64, 512) if INTERPRET else (256, 1024)
+_MERGE = {"BLOCK_T": 8, "BLOCK_C": 32} if INTERPRET else {"BLOCK_T": 128, "BLOCK_C": 16}
+
+
+@autotune(_TILE_CONFIGS, key=["M", "C"], interpret_config=_TILE_INTERPRET)
+@triton.jit
+def _bn_stats_partial_kernel(x_ptr, part_ptr, M, C, rows, n_tiles,  # x (M, C) -> part (2, n_tiles, C)
+                             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    tile = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    shift = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)  # row 0: stats of x - x[0]
+    row0 = tile * rows
+    row_end = tl.minimum(row0 + rows, M)
+    n = tl.zeros([], tl.float32)
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    for start in range(row0, row_end, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        mask = (offs_m < row_end)[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + offs_m[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, x - shift[None, :], 0.0)
+        # Sub-block mean and M2 (two-pass on registers), then Chan's merge into the tile's.
+        nb = tl.minimum(row_end - start, BLOCK_M).to(tl.float32)
+        bmean = tl.sum(x, axis=0) / nb
+        d = tl.where(mask, x - bmean[None, :], 0.0)
+        delta = bmean - mean
+        frac = nb / (n + nb)
+        mean += delta * frac
+        m2 += tl.sum(d * d, axis=0) + delta * delta * n * frac
+        n += nb
+    tl.store(part_ptr + tile * C + cols, mean, mask=cmask)
+    tl.store(part_ptr + (n_tiles + tile) * C + cols, m2, mask=cmask)
+
+
+@triton.jit
+def _bn_stats_merge_kernel(x_ptr, part_ptr, mean_ptr, var_ptr, M, C, rows, n_tiles,
+                           BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    n = tl.zeros([], tl.float32)
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    for t0 in range(0, n_tiles, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        tmask = t < n_tiles
+        cnt = tl.where(tmask, tl.minimum(M - t * rows, rows), 0).to(tl.float32)  # (BLOCK_T,)
+        mask = tmask[:, None] & cmask[None, :]
+        pmean = tl.load(part_ptr + t[:, None] * C + cols[None, :], mask=mask, other=0.0)
+        pm2 = tl.load(part_ptr + (n_tiles + t)[:, None] * C + cols[None, :], mask=mask, other=0.0)
+        nb = tl.sum(cnt, axis=0)
+        bmean = tl.sum(cnt[:, None] * pmean, axis=0) / nb
+        d = pmean - bmean[None, :]
+        bm2 = tl.sum(pm2 + cnt[:, None] * d * d, axis=0)
+        delta = bmean - mean
+        frac = nb / (n + nb)
+        mean += delta * frac
+        m2 += bm2 + delta * delta * n * frac
+        n += nb
+    shift = tl.load(x_ptr + cols, mask=cmask & (M > 0), other=0.0).to(tl.float32)
+    tl.store(mean_ptr + cols, shift + mean, mask=cmask)
+    tl.store(var_ptr + cols, m2 / n, mask=cmask)  # biased
+
+
+@triton.jit
+def _bn_update_running_kernel(mean_ptr, var_ptr, rmean_ptr, rvar_ptr, nbt_ptr, C, momentum, unbias,
+                              CUMULATIVE: tl.constexpr, UPDATE: tl.constexpr, BLOCK: tl.constexpr):
+    # One program: it alone reads and bumps num_batches_tracked.
+    nbt = tl.load(nbt_ptr) + 1
+    tl.store(nbt_ptr, nbt)
+    if CUMULATIVE:  # momentum=None: the cumulative moving average, factor 1 / num_batches_tracked
+        factor = 1.0 / nbt.to(tl.float32)
+    else:
+        factor = momentum
+    if UPDATE:
+        for c0 in range(0, C, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            mask = cols < C
+            mean = tl.load(mean_ptr + cols, mask=mask).to(tl.float32)
+            var = tl.load(var_ptr + cols, mask=mask).to(tl.float32)
+            rmean = tl.load(rmean_ptr + cols, mask=mask).to(tl.float32)
+            rvar = tl.load(rvar_ptr + cols, mask=mask).to(tl.float32)
+            rmean = (1.0 - factor) * rmean + factor * mean
+            rvar = (1.0 - factor) * rvar + factor * (var * unbias)
+            tl.store(rmean_ptr + cols, rmean.to(rmean_ptr.dtype.element_ty), mask=mask)
+            tl.store(rvar_ptr + cols, rvar.to(rvar_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _channels(n, C, BLOCK: tl.constexpr):
+    """This program's flat offsets into an (M, C) tensor, their mask and their channels."""
+    base = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = base + tl.arange(0, BLOCK)
+    c = ((base % C).to(tl.int32) + tl.arange(0, BLOCK)) % C  # one int64 modulo per program
+    return offs, offs < n, c
+
+
+@autotune(_FLAT_CONFIGS, key=["n", "C", "HAS_WEIGHT", "HAS_BIAS"])
+@triton.jit
+def _bn_fwd_kernel(x_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, y_ptr, n, C, eps,
+                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask, c = _channels(n, C, BLOCK)
+    x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+    mean = tl.load(mean_ptr + c).to(tl.float32)
+    scale = tl.math.rsqrt(tl.load(var_ptr + c).to(tl.float32) + eps)
+    if HAS_WEIGHT:
+        scale *= tl.load(w_ptr + c).to(tl.float32)
+    y = (x - mean) * scale  # center first: no cancellation when |mean| >> std
+    if HAS_BIAS:
+        y += tl.load(b_ptr + c).to(tl.float32)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@autotune(_TILE_CONFIGS, key=["M", "C"], interpret_config=_TILE_INTERPRET)
+@triton.jit
+def _bn_bwd_partial_kernel(dy_ptr, x_ptr, mean_ptr, part_ptr, M, C, rows, n_tiles,  # -> part (2, n_tiles, C)
+                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    tile = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    row0 = tile * rows
+    row_end = tl.minimum(row0 + rows, M)
+    sum_dy = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+    sum_dyx = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+    for start in range(row0, row_end, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        mask = (offs_m < row_end)[:, None] & cmask[None, :]
+        offs = offs_m[:, None] * C + cols[None, :]
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        sum_dy += dy
+        sum_dyx += dy * (x - mean[None, :])
+    tl.store(part_ptr + tile * C + cols, tl.sum(sum_dy, axis=0), mask=cmask)
+    tl.store(part_ptr + (n_tiles + tile) * C + cols, tl.sum(sum_dyx, axis=0), mask=cmask)
+
+
+@triton.jit
+def _bn_bwd_merge_kernel(part_ptr, var_ptr, sums_ptr, dw_ptr, db_ptr, C, n_tiles, eps,
+                         WRITE_PARAMS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    # sums (2, C) fp32: [sum(dy), sum(dy * xhat)] = [dbias, dweight]
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    sum_dy = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    sum_dyx = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    for t0 in range(0, n_tiles, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        mask = (t < n_tiles)[:, None] & cmask[None, :]
+        sum_dy += tl.load(part_ptr + t[:, None] * C + cols[None, :], mask=mask, other=0.0)
+        sum_dyx += tl.load(part_ptr + (n_tiles + t)[:, None] * C + cols[None, :], mask=mask, other=0.0)
+    invstd = tl.math.rsqrt(tl.load(var_ptr + cols, mask=cmask, other=1.0).to(tl.float32) + eps)
+    dbias = tl.sum(sum_dy, axis=0)
+    dweight = tl.sum(sum_dyx, axis=0) * invstd
+    tl.store(sums_ptr + cols, dbias, mask=cmask)
+    tl.store(sums_ptr + C + cols, dweight, mask=cmask)
+    if WRITE_PARAMS:
+        tl.store(dw_ptr + cols, dweight.to(dw_ptr.dtype.element_ty), mask=cmask)
+        tl.store(db_ptr + cols, dbias.to(db_ptr.dtype.element_ty), mask=cmask)
+
+
+@autotune(_FLAT_CONFIGS, key=["n", "C", "TRAIN", "HAS_WEIGHT"])
+@triton.jit
+def _bn_bwd_kernel(dy_ptr, x_ptr, mean_ptr, var_ptr, w_ptr, sums_ptr, dx_ptr, n, C, inv_m, eps,
+                   TRAIN: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask, c = _channels(n, C, BLOCK)
+    dy = tl.load(dy_ptr + offs, mask=mask).to(tl.float32)
+    invstd = tl.math.rsqrt(tl.load(var_ptr + c).to(tl.float32) + eps)
+    scale = invstd
+    if HAS_WEIGHT:
+        scale *= tl.load(w_ptr + c).to(tl.float32)
+    if TRAIN:  # dx = w invstd (dy - dbias/M - xhat dweight/M)
+        x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+        xhat = (x - tl.load(mean_ptr + c).to(tl.float32)) * invstd
+        dy = dy - tl.load(sums_ptr + c) * inv_m - xhat * (tl.load(sums_ptr + C + c) * inv_m)
+    tl.store(dx_ptr + offs, (dy * scale).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_channels(t, name, C, device, optional=False):
+    if optional and t is None:
+        return
+    check_tensor(t, name, ndim=1, device=device)
+    check(t.shape[0] == C, f"{name}: expected shape ({C},), got {tuple(t.shape)}")
+
+
+def _tiles(M):
+    rows = max(_MIN_ROWS, triton.next_power_of_2(triton.cdiv(M, _MAX_TILES)))
+    return rows, triton.cdiv(M, rows)
+
+
+def batchnorm_stats(x):
+    """x (M, C) -> (mean (C,), var (C,)) both float32, var biased (divided by M)."""
+    check_tensor(x, "x", ndim=2)
+    M, C = x.shape
+    mean = torch.empty(C, device=x.device, dtype=torch.float32)
+    var = torch.empty_like(mean)
+    rows, n_tiles = _tiles(M)
+    part = torch.empty((2, n_tiles, C), device=x.device, dtype=torch.float32)  # tile means, M2s
+    if n_tiles and C:
+        _bn_stats_partial_kernel[lambda meta: (n_tiles, triton.cdiv(C, meta["BLOCK_C"]))](
+            x, part, M, C, rows, n_tiles)
+    if C:  # M == 0 gives mean 0, var nan
+        _bn_stats_merge_kernel[(triton.cdiv(C, _MERGE["BLOCK_C"]),)](x, part, mean, var, M, C, rows, n_tiles,
+                                                                     **_MERGE)
+    return mean, var
+
+
+def batchnorm_update_running(mean, var, running_mean, running_var, num_batches_tracked, momentum, count):
+    """In place, one kernel: running_mean = (1-m) running_mean + m mean, running_var =
+    (1-m) running_var + m var count/(count-1), num_batches_tracked += 1. momentum None is
+    torch's cumulative average (m = 1/num_batches_tracked). count == 1 raises as torch
+    does; count == 0 (an empty batch) leaves the running stats as they are."""
+    check_tensor(mean, "mean", ndim=1)
+    C = mean.shape[0]
+    for t, name in ((var, "var"), (running_mean, "running_mean"), (running_var, "running_var")):
+        _check_channels(t, name, C, mean.device)
+    check(isinstance(num_batches_tracked, torch.Tensor) and num_batches_tracked.dtype == torch.int64
+          and num_batches_tracked.dim() == 0 and num_batches_tracked.device == mean.device,
+          f"num_batches_tracked: expected a 0-d int64 tensor on {mean.device}, got "
+          f"{getattr(num_batches_tracked, 'dtype', type(num_batches_tracked).__name__)} "
+          f"{tuple(getattr(num_batches_tracked, 'shape', ()))}")
+    check(isinstance(count, int) and count >= 0, f"count: expected an int >= 0, got {count!r}")
+    check(count != 1, f"batchnorm: expected more than 1 value per channel when training, got {count} "
+                      f"value per channel for {C} channels")
+    check(momentum is None or isinstance(momentum, (int, float)), f"momentum: expected a number or None, got "
+                                                                  f"{momentum!r}")
+    _bn_update_running_kernel[(1,)](mean, var, running_mean, running_var, num_batches_tracked, C,
+                                    float(momentum or 0.0), count / max(count - 1, 1),
+                                    CUMULATIVE=momentum is None, UPDATE=count > 0 and C > 0, BLOCK=1024)
+
+
+def batchnorm_forward(x, mean, var, eps, weight, bias):
+    """y = (x - mean) rsqrt(var + eps) weight + bias for x (M, C); mean, var (C,) fp32 (or
+    any float dtype: running stats of a half-precision module); weight, bias (C,) or None."""
+    check_tensor(x, "x", ndim=2)
+    C = x.shape[1]
+    for t, name, opt in ((mean, "mean", False), (var, "var", False), (weight, "weight", True), (bias, "bias", True)):
+        _check_channels(t, name, C, x.device, opt)
+    y = torch.empty_like(x)
+    n = x.numel()
+    if n:
+        _bn_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](
+            x, mean, var, x if weight is None else weight, x if bias is None else bias, y, n, C, float(eps),
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None)
+    return y
+
+
+def _backward(dy, x, mean, var, eps, weight, need_param_grads, train):
+    check_tensor(x, "x", ndim=2)
+    check_tensor(dy, "dy", ndim=2, dtype=x.dtype, device=x.device)
+    check(dy.shape == x.shape, f"dy: expected shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    M, C = x.shape
+    for t, name, opt in ((mean, "mean", False), (var, "var", False), (weight, "weight", True)):
+        _check_channels(t, name, C, x.device, opt)
+    dx = torch.empty_like(x)
+    dw = db = None
+    params = bool(need_param_grads) and weight is not None
+    sums = dx
+    if train or params:
+        rows, n_tiles = _tiles(M)
+        part = torch.empty((2, n_tiles, C), device=x.device, dtype=torch.float32)
+        sums = torch.empty((2, C), device=x.device, dtype=torch.float32)
+        if params:
+            dw, db = torch.empty_like(weight), torch.empty_like(weight)
+        if n_tiles and C:
+            _bn_bwd_partial_kernel[lambda meta: (n_tiles, triton.cdiv(C, meta["BLOCK_C"]))](
+                dy, x, mean, part, M, C, rows, n_tiles)
+        if C:
+            _bn_bwd_merge_kernel[(triton.cdiv(C, _MERGE["BLOCK_C"]),)](
+                part, var, sums, sums if dw is None else dw, sums if db is None else db, C, n_tiles,
+                float(eps), WRITE_PARAMS=params, **_MERGE)
+    n = x.numel()
+    if n:
+        _bn_bwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](
+            dy, x, mean, var, x if weight is None else weight, sums, dx, n, C, 1.0 / M, float(eps),
+            TRAIN=train, HAS_WEIGHT=weight is not None)
+    return dx, dw, db
+
+
+def batchnorm_backward(dy, x, mean, var, eps, weight, need_param_grads):
+    """Training backward (batch statistics mean, var): (dx in x.dtype, dweight, dbias in
+    weight's dtype, or None when not needed or weight is None). A reduction pass (tile
+    partials merged in a fixed order) gives dbias = sum(dy), dweight = sum(dy xhat); then
+    dx = weight invstd (dy - dbias/M - xhat dweight/M)."""
+    return _backward(dy, x, mean, var, eps, weight, need_param_grads, True)
+
+
+def batchnorm_eval_backward(dy, x, mean, var, eps, weight, need_param_grads):
+    """Eval backward (running stats are constants): dx = dy weight rsqrt(var + eps); with
+    need_param_grads, dweight = sum(dy (x - mean) rsqrt(var + eps)), dbias = sum(dy)."""
+    return _backward(dy, x, mean, var, eps, weight, need_param_grads, False)
