@@ -3,10 +3,11 @@ allocation, copy and view ops. Every convolution, batch norm, pooling, GEMM, sof
 activation, add and reduction runs as a Triton kernel."""
 
 import torch
-from test_triton_backend import RESIDUAL
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cnndsl
+
+from test_triton_backend import RESIDUAL
 
 ALLOWED = {  # allocation, copy, view, and reading metadata
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros", "zeros_like",

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close
-from test_triton_backend import RESIDUAL
 
 import cnndsl
 from cnndsl.emit import emit
+
+from helpers import assert_close
+from test_triton_backend import RESIDUAL
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import torch_models as tm
-from helpers import assert_close
 
 import cnndsl
+
+import torch_models as tm
+from helpers import assert_close
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NAMES = ["lenet5", "cifar_small", "vgg16", "resnet18", "resnet50"]

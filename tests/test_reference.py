@@ -9,11 +9,12 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-import torch_models as tm
-from helpers import assert_close
 from torch import nn
 
 import cnndsl
+
+import torch_models as tm
+from helpers import assert_close
 
 ZOO = """
 network zoo

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from helpers import run_both
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -3,9 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DTYPES, assert_close
 
-from cnndsl.kernels.activation import ACTIVATIONS, activation_backward, activation_forward
+from cnndsl.kernels.activation import (
+    ACTIVATIONS,
+    activation_backward,
+    activation_forward,
+)
+
+from helpers import DTYPES, assert_close
 
 SLOPE = 0.2
 TORCH = {

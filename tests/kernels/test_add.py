@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from helpers import DTYPES, assert_close
 
 from cnndsl.kernels.add import add_forward
+
+from helpers import DTYPES, assert_close
 
 
 @pytest.mark.parametrize("shape", [(1,), (7, 13), (2, 5, 3, 17), (4099,)])

@@ -5,6 +5,7 @@ in training and eval mode, on (M, C) views of NCHW inputs."""
 import pytest
 import torch
 import torch.nn.functional as F
+
 from cnndsl.kernels.batchnorm import (
     batchnorm_backward,
     batchnorm_eval_backward,
@@ -12,6 +13,7 @@ from cnndsl.kernels.batchnorm import (
     batchnorm_stats,
     batchnorm_update_running,
 )
+
 from helpers import DTYPES, assert_close
 
 # Loops with runtime bounds make Triton's interpreter convert a shape-(1,) array to an int.

@@ -4,12 +4,14 @@ gradients) against torch.nn.functional.conv2d and its autograd, over NHWC tensor
 import pytest
 import torch
 import torch.nn.functional as F
+
 from cnndsl.kernels.activation import ACTIVATIONS
 from cnndsl.kernels.conv import (
     conv2d_backward_input,
     conv2d_backward_weight,
     conv2d_forward,
 )
+
 from helpers import DTYPES, assert_close
 
 # (N, C, H, W, K, (R, S), stride, padding, dilation, groups, bias); padding "same" is PyTorch's.

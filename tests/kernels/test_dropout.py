@@ -3,17 +3,19 @@ the mask as a function of (seed, offset) only, p = 0 and p = 1, and argument err
 
 import math
 
-import cnndsl.kernels  # noqa: F401  (first: picks Triton's interpreter before triton is imported)
 import pytest
 import torch
 import triton
 import triton.language as tl
+
+import cnndsl.kernels  # noqa: F401  (first: picks Triton's interpreter before triton is imported)
 from cnndsl.kernels.dropout import (
     _dropout_kernel,
     dropout_backward,
     dropout_forward,
     dropout_keep,
 )
+
 from helpers import DTYPES
 
 N = 2**15 + 3  # large enough for the statistics, odd so that the last group of 4 is partial
