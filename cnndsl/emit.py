@@ -17,7 +17,7 @@ from .plan import plan as make_plan
 
 # op -> (kernel modules, autograd Functions) its steps need; add.py and ForkFn always come along.
 NEEDS = {
-    Op.CONV: (("conv",), ("ConvFn",)),
+    Op.CONV: (("conv_backward", "conv"), ("ConvFn",)),
     Op.BATCHNORM: (("batchnorm",), ("BatchNormFn",)),
     Op.ACTIVATION: ((), ("ActivationFn",)),
     Op.POOL: (("pool",), ("PoolFn",)),
@@ -30,7 +30,7 @@ NEEDS = {
 }
 _ALWAYS_MODULES = ("_common", "activation", "add")
 _ALWAYS_FNS = ("ForkFn", "CrossEntropyFn")
-_ORDER = ("_common", "activation", "add", "conv", "batchnorm", "pool", "dense", "dropout", "softmax")
+_ORDER = ("_common", "activation", "add", "conv_backward", "conv", "batchnorm", "pool", "dense", "dropout", "softmax")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*\Z")
 
 

@@ -41,6 +41,16 @@ def autotune(configs, key, interpret_config=None, **kwargs):
     return apply
 
 
+# Elementwise kernels: one BLOCK of contiguous elements per program.
+ELEMENTWISE_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))]
+
+
+def gemm_config(block_m: int, block_n: int, block_k: int, stages: int, warps: int) -> triton.Config:
+    """An autotune config of a GEMM-shaped kernel's tile sizes and pipelining."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
+                         num_stages=stages, num_warps=warps)
+
+
 def check(cond: bool, message: str) -> None:
     """Raise ValueError(message) unless cond: launchers validate before they launch."""
     if not cond:

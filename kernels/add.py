@@ -5,12 +5,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune, check, check_tensor
-
-_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))]
+from ._common import ELEMENTWISE_CONFIGS, autotune, check, check_tensor
 
 
-@autotune(_CONFIGS, key=["n"])
+@autotune(ELEMENTWISE_CONFIGS, key=["n"])
 @triton.jit
 def _add_kernel(a_ptr, b_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

@@ -13,13 +13,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, autotune, check, check_tensor
+from ._common import ELEMENTWISE_CONFIGS, INTERPRET, autotune, check, check_tensor
 
 _TILE_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=w, num_stages=s)
                  for m, c, w, s in ((64, 64, 4, 3), (128, 32, 4, 3), (32, 128, 4, 3), (256, 16, 4, 3),
                                     (128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 2))]
 _TILE_INTERPRET = triton.Config({"BLOCK_M": 32, "BLOCK_C": 32}, num_warps=4)
-_FLAT_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))]
 # Rows per tile: a power of two >= every BLOCK_M (small under the interpreter so that tests
 # merge several tiles and several sub-blocks per tile), with at most _MAX_TILES tiles.
 _MIN_ROWS, _MAX_TILES = (64, 512) if INTERPRET else (256, 1024)
@@ -119,7 +118,7 @@ def _channels(n, C, BLOCK: tl.constexpr):
     return offs, offs < n, c
 
 
-@autotune(_FLAT_CONFIGS, key=["n", "C", "HAS_WEIGHT", "HAS_BIAS"])
+@autotune(ELEMENTWISE_CONFIGS, key=["n", "C", "HAS_WEIGHT", "HAS_BIAS"])
 @triton.jit
 def _bn_fwd_kernel(x_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, y_ptr, n, C, eps,
                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
@@ -182,7 +181,7 @@ def _bn_bwd_merge_kernel(part_ptr, var_ptr, sums_ptr, dw_ptr, db_ptr, C, n_tiles
         tl.store(db_ptr + cols, dbias.to(db_ptr.dtype.element_ty), mask=cmask)
 
 
-@autotune(_FLAT_CONFIGS, key=["n", "C", "TRAIN", "HAS_WEIGHT"])
+@autotune(ELEMENTWISE_CONFIGS, key=["n", "C", "TRAIN", "HAS_WEIGHT"])
 @triton.jit
 def _bn_bwd_kernel(dy_ptr, x_ptr, mean_ptr, var_ptr, w_ptr, sums_ptr, dx_ptr, n, C, inv_m, eps,
                    TRAIN: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):

@@ -8,11 +8,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune, check, check_tensor, dot_dtype, dot_precision
+from ._common import (
+    autotune,
+    check,
+    check_tensor,
+    dot_dtype,
+    dot_precision,
+    gemm_config,
+)
 from .activation import ACTIVATIONS, apply_act
-from .conv_backward import _cfg, weight_grad
+from .conv_backward import weight_grad
 
-_CONV_CONFIGS = [_cfg(*c) for c in ((128, 128, 32, 3, 8), (128, 128, 64, 3, 8), (128, 64, 32, 4, 4),
+_CONV_CONFIGS = [gemm_config(*c) for c in ((128, 128, 32, 3, 8), (128, 128, 64, 3, 8), (128, 64, 32, 4, 4),
                                     (64, 128, 32, 4, 4), (64, 64, 64, 4, 4), (256, 64, 32, 3, 8),
                                     (256, 128, 32, 3, 8), (128, 32, 32, 4, 4), (64, 32, 64, 4, 4))]
 
@@ -36,7 +43,7 @@ def _src(o, r, stride, pad, dil, TRANSPOSED: tl.constexpr):
 
 
 @autotune(_CONV_CONFIGS, key=["M", "CIN_G", "COUT_G", "RC", "SC", "TRANSPOSED", "DEPTHWISE", "ACT"],
-          interpret_config=_cfg(32, 16, 16, 1, 4), prune_configs_by={"early_config_prune": _prune})
+          interpret_config=gemm_config(32, 16, 16, 1, 4), prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                  M, H, W, CIN, OH, OW, COUT, CIN_G, COUT_G,  # src (N, H, W, CIN) -> dst (N, OH, OW, COUT)

@@ -7,22 +7,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, autotune, dot_dtype, dot_precision
+from ._common import INTERPRET, autotune, dot_dtype, dot_precision, gemm_config
 
-
-def _cfg(bm, bn, bk, stages, warps):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=stages, num_warps=warps)
-
-
-_GEMM_CONFIGS = [_cfg(*c) for c in ((64, 64, 64, 3, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4),
+_GEMM_CONFIGS = [gemm_config(*c) for c in ((64, 64, 64, 3, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4),
                                     (128, 128, 32, 3, 8), (128, 128, 64, 3, 8), (32, 64, 64, 4, 4),
                                     (32, 128, 64, 3, 4))]
 # Depthwise: BLOCK_M rows (pixels) x BLOCK_N channels, no dot.
-_DEPTHWISE_CONFIGS = [_cfg(*c) for c in ((128, 32, 16, 3, 4), (64, 64, 16, 3, 4), (128, 64, 16, 3, 4),
+_DEPTHWISE_CONFIGS = [gemm_config(*c) for c in ((128, 32, 16, 3, 4), (64, 64, 16, 3, 4), (128, 64, 16, 3, 4),
                                          (32, 128, 16, 3, 4), (64, 128, 16, 3, 8), (256, 64, 16, 3, 8))]
 
 
-@autotune(_GEMM_CONFIGS, key=["P", "COUT_G", "NCOL", "HAS_BIAS"], interpret_config=_cfg(16, 32, 32, 1, 4))
+@autotune(_GEMM_CONFIGS, key=["P", "COUT_G", "NCOL", "HAS_BIAS"], interpret_config=gemm_config(16, 32, 32, 1, 4))
 @triton.jit
 def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,
                     P, H, W, C, OH, OW, K, CIN_G, COUT_G, S, NCOL, CHUNK,
@@ -68,7 +63,7 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,
         tl.store(dbp_ptr + rows, db, mask=k_mask)
 
 
-@autotune(_DEPTHWISE_CONFIGS, key=["P", "C", "RS", "HAS_BIAS"], interpret_config=_cfg(32, 16, 16, 1, 4))
+@autotune(_DEPTHWISE_CONFIGS, key=["P", "C", "RS", "HAS_BIAS"], interpret_config=gemm_config(32, 16, 16, 1, 4))
 @triton.jit
 def _depthwise_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr, P, H, W, C, OH, OW, S, RS, CHUNK,
                          stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,

@@ -14,7 +14,7 @@ ALLOWED = {  # allocation, copy, view, and reading metadata
     "ones_like", "fill", "zero", "copy", "_to_copy", "clone", "contiguous", "lift_fresh",
     "view", "_unsafe_view", "reshape", "permute", "as_strided", "expand", "t", "transpose",
     "alias", "detach", "slice", "select", "unsqueeze", "squeeze", "split", "unbind", "view_as",
-    "_reshape_alias", "is_same_size",
+    "_reshape_alias", "is_same_size", "set",  # set_: storage aliasing (the interpreter copies back)
 }
 
 

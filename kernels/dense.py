@@ -1,0 +1,147 @@
+"""Dense (fully connected) layers: one tiled GEMM kernel on `tl.dot` with fp32 accumulation
+and a fused bias + activation epilogue serves all three products through its strides
+(y = x @ w.T forward, dx = dy @ w and dw = dy.T @ x backward), and a column-sum kernel
+gives the bias gradient; the launchers of the three passes."""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import autotune, check, check_tensor, dot_dtype, dot_precision
+from .activation import ACTIVATIONS, NONE, apply_act
+
+
+def _cfg(bm, bn, bk, stages, warps):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                         num_stages=stages, num_warps=warps)
+
+
+_CONFIGS = [_cfg(*c) for c in ((128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 3, 8),
+                               (128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+                               (64, 64, 64, 4, 4), (128, 32, 32, 4, 4), (32, 128, 64, 4, 4),
+                               (32, 64, 64, 4, 4), (64, 32, 64, 4, 4), (32, 32, 64, 4, 4),
+                               (16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (64, 16, 128, 4, 4))]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles far taller or wider than the product (small batches, few classes)."""
+    rows = max(16, triton.next_power_of_2(named_args["M"]))
+    cols = max(16, triton.next_power_of_2(named_args["N"]))
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_N"] <= cols] or configs
+
+
+@autotune(_CONFIGS, key=["M", "N", "K", "stride_am", "stride_bn", "HAS_BIAS", "ACT"],
+          interpret_config=_cfg(32, 32, 32, 1, 4), prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K,
+                   stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, slope,
+                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # c (M, N) = act(a (M, K) @ b (K, N) + bias (N,)), any strides
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # GROUP_M row tiles sweep the columns together, so that their b tiles stay in L2
+    in_group = GROUP_M * num_n
+    first_m = pid // in_group * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + pid % in_group % group_rows
+    pid_n = pid % in_group // group_rows
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    acc = apply_act(acc, ACT, slope)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+             acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@autotune([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
+           for bm, bn, w in ((32, 64, 4), (16, 128, 4), (64, 32, 4), (32, 128, 8), (8, 256, 4))],
+          key=["M", "N"], interpret_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}))
+@triton.jit
+def _colsum_kernel(x_ptr, out_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # out (N,) = sum over the M rows of x (M, N), rows in a fixed order
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + offs_m
+        acc += tl.load(x_ptr + rows[:, None] * N + offs_n[None, :], mask=(rows < M)[:, None] & n_mask[None, :],
+                       other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_n, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def _matmul(a, a_strides, b, b_strides, c, k, bias=None, act=NONE, slope=0.01):
+    """c (M, N) = act(a @ b + bias) where a (M, K) and b (K, N) are read through their strides."""
+    m, n = c.shape
+    if c.numel() == 0:
+        return c
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    _matmul_kernel[grid](a, b, bias if bias is not None else c, c, m, n, k, *a_strides, *b_strides,
+                         *c.stride(), float(slope), HAS_BIAS=bias is not None, ACT=act,
+                         DOT_DTYPE=dot_dtype(a.dtype), PRECISION=dot_precision(a.dtype))
+    return c
+
+
+def dense_forward(x, w, bias, act="none", slope=0.01):
+    """y (M, N) = act(x @ w.T + bias) for x (M, K), w (N, K) (PyTorch Linear layout), bias (N,) or None;
+    act is "none" or a key of activation.ACTIVATIONS (leaky_relu uses `slope`)."""
+    check_tensor(x, "x", ndim=2)
+    check_tensor(w, "w", ndim=2, dtype=x.dtype, device=x.device)
+    m, k = x.shape
+    n = w.shape[0]
+    check(w.shape[1] == k, f"w: expected {k} input features (x is {tuple(x.shape)}), got shape {tuple(w.shape)}")
+    if bias is not None:
+        check_tensor(bias, "bias", ndim=1, dtype=x.dtype, device=x.device)
+        check(bias.shape[0] == n, f"bias: expected shape ({n},), got {tuple(bias.shape)}")
+    check(act == "none" or act in ACTIVATIONS,
+          f"unknown activation {act!r}; expected 'none' or one of {sorted(ACTIVATIONS)}")
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    # b[k, n] = w[n, k]: w read transposed through its strides
+    return _matmul(x, x.stride(), w, (w.stride(1), w.stride(0)), y, k, bias,
+                   NONE if act == "none" else ACTIVATIONS[act], slope)
+
+
+def dense_backward_input(dy, w):
+    """dx (M, K) = dy @ w for dy (M, N) and w (N, K)."""
+    check_tensor(dy, "dy", ndim=2)
+    check_tensor(w, "w", ndim=2, dtype=dy.dtype, device=dy.device)
+    m, n = dy.shape
+    check(w.shape[0] == n, f"w: expected {n} output features (dy is {tuple(dy.shape)}), got shape {tuple(w.shape)}")
+    dx = torch.empty((m, w.shape[1]), dtype=dy.dtype, device=dy.device)
+    return _matmul(dy, dy.stride(), w, w.stride(), dx, n)
+
+
+def dense_backward_weight(dy, x, need_bias_grad):
+    """(dw (N, K) = dy.T @ x, db (N,) = dy summed over rows or None), both in x.dtype,
+    for dy (M, N) and x (M, K)."""
+    check_tensor(x, "x", ndim=2)
+    check_tensor(dy, "dy", ndim=2, dtype=x.dtype, device=x.device)
+    m, k = x.shape
+    n = dy.shape[1]
+    check(dy.shape[0] == m, f"dy: expected {m} rows (x is {tuple(x.shape)}), got shape {tuple(dy.shape)}")
+    dw = torch.empty((n, k), dtype=x.dtype, device=x.device)
+    # a[n, m] = dy[m, n]: dy read transposed; the reduction runs over the M rows
+    _matmul(dy, (dy.stride(1), dy.stride(0)), x, x.stride(), dw, m)
+    db = None
+    if need_bias_grad:
+        db = torch.empty(n, dtype=x.dtype, device=x.device)
+        if n:
+            _colsum_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](dy, db, m, n)
+    return dw, db
