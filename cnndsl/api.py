@@ -5,7 +5,7 @@ from os import PathLike
 from pathlib import Path
 
 from .elaborate import elaborate
-from .errors import CnnError, CnnInputError
+from .errors import CnnError, CnnInputError, CnnSyntaxError
 from .ir import Network
 from .parse import parse_program
 
@@ -15,7 +15,7 @@ def _read(src: str | PathLike) -> tuple[str, str | None]:
     if isinstance(src, PathLike) or (isinstance(src, str) and "\n" not in src and src.strip().endswith(".cnn")):
         path = Path(src)
         try:
-            return path.read_text(encoding="utf-8"), str(path)
+            return path.read_text(encoding="utf-8-sig"), str(path)
         except FileNotFoundError:
             raise CnnInputError("no such file", filename=str(path)) from None
         except IsADirectoryError:
@@ -40,6 +40,8 @@ def parse(src: str | PathLike | Network, filename: str | None = None) -> Network
         return elaborate(parse_program(text, filename), text, filename)
     except CnnError as err:
         raise err.attach(text, filename) from None
+    except RecursionError:
+        raise CnnSyntaxError("the network is nested too deeply", filename=filename) from None
 
 
 def compile(src, backend: str = "triton", fuse: bool = True, device=None, dtype=None):

@@ -34,6 +34,7 @@ class BinOp:
     left: "Expr"
     right: "Expr"
     span: Span
+    depth: int = 1  # operators on the longest path to a leaf
 
 
 Expr = Number | Dims | Ref | BinOp

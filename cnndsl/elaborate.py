@@ -2,6 +2,7 @@
 repetitions and residual branches into a flat graph of ir.Nodes in declaration order,
 naming every node, evaluating argument expressions and inferring each shape."""
 
+import math
 from dataclasses import dataclass, field
 
 from . import ast, ir
@@ -24,10 +25,12 @@ class _Scope:
 
     prefix: str
     taken: set = field(default_factory=set)  # names used, and reserved ones (`add` in a residual)
+    heads: set = field(default_factory=set)  # `d` for every `d.0` taken (a repeated `d:`)
+    counters: dict = field(default_factory=dict)  # base -> next automatic number to try
 
     def _clashes(self, name: str) -> bool:
-        """`d` clashes with `d` and with `d.0` (a repeated `d:`), and the other way round."""
-        return any(t == name or t.startswith(name + ".") or name.startswith(t + ".") for t in self.taken)
+        """`d` clashes with `d` and with `d.0`, and the other way round."""
+        return name in self.taken or name in self.heads or name.split(".")[0] in self.taken
 
     def name(self, label: str | None, base: str, span: Span) -> str:
         if label is not None:
@@ -37,16 +40,21 @@ class _Scope:
                                         "(`add`, `shortcut` and `input` are reserved)")
             chosen = label
         else:
-            k = 1
+            k = self.counters.get(base, 1)
             while self._clashes(f"{base}{k}"):
                 k += 1
+            self.counters[base] = k + 1
             chosen = f"{base}{k}"
         self.taken.add(chosen)
+        if "." in chosen:
+            self.heads.add(chosen.split(".")[0])
         return f"{self.prefix}.{chosen}" if self.prefix else chosen
 
 
 RESERVED = {"network", "input", "block", "residual", "shortcut", "x"} | WORDS
-MAX_DEPTH = 64
+MAX_DEPTH = 64  # nested block calls
+MAX_NODES = 100_000  # layers after expansion: far beyond any real network
+MAX_INT = 2**63  # integer values in .cnn arithmetic
 
 
 class _Builder:
@@ -65,6 +73,19 @@ class _Builder:
         if block.name in self.blocks:
             first = self.blocks[block.name].span.line
             raise CnnNameError(f"block {block.name!r} is already defined at line {first}", block.name_span)
+        nested = [s for s in block.body if isinstance(s, ast.Residual)]
+        while nested:  # a block defined anywhere inside this one, even if never called
+            r = nested.pop()
+            for s in (*r.body, *(r.shortcut or ())):
+                if isinstance(s, ast.Block):
+                    raise CnnNameError(f"block {s.name!r} is defined inside another block or branch",
+                                       s.name_span, hint="define blocks at the top level of the file")
+                if isinstance(s, ast.Residual):
+                    nested.append(s)
+        for s in block.body:
+            if isinstance(s, ast.Block):
+                raise CnnNameError(f"block {s.name!r} is defined inside another block or branch",
+                                   s.name_span, hint="define blocks at the top level of the file")
         seen = set()
         for p in block.params:
             if p.name in RESERVED:
@@ -76,6 +97,9 @@ class _Builder:
         self.blocks[block.name] = block
 
     def add(self, op, attrs, inputs, shape, name, span, keyword) -> int:
+        if len(self.nodes) >= MAX_NODES:
+            raise CnnArgumentError(f"the network expands to more than {MAX_NODES:,} layers", span,
+                                   hint="check the repetition counts")
         self.nodes.append(ir.Node(len(self.nodes), op, attrs, tuple(inputs), shape, name, span, keyword))
         return len(self.nodes) - 1
 
@@ -103,15 +127,18 @@ class _Builder:
                     raise CnnArgumentError(f"{left} / {right} is not a whole number", e.span)
                 return left // right
             return left / right
-        return {"+": left + right, "-": left - right, "*": left * right}[e.op]
+        out = {"+": left + right, "-": left - right, "*": left * right}[e.op]
+        if isinstance(out, int) and abs(out) >= MAX_INT or isinstance(out, float) and not math.isfinite(out):
+            raise CnnArgumentError("value too large", e.span)
+        return out
 
     def count(self, rep: ast.Repeat | None, env: dict) -> int:
         if rep is None:
             return 1
         n = self.eval(rep.count, env)
-        if isinstance(n, Symbol):
+        if isinstance(n, Symbol) and n.name not in WORDS:
             raise CnnNameError(f"undefined name {n.name!r} in repetition", rep.span, hint=did_you_mean(n.name, env))
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1 or n > MAX_NODES:
             raise CnnArgumentError(f"repetition count must be a positive integer, got {show(n)}", rep.span)
         return n
 
@@ -200,7 +227,12 @@ class _Builder:
                 if p.default is None:
                     raise CnnArgumentError(f"block {block.name!r} needs argument {p.name!r}", stmt.span,
                                            expected=f"{block.name}(" + ", ".join(q.name for q in block.params) + ")")
-                inner[p.name] = self.eval(p.default, inner)
+                value = self.eval(p.default, inner)
+                if isinstance(value, Symbol) and value.name not in WORDS:
+                    raise CnnNameError(f"the default of {p.name!r} uses {value.name!r}, which is not an earlier "
+                                       f"parameter of block {block.name!r}", value.span,
+                                       hint=did_you_mean(value.name, inner))
+                inner[p.name] = value
         try:
             return self.stmts(block.body, cur, inner, _Scope(name), (*stack, block.name))
         except CnnError as err:

@@ -47,7 +47,7 @@ class CnnError(Exception):
         if self.span:
             where += f":{self.span.line}:{self.span.column}"
         out = [f"{where}: {self.kind}: {self.message}" if where else f"{self.kind}: {self.message}"]
-        lines = self.source.splitlines() if self.source else []
+        lines = self.source.split("\n") if self.source else []  # Lark counts only \n
         if self.span and 0 < self.span.line <= len(lines):
             text = lines[self.span.line - 1].rstrip().expandtabs(1)
             end = self.span.end_column if self.span.end_line == self.span.line else len(text) + 1

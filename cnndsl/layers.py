@@ -2,6 +2,7 @@
 (name, kind, default) and how many may be given positionally — and the coercion of
 argument values to each option kind, with the errors for wrong types and ranges."""
 
+import math
 from dataclasses import dataclass
 
 from . import ir
@@ -119,10 +120,10 @@ _KINDS = {  # kind: (accept(value) -> coerced or None, what is expected)
     "padding": (lambda x: (x.name if x.name == "same" else (0, 0) if x.name == "valid" else None)
                 if isinstance(x, Symbol) else _pair(x, 0),
                 "a non-negative integer, HxW, `same` or `valid`"),
-    "positive": (lambda x: float(x) if _is_num(x) and x > 0 else None, "a positive number"),
+    "positive": (lambda x: float(x) if _is_num(x) and 0 < x < math.inf else None, "a positive number"),
     "fraction": (lambda x: float(x) if _is_num(x) and 0 <= x <= 1 else None, "a number from 0 to 1"),
     "probability": (lambda x: float(x) if _is_num(x) and 0 <= x < 1 else None, "a number in [0, 1)"),
-    "number": (lambda x: float(x) if _is_num(x) else None, "a number"),
+    "number": (lambda x: float(x) if _is_num(x) and math.isfinite(x) else None, "a finite number"),
     "bool": (lambda x: x if isinstance(x, bool) else None, "true or false"),
 }
 WORDS = {"same", "valid", "true", "false"}

@@ -5,13 +5,15 @@ errors into CnnSyntaxError, naming common mistakes with `match_examples`."""
 from functools import cache
 from importlib import resources
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, v_args
 from lark.exceptions import (
     UnexpectedCharacters,
     UnexpectedEOF,
     UnexpectedInput,
     UnexpectedToken,
+    VisitError,
 )
+from lark.visitors import Transformer_NonRecursive
 
 from . import ast
 from .errors import CnnSyntaxError, Span
@@ -19,7 +21,7 @@ from .errors import CnnSyntaxError, Span
 # Common mistakes, each shown by snippets that fail at the same parser state.
 MISTAKES = {
     "the file must start with `network NAME`, then `input CxHxW`": [
-        "input 3x32x32\n", "conv 8 3\n", "\nrelu\n"],
+        "input 3x32x32\n", "conv 8 3\n", "\nrelu\n", "\n"],
     "`input CxHxW` must follow the `network NAME` line": [
         "network a\nconv 8 3\n", "network a\nrelu\n"],
     "write the input shape as CxHxW, e.g. `input 3x32x32`": [
@@ -46,6 +48,16 @@ _FRIENDLY = {"NAME": "a name", "NUMBER": "a number", "DIMS": "dimensions such as
              "_NL": "end of line", "$END": "end of input", "REPEAT": "a repetition `x N`", "repeat": "a repetition `x N`"}
 
 
+MAX_OPERATORS = 200
+MAX_DIGITS = 30
+
+
+def _short(tok: Token) -> Token:
+    if len(tok) > MAX_DIGITS:
+        raise CnnSyntaxError(f"number too large ({len(tok)} characters)", _token_span(tok))
+    return tok
+
+
 def _span(meta) -> Span:
     return Span(meta.line, meta.column, meta.end_line, meta.end_column)
 
@@ -59,7 +71,7 @@ class _Shortcut(tuple):
 
 
 @v_args(meta=True)
-class _ToAst(Transformer):
+class _ToAst(Transformer_NonRecursive):
     def start(self, meta, children):
         name, dims, *stmts = children
         return ast.Program(str(name), dims, tuple(stmts), _span(meta))
@@ -89,11 +101,11 @@ class _ToAst(Transformer):
         return ast.Arg(None, children[0], _span(meta))
 
     def dims(self, meta, children):
-        tok = children[0]
+        tok = _short(children[0])
         return ast.Dims(tuple(int(v) for v in tok.split("x")), _token_span(tok))
 
     def number(self, meta, children):
-        tok = children[0]
+        tok = _short(children[0])
         value = int(tok) if tok.isdigit() else float(tok)
         return ast.Number(value, _token_span(tok))
 
@@ -102,7 +114,11 @@ class _ToAst(Transformer):
 
     def _binop(op):
         def build(self, meta, children):
-            return ast.BinOp(op, children[0], children[1], _span(meta))
+            left, right = children
+            depth = 1 + max(getattr(left, "depth", 0), getattr(right, "depth", 0))
+            if depth > MAX_OPERATORS:
+                raise CnnSyntaxError(f"expression too long: more than {MAX_OPERATORS} operators", _span(meta))
+            return ast.BinOp(op, left, right, _span(meta), depth)
         return build
 
     add, sub, mul, div = _binop("+"), _binop("-"), _binop("*"), _binop("/")
@@ -180,8 +196,9 @@ def _syntax_error(err: UnexpectedInput, text: str) -> CnnSyntaxError:
     tok = err.token if isinstance(err, (UnexpectedToken, UnexpectedEOF)) else None
     expected = _describe(parser, getattr(err, "expected", ()) or ())
     if tok is None or tok.type == "$END" or tok.line is None:
-        last = text.rstrip("\n").count("\n") + 1
-        col = len(text.rstrip("\n").split("\n")[-1]) + 1
+        body = text.rstrip("\r\n")
+        last = body.count("\n") + 1
+        col = len(body.split("\n")[-1].rstrip("\r")) + 1
         return CnnSyntaxError("unexpected end of input", Span(last, col, last, col + 1),
                               expected=expected, hint=hint)
     what = "end of line" if tok.type == "_NL" else repr(str(tok))
@@ -192,11 +209,14 @@ def _syntax_error(err: UnexpectedInput, text: str) -> CnnSyntaxError:
 
 def parse_program(text: str, filename: str | None = None) -> ast.Program:
     """Parse .cnn source text into an ast.Program; raises CnnSyntaxError."""
+    text = text.removeprefix("\ufeff")  # a byte-order mark from editors that write one
     source = text if text.endswith("\n") else text + "\n"
     try:
         tree = _parser().parse(source)
         return _ToAst().transform(tree)
     except UnexpectedInput as err:
         raise _syntax_error(err, source).attach(text, filename) from None
-    except RecursionError:
-        raise CnnSyntaxError("the file is nested too deeply to parse").attach(text, filename) from None
+    except VisitError as err:
+        if isinstance(err.orig_exc, CnnSyntaxError):
+            raise err.orig_exc.attach(text, filename) from None
+        raise

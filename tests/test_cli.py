@@ -231,8 +231,6 @@ def test_subprocess_broken_pipe_is_quiet(tmp_path):
 # --- known bugs ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an integer of more than 4300 digits (Python's int/str limit) "
-                                       "escapes as a lark VisitError/ValueError traceback instead of a CnnError")
 @pytest.mark.parametrize("line", ["dense " + "9" * 5000, "dropout " + "*".join(["99999999999999999999"] * 250),
                                   "dense " + "*".join(["99999999999999999999"] * 250)],
                          ids=["literal", "product-in-a-message", "product-in-the-summary"])

@@ -2,14 +2,10 @@
 examples must each parse or raise a CnnError whose rendered message is non-empty and
 located (`<string>:LINE:COL:` with a caret on the right line), never another exception.
 Then hand-written hostile inputs: huge lines, deep expressions, empty and binary files,
-huge numbers and repetition counts (known slow or crashing cases are strict xfails).
+huge numbers and repetition counts.
 
-Known bugs kept out of the random corpus, each covered by its own strict xfail:
-- line breaks other than "\\n" ("\\u2028", "\\x0c", "\\x85", a lone "\\r", ...) make
-  CnnError.render show the wrong source line (test_errors.py);
-- large new numbers (> MAX_NEW_NUMBER) can become repetition counts, and naming is
-  super-linear in the number of layers of one scope (test_repetition_is_fast here);
-- integers of more than 4300 digits (test_huge_integer_literal here)."""
+Large new numbers (> MAX_NEW_NUMBER) are kept out of the random corpus only for speed: as
+repetition counts they expand to up to 100,000 layers each; the hostile tests cover them."""
 
 import random
 import re
@@ -204,9 +200,7 @@ def corruptions(path, count, seed):
         text = original
         for _ in range(rng.choice([1, 1, 1, 2, 2, 3])):
             text = rng.choice(MUTATIONS)(rng, text)
-        if text in seen or _new_big_numbers(original, text) or any(ch in text for ch in ODD_BREAKS.replace("\r", "")):
-            continue
-        if "\r" in text.replace("\r\n", ""):  # a lone "\r" (see the module docstring)
+        if text in seen or _new_big_numbers(original, text):
             continue
         seen.add(text)
         out.append(text)
@@ -348,7 +342,7 @@ def test_ten_thousand_nested_terms(op):
     expr = op.join(["1"] * 10_000) if op != "-" else "20000" + "-1" * 10_000
     err = parse_fast(H + "flatten\ndense " + expr + "\n")
     assert isinstance(err, cnndsl.CnnSyntaxError)
-    assert "nested too deeply" in err.render()
+    assert "expression too long" in err.render()
 
 
 def test_deeply_nested_residuals():
@@ -357,7 +351,7 @@ def test_deeply_nested_residuals():
 
 
 def test_moderately_nested_terms_and_residuals_work():
-    assert parse_fast(H + "flatten\ndense " + "+".join(["1"] * 300) + "\n").output_shape == (300,)
+    assert parse_fast(H + "flatten\ndense " + "+".join(["1"] * 150) + "\n").output_shape == (150,)
     net = parse_fast(H + "residual {\n" * 100 + "relu\n" + "}\n" * 100)
     assert net.nodes[-1].name == "residual1.add"
 
@@ -370,9 +364,6 @@ def test_deep_block_call_chain_is_bounded():
     assert "nested more than" in err.message and err.line is not None
 
 
-@pytest.mark.xfail(strict=True, reason="bug: `the file is nested too deeply to parse` has no line or column "
-                                       "(parse.py catches RecursionError from Lark's recursive Transformer "
-                                       "and builds the error without a span)")
 def test_ten_thousand_nested_terms_error_is_located():
     err = parse_fast(H + "flatten\ndense " + "+".join(["1"] * 10_000) + "\n")
     assert (err.line, err.column) == (4, 7)
@@ -421,16 +412,12 @@ def test_huge_values_that_fit():
     assert net.to_json()["total_params"] == 64 * int(big) + int(big)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an integer literal of more than 4300 digits raises lark's VisitError "
-                                       "(ValueError from int()) instead of a CnnError")
 @pytest.mark.parametrize("src", [H + "flatten\ndense " + "9" * 5000 + "\n", "network a\ninput 1x" + "9" * 5000 + "x8\n"
                                  "relu\n"], ids=["number", "dims"])
 def test_huge_integer_literal(src):
     parse_fast(src)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: arithmetic can build an int of more than 4300 digits; the error "
-                                       "message (layers.show) and the summary then raise ValueError")
 @pytest.mark.parametrize("layer", ["dropout", "flatten\ndense"])
 def test_huge_integer_from_arithmetic(layer):
     result = parse_fast(H + layer + " " + "*".join(["99999999999999999999"] * 250) + "\n")
@@ -439,9 +426,6 @@ def test_huge_integer_from_arithmetic(layer):
         result.to_json()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: naming is cubic in the layers of one scope (elaborate._Scope.name "
-                                       "tries base1, base2, ... and _clashes scans every taken name): 300 copies "
-                                       "take ~2 s, 1200 take ~95 s")
 def test_repetition_is_fast():
     start = time.perf_counter()
     net = cnndsl.parse(H + "relu x 300\n")
@@ -449,8 +433,6 @@ def test_repetition_is_fast():
     assert time.perf_counter() - start < 0.5
 
 
-@pytest.mark.xfail(strict=True, reason="bug: `dense 10 x 100000000` hangs (cubic naming, no limit on the "
-                                       "expanded size) instead of failing fast with a CnnError")
 def test_huge_repetition_count_does_not_hang(tmp_path):
     path = tmp_path / "huge.cnn"
     path.write_text(H + "flatten\ndense 10 x 100000000\n")

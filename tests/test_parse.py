@@ -689,8 +689,6 @@ def test_utf8_comment_is_fine():
     assert names(net) == ["input", "relu1"]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a UTF-8 byte-order mark (Windows Notepad) is a syntax error; "
-                                       "api._read should read with encoding='utf-8-sig'")
 def test_utf8_bom_file_is_accepted(tmp_path):
     path = tmp_path / "bom.cnn"
     path.write_bytes(b"\xef\xbb\xbfnetwork bom\ninput 1x4x4\nrelu\n")
