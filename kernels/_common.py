@@ -45,9 +45,9 @@ def autotune(configs, key, interpret_config=None, **kwargs):
 ELEMENTWISE_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))]
 
 
-def gemm_config(block_m: int, block_n: int, block_k: int, stages: int, warps: int) -> triton.Config:
-    """An autotune config of a GEMM-shaped kernel's tile sizes and pipelining."""
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
+def gemm_config(block_m: int, block_n: int, block_k: int, stages: int, warps: int, **meta) -> triton.Config:
+    """An autotune config of a GEMM-shaped kernel's tile sizes and pipelining (plus `meta`)."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, **meta},
                          num_stages=stages, num_warps=warps)
 
 

@@ -7,16 +7,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune, check, check_tensor, dot_dtype, dot_precision
+from ._common import (
+    autotune,
+    check,
+    check_tensor,
+    dot_dtype,
+    dot_precision,
+    gemm_config,
+)
 from .activation import ACTIVATIONS, NONE, apply_act
 
-
-def _cfg(bm, bn, bk, stages, warps):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                         num_stages=stages, num_warps=warps)
-
-
-_CONFIGS = [_cfg(*c) for c in ((128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 3, 8),
+_CONFIGS = [gemm_config(*c, GROUP_M=8) for c in ((128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 3, 8),
                                (128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
                                (64, 64, 64, 4, 4), (128, 32, 32, 4, 4), (32, 128, 64, 4, 4),
                                (32, 64, 64, 4, 4), (64, 32, 64, 4, 4), (32, 32, 64, 4, 4),
@@ -31,7 +32,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 @autotune(_CONFIGS, key=["M", "N", "K", "stride_am", "stride_bn", "HAS_BIAS", "ACT"],
-          interpret_config=_cfg(32, 32, 32, 1, 4), prune_configs_by={"early_config_prune": _prune})
+          interpret_config=gemm_config(32, 32, 32, 1, 4, GROUP_M=8), prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, slope,

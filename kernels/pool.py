@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune, check, check_tensor
+from ._common import ELEMENTWISE_CONFIGS, autotune, check, check_tensor
 
 
 def _cfg(bp, bc, warps):
@@ -122,7 +122,7 @@ def _global_avg_fwd_kernel(x_ptr, y_ptr, HW, C, BLOCK_P: tl.constexpr, BLOCK_C: 
     tl.store(y_ptr + n * C + offs_c, (tl.sum(acc, axis=0) / HW).to(y_ptr.dtype.element_ty), mask=c_mask)
 
 
-@autotune([triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))],
+@autotune(ELEMENTWISE_CONFIGS,
           key=["total", "C"])
 @triton.jit
 def _global_avg_bwd_kernel(dy_ptr, dx_ptr, total, HW, C, BLOCK: tl.constexpr):

@@ -1,0 +1,160 @@
+"""Pooling kernels (max and average windows, global average) forward and backward against
+torch.nn.functional and its autograd over NHWC tensors: overlapping and odd windows, ties
+and NaNs in max pooling, the compact argmax, and the launcher checks."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cnndsl.kernels.pool import (
+    global_avgpool_backward,
+    global_avgpool_forward,
+    pool_backward,
+    pool_forward,
+)
+
+from helpers import DTYPES, assert_close
+
+# (N, C, H, W, kernel, stride, padding)
+CASES = {
+    "k2_s2": (2, 17, 13, 13, (2, 2), (2, 2), (0, 0)),
+    "k3_s2_p1": (1, 17, 13, 13, (3, 3), (2, 2), (1, 1)),
+    "k3_s1_p1": (2, 3, 7, 7, (3, 3), (1, 1), (1, 1)),
+    "k3_s2_p1_c1": (1, 1, 7, 7, (3, 3), (2, 2), (1, 1)),
+    "k2x3_s2x1_p1": (1, 3, 13, 7, (2, 3), (2, 1), (1, 1)),
+    "k2x3_s1x2_p01": (2, 17, 7, 13, (2, 3), (1, 2), (0, 1)),
+    "k3_s3": (2, 1, 13, 13, (3, 3), (3, 3), (0, 0)),
+    "k3_s3_p1_c3": (1, 3, 7, 13, (3, 3), (3, 3), (1, 1)),
+}
+LOW_PRECISION = ["k3_s2_p1", "k2x3_s1x2_p01"]
+TORCH_POOL = {"max": F.max_pool2d, "avg": F.avg_pool2d}
+
+# Triton's interpreter warns on every loop whose bound is a kernel argument (numpy < 2.4).
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+
+def _nhwc(t):
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
+def _nchw(t):
+    return t.permute(0, 3, 1, 2).float()
+
+
+def _run(x, mode, kernel, stride, padding, dtype):
+    """Kernel results (y, argmax, dx) and float64 torch references (y, dx) for NCHW x of `dtype`."""
+    ref_x = x.double().requires_grad_()
+    ref_y = TORCH_POOL[mode](ref_x, kernel, stride, padding)
+    dy = torch.randn(ref_y.shape).to(dtype)
+    ref_y.backward(dy.double())
+    y, argmax = pool_forward(_nhwc(x), mode, kernel, stride, padding, tuple(ref_y.shape[2:]))
+    dx = pool_backward(_nhwc(dy), mode, argmax, kernel, stride, padding, tuple(x.shape[2:]))
+    assert y.dtype == dtype and dx.dtype == dtype
+    return y, argmax, dx, ref_y.detach(), ref_x.grad
+
+
+def _windows_per_pixel(kernel, stride):
+    return math.ceil(kernel[0] / stride[0]) * math.ceil(kernel[1] / stride[1])
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+@pytest.mark.parametrize("name,dtype", [pytest.param(c, d, id=f"{c}-{str(d)[6:]}") for c in CASES for d in DTYPES
+                                        if d == torch.float32 or c in LOW_PRECISION])
+def test_pool(name, dtype, mode):
+    n, c, h, w, kernel, stride, padding = CASES[name]
+    x = torch.randn(n, c, h, w).to(dtype)
+    y, argmax, dx, ref_y, ref_dx = _run(x, mode, kernel, stride, padding, dtype)
+    taps = kernel[0] * kernel[1]
+    if mode == "max":
+        assert argmax.dtype == torch.int8 and argmax.shape == y.shape
+        assert torch.equal(_nchw(y), ref_y.float())  # a max is exact
+    else:
+        assert argmax is None
+        assert_close(_nchw(y), ref_y, dtype, reduction=taps, name=f"{name} y")
+    assert_close(_nchw(dx), ref_dx, dtype, reduction=_windows_per_pixel(kernel, stride), name=f"{name} dx")
+
+
+def _torch_offsets(indices, kernel, stride, padding, width):
+    """torch's flat input indices h*W + w as window offsets r*kw + s."""
+    oh = torch.arange(indices.shape[2]).view(1, 1, -1, 1)
+    ow = torch.arange(indices.shape[3]).view(1, 1, 1, -1)
+    r = indices // width - (oh * stride[0] - padding[0])
+    s = indices % width - (ow * stride[1] - padding[1])
+    return r * kernel[1] + s
+
+
+@pytest.mark.parametrize("name", ["k3_s2_p1", "k3_s1_p1", "k2_s2", "k2x3_s1x2_p01"])
+@pytest.mark.parametrize("values", ["constant", "few_levels"])
+def test_max_pool_ties_route_like_torch(name, values):
+    n, c, h, w, kernel, stride, padding = CASES[name]
+    x = torch.full((n, c, h, w), 0.5) if values == "constant" else torch.randint(0, 3, (n, c, h, w)).float()
+    y, argmax, dx, ref_y, ref_dx = _run(x, "max", kernel, stride, padding, torch.float32)
+    _, indices = F.max_pool2d(x, kernel, stride, padding, return_indices=True)
+    assert torch.equal(argmax.permute(0, 3, 1, 2).long(), _torch_offsets(indices, kernel, stride, padding, w))
+    assert torch.equal(_nchw(y), ref_y.float())
+    assert_close(_nchw(dx), ref_dx, reduction=_windows_per_pixel(kernel, stride), name=f"{name} dx")
+
+
+def test_max_pool_nan_propagates_like_torch():
+    n, c, h, w, kernel, stride, padding = CASES["k3_s2_p1"]
+    x = torch.randn(n, c, h, w)
+    x[0, 0, 0, 0] = x[0, 3, 5, 6] = x[0, 3, 5, 5] = x[0, 16, 12, 12] = float("nan")
+    y, _, dx, ref_y, ref_dx = _run(x, "max", kernel, stride, padding, torch.float32)
+    assert torch.equal(_nchw(y).isnan(), ref_y.isnan()) and ref_y.isnan().sum() > 4
+    assert torch.equal(_nchw(y).nan_to_num(), ref_y.float().nan_to_num())
+    assert_close(_nchw(dx), ref_dx, reduction=4, name="dx")
+
+
+def test_max_pool_large_window_uses_int16_argmax():
+    x = torch.randn(1, 3, 13, 13)
+    y, argmax, dx, ref_y, ref_dx = _run(x, "max", (12, 11), (1, 1), (0, 0), torch.float32)
+    assert argmax.dtype == torch.int16
+    assert torch.equal(_nchw(y), ref_y.float())
+    assert_close(_nchw(dx), ref_dx, reduction=132, name="dx")
+
+
+@pytest.mark.parametrize("shape", [(2, 17, 7, 7), (1, 3, 13, 5), (1, 1, 1, 1)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_global_avgpool(shape, dtype):
+    x = torch.randn(shape).to(dtype)
+    ref_x = x.double().requires_grad_()
+    ref_y = F.adaptive_avg_pool2d(ref_x, 1)
+    dy = torch.randn(ref_y.shape).to(dtype)
+    ref_y.backward(dy.double())
+    y = global_avgpool_forward(_nhwc(x))
+    assert y.shape == (shape[0], 1, 1, shape[1]) and y.dtype == dtype
+    assert_close(_nchw(y), ref_y, dtype, reduction=shape[2] * shape[3], name="y")
+    dx = global_avgpool_backward(_nhwc(dy), shape[2:])
+    assert dx.dtype == dtype
+    assert_close(_nchw(dx), ref_x.grad, dtype, name="dx")
+
+
+def test_pool_empty_batch():
+    y, argmax = pool_forward(torch.zeros(0, 7, 7, 3), "max", 3, 2, 1, (4, 4))
+    assert y.shape == argmax.shape == (0, 4, 4, 3)
+    assert pool_backward(torch.zeros(0, 4, 4, 3), "avg", None, 3, 2, 1, (7, 7)).shape == (0, 7, 7, 3)
+
+
+def test_pool_rejects_bad_input():
+    x = torch.zeros(1, 7, 7, 3)
+    with pytest.raises(ValueError, match="expected 'max' or 'avg', got 'min'"):
+        pool_forward(x, "min", 2, 2, 0, (3, 3))
+    with pytest.raises(ValueError, match=r"gives \(4, 4\), got \(3, 3\)"):
+        pool_forward(x, "max", 3, 2, 1, (3, 3))
+    with pytest.raises(ValueError, match=r"padding \(2, 2\) must be at most half the kernel \(3, 3\)"):
+        pool_forward(x, "avg", 3, 1, 2, (9, 9))
+    with pytest.raises(ValueError, match=r"expected 4 dimensions, got shape \(7, 7, 3\)"):
+        pool_forward(torch.zeros(7, 7, 3), "max", 2, 2, 0, (3, 3))
+    dy = torch.zeros(1, 4, 4, 3)
+    with pytest.raises(ValueError, match="argmax: expected a tensor for max pooling"):
+        pool_backward(dy, "max", None, 3, 2, 1, (7, 7))
+    with pytest.raises(ValueError, match="argmax: expected dtype torch.int8, got torch.int64"):
+        pool_backward(dy, "max", torch.zeros(1, 4, 4, 3, dtype=torch.long), 3, 2, 1, (7, 7))
+    with pytest.raises(ValueError, match=r"argmax: expected shape \(1, 4, 4, 3\), got \(1, 4, 4, 2\)"):
+        pool_backward(dy, "max", torch.zeros(1, 4, 4, 2, dtype=torch.int8), 3, 2, 1, (7, 7))
+    with pytest.raises(ValueError, match=r"input \(9, 9\) .* gives \(5, 5\), got \(4, 4\)"):
+        pool_backward(dy, "avg", None, 3, 2, 1, (9, 9))
+    with pytest.raises(ValueError, match=r"expected shape \(N, 1, 1, C\), got \(1, 4, 4, 3\)"):
+        global_avgpool_backward(dy, (4, 4))
