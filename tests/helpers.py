@@ -44,15 +44,15 @@ def max_reduction(net, batch: int) -> int:
     return longest
 
 
-def run_both(src, batch=2, dtype=torch.float32, train=True, fuse=False, steps=1, seed=0):
+def run_both(src, batch=2, dtype=torch.float32, train=True, fuse=False, steps=1, seed=0, device="cpu"):
     """Run the same weights and inputs through the triton backend and the reference backend;
     compare the loss, the output, the input gradient, every parameter gradient and every buffer
     (BN running statistics) after `steps` training steps (or one eval pass)."""
     import cnndsl
     net = cnndsl.parse(src)
     torch.manual_seed(seed)
-    ref = cnndsl.compile(net, backend="torch", device="cpu")
-    tri = cnndsl.compile(net, backend="triton", fuse=fuse, device="cpu")
+    ref = cnndsl.compile(net, backend="torch", device=device)
+    tri = cnndsl.compile(net, backend="triton", fuse=fuse, device=device)
     tri.load_state_dict(ref.state_dict())
     ref, tri = ref.to(dtype), tri.to(dtype)
     for m in (ref, tri):
@@ -60,8 +60,8 @@ def run_both(src, batch=2, dtype=torch.float32, train=True, fuse=False, steps=1,
     tol = {"dtype": dtype, "reduction": max_reduction(net, batch), "depth": len(net.nodes)}
     classes = net.output_shape[0]
     for step in range(steps):
-        x = torch.randn(batch, *net.input_shape).to(dtype)
-        target = torch.randint(0, classes, (batch,)) if len(net.output_shape) == 1 else None
+        x = torch.randn(batch, *net.input_shape, device=device).to(dtype)
+        target = torch.randint(0, classes, (batch,), device=device) if len(net.output_shape) == 1 else None
         grads = []
         for m in (ref, tri):
             xi = x.clone().requires_grad_()

@@ -1,0 +1,20 @@
+"""Whole networks on the GPU (skipped without CUDA): resnet18 at 224x224 batch 8 and
+vgg16 at batch 2, fp32 and bf16, triton backend (unfused) against the reference backend
+for the output, the loss, every gradient and the BN running statistics."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import run_both
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("name", "batch", "train"), [("resnet18", 8, True), ("vgg16", 2, False)])
+def test_network_on_gpu(name, batch, train, dtype):
+    # vgg16 runs in eval: its dropout masks come from different RNGs in the two backends.
+    run_both(EXAMPLES / f"{name}.cnn", batch=batch, dtype=dtype, train=train, device="cuda")
