@@ -50,7 +50,7 @@ class Fence:
 class Example:
     """One command of the page and its documented output."""
 
-    name: str  # test id
+    name: str  # test id: the file, or the command line
     line: int
     files: dict  # name -> text, written before the command runs
     setup: str | None
@@ -107,7 +107,7 @@ def collect(text: str):
                 silent.append(Example(name, fence.line, {name: fence.body}, None, ["check", name], ""))
         elif k not in used and (cmd := command(fence)):
             setup, argv, output = cmd
-            examples.append(Example(f"line{fence.line}", fence.line, {}, setup, argv, output))
+            examples.append(Example(" ".join(argv), fence.line, {}, setup, argv, output))
     return examples, silent, fragments
 
 
@@ -253,3 +253,16 @@ def test_shipped_examples_table():
         shown = ("x".join(map(str, s["input"])), "x".join(map(str, s["output"])), f"{s['total_params']:,}",
                  f"{s['bn_buffers']:,}", _human(s["macs"]))
         assert (shape_in, shape_out, n_params, n_buffers, n_macs) == shown, path
+
+
+# --- the state-dict listing of section 4 -----------------------------------------------------
+
+def test_state_dict_listing():
+    """The keys listed for names_demo: the first ones, `...`, then the last ones."""
+    blocks = fences(TEXT)
+    listing = next(b for b in blocks if b.lang == "" and b.body.startswith("stem.conv1.weight\n"))
+    head, _, tail = listing.body.partition("...\n")
+    source = next(e.files["names_demo.cnn"] for e in EXAMPLES if e.name == "names_demo.cnn")
+    keys = list(cnndsl.compile(source, backend="torch", device="cpu").state_dict())
+    head, tail = head.split(), tail.split()
+    assert keys[:len(head)] == head and keys[-len(tail):] == tail
