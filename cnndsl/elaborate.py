@@ -35,9 +35,10 @@ class _Scope:
     def name(self, label: str | None, base: str, span: Span) -> str:
         if label is not None:
             if self._clashes(label):
-                raise CnnNameError(f"duplicate layer name {label.split('.')[0]!r}", span,
-                                   hint="names must be unique within a block or residual "
-                                        "(`add`, `shortcut` and `input` are reserved)")
+                head = label.split(".")[0]
+                reserved = head in ("add", "shortcut", "input")
+                raise CnnNameError(f"duplicate layer name {head!r}" + (" (a reserved name here)" if reserved else ""),
+                                   span, hint="names must be unique within a block or residual")
             chosen = label
         else:
             k = self.counters.get(base, 1)
@@ -138,7 +139,10 @@ class _Builder:
         n = self.eval(rep.count, env)
         if isinstance(n, Symbol) and n.name not in WORDS:
             raise CnnNameError(f"undefined name {n.name!r} in repetition", rep.span, hint=did_you_mean(n.name, env))
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1 or n > MAX_NODES:
+        if isinstance(n, int) and n > MAX_NODES:
+            raise CnnArgumentError(f"repetition count {n:,} is more than the {MAX_NODES:,} layers a network may have",
+                                   rep.span)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise CnnArgumentError(f"repetition count must be a positive integer, got {show(n)}", rep.span)
         return n
 
@@ -221,7 +225,7 @@ class _Builder:
         for param, value in inner.items():
             if isinstance(value, Symbol) and value.name not in WORDS:
                 raise CnnNameError(f"undefined name {value.name!r} in the call of {block.name!r}", where[param],
-                                   hint=did_you_mean(value.name, env))
+                                   hint=did_you_mean(value.name, [*env, *WORDS]))
         for p in block.params:
             if p.name not in inner:
                 if p.default is None:
@@ -274,7 +278,8 @@ def elaborate(program: ast.Program, source: str = "", filename: str | None = Non
     b.add(Op.INPUT, ir.Input(), [], program.input.values, "input", program.input.span, "input")
     b.stmts(program.stmts, 0, {}, _Scope("", {"input"}), ())
     if len(b.nodes) == 1:
-        raise CnnShapeError("the network has no layers", program.span, expected="at least one layer after `input`")
+        raise CnnShapeError("the network has no layers", program.input.span,
+                            expected="at least one layer after `input`")
     for node in b.nodes[:-1]:
         if node.op is Op.SOFTMAX:
             raise CnnShapeError("softmax must be the last layer", node.span,

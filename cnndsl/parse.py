@@ -21,7 +21,7 @@ from .errors import CnnSyntaxError, Span
 # Common mistakes, each shown by snippets that fail at the same parser state.
 MISTAKES = {
     "the file must start with `network NAME`, then `input CxHxW`": [
-        "input 3x32x32\n", "conv 8 3\n", "\nrelu\n", "\n"],
+        "input 3x32x32\n", "conv 8 3\n", "\nrelu\n", "\n", "# c\ninput 3x32x32\n", "\ninput 3x32x32\n"],
     "`input CxHxW` must follow the `network NAME` line": [
         "network a\nconv 8 3\n", "network a\nrelu\n"],
     "write the input shape as CxHxW, e.g. `input 3x32x32`": [
@@ -41,7 +41,9 @@ MISTAKES = {
     "one layer per line": [
         "network a\ninput 1x8x8\nconv 8 3, relu\n", "network a\ninput 1x8x8\nrelu; relu\n"],
     "there is no unary minus: write `0 - x`, or a positive value": [
-        "network a\ninput 1x8x8\nleaky_relu -0.1\n", "network a\ninput 1x8x8\nleaky_relu slope=-1\n"],
+        "network a\ninput 1x8x8\nleaky_relu -0.1\n", "network a\ninput 1x8x8\nleaky_relu slope=-1\n",
+        "network a\ninput 1x8x8\nleaky_relu(-0.1)\n", "network a\ninput 1x8x8\nrelu x 0 - -1\n",
+        "network a\ninput 1x8x8\nleaky_relu 0.1 * -1\n", "network a\ninput 1x8x8\nblock b(s=-1) {\nrelu\n}\n"],
 }
 
 _FRIENDLY = {"NAME": "a name", "NUMBER": "a number", "DIMS": "dimensions such as 3x3",

@@ -590,7 +590,7 @@ def test_pool_padding_more_than_half_the_kernel():
 
 def test_network_without_layers():
     err = error_of(H, CnnShapeError)
-    assert (err.line, err.column) == (1, 1)
+    assert (err.line, err.column) == (2, 7)  # at the input shape, after which layers are expected
     assert "the network has no layers" in str(err)
     assert field(str(err), "expected") == "at least one layer after `input`"
     err = error_of(H + "block b {\n  relu\n}\n", CnnShapeError)
