@@ -80,7 +80,8 @@ def _bn_stats_merge_kernel(x_ptr, part_ptr, mean_ptr, var_ptr, M, C, rows, n_til
         mean += delta * frac
         m2 += bm2 + delta * delta * n * frac
         n += nb
-    shift = tl.load(x_ptr + cols, mask=cmask & (M > 0), other=0.0).to(tl.float32)
+    nonempty = tl.full([BLOCK_C], M, tl.int32) > 0  # a tensor mask: scalar bools break newer interpreters
+    shift = tl.load(x_ptr + cols, mask=cmask & nonempty, other=0.0).to(tl.float32)
     tl.store(mean_ptr + cols, shift + mean, mask=cmask)
     tl.store(var_ptr + cols, m2 / n, mask=cmask)  # biased
 
