@@ -45,6 +45,21 @@ def _static(net: ir.Network, node: ir.Node) -> dict:
     return {}
 
 
+def layer_spec(net: ir.Network, node: ir.Node) -> tuple[str, tuple, dict] | None:
+    """The torch.nn class (by name), positional and keyword arguments of the layer that holds
+    a node's parameters; None for parameter-free ops. The runtime instantiates it, emit writes it."""
+    a, shape = node.attrs, net.in_shape(node) if node.inputs else None
+    if node.op is Op.CONV:
+        pad = "same" if a.same else a.padding
+        return "Conv2d", (shape[0], a.filters, a.kernel, a.stride, pad, a.dilation, a.groups, a.bias), {}
+    if node.op is Op.BATCHNORM:
+        return ("BatchNorm2d" if len(shape) == 3 else "BatchNorm1d", (shape[0],),
+                {"eps": a.eps, "momentum": a.momentum, "affine": a.affine})
+    if node.op is Op.DENSE:
+        return "Linear", (shape[0], a.units, a.bias), {}
+    return None
+
+
 def lower(net: ir.Network, plan: Plan) -> tuple[Step, ...]:
     """The launch steps of a plan, in execution order."""
     return tuple(Step(g, n.op.value, n.name, n.inputs, n.id, tuple(sorted(_static(net, n).items())))

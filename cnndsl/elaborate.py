@@ -74,19 +74,14 @@ class _Builder:
         if block.name in self.blocks:
             first = self.blocks[block.name].span.line
             raise CnnNameError(f"block {block.name!r} is already defined at line {first}", block.name_span)
-        nested = [s for s in block.body if isinstance(s, ast.Residual)]
-        while nested:  # a block defined anywhere inside this one, even if never called
-            r = nested.pop()
-            for s in (*r.body, *(r.shortcut or ())):
-                if isinstance(s, ast.Block):
-                    raise CnnNameError(f"block {s.name!r} is defined inside another block or branch",
-                                       s.name_span, hint="define blocks at the top level of the file")
-                if isinstance(s, ast.Residual):
-                    nested.append(s)
-        for s in block.body:
+        todo = list(block.body)
+        while todo:  # a block defined anywhere inside this one, even if it is never called
+            s = todo.pop()
             if isinstance(s, ast.Block):
                 raise CnnNameError(f"block {s.name!r} is defined inside another block or branch",
                                    s.name_span, hint="define blocks at the top level of the file")
+            if isinstance(s, ast.Residual):
+                todo += [*s.body, *(s.shortcut or ())]
         seen = set()
         for p in block.params:
             if p.name in RESERVED:

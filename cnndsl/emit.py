@@ -11,7 +11,7 @@ import re
 from importlib import resources
 
 from . import ir
-from .codegen import Step, lower
+from .codegen import Step, layer_spec, lower
 from .ir import Op
 from .plan import plan as make_plan
 
@@ -73,17 +73,11 @@ def _kernel_sources(modules) -> str:
 
 
 def _layer_ctor(net: ir.Network, node: ir.Node) -> str | None:
-    a, shape = node.attrs, net.in_shape(node) if node.inputs else None
-    if node.op is Op.CONV:
-        pad = "'same'" if a.same else repr(a.padding)
-        return (f"nn.Conv2d({shape[0]}, {a.filters}, {a.kernel!r}, {a.stride!r}, {pad}, {a.dilation!r}, "
-                f"{a.groups}, {a.bias})")
-    if node.op is Op.BATCHNORM:
-        bn = "BatchNorm2d" if len(shape) == 3 else "BatchNorm1d"
-        return f"nn.{bn}({shape[0]}, eps={a.eps!r}, momentum={a.momentum!r}, affine={a.affine})"
-    if node.op is Op.DENSE:
-        return f"nn.Linear({shape[0]}, {a.units}, {a.bias})"
-    return None
+    spec = layer_spec(net, node)
+    if spec is None:
+        return None
+    cls, args, kwargs = spec
+    return f"nn.{cls}(" + ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]) + ")"
 
 
 def _call(step: Step, args: list[str]) -> str:

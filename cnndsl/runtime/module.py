@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .. import ir
+from ..codegen import layer_spec
 from ..errors import CnnInputError
 from ..ir import Op
 from ..plan import plan as make_plan
@@ -14,16 +15,11 @@ from ..plan import plan as make_plan
 
 def make_layer(net: ir.Network, node: ir.Node) -> nn.Module | None:
     """The torch.nn layer that holds a node's parameters (None for parameter-free ops)."""
-    a, shape = node.attrs, net.in_shape(node) if node.inputs else None
-    if node.op is Op.CONV:
-        pad = "same" if a.same else a.padding
-        return nn.Conv2d(shape[0], a.filters, a.kernel, a.stride, pad, a.dilation, a.groups, a.bias)
-    if node.op is Op.BATCHNORM:
-        bn = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
-        return bn(shape[0], eps=a.eps, momentum=a.momentum, affine=a.affine)
-    if node.op is Op.DENSE:
-        return nn.Linear(shape[0], a.units, a.bias)
-    return None
+    spec = layer_spec(net, node)
+    if spec is None:
+        return None
+    cls, args, kwargs = spec
+    return getattr(nn, cls)(*args, **kwargs)
 
 
 class _Scope(nn.Module):
