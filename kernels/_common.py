@@ -51,6 +51,16 @@ def gemm_config(block_m: int, block_n: int, block_k: int, stages: int, warps: in
                          num_stages=stages, num_warps=warps)
 
 
+# The most shared memory one block may use on sm_90 (H100/H200), in bytes.
+SMEM_LIMIT = 232_448
+
+
+def fits_shared_memory(config: triton.Config, element_size: int) -> bool:
+    """Whether a GEMM config's pipelined A and B tiles fit one block's shared memory."""
+    k = config.kwargs
+    return (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * element_size * config.num_stages <= SMEM_LIMIT
+
+
 def check(cond: bool, message: str) -> None:
     """Raise ValueError(message) unless cond: launchers validate before they launch."""
     if not cond:

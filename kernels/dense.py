@@ -13,6 +13,7 @@ from ._common import (
     check_tensor,
     dot_dtype,
     dot_precision,
+    fits_shared_memory,
     gemm_config,
 )
 from .activation import ACTIVATIONS, NONE, apply_act
@@ -25,7 +26,10 @@ _CONFIGS = [gemm_config(*c, GROUP_M=8) for c in ((128, 256, 64, 3, 8), (256, 128
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles far taller or wider than the product (small batches, few classes)."""
+    """Drop tiles that overflow shared memory (fp32 operands at the largest tiles), then
+    tiles far taller or wider than the product (small batches, few classes)."""
+    size = named_args["a_ptr"].element_size()
+    configs = [c for c in configs if fits_shared_memory(c, size)]
     rows = max(16, triton.next_power_of_2(named_args["M"]))
     cols = max(16, triton.next_power_of_2(named_args["N"]))
     return [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_N"] <= cols] or configs
