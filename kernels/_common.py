@@ -1,5 +1,5 @@
 """What every kernel module shares: interpreter detection, dtype and precision
-switches for `tl.dot`, autotune configs that shrink to one under the interpreter,
+switches for `tl.dot`, autotuning (tiles sized from the problem under the interpreter),
 and the launcher checks whose messages carry the numbers."""
 
 import os
@@ -7,6 +7,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Heuristics
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -29,10 +30,22 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def autotune(configs, key, interpret_config=None, **kwargs):
-    """`triton.autotune` on a GPU; under the interpreter (which cannot benchmark) the
-    single `interpret_config`, default the first config, so tests run small tiles."""
-    decorate = triton.autotune(configs=[interpret_config or configs[0]] if INTERPRET else configs, key=key, **kwargs)
+def autotune(configs, key, interpret, **kwargs):
+    """`triton.autotune` over `configs` on a GPU. The interpreter cannot benchmark, and it
+    pays per operation rather than per element, so there each tile is sized from the
+    problem instead: `interpret` maps a constexpr to (dimension, lo, hi), the dimension an
+    argument name or a function of the named arguments, and the tile is the largest power
+    of two <= the dimension, clamped to [lo, hi]. Rounding down leaves a second, masked
+    tile wherever a dimension is not a power of two, so small tests still cover the
+    edges; other constexprs of the first config (e.g. GROUP_M) are kept. Either way the
+    kernel object's `best_config` is the config of its last launch."""
+    if not INTERPRET:
+        decorate = triton.autotune(configs=configs, key=key, **kwargs)
+    else:
+        sizes = {name: (lambda args, d=dim, lo=lo, hi=hi: _tile(d(args) if callable(d) else args[d], lo, hi))
+                 for name, (dim, lo, hi) in interpret.items()}
+        fixed = {k: (lambda args, v=v: v) for k, v in configs[0].kwargs.items() if k not in interpret}
+        decorate = lambda fn: _Sized(fn, fn.arg_names, {**fixed, **sizes})
 
     def apply(fn):
         tuner = decorate(fn)
@@ -41,8 +54,26 @@ def autotune(configs, key, interpret_config=None, **kwargs):
     return apply
 
 
+class _Sized(Heuristics):
+    """triton.heuristics that also remembers its last launch's tiles, as Autotuner does."""
+
+    def run(self, *args, **kwargs):
+        named = {**dict(zip(self.arg_names, args)), **kwargs}
+        self.best_config = triton.Config({k: size(named) for k, size in self.values.items()})
+        return self.fn.run(*args, **kwargs, **self.best_config.kwargs)
+
+
+def _tile(dim: int, lo: int, hi: int) -> int:
+    return min(hi, max(lo, 1 << max(int(dim), 1).bit_length() - 1))
+
+
 # Elementwise kernels: one BLOCK of contiguous elements per program.
 ELEMENTWISE_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))]
+
+
+def elementwise_tiles(dim="n"):
+    """`interpret` sizes of an elementwise kernel whose element count is argument `dim`."""
+    return {"BLOCK": (dim, 16, 1 << 16)}
 
 
 def gemm_config(block_m: int, block_n: int, block_k: int, stages: int, warps: int, **meta) -> triton.Config:

@@ -6,7 +6,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ELEMENTWISE_CONFIGS, autotune, check, check_tensor
+from ._common import (
+    ELEMENTWISE_CONFIGS,
+    autotune,
+    check,
+    check_tensor,
+    elementwise_tiles,
+)
 
 # Codes for the ACT constexpr; NONE lets an epilogue skip the stage entirely.
 NONE, RELU, LEAKY_RELU, SIGMOID, TANH, GELU, SILU = range(7)
@@ -65,7 +71,7 @@ def apply_act_grad(x, dy, ACT: tl.constexpr, slope):
 
 
 
-@autotune(ELEMENTWISE_CONFIGS, key=["n", "ACT"])
+@autotune(ELEMENTWISE_CONFIGS, key=["n", "ACT"], interpret=elementwise_tiles())
 @triton.jit
 def _activation_fwd_kernel(x_ptr, y_ptr, n, slope, ACT: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -74,7 +80,7 @@ def _activation_fwd_kernel(x_ptr, y_ptr, n, slope, ACT: tl.constexpr, BLOCK: tl.
     tl.store(y_ptr + offs, apply_act(x, ACT, slope).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@autotune(ELEMENTWISE_CONFIGS, key=["n", "ACT"])
+@autotune(ELEMENTWISE_CONFIGS, key=["n", "ACT"], interpret=elementwise_tiles())
 @triton.jit
 def _activation_bwd_kernel(x_ptr, dy_ptr, dx_ptr, n, slope, ACT: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

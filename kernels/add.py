@@ -5,10 +5,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ELEMENTWISE_CONFIGS, autotune, check, check_tensor
+from ._common import (
+    ELEMENTWISE_CONFIGS,
+    autotune,
+    check,
+    check_tensor,
+    elementwise_tiles,
+)
 
 
-@autotune(ELEMENTWISE_CONFIGS, key=["n"])
+@autotune(ELEMENTWISE_CONFIGS, key=["n"], interpret=elementwise_tiles())
 @triton.jit
 def _add_kernel(a_ptr, b_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

@@ -13,19 +13,26 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ELEMENTWISE_CONFIGS, INTERPRET, autotune, check, check_tensor
+from ._common import (
+    ELEMENTWISE_CONFIGS,
+    INTERPRET,
+    autotune,
+    check,
+    check_tensor,
+    elementwise_tiles,
+)
 
 _TILE_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=w, num_stages=s)
                  for m, c, w, s in ((64, 64, 4, 3), (128, 32, 4, 3), (32, 128, 4, 3), (256, 16, 4, 3),
                                     (128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 2))]
-_TILE_INTERPRET = triton.Config({"BLOCK_M": 32, "BLOCK_C": 32}, num_warps=4)
-# Rows per tile: a power of two >= every BLOCK_M (small under the interpreter so that tests
-# merge several tiles and several sub-blocks per tile), with at most _MAX_TILES tiles.
-_MIN_ROWS, _MAX_TILES = (64, 512) if INTERPRET else (256, 1024)
+_TILE_INTERPRET = {"BLOCK_M": (lambda a: a["rows"] // 2, 16, 512), "BLOCK_C": ("C", 16, 128)}
+# Rows per tile: a power of two >= every BLOCK_M, with at most _MAX_TILES tiles (few under the
+# interpreter, which pays per program; tests still merge several tiles of two sub-blocks each).
+_MIN_ROWS, _MAX_TILES = (64, 8) if INTERPRET else (256, 1024)
 _MERGE = {"BLOCK_T": 8, "BLOCK_C": 32} if INTERPRET else {"BLOCK_T": 128, "BLOCK_C": 16}
 
 
-@autotune(_TILE_CONFIGS, key=["M", "C"], interpret_config=_TILE_INTERPRET)
+@autotune(_TILE_CONFIGS, key=["M", "C"], interpret=_TILE_INTERPRET)
 @triton.jit
 def _bn_stats_partial_kernel(x_ptr, part_ptr, M, C, rows, n_tiles,  # x (M, C) -> part (2, n_tiles, C)
                              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -119,7 +126,7 @@ def _channels(n, C, BLOCK: tl.constexpr):
     return offs, offs < n, c
 
 
-@autotune(ELEMENTWISE_CONFIGS, key=["n", "C", "HAS_WEIGHT", "HAS_BIAS"])
+@autotune(ELEMENTWISE_CONFIGS, key=["n", "C", "HAS_WEIGHT", "HAS_BIAS"], interpret=elementwise_tiles())
 @triton.jit
 def _bn_fwd_kernel(x_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, y_ptr, n, C, eps,
                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
@@ -135,7 +142,7 @@ def _bn_fwd_kernel(x_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, y_ptr, n, C, eps,
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@autotune(_TILE_CONFIGS, key=["M", "C"], interpret_config=_TILE_INTERPRET)
+@autotune(_TILE_CONFIGS, key=["M", "C"], interpret=_TILE_INTERPRET)
 @triton.jit
 def _bn_bwd_partial_kernel(dy_ptr, x_ptr, mean_ptr, part_ptr, M, C, rows, n_tiles,  # -> part (2, n_tiles, C)
                            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -182,7 +189,7 @@ def _bn_bwd_merge_kernel(part_ptr, var_ptr, sums_ptr, dw_ptr, db_ptr, C, n_tiles
         tl.store(db_ptr + cols, dbias.to(db_ptr.dtype.element_ty), mask=cmask)
 
 
-@autotune(ELEMENTWISE_CONFIGS, key=["n", "C", "TRAIN", "HAS_WEIGHT"])
+@autotune(ELEMENTWISE_CONFIGS, key=["n", "C", "TRAIN", "HAS_WEIGHT"], interpret=elementwise_tiles())
 @triton.jit
 def _bn_bwd_kernel(dy_ptr, x_ptr, mean_ptr, var_ptr, w_ptr, sums_ptr, dx_ptr, n, C, inv_m, eps,
                    TRAIN: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):

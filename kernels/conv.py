@@ -24,10 +24,14 @@ _CONV_CONFIGS = [gemm_config(*c) for c in ((128, 128, 32, 3, 8), (128, 128, 64, 
                                     (256, 128, 32, 3, 8), (128, 32, 32, 4, 4), (64, 32, 64, 4, 4))]
 
 
+def _cols(args):
+    """The output columns of one group's GEMM (every channel for a depthwise layer)."""
+    return args["COUT"] if args["DEPTHWISE"] else args["COUT_G"]
+
+
 def _prune(configs, named_args, **kwargs):
     """Drop N tiles far wider than the group's output channels (e.g. depthwise layers)."""
-    cols = named_args["COUT"] if kwargs.get("DEPTHWISE") else named_args["COUT_G"]
-    width = max(32, triton.next_power_of_2(cols))
+    width = max(32, triton.next_power_of_2(_cols({**named_args, **kwargs})))
     return [c for c in configs if c.kwargs["BLOCK_N"] <= width] or configs
 
 
@@ -43,7 +47,9 @@ def _src(o, r, stride, pad, dil, TRANSPOSED: tl.constexpr):
 
 
 @autotune(_CONV_CONFIGS, key=["M", "CIN_G", "COUT_G", "RC", "SC", "TRANSPOSED", "DEPTHWISE", "ACT"],
-          interpret_config=gemm_config(32, 16, 16, 1, 4), prune_configs_by={"early_config_prune": _prune})
+          interpret={"BLOCK_M": ("M", 16, 512), "BLOCK_N": (_cols, 16, 128),
+                     "BLOCK_K": (lambda a: a["RC"] * a["SC"] * a["CIN_G"] if a["FLAT"] else a["CIN_G"], 16, 64)},
+          prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                  M, H, W, CIN, OH, OW, COUT, CIN_G, COUT_G,  # src (N, H, W, CIN) -> dst (N, OH, OW, COUT)

@@ -7,7 +7,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, autotune, dot_dtype, dot_precision, gemm_config
+from ._common import (
+    INTERPRET,
+    autotune,
+    dot_dtype,
+    dot_precision,
+    elementwise_tiles,
+    gemm_config,
+)
 
 _GEMM_CONFIGS = [gemm_config(*c) for c in ((64, 64, 64, 3, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4),
                                     (128, 128, 32, 3, 8), (128, 128, 64, 3, 8), (32, 64, 64, 4, 4),
@@ -17,7 +24,13 @@ _DEPTHWISE_CONFIGS = [gemm_config(*c) for c in ((128, 32, 16, 3, 4), (64, 64, 16
                                          (32, 128, 16, 3, 4), (64, 128, 16, 3, 8), (256, 64, 16, 3, 8))]
 
 
-@autotune(_GEMM_CONFIGS, key=["P", "COUT_G", "NCOL", "HAS_BIAS"], interpret_config=gemm_config(16, 32, 32, 1, 4))
+def _row_block(args):
+    """Row blocks must tile a split's CHUNK rows exactly: its largest power-of-two divisor."""
+    return args["CHUNK"] & -args["CHUNK"]
+
+
+@autotune(_GEMM_CONFIGS, key=["P", "COUT_G", "NCOL", "HAS_BIAS"],
+          interpret={"BLOCK_M": ("COUT_G", 16, 128), "BLOCK_N": ("NCOL", 16, 128), "BLOCK_K": (_row_block, 16, 512)})
 @triton.jit
 def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,
                     P, H, W, C, OH, OW, K, CIN_G, COUT_G, S, NCOL, CHUNK,
@@ -63,7 +76,8 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,
         tl.store(dbp_ptr + rows, db, mask=k_mask)
 
 
-@autotune(_DEPTHWISE_CONFIGS, key=["P", "C", "RS", "HAS_BIAS"], interpret_config=gemm_config(32, 16, 16, 1, 4))
+@autotune(_DEPTHWISE_CONFIGS, key=["P", "C", "RS", "HAS_BIAS"],
+          interpret={"BLOCK_M": (_row_block, 16, 512), "BLOCK_N": ("C", 16, 64)})
 @triton.jit
 def _depthwise_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr, P, H, W, C, OH, OW, S, RS, CHUNK,
                          stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -98,7 +112,7 @@ def _depthwise_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr, P, H, W, C, OH, OW, S
 
 
 @autotune([triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((256, 4), (1024, 4), (2048, 8))],
-          key=["total", "SPLIT"])
+          key=["total", "SPLIT"], interpret=elementwise_tiles("total"))
 @triton.jit
 def _sum_splits_kernel(part_ptr, out_ptr, total, SPLIT, CIN_G, RS, BLOCK: tl.constexpr):
     # out (K, CIN_G, R, S) = sum over splits of part[split] (K, R*S, CIN_G), always in split order
@@ -116,9 +130,11 @@ def _sum_splits_kernel(part_ptr, out_ptr, total, SPLIT, CIN_G, RS, BLOCK: tl.con
 def _splits(rows, tiles, device):
     """Split the N*OH*OW rows so that about four waves of `tiles`-wide programs run."""
     grain = 32 if INTERPRET else 256  # a multiple of every row block
-    sms = 132 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+    sms = 2 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
     split = max(1, min(triton.cdiv(4 * sms, tiles), triton.cdiv(rows, 4 * grain)))
     chunk = triton.cdiv(triton.cdiv(rows, split), grain) * grain
+    if INTERPRET:  # a power of two, so that one large row block tiles it (see _row_block)
+        chunk = triton.next_power_of_2(chunk)
     return triton.cdiv(rows, chunk), chunk
 
 

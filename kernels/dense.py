@@ -36,7 +36,8 @@ def _prune(configs, named_args, **kwargs):
 
 
 @autotune(_CONFIGS, key=["M", "N", "K", "stride_am", "stride_bn", "HAS_BIAS", "ACT"],
-          interpret_config=gemm_config(32, 32, 32, 1, 4, GROUP_M=8), prune_configs_by={"early_config_prune": _prune})
+          interpret={"BLOCK_M": ("M", 16, 512), "BLOCK_N": ("N", 16, 128), "BLOCK_K": ("K", 16, 128)},
+          prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, slope,
@@ -77,7 +78,7 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K,
 
 @autotune([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
            for bm, bn, w in ((32, 64, 4), (16, 128, 4), (64, 32, 4), (32, 128, 8), (8, 256, 4))],
-          key=["M", "N"], interpret_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}))
+          key=["M", "N"], interpret={"BLOCK_M": ("M", 16, 512), "BLOCK_N": ("N", 16, 128)})
 @triton.jit
 def _colsum_kernel(x_ptr, out_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # out (N,) = sum over the M rows of x (M, N), rows in a fixed order

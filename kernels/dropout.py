@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune, check, check_tensor
+from ._common import autotune, check, check_tensor, elementwise_tiles
 
 _CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))]
 
@@ -28,7 +28,7 @@ def dropout_keep(seed, offs, p):
     return _pick(u0, u1, u2, u3, offs & 3) >= p
 
 
-@autotune(_CONFIGS, key=["n", "DROP"])
+@autotune(_CONFIGS, key=["n", "DROP"], interpret=elementwise_tiles())
 @triton.jit
 def _dropout_kernel(x_ptr, y_ptr, n, p, scale, seed, DROP: tl.constexpr, BLOCK: tl.constexpr):
     # y = x * (keep ? scale : 0), viewed as (BLOCK/4, 4): a row is one Philox counter.

@@ -8,7 +8,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ELEMENTWISE_CONFIGS, autotune, check, check_tensor
+from ._common import (
+    ELEMENTWISE_CONFIGS,
+    autotune,
+    check,
+    check_tensor,
+    elementwise_tiles,
+)
 
 
 def _cfg(bp, bc, warps):
@@ -17,7 +23,6 @@ def _cfg(bp, bc, warps):
 
 _CONFIGS = [_cfg(*c) for c in ((256, 4, 4), (128, 16, 4), (64, 32, 4), (128, 32, 4), (32, 64, 4),
                                (64, 64, 4), (128, 64, 8), (16, 128, 4), (32, 128, 4), (64, 128, 8))]
-_INTERPRET_CFG = _cfg(64, 16, 4)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -27,7 +32,8 @@ def _prune(configs, named_args, **kwargs):
     return [cf for cf in configs if lo <= cf.kwargs["BLOCK_C"] <= hi] or configs
 
 
-_TUNE = {"interpret_config": _INTERPRET_CFG, "prune_configs_by": {"early_config_prune": _prune}}
+_TUNE = {"interpret": {"BLOCK_P": ("P", 16, 1024), "BLOCK_C": ("C", 4, 64)},
+         "prune_configs_by": {"early_config_prune": _prune}}
 
 
 @autotune(_CONFIGS, key=["P", "C", "KH", "KW", "IS_MAX"], **_TUNE)
@@ -105,7 +111,7 @@ def _pool_bwd_kernel(dy_ptr, arg_ptr, dx_ptr, P, H, W, C, OH, OW,  # dy, arg (N,
              mask=p_mask[:, None] & c_mask[None, :])
 
 
-@autotune(_CONFIGS, key=["HW", "C"], **_TUNE)
+@autotune(_CONFIGS, key=["HW", "C"], **{**_TUNE, "interpret": {"BLOCK_P": ("HW", 16, 1024), "BLOCK_C": ("C", 4, 64)}})
 @triton.jit
 def _global_avg_fwd_kernel(x_ptr, y_ptr, HW, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # y[n, c] = sum_p x[n, p, c] / HW for x (N, HW, C)
@@ -122,8 +128,7 @@ def _global_avg_fwd_kernel(x_ptr, y_ptr, HW, C, BLOCK_P: tl.constexpr, BLOCK_C: 
     tl.store(y_ptr + n * C + offs_c, (tl.sum(acc, axis=0) / HW).to(y_ptr.dtype.element_ty), mask=c_mask)
 
 
-@autotune(ELEMENTWISE_CONFIGS,
-          key=["total", "C"])
+@autotune(ELEMENTWISE_CONFIGS, key=["total", "C"], interpret=elementwise_tiles("total"))
 @triton.jit
 def _global_avg_bwd_kernel(dy_ptr, dx_ptr, total, HW, C, BLOCK: tl.constexpr):
     # dx[n, p, c] = dy[n, c] / HW for dx (N, HW, C) with `total` elements
