@@ -1,5 +1,6 @@
-"""The `cnndsl` command line: `check` (summary or --json) and `emit` (a standalone
-module). Every CnnError is printed as its rendered message with exit code 1, never a
+"""The `cnndsl` command line: `check` (summary or --json), `plan` (the fused groups,
+their kernels and modelled bytes), `emit` (a standalone module) and `bench` (GPU
+timings). Every CnnError is printed as its rendered message with exit code 1, never a
 traceback."""
 
 import argparse
@@ -15,6 +16,26 @@ def _check(args) -> int:
     net = api.parse(Path(args.file))
     print(json.dumps(net.to_json(), indent=2) if args.json else net.summary())
     return 0
+
+
+ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def _plan(args) -> int:
+    from .plan import plan
+    from .summary import plan_json, plan_table
+    net = api.parse(Path(args.file))
+    if args.batch < 1:
+        raise CnnInputError(f"--batch must be at least 1, got {args.batch}")
+    report = plan_json if args.json else plan_table
+    out = report(net, plan(net, True), plan(net, False), args.batch, ITEMSIZE[args.dtype], args.train)
+    print(json.dumps(out, indent=2) if args.json else out)
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import main
+    return main(args)
 
 
 def _emit(args) -> int:
@@ -40,6 +61,29 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", help="the .cnn file")
     check.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     check.set_defaults(run=_check)
+    pl = sub.add_parser("plan", help="show the fused groups, their kernels and bytes moved against the unfused plan",
+                        description="Show how the network is grouped into fused kernels: the ops of each group, the "
+                                    "kernels it launches and a model of the bytes it reads and writes, next to "
+                                    "the unfused plan; and why a layer did not fuse where a rule could take it.")
+    pl.add_argument("file", help="the .cnn file")
+    pl.add_argument("--train", action="store_true", help="the training step's kernels (forward and backward) "
+                                                         "instead of inference's")
+    pl.add_argument("--batch", type=int, default=1, help="batch size for the byte counts (default: 1)")
+    pl.add_argument("--dtype", choices=sorted(ITEMSIZE), default="fp32", help="element type (default: fp32)")
+    pl.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    pl.set_defaults(run=_plan)
+    bench = sub.add_parser("bench", help="time fused, unfused, eager PyTorch and torch.compile on a GPU",
+                           description="Time the network on one CUDA GPU, side by side in one run: the triton "
+                                       "backend fused and unfused, the reference backend (eager PyTorch, cuDNN) "
+                                       "and torch.compile of it; inference and one training step. Medians with "
+                                       "p20/p80 from triton.testing.do_bench. Needs a GPU.")
+    bench.add_argument("file", help="the .cnn file")
+    bench.add_argument("--batch", type=int, default=64, help="batch size (default: 64)")
+    bench.add_argument("--dtype", choices=sorted(ITEMSIZE), default="bf16", help="element type (default: bf16)")
+    bench.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls in every provider")
+    bench.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
+    bench.add_argument("--csv", metavar="PATH", help="also append the rows to this CSV file")
+    bench.set_defaults(run=_bench)
     em = sub.add_parser("emit", help="write the network's Triton kernels and launch sequence as one Python module",
                         description="Write one standalone Python module (needs only torch and triton) with the "
                                     "Triton kernels and the forward/backward launch sequence of the network.")

@@ -1,8 +1,10 @@
-"""Codegen: a Plan -> launch steps as plain data. Each step names the group it runs,
-the op, the node whose parameters it uses, the values it reads and writes (node ids),
-and its static specialisation (strides, paddings, output sizes, activation...), which
-the runtime turns into kernel launches and `cnndsl emit` writes out as a literal."""
+"""Codegen: a Plan -> launch steps as plain data, one per group. Each step names the
+group it runs, its rule (or op), the values it reads and writes (node ids), and its
+static specialisation (strides, paddings, output sizes, which epilogue stages run, the
+nodes holding its parameters), which the runtime turns into kernel launches and
+`cnndsl emit` writes out as a literal."""
 
+import itertools
 from dataclasses import dataclass
 
 from . import ir
@@ -60,7 +62,50 @@ def layer_spec(net: ir.Network, node: ir.Node) -> tuple[str, tuple, dict] | None
     return None
 
 
+def _act(node: ir.Node | None):
+    return None if node is None else (node.attrs.kind, node.attrs.slope)
+
+
+def _conv_block(net: ir.Network, nodes: tuple[ir.Node, ...]) -> tuple[tuple[int, ...], dict]:
+    """External inputs (x, then the shortcut if the block adds one) and the block's specialisation."""
+    conv, chain = nodes[0], {}
+    seen_add, residual = False, ()
+    for prev, n in itertools.pairwise(nodes):
+        if n.op is Op.ADD:
+            seen_add, residual = True, tuple(i for i in n.inputs if i != prev.id)[:1]
+        elif n.op is Op.ACTIVATION:
+            chain["act2" if seen_add or "act1" in chain else "act1"] = n
+        else:
+            chain[n.op] = n
+    bn, pool = chain.get(Op.BATCHNORM), chain.get(Op.POOL)
+    spec = {**_static(net, conv), "conv": conv.id, "bn_node": bn and bn.id,
+            "bn": bn and (bn.attrs.eps, bn.attrs.momentum), "act1": _act(chain.get("act1")),
+            "act2": _act(chain.get("act2")), "epilogue": len(nodes) > 1,
+            "pool": pool and (pool.attrs.mode, pool.attrs.kernel, pool.attrs.stride, pool.attrs.padding,
+                              pool.shape[1:])}
+    return conv.inputs + residual, spec
+
+
+def _dense_block(net: ir.Network, nodes: tuple[ir.Node, ...]) -> tuple[tuple[int, ...], dict]:
+    by_op = {n.op: n for n in nodes}
+    flatten, dense, drop = by_op.get(Op.FLATTEN), by_op[Op.DENSE], by_op.get(Op.DROPOUT)
+    spec = {"dense": dense.id, "flatten": flatten and _static(net, flatten)["permute"],
+            "act": _act(by_op.get(Op.ACTIVATION)), "p": drop.attrs.p if drop else 0.0,
+            "softmax": Op.SOFTMAX in by_op}
+    return nodes[0].inputs, spec
+
+
+BLOCKS = {"conv_block": _conv_block, "dense_block": _dense_block}
+
+
 def lower(net: ir.Network, plan: Plan) -> tuple[Step, ...]:
-    """The launch steps of a plan, in execution order."""
-    return tuple(Step(g, n.op.value, n.name, n.inputs, n.id, tuple(sorted(_static(net, n).items())))
-                 for g, group in enumerate(plan.groups) for n in group.nodes)
+    """The launch steps of a plan, one per group, in execution order."""
+    steps = []
+    for g, group in enumerate(plan.groups):
+        if group.rule in BLOCKS:
+            inputs, spec = BLOCKS[group.rule](net, group.nodes)
+            steps.append(Step(g, group.rule, group.output.name, inputs, group.output.id, tuple(sorted(spec.items()))))
+        else:
+            n = group.nodes[0]
+            steps.append(Step(g, n.op.value, n.name, n.inputs, n.id, tuple(sorted(_static(net, n).items()))))
+    return tuple(steps)

@@ -15,22 +15,22 @@ from .codegen import Step, layer_spec, lower
 from .ir import Op
 from .plan import plan as make_plan
 
-# op -> (kernel modules, autograd Functions) its steps need; add.py and ForkFn always come along.
+# step kind (a plan rule or an op) -> (kernel modules, autograd Functions) its steps need;
+# the kernel modules each of those imports come along.
 NEEDS = {
-    Op.CONV: (("conv_backward", "conv"), ("ConvFn",)),
-    Op.BATCHNORM: (("batchnorm",), ("BatchNormFn",)),
-    Op.ACTIVATION: ((), ("ActivationFn",)),
-    Op.POOL: (("pool",), ("PoolFn",)),
-    Op.GLOBAL_AVGPOOL: (("pool",), ("GlobalAvgPoolFn",)),
-    Op.FLATTEN: ((), ()),
-    Op.DENSE: (("dense",), ("DenseFn",)),
-    Op.DROPOUT: (("dropout",), ("DropoutFn",)),
-    Op.SOFTMAX: (("softmax",), ("SoftmaxFn",)),
-    Op.ADD: ((), ("AddFn",)),
+    "conv_block": (("conv", "epilogue", "fold"), ("ConvBlockFn",)),
+    "dense_block": (("dense",), ("DenseBlockFn",)),
+    Op.BATCHNORM.value: (("batchnorm",), ("BatchNormFn",)),
+    Op.ACTIVATION.value: ((), ("ActivationFn",)),
+    Op.POOL.value: (("pool",), ("PoolFn",)),
+    Op.GLOBAL_AVGPOOL.value: (("pool",), ("GlobalAvgPoolFn",)),
+    Op.FLATTEN.value: ((), ()),
+    Op.DROPOUT.value: (("dropout",), ("DropoutFn",)),
+    Op.SOFTMAX.value: (("softmax",), ("SoftmaxFn",)),
+    Op.ADD.value: ((), ("AddFn",)),
 }
-_ALWAYS_MODULES = ("_common", "activation", "add")
+_ALWAYS_MODULES = ("_common", "activation", "add", "softmax")
 _ALWAYS_FNS = ("ForkFn", "CrossEntropyFn")
-_ORDER = ("_common", "activation", "add", "conv_backward", "conv", "batchnorm", "pool", "dense", "dropout", "softmax")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*\Z")
 
 
@@ -60,14 +60,47 @@ def _private_names(source: str) -> set:
             and (t.id if isinstance(t, pyast.Name) else t.name).startswith("_")}
 
 
+def _prefixed(mod: str, name: str) -> str:
+    return f"_{mod.strip('_')}{name}"
+
+
+def _kernel_module(mod: str) -> str:
+    return resources.files("cnndsl.kernels").joinpath(f"{mod}.py").read_text()
+
+
+def _imports(source: str) -> list[tuple[str, list[str]]]:
+    """(module, names) of a kernel module's relative imports."""
+    return [(node.module, [a.name for a in node.names]) for node in pyast.parse(source).body
+            if isinstance(node, pyast.ImportFrom) and node.level > 0]
+
+
+def _with_dependencies(modules) -> list[str]:
+    """The modules and everything they import, each after its imports."""
+    order = []
+
+    def visit(mod):
+        if mod not in order:
+            for dep, _ in _imports(_kernel_module(mod)):
+                visit(dep)
+            order.append(mod)
+    for mod in sorted(modules):
+        visit(mod)
+    return order
+
+
 def _kernel_sources(modules) -> str:
     """Each module's text with its private top-level names prefixed by the module's name,
-    so that `_CONFIGS` of two modules cannot collide in one namespace."""
+    so that `_CONFIGS` of two modules cannot collide in one namespace (private names it
+    imports from another module get that module's prefix)."""
     out = []
-    for mod in (m for m in _ORDER if m in modules):
-        text = _strip(resources.files("cnndsl.kernels").joinpath(f"{mod}.py").read_text())
-        for name in sorted(_private_names(text), key=len, reverse=True):
-            text = re.sub(rf"(?<![\w.]){re.escape(name)}\b", f"_{mod.strip('_')}{name}", text)
+    for mod in _with_dependencies(modules):
+        source = _kernel_module(mod)
+        text = _strip(source)
+        renames = {name: _prefixed(mod, name) for name in _private_names(text)}
+        renames.update({name: _prefixed(dep, name) for dep, names in _imports(source)
+                        for name in names if name.startswith("_")})
+        for name in sorted(renames, key=len, reverse=True):
+            text = re.sub(rf"(?<![\w.]){re.escape(name)}\b", renames[name], text)
         out.append(f"# ---- kernels/{mod}.py " + "-" * 60 + "\n" + text)
     return "\n\n".join(out)
 
@@ -80,13 +113,31 @@ def _layer_ctor(net: ir.Network, node: ir.Node) -> str | None:
     return f"nn.{cls}(" + ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]) + ")"
 
 
-def _call(step: Step, args: list[str]) -> str:
+def _param(net: ir.Network, node_id: int | None) -> str:
+    return "None" if node_id is None else f"self.p[{net.nodes[node_id].name!r}]"
+
+
+def _call(net: ir.Network, step: Step, args: list[str], last: bool) -> str:
     k, p = step.kw, f"self.p[{step.node!r}]"
     x = args[0]
+    match step.op:
+        case "conv_block":
+            conv, bn = _param(net, k["conv"]), _param(net, k["bn_node"])
+            bn_args = ", ".join(f"{bn}.{a}" for a in ("weight", "bias", "running_mean", "running_var",
+                                                       "num_batches_tracked")) if k["bn_node"] is not None \
+                else "None, None, None, None, None"
+            return (f"ConvBlockFn.apply({x}, {args[1] if len(args) > 1 else None}, {conv}.weight, {conv}.bias, "
+                    f"{bn_args}, {k!r}, self.training, torch.is_grad_enabled(), "
+                    f"self.caches.setdefault({step.group}, {{}}))")
+        case "dense_block":
+            if k["flatten"] is not None:
+                x = _flatten(x)
+            seed = "int(torch.randint(2**31 - 1, ())) if self.training else None" if k["p"] > 0 else "None"
+            softmax = f"{k['softmax']!r} and not logits" if last else repr(k["softmax"])
+            dense = _param(net, k["dense"])
+            return (f"DenseBlockFn.apply({x}, {dense}.weight, {dense}.bias, {k!r}, {seed}, {softmax}, "
+                    f"torch.is_grad_enabled())")
     match Op(step.op):
-        case Op.CONV:
-            return (f"ConvFn.apply({x}, {p}.weight, {p}.bias, {k['stride']!r}, {k['padding']!r}, "
-                    f"{k['dilation']!r}, {k['groups']!r}, {k['out_hw']!r})")
         case Op.BATCHNORM:
             return (f"BatchNormFn.apply({x}, {p}.weight, {p}.bias, {p}.running_mean, {p}.running_var, "
                     f"{p}.num_batches_tracked, {k['eps']!r}, {k['momentum']!r}, self.training)")
@@ -98,10 +149,7 @@ def _call(step: Step, args: list[str]) -> str:
         case Op.GLOBAL_AVGPOOL:
             return f"GlobalAvgPoolFn.apply({x})"
         case Op.FLATTEN:
-            return f"{x}.permute(0, 3, 1, 2).reshape({x}.shape[0], -1)" if k["permute"] else \
-                f"{x}.reshape({x}.shape[0], -1)"
-        case Op.DENSE:
-            return f"DenseFn.apply({x}, {p}.weight, {p}.bias)"
+            return _flatten(x)
         case Op.DROPOUT:
             return (f"DropoutFn.apply({x}, {k['p']!r}, int(torch.randint(2**31 - 1, ()))) "
                     f"if self.training else {x}")
@@ -110,6 +158,12 @@ def _call(step: Step, args: list[str]) -> str:
         case Op.ADD:
             return f"AddFn.apply({x}, {args[1]})"
     raise AssertionError(step.op)
+
+
+def _flatten(x: str) -> str:
+    """(N, H, W, C) -> (N, C*H*W) in C, H, W order (a view when H = W = 1)."""
+    return (f"({x}.permute(0, 3, 1, 2).reshape({x}.shape[0], -1) if {x}.dim() == 4 and {x}.shape[1:3] != (1, 1) "
+            f"else {x}.reshape({x}.shape[0], -1))")
 
 
 def _class_name(net: ir.Network) -> str:
@@ -148,9 +202,10 @@ def _network_source(net: ir.Network, steps: tuple[Step, ...]) -> str:
                 uses[i] = uses.get(i, 0) + 1
             else:
                 args.append(f"v{i}")
-        if s is steps[-1] and net.ends_in_softmax:
+        if s is steps[-1] and s.op == Op.SOFTMAX.value:
             body.append(f"        if logits:\n            return {args[0]}")
-        body.append(f"        v{s.output} = {_call(s, args)}  # {s.node}: {'x'.join(map(str, net.nodes[s.output].shape))}")
+        call = _call(net, s, args, s is steps[-1])
+        body.append(f"        v{s.output} = {call}  # {s.node}: {'x'.join(map(str, net.nodes[s.output].shape))}")
         body += fork(s.output)
     last = steps[-1].output
     out = f"v{last}.permute(0, 3, 1, 2).contiguous()" if len(net.output_shape) == 3 else f"v{last}"
@@ -173,6 +228,7 @@ class {cls}(nn.Module):
         super().__init__()
 {chr(10).join(init) or "        pass"}
         self.p = dict(self.named_modules())
+        self.caches = {{}}  # group -> its folded eval weights
 
     def forward(self, x, logits=False):
 {chr(10).join(body)}
@@ -188,10 +244,11 @@ def emit(net: ir.Network, fuse: bool = True) -> str:
     """The standalone module's text for `net`."""
     steps = lower(net, make_plan(net, fuse))
     modules, fns = set(_ALWAYS_MODULES), set(_ALWAYS_FNS)
-    for node in net.nodes[1:]:
-        modules.update(NEEDS[node.op][0])
-        fns.update(NEEDS[node.op][1])
-    functions = resources.files("cnndsl.runtime").joinpath("functions.py").read_text()
+    for step in steps:
+        modules.update(NEEDS[step.op][0])
+        fns.update(NEEDS[step.op][1])
+    runtime = resources.files("cnndsl.runtime")
+    functions = runtime.joinpath("functions.py").read_text() + "\n" + runtime.joinpath("blocks.py").read_text()
     header = (f'"""{net.name}: generated by `cnndsl emit` from {net.filename or "<string>"!r}.\n\n'
               "Triton kernels, their autograd Functions, and the network's launch sequence.\n"
               'Needs only torch and triton; without a GPU set TRITON_INTERPRET=1 before importing."""\n\n'

@@ -95,6 +95,13 @@ class CnnInputError(CnnError, ValueError):
     kind = "input error"
 
 
+class CnnDataError(CnnError, ValueError):
+    """A data set that cannot be read or does not fit the network: a missing, unknown or
+    corrupt file, images of the wrong shape, labels out of range, NaN or inf values."""
+
+    kind = "data error"
+
+
 def did_you_mean(word: str, choices) -> str | None:
     """A hint naming the closest choice, if any is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

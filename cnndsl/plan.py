@@ -1,13 +1,64 @@
-"""Planning: group the IR's ops into the kernels that run them. With fuse=False every
-op is its own group (flatten is a free view). Each group lists its ops and the kernels
-it launches forward and backward."""
+"""Planning: group the IR's ops into the kernels that run them. Fusion rules are data
+(RULES): a rule is a chain of stages, each an op that may join the group when its
+`fits` check passes; a chain only grows through values that nothing else reads.
+fuse=False is the same planner with every group cut to one op. Groups run in the order
+of their last node, so the shortcut of a residual add is ready before the group that
+adds it in its epilogue."""
 
 from dataclasses import dataclass
 
 from . import ir
 from .ir import Op
+from .shapes import numel, params
 
-# op -> (forward kernels, backward kernels) that its unfused group launches
+# Non-overlapping pool windows of at most this many taps fuse into the conv epilogue.
+MAX_POOL_TAPS = 16
+# The widest softmax the dense epilogue holds in one tile of columns.
+MAX_SOFTMAX_UNITS = 1024
+
+
+def _pool_fits(net: ir.Network, node: ir.Node) -> str | None:
+    a = node.attrs
+    if a.stride[0] < a.kernel[0] or a.stride[1] < a.kernel[1]:
+        return (f"its windows overlap ({a.kernel[0]}x{a.kernel[1]} stride {a.stride[0]}x{a.stride[1]}): the "
+                f"conv epilogue would recompute conv outputs, so it runs as its own group")
+    if a.kernel[0] * a.kernel[1] > MAX_POOL_TAPS:
+        return f"its {a.kernel[0]}x{a.kernel[1]} window exceeds the {MAX_POOL_TAPS} taps a conv tile holds"
+    return None
+
+
+def _softmax_fits(net: ir.Network, node: ir.Node) -> str | None:
+    units = node.shape[0]
+    if units > MAX_SOFTMAX_UNITS:
+        return f"{units} classes exceed the {MAX_SOFTMAX_UNITS} columns the dense epilogue holds"
+    return None
+
+
+def _fits(net: ir.Network, node: ir.Node) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Stage:
+    op: Op
+    required: bool = False
+    fits: object = _fits  # (net, node) -> None, or why the node cannot join
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    stages: tuple[Stage, ...]
+
+
+RULES = (
+    Rule("conv_block", (Stage(Op.CONV, True), Stage(Op.BATCHNORM), Stage(Op.ACTIVATION), Stage(Op.ADD),
+                        Stage(Op.ACTIVATION), Stage(Op.POOL, fits=_pool_fits))),
+    Rule("dense_block", (Stage(Op.FLATTEN), Stage(Op.DENSE, True), Stage(Op.ACTIVATION), Stage(Op.DROPOUT),
+                         Stage(Op.SOFTMAX, fits=_softmax_fits))),
+)
+
+# op -> (forward kernels, backward kernels) of its group when it runs alone
 KERNELS = {
     Op.CONV: (("conv_fwd",), ("conv_bwd_input", "conv_bwd_weight")),
     Op.BATCHNORM: (("bn_stats", "bn_update_running", "bn_apply"), ("bn_bwd_reduce", "bn_bwd_apply")),
@@ -22,12 +73,35 @@ KERNELS = {
 }
 
 
+def _kernels(rule: str, ops: tuple[Op, ...]) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(inference, training forward, training backward) kernels of a group."""
+    if rule == "conv_block" and len(ops) > 1:
+        bn = Op.BATCHNORM in ops
+        train_fwd = ("conv_fwd+stats", "bn_merge_stats", "bn_update_running", "epilogue_fwd") if bn else \
+            ("conv_fwd", "epilogue_fwd")
+        train_bwd = ("epilogue_bwd+bn_reduce", "bn_bwd_merge", "bn_bwd_apply") if bn else ("epilogue_bwd",)
+        fold = ("bn_fold",) if bn else ()  # once per weight change, not per call
+        return fold + ("conv_fwd+epilogue",), train_fwd, train_bwd + ("conv_bwd_input", "conv_bwd_weight")
+    if rule == "dense_block" and Op.DENSE in ops and len(ops) > 1 + (Op.FLATTEN in ops):
+        epi = "+".join(o.value for o in ops if o in (Op.ACTIVATION, Op.DROPOUT, Op.SOFTMAX))
+        bwd = ("softmax_bwd",) if Op.SOFTMAX in ops else ()
+        if Op.ACTIVATION in ops or Op.DROPOUT in ops:
+            bwd += ("dense_epilogue_bwd",)
+        return (f"dense_fwd+{epi}",), (f"dense_fwd+{epi}",), bwd + ("dense_bwd_input", "dense_bwd_weight")
+    fwd, bwd = (), ()
+    for op in ops:
+        fwd, bwd = fwd + KERNELS[op][0], KERNELS[op][1] + bwd
+    return fwd, fwd, bwd
+
+
 @dataclass(frozen=True)
 class Group:
+    rule: str  # a RULES name, or the op's name for a group of one op no rule covers
     nodes: tuple[ir.Node, ...]
-    forward: tuple[str, ...]
+    inference: tuple[str, ...]  # kernels of a forward pass without gradients (eval)
+    forward: tuple[str, ...]  # kernels of a training forward pass
     backward: tuple[str, ...]
-    reason: str | None = None  # why the group is not fused further, where it could have been
+    reason: str | None = None  # why the next op did not join, where a rule could have taken it
 
     @property
     def name(self) -> str:
@@ -36,6 +110,10 @@ class Group:
     @property
     def ops(self) -> tuple[str, ...]:
         return tuple(n.op.value for n in self.nodes)
+
+    @property
+    def output(self) -> ir.Node:
+        return self.nodes[-1]
 
 
 @dataclass(frozen=True)
@@ -47,12 +125,109 @@ class Plan:
     def __str__(self) -> str:
         lines = [f"plan for {self.network}: {len(self.groups)} groups ({'fused' if self.fused else 'unfused'})"]
         for i, g in enumerate(self.groups):
-            kernels = ", ".join(g.forward) or "(view, no kernel)"
+            kernels = ", ".join(g.inference) or "(view, no kernel)"
             lines.append(f"  {i:>3}  {g.name:<28} {'+'.join(g.ops):<34} {kernels}")
+            if g.reason:
+                lines.append(f"       not fused further: {g.reason}")
         return "\n".join(lines)
 
 
+def _readers(net: ir.Network) -> dict[int, list[ir.Node]]:
+    readers = {n.id: [] for n in net.nodes}
+    for n in net.nodes:
+        for i in n.inputs:
+            readers[i].append(n)
+    return readers
+
+
+def _match(net: ir.Network, readers, start: ir.Node, rule: Rule, taken: set) -> tuple[list, str | None] | None:
+    """The longest chain from `start` that `rule` covers (None if its first required stage
+    does not match), and why the chain stopped where a later stage had the next op."""
+    chain, reason, stages = [], None, list(rule.stages)
+    node = start
+    while node is not None and stages:
+        i = next((k for k, s in enumerate(stages) if s.op is node.op), None)
+        if i is None or any(s.required for s in stages[:i]) or node.id in taken:
+            break
+        why = stages[i].fits(net, node)
+        if why is not None:
+            reason = f"{node.name} ({node.op.value}) does not fuse: {why}"
+            break
+        chain.append(node)
+        stages = stages[i + 1:]
+        nxt = readers[node.id]
+        if len(nxt) != 1:
+            if len(nxt) > 1 and any(r.op is s.op for r in nxt for s in stages):
+                reason = f"the output of {node.name} is also read by {', '.join(r.name for r in nxt[1:])}"
+            break
+        node = nxt[0]
+    if any(s.required for s in stages) or not chain:
+        return None
+    return chain, reason
+
+
+def _rule_of(node: ir.Node) -> str:
+    """The rule a group of this one op runs under: the one whose required stage it is."""
+    return next((r.name for r in RULES for s in r.stages if s.required and s.op is node.op), node.op.value)
+
+
 def plan(net: ir.Network, fuse: bool = True) -> Plan:
-    """One group per op (fusion rules are added by the fusion planner when fuse=True)."""
-    groups = tuple(Group((n,), *KERNELS[n.op]) for n in net.nodes[1:])
-    return Plan(net.name, groups, fused=False)
+    """Group the network's ops: greedily, in node order, the longest chain a rule covers."""
+    readers, taken, groups = _readers(net), set(), []
+    for node in net.nodes[1:]:
+        if node.id in taken:
+            continue
+        best = None
+        for rule in RULES:
+            found = _match(net, readers, node, rule, taken)
+            if found and (best is None or len(found[0]) > len(best[1])):
+                best = (rule.name, *found)
+        if best is None or not fuse:
+            rule, chain, reason = _rule_of(node), [node], None
+        else:
+            rule, chain, reason = best
+        taken.update(n.id for n in chain)
+        groups.append(Group(rule, tuple(chain), *_kernels(rule, tuple(n.op for n in chain)), reason))
+    groups.sort(key=lambda g: g.output.id)
+    return Plan(net.name, tuple(groups), fused=fuse)
+
+
+def traffic(net: ir.Network, group: Group, batch: int, itemsize: int) -> dict[str, tuple[int, int]]:
+    """A model of the bytes a group moves through memory: {mode: (fused, unfused)} for
+    "inference" and "training" (forward + backward). Each kernel reads its inputs and
+    parameters and writes its outputs once; a fused group reads its external inputs and
+    writes its output, plus what its training pass stores and reloads (the conv output z,
+    a one-byte pool argmax, the GEMM output before the activation)."""
+    act = lambda node: batch * numel(node.shape) * itemsize
+    inp = lambda node: sum(act(net.nodes[i]) for i in node.inputs)
+    par = lambda node: params(net, node) * itemsize
+    unfused_inf = unfused_train = 0
+    for n in group.nodes:
+        io = inp(n) + act(n) + par(n)
+        if n.op is Op.FLATTEN:
+            io = 0 if net.in_shape(n)[1:] in ((), (1, 1)) else inp(n) + act(n)
+        extra = inp(n) if n.op is Op.BATCHNORM else 0  # the statistics pass
+        argmax = batch * numel(n.shape) if n.op is Op.POOL and n.attrs.mode == "max" else 0
+        unfused_inf += io
+        # forward (+ statistics, argmax), backward: read dy and the saved input, write dx (and the params' grads)
+        unfused_train += io + extra + argmax + (2 * inp(n) + act(n) + 2 * par(n) if io else 0)
+    ids = {m.id for m in group.nodes}
+    ext = sum(act(net.nodes[i]) for n in group.nodes for i in n.inputs if i not in ids)
+    weights = sum(par(n) for n in group.nodes)
+    fused_inf = ext + act(group.output) + weights
+    fused_train = unfused_train
+    ops = {n.op for n in group.nodes}
+    if len(group.nodes) > 1 and group.rule in ("conv_block", "dense_block"):
+        gemm = next(n for n in group.nodes if n.op in (Op.CONV, Op.DENSE))
+        z, x, y, res = act(gemm), inp(gemm), act(group.output), ext - inp(gemm)
+        grads = z + 2 * (weights + x)  # input and weight gradients: read dz, w, x; write dx, dw
+        if group.rule == "conv_block":
+            argmax = y // itemsize if Op.POOL in ops and group.output.attrs.mode == "max" else 0
+            forward = ext + weights + z + (z + res + y + argmax)  # GEMM writes z; the epilogue pass
+            backward = (y + argmax + z + 2 * res + z) + (3 * z if Op.BATCHNORM in ops else 0) + grads
+        else:
+            pre = z if Op.ACTIVATION in ops else 0
+            forward = ext + weights + y + pre
+            backward = (3 * z if pre or Op.DROPOUT in ops else 0) + (3 * y if Op.SOFTMAX in ops else 0) + grads
+        fused_train = forward + backward
+    return {"inference": (fused_inf, unfused_inf), "training": (fused_train, unfused_train)}

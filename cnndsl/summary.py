@@ -50,3 +50,43 @@ def summary_table(net: ir.Network) -> str:
              f"Mult-adds per sample: {_human(t['macs'])}",
              f"Activation memory per sample (fp32 outputs): {_human(t['activation_bytes'], 'B')}"]
     return "\n".join(lines)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f}"
+
+
+def plan_json(net: ir.Network, fused, unfused, batch: int, itemsize: int, train: bool) -> dict:
+    """`cnndsl plan --json`: the fused groups, their kernels and modelled bytes, and the totals
+    of both plans."""
+    from .plan import traffic
+    mode = "training" if train else "inference"
+    groups = []
+    for g in fused.groups:
+        moved = traffic(net, g, batch, itemsize)[mode]
+        groups.append({"name": g.name, "rule": g.rule, "ops": list(g.ops),
+                       "kernels": list(g.forward + g.backward if train else g.inference),
+                       "bytes": moved[0], "unfused_bytes": moved[1], "not_fused_further": g.reason})
+    return {"network": net.name, "mode": mode, "batch": batch, "bytes_per_element": itemsize,
+            "groups": groups, "fused_groups": len(fused.groups), "unfused_groups": len(unfused.groups),
+            "fused_kernels": sum(len(g["kernels"]) for g in groups),
+            "unfused_kernels": sum(len(g.forward + g.backward if train else g.inference) for g in unfused.groups),
+            "bytes": sum(g["bytes"] for g in groups), "unfused_bytes": sum(g["unfused_bytes"] for g in groups)}
+
+
+def plan_table(net: ir.Network, fused, unfused, batch: int, itemsize: int, train: bool) -> str:
+    """`cnndsl plan`: one row per fused group with its ops, kernels and modelled MB moved."""
+    j = plan_json(net, fused, unfused, batch, itemsize, train)
+    lines = [(f"plan for {net.name} ({j['mode']}, batch {batch}, {itemsize}-byte elements): "
+              f"{j['fused_groups']} fused groups ({j['unfused_groups']} unfused), "
+              f"{j['fused_kernels']} kernels ({j['unfused_kernels']} unfused)"),
+             f"  {'#':>3}  {'group':<30} {'ops':<36} {'MB fused':>9} {'unfused':>9}  kernels"]
+    for i, g in enumerate(j["groups"]):
+        lines.append(f"  {i:>3}  {g['name'][:30]:<30} {'+'.join(g['ops'])[:36]:<36} {_mb(g['bytes']):>9} "
+                     f"{_mb(g['unfused_bytes']):>9}  {', '.join(g['kernels']) or '(view, no kernel)'}")
+        if g["not_fused_further"]:
+            lines.append(f"       not fused further: {g['not_fused_further']}")
+    lines.append(f"  total MB moved: {_mb(j['bytes'])} fused, {_mb(j['unfused_bytes'])} unfused "
+                 f"({j['unfused_bytes'] / max(j['bytes'], 1):.2f}x); a model: each kernel reads its inputs "
+                 "and writes its outputs once")
+    return "\n".join(lines)

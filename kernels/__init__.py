@@ -1,8 +1,11 @@
 """Triton kernels: each module holds private kernels and their launchers.
 
-Importing this package first decides where kernels run: with no CUDA device it sets
-TRITON_INTERPRET=1 (before Triton is imported) so the same kernels run on CPU
-tensors in Triton's interpreter, and says so once."""
+Importing this package decides where kernels run: with no CUDA device it sets
+TRITON_INTERPRET=1 so that the same kernels run on CPU tensors in Triton's interpreter,
+and says so once. Triton reads the variable when `triton.jit` wraps a function, its own
+library functions included, so a Triton imported earlier (torch.optim imports it) is
+dropped from sys.modules (all but its compiled extension) and imported afresh: without a
+GPU it had nothing to run on."""
 
 import os
 import sys
@@ -16,9 +19,8 @@ class InterpreterWarning(UserWarning):
 
 
 if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
-    if "triton" in sys.modules:
-        raise ImportError("cnndsl: no CUDA device, and Triton was imported before cnndsl could set "
-                          "TRITON_INTERPRET=1; set it yourself or import cnndsl first")
     os.environ["TRITON_INTERPRET"] = "1"
+    for name in [n for n in sys.modules if (n == "triton" or n.startswith("triton.")) and not n.startswith("triton._C")]:
+        del sys.modules[name]
     warnings.warn("cnndsl: no CUDA device found; Triton kernels run in Triton's interpreter on the CPU "
                   "(TRITON_INTERPRET=1), correct but slow", InterpreterWarning, stacklevel=2)

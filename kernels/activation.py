@@ -20,7 +20,7 @@ ACTIVATIONS = {"relu": RELU, "leaky_relu": LEAKY_RELU, "sigmoid": SIGMOID,
                "tanh": TANH, "gelu": GELU, "silu": SILU}
 
 # Globals read inside @triton.jit code must be tl.constexpr (plain ints compile only in the interpreter).
-_RELU, _LEAKY_RELU, _SIGMOID, _TANH, _GELU, _SILU = (tl.constexpr(c) for c in range(1, 7))
+_NONE, _RELU, _LEAKY_RELU, _SIGMOID, _TANH, _GELU, _SILU = (tl.constexpr(c) for c in range(7))
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
@@ -90,9 +90,11 @@ def _activation_bwd_kernel(x_ptr, dy_ptr, dx_ptr, n, slope, ACT: tl.constexpr, B
     tl.store(dx_ptr + offs, apply_act_grad(x, dy, ACT, slope).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _code(kind: str) -> int:
-    check(kind in ACTIVATIONS, f"unknown activation {kind!r}; expected one of {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[kind]
+def act_code(kind: str, name: str = "act", allow_none: bool = True) -> int:
+    """The ACT constexpr code of an activation name ("none" -> NONE where an epilogue may skip it)."""
+    names = (["none"] if allow_none else []) + sorted(ACTIVATIONS)
+    check(kind in names, f"{name}: unknown activation {kind!r}; expected one of {names}")
+    return NONE if kind == "none" else ACTIVATIONS[kind]
 
 
 def _grid(n):
@@ -105,7 +107,7 @@ def activation_forward(x: torch.Tensor, kind: str, slope: float = 0.01) -> torch
     y = torch.empty_like(x)
     n = x.numel()
     if n:
-        _activation_fwd_kernel[_grid(n)](x, y, n, float(slope), ACT=_code(kind))
+        _activation_fwd_kernel[_grid(n)](x, y, n, float(slope), ACT=act_code(kind, "kind", allow_none=False))
     return y
 
 
@@ -117,5 +119,5 @@ def activation_backward(x: torch.Tensor, dy: torch.Tensor, kind: str, slope: flo
     dx = torch.empty_like(x)
     n = x.numel()
     if n:
-        _activation_bwd_kernel[_grid(n)](x, dy, dx, n, float(slope), ACT=_code(kind))
+        _activation_bwd_kernel[_grid(n)](x, dy, dx, n, float(slope), ACT=act_code(kind, "kind", allow_none=False))
     return dx

@@ -275,36 +275,49 @@ def batchnorm_forward(x, mean, var, eps, weight, bias):
     return y
 
 
-def _backward(dy, x, mean, var, eps, weight, need_param_grads, train):
+def _check_backward(dy, x, mean, var, weight):
     check_tensor(x, "x", ndim=2)
     check_tensor(dy, "dy", ndim=2, dtype=x.dtype, device=x.device)
     check(dy.shape == x.shape, f"dy: expected shape {tuple(x.shape)}, got {tuple(dy.shape)}")
-    M, C = x.shape
     for t, name, opt in ((mean, "mean", False), (var, "var", False), (weight, "weight", True)):
-        _check_channels(t, name, C, x.device, opt)
+        _check_channels(t, name, x.shape[1], x.device, opt)
+
+
+def _finish(part, dy, x, mean, var, eps, weight, params, train):
+    """Merge the tile partials [sum(dy), sum(dy (x - mean))] (part None: neither parameter
+    gradients nor training, nothing to merge) into dbias, dweight, then the elementwise dx."""
+    M, C = x.shape
     dx = torch.empty_like(x)
     dw = db = None
-    params = bool(need_param_grads) and weight is not None
     sums = dx
+    if part is not None:
+        sums = torch.empty((2, C), device=x.device, dtype=torch.float32)
+        if params:
+            dw = torch.empty(C, device=x.device, dtype=x.dtype if weight is None else weight.dtype)
+            db = torch.empty_like(dw)
+        if C:
+            _bn_bwd_merge_kernel[(triton.cdiv(C, _MERGE["BLOCK_C"]),)](
+                part, var, sums, sums if dw is None else dw, sums if db is None else db, C, part.shape[1],
+                float(eps), WRITE_PARAMS=params, **_MERGE)
+    if x.numel():
+        _bn_bwd_kernel[lambda meta: (triton.cdiv(x.numel(), meta["BLOCK"]),)](
+            dy, x, mean, var, x if weight is None else weight, sums, dx, x.numel(), C, 1.0 / max(M, 1),
+            float(eps), TRAIN=train, HAS_WEIGHT=weight is not None)
+    return dx, dw, db
+
+
+def _backward(dy, x, mean, var, eps, weight, need_param_grads, train):
+    _check_backward(dy, x, mean, var, weight)
+    M, C = x.shape
+    params = bool(need_param_grads) and weight is not None
+    part = None
     if train or params:
         rows, n_tiles = _tiles(M)
         part = torch.empty((2, n_tiles, C), device=x.device, dtype=torch.float32)
-        sums = torch.empty((2, C), device=x.device, dtype=torch.float32)
-        if params:
-            dw, db = torch.empty_like(weight), torch.empty_like(weight)
         if n_tiles and C:
             _bn_bwd_partial_kernel[lambda meta: (n_tiles, triton.cdiv(C, meta["BLOCK_C"]))](
                 dy, x, mean, part, M, C, rows, n_tiles)
-        if C:
-            _bn_bwd_merge_kernel[(triton.cdiv(C, _MERGE["BLOCK_C"]),)](
-                part, var, sums, sums if dw is None else dw, sums if db is None else db, C, n_tiles,
-                float(eps), WRITE_PARAMS=params, **_MERGE)
-    n = x.numel()
-    if n:
-        _bn_bwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](
-            dy, x, mean, var, x if weight is None else weight, sums, dx, n, C, 1.0 / M, float(eps),
-            TRAIN=train, HAS_WEIGHT=weight is not None)
-    return dx, dw, db
+    return _finish(part, dy, x, mean, var, eps, weight, params, train)
 
 
 def batchnorm_backward(dy, x, mean, var, eps, weight, need_param_grads):
@@ -319,3 +332,41 @@ def batchnorm_eval_backward(dy, x, mean, var, eps, weight, need_param_grads):
     """Eval backward (running stats are constants): dx = dy weight rsqrt(var + eps); with
     need_param_grads, dweight = sum(dy (x - mean) rsqrt(var + eps)), dbias = sum(dy)."""
     return _backward(dy, x, mean, var, eps, weight, need_param_grads, False)
+
+
+def batchnorm_merge_stats(part, rows, M):
+    """(mean (C,), var (C,)) float32, var biased, from Chan partials that another kernel's
+    epilogue wrote (the conv forward with stats=True): part (2, n_tiles, C) fp32 holds each
+    tile's mean and M2 (about that mean, no shift), tile t covering min(rows, M - t*rows) of
+    the M rows, n_tiles = cdiv(M, rows). The merge is batchnorm_stats' with a zero shift."""
+    check_tensor(part, "part", ndim=3, dtype=torch.float32)
+    check(isinstance(rows, int) and rows >= 1 and isinstance(M, int) and M >= 0,
+          f"rows, M: expected an int >= 1 and an int >= 0, got {rows!r}, {M!r}")
+    _, n_tiles, C = part.shape
+    check(part.shape[0] == 2 and n_tiles == triton.cdiv(M, rows),
+          f"part: expected shape (2, {triton.cdiv(M, rows)}, C) for M={M} rows in tiles of {rows}, "
+          f"got {tuple(part.shape)}")
+    mean = torch.empty(C, device=part.device, dtype=torch.float32)
+    var = torch.empty_like(mean)
+    shift = torch.zeros(C, device=part.device, dtype=torch.float32)  # the merge adds back row 0 of its x
+    if C:  # M == 0 gives mean 0, var nan
+        _bn_stats_merge_kernel[(triton.cdiv(C, _MERGE["BLOCK_C"]),)](shift, part, mean, var, M, C, rows, n_tiles,
+                                                                     **_MERGE)
+    return mean, var
+
+
+def batchnorm_backward_from_partials(part, dy, x, mean, var, eps, weight, need_param_grads, train=True):
+    """The backward finished for a caller whose own pass wrote dy (M, C) and its partials in
+    _bn_bwd_partial_kernel's format: part (2, n_tiles, C) fp32 holding, per tile of _tiles(M)
+    rows, [sum(dy), sum(dy (x - mean))]. Merges them into dbias, dweight and writes dx
+    (train: batch statistics mean, var; else running ones, dx = dy weight invstd) -> (dx in
+    x's dtype, dweight, dbias in weight's dtype (x's where weight is None) with
+    need_param_grads, else None)."""
+    _check_backward(dy, x, mean, var, weight)
+    M, C = x.shape
+    n_tiles = _tiles(M)[1]
+    check(isinstance(part, torch.Tensor) and part.dtype == torch.float32 and part.device == x.device
+          and tuple(part.shape) == (2, n_tiles, C) and part.is_contiguous(),
+          f"part: expected a contiguous float32 tensor of shape {(2, n_tiles, C)} on {x.device}, got "
+          f"{getattr(part, 'dtype', type(part).__name__)} {tuple(getattr(part, 'shape', ()))}")
+    return _finish(part, dy, x, mean, var, eps, weight, bool(need_param_grads), train)

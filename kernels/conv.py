@@ -1,8 +1,9 @@
 """2-D convolution over NHWC activations: one implicit-GEMM kernel for the forward pass
-(bias + activation epilogue) and the input gradient (the same gather run "transposed",
-one launch per stride phase so that only the taps that reach a phase are visited), with a
-direct branch for depthwise layers; the launchers of all three passes (the weight
-gradient's kernels live in conv_backward.py)."""
+(with a fused epilogue: bias, batch-norm tile statistics, activation, residual add, second
+activation, non-overlapping pooling; its helpers live in conv_epilogue.py) and the input
+gradient (the same gather run "transposed", one launch per stride phase so that only the
+taps that reach a phase are visited), with a direct branch for depthwise layers; the
+launchers of all three passes (the weight gradient's kernels live in conv_backward.py)."""
 
 import torch
 import triton
@@ -16,9 +17,18 @@ from ._common import (
     dot_precision,
     gemm_config,
 )
-from .activation import ACTIVATIONS, apply_act
+from .activation import apply_act
+from .batchnorm import batchnorm_merge_stats
 from .conv_backward import weight_grad
+from .conv_epilogue import (
+    PLAIN_EPILOGUE,
+    epilogue_args,
+    pool_reduce,
+    pool_rows,
+    tile_stats,
+)
 
+_MIN_BLOCK_M = 16  # the smallest BLOCK_M any launch uses (interpreter sizing; GPU configs use 64+)
 _CONV_CONFIGS = [gemm_config(*c) for c in ((128, 128, 32, 3, 8), (128, 128, 64, 3, 8), (128, 64, 32, 4, 4),
                                     (64, 128, 32, 4, 4), (64, 64, 64, 4, 4), (256, 64, 32, 3, 8),
                                     (256, 128, 32, 3, 8), (128, 32, 32, 4, 4), (64, 32, 64, 4, 4))]
@@ -46,18 +56,21 @@ def _src(o, r, stride, pad, dil, TRANSPOSED: tl.constexpr):
         return o * stride - pad + r * dil
 
 
-@autotune(_CONV_CONFIGS, key=["M", "CIN_G", "COUT_G", "RC", "SC", "TRANSPOSED", "DEPTHWISE", "ACT"],
-          interpret={"BLOCK_M": ("M", 16, 512), "BLOCK_N": (_cols, 16, 128),
+@autotune(_CONV_CONFIGS, key=["M", "CIN_G", "COUT_G", "RC", "SC", "TRANSPOSED", "DEPTHWISE", "ACT", "HAS_RES",
+                             "ACT2", "POOL", "TAPS", "STATS"],
+          interpret={"BLOCK_M": ("M", _MIN_BLOCK_M, 512), "BLOCK_N": (_cols, 16, 128),
                      "BLOCK_K": (lambda a: a["RC"] * a["SC"] * a["CIN_G"] if a["FLAT"] else a["CIN_G"], 16, 64)},
           prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
+def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
                  M, H, W, CIN, OH, OW, COUT, CIN_G, COUT_G,  # src (N, H, W, CIN) -> dst (N, OH, OW, COUT)
                  GH, GW, P0_H, P0_W,  # dst pixels computed: (P0 + i*stride) when TRANSPOSED, else i
                  R, S, R0, S0, RSTEP, SSTEP, RC, SC,  # taps visited: r = R0 + i*RSTEP, i < RC
-                 stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, slope,
+                 stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, slope, slope2,
+                 PKH, PKW, pool_sh, pool_sw, pool_ph, pool_pw,  # POOL: y (N, GH, GW, COUT), M = N*GH*GW*TAPS
                  TRANSPOSED: tl.constexpr, DEPTHWISE: tl.constexpr, FLAT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, ACT2: tl.constexpr,
+                 POOL: tl.constexpr, TAPS: tl.constexpr, STATS: tl.constexpr, DOT_DTYPE: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     # y[n, p, g*COUT_G + co] = sum_{taps, ci} x[n, src(p, tap), g*CIN_G + ci] * w[g, r, s, ci, co]
@@ -65,12 +78,16 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     g = tl.program_id(2)
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    n = offs_m // (GH * GW)
-    oh = (offs_m // GW) % GH
-    ow = offs_m % GW
-    if TRANSPOSED:
-        oh = P0_H + oh * stride_h
-        ow = P0_W + ow * stride_w
+    if POOL:  # rows are (pooled pixel, window tap) pairs; m_mask: the row is a real conv pixel
+        n, oh, ow, m_mask = pool_rows(offs_m, m_mask, GH, GW, OH, OW, PKH, PKW, pool_sh, pool_sw,
+                                      pool_ph, pool_pw, TAPS)
+    else:
+        n = offs_m // (GH * GW)
+        oh = (offs_m // GW) % GH
+        ow = offs_m % GW
+        if TRANSPOSED:
+            oh = P0_H + oh * stride_h
+            ow = P0_W + ow * stride_w
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if DEPTHWISE:  # one input channel per output channel: columns are channels, no dot
         col = offs_n
@@ -129,10 +146,21 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + col, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if STATS:  # batch-norm partials of the post-bias value
+        tile_stats(acc, m_mask, n_mask, part_ptr, col, M, COUT, BLOCK_M)
     acc = apply_act(acc, ACT, slope)
     y_row = ((n * OH + oh) * OW + ow) * COUT
-    tl.store(y_ptr + y_row[:, None] + col[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RES:  # residual (N, OH, OW, COUT)
+        acc += tl.load(res_ptr + y_row[:, None] + col[None, :], mask=mask, other=0.0).to(tl.float32)
+    acc = apply_act(acc, ACT2, slope2)
+    if POOL:
+        out = pool_reduce(acc, m_mask, PKH * PKW, POOL, TAPS, BLOCK_M, BLOCK_N)
+        offs_p = tl.program_id(0).to(tl.int64) * (BLOCK_M // TAPS) + tl.arange(0, BLOCK_M // TAPS)
+        tl.store(y_ptr + (offs_p * COUT)[:, None] + col[None, :], out.to(y_ptr.dtype.element_ty),
+                 mask=(offs_p < M // TAPS)[:, None] & n_mask[None, :])
+    else:
+        tl.store(y_ptr + y_row[:, None] + col[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _pair(v, name, minimum):
@@ -168,15 +196,19 @@ def _phases(size, k, stride, pad, dil, transposed):
 
 
 def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, padding, dilation,
-                 transposed, act="none", slope=0.01):
+                 transposed, out_hw, ep=PLAIN_EPILOGUE):
     n, h, w, cin = src.shape
-    _, oh, ow, cout = dst.shape
+    oh, ow = out_hw  # the conv's output; dst is (N, POH, POW, K) when the epilogue pools
+    cout = dst.shape[3]
     if dst.numel() == 0:
         return
     depthwise = cin_g == 1 and cout_g == 1
+    pooled, taps = ep["meta"]["POOL"] != 0, ep["meta"]["TAPS"]
     for p0_h, gh, r0, rstep, rc in _phases(oh, r, stride[0], padding[0], dilation[0], transposed):
         for p0_w, gw, s0, sstep, sc in _phases(ow, s, stride[1], padding[1], dilation[1], transposed):
-            m = n * gh * gw
+            if pooled:  # rows: TAPS per pooled pixel
+                gh, gw = dst.shape[1:3]
+            m = n * gh * gw * taps
             if m == 0:
                 continue
 
@@ -185,18 +217,25 @@ def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, paddin
                 return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]),
                         1 if depthwise else groups)
 
-            _conv_kernel[grid](src, wt, bias if bias is not None else dst, dst,
+            _conv_kernel[grid](src, wt, dst if bias is None else bias, dst if ep["res"] is None else ep["res"],
+                               dst, dst if ep["part"] is None else ep["part"],
                                m, h, w, cin, oh, ow, cout, cin_g, cout_g, gh, gw, p0_h, p0_w,
-                               r, s, r0, s0, rstep, sstep, rc, sc, *stride, *padding, *dilation,
-                               float(slope), TRANSPOSED=transposed, DEPTHWISE=depthwise,
-                               FLAT=cin_g < 16, HAS_BIAS=bias is not None,
-                               ACT=0 if act == "none" else ACTIVATIONS[act],
-                               DOT_DTYPE=dot_dtype(src.dtype), PRECISION=dot_precision(src.dtype))
+                               r, s, r0, s0, rstep, sstep, rc, sc, *stride, *padding, *dilation, *ep["args"],
+                               TRANSPOSED=transposed, DEPTHWISE=depthwise, FLAT=cin_g < 16,
+                               HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype(src.dtype),
+                               PRECISION=dot_precision(src.dtype), **ep["meta"])
 
 
-def conv2d_forward(x, w, bias, stride, padding, dilation, groups, out_hw, act="none", slope=0.01):
-    """y (N, OH, OW, K) = act(conv(x, w) + bias) for x (N, H, W, C) NHWC and w (K, C/groups, R, S);
-    padding is the top/left pad (more padding at the bottom/right falls out of out_hw)."""
+def conv2d_forward(x, w, bias, stride, padding, dilation, groups, out_hw, act="none", slope=0.01, *,
+                   residual=None, act2="none", slope2=0.01, pool=None, stats=False):
+    """y = pool(act2(act(conv(x, w) + bias) + residual)) for x (N, H, W, C) NHWC and w (K, C/groups,
+    R, S); padding is the top/left pad (more padding at the bottom/right falls out of out_hw =
+    (OH, OW)). residual (N, OH, OW, K) in x.dtype or None; pool None or (mode "max" | "avg",
+    (kh, kw), (sh, sw), (ph, pw), (POH, POW)) with non-overlapping windows (sh >= kh, sw >= kw,
+    kh*kw <= 16; PyTorch's floor mode, count_include_pad=True, max for inference: no argmax);
+    y is (N, OH, OW, K), or (N, POH, POW, K) pooled. stats=True (act "none", nothing else fused)
+    returns (y, mean (K,), var (K,)): the fp32 batch statistics (var biased) of the post-bias
+    value over the N*OH*OW pixels, from per-tile partials the epilogue writes."""
     check_tensor(x, "x", ndim=4)
     check_tensor(w, "w", ndim=4, dtype=x.dtype, device=x.device)
     n, _, _, c = x.shape
@@ -205,13 +244,20 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups, out_hw, act="n
     if bias is not None:
         check_tensor(bias, "bias", ndim=1, dtype=x.dtype, device=x.device)
         check(bias.shape[0] == k, f"bias: expected shape ({k},), got {tuple(bias.shape)}")
-    check(act == "none" or act in ACTIVATIONS,
-          f"unknown activation {act!r}; expected 'none' or one of {sorted(ACTIVATIONS)}")
     oh, ow = _pair(out_hw, "out_hw", 0)
-    y = torch.empty((n, oh, ow, k), dtype=x.dtype, device=x.device)
+    ep, y_shape = epilogue_args(x, (n, oh, ow, k), act, slope, residual, act2, slope2, pool, stats)
+    m = n * oh * ow
+    if stats:  # (2, n_tiles, K) tile means and M2s, sized for the smallest BLOCK_M
+        ep["part"] = torch.empty(2 * triton.cdiv(m, _MIN_BLOCK_M) * k, dtype=torch.float32, device=x.device)
+    y = torch.empty(y_shape, dtype=x.dtype, device=x.device)
     wt = w.view(groups, k // groups, cin_g, r, s).permute(0, 3, 4, 2, 1).contiguous()  # (G, R, S, C/g, K/g)
-    _launch_conv(x, wt, bias, y, groups, cin_g, k // groups, r, s, stride, padding, dilation, False, act, slope)
-    return y
+    _launch_conv(x, wt, bias, y, groups, cin_g, k // groups, r, s, stride, padding, dilation, False, (oh, ow), ep)
+    if not stats:
+        return y
+    rows = _conv_kernel.best_config.kwargs["BLOCK_M"] if m else _MIN_BLOCK_M  # the tiles the launch used
+    n_tiles = triton.cdiv(m, rows)
+    mean, var = batchnorm_merge_stats(ep["part"][:2 * n_tiles * k].view(2, n_tiles, k), rows, m)
+    return y, mean, var
 
 
 def conv2d_backward_input(dy, w, stride, padding, dilation, groups, in_hw):
@@ -224,7 +270,8 @@ def conv2d_backward_input(dy, w, stride, padding, dilation, groups, in_hw):
     h, wd = _pair(in_hw, "in_hw", 0)
     dx = torch.empty((n, h, wd, cin_g * groups), dtype=dy.dtype, device=dy.device)
     wt = w.view(groups, k // groups, cin_g, r, s).permute(0, 3, 4, 1, 2).contiguous()  # (G, R, S, K/g, C/g)
-    _launch_conv(dy, wt, None, dx, groups, k // groups, cin_g, r, s, stride, padding, dilation, True)
+    _launch_conv(dy, wt, None, dx, groups, k // groups, cin_g, r, s, stride, padding, dilation, True,
+                 (h, wd))
     return dx
 
 

@@ -8,21 +8,28 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    ELEMENTWISE_CONFIGS,
     autotune,
     check,
     check_tensor,
     dot_dtype,
     dot_precision,
+    elementwise_tiles,
     fits_shared_memory,
     gemm_config,
 )
-from .activation import ACTIVATIONS, NONE, apply_act
+from .activation import _NONE, NONE, act_code, apply_act, apply_act_grad
+from .dropout import check_dropout, dropout_keep
+
+MAX_SOFTMAX_COLUMNS = 1024
 
 _CONFIGS = [gemm_config(*c, GROUP_M=8) for c in ((128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 3, 8),
                                (128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
                                (64, 64, 64, 4, 4), (128, 32, 32, 4, 4), (32, 128, 64, 4, 4),
                                (32, 64, 64, 4, 4), (64, 32, 64, 4, 4), (32, 32, 64, 4, 4),
-                               (16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (64, 16, 128, 4, 4))]
+                               (16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (64, 16, 128, 4, 4),
+                               # wide rows for a fused softmax over up to 1024 classes
+                               (32, 256, 32, 3, 4), (16, 512, 32, 2, 4), (16, 1024, 16, 2, 8))]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -32,19 +39,31 @@ def _prune(configs, named_args, **kwargs):
     configs = [c for c in configs if fits_shared_memory(c, size)]
     rows = max(16, triton.next_power_of_2(named_args["M"]))
     cols = max(16, triton.next_power_of_2(named_args["N"]))
+    if kwargs.get("SOFTMAX"):  # one tile holds the whole row
+        return [c for c in configs if c.kwargs["BLOCK_N"] >= cols and c.kwargs["BLOCK_M"] <= rows] or \
+            [c for c in configs if c.kwargs["BLOCK_N"] >= cols]
     return [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_N"] <= cols] or configs
 
 
-@autotune(_CONFIGS, key=["M", "N", "K", "stride_am", "stride_bn", "HAS_BIAS", "ACT"],
-          interpret={"BLOCK_M": ("M", 16, 512), "BLOCK_N": ("N", 16, 128), "BLOCK_K": ("K", 16, 128)},
+def _cols(args):
+    """Columns per tile under the interpreter: all of a softmax row (the next power of two)."""
+    return 2 * args["N"] - 1 if args["SOFTMAX"] else min(args["N"], 128)
+
+
+@autotune(_CONFIGS, key=["M", "N", "K", "stride_am", "stride_bn", "HAS_BIAS", "ACT", "DROP", "SOFTMAX"],
+          interpret={"BLOCK_M": ("M", 16, 512), "BLOCK_N": (_cols, 16, 1024), "BLOCK_K": ("K", 16, 128)},
           prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K,
-                   stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, slope,
-                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+def _matmul_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, pre_ptr, M, N, K,
+                   stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, slope, p, scale, seed,
+                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr, DROP: tl.constexpr,
+                   SOFTMAX: tl.constexpr, DOT_DTYPE: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # c (M, N) = act(a (M, K) @ b (K, N) + bias (N,)), any strides
+    # c (M, N) = softmax(dropout(act(a (M, K) @ b (K, N) + bias (N,)))), any strides; each epilogue
+    # stage optional. SAVE_PRE also stores act's input (c's strides) for the backward pass;
+    # DROP draws the mask of element m*N + n, as dropout.py does for a contiguous (M, N) tensor;
+    # SOFTMAX needs the whole row in one tile (BLOCK_N >= N).
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -71,9 +90,18 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K,
         b_ptrs += BLOCK_K * stride_bk
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    c_offs = offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SAVE_PRE:
+        tl.store(pre_ptr + c_offs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
     acc = apply_act(acc, ACT, slope)
-    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
-             acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if DROP:
+        acc = acc * tl.where(dropout_keep(seed, offs_m[:, None] * N + offs_n[None, :], p), scale, 0.0)
+    if SOFTMAX:
+        acc = tl.where(n_mask[None, :], acc, float("-inf"))
+        e = tl.exp(acc - tl.max(acc, axis=1)[:, None])
+        acc = e / tl.sum(e, axis=1)[:, None]
+    tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @autotune([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
@@ -93,21 +121,42 @@ def _colsum_kernel(x_ptr, out_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
     tl.store(out_ptr + offs_n, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-def _matmul(a, a_strides, b, b_strides, c, k, bias=None, act=NONE, slope=0.01):
-    """c (M, N) = act(a @ b + bias) where a (M, K) and b (K, N) are read through their strides."""
+@autotune(ELEMENTWISE_CONFIGS, key=["n", "ACT", "DROP"], interpret=elementwise_tiles())
+@triton.jit
+def _epilogue_bwd_kernel(dy_ptr, pre_ptr, da_ptr, n, slope, p, scale, seed,
+                         ACT: tl.constexpr, DROP: tl.constexpr, BLOCK: tl.constexpr):
+    # da = act'(pre) * (dy * keep * scale): the dropout and activation backward in one pass
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    d = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if DROP:
+        d = d * tl.where(dropout_keep(seed, offs, p), scale, 0.0)
+    if ACT != _NONE:
+        d = apply_act_grad(tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32), d, ACT, slope)
+    tl.store(da_ptr + offs, d.to(da_ptr.dtype.element_ty), mask=mask)
+
+
+def _matmul(a, a_strides, b, b_strides, c, k, bias=None, act=NONE, slope=0.01, pre=None, p=0.0, seed=0,
+            softmax=False):
+    """c (M, N) = act(a @ b + bias) (then dropout p, softmax) where a (M, K) and b (K, N) are read
+    through their strides; `pre`, if given, receives act's input."""
     m, n = c.shape
     if c.numel() == 0:
         return c
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    _matmul_kernel[grid](a, b, bias if bias is not None else c, c, m, n, k, *a_strides, *b_strides,
-                         *c.stride(), float(slope), HAS_BIAS=bias is not None, ACT=act,
+    _matmul_kernel[grid](a, b, bias if bias is not None else c, c, pre if pre is not None else c, m, n, k,
+                         *a_strides, *b_strides, *c.stride(), float(slope), float(p),
+                         0.0 if p == 1 else 1.0 / (1.0 - p), int(seed), HAS_BIAS=bias is not None, ACT=act,
+                         SAVE_PRE=pre is not None, DROP=bool(p > 0), SOFTMAX=softmax,
                          DOT_DTYPE=dot_dtype(a.dtype), PRECISION=dot_precision(a.dtype))
     return c
 
 
-def dense_forward(x, w, bias, act="none", slope=0.01):
-    """y (M, N) = act(x @ w.T + bias) for x (M, K), w (N, K) (PyTorch Linear layout), bias (N,) or None;
-    act is "none" or a key of activation.ACTIVATIONS (leaky_relu uses `slope`)."""
+def dense_forward(x, w, bias, act="none", slope=0.01, *, p=0.0, seed=0, softmax=False, save_pre=False):
+    """y (M, N) = softmax(dropout(act(x @ w.T + bias))) for x (M, K), w (N, K) (PyTorch Linear layout),
+    bias (N,) or None; act is "none" or a name of activation.ACTIVATIONS (leaky_relu uses `slope`),
+    dropout (p > 0, mask from `seed` as dropout.py draws it) and softmax optional. With save_pre,
+    returns (y, pre) where pre = x @ w.T + bias, which the backward pass needs."""
     check_tensor(x, "x", ndim=2)
     check_tensor(w, "w", ndim=2, dtype=x.dtype, device=x.device)
     m, k = x.shape
@@ -116,12 +165,34 @@ def dense_forward(x, w, bias, act="none", slope=0.01):
     if bias is not None:
         check_tensor(bias, "bias", ndim=1, dtype=x.dtype, device=x.device)
         check(bias.shape[0] == n, f"bias: expected shape ({n},), got {tuple(bias.shape)}")
-    check(act == "none" or act in ACTIVATIONS,
-          f"unknown activation {act!r}; expected 'none' or one of {sorted(ACTIVATIONS)}")
+    code = act_code(act)
+    check_dropout(p, seed)
+    check(not softmax or n <= MAX_SOFTMAX_COLUMNS,
+          f"softmax: {n} columns exceed the {MAX_SOFTMAX_COLUMNS} one tile of the dense epilogue holds")
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    pre = torch.empty_like(y) if save_pre else None
     # b[k, n] = w[n, k]: w read transposed through its strides
-    return _matmul(x, x.stride(), w, (w.stride(1), w.stride(0)), y, k, bias,
-                   NONE if act == "none" else ACTIVATIONS[act], slope)
+    _matmul(x, x.stride(), w, (w.stride(1), w.stride(0)), y, k, bias, code, slope, pre, p,
+            seed, softmax)
+    return (y, pre) if save_pre else y
+
+
+def dense_epilogue_backward(dy, pre, act="none", slope=0.01, p=0.0, seed=0):
+    """The gradient at the GEMM's output of a fused dense block, from dy at its end: through
+    dropout (the forward's mask, from `seed`) and act (at `pre`, the saved GEMM output)."""
+    check_tensor(dy, "dy", ndim=2)
+    code = act_code(act)
+    if act != "none":
+        check_tensor(pre, "pre", ndim=2, dtype=dy.dtype, device=dy.device)
+        check(pre.shape == dy.shape, f"pre: expected shape {tuple(dy.shape)}, got {tuple(pre.shape)}")
+    check_dropout(p, seed)
+    da = torch.empty_like(dy)
+    n = dy.numel()
+    if n:
+        _epilogue_bwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](
+            dy, pre if pre is not None else dy, da, n, float(slope), float(p), 0.0 if p == 1 else 1.0 / (1.0 - p),
+            int(seed), ACT=code, DROP=bool(p > 0))
+    return da
 
 
 def dense_backward_input(dy, w):

@@ -45,7 +45,7 @@ def _dropout_kernel(x_ptr, y_ptr, n, p, scale, seed, DROP: tl.constexpr, BLOCK: 
     tl.store(y_ptr + offs, x.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_args(p, seed):
+def check_dropout(p, seed):
     check(isinstance(p, numbers.Real) and not isinstance(p, bool) and 0 <= p <= 1,
           f"dropout: p must be a number in [0, 1], got {p!r}")
     check(isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= seed < 2**63,
@@ -54,7 +54,7 @@ def _check_args(p, seed):
 
 def _run(x, p, seed, name):
     check_tensor(x, name)
-    _check_args(p, seed)
+    check_dropout(p, seed)
     y = torch.empty_like(x)
     n = x.numel()
     if n:

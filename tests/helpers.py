@@ -47,7 +47,8 @@ def max_reduction(net, batch: int) -> int:
 def run_both(src, batch=2, dtype=torch.float32, train=True, fuse=False, steps=1, seed=0, device="cpu"):
     """Run the same weights and inputs through the triton backend and the reference backend;
     compare the loss, the output, the input gradient, every parameter gradient and every buffer
-    (BN running statistics) after `steps` training steps (or one eval pass)."""
+    (BN running statistics) after `steps` training steps (or one eval pass, then the output of
+    a forward without autograd)."""
     import cnndsl
     net = cnndsl.parse(src)
     torch.manual_seed(seed)
@@ -77,6 +78,9 @@ def run_both(src, batch=2, dtype=torch.float32, train=True, fuse=False, steps=1,
         names = [n for n, _ in ref.named_parameters()]
         for name, g_t, g_r in zip(names, gp_t, gp_r):
             assert_close(g_t.float(), g_r.float(), name=f"step {step} grad {name}", **tol)
+    if not train:  # the inference path (no autograd: batch norm folded into the conv weights)
+        with torch.no_grad():
+            assert_close(tri(x).float(), ref(x).float(), name="no-grad output", **tol)
     for (name, b_r), (_, b_t) in zip(ref.named_buffers(), tri.named_buffers()):
         if b_r.is_floating_point():
             assert_close(b_t.float(), b_r.float(), name=f"buffer {name}", **tol)

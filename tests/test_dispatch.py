@@ -2,6 +2,7 @@
 allocation, copy and view ops. Every convolution, batch norm, pooling, GEMM, softmax,
 activation, add and reduction runs as a Triton kernel."""
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -28,14 +29,17 @@ class _Recorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_training_step_runs_no_aten_compute():
-    model = cnndsl.compile(RESIDUAL, backend="triton", device="cpu").train()
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_training_step_runs_no_aten_compute(fuse):
+    model = cnndsl.compile(RESIDUAL, backend="triton", fuse=fuse, device="cpu").train()
     x = torch.randn(2, 3, 9, 9, requires_grad=True)
     target = torch.tensor([1, 3])
     with _Recorder() as rec:
         model(x)
         loss = model.loss(x, target)
         loss.backward()
+        with torch.no_grad():  # inference too: the folded batch norm, the pool epilogue
+            model.eval()(x)
     compute = sorted(rec.ops - ALLOWED)
     assert not compute, f"aten compute ops on the triton path: {compute}"
     # The recorder works: the reference backend shows its compute ops.

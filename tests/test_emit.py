@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import cnndsl
@@ -24,15 +25,16 @@ def _load(path: Path):
     return module
 
 
-def test_emitted_module_matches_compiled_model(tmp_path):
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_emitted_module_matches_compiled_model(tmp_path, fuse):
     net = cnndsl.parse(RESIDUAL)
     path = tmp_path / "emitted_net.py"
-    path.write_text(emit(net))
+    path.write_text(emit(net, fuse=fuse))
     module = _load(path)
     classes = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, torch.nn.Module)
                and v.__module__ == module.__name__]
     emitted = classes[-1]().train()
-    compiled = cnndsl.compile(net, backend="triton", device="cpu").train()
+    compiled = cnndsl.compile(net, backend="triton", fuse=fuse, device="cpu").train()
     emitted.load_state_dict(compiled.state_dict())
     x = torch.randn(2, *net.input_shape)
     target = torch.randint(0, net.output_shape[0], (2,))
@@ -42,13 +44,18 @@ def test_emitted_module_matches_compiled_model(tmp_path):
         y = m(xi)
         loss = m.loss(xi, target)
         loss.backward()
-        results.append((y, loss, xi.grad, [p.grad for p in m.parameters()]))
-    (y1, l1, g1, p1), (y2, l2, g2, p2) = results
+        with torch.no_grad():  # eval without autograd: batch norm folded into the conv weights
+            inference = m.eval()(x)
+        results.append((y, loss, xi.grad, [p.grad for p in m.parameters()], inference, list(m.buffers())))
+    (y1, l1, g1, p1, i1, b1), (y2, l2, g2, p2, i2, b2) = results
     assert_close(y2, y1, name="output")
     assert_close(l2.reshape(1), l1.reshape(1), name="loss")
     assert_close(g2, g1, name="input grad")
     for a, b in zip(p2, p1):
         assert_close(a, b, name="param grad")
+    assert_close(i2, i1, name="inference output")
+    for a, b in zip(b2, b1):
+        assert torch.equal(a, b), "running statistics"
 
 
 def test_emit_cli_writes_a_module_without_cnndsl(tmp_path):

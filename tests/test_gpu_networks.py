@@ -1,6 +1,7 @@
 """Whole networks on the GPU (skipped without CUDA): resnet18 at 224x224 batch 8 and
-vgg16 at batch 2, fp32 and bf16, triton backend (unfused) against the reference backend
-for the output, the loss, every gradient and the BN running statistics."""
+vgg16 at batch 2, fp32 and bf16, triton backend fused and unfused against the reference
+backend for the output, the loss, every gradient and the BN running statistics (and in
+eval the folded-BN inference output); cifar_small at batch 256 fused, train and eval."""
 
 from pathlib import Path
 
@@ -13,8 +14,11 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize(("name", "batch", "train"), [("resnet18", 8, True), ("vgg16", 2, False)])
-def test_network_on_gpu(name, batch, train, dtype):
+@pytest.mark.parametrize(("name", "batch", "train"), [("resnet18", 8, True), ("resnet18", 8, False),
+                                                      ("vgg16", 2, False), ("cifar_small", 256, True),
+                                                      ("cifar_small", 256, False)])
+def test_network_on_gpu(name, batch, train, dtype, fuse):
     # vgg16 runs in eval: its dropout masks come from different RNGs in the two backends.
-    run_both(EXAMPLES / f"{name}.cnn", batch=batch, dtype=dtype, train=train, device="cuda")
+    run_both(EXAMPLES / f"{name}.cnn", batch=batch, dtype=dtype, train=train, device="cuda", fuse=fuse)

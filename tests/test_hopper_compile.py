@@ -257,14 +257,26 @@ def _both_plans(src, dtype):
 
 def _launcher_extras(dtype):
     """Launches that the networks do not make: the activation epilogues of dense (every one) and
-    conv (gelu), rows wider than softmax's widest block, a dropout seed past int32, momentum=None."""
-    from cnndsl.kernels import batchnorm, conv, dense, dropout, softmax
+    conv (gelu), the conv's residual and pool epilogue, the training epilogue with each pool and
+    both batch-norm backwards, rows wider than softmax's widest block, a dropout seed past int32,
+    momentum=None."""
+    from cnndsl.kernels import batchnorm, conv, dense, dropout, epilogue, softmax
     from cnndsl.kernels.activation import ACTIVATIONS
     x2, w2, b2 = torch.randn(3, 8, dtype=dtype), torch.randn(5, 8, dtype=dtype), torch.randn(5, dtype=dtype)
     x4, w4, b4 = torch.randn(1, 4, 4, 3, dtype=dtype), torch.randn(4, 3, 3, 3, dtype=dtype), torch.randn(4, dtype=dtype)
     for act in ACTIVATIONS:  # every epilogue in dense (quick to compile), one in conv (slow)
         dense.dense_forward(x2, w2, b2, act=act)
     conv.conv2d_forward(x4, w4, b4, 1, 1, 1, 1, (4, 4), act="gelu")
+    res4 = torch.randn(1, 4, 4, 4, dtype=dtype)
+    for mode in ("max", "avg"):  # the inference conv block: residual, act2 and a pool in the epilogue
+        pool = (mode, (2, 2), (2, 2), (0, 0), (2, 2))
+        conv.conv2d_forward(x4, w4, b4, 1, 1, 1, 1, (4, 4), act="relu", residual=res4, act2="silu", pool=pool)
+        z = torch.randn(2, 4, 4, 3, dtype=dtype)
+        mean, var = torch.zeros(3), torch.ones(3)
+        y, arg = epilogue.epilogue_forward(z, mean, var, "relu", 0.0, z, "tanh", 0.0, pool)
+        for train in (True, False):  # batch norm's backward through batch or running statistics
+            bn = (mean, var, 1e-5, torch.ones(3, dtype=dtype), True, True, train)
+            epilogue.epilogue_backward(y, z, mean, var, "relu", 0.0, z, "tanh", 0.0, pool, arg, bn)
     wide = torch.randn(2, softmax._MAX_BLOCK + 3, dtype=dtype)
     y = softmax.softmax_forward(wide)
     softmax.softmax_backward(torch.randn_like(y), y)

@@ -1,6 +1,9 @@
 """The triton backend against the reference backend, whole networks under the
 interpreter: outputs, loss, input and parameter gradients, BN running statistics."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,29 +66,38 @@ dense 4
 """
 
 
-@pytest.mark.parametrize(("name", "train"), [("cifar_small", True), ("lenet5", True), ("lenet5", False)],
-                         ids=["cifar_small-train", "lenet5-train", "lenet5-eval"])
-def test_example(name, train):
-    run_both(EXAMPLES / f"{name}.cnn", batch=2, train=train)
+FUSE = pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 
 
+@FUSE
+@pytest.mark.parametrize(("name", "train"), [("cifar_small", True), ("cifar_small", False), ("lenet5", True),
+                                             ("lenet5", False)],
+                         ids=["cifar_small-train", "cifar_small-eval", "lenet5-train", "lenet5-eval"])
+def test_example(name, train, fuse):
+    run_both(EXAMPLES / f"{name}.cnn", batch=2, train=train, fuse=fuse)
+
+
+@FUSE
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_residual_network(train):
-    run_both(RESIDUAL, batch=3, train=train, steps=2 if train else 1)
+def test_residual_network(train, fuse):
+    run_both(RESIDUAL, batch=3, train=train, steps=2 if train else 1, fuse=fuse)
 
 
-def test_every_layer_kind_batch_1_eval():
-    run_both(EVERYTHING, batch=1, train=False)
+@FUSE
+def test_every_layer_kind_batch_1_eval(fuse):
+    run_both(EVERYTHING, batch=1, train=False, fuse=fuse)
 
 
-def test_every_layer_kind_train():
-    _ref, tri = run_both(EVERYTHING.replace("dropout 0.3\n", ""), batch=3, train=True)
+@FUSE
+def test_every_layer_kind_train(fuse):
+    _ref, tri = run_both(EVERYTHING.replace("dropout 0.3\n", ""), batch=3, train=True, fuse=fuse)
     assert int(tri.state_dict()["batchnorm1.num_batches_tracked"]) == 2  # model(x) and model.loss(x)
 
 
+@FUSE
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision(dtype):
-    run_both(RESIDUAL, batch=2, dtype=dtype, train=True)
+def test_low_precision(dtype, fuse):
+    run_both(RESIDUAL, batch=2, dtype=dtype, train=True, fuse=fuse)
 
 
 def test_dropout_train_matches_its_mask():
@@ -104,3 +116,15 @@ def test_dropout_train_matches_its_mask():
     torch.testing.assert_close(x.grad.flatten(1), 2 * kept.float())
     model.eval()
     torch.testing.assert_close(model(x.detach()), flat)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter switch happens only without CUDA")
+def test_triton_imported_before_cnndsl():
+    """torch.optim imports Triton; a triton model compiled after it still runs in the interpreter."""
+    code = ("import torch, triton; torch.optim.SGD([torch.zeros(1, requires_grad=True)]); import cnndsl; "
+            "m = cnndsl.compile('network t\\ninput 1x4x4\\nconv 2 3\\nrelu\\nflatten\\ndense 3\\n'); "
+            "m.loss(torch.randn(2, 1, 4, 4), torch.tensor([0, 2])).backward(); print('trained')")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         check=False)
+    assert out.returncode == 0 and "trained" in out.stdout, out.stderr[-2000:]

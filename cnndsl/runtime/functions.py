@@ -1,6 +1,7 @@
-"""One torch.autograd.Function per kind of group, each running Triton launchers
-forward and backward on NHWC tensors (flat tensors are (N, F)). Nothing here computes
-with torch ops: torch is used for allocation, views and layout copies only."""
+"""One torch.autograd.Function per kind of single-op group (conv and dense blocks live in
+blocks.py), each running Triton launchers forward and backward on NHWC tensors (flat
+tensors are (N, F)). Nothing here computes with torch ops: torch is used for
+allocation, views and layout copies only."""
 
 import torch
 
@@ -13,8 +14,6 @@ from ..kernels.batchnorm import (
     batchnorm_stats,
     batchnorm_update_running,
 )
-from ..kernels.conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
-from ..kernels.dense import dense_backward_input, dense_backward_weight, dense_forward
 from ..kernels.dropout import dropout_backward, dropout_forward
 from ..kernels.pool import (
     global_avgpool_backward,
@@ -28,25 +27,6 @@ from ..kernels.softmax import (
     softmax_backward,
     softmax_forward,
 )
-
-
-class ConvFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, b, stride, padding, dilation, groups, out_hw):  # (N, H, W, C) -> (N, OH, OW, K)
-        ctx.save_for_backward(x, w)
-        ctx.geometry, ctx.has_bias = (stride, padding, dilation, groups), b is not None
-        return conv2d_forward(x, w, b, stride, padding, dilation, groups, out_hw)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = conv2d_backward_input(dy, w, *ctx.geometry, tuple(x.shape[1:3]))
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            dw, db = conv2d_backward_weight(x, dy, tuple(w.shape), *ctx.geometry, ctx.has_bias)
-        return dx, dw, db, None, None, None, None, None
 
 
 class BatchNormFn(torch.autograd.Function):
@@ -113,22 +93,6 @@ class GlobalAvgPoolFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         return global_avgpool_backward(dy.contiguous(), ctx.in_hw)
-
-
-class DenseFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, b):  # (M, K) @ (N, K).T + b -> (M, N)
-        ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
-        return dense_forward(x, w, b)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = dense_backward_input(dy, w) if ctx.needs_input_grad[0] else None
-        dw, db = dense_backward_weight(dy, x, ctx.has_bias)
-        return dx, dw, db
 
 
 class DropoutFn(torch.autograd.Function):

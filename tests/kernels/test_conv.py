@@ -1,11 +1,13 @@
-"""Convolution kernels (forward with bias + activation, input gradient, weight and bias
-gradients) against torch.nn.functional.conv2d and its autograd, over NHWC tensors."""
+"""Convolution kernels (forward with its fused epilogue: bias, activation, residual add,
+second activation, non-overlapping pooling, batch-norm statistics; input gradient, weight
+and bias gradients) against torch.nn.functional and its autograd, over NHWC tensors."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cnndsl.kernels.activation import ACTIVATIONS
+from cnndsl.kernels.batchnorm import batchnorm_merge_stats
 from cnndsl.kernels.conv import (
     conv2d_backward_input,
     conv2d_backward_weight,
@@ -147,6 +149,169 @@ def test_conv_rejects_bad_input():
         conv2d_backward_weight(x, torch.zeros(2, 5, 5, 8), w.shape, *g1, True)
     with pytest.raises(ValueError, match=r"w: expected 8 output channels, got shape \(7, 4, 3, 3\)"):
         conv2d_backward_weight(x, torch.zeros(1, 5, 5, 8), (7, 4, 3, 3), *g1, True)
+
+
+def _torch_act(name, slope):
+    return {"none": lambda t: t, "relu": F.relu, "leaky_relu": lambda t: F.leaky_relu(t, slope),
+            "sigmoid": torch.sigmoid, "tanh": torch.tanh, "gelu": F.gelu, "silu": F.silu}[name]
+
+
+def _fused_ref(y, act="none", slope=0.01, residual=None, act2="none", slope2=0.01, pool=None):
+    """torch's conv -> act -> + residual -> act2 -> pool from the float64 conv output y (NCHW)."""
+    y = _torch_act(act, slope)(y)
+    if residual is not None:
+        y = y + residual.permute(0, 3, 1, 2).double()
+    y = _torch_act(act2, slope2)(y)
+    if pool is not None:
+        mode, kernel, stride, padding = pool
+        y = (F.max_pool2d if mode == "max" else F.avg_pool2d)(y, kernel, stride, padding)
+    return y
+
+
+ACTS = ["none", *sorted(ACTIVATIONS)]
+
+
+@pytest.mark.parametrize("act,act2", list(zip(ACTS, ACTS[1:] + ACTS[:1])))  # each act in both places
+def test_conv_residual_epilogue_activations(act, act2):
+    p = _problem(CASES["3x3_c3"], torch.float32)
+    res = torch.randn(*p["y"].shape[:1], *p["out_hw"], p["y"].shape[1])
+    y = conv2d_forward(p["x"], p["w"], p["b"], *p["geometry"], p["out_hw"], act, 0.2, residual=res,
+                       act2=act2, slope2=0.05)
+    ref = _fused_ref(p["y"], act, 0.2, res, act2, 0.05)
+    assert_close(_nchw(y), ref, reduction=27, depth=2, name=f"{act} + res -> {act2} y")
+
+
+RES_CASES = ["1x1", "3x3_c3", "5x5_s2_p2", "groups2_cg5", "depthwise", "depthwise_x2", "same_2x4"]
+
+
+@pytest.mark.parametrize("name,dtype", [pytest.param(c, d, id=f"{c}-{str(d)[6:]}") for c in RES_CASES for d in DTYPES
+                                        if d == torch.float32 or c in LOW_PRECISION])
+def test_conv_residual_relu(name, dtype):
+    """ResNet's eval join: conv (batch norm folded) -> + identity -> relu, act 'none'."""
+    case = CASES[name]
+    p = _problem(case, dtype)
+    res = torch.randn(p["y"].shape[0], *p["out_hw"], p["y"].shape[1]).to(dtype)
+    y = conv2d_forward(p["x"], p["w"], p["b"], *p["geometry"], p["out_hw"], residual=res, act2="relu")
+    assert y.dtype == dtype and y.shape == res.shape
+    red = case[5][0] * case[5][1] * case[1] // case[9]
+    assert_close(_nchw(y), _fused_ref(p["y"], residual=res, act2="relu"), dtype, reduction=red, depth=2,
+                 name=f"{name} y")
+
+
+# (mode, kernel, stride, padding): non-overlapping windows, with pool padding, gaps between windows
+# (stride > kernel), a 1x1 window, 16 taps exactly and 9 taps padded to 16 rows.
+POOLS = {
+    "max2": ("max", (2, 2), (2, 2), (0, 0)),
+    "avg2_p1": ("avg", (2, 2), (2, 2), (1, 1)),
+    "max3_p1": ("max", (3, 3), (3, 3), (1, 1)),
+    "avg3x2_gaps": ("avg", (3, 2), (4, 3), (1, 0)),
+    "max1_s2": ("max", (1, 1), (2, 2), (0, 0)),
+    "avg4_p2": ("avg", (4, 4), (4, 4), (2, 0)),
+    "max2x4_p12": ("max", (2, 4), (2, 4), (1, 2)),
+}
+POOL_CASES = ["3x3_c3", "5x5_s2_p2", "groups2_cg16", "depthwise", "depthwise_x2", "1x1_s2"]
+# Each pool with every case in fp32, rotating through the epilogues that can precede it.
+FUSED = [("none", None, "none"), ("relu", "res", "none"), ("leaky_relu", "res", "gelu"), ("silu", None, "tanh"),
+         ("none", "res", "relu"), ("gelu", "res", "sigmoid")]
+POOL_PARAMS = [pytest.param(pl, c, torch.float32, FUSED[(i + j) % len(FUSED)], id=f"{pl}-{c}-float32")
+               for i, pl in enumerate(POOLS) for j, c in enumerate(POOL_CASES)]
+POOL_PARAMS += [pytest.param(pl, c, d, FUSED[1], id=f"{pl}-{c}-{str(d)[6:]}") for d in DTYPES[1:]
+                for pl, c in (("max2", "3x3_c3"), ("avg2_p1", "groups2_cg16"), ("max3_p1", "depthwise"))]
+
+
+@pytest.mark.parametrize("pool_name,name,dtype,fused", POOL_PARAMS)
+def test_conv_pool_epilogue(pool_name, name, dtype, fused):
+    case = CASES[name]
+    act, res, act2 = fused
+    p = _problem(case, dtype)
+    res = torch.randn(p["y"].shape[0], *p["out_hw"], p["y"].shape[1]).to(dtype) if res else None
+    ref = _fused_ref(p["y"], act, 0.1, res, act2, 0.3, POOLS[pool_name])
+    pool = (*POOLS[pool_name], tuple(ref.shape[2:]))
+    y = conv2d_forward(p["x"], p["w"], p["b"], *p["geometry"], p["out_hw"], act, 0.1, residual=res, act2=act2,
+                       slope2=0.3, pool=pool)
+    assert y.dtype == dtype
+    red = case[5][0] * case[5][1] * case[1] // case[9]
+    assert_close(_nchw(y), ref, dtype, reduction=red, depth=2, name=f"{name} {pool_name} y")
+
+
+# M = N*OH*OW rows: 1 and 2 interpreter tiles, a partial last tile, and 3 tiles (M = 1350 > 2*512).
+STATS_CASES = {**{c: CASES[c] for c in ("1x1", "3x3_c3", "5x5_s2_p2", "groups2_cg5", "depthwise", "same_2x4")},
+               "three_tiles": (2, 3, 27, 25, 5, (3, 3), 1, 1, 1, 1, True)}
+
+
+@pytest.mark.parametrize("name,dtype", [pytest.param(c, d, id=f"{c}-{str(d)[6:]}") for c in STATS_CASES
+                                        for d in DTYPES if d == torch.float32 or c in ("3x3_c3", "three_tiles")])
+def test_conv_stats(name, dtype):
+    case = STATS_CASES[name]
+    n, c, *_, (r, s), _, _, _, groups, _ = case
+    p = _problem(case, dtype)
+    y, mean, var = conv2d_forward(p["x"], p["w"], p["b"], *p["geometry"], p["out_hw"], stats=True)
+    red, rows = r * s * c // groups, n * p["out_hw"][0] * p["out_hw"][1]
+    assert_close(_nchw(y), p["y"], dtype, reduction=red, name=f"{name} y")
+    ref_var, ref_mean = torch.var_mean(p["y"], dim=(0, 2, 3), unbiased=False)
+    assert mean.dtype == var.dtype == torch.float32
+    # The statistics come from the fp32 accumulator of the rounded inputs, not from the stored y.
+    assert_close(mean, ref_mean, reduction=red + rows, name=f"{name} mean")
+    assert_close(var, ref_var, reduction=red + rows, name=f"{name} var")
+
+
+def test_conv_stats_large_mean():
+    """|mean| = 1000 std: tile means and M2s about them keep the variance accurate."""
+    p = _problem(STATS_CASES["three_tiles"], torch.float32)
+    b = p["b"] * 0.01 + 1000.0
+    _, mean, var = conv2d_forward(p["x"], p["w"], b, *p["geometry"], p["out_hw"], stats=True)
+    y = p["y"] - p["b"].double()[:, None, None] + b.double()[:, None, None]
+    ref_var, ref_mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
+    assert_close(mean, ref_mean, reduction=27 + 1350, name="mean")
+    assert_close(var, ref_var, reduction=27 + 1350, depth=4, name="var")  # y itself is rounded near 1000
+
+
+def test_conv_fused_empty_batch():
+    x, w, geometry = torch.zeros(0, 5, 5, 3), torch.randn(4, 3, 3, 3), ((1, 1), (1, 1), (1, 1), 1)
+    y, mean, var = conv2d_forward(x, w, None, *geometry, (5, 5), stats=True)
+    assert y.shape == (0, 5, 5, 4) and mean.shape == var.shape == (4,)
+    pool = ("avg", (2, 2), (2, 2), (1, 1), (3, 3))
+    y = conv2d_forward(x, w, None, *geometry, (5, 5), "relu", residual=torch.zeros(0, 5, 5, 4), pool=pool)
+    assert y.shape == (0, 3, 3, 4)
+
+
+def test_conv_rejects_bad_epilogue():
+    x, w, g1 = torch.zeros(1, 5, 5, 4), torch.zeros(8, 4, 3, 3), ((1, 1), (1, 1), (1, 1), 1)
+
+    def fwd(**kwargs):
+        return conv2d_forward(x, w, None, *g1, (5, 5), **kwargs)
+    with pytest.raises(ValueError, match=r"residual: expected shape \(1, 5, 5, 8\) \(the conv output\), got \(1, 5, 5, 7\)"):
+        fwd(residual=torch.zeros(1, 5, 5, 7))
+    with pytest.raises(ValueError, match="residual: expected dtype torch.float32, got torch.float16"):
+        fwd(residual=torch.zeros(1, 5, 5, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="residual: expected a contiguous tensor"):
+        fwd(residual=torch.zeros(1, 8, 5, 5).permute(0, 2, 3, 1))
+    with pytest.raises(ValueError, match="act2: unknown activation 'relu6'"):
+        fwd(act2="relu6")
+    with pytest.raises(ValueError, match=r"stats=True .* needs act='none', act2='none', no residual and no pool; "
+                                         r"got act='relu', act2='none', residual None, pool=None"):
+        fwd(act="relu", stats=True)
+    with pytest.raises(ValueError, match=r"residual \(1, 5, 5, 8\)"):
+        fwd(residual=torch.zeros(1, 5, 5, 8), stats=True)
+    with pytest.raises(ValueError, match="stats: expected a bool, got 1"):
+        fwd(stats=1)
+    with pytest.raises(ValueError, match=r"pool: expected \(mode, \(kh, kw\), \(sh, sw\), \(ph, pw\), \(poh, pow\)\)"):
+        fwd(pool=("max", 2, 2, 0))
+    with pytest.raises(ValueError, match="pool: mode: expected 'max' or 'avg', got 'min'"):
+        fwd(pool=("min", 2, 2, 0, (2, 2)))
+    with pytest.raises(ValueError, match=r"pool: only non-overlapping windows fuse \(stride >= kernel\), "
+                                         r"got kernel \(3, 3\) with stride \(2, 2\)"):
+        fwd(pool=("max", 3, 2, 1, (3, 3)))
+    with pytest.raises(ValueError, match="pool window too large to fuse: 5x4 = 20 taps, at most 16"):
+        fwd(pool=("avg", (5, 4), (5, 4), 0, (1, 1)))
+    with pytest.raises(ValueError, match=r"pool: out_hw: input \(5, 5\) with kernel \(2, 2\), stride \(2, 2\), "
+                                         r"padding \(0, 0\) gives \(2, 2\), got \(3, 3\)"):
+        fwd(pool=("max", 2, 2, 0, (3, 3)))
+    with pytest.raises(ValueError, match=r"pool: padding \(2, 0\) must be at most half the kernel \(2, 2\)"):
+        fwd(pool=("max", 2, 2, (2, 0), (4, 2)))
+    with pytest.raises(ValueError, match=r"part: expected shape \(2, 3, C\) for M=40 rows in tiles of 16, "
+                                         r"got \(2, 2, 8\)"):
+        batchnorm_merge_stats(torch.zeros(2, 2, 8), 16, 40)
 
 
 # Realistic and > 2**31-element shapes: on a GPU only, against cuDNN in float32.

@@ -1,0 +1,282 @@
+"""The training-mode elementwise-and-pool pass of a fused conv block, and its backward. The
+conv kernel writes z = conv(x) + bias (N, H, W, C) and the batch statistics; this pass computes
+
+    a = z scale[c] + shift[c]   (batch norm as a per-channel affine, or the identity)
+    h = act1(a),  v = h + residual,  u = act2(v),  y = pool(u)   (max/avg window, or y = u)
+
+reading z (and residual) once and writing y (and max pooling's argmax, in pool.py's codes).
+The backward keeps only z, residual and argmax and recomputes a, v at each pre-pool pixel:
+one kernel gathers dy over the pool windows holding the pixel (no atomics), writes dresidual
+and da (dz itself when the affine is fixed) and, for training batch norm, batchnorm.py's
+per-tile partials of sum(da), sum(da (z - mean)); batchnorm's merge and elementwise backward
+(`batchnorm_backward_from_partials`) then finish dz, dweight and dbias."""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import autotune, check, check_tensor
+from .activation import act_code, apply_act, apply_act_grad
+from .batchnorm import _check_channels, _tiles, batchnorm_backward_from_partials
+from .pool import _CONFIGS, _argmax_dtype, _geometry, _prune
+
+_POOL = {"max": 1, "avg": 2}  # codes for the POOL constexpr; 0: no pooling (y = u)
+_KEY = ["P", "C", "KH", "KW", "POOL", "ACT1", "ACT2", "HAS_AFFINE", "HAS_RES"]
+_PRUNE = {"early_config_prune": _prune}
+
+
+@triton.jit
+def _affine(scale_ptr, shift_ptr, offs_c, c_mask, HAS_AFFINE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This tile's per-channel scale and shift in fp32, loaded once (1 and 0 without an affine)."""
+    scale = tl.full((BLOCK_C,), 1.0, tl.float32)
+    shift = tl.zeros((BLOCK_C,), tl.float32)
+    if HAS_AFFINE:
+        scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=1.0).to(tl.float32)
+        shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    return scale, shift
+
+
+@triton.jit
+def _chain(z_ptr, res_ptr, off, mask, scale, shift, slope1, slope2, ACT1: tl.constexpr, ACT2: tl.constexpr,
+           HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr):
+    """(z, a, v, u) in fp32 at the (BLOCK_P, BLOCK_C) offsets `off` of z and residual."""
+    z = tl.load(z_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    a = z
+    if HAS_AFFINE:
+        a = z * scale[None, :] + shift[None, :]
+    v = apply_act(a, ACT1, slope1)
+    if HAS_RES:
+        v += tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    return z, a, v, apply_act(v, ACT2, slope2)
+
+
+@autotune(_CONFIGS, key=_KEY, interpret={"BLOCK_P": ("P", 16, 1024), "BLOCK_C": ("C", 4, 64)},
+          prune_configs_by=_PRUNE)
+@triton.jit
+def _epilogue_fwd_kernel(z_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, arg_ptr,  # z, res (N, H, W, C) -> y (N, OH, OW, C)
+                         P, H, W, C, OH, OW, stride_h, stride_w, pad_h, pad_w, slope1, slope2,
+                         KH: tl.constexpr, KW: tl.constexpr, POOL: tl.constexpr, ACT1: tl.constexpr,
+                         ACT2: tl.constexpr, HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # output pixels (n, oh, ow)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_mask = offs_p < P
+    c_mask = offs_c < C
+    out_mask = p_mask[:, None] & c_mask[None, :]
+    y_off = (offs_p * C)[:, None] + offs_c[None, :]
+    scale, shift = _affine(scale_ptr, shift_ptr, offs_c, c_mask, HAS_AFFINE, BLOCK_C)
+    if POOL == 0:
+        _, _, _, y = _chain(z_ptr, res_ptr, y_off, out_mask, scale, shift, slope1, slope2, ACT1, ACT2,
+                            HAS_AFFINE, HAS_RES)
+    else:  # each tap's u recomputed from z (and residual), then reduced as pool.py does
+        n = offs_p // (OH * OW)
+        h0 = (offs_p // OW) % OH * stride_h - pad_h
+        w0 = offs_p % OW * stride_w - pad_w
+        best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), tl.float32)
+        arg = tl.full((BLOCK_P, BLOCK_C), -1, tl.int32)
+        acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+        for r in range(KH):
+            ih = h0 + r
+            for s in range(KW):
+                iw = w0 + s
+                valid = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                mask = valid[:, None] & c_mask[None, :]
+                off = (((n * H + ih) * W + iw) * C)[:, None] + offs_c[None, :]
+                _, _, _, u = _chain(z_ptr, res_ptr, off, mask, scale, shift, slope1, slope2, ACT1, ACT2,
+                                    HAS_AFFINE, HAS_RES)
+                if POOL == 1:  # torch: the first valid tap, then strictly greater values or any NaN
+                    take = mask & ((u > best) | (u != u) | (arg < 0))  # noqa: PLR0124
+                    best = tl.where(take, u, best)
+                    arg = tl.where(take, r * KW + s, arg)
+                else:  # padding counts as zeros (count_include_pad)
+                    acc += tl.where(mask, u, 0.0)
+        if POOL == 1:
+            tl.store(arg_ptr + y_off, arg.to(arg_ptr.dtype.element_ty), mask=out_mask)
+            y = best
+        else:
+            y = acc / (KH * KW)
+    tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _gather_dy(dy_ptr, arg_ptr, offs_p, offs_c, mask, H, W, C, OH, OW, stride_h, stride_w, pad_h, pad_w,
+               KH: tl.constexpr, KW: tl.constexpr, POOL: tl.constexpr, BLOCK_P: tl.constexpr,
+               BLOCK_C: tl.constexpr):
+    """du at the pre-pool pixels offs_p (n, ih, iw): dy summed over the windows (oh, ow) that hold
+    the pixel at tap (r, s), max only where the window's argmax is r*KW + s, avg divided by KH*KW;
+    dy itself without a pool."""
+    if POOL == 0:
+        du = tl.load(dy_ptr + (offs_p * C)[:, None] + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        n = offs_p // (H * W)
+        ih = (offs_p // W) % H
+        iw = offs_p % W
+        du = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+        for r in range(KH):
+            th = ih + pad_h - r  # = oh * stride_h for the window that sees ih at tap r
+            oh = th // stride_h
+            h_ok = (th >= 0) & (th % stride_h == 0) & (oh < OH)
+            for s in range(KW):
+                tw = iw + pad_w - s
+                ow = tw // stride_w
+                ok = h_ok & (tw >= 0) & (tw % stride_w == 0) & (ow < OW)
+                m = ok[:, None] & mask
+                off = (((n * OH + oh) * OW + ow) * C)[:, None] + offs_c[None, :]
+                d = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
+                if POOL == 1:
+                    a = tl.load(arg_ptr + off, mask=m, other=-1).to(tl.int32)
+                    d = tl.where(a == r * KW + s, d, 0.0)
+                du += d
+        if POOL == 2:
+            du = du / (KH * KW)
+    return du
+
+
+@autotune(_CONFIGS, key=_KEY + ["BN"], prune_configs_by=_PRUNE,
+          interpret={"BLOCK_P": (lambda a: a["rows"] // 2 or a["P"], 16, 1024), "BLOCK_C": ("C", 4, 64)})
+@triton.jit
+def _epilogue_bwd_kernel(dy_ptr, arg_ptr, z_ptr, scale_ptr, shift_ptr, res_ptr, mean_ptr,  # dy (N, OH, OW, C)
+                         dz_ptr, dres_ptr, part_ptr,  # -> dz (da with BN), dres (N, H, W, C), part (2, n_tiles, C)
+                         P, H, W, C, OH, OW, stride_h, stride_w, pad_h, pad_w, slope1, slope2, rows, n_tiles,
+                         KH: tl.constexpr, KW: tl.constexpr, POOL: tl.constexpr, ACT1: tl.constexpr,
+                         ACT2: tl.constexpr, HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, BN: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Program (t, j) takes tile t of the P = N*H*W pre-pool pixels: `rows` of them with BN
+    # (batchnorm's tiling, whose partials it writes), else BLOCK_P.
+    tile = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    scale, shift = _affine(scale_ptr, shift_ptr, offs_c, c_mask, HAS_AFFINE, BLOCK_C)
+    if BN:
+        row0 = tile * rows
+        row_end = tl.minimum(row0 + rows, P)
+        mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    else:
+        row0 = tile * BLOCK_P
+        row_end = tl.minimum(row0 + BLOCK_P, P)
+        mean = tl.zeros((BLOCK_C,), tl.float32)
+    sum_da = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    sum_dax = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    for start in range(row0, row_end, BLOCK_P):
+        offs_p = start + tl.arange(0, BLOCK_P)
+        mask = (offs_p < row_end)[:, None] & c_mask[None, :]
+        off = (offs_p * C)[:, None] + offs_c[None, :]
+        du = _gather_dy(dy_ptr, arg_ptr, offs_p, offs_c, mask, H, W, C, OH, OW, stride_h, stride_w, pad_h,
+                        pad_w, KH, KW, POOL, BLOCK_P, BLOCK_C)
+        z, a, v, _ = _chain(z_ptr, res_ptr, off, mask, scale, shift, slope1, slope2, ACT1, ACT2,
+                            HAS_AFFINE, HAS_RES)
+        dv = apply_act_grad(v, du, ACT2, slope2)
+        if HAS_RES:
+            tl.store(dres_ptr + off, dv.to(dres_ptr.dtype.element_ty), mask=mask)
+        da = tl.where(mask, apply_act_grad(a, dv, ACT1, slope1), 0.0)
+        if BN:
+            sum_da += da
+            sum_dax += da * (z - mean[None, :])
+        elif HAS_AFFINE:
+            da = da * scale[None, :]  # a fixed affine: dz = da * scale
+        tl.store(dz_ptr + off, da.to(dz_ptr.dtype.element_ty), mask=mask)
+    if BN:  # batchnorm's _bn_bwd_partial_kernel format: [sum(da), sum(da (z - mean))] per tile
+        tl.store(part_ptr + tile * C + offs_c, tl.sum(sum_da, axis=0), mask=c_mask)
+        tl.store(part_ptr + (n_tiles + tile) * C + offs_c, tl.sum(sum_dax, axis=0), mask=c_mask)
+
+
+def _setup(z, scale, shift, act1, slope1, residual, act2, slope2, pool):
+    """Validate the arguments both passes share -> (y shape, kernel args, constexprs)."""
+    check_tensor(z, "z")
+    check(z.dim() in (2, 4), f"z: expected (N, H, W, C) or (N, C), got shape {tuple(z.shape)}")
+    n, h, w, c = z.shape if z.dim() == 4 else (z.shape[0], 1, 1, z.shape[1])
+    check((scale is None) == (shift is None), f"scale, shift: expected both or neither, got "
+          f"{type(scale).__name__} and {type(shift).__name__}")
+    for t, name in ((scale, "scale"), (shift, "shift")):
+        if t is not None:
+            check_tensor(t, name, ndim=1, dtype=torch.float32, device=z.device)
+            check(t.shape[0] == c, f"{name}: expected shape ({c},), got {tuple(t.shape)}")
+    if residual is not None:
+        check_tensor(residual, "residual", dtype=z.dtype, device=z.device)
+        check(residual.shape == z.shape, f"residual: expected shape {tuple(z.shape)}, got {tuple(residual.shape)}")
+    consts = {"ACT1": act_code(act1, "act1"), "ACT2": act_code(act2, "act2"),
+              "HAS_AFFINE": scale is not None, "HAS_RES": residual is not None}
+    if pool is None:
+        geometry, out_shape = (h, w, (1, 1), (1, 1), (0, 0)), tuple(z.shape)
+        consts.update(KH=1, KW=1, POOL=0)
+    else:
+        check(isinstance(pool, (tuple, list)) and len(pool) == 5, "pool: expected None or (mode, kernel, "
+              f"stride, padding, out_hw), got {pool!r}")
+        mode, kernel, stride, padding, out_hw = pool
+        kernel, stride, padding = _geometry(mode, kernel, stride, padding, (h, w), out_hw)
+        geometry, out_shape = (*out_hw, stride, padding), (n, *out_hw, c)
+        consts.update(KH=kernel[0], KW=kernel[1], POOL=_POOL[mode])
+    oh, ow, stride, padding = geometry[0], geometry[1], geometry[2], geometry[3]
+    args = (h, w, c, oh, ow, *stride, *padding, float(slope1), float(slope2))
+    return out_shape, args, consts
+
+
+def epilogue_forward(z, scale, shift, act1, slope1, residual, act2, slope2, pool):
+    """(y, argmax or None): y = pool(act2(act1(z scale + shift) + residual)) in z's dtype for z
+    (N, H, W, C) (or (N, C) as (N, 1, 1, C)) contiguous; scale, shift fp32 (C,) or both None
+    (the identity); residual z's shape and dtype or None; act1, act2 activation names,
+    "none" allowed; pool None (y = u, z's shape) or (mode, (kh, kw), (sh, sw), (ph, pw),
+    (oh, ow)) as pool.py's pool_forward, giving y (N, oh, ow, C) and for "max" its argmax codes.
+    One pass: reads z and residual once, writes y (and argmax)."""
+    out_shape, args, consts = _setup(z, scale, shift, act1, slope1, residual, act2, slope2, pool)
+    y = torch.empty(out_shape, dtype=z.dtype, device=z.device)
+    is_max = consts["POOL"] == _POOL["max"]
+    argmax = torch.empty(out_shape, dtype=_argmax_dtype(consts["KH"] * consts["KW"]), device=z.device) \
+        if is_max else None
+    pixels, c = y.numel() // max(args[2], 1), args[2]
+    if y.numel():
+        _epilogue_fwd_kernel[lambda meta: (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))](
+            z, z if scale is None else scale, z if shift is None else shift, z if residual is None else residual,
+            y, argmax if is_max else y, pixels, *args, **consts)
+    return y, argmax
+
+
+def epilogue_backward(dy, z, scale, shift, act1, slope1, residual, act2, slope2, pool, argmax, bn=None):
+    """(dz, dresidual or None, dweight or None, dbias or None) for dy of epilogue_forward's y,
+    recomputing a, v, u from the saved z, residual and argmax. bn None: the affine (if any) is
+    fixed, dz = da * scale, one pass. bn = (mean, var, eps, weight, bias_present, need_param_grads,
+    train): a is batch norm of z with statistics mean, var (fp32 (C,): the batch's, var biased,
+    with train; else the running ones) and scale, shift its affine; dz is the batch-norm
+    backward (through the batch statistics with train) and, with need_param_grads,
+    dweight (weight not None) and dbias (bias_present) come in weight's dtype (z's without one).
+    Passes: the gather / activation-gradient pass (writing da and batchnorm's tile partials),
+    then with bn batchnorm's merge and elementwise backward."""
+    out_shape, args, consts = _setup(z, scale, shift, act1, slope1, residual, act2, slope2, pool)
+    check_tensor(dy, "dy", dtype=z.dtype, device=z.device)
+    check(tuple(dy.shape) == out_shape, f"dy: expected shape {out_shape}, got {tuple(dy.shape)}")
+    if consts["POOL"] == _POOL["max"]:
+        want = _argmax_dtype(consts["KH"] * consts["KW"])
+        check(isinstance(argmax, torch.Tensor), f"argmax: expected a tensor for max pooling, got "
+                                                f"{type(argmax).__name__}")
+        check(argmax.dtype == want, f"argmax: expected dtype {want}, got {argmax.dtype}")
+        check(tuple(argmax.shape) == out_shape, f"argmax: expected shape {out_shape}, got {tuple(argmax.shape)}")
+        check(argmax.device == z.device and argmax.is_contiguous(), f"argmax: expected a contiguous tensor on "
+              f"{z.device}, got strides {argmax.stride()} on {argmax.device}")
+    else:
+        check(argmax is None, f"argmax: expected None without max pooling, got {type(argmax).__name__}")
+    c = args[2]
+    m = z.numel() // max(c, 1)  # pre-pool pixels: batch-norm rows
+    if bn is not None:
+        check(isinstance(bn, (tuple, list)) and len(bn) == 7, "bn: expected None or (mean, var, eps, weight, "
+              f"bias_present, need_param_grads, train), got {type(bn).__name__} of length "
+              f"{len(bn) if isinstance(bn, (tuple, list)) else '-'}")
+        check(scale is not None, "bn: expected scale and shift (the batch norm's affine), got None")
+        mean, var, eps, weight, bias_present, need_param_grads, train = bn
+        for t, name, opt in ((mean, "mean", False), (var, "var", False), (weight, "weight", True)):
+            _check_channels(t, name, c, z.device, opt)
+        rows, n_tiles = _tiles(m)
+    else:
+        mean, rows, n_tiles = None, 0, 0
+    dz = torch.empty_like(z)  # da with bn
+    dres = None if residual is None else torch.empty_like(residual)
+    part = torch.empty((2, n_tiles, c), dtype=torch.float32, device=z.device)
+    if m and c:
+        _epilogue_bwd_kernel[lambda meta: (n_tiles or triton.cdiv(m, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))](
+            dy, dy if argmax is None else argmax, z, z if scale is None else scale, z if shift is None else shift,
+            z if residual is None else residual, z if mean is None else mean, dz, dz if dres is None else dres,
+            part, m, *args, rows, n_tiles, **consts, BN=bn is not None)
+    if bn is None:
+        return dz, dres, None, None
+    dz2, dw, db = batchnorm_backward_from_partials(part, dz.view(m, c), z.view(m, c), mean, var, eps, weight,
+                                                   need_param_grads, train)
+    return (dz2.view(z.shape), dres, None if weight is None else dw, db if bias_present else None)
