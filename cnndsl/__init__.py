@@ -9,22 +9,26 @@ The front end (parse, check, summary) needs only lark; compiling needs torch."""
 from .api import compile, parse
 from .errors import (
                      CnnArgumentError,
+                     CnnDataError,
                      CnnError,
                      CnnInputError,
                      CnnNameError,
                      CnnShapeError,
                      CnnSyntaxError,
+                     CnnTrainError,
                      Span,
 )
 from .ir import Network, Op
 
 __all__ = [
                      "CnnArgumentError",
+                     "CnnDataError",
                      "CnnError",
                      "CnnInputError",
                      "CnnNameError",
                      "CnnShapeError",
                      "CnnSyntaxError",
+                     "CnnTrainError",
                      "Network",
                      "Op",
                      "Span",

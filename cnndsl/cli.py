@@ -1,11 +1,12 @@
 """The `cnndsl` command line: `check` (summary or --json), `plan` (the fused groups,
-their kernels and modelled bytes), `emit` (a standalone module) and `bench` (GPU
-timings). Every CnnError is printed as its rendered message with exit code 1, never a
+their kernels and modelled bytes), `train` and `eval` (train.py), `emit` (a standalone
+module) and `bench` (GPU timings). Every CnnError is printed as its rendered message with exit code 1, never a
 traceback."""
 
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from . import api
@@ -31,6 +32,44 @@ def _plan(args) -> int:
     out = report(net, plan(net, True), plan(net, False), args.batch, ITEMSIZE[args.dtype], args.train)
     print(json.dumps(out, indent=2) if args.json else out)
     return 0
+
+
+def _quiet_interpreter_warning() -> None:
+    """train and eval say where kernels run in their own report."""
+    warnings.filterwarnings("ignore", message="cnndsl: no CUDA device found")
+
+
+def _train(args) -> int:
+    from .train import Options, train
+    _quiet_interpreter_warning()
+    opts = Options(data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                   optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
+                   seed=args.seed, device=args.device, dtype=args.dtype, fuse=not args.no_fuse,
+                   backend=args.backend, out=args.out, resume=args.resume)
+    train(args.file, opts)
+    return 0
+
+
+def _eval(args) -> int:
+    from .train import evaluate
+    _quiet_interpreter_warning()
+    acc = evaluate(args.file, args.weights, args.data, args.batch_size, args.device, args.backend,
+                   not args.no_fuse, args.dtype)
+    print(f"test accuracy: {acc:.3f}")
+    return 0
+
+
+def _model_options(p, batch_size: int) -> None:
+    """Options `train` and `eval` share."""
+    p.add_argument("file", help="the .cnn file")
+    p.add_argument("--data", help="an MNIST IDX folder, a CIFAR-10 python folder, an .npz with x and y, or an "
+                                  "image folder (one subfolder per class); default: the bundled 8x8 digits")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per step (default: {batch_size})")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="default: fp32")
+    p.add_argument("--backend", choices=["triton", "torch"], default="triton",
+                   help="triton (Triton kernels) or torch (the eager reference); default: triton")
+    p.add_argument("--no-fuse", action="store_true", help="one kernel per layer instead of fused groups")
 
 
 def _bench(args) -> int:
@@ -84,6 +123,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
     bench.add_argument("--csv", metavar="PATH", help="also append the rows to this CSV file")
     bench.set_defaults(run=_bench)
+    tr = sub.add_parser("train", help="train the network on a labelled image set, with checkpoints",
+                        description="Train the network (a classifier) on a labelled image set: the bundled 8x8 "
+                                    "digits by default, or your own (--data). Prints the summary, the fused plan, "
+                                    "a line per epoch, writes OUT/last.pt after every epoch, and ends with the "
+                                    "accuracy on the held-out split.")
+    _model_options(tr, 64)
+    tr.add_argument("--epochs", type=int, default=4, help="epochs in all, a resumed run's included (default: 4)")
+    tr.add_argument("--lr", type=float, help="learning rate (default: 0.003 for adam and adamw, 0.05 for sgd)")
+    tr.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="adam", help="default: adam")
+    tr.add_argument("--momentum", type=float, default=0.9, help="sgd's momentum (default: 0.9)")
+    tr.add_argument("--weight-decay", type=float, default=0.0, help="default: 0")
+    tr.add_argument("--seed", type=int, default=0, help="seeds the weights, the shuffle and dropout (default: 0)")
+    tr.add_argument("--out", help="checkpoint folder (default: runs/NETWORK)")
+    tr.add_argument("--resume", nargs="?", const="", metavar="CKPT",
+                    help="continue from a checkpoint (default: OUT/last.pt) up to --epochs")
+    tr.set_defaults(run=_train)
+    ev = sub.add_parser("eval", help="report a checkpoint's accuracy on the held-out split",
+                        description="Load the weights of a checkpoint written by `cnndsl train` and report the "
+                                    "accuracy on the held-out split of the data.")
+    _model_options(ev, 256)
+    ev.add_argument("--weights", required=True, help="the checkpoint (OUT/last.pt of a training run)")
+    ev.set_defaults(run=_eval)
     em = sub.add_parser("emit", help="write the network's Triton kernels and launch sequence as one Python module",
                         description="Write one standalone Python module (needs only torch and triton) with the "
                                     "Triton kernels and the forward/backward launch sequence of the network.")

@@ -102,6 +102,13 @@ class CnnDataError(CnnError, ValueError):
     kind = "data error"
 
 
+class CnnTrainError(CnnError):
+    """Training that cannot go on: a loss that became NaN or infinite, a checkpoint that
+    cannot be read, written or resumed."""
+
+    kind = "training error"
+
+
 def did_you_mean(word: str, choices) -> str | None:
     """A hint naming the closest choice, if any is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

@@ -104,12 +104,17 @@ class NetworkModule(nn.Module):
 
     def loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the logits against class indices `target` [N]."""
+        return self.loss_and_logits(x, target)[0]
+
+    def loss_and_logits(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits) from one forward pass: what a training loop reporting accuracy needs."""
         self.check_input(x)
         self.check_target(target, x.shape[0])
         if len(self.net.output_shape) != 1:
             raise CnnInputError(f"{self.net.name}: loss needs class scores, but the output is "
                                 f"{'x'.join(map(str, self.net.output_shape))}")
-        return self._loss(self._run(x, logits=True), target)
+        logits = self._run(x, logits=True)
+        return self._loss(logits, target), logits
 
     def _run(self, x: torch.Tensor, logits: bool) -> torch.Tensor:
         raise NotImplementedError

@@ -1,0 +1,212 @@
+"""`cnndsl train` and `cnndsl eval` on a tiny .npz set the test writes (the triton backend
+in the interpreter): the printed report, checkpoints (atomic, safe to load, bit-for-bit
+resume in-process and after a kill), a NaN loss, data that does not fit; the bundled
+digits recipe reaching 0.95 with the reference backend; examples/train.py."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cnndsl import CnnTrainError
+from cnndsl import checkpoint as ckpt
+from cnndsl.cli import main
+from cnndsl.train import Options, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = """network tiny
+input 1x4x4
+conv 4 3 pad=1 bias=false
+batchnorm
+relu
+flatten
+dense 8
+relu
+dropout 0.2
+dense 3
+softmax
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """(network file, npz file): class k lights up row k of a 4x4 image, plus noise."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 150)
+    x = rng.normal(0, 0.3, (150, 1, 4, 4)).astype(np.float32)
+    x[np.arange(150), 0, y] += 2.5
+    np.savez(tmp_path / "rows.npz", x=x, y=y)
+    (tmp_path / "tiny.cnn").write_text(TINY)
+    return tmp_path / "tiny.cnn", tmp_path / "rows.npz"
+
+
+def _opts(data, out, **kw):
+    return Options(data=str(data), out=str(out), device="cpu", batch_size=16, **kw)
+
+
+def test_train_reports_and_learns(tiny, tmp_path, capsys):
+    net, data = tiny
+    assert main(["train", str(net), "--data", str(data), "--epochs", "3", "--batch-size", "16",
+                 "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "Total params:" in out and "plan for tiny: 3 groups (fused)" in out
+    assert "120 training and 30 held-out images, 3 classes" in out
+    assert "backend: triton (fused), Triton's interpreter on the CPU" in out
+    epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 3 and all("loss" in e and "accuracy" in e and "images/s" in e for e in epochs)
+    acc = float(out.rsplit("test accuracy: ", 1)[1])
+    assert acc >= 0.9
+    assert main(["eval", str(net), "--weights", str(tmp_path / "run" / "last.pt"), "--data", str(data)]) == 0
+    assert capsys.readouterr().out.strip() == f"test accuracy: {acc:.3f}"
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["last.pt"], "no temporary files left"
+
+
+def _state(path):
+    return ckpt.load(path)
+
+
+def _same(a, b):
+    assert a["epoch"] == b["epoch"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    assert torch.equal(a["rng"], b["rng"])
+
+
+def test_resume_repeats_an_uninterrupted_run_bit_for_bit(tiny, tmp_path):
+    net, data = tiny
+    log = lambda *_: None
+    train(net, _opts(data, tmp_path / "whole", epochs=3), log=log)
+    train(net, _opts(data, tmp_path / "parts", epochs=1), log=log)
+    train(net, _opts(data, tmp_path / "parts", epochs=3, resume=""), log=log)
+    _same(_state(tmp_path / "whole" / "last.pt"), _state(tmp_path / "parts" / "last.pt"))
+
+
+def test_kill_and_resume(tiny, tmp_path):
+    """A run killed (SIGKILL) once its first checkpoint exists, resumed, ends where an
+    uninterrupted run ends."""
+    net, data = tiny
+    args = [sys.executable, "-m", "cnndsl", "train", str(net), "--data", str(data), "--epochs", "4",
+            "--batch-size", "8", "--device", "cpu"]
+    killed = tmp_path / "killed" / "last.pt"
+    proc = subprocess.Popen([*args, "--out", str(killed.parent)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not killed.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert killed.exists() and _state(killed)["epoch"] < 4, "the run ended before it could be killed"
+    subprocess.run([*args, "--out", str(killed.parent), "--resume"], check=True, capture_output=True)
+    subprocess.run([*args, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
+    _same(_state(tmp_path / "whole" / "last.pt"), _state(killed))
+
+
+def test_nan_loss_keeps_the_last_good_checkpoint(tiny, tmp_path):
+    net, data = tiny
+    train(net, _opts(data, tmp_path, epochs=1), log=lambda *_: None)
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(CnnTrainError, match=r"the loss became (nan|inf) in epoch 2 .*try a lower --lr; "
+                                            r"the last good checkpoint, .*last.pt, is kept"):
+        train(net, _opts(data, tmp_path, epochs=2, resume="", lr=1e38), log=lambda *_: None)
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize(("arrays", "message"), [
+    ({"x": np.zeros((20, 1, 5, 5), np.float32), "y": np.zeros(20, np.int64)},
+     "training set: images are 1x5x5 but the network expects 1x4x4"),
+    ({"x": np.zeros((20, 1, 4, 4), np.float32), "y": np.full(20, 7)},
+     "label 7 is out of range: the network has 3 classes"),
+    ({"x": np.full((20, 1, 4, 4), np.nan, np.float32), "y": np.zeros(20, np.int64)},
+     "pixel values are NaN or inf"),
+    ({"x": np.zeros((0, 1, 4, 4), np.float32), "y": np.zeros(0, np.int64)}, "no examples"),
+])
+def test_data_that_does_not_fit_is_refused(tiny, tmp_path, capsys, arrays, message):
+    net, _ = tiny
+    np.savez(tmp_path / "bad.npz", **arrays)
+    assert main(["train", str(net), "--data", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_options_and_checkpoints(tiny, tmp_path, capsys):
+    net, data = tiny
+    assert main(["train", str(net), "--data", str(data), "--epochs", "0"]) == 1
+    assert "--epochs must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["train", str(net), "--data", str(data), "--lr", "-1"]) == 1
+    assert "--lr must be a positive number, got -1.0" in capsys.readouterr().err
+    assert main(["eval", str(net), "--weights", str(tmp_path / "none.pt"), "--data", str(data)]) == 1
+    assert "no checkpoint at" in capsys.readouterr().err
+    (tmp_path / "torn.pt").write_bytes(b"PK\x03\x04 not a whole zip")
+    with pytest.raises(CnnTrainError, match="not a readable checkpoint"):
+        ckpt.load(tmp_path / "torn.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CnnTrainError, match="not a cnndsl checkpoint"):
+        ckpt.load(tmp_path / "other.pt")
+    torch.save({"format": ckpt.FORMAT, "payload": Path("x")}, tmp_path / "evil.pt")
+    with pytest.raises(CnnTrainError, match="holds objects other than tensors and plain data"):
+        ckpt.load(tmp_path / "evil.pt")
+
+
+def test_resume_refuses_another_network(tiny, tmp_path):
+    net, data = tiny
+    train(net, _opts(data, tmp_path, epochs=1), log=lambda *_: None)
+    other = tmp_path / "other.cnn"
+    other.write_text(TINY.replace("dense 8", "dense 9"))
+    with pytest.raises(CnnTrainError, match="holds weights for a different network: dense1.weight is"):
+        train(other, _opts(data, tmp_path, epochs=2, resume=""), log=lambda *_: None)
+
+
+def test_digits_recipe_reaches_95_percent_with_the_reference_backend(tmp_path):
+    """The README's first command minus the interpreter's time: the same network, data split,
+    optimizer and defaults; the triton backend equals this backend (test_triton_backend)."""
+    result = train(ROOT / "examples" / "digits.cnn", Options(backend="torch", device="cpu", out=str(tmp_path)),
+                   log=lambda *_: None)
+    assert result["test_accuracy"] >= 0.95, result["test_accuracy"]
+
+
+def test_example_script_trains_with_a_plain_torch_loop():
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "train.py"), "--backend", "torch",
+                          "--epochs", "2"], capture_output=True, text=True, check=False, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert float(run.stdout.rsplit("test accuracy: ", 1)[1]) >= 0.9
+
+
+def test_progress_uses_tqdm_when_installed(monkeypatch, capsys):
+    from cnndsl.train import _Progress
+    calls = []
+
+    class FakeBar:
+        def __init__(self, **kw):
+            calls.append(("new", kw["total"]))
+
+        def update(self, n):
+            calls.append(("update", n))
+
+        def set_postfix(self, **kw):
+            calls.append(("postfix", kw["loss"]))
+
+        def close(self):
+            calls.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "tqdm", type(sys)("tqdm"))
+    sys.modules["tqdm"].tqdm = FakeBar
+    p = _Progress(10, "epoch 1/1")
+    p.update(4, None)
+    p.update(6, 0.5)
+    p.close()
+    assert calls == [("new", 10), ("update", 4), ("update", 6), ("postfix", "0.5000"), ("close",)]
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # not installed: a plain line on a terminal only
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    p = _Progress(10, "epoch 1/1")
+    p.update(10, 0.25)
+    p.close()
+    assert "epoch 1/1: 10/10 images, loss 0.2500" in capsys.readouterr().err
