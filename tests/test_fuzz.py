@@ -272,7 +272,7 @@ def bad_message(err, text):
 
 def test_corpus_is_big_and_deterministic():
     total = sum(len(corruptions(p, CASES_PER_EXAMPLE, SEED)) for p in EXAMPLES)
-    assert len(EXAMPLES) == 5 and total >= 3000
+    assert len(EXAMPLES) == 6 and total >= 3000
     assert corruptions(EXAMPLES[0], 20, SEED) == corruptions(EXAMPLES[0], 20, SEED)
 
 
