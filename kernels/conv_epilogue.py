@@ -11,7 +11,7 @@ import triton.language as tl
 
 from ._common import check, check_tensor
 from .activation import act_code
-from .pool import _geometry as _pool_geometry
+from .window import geometry as _pool_geometry
 
 # Codes for the POOL constexpr (0: no pooling).
 POOL_MODES = {"max": 1, "avg": 2}

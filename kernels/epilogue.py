@@ -18,11 +18,11 @@ import triton.language as tl
 from ._common import autotune, check, check_tensor
 from .activation import act_code, apply_act, apply_act_grad
 from .batchnorm import _check_channels, _tiles, batchnorm_backward_from_partials
-from .pool import _CONFIGS, _argmax_dtype, _geometry, _prune
+from .window import CONFIGS, argmax_dtype, check_argmax, geometry, prune
 
 _POOL = {"max": 1, "avg": 2}  # codes for the POOL constexpr; 0: no pooling (y = u)
 _KEY = ["P", "C", "KH", "KW", "POOL", "ACT1", "ACT2", "HAS_AFFINE", "HAS_RES"]
-_PRUNE = {"early_config_prune": _prune}
+_PRUNE = {"early_config_prune": prune}
 
 
 @triton.jit
@@ -50,7 +50,7 @@ def _chain(z_ptr, res_ptr, off, mask, scale, shift, slope1, slope2, ACT1: tl.con
     return z, a, v, apply_act(v, ACT2, slope2)
 
 
-@autotune(_CONFIGS, key=_KEY, interpret={"BLOCK_P": ("P", 16, 1024), "BLOCK_C": ("C", 4, 64)},
+@autotune(CONFIGS, key=_KEY, interpret={"BLOCK_P": ("P", 16, 1024), "BLOCK_C": ("C", 4, 64)},
           prune_configs_by=_PRUNE)
 @triton.jit
 def _epilogue_fwd_kernel(z_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, arg_ptr,  # z, res (N, H, W, C) -> y (N, OH, OW, C)
@@ -132,7 +132,7 @@ def _gather_dy(dy_ptr, arg_ptr, offs_p, offs_c, mask, H, W, C, OH, OW, stride_h,
     return du
 
 
-@autotune(_CONFIGS, key=_KEY + ["BN"], prune_configs_by=_PRUNE,
+@autotune(CONFIGS, key=_KEY + ["BN"], prune_configs_by=_PRUNE,
           interpret={"BLOCK_P": (lambda a: a["rows"] // 2 or a["P"], 16, 1024), "BLOCK_C": ("C", 4, 64)})
 @triton.jit
 def _epilogue_bwd_kernel(dy_ptr, arg_ptr, z_ptr, scale_ptr, shift_ptr, res_ptr, mean_ptr,  # dy (N, OH, OW, C)
@@ -197,16 +197,16 @@ def _setup(z, scale, shift, act1, slope1, residual, act2, slope2, pool):
     consts = {"ACT1": act_code(act1, "act1"), "ACT2": act_code(act2, "act2"),
               "HAS_AFFINE": scale is not None, "HAS_RES": residual is not None}
     if pool is None:
-        geometry, out_shape = (h, w, (1, 1), (1, 1), (0, 0)), tuple(z.shape)
+        geo, out_shape = (h, w, (1, 1), (0, 0)), tuple(z.shape)  # (oh, ow, stride, padding)
         consts.update(KH=1, KW=1, POOL=0)
     else:
         check(isinstance(pool, (tuple, list)) and len(pool) == 5, "pool: expected None or (mode, kernel, "
               f"stride, padding, out_hw), got {pool!r}")
         mode, kernel, stride, padding, out_hw = pool
-        kernel, stride, padding = _geometry(mode, kernel, stride, padding, (h, w), out_hw)
-        geometry, out_shape = (*out_hw, stride, padding), (n, *out_hw, c)
+        kernel, stride, padding = geometry(mode, kernel, stride, padding, (h, w), out_hw)
+        geo, out_shape = (*out_hw, stride, padding), (n, *out_hw, c)
         consts.update(KH=kernel[0], KW=kernel[1], POOL=_POOL[mode])
-    oh, ow, stride, padding = geometry[0], geometry[1], geometry[2], geometry[3]
+    oh, ow, stride, padding = geo
     args = (h, w, c, oh, ow, *stride, *padding, float(slope1), float(slope2))
     return out_shape, args, consts
 
@@ -221,7 +221,7 @@ def epilogue_forward(z, scale, shift, act1, slope1, residual, act2, slope2, pool
     out_shape, args, consts = _setup(z, scale, shift, act1, slope1, residual, act2, slope2, pool)
     y = torch.empty(out_shape, dtype=z.dtype, device=z.device)
     is_max = consts["POOL"] == _POOL["max"]
-    argmax = torch.empty(out_shape, dtype=_argmax_dtype(consts["KH"] * consts["KW"]), device=z.device) \
+    argmax = torch.empty(out_shape, dtype=argmax_dtype(consts["KH"] * consts["KW"]), device=z.device) \
         if is_max else None
     pixels, c = y.numel() // max(args[2], 1), args[2]
     if y.numel():
@@ -244,16 +244,8 @@ def epilogue_backward(dy, z, scale, shift, act1, slope1, residual, act2, slope2,
     out_shape, args, consts = _setup(z, scale, shift, act1, slope1, residual, act2, slope2, pool)
     check_tensor(dy, "dy", dtype=z.dtype, device=z.device)
     check(tuple(dy.shape) == out_shape, f"dy: expected shape {out_shape}, got {tuple(dy.shape)}")
-    if consts["POOL"] == _POOL["max"]:
-        want = _argmax_dtype(consts["KH"] * consts["KW"])
-        check(isinstance(argmax, torch.Tensor), f"argmax: expected a tensor for max pooling, got "
-                                                f"{type(argmax).__name__}")
-        check(argmax.dtype == want, f"argmax: expected dtype {want}, got {argmax.dtype}")
-        check(tuple(argmax.shape) == out_shape, f"argmax: expected shape {out_shape}, got {tuple(argmax.shape)}")
-        check(argmax.device == z.device and argmax.is_contiguous(), f"argmax: expected a contiguous tensor on "
-              f"{z.device}, got strides {argmax.stride()} on {argmax.device}")
-    else:
-        check(argmax is None, f"argmax: expected None without max pooling, got {type(argmax).__name__}")
+    mode = {code: name for name, code in _POOL.items()}.get(consts["POOL"], "none")
+    check_argmax(argmax, mode, consts["KH"] * consts["KW"], out_shape, z.device)
     c = args[2]
     m = z.numel() // max(c, 1)  # pre-pool pixels: batch-norm rows
     if bn is not None:

@@ -1,5 +1,6 @@
-"""Pooling over NHWC activations: windowed max / average pooling forward (max also writes
-a compact argmax of window offsets r*kw + s), its backward as a deterministic gather
+"""Pooling over NHWC activations: windowed max / average pooling forward (epilogue.py's
+kernel with its other stages off; max also writes a compact argmax of window offsets
+r*kw + s), its backward as a deterministic gather
 (each input pixel sums dy over the output windows that contain it, so overlapping windows
 need no atomics), and global average pooling both ways. Tiles are pixels x channels,
 channels contiguous; PyTorch semantics (floor mode, avg count_include_pad=True)."""
@@ -15,67 +16,14 @@ from ._common import (
     check_tensor,
     elementwise_tiles,
 )
-
-
-def _cfg(bp, bc, warps):
-    return triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=warps)
-
-
-_CONFIGS = [_cfg(*c) for c in ((256, 4, 4), (128, 16, 4), (64, 32, 4), (128, 32, 4), (32, 64, 4),
-                               (64, 64, 4), (128, 64, 8), (16, 128, 4), (32, 128, 4), (64, 128, 8))]
-
-
-def _prune(configs, named_args, **kwargs):
-    """Keep channel blocks that neither waste most lanes nor split a small C finely."""
-    c = triton.next_power_of_2(named_args["C"])
-    lo, hi = min(c, 16), max(c, 4)
-    return [cf for cf in configs if lo <= cf.kwargs["BLOCK_C"] <= hi] or configs
-
+from .epilogue import epilogue_forward
+from .window import CONFIGS, check_argmax, geometry, pair, prune
 
 _TUNE = {"interpret": {"BLOCK_P": ("P", 16, 1024), "BLOCK_C": ("C", 4, 64)},
-         "prune_configs_by": {"early_config_prune": _prune}}
+         "prune_configs_by": {"early_config_prune": prune}}
 
 
-@autotune(_CONFIGS, key=["P", "C", "KH", "KW", "IS_MAX"], **_TUNE)
-@triton.jit
-def _pool_fwd_kernel(x_ptr, y_ptr, arg_ptr, P, H, W, C, OH, OW,  # x (N, H, W, C) -> y, arg (N, OH, OW, C)
-                     stride_h, stride_w, pad_h, pad_w, KH: tl.constexpr, KW: tl.constexpr,
-                     IS_MAX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # output pixels (n, oh, ow)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_mask = offs_p < P
-    c_mask = offs_c < C
-    n = offs_p // (OH * OW)
-    h0 = (offs_p // OW) % OH * stride_h - pad_h
-    w0 = offs_p % OW * stride_w - pad_w
-    best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), tl.float32)
-    arg = tl.full((BLOCK_P, BLOCK_C), -1, tl.int32)
-    acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
-    for r in range(KH):
-        ih = h0 + r
-        for s in range(KW):
-            iw = w0 + s
-            valid = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            mask = valid[:, None] & c_mask[None, :]
-            v = tl.load(x_ptr + (((n * H + ih) * W + iw) * C)[:, None] + offs_c[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
-            if IS_MAX:  # torch: the first valid tap, then strictly greater values or any NaN
-                is_nan = v != v  # noqa: PLR0124
-                take = mask & ((v > best) | is_nan | (arg < 0))
-                best = tl.where(take, v, best)
-                arg = tl.where(take, r * KW + s, arg)
-            else:
-                acc += v
-    y_off = (offs_p * C)[:, None] + offs_c[None, :]
-    out_mask = p_mask[:, None] & c_mask[None, :]
-    if IS_MAX:
-        tl.store(y_ptr + y_off, best.to(y_ptr.dtype.element_ty), mask=out_mask)
-        tl.store(arg_ptr + y_off, arg.to(arg_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(y_ptr + y_off, (acc / (KH * KW)).to(y_ptr.dtype.element_ty), mask=out_mask)
-
-
-@autotune(_CONFIGS, key=["P", "C", "KH", "KW", "IS_MAX"], **_TUNE)
+@autotune(CONFIGS, key=["P", "C", "KH", "KW", "IS_MAX"], **_TUNE)
 @triton.jit
 def _pool_bwd_kernel(dy_ptr, arg_ptr, dx_ptr, P, H, W, C, OH, OW,  # dy, arg (N, OH, OW, C) -> dx (N, H, W, C)
                      stride_h, stride_w, pad_h, pad_w, KH: tl.constexpr, KW: tl.constexpr,
@@ -111,7 +59,7 @@ def _pool_bwd_kernel(dy_ptr, arg_ptr, dx_ptr, P, H, W, C, OH, OW,  # dy, arg (N,
              mask=p_mask[:, None] & c_mask[None, :])
 
 
-@autotune(_CONFIGS, key=["HW", "C"], **{**_TUNE, "interpret": {"BLOCK_P": ("HW", 16, 1024), "BLOCK_C": ("C", 4, 64)}})
+@autotune(CONFIGS, key=["HW", "C"], **{**_TUNE, "interpret": {"BLOCK_P": ("HW", 16, 1024), "BLOCK_C": ("C", 4, 64)}})
 @triton.jit
 def _global_avg_fwd_kernel(x_ptr, y_ptr, HW, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # y[n, c] = sum_p x[n, p, c] / HW for x (N, HW, C)
@@ -139,31 +87,6 @@ def _global_avg_bwd_kernel(dy_ptr, dx_ptr, total, HW, C, BLOCK: tl.constexpr):
     tl.store(dx_ptr + offs, (d / HW).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _pair(v, name, minimum):
-    v = (v, v) if isinstance(v, int) else tuple(v)
-    check(len(v) == 2 and all(isinstance(i, int) and i >= minimum for i in v),
-          f"{name}: expected two ints >= {minimum}, got {v}")
-    return v
-
-
-def _geometry(mode, kernel, stride, padding, in_hw, out_hw):
-    """Validate the pooling hyper-parameters; out_hw must be the floor-mode output of in_hw."""
-    check(mode in ("max", "avg"), f"mode: expected 'max' or 'avg', got {mode!r}")
-    kernel, stride = _pair(kernel, "kernel", 1), _pair(stride, "stride", 1)
-    padding = _pair(padding, "padding", 0)
-    check(all(2 * p <= k for p, k in zip(padding, kernel)),
-          f"padding {padding} must be at most half the kernel {kernel}")
-    out_hw = _pair(out_hw, "out_hw", 0)
-    expected = tuple(max(0, (i + 2 * p - k) // s + 1) for i, p, k, s in zip(in_hw, padding, kernel, stride))
-    check(out_hw == expected, f"out_hw: input {tuple(in_hw)} with kernel {kernel}, stride {stride}, "
-          f"padding {padding} gives {expected}, got {out_hw}")
-    return kernel, stride, padding
-
-
-def _argmax_dtype(taps: int) -> torch.dtype:
-    return torch.int8 if taps <= 127 else torch.int16 if taps <= 32767 else torch.int32
-
-
 def _grid(pixels, c):
     return lambda meta: (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))
 
@@ -171,37 +94,21 @@ def _grid(pixels, c):
 def pool_forward(x, mode, kernel, stride, padding, out_hw):
     """(y (N, OH, OW, C), argmax) for x (N, H, W, C); argmax is None for "avg" and for "max" the
     window offset r*kw + s of each maximum (N, OH, OW, C), int8 when kh*kw <= 127 (else int16/32).
-    Max: the first maximum wins, NaN propagates, padding never wins; avg divides by kh*kw."""
+    Max: the first maximum wins, NaN propagates, padding never wins; avg divides by kh*kw.
+    The fused epilogue's kernel with every other stage off: one window loop serves both."""
     check_tensor(x, "x", ndim=4)
-    n, h, w, c = x.shape
-    kernel, stride, padding = _geometry(mode, kernel, stride, padding, (h, w), out_hw)
-    oh, ow = out_hw
-    y = torch.empty((n, oh, ow, c), dtype=x.dtype, device=x.device)
-    is_max = mode == "max"
-    argmax = torch.empty(y.shape, dtype=_argmax_dtype(kernel[0] * kernel[1]), device=x.device) if is_max else None
-    if y.numel():
-        pixels = n * oh * ow
-        _pool_fwd_kernel[_grid(pixels, c)](x, y, argmax if is_max else y, pixels, h, w, c, oh, ow,
-                                           *stride, *padding, KH=kernel[0], KW=kernel[1], IS_MAX=is_max)
-    return y, argmax
+    return epilogue_forward(x, None, None, "none", 0.0, None, "none", 0.0,
+                            (mode, kernel, stride, padding, out_hw))
 
 
 def pool_backward(dy, mode, argmax, kernel, stride, padding, in_hw):
     """dx (N, H, W, C), (H, W) = in_hw, for dy (N, OH, OW, C) and pool_forward's argmax (None for avg)."""
     check_tensor(dy, "dy", ndim=4)
     n, oh, ow, c = dy.shape
-    in_hw = _pair(in_hw, "in_hw", 0)
-    kernel, stride, padding = _geometry(mode, kernel, stride, padding, in_hw, (oh, ow))
+    in_hw = pair(in_hw, "in_hw", 0)
+    kernel, stride, padding = geometry(mode, kernel, stride, padding, in_hw, (oh, ow))
     is_max = mode == "max"
-    if is_max:
-        check(isinstance(argmax, torch.Tensor), f"argmax: expected a tensor for max pooling, got {type(argmax).__name__}")
-        want = _argmax_dtype(kernel[0] * kernel[1])
-        check(argmax.dtype == want, f"argmax: expected dtype {want}, got {argmax.dtype}")
-        check(argmax.shape == dy.shape, f"argmax: expected shape {tuple(dy.shape)}, got {tuple(argmax.shape)}")
-        check(argmax.device == dy.device, f"argmax: expected device {dy.device}, got {argmax.device}")
-        check(argmax.is_contiguous(), f"argmax: expected a contiguous tensor, got strides {argmax.stride()}")
-    else:
-        check(argmax is None, f"argmax: expected None for avg pooling, got {type(argmax).__name__}")
+    check_argmax(argmax, mode, kernel[0] * kernel[1], dy.shape, dy.device)
     h, w = in_hw
     dx = torch.empty((n, h, w, c), dtype=dy.dtype, device=dy.device)
     if dx.numel():
@@ -227,7 +134,7 @@ def global_avgpool_backward(dy, in_hw):
     check_tensor(dy, "dy", ndim=4)
     n, one_h, one_w, c = dy.shape
     check(one_h == 1 and one_w == 1, f"dy: expected shape (N, 1, 1, C), got {tuple(dy.shape)}")
-    h, w = _pair(in_hw, "in_hw", 1)
+    h, w = pair(in_hw, "in_hw", 1)
     dx = torch.empty((n, h, w, c), dtype=dy.dtype, device=dy.device)
     total = dx.numel()
     if total:
