@@ -89,7 +89,7 @@ def _conv_block(net: ir.Network, nodes: tuple[ir.Node, ...]) -> tuple[tuple[int,
 def _dense_block(net: ir.Network, nodes: tuple[ir.Node, ...]) -> tuple[tuple[int, ...], dict]:
     by_op = {n.op: n for n in nodes}
     flatten, dense, drop = by_op.get(Op.FLATTEN), by_op[Op.DENSE], by_op.get(Op.DROPOUT)
-    spec = {"dense": dense.id, "flatten": flatten and _static(net, flatten)["permute"],
+    spec = {"dense": dense.id, "flatten": None if flatten is None else _static(net, flatten)["permute"],
             "act": _act(by_op.get(Op.ACTIVATION)), "p": drop.attrs.p if drop else 0.0,
             "softmax": Op.SOFTMAX in by_op}
     return nodes[0].inputs, spec

@@ -131,7 +131,7 @@ def _call(net: ir.Network, step: Step, args: list[str], last: bool) -> str:
                     f"self.caches.setdefault({step.group}, {{}}))")
         case "dense_block":
             if k["flatten"] is not None:
-                x = _flatten(x)
+                x = _flatten(x, k["flatten"])
             seed = "int(torch.randint(2**31 - 1, ())) if self.training else None" if k["p"] > 0 else "None"
             softmax = f"{k['softmax']!r} and not logits" if last else repr(k["softmax"])
             dense = _param(net, k["dense"])
@@ -149,7 +149,7 @@ def _call(net: ir.Network, step: Step, args: list[str], last: bool) -> str:
         case Op.GLOBAL_AVGPOOL:
             return f"GlobalAvgPoolFn.apply({x})"
         case Op.FLATTEN:
-            return _flatten(x)
+            return _flatten(x, k["permute"])
         case Op.DROPOUT:
             return (f"DropoutFn.apply({x}, {k['p']!r}, int(torch.randint(2**31 - 1, ()))) "
                     f"if self.training else {x}")
@@ -160,10 +160,9 @@ def _call(net: ir.Network, step: Step, args: list[str], last: bool) -> str:
     raise AssertionError(step.op)
 
 
-def _flatten(x: str) -> str:
-    """(N, H, W, C) -> (N, C*H*W) in C, H, W order (a view when H = W = 1)."""
-    return (f"({x}.permute(0, 3, 1, 2).reshape({x}.shape[0], -1) if {x}.dim() == 4 and {x}.shape[1:3] != (1, 1) "
-            f"else {x}.reshape({x}.shape[0], -1))")
+def _flatten(x: str, permute: bool) -> str:
+    """(N, H, W, C) -> (N, C*H*W) in C, H, W order (a view when H = W = 1: no permute)."""
+    return f"{x}{'.permute(0, 3, 1, 2)' if permute else ''}.reshape({x}.shape[0], -1)"
 
 
 def _class_name(net: ir.Network) -> str:

@@ -128,3 +128,26 @@ def test_triton_imported_before_cnndsl():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
                          check=False)
     assert out.returncode == 0 and "trained" in out.stdout, out.stderr[-2000:]
+
+
+def test_inference_folds_batch_norm_once_per_weight_change(monkeypatch):
+    """Eval without autograd folds batch norm into the conv weights on the first call, reuses
+    them while no tensor changes, and folds again after an in-place update (an optimizer step)."""
+    import cnndsl
+    from cnndsl.runtime import blocks
+    calls = []
+    fold = blocks.fold_conv
+    monkeypatch.setattr(blocks, "fold_conv", lambda *a: calls.append(1) or fold(*a))
+    ref = cnndsl.compile(RESIDUAL, backend="torch", device="cpu").eval()
+    tri = cnndsl.compile(RESIDUAL, backend="triton", device="cpu").eval()
+    tri.load_state_dict(ref.state_dict())
+    folded_convs = sum(g.inference[0] == "bn_fold" for g in tri.plan.groups)
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        tri(x)
+        tri(x)
+        assert len(calls) == folded_convs == 6
+        for m in (ref, tri):
+            m.state_dict()["batchnorm1.weight"].mul_(1.5)
+        torch.testing.assert_close(tri(x), ref(x), rtol=1e-4, atol=1e-6)
+    assert len(calls) == folded_convs + 1  # only the changed block folded again

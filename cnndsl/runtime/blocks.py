@@ -46,7 +46,7 @@ class ConvBlockFn(torch.autograd.Function):
                 spec, training, grad, cache):  # x (N, H, W, C) -> (N, OH, OW, K) or pooled
         geometry = (spec["stride"], spec["padding"], spec["dilation"], spec["groups"])
         (act1, s1), (act2, s2), bn, pool = _act(spec, "act1"), _act(spec, "act2"), spec["bn"], spec["pool"]
-        ctx.spec, ctx.geometry, ctx.has_bias, ctx.saved_bn = spec, geometry, b is not None, None
+        ctx.spec, ctx.geometry, ctx.has_bias = spec, geometry, b is not None
         if not grad and not (bn and training):  # inference: one kernel
             if bn:
                 w, b = _folded(cache, w, b, bn_w, bn_b, running_mean, running_var, bn[0])

@@ -23,7 +23,7 @@ def _dense_block(m, step: Step, x, logits=False):
     k = step.kw
     layer = m.layers[k["dense"]]
     if k["flatten"] is not None:
-        x = _flatten(m, step, x)
+        x = _flatten(x, k["flatten"])
     seed = _seed() if m.training and k["p"] > 0 else None
     return blocks.DenseBlockFn.apply(x, layer.weight, layer.bias, k, seed, k["softmax"] and not logits,
                                      torch.is_grad_enabled())
@@ -45,8 +45,8 @@ def _pool(m, step: Step, x):
     return fn.PoolFn.apply(x, k["mode"], k["kernel"], k["stride"], k["padding"], k["out_hw"])
 
 
-def _flatten(m, step: Step, x):  # (N, H, W, C) -> (N, C*H*W) in C, H, W order
-    if x.dim() == 4 and x.shape[1:3] != (1, 1):
+def _flatten(x, permute: bool):  # (N, H, W, C) -> (N, C*H*W) in C, H, W order; a view when H = W = 1
+    if permute:
         x = x.permute(0, 3, 1, 2)
     return x.reshape(x.shape[0], -1)
 
@@ -64,7 +64,7 @@ RUNNERS = {  # Op value -> (module, step, *inputs) -> output
     Op.ACTIVATION.value: lambda m, s, x: fn.ActivationFn.apply(x, s.kw["kind"], s.kw["slope"]),
     Op.POOL.value: _pool,
     Op.GLOBAL_AVGPOOL.value: lambda m, s, x: fn.GlobalAvgPoolFn.apply(x),
-    Op.FLATTEN.value: _flatten,
+    Op.FLATTEN.value: lambda m, s, x: _flatten(x, s.kw["permute"]),
     Op.DROPOUT.value: _dropout,
     Op.SOFTMAX.value: lambda m, s, x: fn.SoftmaxFn.apply(x),
     Op.ADD.value: lambda m, s, a, b: fn.AddFn.apply(a, b),
