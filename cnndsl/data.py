@@ -1,23 +1,39 @@
 """Labelled image sets for `cnndsl train`: `load(spec)` reads one into a (train, test) pair
-of `Dataset`s (dataset.py; the readers are in formats.py) and `check` says whether a set
-fits a network. numpy only, so the front end runs without torch. Every failure raises
-`CnnDataError` naming the file and the problem.
+of `Dataset`s (dataset.py; the readers are in formats.py and cifar.py) and `check` says
+whether a set fits a network. numpy only, so the front end runs without torch. Every failure
+raises `CnnDataError` naming the file and the problem.
 
 `spec` is None (the default set) or a path to one of these:
 
 - an MNIST IDX directory: train-images-idx3-ubyte, train-labels-idx1-ubyte,
   t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, each plain or .gz, with `-idx` or the
   dotted `.idx` spelling (Fashion-MNIST uses the same names). Pixels /255; classes "0".."9".
+  The header's sizes are checked against the data limit before the data is read, and a file
+  with more or fewer bytes than its header says is refused.
 - a CIFAR-10 python directory (cifar-10-batches-py): data_batch_1..5, test_batch and
-  batches.meta for the class names. These are pickles, read with an unpickler that builds
-  numpy arrays and nothing else. Pixels /255, images 3x32x32.
-- an `.npz` file with `x` and `y`, optionally `x_test`, `y_test` and `classes` (names).
-  x is (N, H, W) (one channel), (N, C, H, W), or (N, H, W, C) when the last dim is 1..4 and
-  the second is larger than 4. uint8 pixels are divided by 255; float pixels are kept as
-  they are (cast to float32; assumed already scaled); other dtypes are refused.
+  batches.meta for the class names. These are pickles (protocols 2-5, Python 2 or 3, numpy
+  1 or 2), read by cnndsl's own strict opcode reader (pickles.py), never by pickle's
+  Unpickler: it builds plain values and inert records of numpy arrays, refuses every other
+  global, callable or opcode, and counts what it builds against the data limit. 'data' must
+  be a uint8 (N, 3072) array (or N*3072 raw bytes); 'labels' a flat list (or 1-D array) of N
+  integers below the number of label_names; dict keys UTF-8. Pixels /255, images 3x32x32.
+- an `.npz` file with `x` and `y`, optionally `x_test`, `y_test` and `classes` (a 1-D array
+  of names, at least one per label value). x is (N, H, W) (one channel), (N, C, H, W), or
+  (N, H, W, C) when the last dim is 1..4 and the second is larger than 4. uint8 pixels are
+  divided by 255; float pixels are kept as they are (cast to float32; assumed already
+  scaled); other dtypes are refused. Each member's .npy header is read first: object arrays
+  are refused and its size is checked against the data limit before numpy allocates it.
 - an image folder: root/<class>/*.png|jpg|... (classes sorted by folder name), or
   root/train/<class>/... and root/test/<class>/... Needs Pillow. All-grayscale folders give
-  one channel, anything else RGB; every image must have the same size.
+  one channel, anything else RGB; every image must have the same size. A FIFO, socket,
+  device, directory or broken symlink with an image name is refused without being opened;
+  the images' sizes are read from their headers and checked against the data limit before
+  any is decoded, and images beyond Pillow's Image.MAX_IMAGE_PIXELS are refused.
+
+The data limit (dataset.py): a reader holds at most CNNDSL_MAX_DATA_BYTES bytes (default
+MAX_DATA_BYTES, 2 GiB) of raw arrays and float32 images; a .gz, .npz member, pickle or image
+set that would need more is refused, naming the limit, before it is allocated. Pixels are
+converted to float32 directly, never through float64.
 
 Sets without their own test part (the default, npz without x_test, a folder without
 train/test) hold out a fixed 20%: the examples at the first round(N / 5) positions of
@@ -55,7 +71,7 @@ def _digits() -> tuple[Dataset, Dataset]:
         table = np.loadtxt(io.BytesIO(read_maybe_gz(path)), delimiter=",", dtype=np.int64, ndmin=2)
     except (OSError, ValueError) as err:
         raise fail(path, f"cannot read scikit-learn's digits ({err}); reinstall scikit-learn") from None
-    x = table[:, :-1].reshape(-1, 1, 8, 8) / 16.0
+    x = np.divide(table[:, :-1].reshape(-1, 1, 8, 8), 16, dtype=np.float32)
     return split(DEFAULT_NAME, x, table[:, -1], [str(d) for d in range(10)], path)
 
 

@@ -1,9 +1,9 @@
 """Tests for cnndsl.data: the bundled default set and its fixed split, each file format
-(written here, small, in tmp_path), the restricted unpickler, and every error message."""
+(written here, small, in tmp_path) and every error message. CIFAR batches and the strict
+pickle reader are in test_data_cifar.py, the data limit and hostile files in
+test_data_limits.py."""
 
 import gzip
-import os
-import pickle
 import sys
 
 import numpy as np
@@ -101,55 +101,6 @@ def test_idx_missing_file_and_mismatched_counts(tmp_path):
     root = write_idx(tmp_path / "b")
     (root / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(4), 0x801))
     with data_error("5 images but 4 labels"):
-        load(root)
-
-
-# --- CIFAR-10 python batches ----------------------------------------------------------
-
-def write_cifar(root, protocol=2, n=3):
-    root.mkdir()
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [i % 10 for i in range(n)]}
-        (root / name).write_bytes(pickle.dumps(batch, protocol=protocol))
-    meta = {b"label_names": [b"airplane", b"automobile", *(f"c{i}".encode() for i in range(8))]}
-    (root / "batches.meta").write_bytes(pickle.dumps(meta, protocol=protocol))
-    return root
-
-
-@pytest.mark.parametrize("protocol", [2, 5])
-def test_cifar_batches(tmp_path, protocol):
-    train, test = load(write_cifar(tmp_path / "cifar-10-batches-py", protocol))
-    assert train.x.shape == (15, 3, 32, 32) and test.x.shape == (3, 3, 32, 32)
-    assert train.classes[:2] == ("airplane", "automobile") and len(train.classes) == 10
-    raw = pickle.loads((tmp_path / "cifar-10-batches-py" / "test_batch").read_bytes())
-    assert np.allclose(test.x.reshape(3, -1) * 255, raw[b"data"]) and test.y.tolist() == [0, 1, 2]
-
-
-class Exploit:
-    def __reduce__(self):
-        return os.system, ("echo owned > owned.txt",)
-
-
-def test_a_malicious_pickle_is_refused(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    root = write_cifar(tmp_path / "c")
-    (root / "data_batch_2").write_bytes(pickle.dumps({b"data": Exploit(), b"labels": []}))
-    with data_error(r"data_batch_2: data error: refusing to unpickle (posix|nt|os)\.system"):
-        load(root)
-    assert not (tmp_path / "owned.txt").exists()
-
-
-@pytest.mark.parametrize("damage, message", [
-    (lambda p: p.write_bytes(p.read_bytes()[:100]), r"test_batch: data error: corrupt pickle \(\w+"),
-    (lambda p: p.write_bytes(pickle.dumps([1, 2])), "expected a pickled dict, found list"),
-    (lambda p: p.write_bytes(pickle.dumps({b"data": np.zeros((2, 5), np.uint8), b"labels": [0, 1]})),
-     r"CIFAR data must be \(N, 3072\) uint8, found \(2, 5\) uint8"),
-    (lambda p: p.unlink(), "CIFAR-10 directory without test_batch"),
-])
-def test_corrupt_cifar_batches(tmp_path, damage, message):
-    root = write_cifar(tmp_path / "c")
-    damage(root / "test_batch")
-    with data_error(message):
         load(root)
 
 
