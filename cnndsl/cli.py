@@ -127,13 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Train the network (a classifier) on a labelled image set: the bundled 8x8 "
                                     "digits by default, or your own (--data). Prints the summary, the fused plan, "
                                     "a line per epoch, writes OUT/last.pt after every epoch, and ends with the "
-                                    "accuracy on the held-out split.")
+                                    "accuracy on the held-out split. One run at a time may use an OUT folder.")
     _model_options(tr, 64)
     tr.add_argument("--epochs", type=int, default=4, help="epochs in all, a resumed run's included (default: 4)")
-    tr.add_argument("--lr", type=float, help="learning rate (default: 0.003 for adam and adamw, 0.05 for sgd)")
-    tr.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="adam", help="default: adam")
-    tr.add_argument("--momentum", type=float, default=0.9, help="sgd's momentum (default: 0.9)")
-    tr.add_argument("--weight-decay", type=float, default=0.0, help="default: 0")
+    resumed = "the checkpoint's when resuming, else"
+    tr.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
+                    help=f"default: {resumed} adam (a resumed run cannot change it)")
+    tr.add_argument("--lr", type=float, help=f"learning rate (default: {resumed} 0.003 for adam and adamw, 0.05 "
+                                             "for sgd)")
+    tr.add_argument("--momentum", type=float, help=f"sgd's momentum (default: {resumed} 0.9)")
+    tr.add_argument("--weight-decay", type=float, help=f"default: {resumed} 0")
     tr.add_argument("--seed", type=int, default=0, help="seeds the weights, the shuffle and dropout (default: 0)")
     tr.add_argument("--out", help="checkpoint folder (default: runs/NETWORK)")
     tr.add_argument("--resume", nargs="?", const="", metavar="CKPT",

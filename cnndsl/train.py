@@ -1,5 +1,6 @@
 """`cnndsl train` and `cnndsl eval`: a network file, a data set (data.py), a torch
-optimizer and checkpoints (checkpoint.py).
+optimizer and checkpoints (checkpoint.py, checked against the run by resume.py), in an
+output folder that one run holds at a time (rundir.py).
 
 A run is a recipe: parse and summarise the network, load and check the data, compile
 (printing the fused plan), then per epoch a seeded shuffle, the optimizer steps with a
@@ -11,18 +12,23 @@ and the checkpoint holds the torch RNG state that dropout draws its seeds from."
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from . import api, checkpoint, data
+from . import api, checkpoint, data, resume, rundir
 from .errors import CnnInputError, CnnTrainError
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+STATE_KEYS = {"sgd": frozenset({"momentum_buffer"}), "adam": frozenset({"step", "exp_avg", "exp_avg_sq"}),
+              "adamw": frozenset({"step", "exp_avg", "exp_avg_sq"})}  # torch's per-parameter state
+DEFAULT_OPTIMIZER = "adam"
 DEFAULT_LR = {"sgd": 0.05, "adam": 0.003, "adamw": 0.003}
+DEFAULT_MOMENTUM, DEFAULT_WEIGHT_DECAY = 0.9, 0.0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECK_EVERY = 10  # steps between looks at the running loss (each look waits for the device)
+CHECKPOINT = "last.pt"  # in the output folder
 
 
 @dataclass(frozen=True)
@@ -30,10 +36,11 @@ class Options:
     data: str | None = None  # None: the bundled digits (data.py)
     epochs: int = 4
     batch_size: int = 64
-    lr: float | None = None  # None: DEFAULT_LR of the optimizer
-    optimizer: str = "adam"
-    momentum: float = 0.9  # sgd only
-    weight_decay: float = 0.0
+    # The optimizer and its hyper-parameters: None means the checkpoint's when resuming, else the default
+    lr: float | None = None  # DEFAULT_LR of the optimizer
+    optimizer: str | None = None  # DEFAULT_OPTIMIZER
+    momentum: float | None = None  # sgd only; DEFAULT_MOMENTUM
+    weight_decay: float | None = None  # DEFAULT_WEIGHT_DECAY
     seed: int = 0
     device: str | None = None  # None: cuda when there is one, else cpu
     dtype: str = "fp32"
@@ -46,21 +53,55 @@ class Options:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise CnnInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.optimizer not in OPTIMIZERS:
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise CnnInputError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise CnnInputError(f"--lr must be a positive number, got {self.lr}")
         for name in ("momentum", "weight_decay"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise CnnInputError(f"--{name.replace('_', '-')} must be a number >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise CnnInputError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
         if self.dtype not in DTYPES:
             raise CnnInputError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
 
 
+def _settle(opts: Options, ckpt: dict | None, path) -> Options:
+    """The options with the optimizer and its hyper-parameters filled in: those given, else the
+    checkpoint's when resuming (its state belongs to its optimizer), else the defaults."""
+    if ckpt is None:
+        name = opts.optimizer or DEFAULT_OPTIMIZER
+        base = {"lr": DEFAULT_LR[name], "momentum": DEFAULT_MOMENTUM, "weight_decay": DEFAULT_WEIGHT_DECAY}
+    else:
+        name, base = _saved_recipe(ckpt["config"], path)
+        if opts.optimizer not in (None, name):
+            raise CnnTrainError(f"{path} was trained with --optimizer {name}, not {opts.optimizer}: its optimizer "
+                                f"state does not carry over; leave out --optimizer to continue with {name}, or "
+                                f"train with {opts.optimizer} from the start in another --out")
+    given = {k: getattr(opts, k) for k in base if getattr(opts, k) is not None}
+    return replace(opts, optimizer=name, **{**base, **given})
+
+
+def _saved_recipe(config: dict, path) -> tuple[str, dict]:
+    """The optimizer and hyper-parameters a checkpoint's config records, checked."""
+    name = config.get("optimizer")
+    if name not in OPTIMIZERS:
+        raise CnnTrainError(f"{path}: its config names the optimizer {name!r:.40}; expected one of "
+                            f"{', '.join(OPTIMIZERS)}")
+    base = {}
+    for key, positive in (("lr", True), ("momentum", False), ("weight_decay", False)):
+        value = config.get(key)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and (value > 0 if positive else value >= 0)):
+            raise CnnTrainError(f"{path}: its config's {key} is {value!r:.40}; expected a number "
+                                f"{'> 0' if positive else '>= 0'}")
+        base[key] = value
+    return name, base
+
+
 def _optimizer(opts: Options, params):
-    lr = opts.lr if opts.lr is not None else DEFAULT_LR[opts.optimizer]
+    """opts settled (_settle)."""
     extra = {"momentum": opts.momentum} if opts.optimizer == "sgd" else {}
-    return OPTIMIZERS[opts.optimizer](params, lr=lr, weight_decay=opts.weight_decay, **extra)
+    return OPTIMIZERS[opts.optimizer](params, lr=opts.lr, weight_decay=opts.weight_decay, **extra)
 
 
 def _tensors(ds: data.Dataset, model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,24 +162,26 @@ def _where(model) -> str:
     return "Triton's interpreter on the CPU (no CUDA device; correct but slow)"
 
 
-def _resume(path: Path, source: str, model, optimizer, lr: float | None) -> tuple[int, list]:
-    ckpt = checkpoint.load(path)
-    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
-    if mine != theirs:
-        diff = next((k for k in list(mine) + list(theirs) if mine.get(k) != theirs.get(k)), "?")
-        raise CnnTrainError(f"{path} holds weights for a different network: {diff} is "
-                            f"{theirs.get(diff, 'absent')} there and {mine.get(diff, 'absent')} here")
-    if ckpt["source"] != source:
-        print(f"note: {path} was written from a different version of the network file; its weights fit, "
-              "continuing", file=sys.stderr)
+def _resume(ckpt: dict, path: Path, net, file, model, optimizer, kind: str) -> tuple[int, list]:
+    """Load a verified checkpoint into the model, the optimizer (built for kind from the settled
+    options, whose hyper-parameters win over the ones in the checkpoint's param_groups) and the
+    RNG, after checking that each part fits; -> (epochs done, history)."""
+    resume.check_model(ckpt, model.state_dict(), path, cast=False)
+    resume.check_network(ckpt, net, path, file)
+    resume.check_optimizer(ckpt, optimizer, STATE_KEYS[kind], path)
+    if ckpt["source"] != net.source:
+        print(f"note: {path} was written from a different version of the network file; the network is the "
+              "same, continuing", file=sys.stderr)
     model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if lr is not None:  # an --lr given again overrides the checkpoint's
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-    torch.set_rng_state(ckpt["rng"])
-    return int(ckpt["epoch"]), list(ckpt["history"])
+    saved = ckpt["optimizer"]
+    groups = [{**{k: v for k, v in own.items() if k != "params"}, "params": group["params"]}
+              for own, group in zip(optimizer.param_groups, saved["param_groups"])]
+    optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})
+    try:
+        torch.set_rng_state(ckpt["rng"])
+    except RuntimeError as err:
+        raise CnnTrainError(f"{path}: its rng is not a state of torch's generator ({err})") from None
+    return ckpt["epoch"], list(ckpt["history"])
 
 
 def _epoch(model, optimizer, x, y, opts: Options, epoch: int, desc: str) -> dict:
@@ -179,9 +222,21 @@ def train(file: str | Path, opts: Options = Options(), log=print) -> dict:
     """Train the network in `file`; returns {"test_accuracy", "history", "checkpoint"}."""
     opts.validate()
     net = api.parse(Path(file))
-    source = Path(file).read_text(encoding="utf-8")
+    out = Path(opts.out) if opts.out else Path("runs") / net.name
+    with rundir.claim(out, f"{CHECKPOINT}.*.tmp") as stale:
+        if stale:
+            log(f"removed {len(stale)} temporary file(s) an interrupted run left in {out}: {', '.join(stale)}")
+        return _run(file, net, out / CHECKPOINT, opts, log)
+
+
+def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
     log(net.summary())
     classes = _classes(net)
+    ckpt, resume_from = None, None
+    if opts.resume is not None:
+        resume_from = Path(opts.resume) if opts.resume else ckpt_path
+        ckpt = checkpoint.load(resume_from)
+    opts = _settle(opts, ckpt, resume_from)
     train_set, test_set = data.load(opts.data)
     for ds, part in ((train_set, "training set"), (test_set, "test set")):
         data.check(ds, net.input_shape, classes, part)
@@ -195,13 +250,10 @@ def train(file: str | Path, opts: Options = Options(), log=print) -> dict:
     else:
         log(f"backend: torch (the reference: eager PyTorch) on {model.device}")
     optimizer = _optimizer(opts, model.parameters())
-    out = Path(opts.out) if opts.out else Path("runs") / net.name
-    ckpt_path = out / "last.pt"
     done, history = 0, []
-    if opts.resume is not None:
-        resume_from = Path(opts.resume) if opts.resume else ckpt_path
-        done, history = _resume(resume_from, source, model, optimizer, opts.lr)
-        log(f"resumed from {resume_from} after epoch {done}")
+    if ckpt is not None:
+        done, history = _resume(ckpt, resume_from, net, file, model, optimizer, opts.optimizer)
+        log(f"resumed from {resume_from} after epoch {done} ({opts.optimizer}, lr {opts.lr:g})")
     x, y = _tensors(train_set, model)
     config = {k: v for k, v in asdict(opts).items() if k != "resume"}
     for epoch in range(done + 1, opts.epochs + 1):
@@ -214,9 +266,9 @@ def train(file: str | Path, opts: Options = Options(), log=print) -> dict:
         history.append(stats)
         log(f"epoch {epoch}/{opts.epochs}  loss {stats['loss']:.4f}  accuracy {stats['accuracy']:.4f}  "
             f"{stats['images_per_second']:,.0f} images/s  ({stats['seconds']:.1f} s)")
-        checkpoint.save(ckpt_path, source=source, epoch=epoch, model=model.state_dict(),
-                        optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), config=config,
-                        history=history)
+        checkpoint.save(ckpt_path, network=resume.network_record(net), source=net.source, epoch=epoch,
+                        model=model.state_dict(), optimizer=optimizer.state_dict(), rng=torch.get_rng_state(),
+                        config=config, history=history)
     xt, yt = _tensors(test_set, model)
     acc = accuracy(model, xt, yt, opts.batch_size)
     log(f"checkpoint: {ckpt_path}")
@@ -237,9 +289,7 @@ def evaluate(file: str | Path, weights: str | Path, data_spec: str | None = None
     _, test_set = data.load(data_spec)
     data.check(test_set, net.input_shape, _classes(net), "test set")
     model = api.compile(net, backend=backend, fuse=fuse, device=device, dtype=DTYPES[dtype])
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise CnnTrainError(f"{weights} holds weights for a different network: "
-                            f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}") from None
+    resume.check_model(ckpt, model.state_dict(), weights, cast=True)
+    resume.check_network(ckpt, net, weights, file)
+    model.load_state_dict(ckpt["model"])
     return accuracy(model, *_tensors(test_set, model), batch_size)

@@ -91,7 +91,8 @@ def test_resume_repeats_an_uninterrupted_run_bit_for_bit(tiny, tmp_path):
 
 def test_kill_and_resume(tiny, tmp_path):
     """A run killed (SIGKILL) once its first checkpoint exists, resumed, ends where an
-    uninterrupted run ends."""
+    uninterrupted run ends, and leaves no lock or temporary file behind (one is planted as if
+    the kill had come mid-save)."""
     net, data = tiny
     args = [sys.executable, "-m", "cnndsl", "train", str(net), "--data", str(data), "--epochs", "4",
             "--batch-size", "8", "--device", "cpu"]
@@ -104,7 +105,11 @@ def test_kill_and_resume(tiny, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert killed.exists() and _state(killed)["epoch"] < 4, "the run ended before it could be killed"
-    subprocess.run([*args, "--out", str(killed.parent), "--resume"], check=True, capture_output=True)
+    (killed.parent / "last.pt.x7kq2m1z.tmp").write_bytes(killed.read_bytes()[:1000])
+    resumed = subprocess.run([*args, "--out", str(killed.parent), "--resume"], check=True, capture_output=True,
+                             text=True)
+    assert "removed 1 temporary file(s) an interrupted run left in" in resumed.stdout
+    assert [p.name for p in killed.parent.iterdir()] == ["last.pt"]
     subprocess.run([*args, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
     _same(_state(tmp_path / "whole" / "last.pt"), _state(killed))
 
