@@ -1,21 +1,53 @@
 """The Python API: `parse` (path or text -> Network), `compile` (-> torch.nn.Module),
 and `emit`. Torch is imported only when a model is compiled."""
 
+import os
+import re
+import stat
 from os import PathLike
 from pathlib import Path
 
 from .elaborate import elaborate
 from .errors import CnnError, CnnInputError, CnnSyntaxError
 from .ir import Network
+from .limits import MAX_SOURCE_CHARS
 from .parse import parse_program
+
+_MAX_BYTES = 4 * MAX_SOURCE_CHARS  # UTF-8 takes at most 4 bytes a character
+_SOURCE_START = re.compile(r"\ufeff?\s*(#|network\s)")
+
+
+def _is_path(src) -> bool:
+    """A PathLike, or a one-line str ending in .cnn that does not begin as source text does
+    (`#`, `network `): a network's text has at least two lines, a path none."""
+    return isinstance(src, PathLike) or (isinstance(src, str) and "\n" not in src and src.strip().endswith(".cnn")
+                                         and not _SOURCE_START.match(src))
+
+
+def _read_file(path: Path) -> str:
+    """A .cnn file's text: a regular file (never a FIFO or device that blocks or never ends),
+    refused from its size before reading when it cannot be a network's source."""
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; it has no effect on a regular file.
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        info = os.fstat(f.fileno())
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(info.st_mode):
+            raise CnnInputError("not a regular file (a pipe, socket or device)", filename=str(path))
+        if info.st_size > _MAX_BYTES:
+            raise CnnInputError(f"too large for a .cnn file: {info.st_size:,} bytes, at most {MAX_SOURCE_CHARS:,} "
+                                "characters", filename=str(path))
+        return f.read(_MAX_BYTES + 1).decode("utf-8-sig")
 
 
 def _read(src: str | PathLike) -> tuple[str, str | None]:
     """Decide whether `src` is a path or .cnn text, and read it."""
-    if isinstance(src, PathLike) or (isinstance(src, str) and "\n" not in src and src.strip().endswith(".cnn")):
+    if _is_path(src):
         path = Path(src)
         try:
-            return path.read_text(encoding="utf-8-sig"), str(path)
+            return _read_file(path), str(path)
+        except CnnInputError:
+            raise
         except FileNotFoundError:
             raise CnnInputError("no such file", filename=str(path)) from None
         except IsADirectoryError:
@@ -24,14 +56,16 @@ def _read(src: str | PathLike) -> tuple[str, str | None]:
             raise CnnInputError(f"not UTF-8 text ({err.reason} at byte {err.start})", filename=str(path)) from None
         except OSError as err:
             raise CnnInputError(f"cannot read: {err.strerror}", filename=str(path)) from None
+        except (ValueError, UnicodeError) as err:  # a NUL byte or a lone surrogate in the path
+            raise CnnInputError(f"not a usable path ({err})", filename=repr(str(src))) from None
     if not isinstance(src, str):
         raise CnnInputError(f"expected a path, .cnn text or a Network, got {type(src).__name__}")
     return src, None
 
 
 def parse(src: str | PathLike | Network, filename: str | None = None) -> Network:
-    """Parse and check a .cnn file (a Path, or a str ending in .cnn) or source text into a
-    Network; a Network is returned as it is."""
+    """Parse and check a .cnn file (a Path, or a one-line str ending in .cnn that does not begin
+    with `#` or `network `) or source text into a Network; a Network is returned as it is."""
     if isinstance(src, Network):
         return src
     text, path = _read(src)

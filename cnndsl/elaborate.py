@@ -3,7 +3,7 @@ repetitions and residual branches into a flat graph of ir.Nodes in declaration o
 naming every node, evaluating argument expressions and inferring each shape."""
 
 import math
-from dataclasses import dataclass, field
+from functools import cache
 
 from . import ast, ir
 from .errors import (
@@ -11,51 +11,23 @@ from .errors import (
     CnnError,
     CnnNameError,
     CnnShapeError,
-    Span,
+    CnnSyntaxError,
     did_you_mean,
 )
 from .ir import Op
 from .layers import KERNEL, LAYERS, REQUIRED, WORDS, Symbol, build_attrs, coerce, show
+from .limits import MAX_DEPTH, MAX_EXPANSIONS, MAX_INT, MAX_NESTING, MAX_NODES, MAX_SIZE
+from .names import Scope
 from .shapes import infer
 
 
-@dataclass
-class _Scope:
-    """Names inside one block call or residual: `prefix.name`, each unique."""
-
-    prefix: str
-    taken: set = field(default_factory=set)  # names used, and reserved ones (`add` in a residual)
-    heads: set = field(default_factory=set)  # `d` for every `d.0` taken (a repeated `d:`)
-    counters: dict = field(default_factory=dict)  # base -> next automatic number to try
-
-    def _clashes(self, name: str) -> bool:
-        """`d` clashes with `d` and with `d.0`, and the other way round."""
-        return name in self.taken or name in self.heads or name.split(".")[0] in self.taken
-
-    def name(self, label: str | None, base: str, span: Span) -> str:
-        if label is not None:
-            if self._clashes(label):
-                head = label.split(".")[0]
-                reserved = head in ("add", "shortcut", "input")
-                raise CnnNameError(f"duplicate layer name {head!r}" + (" (a reserved name here)" if reserved else ""),
-                                   span, hint="names must be unique within a block or residual")
-            chosen = label
-        else:
-            k = self.counters.get(base, 1)
-            while self._clashes(f"{base}{k}"):
-                k += 1
-            self.counters[base] = k + 1
-            chosen = f"{base}{k}"
-        self.taken.add(chosen)
-        if "." in chosen:
-            self.heads.add(chosen.split(".")[0])
-        return f"{self.prefix}.{chosen}" if self.prefix else chosen
+@cache
+def _default(option):
+    """An option's default, coerced once (a layer repeated 100,000 times needs it as often)."""
+    return coerce(option, option.default, None)
 
 
 RESERVED = {"network", "input", "block", "residual", "shortcut", "x"} | WORDS
-MAX_DEPTH = 64  # nested block calls
-MAX_NODES = 100_000  # layers after expansion: far beyond any real network
-MAX_INT = 2**63  # integer values in .cnn arithmetic
 
 
 class _Builder:
@@ -63,6 +35,8 @@ class _Builder:
         self.program = program
         self.nodes: list[ir.Node] = []
         self.blocks: dict[str, ast.Block] = {}
+        self.expanded = 0  # statements expanded so far, against MAX_EXPANSIONS
+        self.checked: dict = {}  # (statement, arguments, input shape) -> (attrs, shape), see layer()
         for stmt in program.stmts:
             if isinstance(stmt, ast.Block):
                 self._define(stmt)
@@ -93,7 +67,7 @@ class _Builder:
         self.blocks[block.name] = block
 
     def add(self, op, attrs, inputs, shape, name, span, keyword) -> int:
-        if len(self.nodes) >= MAX_NODES:
+        if len(self.nodes) > MAX_NODES:  # nodes[0] is the input, not a layer
             raise CnnArgumentError(f"the network expands to more than {MAX_NODES:,} layers", span,
                                    hint="check the repetition counts")
         self.nodes.append(ir.Node(len(self.nodes), op, attrs, tuple(inputs), shape, name, span, keyword))
@@ -142,7 +116,9 @@ class _Builder:
         return n
 
     # --- statements ----------------------------------------------------------------------------
-    def stmts(self, stmts, cur: int, env: dict, scope: _Scope, stack: tuple) -> int:
+    def stmts(self, stmts, cur: int, env: dict, scope: Scope, stack: tuple, nesting: int = 0) -> int:
+        """Expand `stmts` after node `cur`; `stack` holds the block calls around them and
+        `nesting` counts the residual branches around them."""
         for stmt in stmts:
             if isinstance(stmt, ast.Block):
                 if stack or scope.prefix:
@@ -151,13 +127,18 @@ class _Builder:
                 continue
             reps = self.count(stmt.repeat, env)
             for i in range(reps):
+                self.expanded += 1
+                if self.expanded > MAX_EXPANSIONS:  # empty blocks make no layers but still cost work
+                    raise CnnArgumentError(f"the network expands to more than {MAX_EXPANSIONS:,} statements "
+                                           "(layers, block calls and residuals, each repetition counted)",
+                                           stmt.span, hint="check the repetition counts and the blocks they call")
                 label = stmt.label if stmt.label is None or reps == 1 else f"{stmt.label}.{i}"
                 if isinstance(stmt, ast.Residual):
-                    cur = self.residual(stmt, cur, env, scope.name(label, "residual", stmt.span), stack)
+                    cur = self.residual(stmt, cur, env, scope.name(label, "residual", stmt.span), stack, nesting)
                 elif stmt.name in LAYERS:
                     cur = self.layer(stmt, cur, env, scope.name(label, stmt.name, stmt.span))
                 elif stmt.name in self.blocks:
-                    cur = self.call(stmt, cur, env, scope.name(label, stmt.name, stmt.span), stack)
+                    cur = self.call(stmt, cur, env, scope.name(label, stmt.name, stmt.span), stack, nesting)
                 else:
                     raise CnnNameError(f"unknown layer {stmt.name!r}", stmt.name_span,
                                        expected="a layer (" + ", ".join(LAYERS) + ") or a block defined with `block`",
@@ -191,6 +172,15 @@ class _Builder:
         return out, where
 
     def layer(self, stmt: ast.Layer, cur: int, env: dict, name: str) -> int:
+        # The same statement with the same arguments on the same input (a repeated block) is
+        # checked once: attributes and shape depend on nothing else.
+        key = (id(stmt), tuple(env.items()), self.nodes[cur].shape)
+        if key not in self.checked:
+            self.checked[key] = self._check_layer(stmt, env, self.nodes[cur].shape)
+        attrs, shape = self.checked[key]
+        return self.add(LAYERS[stmt.name].op, attrs, [cur], shape, name, stmt.span, stmt.name)
+
+    def _check_layer(self, stmt: ast.Layer, env: dict, in_shape) -> tuple:
         spec = LAYERS[stmt.name]
         values, where = self.bind(spec.options, stmt.args, env, stmt.name, "option", spec.positional)
         for opt in spec.options:
@@ -199,16 +189,15 @@ class _Builder:
             elif opt.default is KERNEL:
                 values[opt.name] = KERNEL
             elif opt.default is not REQUIRED:
-                values[opt.name] = coerce(opt, opt.default, stmt.span)
+                values[opt.name] = _default(opt)
             else:
                 raise CnnArgumentError(f"{stmt.name} needs {opt.name!r}", stmt.span,
                                        expected=f"{stmt.name} " + " ".join(o.name.upper() for o in
                                                                             spec.options[:spec.positional]))
         attrs = build_attrs(spec, values)
-        shape = infer(spec.op, attrs, self.nodes[cur].shape, stmt.span)
-        return self.add(spec.op, attrs, [cur], shape, name, stmt.span, stmt.name)
+        return attrs, infer(spec.op, attrs, in_shape, stmt.span)
 
-    def call(self, stmt: ast.Layer, cur: int, env: dict, name: str, stack: tuple) -> int:
+    def call(self, stmt: ast.Layer, cur: int, env: dict, name: str, stack: tuple, nesting: int) -> int:
         block = self.blocks[stmt.name]
         if block.name in stack:
             chain = " -> ".join((*stack, block.name))
@@ -233,19 +222,21 @@ class _Builder:
                                        hint=did_you_mean(value.name, inner))
                 inner[p.name] = value
         try:
-            return self.stmts(block.body, cur, inner, _Scope(name), (*stack, block.name))
+            return self.stmts(block.body, cur, inner, Scope(name), (*stack, block.name), nesting)
         except CnnError as err:
             err.notes.append(f"in block {block.name!r} called at line {stmt.span.line}")
             raise
 
-    def residual(self, stmt: ast.Residual, cur: int, env: dict, name: str, stack: tuple) -> int:
+    def residual(self, stmt: ast.Residual, cur: int, env: dict, name: str, stack: tuple, nesting: int) -> int:
         if not stmt.body:
             raise CnnShapeError("a residual branch needs at least one layer", stmt.span)
-        scope = _Scope(name, {"add", "shortcut"})
-        branch = self.stmts(stmt.body, cur, env, scope, stack)
+        if nesting >= MAX_NESTING:
+            raise CnnSyntaxError(f"residual branches are nested more than {MAX_NESTING} deep", stmt.span)
+        scope = Scope(name, {"add", "shortcut"})
+        branch = self.stmts(stmt.body, cur, env, scope, stack, nesting + 1)
         short = cur
         if stmt.shortcut:
-            short = self.stmts(stmt.shortcut, cur, env, _Scope(f"{name}.shortcut"), stack)
+            short = self.stmts(stmt.shortcut, cur, env, Scope(f"{name}.shortcut"), stack, nesting + 1)
         b, s = self.nodes[branch].shape, self.nodes[short].shape
         if b != s:
             fmt = "x".join
@@ -264,6 +255,9 @@ def _check_input(dims: ast.Dims):
     if len(dims.values) != 3 or min(dims.values) < 1:
         raise CnnArgumentError(f"input must be CxHxW with positive sizes, got {'x'.join(map(str, dims.values))}",
                                dims.span, expected="e.g. `input 3x32x32`")
+    if max(dims.values) > MAX_SIZE:
+        raise CnnArgumentError(f"input size {max(dims.values):,} is more than the largest size, {MAX_SIZE:,}",
+                               dims.span)
 
 
 def elaborate(program: ast.Program, source: str = "", filename: str | None = None) -> ir.Network:
@@ -271,7 +265,7 @@ def elaborate(program: ast.Program, source: str = "", filename: str | None = Non
     _check_input(program.input)
     b = _Builder(program)
     b.add(Op.INPUT, ir.Input(), [], program.input.values, "input", program.input.span, "input")
-    b.stmts(program.stmts, 0, {}, _Scope("", {"input"}), ())
+    b.stmts(program.stmts, 0, {}, Scope("", {"input"}), ())
     if len(b.nodes) == 1:
         raise CnnShapeError("the network has no layers", program.input.span,
                             expected="at least one layer after `input`")

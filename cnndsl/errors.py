@@ -43,17 +43,23 @@ class CnnError(Exception):
         return self
 
     def render(self) -> str:
-        where = self.filename or ("<string>" if self.span else "")
+        where = _printable(self.filename or ("<string>" if self.span else ""))
         if self.span:
             where += f":{self.span.line}:{self.span.column}"
         out = [f"{where}: {self.kind}: {self.message}" if where else f"{self.kind}: {self.message}"]
         lines = self.source.split("\n") if self.source else []  # Lark counts only \n
         if self.span and 0 < self.span.line <= len(lines):
-            text = lines[self.span.line - 1].rstrip().expandtabs(1)
+            text = _printable(lines[self.span.line - 1].rstrip().expandtabs(1))
             end = self.span.end_column if self.span.end_line == self.span.line else len(text) + 1
             width = max(1, min(end, len(text) + 1) - self.span.column)
+            column = self.span.column
+            if max(len(text), column) > _SHOWN:  # a window of the line around the caret
+                first = max(0, min(column - 1 - _SHOWN // 2, max(len(text), column) - _SHOWN))
+                head, tail = ("...", 3) if first else ("", 0), "..." if first + _SHOWN < len(text) else ""
+                text, column = head[0] + text[first:first + _SHOWN] + tail, column - first + head[1]
+                width = min(width, _SHOWN)
             gutter = f"{self.span.line:>5} | "
-            out += [gutter + text, " " * (len(gutter) - 2) + "| " + " " * (self.span.column - 1) + "^" * width]
+            out += [gutter + text, " " * (len(gutter) - 2) + "| " + " " * (column - 1) + "^" * width]
         if self.expected:
             out.append(f"  expected: {self.expected}")
         out += [f"  note: {n}" for n in self.notes]
@@ -63,6 +69,15 @@ class CnnError(Exception):
 
     def __str__(self) -> str:
         return self.render()
+
+
+_SHOWN = 120  # characters of a source line an error shows
+
+
+def _printable(text: str) -> str:
+    """Control and other non-printable characters as `?`, one for one (so carets stay aligned),
+    so that a hostile file cannot send terminal escape sequences through an error message."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
 
 
 class CnnSyntaxError(CnnError):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from . import ir
 from .errors import CnnArgumentError, CnnNameError, Span, did_you_mean
 from .ir import Op
+from .limits import MAX_SIZE
 
 REQUIRED = object()
 KERNEL = object()  # default of a pool's stride: the kernel size
@@ -127,12 +128,16 @@ _KINDS = {  # kind: (accept(value) -> coerced or None, what is expected)
     "bool": (lambda x: x if isinstance(x, bool) else None, "true or false"),
 }
 WORDS = {"same", "valid", "true", "false"}
+_SIZES = {"count", "pair", "nonneg_pair", "padding"}  # option kinds that become tensor dimensions
 
 
 def coerce(option: Option, value, span: Span, names=()):
     """Check and convert one argument; `names` are the parameters in scope, for hints."""
     accept, expected = _KINDS[option.kind]
     out = accept(value)
+    if option.kind in _SIZES and isinstance(out, (int, tuple)) and (max(out) if isinstance(out, tuple) else out) > MAX_SIZE:
+        raise CnnArgumentError(f"option {option.name!r} is {show(out)}, more than the largest size, {MAX_SIZE:,}",
+                               span, expected=expected)
     if out is not None:
         return out
     if isinstance(value, Symbol) and value.name not in WORDS:

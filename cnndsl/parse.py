@@ -17,6 +17,7 @@ from lark.visitors import Transformer_NonRecursive
 
 from . import ast
 from .errors import CnnSyntaxError, Span
+from .limits import MAX_DIGITS, MAX_LINE_CHARS, MAX_OPERATORS, MAX_SOURCE_CHARS
 
 # Common mistakes, each shown by snippets that fail at the same parser state.
 MISTAKES = {
@@ -49,9 +50,6 @@ MISTAKES = {
 _FRIENDLY = {"NAME": "a name", "NUMBER": "a number", "DIMS": "dimensions such as 3x3",
              "_NL": "end of line", "$END": "end of input", "REPEAT": "a repetition `x N`", "repeat": "a repetition `x N`"}
 
-
-MAX_OPERATORS = 200
-MAX_DIGITS = 30
 
 
 def _short(tok: Token) -> Token:
@@ -209,9 +207,26 @@ def _syntax_error(err: UnexpectedInput, text: str) -> CnnSyntaxError:
     return CnnSyntaxError(f"unexpected {what}", span, expected=expected, hint=hint)
 
 
+def _check_size(text: str) -> None:
+    """The source and each of its lines within MAX_SOURCE_CHARS and MAX_LINE_CHARS."""
+    if len(text) > MAX_SOURCE_CHARS:
+        raise CnnSyntaxError(f"the text is too long: {len(text):,} characters, at most {MAX_SOURCE_CHARS:,}",
+                             Span(1, 1, 1, 2), hint="use blocks and repetition (`x N`) instead of writing layers out")
+    for number, line in enumerate(text.split("\n"), 1):
+        if len(line) > MAX_LINE_CHARS:
+            column = MAX_LINE_CHARS + 1
+            raise CnnSyntaxError(f"line {number} is too long: {len(line):,} characters, at most {MAX_LINE_CHARS:,}",
+                                 Span(number, column, number, column + 1),
+                                 hint="split it with `\\` at the end of a line")
+
+
 def parse_program(text: str, filename: str | None = None) -> ast.Program:
     """Parse .cnn source text into an ast.Program; raises CnnSyntaxError."""
     text = text.removeprefix("\ufeff")  # a byte-order mark from editors that write one
+    try:
+        _check_size(text)
+    except CnnSyntaxError as err:
+        raise err.attach(text, filename) from None
     source = text if text.endswith("\n") else text + "\n"
     try:
         tree = _parser().parse(source)

@@ -1,9 +1,12 @@
 """The runtime: torch.nn.Modules that run a Network, one per backend."""
 
+import os
+
 import torch
 
 from .. import ir
 from ..errors import CnnInputError
+from ..shapes import buffers, params
 
 BACKENDS = ("triton", "torch")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -22,6 +25,7 @@ def build_module(net: ir.Network, backend: str = "triton", fuse: bool = True, de
         raise CnnInputError(f"bad device {device!r}: {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CnnInputError("device 'cuda' was asked for, but no CUDA device is available; use device='cpu'")
+    _check_memory(net, device, dtype)
     if backend == "torch":
         from ..reference import ReferenceModule
         module = ReferenceModule(net, fuse=False)
@@ -29,3 +33,22 @@ def build_module(net: ir.Network, backend: str = "triton", fuse: bool = True, de
         from .triton_module import TritonModule
         module = TritonModule(net, fuse=fuse)
     return module.to(device=device, dtype=dtype)
+
+
+def _memory(device: torch.device) -> int | None:
+    """Bytes of memory on `device` (None where the platform does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(net: ir.Network, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a network whose parameters alone cannot fit the device, before allocating them."""
+    count = sum(params(net, n) + buffers(net, n) for n in net.nodes[1:])
+    need, have = count * dtype.itemsize, _memory(device)
+    if have is not None and need > have:
+        raise CnnInputError(f"{net.name}: its {count:,} parameters and buffers need {need / 2**30:,.1f} GiB in "
+                            f"{dtype}, more than the {have / 2**30:,.1f} GiB of memory on {device}")

@@ -28,6 +28,10 @@ class _Scope(nn.Module):
 
 def _place(root: nn.Module, name: str, layer: nn.Module) -> None:
     *path, leaf = name.split(".")
+    for part in (*path, leaf):  # the front end refuses these names; a newer torch may add more
+        if part not in root._modules and hasattr(root, part):
+            raise CnnInputError(f"layer name {name!r}: {part!r} is an attribute of torch.nn.Module in torch "
+                                f"{torch.__version__}; rename the layer")
     for part in path:
         if part not in root._modules:
             root.add_module(part, _Scope())
@@ -91,6 +95,13 @@ class NetworkModule(nn.Module):
                                 f"and shape [{n}], got {got}")
         if target.device != self.device:
             raise CnnInputError(f"{self.net.name}: expected the target on {self.device}, got {target.device}")
+        classes = self.net.output_shape[0]
+        if target.device.type == "cpu":  # on the host, free; a GPU check would wait for the device
+            bad = target.numpy()
+            bad = bad[(bad < 0) | (bad >= classes)]
+            if bad.size:
+                raise CnnInputError(f"{self.net.name}: target class index {int(bad[0])} is outside [0, {classes}) "
+                                    f"({bad.size} of {n} targets are)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, C, H, W] -> the network's output ([N, classes] probabilities if it ends in softmax)."""
@@ -109,10 +120,10 @@ class NetworkModule(nn.Module):
     def loss_and_logits(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, logits) from one forward pass: what a training loop reporting accuracy needs."""
         self.check_input(x)
-        self.check_target(target, x.shape[0])
         if len(self.net.output_shape) != 1:
             raise CnnInputError(f"{self.net.name}: loss needs class scores, but the output is "
                                 f"{'x'.join(map(str, self.net.output_shape))}")
+        self.check_target(target, x.shape[0])
         logits = self._run(x, logits=True)
         return self._loss(logits, target), logits
 

@@ -104,4 +104,4 @@ class TritonModule(NetworkModule):
             values[i] = list(fn.ForkFn.apply(values[i][0], k))
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return fn.CrossEntropyFn.apply(logits.contiguous(), target)
+        return fn.CrossEntropyFn.apply(logits.contiguous(), target.contiguous())

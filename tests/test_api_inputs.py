@@ -1,0 +1,52 @@
+"""The Python API at its edges: what `cnndsl.parse` takes for a path and what for text, and
+targets of `model.loss` that are out of range or laid out unusually, on both backends."""
+
+import pytest
+import torch
+
+import cnndsl
+
+SRC = "network a\ninput 1x4x4\nconv 2 3x3\nrelu\nflatten\ndense 3\nsoftmax\n"
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.mark.parametrize("text", ["# file: tiny.cnn", "network tiny.cnn", "  # a.cnn", "\ufeff# b.cnn"])
+def test_one_line_text_that_begins_as_source_is_text_not_a_path(text):
+    with pytest.raises(cnndsl.CnnSyntaxError) as err:
+        cnndsl.parse(text)
+    assert err.value.line == 1 and err.value.render().startswith("<string>:1:")
+
+
+@pytest.mark.parametrize("text", ["tiny.cnn", "some dir/net.cnn", "\ud800.cnn", "a\x00.cnn"])
+def test_one_line_text_ending_in_cnn_is_a_path(text):
+    with pytest.raises(cnndsl.CnnInputError):
+        cnndsl.parse(text)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [3, -1, 2**40], ids=["classes", "negative", "huge"])
+def test_out_of_range_targets_are_an_input_error(backend, bad):
+    model = cnndsl.compile(SRC, backend=backend)
+    target = torch.tensor([0, bad, 1])
+    with pytest.raises(cnndsl.CnnInputError, match=rf"target class index {bad} is outside \[0, 3\) \(1 of 3"):
+        model.loss(torch.randn(3, 1, 4, 4), target)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_targets_of_another_dtype_or_shape_are_an_input_error(backend):
+    model = cnndsl.compile(SRC, backend=backend)
+    x = torch.randn(2, 1, 4, 4)
+    for target in (torch.tensor([0, 1], dtype=torch.int32), torch.tensor([[0, 1]]), [0, 1], torch.tensor([0.0, 1.0])):
+        with pytest.raises(cnndsl.CnnInputError, match="expected target class indices of dtype torch.int64"):
+            model.loss(x, target)
+
+
+def test_a_non_contiguous_target_gives_the_same_loss_on_both_backends():
+    torch.manual_seed(0)
+    tri = cnndsl.compile(SRC, backend="triton")
+    ref = cnndsl.compile(SRC, backend="torch")
+    ref.load_state_dict(tri.state_dict())
+    x = torch.randn(3, 1, 4, 4)
+    target = torch.tensor([[0, 9], [2, 9], [1, 9]])[:, 0]  # a strided view
+    assert not target.is_contiguous()
+    torch.testing.assert_close(tri.loss(x, target), ref.loss(x, target))

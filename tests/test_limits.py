@@ -1,0 +1,252 @@
+"""Every bound of cnndsl/limits.py (listed in docs/reliability.md) trips early with a located
+CnnError, and what stays inside the bounds still works: huge lines and files, deep nesting,
+empty-block fan-out, huge repetitions, sizes and values, and files that are not files."""
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_fuzz import ODD_BREAKS, bad_message
+
+import cnndsl
+from cnndsl import CnnError
+from cnndsl.limits import (
+    MAX_DEPTH,
+    MAX_EXPANSIONS,
+    MAX_LINE_CHARS,
+    MAX_NESTING,
+    MAX_NODES,
+    MAX_SIZE,
+    MAX_SOURCE_CHARS,
+)
+
+H = "network a\ninput 1x8x8\n"
+
+
+def parse_fast(text, seconds=2.0):
+    """Parse; return the Network or the CnnError; fail on any other exception or if slow."""
+    start = time.perf_counter()
+    try:
+        result = cnndsl.parse(text)
+    except CnnError as err:
+        result = err
+        assert err.render().strip()
+    elapsed = time.perf_counter() - start
+    assert elapsed < seconds, f"took {elapsed:.2f} s"
+    return result
+
+
+def error(text, kind=CnnError, seconds=2.0):
+    result = parse_fast(text, seconds)
+    assert isinstance(result, kind), f"expected {kind.__name__}, got {type(result).__name__}: {str(result)[:300]}"
+    return result
+
+
+# --- text size and line length -----------------------------------------------------------------
+
+def test_a_line_at_the_limit_works_one_more_character_does_not():
+    line = "flatten\ndense 10 #"
+    fits = H + line + "c" * (MAX_LINE_CHARS - len("dense 10 #")) + "\n"
+    assert parse_fast(fits).output_shape == (10,)
+    err = error(H + line + "c" * (MAX_LINE_CHARS + 1 - len("dense 10 #")) + "\n", cnndsl.CnnSyntaxError)
+    assert (err.line, err.column) == (4, MAX_LINE_CHARS + 1)
+    assert err.message == f"line 4 is too long: {MAX_LINE_CHARS + 1:,} characters, at most {MAX_LINE_CHARS:,}"
+
+
+@pytest.mark.parametrize("line", ["a" * 100_000, "relu " + "@" * 100_000, "dense(" + "1, " * 10_000 + "1)",
+                                  "flatten\ndense 10" + " " * 500_000])
+def test_very_long_lines_are_refused_at_once_and_shown_in_part(line):
+    err = error(H + line + "\n", cnndsl.CnnSyntaxError)
+    assert "is too long" in err.message
+    shown = err.render().split("\n")
+    assert max(map(len, shown)) < 200 and shown[2].strip(" |") == "^"
+
+
+def test_a_text_over_the_size_limit_is_refused_before_parsing(tmp_path):
+    fits = H + "relu\n" * ((MAX_SOURCE_CHARS - len(H)) // 5)
+    assert len(parse_fast(fits).nodes) == 1 + (MAX_SOURCE_CHARS - len(H)) // 5
+    text = fits + "relu\n"
+    err = error(text, cnndsl.CnnSyntaxError)
+    assert err.message.startswith(f"the text is too long: {len(text):,} characters")
+    path = tmp_path / "big.cnn"
+    path.write_text(text + " " * 3 * MAX_SOURCE_CHARS)
+    err = error(path, cnndsl.CnnInputError)
+    assert "too large for a .cnn file" in err.message and str(path) in err.render()
+
+
+def test_non_regular_files_are_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.cnn"
+    os.mkfifo(fifo)
+    for path in (str(fifo), Path("/dev/zero")):
+        err = error(path, cnndsl.CnnInputError)
+        assert err.message == "not a regular file (a pipe, socket or device)"
+
+
+# --- nesting and expansion ----------------------------------------------------------------------
+
+def test_residuals_nest_up_to_the_limit():
+    def nested(n):
+        return H + "residual {\n" * n + "relu\n" + "}\n" * n
+    assert parse_fast(nested(MAX_NESTING)).nodes[-1].name == "residual1.add"
+    err = error(nested(MAX_NESTING + 1), cnndsl.CnnSyntaxError)
+    assert (err.line, err.message) == (3 + MAX_NESTING, f"residual branches are nested more than {MAX_NESTING} deep")
+    err = error(nested(5000), cnndsl.CnnSyntaxError)  # once past Python's recursion limit
+    assert err.line == 3 + MAX_NESTING
+
+
+def test_residual_nesting_counts_through_block_calls():
+    src = H + "block b {\n  residual {\n    b2\n  }\n}\nblock b2 {\n  residual {\n    relu\n  }\n}\nb\n"
+    assert parse_fast(src).nodes[-1].name == "b1.residual1.add"
+    deep = H + "".join(f"block b{i} {{\n  residual {{\n    residual {{\n      b{i + 1}\n    }}\n  }}\n}}\n"
+                       for i in range(40))
+    err = error(deep + "block b40 {\n  relu\n}\nb0\n", cnndsl.CnnSyntaxError)
+    assert "residual branches are nested more than" in err.message
+
+
+def test_block_call_chain_is_bounded():
+    n = 200
+    src = H + "".join(f"block b{i} {{\n  b{i + 1}\n}}\n" for i in range(n)) + f"block b{n} {{\n  relu\n}}\nb0\n"
+    err = error(src, cnndsl.CnnNameError)
+    assert err.message == f"block calls are nested more than {MAX_DEPTH} deep" and err.line is not None
+
+
+def test_empty_block_fan_out_trips_the_expansion_bound():
+    """The issue's 74-byte file: 10^10 empty block calls, refused in well under a second."""
+    src = "network a\ninput 1x8x8\nblock e {\n}\nblock f {\n  e x 100000\n}\nblock g {\n  f x 100000\n}\ng\nrelu\n"
+    err = error(src, cnndsl.CnnArgumentError, seconds=1.5)
+    assert err.message.startswith(f"the network expands to more than {MAX_EXPANSIONS:,} statements")
+    assert err.line == 6 and "in block 'f' called at line 9" in err.render()
+
+
+def test_the_node_limit_is_exact():
+    assert len(parse_fast(H + f"relu x {MAX_NODES}\n").nodes) == MAX_NODES + 1
+    err = error(H + f"relu x {MAX_NODES // 2}\nrelu x {MAX_NODES // 2}\nrelu\n", cnndsl.CnnArgumentError)
+    assert (err.line, err.message) == (5, f"the network expands to more than {MAX_NODES:,} layers")
+    err = error(H + f"relu x {MAX_NODES + 1}\n", cnndsl.CnnArgumentError)
+    assert err.message == f"repetition count {MAX_NODES + 1:,} is more than the {MAX_NODES:,} layers a network may have"
+
+
+def test_many_lines_blocks_and_scopes():
+    blocks = "".join(f"block b{i}(c=1) {{\n  conv c 1\n}}\n" for i in range(1000))
+    calls = "".join(f"b{i}\n" for i in range(0, 1000, 7))
+    net = parse_fast(H + blocks + calls + "\n" * 10_000 + "# end\n")
+    assert len(net.nodes) == 1 + len(range(0, 1000, 7))
+    net = parse_fast("network big\ninput 1x2x2\nblock b {\n  relu x 20\n}\nblock c {\n  b x 20\n}\nc x 10\n")
+    assert len(net.nodes) == 1 + 4000 and net.nodes[-1].name == "c10.b20.relu20"
+
+
+def test_a_misspelt_call_among_thousands_of_blocks_is_quick():
+    blocks = "".join(f"block block_number_{i} {{\n  relu\n}}\n" for i in range(2_500))
+    err = error(H + blocks + "block_numbr_77\n", cnndsl.CnnNameError)
+    assert err.message == "unknown layer 'block_numbr_77'"
+
+
+# --- numbers and sizes --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", ["+", "*", "-"])
+def test_long_expressions_are_refused(op):
+    expr = op.join(["1"] * 300) if op != "-" else "20000" + "-1" * 300
+    err = error(H + "flatten\ndense " + expr + "\n", cnndsl.CnnSyntaxError)
+    assert "expression too long" in err.message
+
+
+def test_sizes_up_to_the_limit():
+    assert parse_fast(f"network a\ninput 1x{MAX_SIZE}x1\nrelu\n").output_shape == (1, MAX_SIZE, 1)
+    err = error(f"network a\ninput 1x{MAX_SIZE + 1}x1\nrelu\n", cnndsl.CnnArgumentError)
+    assert err.message == f"input size {MAX_SIZE + 1:,} is more than the largest size, {MAX_SIZE:,}"
+    for layer in (f"conv {MAX_SIZE + 1} 1", f"conv 8 {MAX_SIZE + 1}x3", f"maxpool 2 stride={MAX_SIZE + 1}",
+                  f"flatten\ndense {MAX_SIZE}*2"):
+        err = error(H + layer + "\n", cnndsl.CnnArgumentError)
+        assert f"more than the largest size, {MAX_SIZE:,}" in err.message, err.message
+    net = parse_fast(H + f"flatten\ndense {MAX_SIZE}\n")
+    assert net.to_json()["total_params"] == 65 * MAX_SIZE
+
+
+@pytest.mark.parametrize("src", [H + "flatten\ndense " + "9" * 500 + "\n", H + "dropout " + "*".join(["99999"] * 150)
+                                 + "\n", "network a\ninput 1x" + "9" * 500 + "x8\nrelu\n", H + "flatten\ndense 1e400\n"])
+def test_huge_numbers(src):
+    assert isinstance(parse_fast(src), CnnError)
+
+
+def test_a_network_too_big_for_memory_is_refused_before_allocating():
+    net = cnndsl.parse(H + f"flatten\ndense {MAX_SIZE}\nrelu\ndense {MAX_SIZE}\n")
+    for backend in ("torch", "triton"):
+        with pytest.raises(cnndsl.CnnInputError, match="parameters and buffers need .* GiB in torch.float32, more "
+                                                        "than the .* GiB of memory on cpu"):
+            cnndsl.compile(net, backend=backend, device="cpu")
+
+
+def test_huge_repetition_count_does_not_hang(tmp_path):
+    path = tmp_path / "huge.cnn"
+    path.write_text(H + "flatten\ndense 10 x 100000000\n")
+    result = subprocess.run([sys.executable, "-m", "cnndsl", "check", str(path)], check=False,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "repetition count 100,000,000 is more than" in result.stderr
+
+
+# --- odd bytes ----------------------------------------------------------------------------------
+
+def test_zero_byte_file(tmp_path):
+    path = tmp_path / "empty.cnn"
+    path.write_bytes(b"")
+    for src in ("", path):
+        err = error(src, cnndsl.CnnSyntaxError)
+        assert (err.line, err.column) == (1, 1)
+    assert parse_fast(path).render().startswith(f"{path}:1:1: syntax error: unexpected end of input")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_binary_garbage_text(seed):
+    rng = random.Random(seed)
+    data = bytes(rng.randrange(256) for _ in range(rng.choice([1, 10, 100, 900])))
+    for text in (data.decode("latin-1"), H + data.decode("latin-1"), data.decode("utf-8", "replace")):
+        text = text.translate({ord(c): " " for c in ODD_BREAKS})
+        err = parse_fast(text)
+        if isinstance(err, CnnError):
+            assert bad_message(err, text) is None, bad_message(err, text)
+
+
+def test_control_characters_never_reach_the_terminal(tmp_path):
+    """An escape sequence in a file (or its name) is shown as `?` in the error, one for one."""
+    text = H + "relu \x1b[2J\x1b]0;pwned\x07\n"
+    rendered = error(text).render()
+    assert "\x1b" not in rendered and "\x07" not in rendered and "relu ?[2J?]0;pwned?" in rendered
+    path = tmp_path / "a\x1b[31m.cnn"
+    path.write_text(text)
+    assert "\x1b" not in error(path).render()
+
+
+def test_binary_file(tmp_path):
+    path = tmp_path / "garbage.cnn"
+    rng = random.Random(7)
+    path.write_bytes(bytes(rng.randrange(256) for _ in range(4096)))
+    err = error(path, cnndsl.CnnInputError)
+    assert str(path) in err.render()
+
+
+@pytest.mark.parametrize("src", ["\ud800.cnn", "a\x00.cnn", "\udcff/x.cnn"])
+def test_path_strings_that_no_file_system_accepts(src):
+    err = error(src, cnndsl.CnnInputError)
+    assert err.render().strip()
+
+
+def test_repetition_is_fast():
+    start = time.perf_counter()
+    assert len(cnndsl.parse(H + "relu x 300\n").nodes) == 301
+    assert time.perf_counter() - start < 0.5
+
+
+def test_the_reliability_page_states_every_limit():
+    from cnndsl import limits
+    from cnndsl.dataset import MAX_DATA_BYTES
+    page = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
+    shown = {"MAX_INT": "2^63", "MAX_SIZE": "2,147,483,647", "MAX_DEPTH": "64 deep", "MAX_NESTING": "64 deep"}
+    for name in [n for n in dir(limits) if n.startswith("MAX_")]:
+        value = getattr(limits, name)
+        assert shown.get(name, f"{value:,}") in page, f"docs/reliability.md does not state {name} = {value:,}"
+    assert f"{MAX_DATA_BYTES:,}" in page
