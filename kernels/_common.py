@@ -92,6 +92,14 @@ def fits_shared_memory(config: triton.Config, element_size: int) -> bool:
     return (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * element_size * config.num_stages <= SMEM_LIMIT
 
 
+@triton.jit
+def nan_max(a, b):
+    """max(a, b), NaN when either is, as torch's max, max pooling and relu (tl.maximum and tl.max
+    lower to a max that returns the other operand of a NaN); `tl.reduce(x, axis, nan_max)`
+    is the NaN-propagating tl.max."""
+    return tl.where((a > b) | (a != a), a, b)  # noqa: PLR0124 - a != a: a is NaN
+
+
 def check(cond: bool, message: str) -> None:
     """Raise ValueError(message) unless cond: launchers validate before they launch."""
     if not cond:

@@ -28,8 +28,8 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 @triton.jit
 def apply_act(x, ACT: tl.constexpr, slope):
     """y = act(x) for fp32 x."""
-    if ACT == _RELU:
-        x = tl.maximum(x, 0.0)
+    if ACT == _RELU:  # not tl.maximum: it may return 0 for NaN, where torch's relu keeps NaN
+        x = tl.where(x < 0.0, 0.0, x)
     elif ACT == _LEAKY_RELU:
         x = tl.where(x > 0, x, x * slope)
     elif ACT == _SIGMOID:

@@ -12,6 +12,7 @@ large |mean| costs no precision beyond rounding the final fp32 mean."""
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.graph import increment_version
 
 from ._common import (
     ELEMENTWISE_CONFIGS,
@@ -257,6 +258,10 @@ def batchnorm_update_running(mean, var, running_mean, running_var, num_batches_t
     _bn_update_running_kernel[(1,)](mean, var, running_mean, running_var, num_batches_tracked, C,
                                     float(momentum or 0.0), count / max(count - 1, 1),
                                     CUMULATIVE=momentum is None, UPDATE=count > 0 and C > 0, BLOCK=1024)
+    # A kernel's write does not move the tensors' version counters as a torch op would; move them,
+    # so that whatever keys on them (the folded eval weights of a conv block) sees the new values.
+    for t in (running_mean, running_var, num_batches_tracked):
+        increment_version(t)
 
 
 def batchnorm_forward(x, mean, var, eps, weight, bias):

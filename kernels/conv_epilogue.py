@@ -9,7 +9,7 @@ they compute and `pool_reduce` folds each window's rows."""
 import triton
 import triton.language as tl
 
-from ._common import check, check_tensor
+from ._common import check, check_tensor, nan_max
 from .activation import act_code
 from .window import geometry as _pool_geometry
 
@@ -48,11 +48,11 @@ def pool_rows(offs_m, m_mask, GH, GW, OH, OW, PKH, PKW, pool_sh, pool_sw, pool_p
 @triton.jit
 def pool_reduce(acc, valid, WINDOW, POOL: tl.constexpr, TAPS: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr):
-    """(BLOCK_M // TAPS, BLOCK_N): each pooled pixel's max, or its sum / WINDOW (PyTorch's
-    count_include_pad=True), over its TAPS rows; invalid rows count as -inf or 0."""
+    """(BLOCK_M // TAPS, BLOCK_N): each pooled pixel's max (NaN if any tap is NaN), or its sum /
+    WINDOW (PyTorch's count_include_pad=True), over its TAPS rows; invalid rows count as -inf or 0."""
     if POOL == _MAX:
         acc = tl.where(valid[:, None], acc, float("-inf"))
-        out = tl.max(tl.reshape(acc, (BLOCK_M // TAPS, TAPS, BLOCK_N)), axis=1)
+        out = tl.reduce(tl.reshape(acc, (BLOCK_M // TAPS, TAPS, BLOCK_N)), 1, nan_max)
     else:
         acc = tl.where(valid[:, None], acc, 0.0)
         out = tl.sum(tl.reshape(acc, (BLOCK_M // TAPS, TAPS, BLOCK_N)), axis=1) / WINDOW

@@ -17,6 +17,7 @@ from ._common import (
     elementwise_tiles,
     fits_shared_memory,
     gemm_config,
+    nan_max,
 )
 from .activation import _NONE, NONE, act_code, apply_act, apply_act_grad
 from .dropout import check_dropout, dropout_keep
@@ -99,7 +100,7 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, pre_ptr, M, N, K,
         acc = acc * tl.where(dropout_keep(seed, offs_m[:, None] * N + offs_n[None, :], p), scale, 0.0)
     if SOFTMAX:
         acc = tl.where(n_mask[None, :], acc, float("-inf"))
-        e = tl.exp(acc - tl.max(acc, axis=1)[:, None])
+        e = tl.exp(acc - tl.reduce(acc, 1, nan_max)[:, None])
         acc = e / tl.sum(e, axis=1)[:, None]
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 

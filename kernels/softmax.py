@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, check_tensor
+from ._common import check, check_tensor, nan_max
 
 # The widest column block; wider rows loop over blocks (tests lower it to cover the loops).
 _MAX_BLOCK = 4096
@@ -21,7 +21,7 @@ def _row_max_sumexp(row_ptr, N, BLOCK: tl.constexpr):
     s = 0.0
     for c0 in range(0, N, BLOCK):
         x = tl.load(row_ptr + c0 + cols, mask=c0 + cols < N, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
+        m_new = nan_max(m, tl.reduce(x, 0, nan_max))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
     return m, s
@@ -35,7 +35,7 @@ def _softmax_fwd_kernel(x_ptr, y_ptr, N, BLOCK: tl.constexpr, SINGLE: tl.constex
     if SINGLE:
         mask = cols < N
         x = tl.load(x_ptr + row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        e = tl.exp(x - tl.max(x, axis=0))
+        e = tl.exp(x - tl.reduce(x, 0, nan_max))
         tl.store(y_ptr + row + cols, (e / tl.sum(e, axis=0)).to(y_ptr.dtype.element_ty), mask=mask)
     else:
         m, s = _row_max_sumexp(x_ptr + row, N, BLOCK)
@@ -75,7 +75,7 @@ def _softmax_bwd_kernel(dy_ptr, y_ptr, dx_ptr, N, BLOCK: tl.constexpr, SINGLE: t
 @triton.jit
 def _max_count_rest(x):
     """(m, c, r) of a block: m = max(x), c = how many x equal m, r = sum(exp(x - m)) over the rest."""
-    m = tl.max(x, axis=0)
+    m = tl.reduce(x, 0, nan_max)
     top = x == m
     return m, tl.sum(top.to(tl.float32), axis=0), tl.sum(tl.where(top, 0.0, tl.exp(x - m)), axis=0)
 
@@ -97,7 +97,7 @@ def _ce_fwd_kernel(x_ptr, t_ptr, lse_ptr, loss_ptr, N, BLOCK: tl.constexpr, SING
         for c0 in range(0, N, BLOCK):
             x = tl.load(row_ptr + c0 + cols, mask=c0 + cols < N, other=float("-inf")).to(tl.float32)
             bm, bc, br = _max_count_rest(x)
-            m_new = tl.maximum(m, bm)
+            m_new = nan_max(m, bm)
             keep = m == m_new
             keep_b = bm == m_new
             r = ((r + tl.where(keep, 0.0, c)) * tl.exp(m - m_new)

@@ -338,7 +338,7 @@ def test_recording_covers_every_kernel(recorded):
 # --- compiling ----------------------------------------------------------------------------
 
 COMPILE_SCRIPT = r'''
-import importlib, itertools, json, multiprocessing, os, sys, time, traceback
+import importlib, itertools, json, multiprocessing, os, re, sys, time, traceback
 os.environ["TRITON_INTERPRET"] = "0"
 import torch
 import triton
@@ -352,6 +352,9 @@ launches_path, out_path, mode, processes = sys.argv[1], sys.argv[2], sys.argv[3]
 TARGET = GPUTarget(*json.loads(sys.argv[5]))
 MAX_SHARED = int(sys.argv[6])
 backend = make_backend(TARGET)
+# A float max or min that returns the other operand of a NaN (tl.maximum, tl.max); the NaN-propagating
+# forms are `max.NaN.f32` or a compare and select (kernels/_common.py nan_max).
+NAN_DROPPING = re.compile(r"\b(?:max|min)(?:\.ftz)?\.(?:f32|f16|bf16|f16x2|bf16x2)\b")
 
 
 class Pointer:  # a tensor argument as Triton's binder sees one: a dtype and an address
@@ -497,13 +500,14 @@ def show(v):
 def compile_one(i):
     job = items[i]
     start = time.perf_counter()
-    shared = None
+    shared = nan_dropping = None
     try:
         jit = getattr(importlib.import_module(job["module"]), job["kernel"])
         jit = jit.fn if isinstance(jit, Autotuner) else jit
         src = ASTSource(fn=jit, signature=job["signature"], constexprs=job["constexprs"], attrs=job["attrs"])
         kernel = triton.compile(src, target=TARGET, options=job["options"])
         shared = kernel.metadata.shared
+        nan_dropping = sorted(set(NAN_DROPPING.findall(kernel.asm.get("ptx", ""))))
         error = None if kernel.asm.get("cubin") else "no cubin produced"
         if error is None and shared > MAX_SHARED:
             error = (f"OutOfResources: needs {shared} bytes of shared memory, an sm_90 block may use at most "
@@ -515,7 +519,8 @@ def compile_one(i):
             "constexprs": {k: show(v) for k, v in job["named"].items()},
             "divisible_by_16": [job["names"][p[0]] if len(p) == 1 else str(p) for p, a in job["attrs"].items() if a],
             "config": job["config"], "num_warps": job["options"]["num_warps"],
-            "num_stages": job["options"]["num_stages"], "shared": shared, "error": error,
+            "num_stages": job["options"]["num_stages"], "shared": shared, "nan_dropping": nan_dropping,
+            "error": error,
             "seconds": round(time.perf_counter() - start, 3)}
 
 
@@ -600,3 +605,7 @@ def test_recorded_launches_compile_for_hopper(recorded, tmp_path):
         print("GPU values of interpreter-dependent constants used while recording:\n  " + "\n  ".join(changed))
     assert results, "nothing was compiled"
     assert not failures, f"{len(failures)} of {len(results)} sm_90 compiles failed:" + _describe(failures)
+    # NaN must propagate as in torch on the GPU too, where the interpreter's numpy max hides the difference.
+    dropping = sorted({(r["kernel"], tuple(r["nan_dropping"])) for r in results if r["nan_dropping"]})
+    assert not dropping, "float max/min that drops NaN (use _common.nan_max):\n" + "\n".join(
+        f"  {kernel}: {', '.join(found)}" for kernel, found in dropping)
