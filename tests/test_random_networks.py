@@ -4,13 +4,15 @@ residuals with identity or projection shortcuts; parameterised, nested and repea
 dense heads after flatten or global_avgpool; an optional softmax. The generator tracks the
 shapes and the parameter count itself, by PyTorch's rules, so each network checks that
 parse succeeds, the output shape and parameter total are the generator's, every node's
-inferred shape is the shape the reference backend computes, and the module holds as many
-parameters and BN buffers as the summary counts."""
+inferred shape is the shape the reference backend computes, the module holds as many
+parameters and BN buffers as the summary counts, and the summary's multiply-adds, per layer
+and in total, are what torch.utils.flop_counter counts for the reference forward."""
 
 import random
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import cnndsl
 
@@ -417,8 +419,14 @@ def test_random_network(seed):
     bn = sum(b.numel() for n, b in model.named_buffers() if not n.endswith("num_batches_tracked"))
     assert bn == summary["bn_buffers"], where
     x = torch.randn(batch, *net.input_shape)
-    with torch.no_grad():
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         y, shapes = run_reference(model, x)
+    flops = {name.removeprefix("ReferenceModule."): sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    for layer in summary["layers"]:  # conv and linear: 2 flops per multiply-add
+        if layer["macs"]:
+            assert flops.get(layer["name"]) == 2 * batch * layer["macs"], \
+                f"{layer['name']}: {layer['macs']:,} multiply-adds per sample, torch {flops.get(layer['name'])}{where}"
+    assert flops.get("Global", 0) == 2 * batch * summary["macs"], where
     for node in net.nodes[1:]:
         assert shapes.get(node.id) == (batch, *node.shape), \
             f"{node.name}: inferred {node.shape}, torch {shapes.get(node.id)}{where}"

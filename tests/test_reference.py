@@ -14,7 +14,7 @@ from torch import nn
 import cnndsl
 
 import torch_models as tm
-from helpers import assert_close
+from helpers import EPS, assert_close
 
 ZOO = """
 network zoo
@@ -461,16 +461,25 @@ def test_dtype_and_to(zoo, x):
     with torch.no_grad():
         y = model(x.to(torch.bfloat16))
     assert y.dtype == torch.bfloat16
-    assert_close(y.float(), torch.softmax(ref(x.double()), 1).float(), dtype=torch.bfloat16, depth=40)
+    # bf16 forward of the whole network against float64: measured 0.0009-0.0019 over six inputs
+    assert_close(y.float(), torch.softmax(ref(x.double()), 1), tol=4 * EPS[torch.bfloat16], name="bf16 probabilities")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_compile_in_a_dtype(dtype, x):
+    """The whole network's eval forward in fp16 or bf16 against float64 on the same rounded
+    weights and input, within 4 units in the last place: the worst errors measured over eight
+    seeds were 0.0007 (fp16) and 0.0045 (bf16) for the logits, half that for the probabilities."""
     model = compile_zoo(dtype=dtype).eval()
     assert model.dtype == dtype and all(p.dtype == dtype for p in model.parameters())
+    exact = compile_zoo().to(torch.float64).eval()
+    exact.load_state_dict(model.state_dict())
     with torch.no_grad():
-        y = model(x.to(dtype))
-    assert y.dtype == dtype and torch.isfinite(y).all()
+        y, logits = model(x.to(dtype)), model.logits(x.to(dtype))
+        xd = x.to(dtype).double()
+        assert y.dtype == dtype
+        assert_close(logits.float(), exact.logits(xd), tol=4 * EPS[dtype], name="logits")
+        assert_close(y.float(), exact(xd), tol=4 * EPS[dtype], name="probabilities")
 
 
 def test_noncontiguous_and_channels_last_inputs(zoo, x):

@@ -1,22 +1,27 @@
 """Dropout kernels: the kept fraction and the scale, backward regenerating forward's mask,
-the mask as a function of (seed, offset) only, p = 0 and p = 1, and argument errors."""
+the mask as a function of (seed, offset) only, p = 0 and p = 1, the autograd Function
+against torch autograd with the kernel's own mask, and argument errors."""
 
 import math
 
 import pytest
 import torch
+
+import cnndsl.kernels  # noqa: F401  (first: picks Triton's interpreter before triton is imported)
+
+# isort: split
 import triton
 import triton.language as tl
 
-import cnndsl.kernels  # noqa: F401  (first: picks Triton's interpreter before triton is imported)
 from cnndsl.kernels.dropout import (
     _dropout_kernel,
     dropout_backward,
     dropout_forward,
     dropout_keep,
 )
+from cnndsl.runtime.functions import DropoutFn
 
-from helpers import DTYPES
+from helpers import DTYPES, assert_close
 
 N = 2**15 + 3  # large enough for the statistics, odd so that the last group of 4 is partial
 
@@ -64,6 +69,24 @@ def test_dropout_backward_uses_forward_mask(shape, dtype):
     ratio_y = y.double()[kept & nz] / x.double()[kept & nz]
     ratio_dx = dx.double()[kept & nz] / dy.double()[kept & nz]
     torch.testing.assert_close(ratio_dx, ratio_y, rtol=2**-7, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 37), (3, 4, 5, 7)])
+def test_dropout_fn_matches_torch_autograd_with_its_mask(shape, dtype):
+    """DropoutFn (the unfused layer) forward and backward against float64 autograd of
+    x * keep / (1 - p), keep read off the kernel's dropout of ones with the same seed."""
+    p, seed = 0.3, 2024
+    keep = dropout_forward(torch.ones(shape, dtype=dtype), p, seed) != 0
+    assert 0.5 < keep.float().mean() < 0.9
+    x, dy = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    ours, ref = x.clone().requires_grad_(), x.double().requires_grad_()
+    y = DropoutFn.apply(ours, p, seed)
+    y.backward(dy)
+    ref_y = ref * keep / (1 - p)
+    ref_y.backward(dy.double())
+    assert_close(y.float(), ref_y, dtype, name="y")
+    assert_close(ours.grad.float(), ref.grad, dtype, name="dx")
 
 
 def test_dropout_seeds():

@@ -1,0 +1,181 @@
+"""Low-precision networks checked group by group (helpers.run_both with fp16 or bf16).
+
+A whole network compared at its ends accumulates rounding through every layer and, worse,
+through reductions that cancel (a batch-norm bias gradient, a conv weight gradient of
+positive inputs): its relative error in bf16 reaches 0.1-0.25 against any reference, so a
+bound loose enough to pass is loose enough for an all-zero gradient. Here every launch
+step of the triton module is instead recorded (its inputs, output, and the gradients that
+leave and enter it) and its group is run again in float64 by the reference backend on the
+same rounded inputs and weights. A group's error is then that of its own kernels: one
+rounding of each value they store in the dtype, whatever the depth.
+
+Inside a fused group the float64 reference reproduces the values its kernels store in the
+dtype, so that both take the same relu, max-pool and dropout decisions on the same values:
+a conv block writes z (and its backward dz and, after batch norm, da) in the dtype and
+takes batch statistics from the fp32 z of the conv's epilogue; a dense block's backward
+writes the gradient after softmax and after its epilogue. `stored` rounds as the device
+does: to nearest even, except bf16 under Triton 3.6's interpreter, which truncates fp32
+to bf16 (2x the error, and biased). Wiring is exact: each step must read bit for bit the
+value that the step producing it wrote, and the network's output is the last step's."""
+
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from unittest import mock
+
+import torch
+
+
+def stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 `t` as a kernel stores it in `dtype` (through fp32, as its accumulators)."""
+    from cnndsl.kernels._common import INTERPRET
+    t32 = t.float()
+    if dtype == torch.bfloat16 and INTERPRET:  # truncation: keep the high 16 bits of the fp32 word
+        return (t32.view(torch.int32) & -65536).view(torch.float32).double()
+    return t32.to(dtype).double()
+
+
+class _Store(torch.autograd.Function):
+    """A value a fused group writes in `dtype` between two of its kernels (value=True), or only
+    its gradient (value=False); backward rounds the gradient the same way."""
+
+    @staticmethod
+    def forward(ctx, t, dtype, value):
+        ctx.dtype = dtype
+        return stored(t, dtype) if value else t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return stored(g, ctx.dtype), None, None
+
+
+class _Tap(torch.autograd.Function):
+    """The identity; backward records the gradient that flows through it."""
+
+    @staticmethod
+    def forward(ctx, x, slot):
+        ctx.slot = slot
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.slot.append(g)
+        return g, None
+
+
+@dataclass
+class Call:
+    """One launch step as it ran: its inputs and output (the module's NHWC or (N, F) tensors) and
+    the gradients its backward returned for each input (dx) and received at its output (dy)."""
+    step: object
+    inputs: list
+    output: torch.Tensor
+    grad: bool
+    logits: bool
+    dx: list = field(default_factory=list)
+    dy: list = field(default_factory=list)
+
+
+def record(calls: list) -> ExitStack:
+    """While open, every step the triton backend runs is appended to `calls`."""
+    from cnndsl.runtime import triton_module as tm
+
+    def wrap(run):
+        def runner(m, step, *args, **kw):
+            call = Call(step, [], None, torch.is_grad_enabled(), kw.get("logits", False))
+            call.dx = [[] for _ in args]
+            args = [_Tap.apply(a, slot) for a, slot in zip(args, call.dx)]
+            call.inputs = [a.detach() for a in args]
+            out = _Tap.apply(run(m, step, *args, **kw), call.dy)
+            call.output = out.detach()
+            calls.append(call)
+            return out
+        return runner
+
+    stack = ExitStack()
+    stack.enter_context(mock.patch.dict(tm.RUNNERS, {k: wrap(v) for k, v in tm.RUNNERS.items()}))
+    stack.enter_context(mock.patch.object(tm, "_dense_block", wrap(tm._dense_block)))
+    return stack
+
+
+def nchw(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 3, 1, 2) if t.dim() == 4 else t
+
+
+def _bn_of_stored(bn, z, zs):
+    """Batch norm as a fused conv block applies it to its stored zs: in training, statistics of
+    the fp32 z (values) that differentiate as zs's, and running statistics updated from them."""
+    dims, view = ([0, 2, 3], (1, -1, 1, 1)) if z.dim() == 4 else ([0], (1, -1))
+    if bn.training:
+        mean_s, var_s = zs.mean(dims), zs.var(dims, unbiased=False)
+        with torch.no_grad():
+            mean, var = z.mean(dims), z.var(dims, unbiased=False)
+            n = z.numel() // z.shape[1]
+            bn.running_mean.mul_(1 - bn.momentum).add_(bn.momentum * mean)
+            bn.running_var.mul_(1 - bn.momentum).add_(bn.momentum * var * n / (n - 1))
+            bn.num_batches_tracked += 1
+        mean, var = mean_s + (mean - mean_s).detach(), var_s + (var - var_s).detach()
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    y = (zs - mean.view(view)) / torch.sqrt(var.view(view) + bn.eps)
+    return y * bn.weight.view(view) + bn.bias.view(view) if bn.affine else y
+
+
+def _run_group(ref, op, group, call, ins, dtype):
+    """The group's nodes in float64 on `ins`, storing what its kernels store (module docstring)."""
+    from cnndsl.ir import Op
+    fused_conv = call.step.op == "conv_block" and len(group.nodes) > 1 and call.grad
+    fused_dense = call.step.op == "dense_block" and call.grad
+    values, z = dict(zip(call.step.inputs, ins)), None
+    for node in group.nodes:
+        if node.op is Op.SOFTMAX and call.logits:
+            break  # model.loss leaves the final softmax to the cross-entropy
+        xs = [values[i] for i in node.inputs]
+        if node.op is Op.SOFTMAX and fused_dense:
+            xs = [_Store.apply(xs[0], dtype, False)]  # softmax backward writes its gradient
+        if node.op is Op.BATCHNORM and fused_conv:
+            y = _Store.apply(_bn_of_stored(ref.layers[node.id], z, xs[0]), dtype, False)  # da
+        else:
+            y = op(node, xs)
+        if node.op is Op.CONV and fused_conv:
+            z, y = y, _Store.apply(y, dtype, True)
+        elif node.op is Op.DENSE and fused_dense and len(group.nodes) > 1:
+            y = _Store.apply(y, dtype, False)  # the epilogue backward writes da
+        values[node.id] = y
+    return y
+
+
+def check_pass(calls, x, ref, tri, op, dtype, tol, close, loss=None, criterion=None):
+    """Check one forward pass (and its backward, where it ran) step by step: `calls` as recorded
+    from input `x`, `ref` the float64 reference module, `op` its op with the triton run's dropout
+    masks, `close` helpers.assert_close; `loss` the triton value of `criterion` of the output."""
+    written = {0: x.permute(0, 2, 3, 1)}  # what each step wrote: the network input NHWC
+    for call in calls:
+        for i, (value, inp) in enumerate(zip(call.step.inputs, call.inputs)):
+            assert torch.equal(inp, written[value]), f"{call.step.node}: input {i} is not what node {value} wrote"
+        written[call.step.output] = call.output
+        _check_call(call, ref, tri, op, dtype, tol, close)
+    if loss is not None:
+        out = nchw(calls[-1].output).double().requires_grad_()
+        expected = criterion(out)
+        close(loss.float().reshape(1), expected.reshape(1), tol=tol, name="loss")
+        dout, = torch.autograd.grad(expected, out)
+        close(nchw(calls[-1].dy[0]).float(), dout, tol=tol, name="loss gradient at the output")
+
+
+def _check_call(call, ref, tri, op, dtype, tol, close):
+    group = tri.plan.groups[call.step.group]
+    name = f"{group.name} ({'+'.join(group.ops)})"
+    ins = [nchw(x).double().requires_grad_(call.grad) for x in call.inputs]
+    with torch.set_grad_enabled(call.grad):
+        y = _run_group(ref, op, group, call, ins, dtype)
+    close(nchw(call.output).float(), y, tol=tol, name=f"{name} output")
+    if not call.dy:
+        return
+    layers = [(n.name, ref.layers[n.id], tri.layers[n.id]) for n in group.nodes if n.id in ref.layers]
+    params = [(f"{n}.{p}", q, dict(t.named_parameters())[p]) for n, r, t in layers for p, q in r.named_parameters()]
+    grads = torch.autograd.grad(y, ins + [q for _, q, _ in params], nchw(call.dy[0]).double(), allow_unused=True)
+    for i, (slot, g) in enumerate(zip(call.dx, grads)):
+        if slot:
+            close(nchw(slot[0]).float(), g, tol=tol, name=f"{name} input {i} gradient")
+    for (pname, _, p), g in zip(params, grads[len(ins):]):
+        close(p.grad.float(), g, tol=tol, name=f"{name} gradient of {pname}")
