@@ -262,6 +262,7 @@ def bad_message(err, text):
         return f"no <string>:line:col prefix: {head!r}"
     if head.split(": ")[1] not in KINDS or not head.split(": ", 2)[2].strip():
         return f"bad kind or empty message: {head!r}"
+    text = text.removeprefix("\ufeff")  # as the parser reads it: positions count from after a BOM
     lines = text.split("\n")
     if not 1 <= err.line <= len(lines) + 1 or err.column < 1:
         return f"position {err.line}:{err.column} outside the text ({len(lines)} lines)"
