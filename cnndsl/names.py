@@ -15,7 +15,7 @@ MODULE_ATTRIBUTES = frozenset({
     "dump_patches", "eval", "extra_repr", "float", "forward", "get_buffer", "get_extra_state",
     "get_parameter", "get_submodule", "half", "ipu", "layers", "load_state_dict", "logits", "loss",
     "loss_and_logits", "modules", "mtia", "named_buffers", "named_children", "named_modules",
-    "named_parameters", "net", "parameters", "plan", "register_backward_hook", "register_buffer",
+    "named_parameters", "net", "parameters", "plan", "program", "register_backward_hook", "register_buffer",
     "register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook",
     "register_full_backward_pre_hook", "register_load_state_dict_post_hook",
     "register_load_state_dict_pre_hook", "register_module", "register_parameter",

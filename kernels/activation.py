@@ -1,11 +1,12 @@
 """Activations: the scalar maths as `@triton.jit` helpers that other kernels' epilogues
-call (selected by an `ACT: tl.constexpr` code), and the standalone elementwise
-forward/backward kernels with their launchers."""
+call (selected by an `ACT: tl.constexpr` code), the standalone elementwise forward/backward
+kernels with their launchers, and ActivationFn, an activation layer run alone."""
 
 import torch
 import triton
 import triton.language as tl
 
+from ..specs import Act
 from ._common import (
     ELEMENTWISE_CONFIGS,
     autotune,
@@ -90,34 +91,52 @@ def _activation_bwd_kernel(x_ptr, dy_ptr, dx_ptr, n, slope, ACT: tl.constexpr, B
     tl.store(dx_ptr + offs, apply_act_grad(x, dy, ACT, slope).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def act_code(kind: str, name: str = "act", allow_none: bool = True) -> int:
-    """The ACT constexpr code of an activation name ("none" -> NONE where an epilogue may skip it)."""
+def act_code(act: Act, name: str = "act", allow_none: bool = True) -> int:
+    """The ACT constexpr code of an activation ("none" -> NONE, where an epilogue may skip it)."""
     names = (["none"] if allow_none else []) + sorted(ACTIVATIONS)
-    check(kind in names, f"{name}: unknown activation {kind!r}; expected one of {names}")
-    return NONE if kind == "none" else ACTIVATIONS[kind]
+    check(isinstance(act, Act), f"{name}: expected an Act, got {act!r}")
+    check(act.kind in names, f"{name}: unknown activation {act.kind!r}; expected one of {names}")
+    return NONE if act.kind == "none" else ACTIVATIONS[act.kind]
 
 
 def _grid(n):
     return lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
 
 
-def activation_forward(x: torch.Tensor, kind: str, slope: float = 0.01) -> torch.Tensor:
+def activation_forward(x: torch.Tensor, act: Act) -> torch.Tensor:
     """y = act(x), any shape; reads and writes n elements once."""
     check_tensor(x, "x")
+    code = act_code(act, "act", allow_none=False)
     y = torch.empty_like(x)
     n = x.numel()
     if n:
-        _activation_fwd_kernel[_grid(n)](x, y, n, float(slope), ACT=act_code(kind, "kind", allow_none=False))
+        _activation_fwd_kernel[_grid(n)](x, y, n, float(act.slope), ACT=code)
     return y
 
 
-def activation_backward(x: torch.Tensor, dy: torch.Tensor, kind: str, slope: float = 0.01) -> torch.Tensor:
+def activation_backward(x: torch.Tensor, dy: torch.Tensor, act: Act) -> torch.Tensor:
     """dx = dy * act'(x) where x is the activation's saved input."""
     check_tensor(x, "x")
     check_tensor(dy, "dy", dtype=x.dtype, device=x.device)
     check(dy.shape == x.shape, f"dy: expected shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    code = act_code(act, "act", allow_none=False)
     dx = torch.empty_like(x)
     n = x.numel()
     if n:
-        _activation_bwd_kernel[_grid(n)](x, dy, dx, n, float(slope), ACT=act_code(kind, "kind", allow_none=False))
+        _activation_bwd_kernel[_grid(n)](x, dy, dx, n, float(act.slope), ACT=code)
     return dx
+
+
+class ActivationFn(torch.autograd.Function):
+    """An activation layer alone: saves its input."""
+
+    @staticmethod
+    def forward(ctx, x, spec: Act, state):
+        ctx.save_for_backward(x)
+        ctx.spec = spec
+        return activation_forward(x, spec)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return activation_backward(x, dy.contiguous(), ctx.spec), None, None

@@ -1,5 +1,5 @@
-"""Elementwise add: the residual join in the unfused plan, and the sum of the two
-gradients that meet where a residual branch forks from its input."""
+"""Elementwise add: the residual join in the unfused plan (AddFn), and the sum of the
+gradients that meet where a value forks to several readers (ForkFn)."""
 
 import torch
 import triton
@@ -34,3 +34,33 @@ def add_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if n:
         _add_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](a, b, y, n)
     return y
+
+
+class AddFn(torch.autograd.Function):
+    """The residual join: y = branch + shortcut; both receive dy."""
+
+    @staticmethod
+    def forward(ctx, a, b, spec, state):
+        return add_forward(a, b)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, dy, None, None
+
+
+class ForkFn(torch.autograd.Function):
+    """Hands one value to k readers as k aliases, and sums their gradients with the add
+    kernel, so that autograd's engine never accumulates with a torch op."""
+
+    @staticmethod
+    def forward(ctx, x, k):
+        ctx.k = k
+        return tuple(x.view_as(x) for _ in range(k))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        total = None
+        for g in grads:
+            if g is not None:
+                total = g.contiguous() if total is None else add_forward(total, g.contiguous())
+        return total, None

@@ -5,10 +5,13 @@ gradient (the same gather run "transposed", one launch per stride phase so that 
 taps that reach a phase are visited), with a direct branch for depthwise layers; the
 launchers of all three passes (the weight gradient's kernels live in conv_backward.py)."""
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
 
+from ..specs import NO_ACT, Act, ConvGeometry, Window
 from ._common import (
     autotune,
     check,
@@ -22,6 +25,7 @@ from .batchnorm import batchnorm_merge_stats
 from .conv_backward import weight_grad
 from .conv_epilogue import (
     PLAIN_EPILOGUE,
+    Epilogue,
     epilogue_args,
     pool_reduce,
     pool_rows,
@@ -170,17 +174,21 @@ def _pair(v, name, minimum):
     return v
 
 
-def _geometry(w_shape, c, k, stride, padding, dilation, groups):
-    """Validate the conv's hyper-parameters against C and the weight shape (K, C/g, R, S)."""
+def _geometry(w_shape, c, k, geometry: ConvGeometry):
+    """Validate the conv's geometry against C and the weight shape (K, C/g, R, S) -> (stride,
+    padding, dilation, out_hw) as pairs."""
+    check(isinstance(geometry, ConvGeometry), f"geometry: expected a ConvGeometry, got {geometry!r}")
     check(len(w_shape) == 4 and all(isinstance(d, int) and d > 0 for d in w_shape),
           f"w: expected a positive shape (K, C/groups, R, S), got {tuple(w_shape)}")
+    groups = geometry.groups
     check(isinstance(groups, int) and groups >= 1, f"groups: expected an int >= 1, got {groups}")
     check(c % groups == 0 and k % groups == 0,
           f"groups={groups} must divide both C={c} and K={k}")
     check(w_shape[0] == k, f"w: expected {k} output channels, got shape {tuple(w_shape)}")
     check(w_shape[1] * groups == c,
           f"w: expected C/groups = {c // groups} input channels, got shape {tuple(w_shape)}")
-    return _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
+    return (_pair(geometry.stride, "stride", 1), _pair(geometry.padding, "padding", 0),
+            _pair(geometry.dilation, "dilation", 1), _pair(geometry.out_hw, "out_hw", 0))
 
 
 def _phases(size, k, stride, pad, dil, transposed):
@@ -196,14 +204,14 @@ def _phases(size, k, stride, pad, dil, transposed):
 
 
 def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, padding, dilation,
-                 transposed, out_hw, ep=PLAIN_EPILOGUE):
+                 transposed, out_hw, ep: Epilogue = PLAIN_EPILOGUE):
     n, h, w, cin = src.shape
     oh, ow = out_hw  # the conv's output; dst is (N, POH, POW, K) when the epilogue pools
     cout = dst.shape[3]
     if dst.numel() == 0:
         return
     depthwise = cin_g == 1 and cout_g == 1
-    pooled, taps = ep["meta"]["POOL"] != 0, ep["meta"]["TAPS"]
+    pooled, taps = ep.meta["POOL"] != 0, ep.meta["TAPS"]
     for p0_h, gh, r0, rstep, rc in _phases(oh, r, stride[0], padding[0], dilation[0], transposed):
         for p0_w, gw, s0, sstep, sc in _phases(ow, s, stride[1], padding[1], dilation[1], transposed):
             if pooled:  # rows: TAPS per pooled pixel
@@ -217,56 +225,58 @@ def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, paddin
                 return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]),
                         1 if depthwise else groups)
 
-            _conv_kernel[grid](src, wt, dst if bias is None else bias, dst if ep["res"] is None else ep["res"],
-                               dst, dst if ep["part"] is None else ep["part"],
+            _conv_kernel[grid](src, wt, dst if bias is None else bias, dst if ep.res is None else ep.res,
+                               dst, dst if ep.part is None else ep.part,
                                m, h, w, cin, oh, ow, cout, cin_g, cout_g, gh, gw, p0_h, p0_w,
-                               r, s, r0, s0, rstep, sstep, rc, sc, *stride, *padding, *dilation, *ep["args"],
-                               TRANSPOSED=transposed, DEPTHWISE=depthwise, FLAT=cin_g < 16,
+                               r, s, r0, s0, rstep, sstep, rc, sc, *stride, *padding, *dilation, *ep.slopes,
+                               *ep.window, TRANSPOSED=transposed, DEPTHWISE=depthwise, FLAT=cin_g < 16,
                                HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype(src.dtype),
-                               PRECISION=dot_precision(src.dtype), **ep["meta"])
+                               PRECISION=dot_precision(src.dtype), **ep.meta)
 
 
-def conv2d_forward(x, w, bias, stride, padding, dilation, groups, out_hw, act="none", slope=0.01, *,
-                   residual=None, act2="none", slope2=0.01, pool=None, stats=False):
+def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, residual=None, act2: Act = NO_ACT,
+                   pool: Window | None = None, stats: bool = False):
     """y = pool(act2(act(conv(x, w) + bias) + residual)) for x (N, H, W, C) NHWC and w (K, C/groups,
-    R, S); padding is the top/left pad (more padding at the bottom/right falls out of out_hw =
-    (OH, OW)). residual (N, OH, OW, K) in x.dtype or None; pool None or (mode "max" | "avg",
-    (kh, kw), (sh, sw), (ph, pw), (POH, POW)) with non-overlapping windows (sh >= kh, sw >= kw,
-    kh*kw <= 16; PyTorch's floor mode, count_include_pad=True, max for inference: no argmax);
-    y is (N, OH, OW, K), or (N, POH, POW, K) pooled. stats=True (act "none", nothing else fused)
+    R, S); geometry.padding is the top/left pad (more padding at the bottom/right falls out of
+    geometry.out_hw = (OH, OW)). residual (N, OH, OW, K) in x.dtype or None; pool None or a
+    non-overlapping Window over (OH, OW) of at most specs.MAX_POOL_TAPS taps (max for inference:
+    no argmax); y is (N, OH, OW, K), or (N, POH, POW, K) pooled. stats=True (nothing else fused)
     returns (y, mean (K,), var (K,)): the fp32 batch statistics (var biased) of the post-bias
     value over the N*OH*OW pixels, from per-tile partials the epilogue writes."""
     check_tensor(x, "x", ndim=4)
     check_tensor(w, "w", ndim=4, dtype=x.dtype, device=x.device)
     n, _, _, c = x.shape
     k, cin_g, r, s = w.shape
-    stride, padding, dilation = _geometry(w.shape, c, k, stride, padding, dilation, groups)
+    stride, padding, dilation, (oh, ow) = _geometry(w.shape, c, k, geometry)
     if bias is not None:
         check_tensor(bias, "bias", ndim=1, dtype=x.dtype, device=x.device)
         check(bias.shape[0] == k, f"bias: expected shape ({k},), got {tuple(bias.shape)}")
-    oh, ow = _pair(out_hw, "out_hw", 0)
-    ep, y_shape = epilogue_args(x, (n, oh, ow, k), act, slope, residual, act2, slope2, pool, stats)
+    ep, y_shape = epilogue_args(x, (n, oh, ow, k), act, residual, act2, pool, stats)
     m = n * oh * ow
     if stats:  # (2, n_tiles, K) tile means and M2s, sized for the smallest BLOCK_M
-        ep["part"] = torch.empty(2 * triton.cdiv(m, _MIN_BLOCK_M) * k, dtype=torch.float32, device=x.device)
+        ep = replace(ep, part=torch.empty(2 * triton.cdiv(m, _MIN_BLOCK_M) * k, dtype=torch.float32,
+                                          device=x.device))
     y = torch.empty(y_shape, dtype=x.dtype, device=x.device)
+    groups = geometry.groups
     wt = w.view(groups, k // groups, cin_g, r, s).permute(0, 3, 4, 2, 1).contiguous()  # (G, R, S, C/g, K/g)
     _launch_conv(x, wt, bias, y, groups, cin_g, k // groups, r, s, stride, padding, dilation, False, (oh, ow), ep)
     if not stats:
         return y
     rows = _conv_kernel.best_config.kwargs["BLOCK_M"] if m else _MIN_BLOCK_M  # the tiles the launch used
     n_tiles = triton.cdiv(m, rows)
-    mean, var = batchnorm_merge_stats(ep["part"][:2 * n_tiles * k].view(2, n_tiles, k), rows, m)
+    mean, var = batchnorm_merge_stats(ep.part[:2 * n_tiles * k].view(2, n_tiles, k), rows, m)
     return y, mean, var
 
 
-def conv2d_backward_input(dy, w, stride, padding, dilation, groups, in_hw):
-    """dx (N, H, W, C) for dy (N, OH, OW, K) and w (K, C/groups, R, S), (H, W) = in_hw."""
+def conv2d_backward_input(dy, w, geometry: ConvGeometry, in_hw):
+    """dx (N, H, W, C) for dy (N, OH, OW, K), (OH, OW) = geometry.out_hw, and w (K, C/groups, R, S);
+    (H, W) = in_hw."""
     check_tensor(dy, "dy", ndim=4)
     check_tensor(w, "w", ndim=4, dtype=dy.dtype, device=dy.device)
     n, _, _, k = dy.shape
     _, cin_g, r, s = w.shape
-    stride, padding, dilation = _geometry(w.shape, cin_g * groups, k, stride, padding, dilation, groups)
+    groups = geometry.groups
+    stride, padding, dilation, _ = _geometry(w.shape, cin_g * groups, k, geometry)
     h, wd = _pair(in_hw, "in_hw", 0)
     dx = torch.empty((n, h, wd, cin_g * groups), dtype=dy.dtype, device=dy.device)
     wt = w.view(groups, k // groups, cin_g, r, s).permute(0, 3, 4, 1, 2).contiguous()  # (G, R, S, K/g, C/g)
@@ -275,7 +285,7 @@ def conv2d_backward_input(dy, w, stride, padding, dilation, groups, in_hw):
     return dx
 
 
-def conv2d_backward_weight(x, dy, w_shape, stride, padding, dilation, groups, need_bias_grad):
+def conv2d_backward_weight(x, dy, w_shape, geometry: ConvGeometry, need_bias_grad):
     """(dw with shape w_shape, db (K,) or None), both in x.dtype, for x (N, H, W, C), dy (N, OH, OW, K)."""
     check_tensor(x, "x", ndim=4)
     check_tensor(dy, "dy", ndim=4, dtype=x.dtype, device=x.device)
@@ -283,5 +293,5 @@ def conv2d_backward_weight(x, dy, w_shape, stride, padding, dilation, groups, ne
     n, _, _, c = x.shape
     k = dy.shape[3]
     check(dy.shape[0] == n, f"dy: expected batch {n}, got shape {tuple(dy.shape)}")
-    stride, padding, dilation = _geometry(w_shape, c, k, stride, padding, dilation, groups)
-    return weight_grad(x, dy, w_shape, stride, padding, dilation, groups, bool(need_bias_grad))
+    stride, padding, dilation, _ = _geometry(w_shape, c, k, geometry)
+    return weight_grad(x, dy, w_shape, stride, padding, dilation, geometry.groups, bool(need_bias_grad))

@@ -3,25 +3,38 @@ helpers (per-tile batch-norm statistics of the post-bias value; a non-overlappin
 window reduced in registers) and the launcher-side checks of its arguments. For pooling the
 kernel's GEMM rows enumerate (pooled pixel, window tap) pairs, TAPS (the window's taps
 rounded up to a power of two, at most 16) rows per pooled pixel, so that a tile of BLOCK_M
-rows (a multiple of TAPS) holds whole windows; `pool_rows` maps rows to the conv pixels
+rows (a multiple of TAPS) holds whole windows (specs.MAX_POOL_TAPS at most); `pool_rows` maps rows to the conv pixels
 they compute and `pool_reduce` folds each window's rows."""
+
+from dataclasses import dataclass, field
 
 import triton
 import triton.language as tl
 
+from ..specs import MAX_POOL_TAPS, NO_ACT, Act, Window
 from ._common import check, check_tensor, nan_max
 from .activation import act_code
-from .window import geometry as _pool_geometry
-
-# Codes for the POOL constexpr (0: no pooling).
-POOL_MODES = {"max": 1, "avg": 2}
-MAX_TAPS = 16  # rows per pooled pixel at most: BLOCK_M (>= 16, a power of two) stays a multiple of TAPS
+from .window import POOL_MODES, check_window
 
 _MAX = tl.constexpr(1)  # globals read inside @triton.jit code must be tl.constexpr
 
-# The epilogue of a plain conv (and of every input-gradient launch): bias, if any, and nothing else.
-PLAIN_EPILOGUE = {"res": None, "part": None, "args": (0.01, 0.01, 1, 1, 1, 1, 0, 0),
-                  "meta": {"ACT": 0, "HAS_RES": False, "ACT2": 0, "POOL": 0, "TAPS": 1, "STATS": False}}
+
+@dataclass(frozen=True)
+class Epilogue:
+    """What the conv kernel's epilogue takes: a residual to add, the batch-statistics partials
+    buffer, the activations' slopes, the pooling window's kernel, stride and padding, and the
+    constexpr switches. The default is a plain conv's (and every input-gradient launch's):
+    bias, if any, and nothing else."""
+
+    res: object = None  # (N, OH, OW, K) tensor or None
+    part: object = None  # (2, n_tiles, K) fp32 tensor or None
+    slopes: tuple = (0.01, 0.01)
+    window: tuple = (1, 1, 1, 1, 0, 0)  # kh, kw, sh, sw, ph, pw
+    meta: dict = field(default_factory=lambda: {"ACT": 0, "HAS_RES": False, "ACT2": 0, "POOL": 0, "TAPS": 1,
+                                                "STATS": False})
+
+
+PLAIN_EPILOGUE = Epilogue()
 
 
 def pool_taps(kh: int, kw: int) -> int:
@@ -75,8 +88,8 @@ def tile_stats(acc, m_mask, n_mask, part_ptr, col, M, COUT, BLOCK_M: tl.constexp
     tl.store(part_ptr + (n_tiles + tile) * COUT + col, m2, mask=n_mask)
 
 
-def epilogue_args(x, conv_shape, act, slope, residual, act2, slope2, pool, stats):
-    """Validate the fused epilogue's arguments: (its kernel arguments, the output shape)."""
+def epilogue_args(x, conv_shape, act: Act, residual, act2: Act, pool: Window | None, stats: bool):
+    """Validate the fused epilogue's arguments: (its Epilogue, the output shape)."""
     n, oh, ow, k = conv_shape
     meta = {"ACT": act_code(act, "act"), "HAS_RES": residual is not None, "ACT2": act_code(act2, "act2"),
             "POOL": 0, "TAPS": 1, "STATS": stats}
@@ -85,28 +98,18 @@ def epilogue_args(x, conv_shape, act, slope, residual, act2, slope2, pool, stats
         check(tuple(residual.shape) == conv_shape,
               f"residual: expected shape {conv_shape} (the conv output), got {tuple(residual.shape)}")
     check(isinstance(stats, bool), f"stats: expected a bool, got {stats!r}")
-    check(not stats or (act == act2 == "none" and residual is None and pool is None),
+    check(not stats or (act == act2 == NO_ACT and residual is None and pool is None),
           f"stats=True (the conv feeding a training-mode batch norm) needs act='none', act2='none', no "
-          f"residual and no pool; got act={act!r}, act2={act2!r}, residual "
+          f"residual and no pool; got act={act.kind!r}, act2={act2.kind!r}, residual "
           f"{None if residual is None else tuple(residual.shape)}, pool={pool!r}")
-    args = [float(slope), float(slope2), 1, 1, 1, 1, 0, 0]
+    slopes = (float(act.slope), float(act2.slope))
     if pool is None:
-        return {"res": residual, "part": None, "args": args, "meta": meta}, conv_shape
-    check(isinstance(pool, (tuple, list)) and len(pool) == 5,
-          f"pool: expected (mode, (kh, kw), (sh, sw), (ph, pw), (poh, pow)), got {pool!r}")
-    mode, kernel, pstride, ppad, pout = pool
-    try:  # pool.py's checks: mode, padding <= kernel / 2, pout the floor-mode output of (oh, ow)
-        kernel, pstride, ppad = _pool_geometry(mode, kernel, pstride, ppad, (oh, ow), pout)
-    except ValueError as err:
-        raise ValueError(f"pool: {err}") from None
-    check(pstride[0] >= kernel[0] and pstride[1] >= kernel[1], f"pool: only non-overlapping windows fuse "
-          f"(stride >= kernel), got kernel {kernel} with stride {pstride}")
-    check(kernel[0] * kernel[1] <= MAX_TAPS, f"pool window too large to fuse: {kernel[0]}x{kernel[1]} = "
-          f"{kernel[0] * kernel[1]} taps, at most {MAX_TAPS}")
-    meta.update(POOL=POOL_MODES[mode], TAPS=pool_taps(*kernel))
-    return ({"res": residual, "part": None, "args": args[:2] + [*kernel, *pstride, *ppad], "meta": meta},
-            (n, *_pool_hw((oh, ow), kernel, pstride, ppad), k))
-
-
-def _pool_hw(hw, kernel, stride, padding):
-    return tuple(max(0, (i + 2 * p - k) // s + 1) for i, k, s, p in zip(hw, kernel, stride, padding))
+        return Epilogue(residual, None, slopes, meta=meta), conv_shape
+    check_window(pool, (oh, ow), "pool")
+    check(not pool.overlaps, f"pool: only non-overlapping windows fuse (stride >= kernel), got kernel "
+                             f"{pool.kernel} with stride {pool.stride}")
+    check(pool.taps <= MAX_POOL_TAPS, f"pool window too large to fuse: {pool.kernel[0]}x{pool.kernel[1]} = "
+                                      f"{pool.taps} taps, at most {MAX_POOL_TAPS}")
+    meta.update(POOL=POOL_MODES[pool.mode], TAPS=pool_taps(*pool.kernel))
+    return (Epilogue(residual, None, slopes, (*pool.kernel, *pool.stride, *pool.padding), meta),
+            (n, *pool.out_hw, k))

@@ -1,12 +1,14 @@
 """Dense (fully connected) layers: one tiled GEMM kernel on `tl.dot` with fp32 accumulation
-and a fused bias + activation epilogue serves all three products through its strides
-(y = x @ w.T forward, dx = dy @ w and dw = dy.T @ x backward), and a column-sum kernel
-gives the bias gradient; the launchers of the three passes."""
+and a fused bias + activation + dropout + softmax epilogue serves all three products through
+its strides (y = x @ w.T forward, dx = dy @ w and dw = dy.T @ x backward), a column-sum kernel
+gives the bias gradient; the launchers of the three passes, and DenseBlockFn, a dense block
+([flatten] -> dense -> act -> [dropout] -> [softmax]) as one autograd Function."""
 
 import torch
 import triton
 import triton.language as tl
 
+from ..specs import MAX_SOFTMAX_UNITS, NO_ACT, Act, DenseBlock
 from ._common import (
     ELEMENTWISE_CONFIGS,
     autotune,
@@ -21,15 +23,15 @@ from ._common import (
 )
 from .activation import _NONE, NONE, act_code, apply_act, apply_act_grad
 from .dropout import check_dropout, dropout_keep
-
-MAX_SOFTMAX_COLUMNS = 1024
+from .layout import flatten, unflatten
+from .softmax import softmax_backward
 
 _CONFIGS = [gemm_config(*c, GROUP_M=8) for c in ((128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 3, 8),
                                (128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
                                (64, 64, 64, 4, 4), (128, 32, 32, 4, 4), (32, 128, 64, 4, 4),
                                (32, 64, 64, 4, 4), (64, 32, 64, 4, 4), (32, 32, 64, 4, 4),
                                (16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (64, 16, 128, 4, 4),
-                               # wide rows for a fused softmax over up to 1024 classes
+                               # wide rows for a fused softmax over up to MAX_SOFTMAX_UNITS classes
                                (32, 256, 32, 3, 4), (16, 512, 32, 2, 4), (16, 1024, 16, 2, 8))]
 
 
@@ -153,10 +155,10 @@ def _matmul(a, a_strides, b, b_strides, c, k, bias=None, act=NONE, slope=0.01, p
     return c
 
 
-def dense_forward(x, w, bias, act="none", slope=0.01, *, p=0.0, seed=0, softmax=False, save_pre=False):
+def dense_forward(x, w, bias, act: Act = NO_ACT, *, p=0.0, seed=0, softmax=False, save_pre=False):
     """y (M, N) = softmax(dropout(act(x @ w.T + bias))) for x (M, K), w (N, K) (PyTorch Linear layout),
-    bias (N,) or None; act is "none" or a name of activation.ACTIVATIONS (leaky_relu uses `slope`),
-    dropout (p > 0, mask from `seed` as dropout.py draws it) and softmax optional. With save_pre,
+    bias (N,) or None; act an Act (NO_ACT: none), dropout (p > 0, mask from `seed` as dropout.py
+    draws it) and softmax (at most specs.MAX_SOFTMAX_UNITS columns) optional. With save_pre,
     returns (y, pre) where pre = x @ w.T + bias, which the backward pass needs."""
     check_tensor(x, "x", ndim=2)
     check_tensor(w, "w", ndim=2, dtype=x.dtype, device=x.device)
@@ -168,22 +170,22 @@ def dense_forward(x, w, bias, act="none", slope=0.01, *, p=0.0, seed=0, softmax=
         check(bias.shape[0] == n, f"bias: expected shape ({n},), got {tuple(bias.shape)}")
     code = act_code(act)
     check_dropout(p, seed)
-    check(not softmax or n <= MAX_SOFTMAX_COLUMNS,
-          f"softmax: {n} columns exceed the {MAX_SOFTMAX_COLUMNS} one tile of the dense epilogue holds")
+    check(not softmax or n <= MAX_SOFTMAX_UNITS,
+          f"softmax: {n} columns exceed the {MAX_SOFTMAX_UNITS} one tile of the dense epilogue holds")
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     pre = torch.empty_like(y) if save_pre else None
     # b[k, n] = w[n, k]: w read transposed through its strides
-    _matmul(x, x.stride(), w, (w.stride(1), w.stride(0)), y, k, bias, code, slope, pre, p,
+    _matmul(x, x.stride(), w, (w.stride(1), w.stride(0)), y, k, bias, code, act.slope, pre, p,
             seed, softmax)
     return (y, pre) if save_pre else y
 
 
-def dense_epilogue_backward(dy, pre, act="none", slope=0.01, p=0.0, seed=0):
+def dense_epilogue_backward(dy, pre, act: Act = NO_ACT, p=0.0, seed=0):
     """The gradient at the GEMM's output of a fused dense block, from dy at its end: through
     dropout (the forward's mask, from `seed`) and act (at `pre`, the saved GEMM output)."""
     check_tensor(dy, "dy", ndim=2)
     code = act_code(act)
-    if act != "none":
+    if act != NO_ACT:
         check_tensor(pre, "pre", ndim=2, dtype=dy.dtype, device=dy.device)
         check(pre.shape == dy.shape, f"pre: expected shape {tuple(dy.shape)}, got {tuple(pre.shape)}")
     check_dropout(p, seed)
@@ -191,7 +193,7 @@ def dense_epilogue_backward(dy, pre, act="none", slope=0.01, p=0.0, seed=0):
     n = dy.numel()
     if n:
         _epilogue_bwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](
-            dy, pre if pre is not None else dy, da, n, float(slope), float(p), 0.0 if p == 1 else 1.0 / (1.0 - p),
+            dy, pre if pre is not None else dy, da, n, float(act.slope), float(p), 0.0 if p == 1 else 1.0 / (1.0 - p),
             int(seed), ACT=code, DROP=bool(p > 0))
     return da
 
@@ -223,3 +225,39 @@ def dense_backward_weight(dy, x, need_bias_grad):
         if n:
             _colsum_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](dy, db, m, n)
     return dw, db
+
+
+class DenseBlockFn(torch.autograd.Function):
+    """A dense block, [flatten] -> dense -> act -> [dropout] -> [softmax]; a lone dense layer has
+    every other stage off. Forward is one GEMM with the stages in its epilogue, saving the GEMM
+    output where an activation needs it; backward runs softmax's, then one pass for the
+    activation and dropout (the mask regenerated from the seed), then the two GEMMs. Dropout
+    draws its seed in training from torch's CPU generator (state.seed())."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, spec: DenseBlock, state):  # x (M, K), or (N, H, W, C) to flatten -> (M, N)
+        ctx.in_shape = tuple(x.shape)
+        if spec.flatten is not None:
+            x = flatten(x, spec.flatten.permute)
+        p = spec.p if state.training else 0.0
+        seed = state.seed() if p > 0 else 0
+        save = state.grad and spec.act != NO_ACT
+        out = dense_forward(x, w, b, spec.act, p=p, seed=seed, softmax=spec.softmax, save_pre=save)
+        y, pre = out if save else (out, None)
+        ctx.spec, ctx.p, ctx.seed, ctx.has_bias = spec, p, seed, b is not None
+        ctx.save_for_backward(x, w, pre, y if spec.softmax else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, pre, y = ctx.saved_tensors
+        spec, dy = ctx.spec, dy.contiguous()
+        if spec.softmax:
+            dy = softmax_backward(dy, y)
+        if spec.act != NO_ACT or ctx.p > 0:
+            dy = dense_epilogue_backward(dy, pre, spec.act, ctx.p, ctx.seed)
+        dx = dense_backward_input(dy, w) if ctx.needs_input_grad[0] else None
+        if dx is not None and spec.flatten is not None:
+            dx = unflatten(dx, ctx.in_shape, spec.flatten.permute)
+        dw, db = dense_backward_weight(dy, x, ctx.has_bias)
+        return dx, dw, db, None, None

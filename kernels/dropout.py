@@ -3,7 +3,8 @@ element i (its int64 flat offset) is kept iff u >= p, where u is lane i % 4 of
 `tl.rand4x(seed, i // 4)` (Philox; lane 0 is `tl.rand(seed, i // 4)`). One Philox call
 serves four consecutive elements, and the mask depends only on (seed, i): never on BLOCK,
 the autotuned config or the launch, so backward regenerates exactly forward's mask.
-`dropout_keep` gives the same mask to any kernel (a fused epilogue) for arbitrary offsets."""
+`dropout_keep` gives the same mask to any kernel (a fused epilogue) for arbitrary offsets.
+DropoutFn runs a dropout layer alone, drawing its seed in training (state.seed())."""
 
 import numbers
 
@@ -72,3 +73,20 @@ def dropout_forward(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 def dropout_backward(dy: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """dx = dy * mask / (1 - p) with forward's mask regenerated from (seed, offset)."""
     return _run(dy, p, seed, "dy")
+
+
+class DropoutFn(torch.autograd.Function):
+    """The mask is regenerated from (seed, element offset) in backward, never stored; in eval,
+    or with p = 0, the layer is the identity (no kernel)."""
+
+    @staticmethod
+    def forward(ctx, x, spec, state):
+        ctx.p = spec.p if state.training else 0.0
+        if ctx.p == 0:
+            return x.view_as(x)
+        ctx.seed = state.seed()
+        return dropout_forward(x, ctx.p, ctx.seed)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return (dy if ctx.p == 0 else dropout_backward(dy.contiguous(), ctx.p, ctx.seed)), None, None

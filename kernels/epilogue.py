@@ -11,16 +11,18 @@ and da (dz itself when the affine is fixed) and, for training batch norm, batchn
 per-tile partials of sum(da), sum(da (z - mean)); batchnorm's merge and elementwise backward
 (`batchnorm_backward_from_partials`) then finish dz, dweight and dbias."""
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
+from ..specs import Act, Window
 from ._common import autotune, check, check_tensor
 from .activation import act_code, apply_act, apply_act_grad
 from .batchnorm import _check_channels, _tiles, batchnorm_backward_from_partials
-from .window import CONFIGS, argmax_dtype, check_argmax, geometry, prune
+from .window import CONFIGS, POOL_MODES, argmax_dtype, check_argmax, check_window, prune
 
-_POOL = {"max": 1, "avg": 2}  # codes for the POOL constexpr; 0: no pooling (y = u)
 _KEY = ["P", "C", "KH", "KW", "POOL", "ACT1", "ACT2", "HAS_AFFINE", "HAS_RES"]
 _PRUNE = {"early_config_prune": prune}
 
@@ -180,7 +182,23 @@ def _epilogue_bwd_kernel(dy_ptr, arg_ptr, z_ptr, scale_ptr, shift_ptr, res_ptr, 
         tl.store(part_ptr + (n_tiles + tile) * C + offs_c, tl.sum(sum_dax, axis=0), mask=c_mask)
 
 
-def _setup(z, scale, shift, act1, slope1, residual, act2, slope2, pool):
+@dataclass(frozen=True)
+class BatchNormBackward:
+    """What the backward pass of a conv block's batch norm needs: the statistics that normalised
+    z (fp32 (C,): the batch's, var biased, in training; else the running ones), eps, the affine
+    weight (or None), whether there is a bias, whether the parameters' gradients are wanted, and
+    whether the statistics were the batch's (train: the gradient flows through them)."""
+
+    mean: object
+    var: object
+    eps: float
+    weight: object
+    bias: bool
+    param_grads: bool
+    train: bool
+
+
+def _setup(z, scale, shift, act1: Act, residual, act2: Act, pool: Window | None):
     """Validate the arguments both passes share -> (y shape, kernel args, constexprs)."""
     check_tensor(z, "z")
     check(z.dim() in (2, 4), f"z: expected (N, H, W, C) or (N, C), got shape {tuple(z.shape)}")
@@ -200,27 +218,24 @@ def _setup(z, scale, shift, act1, slope1, residual, act2, slope2, pool):
         geo, out_shape = (h, w, (1, 1), (0, 0)), tuple(z.shape)  # (oh, ow, stride, padding)
         consts.update(KH=1, KW=1, POOL=0)
     else:
-        check(isinstance(pool, (tuple, list)) and len(pool) == 5, "pool: expected None or (mode, kernel, "
-              f"stride, padding, out_hw), got {pool!r}")
-        mode, kernel, stride, padding, out_hw = pool
-        kernel, stride, padding = geometry(mode, kernel, stride, padding, (h, w), out_hw)
-        geo, out_shape = (*out_hw, stride, padding), (n, *out_hw, c)
-        consts.update(KH=kernel[0], KW=kernel[1], POOL=_POOL[mode])
+        check_window(pool, (h, w), "pool")
+        geo, out_shape = (*pool.out_hw, pool.stride, pool.padding), (n, *pool.out_hw, c)
+        consts.update(KH=pool.kernel[0], KW=pool.kernel[1], POOL=POOL_MODES[pool.mode])
     oh, ow, stride, padding = geo
-    args = (h, w, c, oh, ow, *stride, *padding, float(slope1), float(slope2))
+    args = (h, w, c, oh, ow, *stride, *padding, float(act1.slope), float(act2.slope))
     return out_shape, args, consts
 
 
-def epilogue_forward(z, scale, shift, act1, slope1, residual, act2, slope2, pool):
+def epilogue_forward(z, scale, shift, act1: Act, residual, act2: Act, pool: Window | None):
     """(y, argmax or None): y = pool(act2(act1(z scale + shift) + residual)) in z's dtype for z
     (N, H, W, C) (or (N, C) as (N, 1, 1, C)) contiguous; scale, shift fp32 (C,) or both None
-    (the identity); residual z's shape and dtype or None; act1, act2 activation names,
-    "none" allowed; pool None (y = u, z's shape) or (mode, (kh, kw), (sh, sw), (ph, pw),
-    (oh, ow)) as pool.py's pool_forward, giving y (N, oh, ow, C) and for "max" its argmax codes.
-    One pass: reads z and residual once, writes y (and argmax)."""
-    out_shape, args, consts = _setup(z, scale, shift, act1, slope1, residual, act2, slope2, pool)
+    (the identity); residual z's shape and dtype or None; act1, act2 Acts (NO_ACT skips one);
+    pool None (y = u, z's shape) or a Window over (H, W) as pool.py's pool_forward, giving y
+    (N, OH, OW, C) and for "max" its argmax codes. One pass: reads z and residual once, writes
+    y (and argmax)."""
+    out_shape, args, consts = _setup(z, scale, shift, act1, residual, act2, pool)
     y = torch.empty(out_shape, dtype=z.dtype, device=z.device)
-    is_max = consts["POOL"] == _POOL["max"]
+    is_max = consts["POOL"] == POOL_MODES["max"]
     argmax = torch.empty(out_shape, dtype=argmax_dtype(consts["KH"] * consts["KW"]), device=z.device) \
         if is_max else None
     pixels, c = y.numel() // max(args[2], 1), args[2]
@@ -231,31 +246,27 @@ def epilogue_forward(z, scale, shift, act1, slope1, residual, act2, slope2, pool
     return y, argmax
 
 
-def epilogue_backward(dy, z, scale, shift, act1, slope1, residual, act2, slope2, pool, argmax, bn=None):
+def epilogue_backward(dy, z, scale, shift, act1: Act, residual, act2: Act, pool: Window | None, argmax,
+                      bn: BatchNormBackward | None = None):
     """(dz, dresidual or None, dweight or None, dbias or None) for dy of epilogue_forward's y,
     recomputing a, v, u from the saved z, residual and argmax. bn None: the affine (if any) is
-    fixed, dz = da * scale, one pass. bn = (mean, var, eps, weight, bias_present, need_param_grads,
-    train): a is batch norm of z with statistics mean, var (fp32 (C,): the batch's, var biased,
-    with train; else the running ones) and scale, shift its affine; dz is the batch-norm
-    backward (through the batch statistics with train) and, with need_param_grads,
-    dweight (weight not None) and dbias (bias_present) come in weight's dtype (z's without one).
-    Passes: the gather / activation-gradient pass (writing da and batchnorm's tile partials),
-    then with bn batchnorm's merge and elementwise backward."""
-    out_shape, args, consts = _setup(z, scale, shift, act1, slope1, residual, act2, slope2, pool)
+    fixed, dz = da * scale, one pass. With bn, a is batch norm of z (scale, shift its affine):
+    dz is the batch-norm backward (through the batch statistics with bn.train) and, with
+    bn.param_grads, dweight (bn.weight not None) and dbias (bn.bias) come in the weight's dtype
+    (z's without one). Passes: the gather / activation-gradient pass (writing da and
+    batchnorm's tile partials), then with bn batchnorm's merge and elementwise backward."""
+    out_shape, args, consts = _setup(z, scale, shift, act1, residual, act2, pool)
     check_tensor(dy, "dy", dtype=z.dtype, device=z.device)
     check(tuple(dy.shape) == out_shape, f"dy: expected shape {out_shape}, got {tuple(dy.shape)}")
-    mode = {code: name for name, code in _POOL.items()}.get(consts["POOL"], "none")
-    check_argmax(argmax, mode, consts["KH"] * consts["KW"], out_shape, z.device)
+    check_argmax(argmax, pool.mode if pool else "none", consts["KH"] * consts["KW"], out_shape, z.device)
     c = args[2]
     m = z.numel() // max(c, 1)  # pre-pool pixels: batch-norm rows
     if bn is not None:
-        check(isinstance(bn, (tuple, list)) and len(bn) == 7, "bn: expected None or (mean, var, eps, weight, "
-              f"bias_present, need_param_grads, train), got {type(bn).__name__} of length "
-              f"{len(bn) if isinstance(bn, (tuple, list)) else '-'}")
+        check(isinstance(bn, BatchNormBackward), f"bn: expected None or a BatchNormBackward, got {bn!r}")
         check(scale is not None, "bn: expected scale and shift (the batch norm's affine), got None")
-        mean, var, eps, weight, bias_present, need_param_grads, train = bn
-        for t, name, opt in ((mean, "mean", False), (var, "var", False), (weight, "weight", True)):
+        for t, name, opt in ((bn.mean, "mean", False), (bn.var, "var", False), (bn.weight, "weight", True)):
             _check_channels(t, name, c, z.device, opt)
+        mean = bn.mean
         rows, n_tiles = _tiles(m)
     else:
         mean, rows, n_tiles = None, 0, 0
@@ -269,6 +280,6 @@ def epilogue_backward(dy, z, scale, shift, act1, slope1, residual, act2, slope2,
             part, m, *args, rows, n_tiles, **consts, BN=bn is not None)
     if bn is None:
         return dz, dres, None, None
-    dz2, dw, db = batchnorm_backward_from_partials(part, dz.view(m, c), z.view(m, c), mean, var, eps, weight,
-                                                   need_param_grads, train)
-    return (dz2.view(z.shape), dres, None if weight is None else dw, db if bias_present else None)
+    dz2, dw, db = batchnorm_backward_from_partials(part, dz.view(m, c), z.view(m, c), bn.mean, bn.var, bn.eps,
+                                                   bn.weight, bn.param_grads, bn.train)
+    return (dz2.view(z.shape), dres, None if bn.weight is None else dw, db if bn.bias else None)

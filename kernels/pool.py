@@ -3,12 +3,14 @@ kernel with its other stages off; max also writes a compact argmax of window off
 r*kw + s), its backward as a deterministic gather
 (each input pixel sums dy over the output windows that contain it, so overlapping windows
 need no atomics), and global average pooling both ways. Tiles are pixels x channels,
-channels contiguous; PyTorch semantics (floor mode, avg count_include_pad=True)."""
+channels contiguous; PyTorch semantics (floor mode, avg count_include_pad=True); PoolFn and
+GlobalAvgPoolFn run them as layers."""
 
 import torch
 import triton
 import triton.language as tl
 
+from ..specs import NO_ACT, Window
 from ._common import (
     ELEMENTWISE_CONFIGS,
     autotune,
@@ -17,7 +19,7 @@ from ._common import (
     elementwise_tiles,
 )
 from .epilogue import epilogue_forward
-from .window import CONFIGS, check_argmax, geometry, pair, prune
+from .window import CONFIGS, check_argmax, check_window, pair, prune
 
 _TUNE = {"interpret": {"BLOCK_P": ("P", 16, 1024), "BLOCK_C": ("C", 4, 64)},
          "prune_configs_by": {"early_config_prune": prune}}
@@ -91,30 +93,33 @@ def _grid(pixels, c):
     return lambda meta: (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))
 
 
-def pool_forward(x, mode, kernel, stride, padding, out_hw):
-    """(y (N, OH, OW, C), argmax) for x (N, H, W, C); argmax is None for "avg" and for "max" the
-    window offset r*kw + s of each maximum (N, OH, OW, C), int8 when kh*kw <= 127 (else int16/32).
-    Max: the first maximum wins, NaN propagates, padding never wins; avg divides by kh*kw.
-    The fused epilogue's kernel with every other stage off: one window loop serves both."""
+def pool_forward(x, window: Window):
+    """(y (N, OH, OW, C), argmax) for x (N, H, W, C), (OH, OW) = window.out_hw; argmax is None for
+    "avg" and for "max" the window offset r*kw + s of each maximum (N, OH, OW, C), int8 when
+    kh*kw <= 127 (else int16/32). Max: the first maximum wins, NaN propagates, padding never
+    wins; avg divides by kh*kw. The fused epilogue's kernel with every other stage off: one
+    window loop serves both."""
     check_tensor(x, "x", ndim=4)
-    return epilogue_forward(x, None, None, "none", 0.0, None, "none", 0.0,
-                            (mode, kernel, stride, padding, out_hw))
+    return epilogue_forward(x, None, None, NO_ACT, None, NO_ACT, window)
 
 
-def pool_backward(dy, mode, argmax, kernel, stride, padding, in_hw):
+def pool_backward(dy, window: Window, argmax, in_hw):
     """dx (N, H, W, C), (H, W) = in_hw, for dy (N, OH, OW, C) and pool_forward's argmax (None for avg)."""
     check_tensor(dy, "dy", ndim=4)
     n, oh, ow, c = dy.shape
     in_hw = pair(in_hw, "in_hw", 0)
-    kernel, stride, padding = geometry(mode, kernel, stride, padding, in_hw, (oh, ow))
-    is_max = mode == "max"
-    check_argmax(argmax, mode, kernel[0] * kernel[1], dy.shape, dy.device)
+    check_window(window, in_hw)
+    check(tuple(window.out_hw) == (oh, ow), f"dy: expected (N, {window.out_hw[0]}, {window.out_hw[1]}, C) "
+                                            f"for the window's output, got shape {tuple(dy.shape)}")
+    is_max = window.mode == "max"
+    check_argmax(argmax, window.mode, window.taps, dy.shape, dy.device)
     h, w = in_hw
     dx = torch.empty((n, h, w, c), dtype=dy.dtype, device=dy.device)
     if dx.numel():
         pixels = n * h * w
         _pool_bwd_kernel[_grid(pixels, c)](dy, argmax if is_max else dy, dx, pixels, h, w, c, oh, ow,
-                                           *stride, *padding, KH=kernel[0], KW=kernel[1], IS_MAX=is_max)
+                                           *window.stride, *window.padding, KH=window.kernel[0],
+                                           KW=window.kernel[1], IS_MAX=is_max)
     return dx
 
 
@@ -140,3 +145,29 @@ def global_avgpool_backward(dy, in_hw):
     if total:
         _global_avg_bwd_kernel[lambda meta: (triton.cdiv(total, meta["BLOCK"]),)](dy, dx, total, h * w, c)
     return dx
+
+
+class PoolFn(torch.autograd.Function):
+    """A max or average pooling layer alone: keeps max pooling's int8 argmax, not its input."""
+
+    @staticmethod
+    def forward(ctx, x, spec: Window, state):
+        y, argmax = pool_forward(x, spec)
+        ctx.argmax = argmax  # int8 window offsets (max) or None (avg): not a graph tensor
+        ctx.spec, ctx.in_hw = spec, tuple(x.shape[1:3])
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return pool_backward(dy.contiguous(), ctx.spec, ctx.argmax, ctx.in_hw), None, None
+
+
+class GlobalAvgPoolFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec, state):  # x (N, H, W, C) -> (N, 1, 1, C)
+        ctx.in_hw = tuple(x.shape[1:3])
+        return global_avgpool_forward(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return global_avgpool_backward(dy.contiguous(), ctx.in_hw), None, None

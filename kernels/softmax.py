@@ -1,7 +1,8 @@
 """Softmax and cross-entropy over the rows of (M, N) logits: one program per row, the row
 in a single block when it fits, else a loop over column blocks with an online max/sum;
 the softmax backward, the cross-entropy forward (per-row losses and log-sum-exps, then a
-deterministic mean kernel) and its fused softmax-minus-onehot backward."""
+deterministic mean kernel) and its fused softmax-minus-onehot backward; SoftmaxFn (a softmax
+layer) and CrossEntropyFn (the loss) run them."""
 
 import torch
 import triton
@@ -215,3 +216,31 @@ def cross_entropy_backward(dloss, logits, target, lse):
         _ce_bwd_kernel[(m, triton.cdiv(n, block))](logits, target, lse, dloss, dx, m, n, BLOCK=block,
                                                    num_warps=4)
     return dx
+
+
+class SoftmaxFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec, state):
+        y = softmax_forward(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return softmax_backward(dy.contiguous(), y), None, None
+
+
+class CrossEntropyFn(torch.autograd.Function):
+    """Mean cross-entropy of logits against class indices, softmax and its gradient fused."""
+
+    @staticmethod
+    def forward(ctx, logits, target):
+        loss, lse = cross_entropy_forward(logits, target)
+        ctx.save_for_backward(logits, target, lse)
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        logits, target, lse = ctx.saved_tensors
+        return cross_entropy_backward(dloss.contiguous(), logits, target, lse), None

@@ -5,7 +5,10 @@ checks (max pooling's argmax holds the window offset r*kw + s of each maximum)."
 import torch
 import triton
 
+from ..specs import Window, window_out
 from ._common import check
+
+POOL_MODES = {"max": 1, "avg": 2}  # codes for the POOL constexprs of pooling kernels (0: no pooling)
 
 
 def _cfg(bp, bc, warps):
@@ -30,18 +33,25 @@ def pair(v, name, minimum):
     return v
 
 
-def geometry(mode, kernel, stride, padding, in_hw, out_hw):
-    """Validate the pooling hyper-parameters; out_hw must be the floor-mode output of in_hw."""
-    check(mode in ("max", "avg"), f"mode: expected 'max' or 'avg', got {mode!r}")
-    kernel, stride = pair(kernel, "kernel", 1), pair(stride, "stride", 1)
-    padding = pair(padding, "padding", 0)
+def _strict_pair(v, name, minimum):
+    check(isinstance(v, tuple) and len(v) == 2 and all(isinstance(i, int) and i >= minimum for i in v),
+          f"{name}: expected two ints >= {minimum}, got {v!r}")
+    return v
+
+
+def check_window(window: Window, in_hw, name: str = "window") -> None:
+    """Validate a pooling window over an (H, W) = in_hw input: its mode, sizes, padding at most
+    half the kernel, and out_hw the floor-mode output (specs.window_out)."""
+    check(isinstance(window, Window), f"{name}: expected a Window, got {window!r}")
+    check(window.mode in POOL_MODES, f"{name}: mode: expected 'max' or 'avg', got {window.mode!r}")
+    kernel, stride = _strict_pair(window.kernel, f"{name}: kernel", 1), _strict_pair(window.stride, f"{name}: stride", 1)
+    padding = _strict_pair(window.padding, f"{name}: padding", 0)
+    out_hw = _strict_pair(window.out_hw, f"{name}: out_hw", 0)
     check(all(2 * p <= k for p, k in zip(padding, kernel)),
-          f"padding {padding} must be at most half the kernel {kernel}")
-    out_hw = pair(out_hw, "out_hw", 0)
-    expected = tuple(max(0, (i + 2 * p - k) // s + 1) for i, p, k, s in zip(in_hw, padding, kernel, stride))
-    check(out_hw == expected, f"out_hw: input {tuple(in_hw)} with kernel {kernel}, stride {stride}, "
+          f"{name}: padding {padding} must be at most half the kernel {kernel}")
+    expected = tuple(window_out(i, k, s, p) for i, k, s, p in zip(in_hw, kernel, stride, padding))
+    check(out_hw == expected, f"{name}: out_hw: input {tuple(in_hw)} with kernel {kernel}, stride {stride}, "
           f"padding {padding} gives {expected}, got {out_hw}")
-    return kernel, stride, padding
 
 
 def argmax_dtype(taps: int) -> torch.dtype:

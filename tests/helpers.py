@@ -78,18 +78,18 @@ class FixedDropout:
         from cnndsl.ir import Op
         order = []
         for step in tri.steps:
-            if step.kw.get("p", 0) > 0 and step.op == "dense_block":
+            if step.function == "DenseBlockFn" and step.spec.p > 0:
                 order += [n.id for n in tri.plan.groups[step.group].nodes if n.op is Op.DROPOUT]
-            elif step.kw.get("p", 0) > 0 and step.op == Op.DROPOUT.value:
+            elif step.function == "DropoutFn" and step.spec.p > 0:
                 order.append(step.output)
         self.seeds = {node: base + 7919 * k for k, node in enumerate(order)}
         self.ref, self.ref_op, self.dropout = ref, ref._op, Op.DROPOUT
 
     @contextmanager
     def fixed(self):
-        from cnndsl.runtime import triton_module
+        from cnndsl.runtime.steps import StepState
         seeds = itertools.cycle(self.seeds.values())
-        with mock.patch.object(triton_module, "_seed", lambda: next(seeds)):
+        with mock.patch.object(StepState, "seed", staticmethod(lambda: next(seeds))):
             yield
 
     def op(self, node, xs):

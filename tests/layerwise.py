@@ -75,25 +75,42 @@ class Call:
     dy: list = field(default_factory=list)
 
 
+class _Recorded:
+    """A Function as the executor sees it (`apply`), recording each call of the step it runs."""
+
+    def __init__(self, fn, calls: list, current: dict):
+        self.fn, self.calls, self.current = fn, calls, current
+
+    def apply(self, *args):
+        step = self.current["steps"][self.current["i"]]
+        self.current["i"] += 1
+        k = len(step.inputs)
+        call = Call(step, [], None, args[-1].grad, self.current["logits"])
+        call.dx = [[] for a in args[:k] if a is not None]
+        inputs = iter(_Tap.apply(a, slot) for a, slot in zip((a for a in args[:k] if a is not None), call.dx))
+        args = [next(inputs) if a is not None else None for a in args[:k]] + list(args[k:])
+        call.inputs = [a.detach() for a in args[:k] if a is not None]
+        out = _Tap.apply(self.fn.apply(*args), call.dy)
+        call.output = out.detach()
+        self.calls.append(call)
+        return out
+
+
 def record(calls: list) -> ExitStack:
     """While open, every step the triton backend runs is appended to `calls`."""
     from cnndsl.runtime import triton_module as tm
+    current = {"steps": (), "i": 0, "logits": False}
+    run = tm.TritonModule._run
 
-    def wrap(run):
-        def runner(m, step, *args, **kw):
-            call = Call(step, [], None, torch.is_grad_enabled(), kw.get("logits", False))
-            call.dx = [[] for _ in args]
-            args = [_Tap.apply(a, slot) for a, slot in zip(args, call.dx)]
-            call.inputs = [a.detach() for a in args]
-            out = _Tap.apply(run(m, step, *args, **kw), call.dy)
-            call.output = out.detach()
-            calls.append(call)
-            return out
-        return runner
+    def traced(module, x, logits):
+        current.update(steps=module.program.logits if logits else module.program.forward, i=0,
+                       logits=logits and module.program.logits != module.program.forward)
+        return run(module, x, logits)
 
     stack = ExitStack()
-    stack.enter_context(mock.patch.dict(tm.RUNNERS, {k: wrap(v) for k, v in tm.RUNNERS.items()}))
-    stack.enter_context(mock.patch.object(tm, "_dense_block", wrap(tm._dense_block)))
+    stack.enter_context(mock.patch.object(tm.TritonModule, "_run", traced))
+    stack.enter_context(mock.patch.dict(tm.FUNCTIONS, {k: _Recorded(v, calls, current) for k, v in tm.FUNCTIONS.items()
+                                                        if k != "ForkFn"}))
     return stack
 
 
@@ -123,9 +140,9 @@ def _bn_of_stored(bn, z, zs):
 def _run_group(ref, op, group, call, ins, dtype):
     """The group's nodes in float64 on `ins`, storing what its kernels store (module docstring)."""
     from cnndsl.ir import Op
-    fused_conv = call.step.op == "conv_block" and len(group.nodes) > 1 and call.grad
-    fused_dense = call.step.op == "dense_block" and call.grad
-    values, z = dict(zip(call.step.inputs, ins)), None
+    fused_conv = call.step.function == "ConvBlockFn" and len(group.nodes) > 1 and call.grad
+    fused_dense = call.step.function == "DenseBlockFn" and call.grad
+    values, z = dict(zip([i for i in call.step.inputs if i is not None], ins)), None
     for node in group.nodes:
         if node.op is Op.SOFTMAX and call.logits:
             break  # model.loss leaves the final softmax to the cross-entropy
@@ -150,8 +167,8 @@ def check_pass(calls, x, ref, tri, op, dtype, tol, close, loss=None, criterion=N
     masks, `close` helpers.assert_close; `loss` the triton value of `criterion` of the output."""
     written = {0: x.permute(0, 2, 3, 1)}  # what each step wrote: the network input NHWC
     for call in calls:
-        for i, (value, inp) in enumerate(zip(call.step.inputs, call.inputs)):
-            assert torch.equal(inp, written[value]), f"{call.step.node}: input {i} is not what node {value} wrote"
+        for i, (value, inp) in enumerate(zip([i for i in call.step.inputs if i is not None], call.inputs)):
+            assert torch.equal(inp, written[value]), f"{call.step.name}: input {i} is not what node {value} wrote"
         written[call.step.output] = call.output
         _check_call(call, ref, tri, op, dtype, tol, close)
     if loss is not None:

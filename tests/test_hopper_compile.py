@@ -52,6 +52,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -60,6 +61,7 @@ import torch
 
 import cnndsl
 import cnndsl.kernels  # before triton: decides TRITON_INTERPRET
+import cnndsl.specs
 
 from test_triton_backend import EVERYTHING, RESIDUAL
 
@@ -118,12 +120,16 @@ def _gpu_tagged(value, gpu_values):
 def _gpu_view():
     """The kernel modules imported again under another package name as a GPU process imports
     them (TRITON_INTERPRET=0, so `_common.INTERPRET` is False); never launched."""
-    pkg = "_cnndsl_kernels_gpu_view"
+    parent = "_cnndsl_gpu_view"  # as cnndsl: its `specs` (which `from ..specs` reaches) is cnndsl's own
+    pkg = f"{parent}.kernels"
     spec = importlib.util.spec_from_file_location(pkg, KERNELS / "__init__.py",
                                                   submodule_search_locations=[str(KERNELS)])
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"
     try:
+        sys.modules[parent] = types.ModuleType(parent)
+        sys.modules[parent].__path__ = []
+        sys.modules[f"{parent}.specs"] = sys.modules["cnndsl.specs"]
         package = importlib.util.module_from_spec(spec)
         sys.modules[pkg] = package
         spec.loader.exec_module(package)
@@ -133,7 +139,7 @@ def _gpu_view():
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = saved
-        for name in [m for m in sys.modules if m == pkg or m.startswith(pkg + ".")]:
+        for name in [m for m in sys.modules if m == parent or m.startswith(parent + ".")]:
             del sys.modules[name]
 
 
@@ -262,21 +268,23 @@ def _launcher_extras(dtype):
     momentum=None."""
     from cnndsl.kernels import batchnorm, conv, dense, dropout, epilogue, softmax
     from cnndsl.kernels.activation import ACTIVATIONS
+    from cnndsl.specs import Act, ConvGeometry, Window
     x2, w2, b2 = torch.randn(3, 8, dtype=dtype), torch.randn(5, 8, dtype=dtype), torch.randn(5, dtype=dtype)
     x4, w4, b4 = torch.randn(1, 4, 4, 3, dtype=dtype), torch.randn(4, 3, 3, 3, dtype=dtype), torch.randn(4, dtype=dtype)
     for act in ACTIVATIONS:  # every epilogue in dense (quick to compile), one in conv (slow)
-        dense.dense_forward(x2, w2, b2, act=act)
-    conv.conv2d_forward(x4, w4, b4, 1, 1, 1, 1, (4, 4), act="gelu")
+        dense.dense_forward(x2, w2, b2, Act(act))
+    geometry = ConvGeometry((1, 1), (1, 1), (1, 1), 1, (4, 4))
+    conv.conv2d_forward(x4, w4, b4, geometry, Act("gelu"))
     res4 = torch.randn(1, 4, 4, 4, dtype=dtype)
     for mode in ("max", "avg"):  # the inference conv block: residual, act2 and a pool in the epilogue
-        pool = (mode, (2, 2), (2, 2), (0, 0), (2, 2))
-        conv.conv2d_forward(x4, w4, b4, 1, 1, 1, 1, (4, 4), act="relu", residual=res4, act2="silu", pool=pool)
+        pool = Window(mode, (2, 2), (2, 2), (0, 0), (2, 2))
+        conv.conv2d_forward(x4, w4, b4, geometry, Act("relu"), residual=res4, act2=Act("silu"), pool=pool)
         z = torch.randn(2, 4, 4, 3, dtype=dtype)
         mean, var = torch.zeros(3), torch.ones(3)
-        y, arg = epilogue.epilogue_forward(z, mean, var, "relu", 0.0, z, "tanh", 0.0, pool)
+        y, arg = epilogue.epilogue_forward(z, mean, var, Act("relu"), z, Act("tanh"), pool)
         for train in (True, False):  # batch norm's backward through batch or running statistics
-            bn = (mean, var, 1e-5, torch.ones(3, dtype=dtype), True, True, train)
-            epilogue.epilogue_backward(y, z, mean, var, "relu", 0.0, z, "tanh", 0.0, pool, arg, bn)
+            bn = epilogue.BatchNormBackward(mean, var, 1e-5, torch.ones(3, dtype=dtype), True, True, train)
+            epilogue.epilogue_backward(y, z, mean, var, Act("relu"), z, Act("tanh"), pool, arg, bn)
     wide = torch.randn(2, softmax._MAX_BLOCK + 3, dtype=dtype)
     y = softmax.softmax_forward(wide)
     softmax.softmax_backward(torch.randn_like(y), y)

@@ -137,7 +137,7 @@ def test_inference_folds_batch_norm_once_per_weight_change(monkeypatch):
     """Eval without autograd folds batch norm into the conv weights on the first call, reuses
     them while no tensor changes, and folds again after an in-place update (an optimizer step)."""
     import cnndsl
-    from cnndsl.runtime import blocks
+    from cnndsl.kernels import conv_block as blocks
     calls = []
     fold = blocks.fold_conv
     monkeypatch.setattr(blocks, "fold_conv", lambda *a: calls.append(1) or fold(*a))

@@ -11,6 +11,7 @@ from ..codegen import layer_spec
 from ..errors import CnnInputError
 from ..ir import Op
 from ..plan import plan as make_plan
+from .steps import place
 
 
 def make_layer(net: ir.Network, node: ir.Node) -> nn.Module | None:
@@ -27,16 +28,13 @@ class _Scope(nn.Module):
 
 
 def _place(root: nn.Module, name: str, layer: nn.Module) -> None:
-    *path, leaf = name.split(".")
-    for part in (*path, leaf):  # the front end refuses these names; a newer torch may add more
-        if part not in root._modules and hasattr(root, part):
+    node = root
+    for part in name.split("."):  # the front end refuses these names; a newer torch may add more
+        if part not in node._modules and hasattr(node, part):
             raise CnnInputError(f"layer name {name!r}: {part!r} is an attribute of torch.nn.Module in torch "
                                 f"{torch.__version__}; rename the layer")
-    for part in path:
-        if part not in root._modules:
-            root.add_module(part, _Scope())
-        root = root._modules[part]
-    root.add_module(leaf, layer)
+        node = node._modules.get(part, _Scope())
+    place(root, name, layer, _Scope)
 
 
 class NetworkModule(nn.Module):

@@ -9,6 +9,7 @@ from cnndsl.kernels.activation import (
     activation_backward,
     activation_forward,
 )
+from cnndsl.specs import Act
 
 from helpers import DTYPES, assert_close
 
@@ -32,14 +33,14 @@ def test_activation(kind, dtype, shape):
     ref = TORCH[kind](ref_x)
     dy = torch.randn(shape).to(dtype)
     ref.backward(dy.double())
-    assert_close(activation_forward(x, kind, SLOPE).float(), ref, dtype, name=f"{kind} y")
-    assert_close(activation_backward(x, dy, kind, SLOPE).float(), ref_x.grad, dtype, depth=2, name=f"{kind} dx")
+    assert_close(activation_forward(x, Act(kind, SLOPE)).float(), ref, dtype, name=f"{kind} y")
+    assert_close(activation_backward(x, dy, Act(kind, SLOPE)).float(), ref_x.grad, dtype, depth=2, name=f"{kind} dx")
 
 
 def test_activation_rejects_bad_input():
     with pytest.raises(ValueError, match="unknown activation 'relu6'"):
-        activation_forward(torch.zeros(4), "relu6")
+        activation_forward(torch.zeros(4), Act("relu6"))
     with pytest.raises(ValueError, match=r"expected shape \(4,\), got \(5,\)"):
-        activation_backward(torch.zeros(4), torch.zeros(5), "relu")
+        activation_backward(torch.zeros(4), torch.zeros(5), Act("relu"))
     with pytest.raises(ValueError, match="contiguous"):
-        activation_forward(torch.zeros(4, 4).t(), "relu")
+        activation_forward(torch.zeros(4, 4).t(), Act("relu"))

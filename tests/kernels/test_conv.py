@@ -13,6 +13,7 @@ from cnndsl.kernels.conv import (
     conv2d_backward_weight,
     conv2d_forward,
 )
+from cnndsl.specs import Act, ConvGeometry, Window
 
 from helpers import DTYPES, assert_close
 
@@ -62,7 +63,8 @@ def _problem(case, dtype):
     ref_y.backward(dy.double())
     return {
         "x": x.permute(0, 2, 3, 1).contiguous(), "w": wt, "b": b, "dy": dy.permute(0, 2, 3, 1).contiguous(),
-        "geometry": (stride, _pair(padding), dilation, groups), "out_hw": tuple(ref_y.shape[2:]),
+        "geometry": ConvGeometry(stride, _pair(padding), dilation, groups, tuple(ref_y.shape[2:])),
+        "out_hw": tuple(ref_y.shape[2:]),
         "y": ref_y.detach(), "dx": ref_x.grad, "dw": ref_w.grad, "db": ref_b.grad if has_bias else None,
     }
 
@@ -81,13 +83,13 @@ def test_conv(name, dtype):
     case = CASES[name]
     n, c, h, w, k, (r, s), *_, groups, has_bias = case
     p = _problem(case, dtype)
-    y = conv2d_forward(p["x"], p["w"], p["b"], *p["geometry"], p["out_hw"])
+    y = conv2d_forward(p["x"], p["w"], p["b"], p["geometry"])
     assert y.dtype == dtype
     assert_close(_nchw(y), p["y"], dtype, reduction=r * s * c // groups, name=f"{name} y")
-    dx = conv2d_backward_input(p["dy"], p["w"], *p["geometry"], (h, w))
+    dx = conv2d_backward_input(p["dy"], p["w"], p["geometry"], (h, w))
     assert dx.dtype == dtype
     assert_close(_nchw(dx), p["dx"], dtype, reduction=r * s * k // groups, name=f"{name} dx")
-    dw, db = conv2d_backward_weight(p["x"], p["dy"], p["w"].shape, *p["geometry"], has_bias)
+    dw, db = conv2d_backward_weight(p["x"], p["dy"], p["w"].shape, p["geometry"], has_bias)
     assert dw.dtype == dtype
     rows = n * p["out_hw"][0] * p["out_hw"][1]
     assert_close(dw.float(), p["dw"], dtype, reduction=rows, name=f"{name} dw")
@@ -105,50 +107,50 @@ TORCH_ACT = {"relu": F.relu, "leaky_relu": lambda t: F.leaky_relu(t, 0.2), "sigm
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
 def test_conv_activation_epilogue(act):
     p = _problem(CASES["3x3_c3"], torch.float32)
-    y = conv2d_forward(p["x"], p["w"], p["b"], *p["geometry"], p["out_hw"], act=act, slope=0.2)
+    y = conv2d_forward(p["x"], p["w"], p["b"], p["geometry"], act=Act(act, 0.2))
     assert_close(_nchw(y), TORCH_ACT[act](p["y"]), reduction=27, depth=2, name=f"{act} y")
 
 
 def test_conv_weight_grad_is_deterministic():
     p = _problem(CASES["3x3_c3"], torch.float32)  # 143 rows: two splits under the interpreter
-    first = conv2d_backward_weight(p["x"], p["dy"], p["w"].shape, *p["geometry"], True)
-    again = conv2d_backward_weight(p["x"], p["dy"], p["w"].shape, *p["geometry"], True)
+    first = conv2d_backward_weight(p["x"], p["dy"], p["w"].shape, p["geometry"], True)
+    again = conv2d_backward_weight(p["x"], p["dy"], p["w"].shape, p["geometry"], True)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
 def test_conv_empty_batch():
     x, dy, w = torch.zeros(0, 5, 5, 3), torch.zeros(0, 5, 5, 4), torch.randn(4, 3, 3, 3)
-    geometry = ((1, 1), (1, 1), (1, 1), 1)
-    assert conv2d_forward(x, w, None, *geometry, (5, 5)).shape == (0, 5, 5, 4)
-    assert conv2d_backward_input(dy, w, *geometry, (5, 5)).shape == (0, 5, 5, 3)
-    dw, db = conv2d_backward_weight(x, dy, w.shape, *geometry, True)
+    geometry = ConvGeometry((1, 1), (1, 1), (1, 1), 1, (5, 5))
+    assert conv2d_forward(x, w, None, geometry).shape == (0, 5, 5, 4)
+    assert conv2d_backward_input(dy, w, geometry, (5, 5)).shape == (0, 5, 5, 3)
+    dw, db = conv2d_backward_weight(x, dy, w.shape, geometry, True)
     assert dw.shape == w.shape and not dw.any() and db.shape == (4,) and not db.any()
 
 
 def test_conv_rejects_bad_input():
-    x, w, g1 = torch.zeros(1, 5, 5, 4), torch.zeros(8, 4, 3, 3), ((1, 1), (1, 1), (1, 1), 1)
+    x, w, g1 = torch.zeros(1, 5, 5, 4), torch.zeros(8, 4, 3, 3), ConvGeometry((1, 1), (1, 1), (1, 1), 1, (5, 5))
     with pytest.raises(ValueError, match=r"w: expected C/groups = 4 input channels, got shape \(8, 3, 3, 3\)"):
-        conv2d_forward(x, torch.zeros(8, 3, 3, 3), None, *g1, (5, 5))
+        conv2d_forward(x, torch.zeros(8, 3, 3, 3), None, g1)
     with pytest.raises(ValueError, match="groups=3 must divide both C=4 and K=8"):
-        conv2d_forward(x, w, None, (1, 1), (1, 1), (1, 1), 3, (5, 5))
+        conv2d_forward(x, w, None, ConvGeometry((1, 1), (1, 1), (1, 1), 3, (5, 5)))
     with pytest.raises(ValueError, match="w: expected dtype torch.float32, got torch.float16"):
-        conv2d_forward(x, w.half(), None, *g1, (5, 5))
+        conv2d_forward(x, w.half(), None, g1)
     with pytest.raises(ValueError, match=r"bias: expected shape \(8,\), got \(7,\)"):
-        conv2d_forward(x, w, torch.zeros(7), *g1, (5, 5))
+        conv2d_forward(x, w, torch.zeros(7), g1)
     with pytest.raises(ValueError, match="unknown activation 'relu6'"):
-        conv2d_forward(x, w, None, *g1, (5, 5), act="relu6")
+        conv2d_forward(x, w, None, g1, act=Act("relu6"))
     with pytest.raises(ValueError, match=r"stride: expected two ints >= 1, got \(0, 1\)"):
-        conv2d_forward(x, w, None, (0, 1), (1, 1), (1, 1), 1, (5, 5))
+        conv2d_forward(x, w, None, ConvGeometry((0, 1), (1, 1), (1, 1), 1, (5, 5)))
     with pytest.raises(ValueError, match=r"x: expected 4 dimensions, got shape \(5, 5, 4\)"):
-        conv2d_forward(x[0], w, None, *g1, (5, 5))
+        conv2d_forward(x[0], w, None, g1)
     with pytest.raises(ValueError, match="x: expected a contiguous tensor"):
-        conv2d_forward(torch.zeros(1, 4, 5, 5).permute(0, 2, 3, 1), w, None, *g1, (5, 5))
+        conv2d_forward(torch.zeros(1, 4, 5, 5).permute(0, 2, 3, 1), w, None, g1)
     with pytest.raises(ValueError, match=r"in_hw: expected two ints >= 0, got \(-1, 5\)"):
-        conv2d_backward_input(torch.zeros(1, 5, 5, 8), w, *g1, (-1, 5))
+        conv2d_backward_input(torch.zeros(1, 5, 5, 8), w, g1, (-1, 5))
     with pytest.raises(ValueError, match=r"dy: expected batch 1, got shape \(2, 5, 5, 8\)"):
-        conv2d_backward_weight(x, torch.zeros(2, 5, 5, 8), w.shape, *g1, True)
+        conv2d_backward_weight(x, torch.zeros(2, 5, 5, 8), w.shape, g1, True)
     with pytest.raises(ValueError, match=r"w: expected 8 output channels, got shape \(7, 4, 3, 3\)"):
-        conv2d_backward_weight(x, torch.zeros(1, 5, 5, 8), (7, 4, 3, 3), *g1, True)
+        conv2d_backward_weight(x, torch.zeros(1, 5, 5, 8), (7, 4, 3, 3), g1, True)
 
 
 def _torch_act(name, slope):
@@ -175,8 +177,8 @@ ACTS = ["none", *sorted(ACTIVATIONS)]
 def test_conv_residual_epilogue_activations(act, act2):
     p = _problem(CASES["3x3_c3"], torch.float32)
     res = torch.randn(*p["y"].shape[:1], *p["out_hw"], p["y"].shape[1])
-    y = conv2d_forward(p["x"], p["w"], p["b"], *p["geometry"], p["out_hw"], act, 0.2, residual=res,
-                       act2=act2, slope2=0.05)
+    y = conv2d_forward(p["x"], p["w"], p["b"], p["geometry"], Act(act, 0.2), residual=res,
+                       act2=Act(act2, 0.05))
     ref = _fused_ref(p["y"], act, 0.2, res, act2, 0.05)
     assert_close(_nchw(y), ref, reduction=27, depth=2, name=f"{act} + res -> {act2} y")
 
@@ -191,7 +193,7 @@ def test_conv_residual_relu(name, dtype):
     case = CASES[name]
     p = _problem(case, dtype)
     res = torch.randn(p["y"].shape[0], *p["out_hw"], p["y"].shape[1]).to(dtype)
-    y = conv2d_forward(p["x"], p["w"], p["b"], *p["geometry"], p["out_hw"], residual=res, act2="relu")
+    y = conv2d_forward(p["x"], p["w"], p["b"], p["geometry"], residual=res, act2=Act("relu"))
     assert y.dtype == dtype and y.shape == res.shape
     red = case[5][0] * case[5][1] * case[1] // case[9]
     assert_close(_nchw(y), _fused_ref(p["y"], residual=res, act2="relu"), dtype, reduction=red, depth=2,
@@ -226,9 +228,9 @@ def test_conv_pool_epilogue(pool_name, name, dtype, fused):
     p = _problem(case, dtype)
     res = torch.randn(p["y"].shape[0], *p["out_hw"], p["y"].shape[1]).to(dtype) if res else None
     ref = _fused_ref(p["y"], act, 0.1, res, act2, 0.3, POOLS[pool_name])
-    pool = (*POOLS[pool_name], tuple(ref.shape[2:]))
-    y = conv2d_forward(p["x"], p["w"], p["b"], *p["geometry"], p["out_hw"], act, 0.1, residual=res, act2=act2,
-                       slope2=0.3, pool=pool)
+    pool = Window(*POOLS[pool_name], tuple(ref.shape[2:]))
+    y = conv2d_forward(p["x"], p["w"], p["b"], p["geometry"], Act(act, 0.1), residual=res, act2=Act(act2, 0.3),
+                       pool=pool)
     assert y.dtype == dtype
     red = case[5][0] * case[5][1] * case[1] // case[9]
     assert_close(_nchw(y), ref, dtype, reduction=red, depth=2, name=f"{name} {pool_name} y")
@@ -245,7 +247,7 @@ def test_conv_stats(name, dtype):
     case = STATS_CASES[name]
     n, c, *_, (r, s), _, _, _, groups, _ = case
     p = _problem(case, dtype)
-    y, mean, var = conv2d_forward(p["x"], p["w"], p["b"], *p["geometry"], p["out_hw"], stats=True)
+    y, mean, var = conv2d_forward(p["x"], p["w"], p["b"], p["geometry"], stats=True)
     red, rows = r * s * c // groups, n * p["out_hw"][0] * p["out_hw"][1]
     assert_close(_nchw(y), p["y"], dtype, reduction=red, name=f"{name} y")
     ref_var, ref_mean = torch.var_mean(p["y"], dim=(0, 2, 3), unbiased=False)
@@ -259,7 +261,7 @@ def test_conv_stats_large_mean():
     """|mean| = 1000 std: tile means and M2s about them keep the variance accurate."""
     p = _problem(STATS_CASES["three_tiles"], torch.float32)
     b = p["b"] * 0.01 + 1000.0
-    _, mean, var = conv2d_forward(p["x"], p["w"], b, *p["geometry"], p["out_hw"], stats=True)
+    _, mean, var = conv2d_forward(p["x"], p["w"], b, p["geometry"], stats=True)
     y = p["y"] - p["b"].double()[:, None, None] + b.double()[:, None, None]
     ref_var, ref_mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
     assert_close(mean, ref_mean, reduction=27 + 1350, name="mean")
@@ -267,19 +269,19 @@ def test_conv_stats_large_mean():
 
 
 def test_conv_fused_empty_batch():
-    x, w, geometry = torch.zeros(0, 5, 5, 3), torch.randn(4, 3, 3, 3), ((1, 1), (1, 1), (1, 1), 1)
-    y, mean, var = conv2d_forward(x, w, None, *geometry, (5, 5), stats=True)
+    x, w, geometry = torch.zeros(0, 5, 5, 3), torch.randn(4, 3, 3, 3), ConvGeometry((1, 1), (1, 1), (1, 1), 1, (5, 5))
+    y, mean, var = conv2d_forward(x, w, None, geometry, stats=True)
     assert y.shape == (0, 5, 5, 4) and mean.shape == var.shape == (4,)
-    pool = ("avg", (2, 2), (2, 2), (1, 1), (3, 3))
-    y = conv2d_forward(x, w, None, *geometry, (5, 5), "relu", residual=torch.zeros(0, 5, 5, 4), pool=pool)
+    pool = Window("avg", (2, 2), (2, 2), (1, 1), (3, 3))
+    y = conv2d_forward(x, w, None, geometry, Act("relu"), residual=torch.zeros(0, 5, 5, 4), pool=pool)
     assert y.shape == (0, 3, 3, 4)
 
 
 def test_conv_rejects_bad_epilogue():
-    x, w, g1 = torch.zeros(1, 5, 5, 4), torch.zeros(8, 4, 3, 3), ((1, 1), (1, 1), (1, 1), 1)
+    x, w, g1 = torch.zeros(1, 5, 5, 4), torch.zeros(8, 4, 3, 3), ConvGeometry((1, 1), (1, 1), (1, 1), 1, (5, 5))
 
     def fwd(**kwargs):
-        return conv2d_forward(x, w, None, *g1, (5, 5), **kwargs)
+        return conv2d_forward(x, w, None, g1, **kwargs)
     with pytest.raises(ValueError, match=r"residual: expected shape \(1, 5, 5, 8\) \(the conv output\), got \(1, 5, 5, 7\)"):
         fwd(residual=torch.zeros(1, 5, 5, 7))
     with pytest.raises(ValueError, match="residual: expected dtype torch.float32, got torch.float16"):
@@ -287,28 +289,28 @@ def test_conv_rejects_bad_epilogue():
     with pytest.raises(ValueError, match="residual: expected a contiguous tensor"):
         fwd(residual=torch.zeros(1, 8, 5, 5).permute(0, 2, 3, 1))
     with pytest.raises(ValueError, match="act2: unknown activation 'relu6'"):
-        fwd(act2="relu6")
+        fwd(act2=Act("relu6"))
     with pytest.raises(ValueError, match=r"stats=True .* needs act='none', act2='none', no residual and no pool; "
                                          r"got act='relu', act2='none', residual None, pool=None"):
-        fwd(act="relu", stats=True)
+        fwd(act=Act("relu"), stats=True)
     with pytest.raises(ValueError, match=r"residual \(1, 5, 5, 8\)"):
         fwd(residual=torch.zeros(1, 5, 5, 8), stats=True)
     with pytest.raises(ValueError, match="stats: expected a bool, got 1"):
         fwd(stats=1)
-    with pytest.raises(ValueError, match=r"pool: expected \(mode, \(kh, kw\), \(sh, sw\), \(ph, pw\), \(poh, pow\)\)"):
+    with pytest.raises(ValueError, match=r"pool: expected a Window, got \('max', 2, 2, 0\)"):
         fwd(pool=("max", 2, 2, 0))
     with pytest.raises(ValueError, match="pool: mode: expected 'max' or 'avg', got 'min'"):
-        fwd(pool=("min", 2, 2, 0, (2, 2)))
+        fwd(pool=Window("min", (2, 2), (2, 2), (0, 0), (2, 2)))
     with pytest.raises(ValueError, match=r"pool: only non-overlapping windows fuse \(stride >= kernel\), "
                                          r"got kernel \(3, 3\) with stride \(2, 2\)"):
-        fwd(pool=("max", 3, 2, 1, (3, 3)))
+        fwd(pool=Window("max", (3, 3), (2, 2), (1, 1), (3, 3)))
     with pytest.raises(ValueError, match="pool window too large to fuse: 5x4 = 20 taps, at most 16"):
-        fwd(pool=("avg", (5, 4), (5, 4), 0, (1, 1)))
+        fwd(pool=Window("avg", (5, 4), (5, 4), (0, 0), (1, 1)))
     with pytest.raises(ValueError, match=r"pool: out_hw: input \(5, 5\) with kernel \(2, 2\), stride \(2, 2\), "
                                          r"padding \(0, 0\) gives \(2, 2\), got \(3, 3\)"):
-        fwd(pool=("max", 2, 2, 0, (3, 3)))
+        fwd(pool=Window("max", (2, 2), (2, 2), (0, 0), (3, 3)))
     with pytest.raises(ValueError, match=r"pool: padding \(2, 0\) must be at most half the kernel \(2, 2\)"):
-        fwd(pool=("max", 2, 2, (2, 0), (4, 2)))
+        fwd(pool=Window("max", (2, 2), (2, 2), (2, 0), (4, 2)))
     with pytest.raises(ValueError, match=r"part: expected shape \(2, 3, C\) for M=40 rows in tiles of 16, "
                                          r"got \(2, 2, 8\)"):
         batchnorm_merge_stats(torch.zeros(2, 2, 8), 16, 40)
@@ -338,15 +340,15 @@ def _gpu_check(case, dtype, name):
         dy = torch.randn(ref_y.shape, device="cuda").to(dtype)
         ref_y.backward(dy.float())
     dy = dy.permute(0, 2, 3, 1).contiguous()
-    geometry = (stride, padding, dilation, groups)
-    y = conv2d_forward(x, wt, b, *geometry, tuple(ref_y.shape[2:]))
+    geometry = ConvGeometry(stride, padding, dilation, groups, tuple(ref_y.shape[2:]))
+    y = conv2d_forward(x, wt, b, geometry)
     # TF32 dots (when torch allows them for fp32) round operands to fp16's 10-bit mantissa.
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     tol, depth = (torch.float16, 2) if tf32 else (dtype, 1)
     assert_close(_nchw(y), ref_y, tol, reduction=r * s * c // groups, depth=depth, name=f"{name} y")
-    dx = conv2d_backward_input(dy, wt, *geometry, (h, w))
+    dx = conv2d_backward_input(dy, wt, geometry, (h, w))
     assert_close(_nchw(dx), ref_x.grad, tol, reduction=r * s * k // groups, depth=depth, name=f"{name} dx")
-    dw, db = conv2d_backward_weight(x, dy, wt.shape, *geometry, has_bias)
+    dw, db = conv2d_backward_weight(x, dy, wt.shape, geometry, has_bias)
     rows = dy.shape[0] * dy.shape[1] * dy.shape[2]
     assert_close(dw.float(), ref_w.grad, tol, reduction=rows, depth=depth, name=f"{name} dw")
     if has_bias:

@@ -3,17 +3,20 @@ gradients against torch.nn.functional.linear and its autograd, the fused dense b
 (activation, dropout by value with the kernel's own mask, softmax) forward and backward,
 and the launcher checks."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cnndsl.kernels.activation import ACTIVATIONS
 from cnndsl.kernels.dense import (
+    DenseBlockFn,
     dense_backward_input,
     dense_backward_weight,
     dense_forward,
 )
-from cnndsl.runtime.blocks import DenseBlockFn
+from cnndsl.specs import Act, DenseBlock
 
 from helpers import DTYPES, assert_close
 
@@ -69,7 +72,7 @@ def test_dense(shape, dtype, has_bias):
 def test_dense_activation_epilogue(act, dtype):
     m, n, k = 7, 33, 16
     x, w, b, _, ref_y, *_ = _problem(m, n, k, dtype, True, act)
-    y = dense_forward(x, w, b, act=act, slope=SLOPE)
+    y = dense_forward(x, w, b, Act(act, SLOPE))
     assert_close(y.float(), ref_y, dtype, reduction=k, depth=2, name=f"{act} y")
 
 
@@ -96,8 +99,8 @@ def test_dense_block_dropout_by_value(act, dtype, softmax):
     ref_z = F.linear(*ref)
     ref_z = (TORCH_ACT[act](ref_z) if act != "none" else ref_z) * keep / (1 - p)
     ours = [t.clone().requires_grad_() for t in (x, w, b)]
-    spec = {"act": None if act == "none" else (act, SLOPE), "p": p}
-    y = DenseBlockFn.apply(*ours, spec, seed, softmax, True)
+    state = SimpleNamespace(training=True, grad=True, cache={}, seed=lambda: seed)
+    y = DenseBlockFn.apply(*ours, DenseBlock(None, Act(act, SLOPE), p, softmax), state)
     y.backward(dy)
     g = dy.double()
     if softmax:  # softmax's gradient from its output, y as the block saved it (rounded in bf16)
@@ -127,7 +130,7 @@ def test_dense_rejects_bad_input():
     with pytest.raises(ValueError, match="w: expected dtype torch.float32, got torch.float16"):
         dense_forward(x, w.half(), None)
     with pytest.raises(ValueError, match="unknown activation 'relu6'"):
-        dense_forward(x, w, None, act="relu6")
+        dense_forward(x, w, None, Act("relu6"))
     with pytest.raises(ValueError, match="contiguous"):
         dense_forward(torch.zeros(5, 4).t(), w, None)
     with pytest.raises(ValueError, match=r"w: expected 4 output features \(dy is \(2, 4\)\), got shape \(3, 5\)"):

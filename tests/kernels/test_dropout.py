@@ -3,6 +3,7 @@ the mask as a function of (seed, offset) only, p = 0 and p = 1, the autograd Fun
 against torch autograd with the kernel's own mask, and argument errors."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,12 +15,13 @@ import triton
 import triton.language as tl
 
 from cnndsl.kernels.dropout import (
+    DropoutFn,
     _dropout_kernel,
     dropout_backward,
     dropout_forward,
     dropout_keep,
 )
-from cnndsl.runtime.functions import DropoutFn
+from cnndsl.specs import Dropout
 
 from helpers import DTYPES, assert_close
 
@@ -81,7 +83,7 @@ def test_dropout_fn_matches_torch_autograd_with_its_mask(shape, dtype):
     assert 0.5 < keep.float().mean() < 0.9
     x, dy = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
     ours, ref = x.clone().requires_grad_(), x.double().requires_grad_()
-    y = DropoutFn.apply(ours, p, seed)
+    y = DropoutFn.apply(ours, Dropout(p), SimpleNamespace(training=True, grad=True, cache={}, seed=lambda: seed))
     y.backward(dy)
     ref_y = ref * keep / (1 - p)
     ref_y.backward(dy.double())

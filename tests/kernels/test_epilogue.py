@@ -7,8 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from cnndsl.kernels.batchnorm import batchnorm_stats
-from cnndsl.kernels.epilogue import epilogue_backward, epilogue_forward
+from cnndsl.kernels.epilogue import (
+    BatchNormBackward,
+    epilogue_backward,
+    epilogue_forward,
+)
 from cnndsl.kernels.pool import pool_backward, pool_forward
+from cnndsl.specs import Act, Window
 
 from helpers import DTYPES, assert_close
 
@@ -84,19 +89,19 @@ def _run(shape, pool_name, act1, act2, has_res, bn, dtype, need_param_grads=True
         running = (mean, var)
         sd = (w.double() if w is not None else 1.0) * (var.double() + EPS).rsqrt()
         scale, shift = sd.float(), ((b.double() if b is not None else 0.0) - mean.double() * sd).float()
-        bn_arg = (mean, var, EPS, w, b is not None, need_param_grads, train)
+        bn_arg = BatchNormBackward(mean, var, EPS, w, b is not None, need_param_grads, train)
     elif bn == "fixed":
         scale, shift = 1 + 0.5 * torch.randn(C), torch.randn(C)
     pool = POOLS[pool_name]
     if pool is not None:
         mode, k, s, p = pool
-        pool_arg = (mode, (k, k), (s, s), (p, p), tuple((d + 2 * p - k) // s + 1 for d in shape[1:3]))
+        pool_arg = Window(mode, (k, k), (s, s), (p, p), tuple((d + 2 * p - k) // s + 1 for d in shape[1:3]))
     else:
         pool_arg = None
-    y, argmax = epilogue_forward(z, scale, shift, act1, SLOPE1, res, act2, SLOPE2, pool_arg)
+    y, argmax = epilogue_forward(z, scale, shift, Act(act1, SLOPE1), res, Act(act2, SLOPE2), pool_arg)
     assert y.dtype == dtype and (argmax is not None) == (pool is not None and pool[0] == "max")
     dy = torch.randn(y.shape).to(dtype)
-    got = epilogue_backward(dy, z, scale, shift, act1, SLOPE1, res, act2, SLOPE2, pool_arg, argmax, bn_arg)
+    got = epilogue_backward(dy, z, scale, shift, Act(act1, SLOPE1), res, Act(act2, SLOPE2), pool_arg, argmax, bn_arg)
     ref = _reference(z, res, w, b, scale, shift, bn, act1, act2, pool, dy, running)
     taps = 1 if pool is None else pool[1] ** 2
     windows = 1 if pool is None else -(-pool[1] // pool[2]) ** 2
@@ -141,15 +146,16 @@ def test_pool_matches_unfused_kernels_and_torch(pool):
     z, res = torch.randn(2, 9, 7, 6), torch.randn(2, 9, 7, 6)
     scale, shift = 1 + torch.rand(6), torch.randn(6)
     out_hw = tuple((d + 2 * p - k) // s + 1 for d in (9, 7))
-    args = (z, scale, shift, "relu", 0.0, res, "relu", 0.0)
+    args = (z, scale, shift, Act("relu", 0.0), res, Act("relu", 0.0))
+    window = Window(mode, (k, k), (s, s), (p, p), out_hw)
     u, _ = epilogue_forward(*args, None)
-    y, argmax = epilogue_forward(*args, (mode, (k, k), (s, s), (p, p), out_hw))
-    ref_y, ref_arg = pool_forward(u, mode, k, s, p, out_hw)
+    y, argmax = epilogue_forward(*args, window)
+    ref_y, ref_arg = pool_forward(u, window)
     assert torch.equal(y, ref_y) and (argmax is None) == (mode == "avg")
     dy = torch.randn(y.shape)
-    du = pool_backward(dy, mode, argmax, k, s, p, (9, 7))
+    du = pool_backward(dy, window, argmax, (9, 7))
     # with act1 = "none", act2 = "none" and no affine, dz is the pool's gradient itself
-    plain = (z, None, None, "none", 0.0, None, "none", 0.0, (mode, (k, k), (s, s), (p, p), out_hw))
+    plain = (z, None, None, Act(), None, Act(), window)
     dz, *_ = epilogue_backward(dy, *plain, epilogue_forward(*plain)[1])
     ref_z = _nchw(z).requires_grad_()
     (F.max_pool2d if mode == "max" else F.avg_pool2d)(ref_z, k, s, p).backward(_nchw(dy))
@@ -161,57 +167,57 @@ def test_pool_matches_unfused_kernels_and_torch(pool):
         codes = (idx // 7 - (oh * s - p)) * k + idx % 7 - (ow * s - p)
         assert torch.equal(_nchw(argmax).long(), codes)
     # dresidual = act2'(v) du: relu passes du where u > 0
-    _, dres, _, _ = epilogue_backward(dy, *args, (mode, (k, k), (s, s), (p, p), out_hw), argmax)
+    _, dres, _, _ = epilogue_backward(dy, *args, window, argmax)
     assert torch.equal(dres, torch.where(u > 0, du, 0.0))
 
 
 def test_epilogue_empty_batch():
     z = torch.zeros(0, 7, 7, 3)
-    pool = ("max", (3, 3), (2, 2), (1, 1), (4, 4))
-    y, argmax = epilogue_forward(z, None, None, "relu", 0.0, None, "none", 0.0, pool)
+    pool = Window("max", (3, 3), (2, 2), (1, 1), (4, 4))
+    y, argmax = epilogue_forward(z, None, None, Act("relu", 0.0), None, Act("none", 0.0), pool)
     assert y.shape == argmax.shape == (0, 4, 4, 3)
     c = torch.ones(3)
-    dz, dres, dw, db = epilogue_backward(y, z, c, c, "relu", 0.0, z, "none", 0.0, pool, argmax,
-                                         (c, c, EPS, c, True, True, True))
+    dz, dres, dw, db = epilogue_backward(y, z, c, c, Act("relu", 0.0), z, Act("none", 0.0), pool, argmax,
+                                         BatchNormBackward(c, c, EPS, c, True, True, True))
     assert dz.shape == dres.shape == (0, 7, 7, 3) and dw.shape == db.shape == (3,)
 
 
 def test_epilogue_rejects_bad_input():
     z, c = torch.zeros(1, 7, 7, 3), torch.zeros(3)
-    pool = ("max", (3, 3), (2, 2), (1, 1), (4, 4))
+    pool = Window("max", (3, 3), (2, 2), (1, 1), (4, 4))
     with pytest.raises(ValueError, match=r"z: expected \(N, H, W, C\) or \(N, C\), got shape \(7, 7, 3\)"):
-        epilogue_forward(torch.zeros(7, 7, 3), None, None, "relu", 0.0, None, "none", 0.0, None)
+        epilogue_forward(torch.zeros(7, 7, 3), None, None, Act("relu", 0.0), None, Act("none", 0.0), None)
     with pytest.raises(ValueError, match="scale, shift: expected both or neither, got Tensor and NoneType"):
-        epilogue_forward(z, c, None, "relu", 0.0, None, "none", 0.0, None)
+        epilogue_forward(z, c, None, Act("relu", 0.0), None, Act("none", 0.0), None)
     with pytest.raises(ValueError, match=r"scale: expected shape \(3,\), got \(4,\)"):
-        epilogue_forward(z, torch.zeros(4), torch.zeros(4), "relu", 0.0, None, "none", 0.0, None)
+        epilogue_forward(z, torch.zeros(4), torch.zeros(4), Act("relu", 0.0), None, Act("none", 0.0), None)
     with pytest.raises(ValueError, match="shift: expected dtype torch.float32, got torch.float16"):
-        epilogue_forward(z, c, c.half(), "relu", 0.0, None, "none", 0.0, None)
+        epilogue_forward(z, c, c.half(), Act("relu", 0.0), None, Act("none", 0.0), None)
     with pytest.raises(ValueError, match=r"residual: expected shape \(1, 7, 7, 3\), got \(1, 7, 7, 2\)"):
-        epilogue_forward(z, None, None, "relu", 0.0, torch.zeros(1, 7, 7, 2), "none", 0.0, None)
+        epilogue_forward(z, None, None, Act("relu", 0.0), torch.zeros(1, 7, 7, 2), Act("none", 0.0), None)
     with pytest.raises(ValueError, match="residual: expected dtype torch.float32, got torch.bfloat16"):
-        epilogue_forward(z, None, None, "relu", 0.0, z.bfloat16(), "none", 0.0, None)
+        epilogue_forward(z, None, None, Act("relu", 0.0), z.bfloat16(), Act("none", 0.0), None)
     with pytest.raises(ValueError, match="act2: unknown activation 'relu6'"):
-        epilogue_forward(z, None, None, "relu", 0.0, None, "relu6", 0.0, None)
+        epilogue_forward(z, None, None, Act("relu", 0.0), None, Act("relu6", 0.0), None)
     with pytest.raises(ValueError, match="act1: unknown activation 9"):
-        epilogue_forward(z, None, None, 9, 0.0, None, "none", 0.0, None)
+        epilogue_forward(z, None, None, Act(9, 0.0), None, Act("none", 0.0), None)
     with pytest.raises(ValueError, match=r"gives \(4, 4\), got \(3, 3\)"):
-        epilogue_forward(z, None, None, "relu", 0.0, None, "none", 0.0, ("max", 3, 2, 1, (3, 3)))
-    with pytest.raises(ValueError, match="pool: expected None or"):
-        epilogue_forward(z, None, None, "relu", 0.0, None, "none", 0.0, ("max", 3, 2))
+        epilogue_forward(z, None, None, Act("relu", 0.0), None, Act("none", 0.0), Window("max", (3, 3), (2, 2), (1, 1), (3, 3)))
+    with pytest.raises(ValueError, match="pool: expected a Window"):
+        epilogue_forward(z, None, None, Act("relu", 0.0), None, Act("none", 0.0), ("max", 3, 2))
     dy = torch.zeros(1, 4, 4, 3)
     with pytest.raises(ValueError, match=r"dy: expected shape \(1, 4, 4, 3\), got \(1, 7, 7, 3\)"):
-        epilogue_backward(z, z, None, None, "relu", 0.0, None, "none", 0.0, pool, None)
+        epilogue_backward(z, z, None, None, Act("relu", 0.0), None, Act("none", 0.0), pool, None)
     with pytest.raises(ValueError, match="argmax: expected a tensor for max pooling, got NoneType"):
-        epilogue_backward(dy, z, None, None, "relu", 0.0, None, "none", 0.0, pool, None)
+        epilogue_backward(dy, z, None, None, Act("relu", 0.0), None, Act("none", 0.0), pool, None)
     with pytest.raises(ValueError, match="argmax: expected dtype torch.int8, got torch.int64"):
-        epilogue_backward(dy, z, None, None, "relu", 0.0, None, "none", 0.0, pool, dy.long())
+        epilogue_backward(dy, z, None, None, Act("relu", 0.0), None, Act("none", 0.0), pool, dy.long())
     with pytest.raises(ValueError, match="argmax: expected None without max pooling, got Tensor"):
-        epilogue_backward(z, z, None, None, "relu", 0.0, None, "none", 0.0, None, z)
+        epilogue_backward(z, z, None, None, Act("relu", 0.0), None, Act("none", 0.0), None, z)
     with pytest.raises(ValueError, match="bn: expected scale and shift"):
-        epilogue_backward(z, z, None, None, "relu", 0.0, None, "none", 0.0, None, None, (c, c, EPS, c, True, True, True))
+        epilogue_backward(z, z, None, None, Act("relu", 0.0), None, Act("none", 0.0), None, None, BatchNormBackward(c, c, EPS, c, True, True, True))
     with pytest.raises(ValueError, match=r"mean: expected shape \(3,\), got \(2,\)"):
-        epilogue_backward(z, z, c, c, "relu", 0.0, None, "none", 0.0, None, None,
-                          (torch.zeros(2), c, EPS, None, False, True, True))
-    with pytest.raises(ValueError, match="bn: expected None or .* got tuple of length 2"):
-        epilogue_backward(z, z, c, c, "relu", 0.0, None, "none", 0.0, None, None, (c, c))
+        epilogue_backward(z, z, c, c, Act("relu", 0.0), None, Act("none", 0.0), None, None,
+                          BatchNormBackward(torch.zeros(2), c, EPS, None, False, True, True))
+    with pytest.raises(ValueError, match="bn: expected None or a BatchNormBackward, got"):
+        epilogue_backward(z, z, c, c, Act("relu", 0.0), None, Act("none", 0.0), None, None, (c, c))

@@ -14,6 +14,7 @@ from cnndsl.kernels.pool import (
     pool_backward,
     pool_forward,
 )
+from cnndsl.specs import Window
 
 from helpers import DTYPES, assert_close
 
@@ -49,8 +50,9 @@ def _run(x, mode, kernel, stride, padding, dtype):
     ref_y = TORCH_POOL[mode](ref_x, kernel, stride, padding)
     dy = torch.randn(ref_y.shape).to(dtype)
     ref_y.backward(dy.double())
-    y, argmax = pool_forward(_nhwc(x), mode, kernel, stride, padding, tuple(ref_y.shape[2:]))
-    dx = pool_backward(_nhwc(dy), mode, argmax, kernel, stride, padding, tuple(x.shape[2:]))
+    window = Window(mode, kernel, stride, padding, tuple(ref_y.shape[2:]))
+    y, argmax = pool_forward(_nhwc(x), window)
+    dx = pool_backward(_nhwc(dy), window, argmax, tuple(x.shape[2:]))
     assert y.dtype == dtype and dx.dtype == dtype
     return y, argmax, dx, ref_y.detach(), ref_x.grad
 
@@ -131,30 +133,34 @@ def test_global_avgpool(shape, dtype):
     assert_close(_nchw(dx), ref_x.grad, dtype, name="dx")
 
 
+def _window(mode, k, s, p, out_hw):
+    return Window(mode, (k, k), (s, s), (p, p), out_hw)
+
+
 def test_pool_empty_batch():
-    y, argmax = pool_forward(torch.zeros(0, 7, 7, 3), "max", 3, 2, 1, (4, 4))
+    y, argmax = pool_forward(torch.zeros(0, 7, 7, 3), _window("max", 3, 2, 1, (4, 4)))
     assert y.shape == argmax.shape == (0, 4, 4, 3)
-    assert pool_backward(torch.zeros(0, 4, 4, 3), "avg", None, 3, 2, 1, (7, 7)).shape == (0, 7, 7, 3)
+    assert pool_backward(torch.zeros(0, 4, 4, 3), _window("avg", 3, 2, 1, (4, 4)), None, (7, 7)).shape == (0, 7, 7, 3)
 
 
 def test_pool_rejects_bad_input():
     x = torch.zeros(1, 7, 7, 3)
     with pytest.raises(ValueError, match="expected 'max' or 'avg', got 'min'"):
-        pool_forward(x, "min", 2, 2, 0, (3, 3))
+        pool_forward(x, _window("min", 2, 2, 0, (3, 3)))
     with pytest.raises(ValueError, match=r"gives \(4, 4\), got \(3, 3\)"):
-        pool_forward(x, "max", 3, 2, 1, (3, 3))
+        pool_forward(x, _window("max", 3, 2, 1, (3, 3)))
     with pytest.raises(ValueError, match=r"padding \(2, 2\) must be at most half the kernel \(3, 3\)"):
-        pool_forward(x, "avg", 3, 1, 2, (9, 9))
+        pool_forward(x, _window("avg", 3, 1, 2, (9, 9)))
     with pytest.raises(ValueError, match=r"expected 4 dimensions, got shape \(7, 7, 3\)"):
-        pool_forward(torch.zeros(7, 7, 3), "max", 2, 2, 0, (3, 3))
+        pool_forward(torch.zeros(7, 7, 3), _window("max", 2, 2, 0, (3, 3)))
     dy = torch.zeros(1, 4, 4, 3)
     with pytest.raises(ValueError, match="argmax: expected a tensor for max pooling"):
-        pool_backward(dy, "max", None, 3, 2, 1, (7, 7))
+        pool_backward(dy, _window("max", 3, 2, 1, (4, 4)), None, (7, 7))
     with pytest.raises(ValueError, match="argmax: expected dtype torch.int8, got torch.int64"):
-        pool_backward(dy, "max", torch.zeros(1, 4, 4, 3, dtype=torch.long), 3, 2, 1, (7, 7))
+        pool_backward(dy, _window("max", 3, 2, 1, (4, 4)), torch.zeros(1, 4, 4, 3, dtype=torch.long), (7, 7))
     with pytest.raises(ValueError, match=r"argmax: expected shape \(1, 4, 4, 3\), got \(1, 4, 4, 2\)"):
-        pool_backward(dy, "max", torch.zeros(1, 4, 4, 2, dtype=torch.int8), 3, 2, 1, (7, 7))
+        pool_backward(dy, _window("max", 3, 2, 1, (4, 4)), torch.zeros(1, 4, 4, 2, dtype=torch.int8), (7, 7))
     with pytest.raises(ValueError, match=r"input \(9, 9\) .* gives \(5, 5\), got \(4, 4\)"):
-        pool_backward(dy, "avg", None, 3, 2, 1, (9, 9))
+        pool_backward(dy, _window("avg", 3, 2, 1, (4, 4)), None, (9, 9))
     with pytest.raises(ValueError, match=r"expected shape \(N, 1, 1, C\), got \(1, 4, 4, 3\)"):
         global_avgpool_backward(dy, (4, 4))

@@ -1,0 +1,121 @@
+"""What crosses the line between the compiler and the kernels: the typed, frozen records that
+codegen writes into each launch step, the runtime hands to an autograd Function, the kernels'
+launchers check and `cnndsl emit` writes out as literals (their repr is Python that rebuilds
+them); and what a fused kernel can hold, which the planner must respect. Plain Python: no
+torch, no triton, nothing from the rest of cnndsl, so that the front end and an emitted
+module can both use it."""
+
+from dataclasses import dataclass
+
+Pair = tuple[int, int]
+
+# What one fused kernel holds: the taps of a pooling window in a conv tile (rows per pooled
+# pixel, rounded up to a power of two), and the classes of a softmax in a dense tile's columns.
+MAX_POOL_TAPS = 16
+MAX_SOFTMAX_UNITS = 1024
+
+
+@dataclass(frozen=True)
+class Act:
+    """An activation stage: kind "none" (the identity: the stage is skipped) or an activation
+    name of kernels/activation.py; slope is leaky_relu's."""
+
+    kind: str = "none"
+    slope: float = 0.01
+
+
+NO_ACT = Act()
+
+
+@dataclass(frozen=True)
+class Window:
+    """A pooling window over (H, W), PyTorch's floor mode; "avg" counts the padding (count_include_pad)."""
+
+    mode: str  # "max" or "avg"
+    kernel: Pair
+    stride: Pair
+    padding: Pair
+    out_hw: Pair  # the pooled output's (H, W)
+
+    @property
+    def taps(self) -> int:
+        return self.kernel[0] * self.kernel[1]
+
+    @property
+    def overlaps(self) -> bool:
+        return self.stride[0] < self.kernel[0] or self.stride[1] < self.kernel[1]
+
+
+def window_out(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    """The output size of a sliding window: floor((size + 2 padding - dilation (kernel - 1) - 1) / stride) + 1,
+    0 where the window does not fit."""
+    return max(0, (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    stride: Pair
+    padding: Pair  # top/left; more at the bottom/right falls out of out_hw (PyTorch's `same`)
+    dilation: Pair
+    groups: int
+    out_hw: Pair  # the conv output's (H, W)
+
+
+@dataclass(frozen=True)
+class BatchNormSpec:
+    eps: float
+    momentum: float  # the running statistics' update weight
+
+
+@dataclass(frozen=True)
+class ConvBlock:
+    """A conv block, conv -> [batch norm] -> act1 -> [+ shortcut] -> act2 -> [pool]; a lone conv
+    has every other stage off (kernels/conv_block.py)."""
+
+    geometry: ConvGeometry
+    bn: BatchNormSpec | None = None
+    act1: Act = NO_ACT
+    residual: bool = False
+    act2: Act = NO_ACT
+    pool: Window | None = None
+
+    @property
+    def epilogue(self) -> bool:
+        """Whether any stage after the conv runs."""
+        return (self.bn is not None or self.residual or self.pool is not None
+                or self.act1 != NO_ACT or self.act2 != NO_ACT)
+
+
+@dataclass(frozen=True)
+class Flatten:
+    permute: bool  # (N, H, W, C) -> (N, C*H*W) in C, H, W order; False where H = W = 1 (a view)
+
+
+@dataclass(frozen=True)
+class DenseBlock:
+    """A dense block, [flatten] -> dense -> act -> [dropout] -> [softmax] (kernels/dense.py)."""
+
+    flatten: Flatten | None = None  # a (N, H, W, C) input flattened first
+    act: Act = NO_ACT
+    p: float = 0.0  # dropout's
+    softmax: bool = False
+
+
+@dataclass(frozen=True)
+class Dropout:
+    p: float
+
+
+@dataclass(frozen=True)
+class Step:
+    """One launch step of a plan: the group it runs, the autograd Function that runs it (by
+    name: kernels/), the values it reads and writes (node ids), the parameters and buffers it
+    takes as (layer name, attribute) in the Function's order (None where absent) and its spec."""
+
+    group: int
+    name: str  # the layer whose output it writes
+    function: str
+    inputs: tuple[int, ...]
+    output: int
+    params: tuple[tuple[str, str] | None, ...]
+    spec: object = None
