@@ -15,9 +15,10 @@ from .errors import (
     did_you_mean,
 )
 from .ir import Op
-from .layers import KERNEL, LAYERS, REQUIRED, WORDS, Symbol, build_attrs, coerce, show
+from .layers import KERNEL, LAYERS, REQUIRED, WORDS, Symbol, coerce, show
 from .limits import MAX_DEPTH, MAX_EXPANSIONS, MAX_INT, MAX_NESTING, MAX_NODES, MAX_SIZE
 from .names import Scope
+from .ops import REGISTRY
 from .shapes import infer
 
 
@@ -178,7 +179,7 @@ class _Builder:
         if key not in self.checked:
             self.checked[key] = self._check_layer(stmt, env, self.nodes[cur].shape)
         attrs, shape = self.checked[key]
-        return self.add(LAYERS[stmt.name].op, attrs, [cur], shape, name, stmt.span, stmt.name)
+        return self.add(Op(LAYERS[stmt.name].op), attrs, [cur], shape, name, stmt.span, stmt.name)
 
     def _check_layer(self, stmt: ast.Layer, env: dict, in_shape) -> tuple:
         spec = LAYERS[stmt.name]
@@ -194,8 +195,8 @@ class _Builder:
                 raise CnnArgumentError(f"{stmt.name} needs {opt.name!r}", stmt.span,
                                        expected=f"{stmt.name} " + " ".join(o.name.upper() for o in
                                                                             spec.options[:spec.positional]))
-        attrs = build_attrs(spec, values)
-        return attrs, infer(spec.op, attrs, in_shape, stmt.span)
+        attrs = REGISTRY[spec.op].build({**dict(spec.preset), **values})
+        return attrs, infer(Op(spec.op), attrs, in_shape, stmt.span)
 
     def call(self, stmt: ast.Layer, cur: int, env: dict, name: str, stack: tuple, nesting: int) -> int:
         block = self.blocks[stmt.name]
@@ -248,7 +249,7 @@ class _Builder:
                         "and `batchnorm`")
             raise CnnShapeError(f"residual branch ends in {fmt(map(str, b))} but {what} {fmt(map(str, s))}",
                                 stmt.span, hint=hint)
-        return self.add(Op.ADD, ir.Add(), [branch, short], b, f"{name}.add", stmt.span, "residual")
+        return self.add(Op.ADD, REGISTRY["add"].build({}), [branch, short], b, f"{name}.add", stmt.span, "residual")
 
 
 def _check_input(dims: ast.Dims):
@@ -264,7 +265,7 @@ def elaborate(program: ast.Program, source: str = "", filename: str | None = Non
     """Expand and check a parsed program into an ir.Network; raises CnnError."""
     _check_input(program.input)
     b = _Builder(program)
-    b.add(Op.INPUT, ir.Input(), [], program.input.values, "input", program.input.span, "input")
+    b.add(Op.INPUT, REGISTRY["input"].build({}), [], program.input.values, "input", program.input.span, "input")
     b.stmts(program.stmts, 0, {}, Scope("", {"input"}), ())
     if len(b.nodes) == 1:
         raise CnnShapeError("the network has no layers", program.input.span,

@@ -1,96 +1,27 @@
-"""Planning: group the IR's ops into the kernels that run them. Fusion rules are data
-(RULES): a rule is a chain of stages, each an op that may join the group when its
-`fits` check passes; a chain only grows through values that nothing else reads.
-fuse=False is the same planner with every group cut to one op. Groups run in the order
-of their last node, so the shortcut of a residual add is ready before the group that
-adds it in its epilogue."""
+"""Planning: group the IR's ops into the kernels that run them, by the fusion rules of
+rules.py (data: a chain of stages, each an op that may join the group when its `fits` check
+passes); a chain only grows through values that nothing else reads. fuse=False is the same
+planner with every group cut to one op. Groups run in the order of their last node, so the
+shortcut of a residual add is ready before the group that adds it in its epilogue."""
 
 from dataclasses import dataclass
 
 from . import ir
 from .ir import Op
+from .ops import REGISTRY
+from .rules import BY_NAME, RULES, Bytes, Rule
 from .shapes import numel, params
-
-# Non-overlapping pool windows of at most this many taps fuse into the conv epilogue.
-MAX_POOL_TAPS = 16
-# The widest softmax the dense epilogue holds in one tile of columns.
-MAX_SOFTMAX_UNITS = 1024
-
-
-def _pool_fits(net: ir.Network, node: ir.Node) -> str | None:
-    a = node.attrs
-    if a.stride[0] < a.kernel[0] or a.stride[1] < a.kernel[1]:
-        return (f"its windows overlap ({a.kernel[0]}x{a.kernel[1]} stride {a.stride[0]}x{a.stride[1]}): the "
-                f"conv epilogue would recompute conv outputs, so it runs as its own group")
-    if a.kernel[0] * a.kernel[1] > MAX_POOL_TAPS:
-        return f"its {a.kernel[0]}x{a.kernel[1]} window exceeds the {MAX_POOL_TAPS} taps a conv tile holds"
-    return None
-
-
-def _softmax_fits(net: ir.Network, node: ir.Node) -> str | None:
-    units = node.shape[0]
-    if units > MAX_SOFTMAX_UNITS:
-        return f"{units} classes exceed the {MAX_SOFTMAX_UNITS} columns the dense epilogue holds"
-    return None
-
-
-def _fits(net: ir.Network, node: ir.Node) -> None:
-    return None
-
-
-@dataclass(frozen=True)
-class Stage:
-    op: Op
-    required: bool = False
-    fits: object = _fits  # (net, node) -> None, or why the node cannot join
-
-
-@dataclass(frozen=True)
-class Rule:
-    name: str
-    stages: tuple[Stage, ...]
-
-
-RULES = (
-    Rule("conv_block", (Stage(Op.CONV, True), Stage(Op.BATCHNORM), Stage(Op.ACTIVATION), Stage(Op.ADD),
-                        Stage(Op.ACTIVATION), Stage(Op.POOL, fits=_pool_fits))),
-    Rule("dense_block", (Stage(Op.FLATTEN), Stage(Op.DENSE, True), Stage(Op.ACTIVATION), Stage(Op.DROPOUT),
-                         Stage(Op.SOFTMAX, fits=_softmax_fits))),
-)
-
-# op -> (forward kernels, backward kernels) of its group when it runs alone
-KERNELS = {
-    Op.CONV: (("conv_fwd",), ("conv_bwd_input", "conv_bwd_weight")),
-    Op.BATCHNORM: (("bn_stats", "bn_update_running", "bn_apply"), ("bn_bwd_reduce", "bn_bwd_apply")),
-    Op.ACTIVATION: (("activation_fwd",), ("activation_bwd",)),
-    Op.POOL: (("pool_fwd",), ("pool_bwd",)),
-    Op.GLOBAL_AVGPOOL: (("global_avgpool_fwd",), ("global_avgpool_bwd",)),
-    Op.FLATTEN: ((), ()),
-    Op.DENSE: (("dense_fwd",), ("dense_bwd_input", "dense_bwd_weight")),
-    Op.DROPOUT: (("dropout_fwd",), ("dropout_bwd",)),
-    Op.SOFTMAX: (("softmax_fwd",), ("softmax_bwd",)),
-    Op.ADD: (("add_fwd",), ()),
-}
 
 
 def _kernels(rule: str, ops: tuple[Op, ...]) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-    """(inference, training forward, training backward) kernels of a group."""
-    if rule == "conv_block" and len(ops) > 1:
-        bn = Op.BATCHNORM in ops
-        train_fwd = ("conv_fwd+stats", "bn_merge_stats", "bn_update_running", "epilogue_fwd") if bn else \
-            ("conv_fwd", "epilogue_fwd")
-        train_bwd = ("epilogue_bwd+bn_reduce", "bn_bwd_merge", "bn_bwd_apply") if bn else ("epilogue_bwd",)
-        fold = ("bn_fold",) if bn else ()  # once per weight change, not per call
-        return fold + ("conv_fwd+epilogue",), train_fwd, train_bwd + ("conv_bwd_input", "conv_bwd_weight")
-    if rule == "dense_block" and Op.DENSE in ops and len(ops) > 1 + (Op.FLATTEN in ops):
-        epi = "+".join(o.value for o in ops if o in (Op.ACTIVATION, Op.DROPOUT, Op.SOFTMAX))
-        bwd = ("softmax_bwd",) if Op.SOFTMAX in ops else ()
-        if Op.ACTIVATION in ops or Op.DROPOUT in ops:
-            bwd += ("dense_epilogue_bwd",)
-        return (f"dense_fwd+{epi}",), (f"dense_fwd+{epi}",), bwd + ("dense_bwd_input", "dense_bwd_weight")
+    """(inference, training forward, training backward) kernels of a group: its rule's where it
+    fuses, else each op's own (the registry's), backward in reverse order."""
+    if rule in BY_NAME and BY_NAME[rule].fuses(ops):
+        return BY_NAME[rule].kernels(ops)
     fwd, bwd = (), ()
     for op in ops:
-        fwd, bwd = fwd + KERNELS[op][0], KERNELS[op][1] + bwd
+        forward, backward = REGISTRY[op.value].kernels
+        fwd, bwd = fwd + forward, backward + bwd
     return fwd, fwd, bwd
 
 
@@ -196,8 +127,8 @@ def traffic(net: ir.Network, group: Group, batch: int, itemsize: int) -> dict[st
     """A model of the bytes a group moves through memory: {mode: (fused, unfused)} for
     "inference" and "training" (forward + backward). Each kernel reads its inputs and
     parameters and writes its outputs once; a fused group reads its external inputs and
-    writes its output, plus what its training pass stores and reloads (the conv output z,
-    a one-byte pool argmax, the GEMM output before the activation)."""
+    writes its output, plus what its training pass stores and reloads (its rule's model:
+    the conv output z, a one-byte pool argmax, the GEMM output before the activation)."""
     act = lambda node: batch * numel(node.shape) * itemsize
     inp = lambda node: sum(act(net.nodes[i]) for i in node.inputs)
     par = lambda node: params(net, node) * itemsize
@@ -216,18 +147,14 @@ def traffic(net: ir.Network, group: Group, batch: int, itemsize: int) -> dict[st
     weights = sum(par(n) for n in group.nodes)
     fused_inf = ext + act(group.output) + weights
     fused_train = unfused_train
-    ops = {n.op for n in group.nodes}
-    if len(group.nodes) > 1 and group.rule in ("conv_block", "dense_block"):
-        gemm = next(n for n in group.nodes if n.op in (Op.CONV, Op.DENSE))
-        z, x, y, res = act(gemm), inp(gemm), act(group.output), ext - inp(gemm)
-        grads = z + 2 * (weights + x)  # input and weight gradients: read dz, w, x; write dx, dw
-        if group.rule == "conv_block":
-            argmax = y // itemsize if Op.POOL in ops and group.output.attrs.mode == "max" else 0
-            forward = ext + weights + z + (z + res + y + argmax)  # GEMM writes z; the epilogue pass
-            backward = (y + argmax + z + 2 * res + z) + (3 * z if Op.BATCHNORM in ops else 0) + grads
-        else:
-            pre = z if Op.ACTIVATION in ops else 0
-            forward = ext + weights + y + pre
-            backward = (3 * z if pre or Op.DROPOUT in ops else 0) + (3 * y if Op.SOFTMAX in ops else 0) + grads
-        fused_train = forward + backward
+    ops = tuple(n.op for n in group.nodes)
+    rule = BY_NAME.get(group.rule)
+    if rule is not None and len(ops) > 1:
+        required = {s.op for s in rule.stages if s.required}
+        gemm = next(n for n in group.nodes if n.op in required)
+        out = group.output
+        y = act(out)
+        argmax = y // itemsize if out.op is Op.POOL and out.attrs.mode == "max" else 0
+        fused_train = rule.train_bytes(Bytes(frozenset(ops), ext, weights, inp(gemm), act(gemm), y,
+                                             ext - inp(gemm), argmax))
     return {"inference": (fused_inf, unfused_inf), "training": (fused_train, unfused_train)}

@@ -47,9 +47,10 @@ class Window:
 
 
 def window_out(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
-    """The output size of a sliding window: floor((size + 2 padding - dilation (kernel - 1) - 1) / stride) + 1,
-    0 where the window does not fit."""
-    return max(0, (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1)
+    """The output size of a window slid over `size` with `padding` in all (both sides together):
+    floor((size + padding - dilation (kernel - 1) - 1) / stride) + 1, 0 where it does not fit.
+    The one formula of the front end's shape rules and the kernels' checks."""
+    return max(0, (size + padding - dilation * (kernel - 1) - 1) // stride + 1)
 
 
 @dataclass(frozen=True)

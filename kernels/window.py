@@ -49,7 +49,7 @@ def check_window(window: Window, in_hw, name: str = "window") -> None:
     out_hw = _strict_pair(window.out_hw, f"{name}: out_hw", 0)
     check(all(2 * p <= k for p, k in zip(padding, kernel)),
           f"{name}: padding {padding} must be at most half the kernel {kernel}")
-    expected = tuple(window_out(i, k, s, p) for i, k, s, p in zip(in_hw, kernel, stride, padding))
+    expected = tuple(window_out(i, k, s, 2 * p) for i, k, s, p in zip(in_hw, kernel, stride, padding))
     check(out_hw == expected, f"{name}: out_hw: input {tuple(in_hw)} with kernel {kernel}, stride {stride}, "
           f"padding {padding} gives {expected}, got {out_hw}")
 

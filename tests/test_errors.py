@@ -509,11 +509,12 @@ def test_pooling_past_a_one_pixel_map():
 def test_non_positive_output_size():
     # The window check above keeps every size of a valid layer positive; the final guard in
     # shapes.infer still reports a zero size (here 0 filters, which the argument check blocks).
-    from cnndsl import ir, shapes
+    from cnndsl import shapes
     from cnndsl.ir import Op
+    from cnndsl.ops.conv import Conv
     span = Span(3, 1, 3, 9)
     with pytest.raises(CnnShapeError) as info:
-        shapes.infer(Op.CONV, ir.Conv(0, (3, 3), (1, 1), (0, 0), (1, 1), 1, True), (1, 8, 8), span)
+        shapes.infer(Op.CONV, Conv(0, (3, 3), (1, 1), (0, 0), (1, 1), 1, True), (1, 8, 8), span)
     assert "output size 0x6x6 is not positive" in str(info.value)
     assert info.value.span == span
 

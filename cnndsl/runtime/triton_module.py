@@ -1,23 +1,22 @@
 """The triton backend's module: runs the launch steps of its Program (codegen.py) with the
-step executor (steps.py) through the autograd Functions of kernels/."""
+step executor (steps.py) through the autograd Functions of kernels/ that the op registry and
+the fusion rules name."""
+
+import importlib
 
 import torch
 
-from ..codegen import lower
-from ..kernels.activation import ActivationFn
-from ..kernels.add import AddFn, ForkFn
-from ..kernels.batchnorm import BatchNormFn
-from ..kernels.conv_block import ConvBlockFn
-from ..kernels.dense import DenseBlockFn
-from ..kernels.dropout import DropoutFn
-from ..kernels.layout import FlattenFn
-from ..kernels.pool import GlobalAvgPoolFn, PoolFn
-from ..kernels.softmax import CrossEntropyFn, SoftmaxFn
+from ..codegen import function_of, lower
+from ..ops import REGISTRY
+from ..rules import RULES
 from .module import NetworkModule
 from .steps import run_steps
 
-FUNCTIONS = {f.__name__: f for f in (ActivationFn, AddFn, BatchNormFn, ConvBlockFn, CrossEntropyFn, DenseBlockFn,
-                                     DropoutFn, FlattenFn, ForkFn, GlobalAvgPoolFn, PoolFn, SoftmaxFn)}
+# The executor's own (forking a value to several readers) and the loss's, with every op's and rule's.
+_QUALIFIED = ("add.ForkFn", "softmax.CrossEntropyFn", *(d.function for d in REGISTRY.values() if d.function),
+              *(r.function for r in RULES))
+FUNCTIONS = {function_of(q): getattr(importlib.import_module(f"..kernels.{q.rsplit('.', 1)[0]}", __package__),
+                                     function_of(q)) for q in _QUALIFIED}
 
 
 class TritonModule(NetworkModule):
@@ -36,4 +35,4 @@ class TritonModule(NetworkModule):
         return run_steps(steps, x, self._by_name, FUNCTIONS, self.training, self.caches)
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return CrossEntropyFn.apply(logits.contiguous(), target.contiguous())
+        return FUNCTIONS["CrossEntropyFn"].apply(logits.contiguous(), target.contiguous())

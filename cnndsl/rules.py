@@ -1,0 +1,166 @@
+"""The fusion rules as data: a rule is a chain of stages, each an op that may join the group when
+its `fits` check passes (the planner, plan.py, grows a chain only through values nothing else
+reads), with everything a fused group needs: the autograd Function of kernels/ that runs it,
+its launch step (inputs, parameters, typed spec), the kernels it launches for `cnndsl plan`,
+and a model of the bytes its training pass moves. A lone conv or dense layer runs through its
+rule with every other stage off."""
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .ir import Network, Node, Op
+from .ops.activation import act
+from .ops.batchnorm import PARAMS as BN_PARAMS
+from .ops.batchnorm import spec as bn_spec
+from .ops.flatten import spec as flatten_spec
+from .ops.pool import spec as window_spec
+from .specs import (
+    MAX_POOL_TAPS,
+    MAX_SOFTMAX_UNITS,
+    NO_ACT,
+    ConvBlock,
+    ConvGeometry,
+    DenseBlock,
+)
+
+
+def _fits(net: Network, node: Node) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Stage:
+    op: Op
+    required: bool = False
+    fits: Callable = _fits  # (net, node) -> None, or why the node cannot join
+
+
+@dataclass(frozen=True)
+class Bytes:
+    """What a fused group's training pass moves, in bytes (plan.traffic): its external inputs,
+    weights, the GEMM's input x and output z, the group's output y, the shortcut it adds and
+    a max pool's one-byte argmax."""
+
+    ops: frozenset
+    ext: int
+    weights: int
+    x: int
+    z: int
+    y: int
+    res: int
+    argmax: int
+
+    @property
+    def grads(self) -> int:  # input and weight gradients: read dz, w, x; write dx, dw
+        return self.z + 2 * (self.weights + self.x)
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    stages: tuple[Stage, ...]
+    function: str  # the autograd Function of kernels/ that runs a group, "module.Name"
+    step: Callable  # (net, nodes) -> (inputs, params, spec)
+    kernels: Callable  # ops of a fused group (more than its required op) -> (inference, forward, backward)
+    train_bytes: Callable  # Bytes of a fused group -> the bytes its training forward and backward move
+
+    def fuses(self, ops) -> bool:
+        """Whether a group of these ops runs stages beyond the rule's required op (and a flatten,
+        which is a view into the dense block's input)."""
+        return len([o for o in ops if o is not Op.FLATTEN]) > 1
+
+
+# --- conv block: conv -> [batchnorm] -> [act] -> [+ shortcut] -> [act] -> [pool] ----------------------
+
+def _pool_fits(net: Network, node: Node) -> str | None:
+    a = node.attrs
+    if a.stride[0] < a.kernel[0] or a.stride[1] < a.kernel[1]:
+        return (f"its windows overlap ({a.kernel[0]}x{a.kernel[1]} stride {a.stride[0]}x{a.stride[1]}): the "
+                f"conv epilogue would recompute conv outputs, so it runs as its own group")
+    if a.kernel[0] * a.kernel[1] > MAX_POOL_TAPS:
+        return f"its {a.kernel[0]}x{a.kernel[1]} window exceeds the {MAX_POOL_TAPS} taps a conv tile holds"
+    return None
+
+
+def _conv_step(net: Network, nodes: tuple[Node, ...]):
+    """Inputs x and the shortcut (or None), the conv's and batch norm's parameters, the spec."""
+    conv, chain, residual = nodes[0], {}, None
+    for prev, n in itertools.pairwise(nodes):
+        if n.op is Op.ADD:
+            residual = next(i for i in n.inputs if i != prev.id)
+        elif n.op is Op.ACTIVATION:
+            chain["act2" if residual is not None or "act1" in chain else "act1"] = act(n)
+        else:
+            chain[n.op] = n
+    a, bn, pool = conv.attrs, chain.get(Op.BATCHNORM), chain.get(Op.POOL)
+    spec = ConvBlock(ConvGeometry(a.stride, a.padding, a.dilation, a.groups, conv.shape[1:]), bn and bn_spec(bn),
+                     chain.get("act1", NO_ACT), residual is not None, chain.get("act2", NO_ACT),
+                     pool and window_spec(pool))
+    params = ((conv.name, "weight"), (conv.name, "bias"),
+              *(((bn.name, p) for p in BN_PARAMS) if bn else (None,) * len(BN_PARAMS)))
+    return (conv.inputs[0], residual), params, spec
+
+
+def _conv_kernels(ops):
+    bn = Op.BATCHNORM in ops
+    train_fwd = ("conv_fwd+stats", "bn_merge_stats", "bn_update_running", "epilogue_fwd") if bn else \
+        ("conv_fwd", "epilogue_fwd")
+    train_bwd = ("epilogue_bwd+bn_reduce", "bn_bwd_merge", "bn_bwd_apply") if bn else ("epilogue_bwd",)
+    fold = ("bn_fold",) if bn else ()  # once per weight change, not per call
+    return fold + ("conv_fwd+epilogue",), train_fwd, train_bwd + ("conv_bwd_input", "conv_bwd_weight")
+
+
+def _conv_bytes(b: Bytes) -> int:
+    forward = b.ext + b.weights + b.z + (b.z + b.res + b.y + b.argmax)  # the GEMM writes z; the epilogue pass
+    backward = (b.y + b.argmax + b.z + 2 * b.res + b.z) + (3 * b.z if Op.BATCHNORM in b.ops else 0) + b.grads
+    return forward + backward
+
+
+CONV_BLOCK = Rule(
+    "conv_block",
+    (Stage(Op.CONV, True), Stage(Op.BATCHNORM), Stage(Op.ACTIVATION), Stage(Op.ADD), Stage(Op.ACTIVATION),
+     Stage(Op.POOL, fits=_pool_fits)),
+    "conv_block.ConvBlockFn", _conv_step, _conv_kernels, _conv_bytes)
+
+
+# --- dense block: [flatten] -> dense -> [act] -> [dropout] -> [softmax] --------------------------------
+
+def _softmax_fits(net: Network, node: Node) -> str | None:
+    units = node.shape[0]
+    if units > MAX_SOFTMAX_UNITS:
+        return f"{units} classes exceed the {MAX_SOFTMAX_UNITS} columns the dense epilogue holds"
+    return None
+
+
+def _dense_step(net: Network, nodes: tuple[Node, ...]):
+    by_op = {n.op: n for n in nodes}
+    flatten, dense, drop, activation = (by_op.get(o) for o in (Op.FLATTEN, Op.DENSE, Op.DROPOUT, Op.ACTIVATION))
+    spec = DenseBlock(flatten and flatten_spec(net, flatten), act(activation) if activation else NO_ACT,
+                      drop.attrs.p if drop else 0.0, Op.SOFTMAX in by_op)
+    return nodes[0].inputs, ((dense.name, "weight"), (dense.name, "bias")), spec
+
+
+def _dense_kernels(ops):
+    epi = "+".join(o.value for o in ops if o in (Op.ACTIVATION, Op.DROPOUT, Op.SOFTMAX))
+    bwd = ("softmax_bwd",) if Op.SOFTMAX in ops else ()
+    if Op.ACTIVATION in ops or Op.DROPOUT in ops:
+        bwd += ("dense_epilogue_bwd",)
+    return (f"dense_fwd+{epi}",), (f"dense_fwd+{epi}",), bwd + ("dense_bwd_input", "dense_bwd_weight")
+
+
+def _dense_bytes(b: Bytes) -> int:
+    pre = b.z if Op.ACTIVATION in b.ops else 0  # the GEMM output an activation's gradient needs
+    forward = b.ext + b.weights + b.y + pre
+    backward = (3 * b.z if pre or Op.DROPOUT in b.ops else 0) + (3 * b.y if Op.SOFTMAX in b.ops else 0) + b.grads
+    return forward + backward
+
+
+DENSE_BLOCK = Rule(
+    "dense_block",
+    (Stage(Op.FLATTEN), Stage(Op.DENSE, True), Stage(Op.ACTIVATION), Stage(Op.DROPOUT),
+     Stage(Op.SOFTMAX, fits=_softmax_fits)),
+    "dense.DenseBlockFn", _dense_step, _dense_kernels, _dense_bytes)
+
+RULES = (CONV_BLOCK, DENSE_BLOCK)
+BY_NAME = {r.name: r for r in RULES}
