@@ -59,6 +59,17 @@ def max_reduction(net, batch: int) -> int:
     return longest
 
 
+def torch_act(kind: str, slope: float = 0.01):
+    """torch's activation `kind` as a function of a tensor: the op registry's reference (so a new
+    activation is tested wherever the kernel tests loop over kernels/activation.py's), "none" the
+    identity."""
+    if kind == "none":
+        return lambda t: t
+    from cnndsl.ops import REGISTRY
+    from cnndsl.ops.activation import Activation
+    return lambda t: REGISTRY["activation"].reference(None, Activation(kind, slope), [t], False)
+
+
 def dropout_keep(shape, p: float, seed: int, device="cpu") -> torch.Tensor:
     """The keep mask (bool, NCHW or (N, F) `shape`) of the triton runtime's dropout from `seed`,
     recovered from the kernel itself: what dropout of ones keeps. The runtime holds feature

@@ -15,7 +15,7 @@ from cnndsl.kernels.conv import (
 )
 from cnndsl.specs import Act, ConvGeometry, Window
 
-from helpers import DTYPES, assert_close
+from helpers import DTYPES, assert_close, torch_act
 
 # (N, C, H, W, K, (R, S), stride, padding, dilation, groups, bias); padding "same" is PyTorch's.
 CASES = {
@@ -100,15 +100,11 @@ def test_conv(name, dtype):
         assert db is None
 
 
-TORCH_ACT = {"relu": F.relu, "leaky_relu": lambda t: F.leaky_relu(t, 0.2), "sigmoid": torch.sigmoid,
-             "tanh": torch.tanh, "gelu": F.gelu, "silu": F.silu}
-
-
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
 def test_conv_activation_epilogue(act):
     p = _problem(CASES["3x3_c3"], torch.float32)
     y = conv2d_forward(p["x"], p["w"], p["b"], p["geometry"], act=Act(act, 0.2))
-    assert_close(_nchw(y), TORCH_ACT[act](p["y"]), reduction=27, depth=2, name=f"{act} y")
+    assert_close(_nchw(y), torch_act(act, 0.2)(p["y"]), reduction=27, depth=2, name=f"{act} y")
 
 
 def test_conv_weight_grad_is_deterministic():
@@ -137,8 +133,8 @@ def test_conv_rejects_bad_input():
         conv2d_forward(x, w.half(), None, g1)
     with pytest.raises(ValueError, match=r"bias: expected shape \(8,\), got \(7,\)"):
         conv2d_forward(x, w, torch.zeros(7), g1)
-    with pytest.raises(ValueError, match="unknown activation 'relu6'"):
-        conv2d_forward(x, w, None, g1, act=Act("relu6"))
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        conv2d_forward(x, w, None, g1, act=Act("swish"))
     with pytest.raises(ValueError, match=r"stride: expected two ints >= 1, got \(0, 1\)"):
         conv2d_forward(x, w, None, ConvGeometry((0, 1), (1, 1), (1, 1), 1, (5, 5)))
     with pytest.raises(ValueError, match=r"x: expected 4 dimensions, got shape \(5, 5, 4\)"):
@@ -153,17 +149,12 @@ def test_conv_rejects_bad_input():
         conv2d_backward_weight(x, torch.zeros(1, 5, 5, 8), (7, 4, 3, 3), g1, True)
 
 
-def _torch_act(name, slope):
-    return {"none": lambda t: t, "relu": F.relu, "leaky_relu": lambda t: F.leaky_relu(t, slope),
-            "sigmoid": torch.sigmoid, "tanh": torch.tanh, "gelu": F.gelu, "silu": F.silu}[name]
-
-
 def _fused_ref(y, act="none", slope=0.01, residual=None, act2="none", slope2=0.01, pool=None):
     """torch's conv -> act -> + residual -> act2 -> pool from the float64 conv output y (NCHW)."""
-    y = _torch_act(act, slope)(y)
+    y = torch_act(act, slope)(y)
     if residual is not None:
         y = y + residual.permute(0, 3, 1, 2).double()
-    y = _torch_act(act2, slope2)(y)
+    y = torch_act(act2, slope2)(y)
     if pool is not None:
         mode, kernel, stride, padding = pool
         y = (F.max_pool2d if mode == "max" else F.avg_pool2d)(y, kernel, stride, padding)
@@ -288,8 +279,8 @@ def test_conv_rejects_bad_epilogue():
         fwd(residual=torch.zeros(1, 5, 5, 8, dtype=torch.float16))
     with pytest.raises(ValueError, match="residual: expected a contiguous tensor"):
         fwd(residual=torch.zeros(1, 8, 5, 5).permute(0, 2, 3, 1))
-    with pytest.raises(ValueError, match="act2: unknown activation 'relu6'"):
-        fwd(act2=Act("relu6"))
+    with pytest.raises(ValueError, match="act2: unknown activation 'swish'"):
+        fwd(act2=Act("swish"))
     with pytest.raises(ValueError, match=r"stats=True .* needs act='none', act2='none', no residual and no pool; "
                                          r"got act='relu', act2='none', residual None, pool=None"):
         fwd(act=Act("relu"), stats=True)
