@@ -16,12 +16,13 @@ from ._common import (
 )
 
 # Codes for the ACT constexpr; NONE lets an epilogue skip the stage entirely.
-NONE, RELU, LEAKY_RELU, SIGMOID, TANH, GELU, SILU = range(7)
-ACTIVATIONS = {"relu": RELU, "leaky_relu": LEAKY_RELU, "sigmoid": SIGMOID,
-               "tanh": TANH, "gelu": GELU, "silu": SILU}
+NONE, RELU, LEAKY_RELU, SIGMOID, TANH, GELU, SILU, RELU6, HARDSWISH, HARDSIGMOID = range(10)
+ACTIVATIONS = {"relu": RELU, "leaky_relu": LEAKY_RELU, "sigmoid": SIGMOID, "tanh": TANH, "gelu": GELU,
+               "silu": SILU, "relu6": RELU6, "hardswish": HARDSWISH, "hardsigmoid": HARDSIGMOID}
 
 # Globals read inside @triton.jit code must be tl.constexpr (plain ints compile only in the interpreter).
-_NONE, _RELU, _LEAKY_RELU, _SIGMOID, _TANH, _GELU, _SILU = (tl.constexpr(c) for c in range(7))
+(_NONE, _RELU, _LEAKY_RELU, _SIGMOID, _TANH, _GELU, _SILU, _RELU6, _HARDSWISH,
+ _HARDSIGMOID) = (tl.constexpr(c) for c in range(10))
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
@@ -43,6 +44,12 @@ def apply_act(x, ACT: tl.constexpr, slope):
         x = 0.5 * x * (1.0 + tl.math.erf(x * _SQRT1_2))
     elif ACT == _SILU:
         x = x * tl.sigmoid(x)
+    elif ACT == _RELU6:  # comparisons, not min/max: NaN stays NaN
+        x = tl.where(x < 0.0, 0.0, tl.where(x > 6.0, 6.0, x))
+    elif ACT == _HARDSWISH:  # x relu6(x + 3) / 6
+        x = x * tl.where(x < -3.0, 0.0, tl.where(x > 3.0, 6.0, x + 3.0)) / 6.0
+    elif ACT == _HARDSIGMOID:  # relu6(x + 3) / 6
+        x = tl.where(x < -3.0, 0.0, tl.where(x > 3.0, 6.0, x + 3.0)) / 6.0
     return x
 
 
@@ -67,6 +74,12 @@ def apply_act_grad(x, dy, ACT: tl.constexpr, slope):
         dy = dy * (cdf + x * pdf)
     elif ACT == _SILU:
         dy = dy * tl.sigmoid(x) * (1.0 + x * tl.sigmoid(-x))
+    elif ACT == _RELU6:  # torch's: dy inside the open interval (0, 6)
+        dy = tl.where((x > 0.0) & (x < 6.0), dy, 0.0)
+    elif ACT == _HARDSWISH:  # torch's: 0 up to -3, dy (x / 3 + 1/2) inside (-3, 3), dy from 3 on
+        dy = tl.where(x <= -3.0, 0.0, tl.where(x < 3.0, dy * (x / 3.0 + 0.5), dy))
+    elif ACT == _HARDSIGMOID:  # torch's: dy / 6 inside the open interval (-3, 3)
+        dy = tl.where((x > -3.0) & (x < 3.0), dy / 6.0, 0.0)
     return dy
 
 

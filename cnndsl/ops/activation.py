@@ -1,5 +1,6 @@
 """The activations, each its own keyword: relu, leaky_relu (with its slope), sigmoid, tanh,
-gelu, silu. The kernels' maths is kernels/activation.py's; the reference is torch's."""
+gelu, silu, relu6, hardswish, hardsigmoid. The kernels' maths is kernels/activation.py's; the
+reference is torch's."""
 
 from dataclasses import dataclass
 
@@ -23,7 +24,8 @@ def _reference(layer, a, xs, training):
     import torch
     import torch.nn.functional as F
     torch_act = {"relu": F.relu, "leaky_relu": lambda x: F.leaky_relu(x, a.slope), "sigmoid": torch.sigmoid,
-                 "tanh": torch.tanh, "gelu": F.gelu, "silu": F.silu}
+                 "tanh": torch.tanh, "gelu": F.gelu, "silu": F.silu, "relu6": F.relu6, "hardswish": F.hardswish,
+                 "hardsigmoid": F.hardsigmoid}
     return torch_act[a.kind](xs[0])
 
 
@@ -34,7 +36,8 @@ def _word(kind: str, options=(), positional=0) -> Keyword:
 ACTIVATION = OpDef(
     "activation", lambda v: Activation(v["kind"], v.get("slope", 0.01)), same_shape,
     keywords={"relu": _word("relu"), "leaky_relu": _word("leaky_relu", (Option("slope", "number", 0.01),), 1),
-              "sigmoid": _word("sigmoid"), "tanh": _word("tanh"), "gelu": _word("gelu"), "silu": _word("silu")},
+              "sigmoid": _word("sigmoid"), "tanh": _word("tanh"), "gelu": _word("gelu"), "silu": _word("silu"),
+              "relu6": _word("relu6"), "hardswish": _word("hardswish"), "hardsigmoid": _word("hardsigmoid")},
     function="activation.ActivationFn",
     step=lambda net, node: (node.inputs, (), act(node)),
     kernels=(("activation_fwd",), ("activation_bwd",)),

@@ -10,7 +10,7 @@ from cnndsl.kernels.activation import (
 )
 from cnndsl.specs import Act
 
-from helpers import DTYPES, assert_close, torch_act
+from helpers import DTYPES, assert_close, run_both, torch_act
 
 SLOPE = 0.2
 
@@ -35,3 +35,34 @@ def test_activation_rejects_bad_input():
         activation_backward(torch.zeros(4), torch.zeros(5), Act("relu"))
     with pytest.raises(ValueError, match="contiguous"):
         activation_forward(torch.zeros(4, 4).t(), Act("relu"))
+
+
+@pytest.mark.parametrize("kind", sorted(ACTIVATIONS))
+def test_activation_at_its_corners(kind):
+    """Where the piecewise activations switch (0, ±3, 6), and NaN: torch's value and gradient
+    (which side a corner belongs to is torch's choice, e.g. hardswish'(3) = 1, relu6'(6) = 0)."""
+    x = torch.tensor([-6.0, -3.0, -1e-3, 0.0, 1e-3, 3.0, 6.0, 7.0, float("nan")])
+    ref_x = x.double().requires_grad_()
+    ref = torch_act(kind, SLOPE)(ref_x)
+    ref.backward(torch.ones_like(ref))
+    y = activation_forward(x, Act(kind, SLOPE))
+    torch.testing.assert_close(y.double(), ref.detach(), equal_nan=True, rtol=1e-6, atol=1e-7)
+    dx = activation_backward(x, torch.ones_like(x), Act(kind, SLOPE))
+    finite = ~torch.isnan(x)  # torch's gradient at NaN is NaN for some, 0 for others
+    torch.testing.assert_close(dx[finite].double(), ref_x.grad[finite], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_every_activation_in_a_network(fuse):
+    """Each activation in a conv block (before and after a residual add) and a dense block,
+    trained and evaluated against the reference backend."""
+    kinds = sorted(ACTIVATIONS)
+    lines = ["network acts", "input 3x6x6"]
+    for i, kind in enumerate(kinds):
+        lines += ["conv 4 3 pad=1 bias=false", "batchnorm",  # (a bias before batch norm has no gradient) kind if kind != "leaky_relu" else "leaky_relu 0.2",
+                  "residual {", "  conv 4 3 pad=1", f"  {kinds[(i + 1) % len(kinds)]}", "}",
+                  kinds[(i + 2) % len(kinds)]]
+    lines += ["flatten", "dense 8", "hardswish", "dense 3", "softmax"]
+    src = "\n".join(lines) + "\n"
+    run_both(src, batch=2, train=True, fuse=fuse)
+    run_both(src, batch=2, train=False, fuse=fuse)
