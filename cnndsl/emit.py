@@ -67,14 +67,15 @@ def _strip(source: str) -> str:
 
 
 def _private_names(source: str) -> set:
+    """The `_names` a module's top level defines: functions, classes and assigned names (tuple
+    targets included)."""
     names = set()
     for node in pyast.parse(source).body:
-        targets = [node] if isinstance(node, (pyast.FunctionDef, pyast.ClassDef)) else getattr(node, "targets", [])
-        for t in targets:
-            name = t.name if isinstance(t, (pyast.FunctionDef, pyast.ClassDef)) else getattr(t, "id", "")
-            if name.startswith("_"):
-                names.add(name)
-    return names
+        if isinstance(node, (pyast.FunctionDef, pyast.ClassDef)):
+            names.add(node.name)
+        for target in getattr(node, "targets", []):
+            names.update(t.id for t in pyast.walk(target) if isinstance(t, pyast.Name))
+    return {n for n in names if n.startswith("_")}
 
 
 def _prefixed(key: str, name: str) -> str:
