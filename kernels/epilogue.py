@@ -21,7 +21,15 @@ from ..specs import Act, Window
 from ._common import autotune, check, check_tensor
 from .activation import act_code, apply_act, apply_act_grad
 from .batchnorm import _check_channels, _tiles, batchnorm_backward_from_partials
-from .window import CONFIGS, POOL_MODES, argmax_dtype, check_argmax, check_window, prune
+from .window import (
+    CONFIGS,
+    POOL_MODES,
+    argmax_dtype,
+    check_argmax,
+    check_window,
+    gather_dy,
+    prune,
+)
 
 _KEY = ["P", "C", "KH", "KW", "POOL", "ACT1", "ACT2", "HAS_AFFINE", "HAS_RES"]
 _PRUNE = {"early_config_prune": prune}
@@ -100,40 +108,6 @@ def _epilogue_fwd_kernel(z_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, arg_ptr,  
     tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
-def _gather_dy(dy_ptr, arg_ptr, offs_p, offs_c, mask, H, W, C, OH, OW, stride_h, stride_w, pad_h, pad_w,
-               KH: tl.constexpr, KW: tl.constexpr, POOL: tl.constexpr, BLOCK_P: tl.constexpr,
-               BLOCK_C: tl.constexpr):
-    """du at the pre-pool pixels offs_p (n, ih, iw): dy summed over the windows (oh, ow) that hold
-    the pixel at tap (r, s), max only where the window's argmax is r*KW + s, avg divided by KH*KW;
-    dy itself without a pool."""
-    if POOL == 0:
-        du = tl.load(dy_ptr + (offs_p * C)[:, None] + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
-    else:
-        n = offs_p // (H * W)
-        ih = (offs_p // W) % H
-        iw = offs_p % W
-        du = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
-        for r in range(KH):
-            th = ih + pad_h - r  # = oh * stride_h for the window that sees ih at tap r
-            oh = th // stride_h
-            h_ok = (th >= 0) & (th % stride_h == 0) & (oh < OH)
-            for s in range(KW):
-                tw = iw + pad_w - s
-                ow = tw // stride_w
-                ok = h_ok & (tw >= 0) & (tw % stride_w == 0) & (ow < OW)
-                m = ok[:, None] & mask
-                off = (((n * OH + oh) * OW + ow) * C)[:, None] + offs_c[None, :]
-                d = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
-                if POOL == 1:
-                    a = tl.load(arg_ptr + off, mask=m, other=-1).to(tl.int32)
-                    d = tl.where(a == r * KW + s, d, 0.0)
-                du += d
-        if POOL == 2:
-            du = du / (KH * KW)
-    return du
-
-
 @autotune(CONFIGS, key=_KEY + ["BN"], prune_configs_by=_PRUNE,
           interpret={"BLOCK_P": (lambda a: a["rows"] // 2 or a["P"], 16, 1024), "BLOCK_C": ("C", 4, 64)})
 @triton.jit
@@ -163,7 +137,7 @@ def _epilogue_bwd_kernel(dy_ptr, arg_ptr, z_ptr, scale_ptr, shift_ptr, res_ptr, 
         offs_p = start + tl.arange(0, BLOCK_P)
         mask = (offs_p < row_end)[:, None] & c_mask[None, :]
         off = (offs_p * C)[:, None] + offs_c[None, :]
-        du = _gather_dy(dy_ptr, arg_ptr, offs_p, offs_c, mask, H, W, C, OH, OW, stride_h, stride_w, pad_h,
+        du = gather_dy(dy_ptr, arg_ptr, offs_p, offs_c, mask, H, W, C, OH, OW, stride_h, stride_w, pad_h,
                         pad_w, KH, KW, POOL, BLOCK_P, BLOCK_C)
         z, a, v, _ = _chain(z_ptr, res_ptr, off, mask, scale, shift, slope1, slope2, ACT1, ACT2,
                             HAS_AFFINE, HAS_RES)

@@ -1,8 +1,8 @@
 """Pooling over NHWC activations: windowed max / average pooling forward (epilogue.py's
 kernel with its other stages off; max also writes a compact argmax of window offsets
-r*kw + s), its backward as a deterministic gather
-(each input pixel sums dy over the output windows that contain it, so overlapping windows
-need no atomics), and global average pooling both ways. Tiles are pixels x channels,
+r*kw + s), its backward as a deterministic gather (window.gather_dy, the conv block's
+window loop too: each input pixel sums dy over the output windows that contain it, so
+overlapping windows need no atomics), and global average pooling both ways. Tiles are pixels x channels,
 channels contiguous; PyTorch semantics (floor mode, avg count_include_pad=True); PoolFn and
 GlobalAvgPoolFn run them as layers."""
 
@@ -19,46 +19,33 @@ from ._common import (
     elementwise_tiles,
 )
 from .epilogue import epilogue_forward
-from .window import CONFIGS, check_argmax, check_window, pair, prune
+from .window import (
+    CONFIGS,
+    POOL_MODES,
+    check_argmax,
+    check_window,
+    gather_dy,
+    pair,
+    prune,
+)
 
 _TUNE = {"interpret": {"BLOCK_P": ("P", 16, 1024), "BLOCK_C": ("C", 4, 64)},
          "prune_configs_by": {"early_config_prune": prune}}
 
 
-@autotune(CONFIGS, key=["P", "C", "KH", "KW", "IS_MAX"], **_TUNE)
+@autotune(CONFIGS, key=["P", "C", "KH", "KW", "POOL"], **_TUNE)
 @triton.jit
 def _pool_bwd_kernel(dy_ptr, arg_ptr, dx_ptr, P, H, W, C, OH, OW,  # dy, arg (N, OH, OW, C) -> dx (N, H, W, C)
                      stride_h, stride_w, pad_h, pad_w, KH: tl.constexpr, KW: tl.constexpr,
-                     IS_MAX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                     POOL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # dx[n, ih, iw, c] = sum over windows (oh, ow) holding (ih, iw) at tap (r, s) of dy[n, oh, ow, c]
-    #     (max: only where arg[n, oh, ow, c] == r*KW + s; avg: divided by KH*KW)
+    #     (max: only where arg[n, oh, ow, c] == r*KW + s; avg: divided by KH*KW): window.gather_dy
     offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # input pixels (n, ih, iw)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_mask = offs_p < P
-    c_mask = offs_c < C
-    n = offs_p // (H * W)
-    ih = (offs_p // W) % H
-    iw = offs_p % W
-    acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
-    for r in range(KH):
-        th = ih + pad_h - r  # = oh * stride_h for the window that sees ih at tap r
-        oh = th // stride_h
-        h_ok = p_mask & (th >= 0) & (th % stride_h == 0) & (oh < OH)
-        for s in range(KW):
-            tw = iw + pad_w - s
-            ow = tw // stride_w
-            ok = h_ok & (tw >= 0) & (tw % stride_w == 0) & (ow < OW)
-            mask = ok[:, None] & c_mask[None, :]
-            off = (((n * OH + oh) * OW + ow) * C)[:, None] + offs_c[None, :]
-            d = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            if IS_MAX:
-                a = tl.load(arg_ptr + off, mask=mask, other=-1).to(tl.int32)
-                d = tl.where(a == r * KW + s, d, 0.0)
-            acc += d
-    if not IS_MAX:
-        acc = acc / (KH * KW)
-    tl.store(dx_ptr + (offs_p * C)[:, None] + offs_c[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=p_mask[:, None] & c_mask[None, :])
+    mask = (offs_p < P)[:, None] & (offs_c < C)[None, :]
+    dx = gather_dy(dy_ptr, arg_ptr, offs_p, offs_c, mask, H, W, C, OH, OW, stride_h, stride_w, pad_h, pad_w,
+                   KH, KW, POOL, BLOCK_P, BLOCK_C)
+    tl.store(dx_ptr + (offs_p * C)[:, None] + offs_c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @autotune(CONFIGS, key=["HW", "C"], **{**_TUNE, "interpret": {"BLOCK_P": ("HW", 16, 1024), "BLOCK_C": ("C", 4, 64)}})
@@ -119,7 +106,7 @@ def pool_backward(dy, window: Window, argmax, in_hw):
         pixels = n * h * w
         _pool_bwd_kernel[_grid(pixels, c)](dy, argmax if is_max else dy, dx, pixels, h, w, c, oh, ow,
                                            *window.stride, *window.padding, KH=window.kernel[0],
-                                           KW=window.kernel[1], IS_MAX=is_max)
+                                           KW=window.kernel[1], POOL=POOL_MODES[window.mode])
     return dx
 
 

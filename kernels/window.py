@@ -1,9 +1,11 @@
 """What pooling and the fused epilogues that pool share: the (pixels x channels) tile
-configs and their pruning, the validation of a pool's geometry, and the argmax dtype and
-checks (max pooling's argmax holds the window offset r*kw + s of each maximum)."""
+configs and their pruning, the validation of a pooling window, the argmax dtype and checks
+(max pooling's argmax holds the window offset r*kw + s of each maximum), and the backward's
+window loop (`gather_dy`)."""
 
 import torch
 import triton
+import triton.language as tl
 
 from ..specs import Window, window_out
 from ._common import check
@@ -69,3 +71,38 @@ def check_argmax(argmax, mode: str, taps: int, shape, device) -> None:
     check(tuple(argmax.shape) == tuple(shape), f"argmax: expected shape {tuple(shape)}, got {tuple(argmax.shape)}")
     check(argmax.device == device, f"argmax: expected device {device}, got {argmax.device}")
     check(argmax.is_contiguous(), f"argmax: expected a contiguous tensor, got strides {argmax.stride()}")
+
+
+@triton.jit
+def gather_dy(dy_ptr, arg_ptr, offs_p, offs_c, mask, H, W, C, OH, OW, stride_h, stride_w, pad_h, pad_w,
+               KH: tl.constexpr, KW: tl.constexpr, POOL: tl.constexpr, BLOCK_P: tl.constexpr,
+               BLOCK_C: tl.constexpr):
+    """du at the pre-pool pixels offs_p (n, ih, iw), valid where `mask`: dy summed over the windows
+    (oh, ow) that hold the pixel at tap (r, s), max (POOL 1) only where the window's argmax is
+    r*KW + s, avg (POOL 2) divided by KH*KW; dy itself without a pool (POOL 0). A deterministic
+    gather, no atomics: the one window loop of the pooling backward and the conv block's."""
+    if POOL == 0:
+        du = tl.load(dy_ptr + (offs_p * C)[:, None] + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        n = offs_p // (H * W)
+        ih = (offs_p // W) % H
+        iw = offs_p % W
+        du = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+        for r in range(KH):
+            th = ih + pad_h - r  # = oh * stride_h for the window that sees ih at tap r
+            oh = th // stride_h
+            h_ok = (th >= 0) & (th % stride_h == 0) & (oh < OH)
+            for s in range(KW):
+                tw = iw + pad_w - s
+                ow = tw // stride_w
+                ok = h_ok & (tw >= 0) & (tw % stride_w == 0) & (ow < OW)
+                m = ok[:, None] & mask
+                off = (((n * OH + oh) * OW + ow) * C)[:, None] + offs_c[None, :]
+                d = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
+                if POOL == 1:
+                    a = tl.load(arg_ptr + off, mask=m, other=-1).to(tl.int32)
+                    d = tl.where(a == r * KW + s, d, 0.0)
+                du += d
+        if POOL == 2:
+            du = du / (KH * KW)
+    return du
