@@ -18,11 +18,11 @@ def _kernels(rule: str, ops: tuple[Op, ...]) -> tuple[tuple[str, ...], tuple[str
     fuses, else each op's own (the registry's), backward in reverse order."""
     if rule in BY_NAME and BY_NAME[rule].fuses(ops):
         return BY_NAME[rule].kernels(ops)
-    fwd, bwd = (), ()
+    inference, fwd, bwd = (), (), ()
     for op in ops:
-        forward, backward = REGISTRY[op.value].kernels
-        fwd, bwd = fwd + forward, backward + bwd
-    return fwd, fwd, bwd
+        k = REGISTRY[op.value].kernels
+        inference, fwd, bwd = inference + k.inference, fwd + k.forward, k.backward + bwd
+    return inference, fwd, bwd
 
 
 @dataclass(frozen=True)

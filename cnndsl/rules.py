@@ -104,8 +104,8 @@ def _conv_step(net: Network, nodes: tuple[Node, ...]):
 
 def _conv_kernels(ops):
     bn = Op.BATCHNORM in ops
-    train_fwd = ("conv_fwd+stats", "bn_merge_stats", "bn_update_running", "epilogue_fwd") if bn else \
-        ("conv_fwd", "epilogue_fwd")
+    train_fwd = ("conv_fwd+stats", "bn_merge_stats", "bn_update_running", "bn_scale_shift", "epilogue_fwd") if bn \
+        else ("conv_fwd", "epilogue_fwd")
     train_bwd = ("epilogue_bwd+bn_reduce", "bn_bwd_merge", "bn_bwd_apply") if bn else ("epilogue_bwd",)
     fold = ("bn_fold",) if bn else ()  # once per weight change, not per call
     return fold + ("conv_fwd+epilogue",), train_fwd, train_bwd + ("conv_bwd_input", "conv_bwd_weight")

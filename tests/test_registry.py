@@ -13,6 +13,7 @@ import torch
 from cnndsl.ir import Op
 from cnndsl.layers import LAYERS
 from cnndsl.ops import KEYWORDS, REGISTRY
+from cnndsl.ops.base import Kernels
 from cnndsl.options import _KINDS
 from cnndsl.rules import RULES
 from cnndsl.runtime.triton_module import FUNCTIONS
@@ -34,9 +35,9 @@ def missing(d) -> list[str]:
     if d.op not in RULE_OPS:
         if d.function is None or d.function.rsplit(".", 1)[-1] not in FUNCTIONS:
             lacks.append("function")
-        if d.op != "flatten" and not d.kernels[0]:
+        if d.op != "flatten" and not d.kernels.forward:
             lacks.append("kernels")
-    if d.op in RULE_OPS and not d.kernels[0]:
+    if d.op in RULE_OPS and not d.kernels.forward:
         lacks.append("kernels (when its rule runs it alone)")
     for word, kw in d.keywords.items():
         if any(o.kind not in _KINDS for o in kw.options):
@@ -53,7 +54,7 @@ def test_the_check_catches_an_op_without_a_part():
     pool = REGISTRY["pool"]
     assert missing(replace(pool, reference=None)) == ["reference"]
     assert missing(replace(pool, function="pool.NoSuchFn")) == ["function"]
-    assert missing(replace(pool, kernels=((), ()))) == ["kernels"]
+    assert missing(replace(pool, kernels=Kernels())) == ["kernels"]
 
 
 def test_tables_are_derived_from_the_registry():

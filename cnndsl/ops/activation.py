@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..options import Option
 from ..specs import Act
-from .base import Keyword, OpDef, same_shape
+from .base import Kernels, Keyword, OpDef, same_shape
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,6 @@ ACTIVATION = OpDef(
               "relu6": _word("relu6"), "hardswish": _word("hardswish"), "hardsigmoid": _word("hardsigmoid")},
     function="activation.ActivationFn",
     step=lambda net, node: (node.inputs, (), act(node)),
-    kernels=(("activation_fwd",), ("activation_bwd",)),
+    kernels=Kernels(("activation_fwd",), ("activation_bwd",)),
     reference=_reference,
 )

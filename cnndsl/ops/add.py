@@ -3,7 +3,7 @@ not by a keyword of its own)."""
 
 from dataclasses import dataclass
 
-from .base import OpDef, same_shape
+from .base import Kernels, OpDef, same_shape
 
 
 @dataclass(frozen=True)
@@ -14,6 +14,6 @@ class Add:
 ADD = OpDef(
     "add", lambda v: Add(), same_shape,
     function="add.AddFn",
-    kernels=(("add_fwd",), ()),
+    kernels=Kernels(("add_fwd",)),
     reference=lambda layer, a, xs, training: xs[0] + xs[1],
 )

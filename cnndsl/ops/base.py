@@ -22,6 +22,21 @@ class Keyword:
     op: str = ""
 
 
+@dataclass(frozen=True)
+class Kernels:
+    """The kernels an op launches when it runs alone, as `cnndsl plan` names them: in a training
+    forward pass, in backward, and in a forward pass in eval where that differs (batch norm
+    applies its running statistics; dropout is the identity)."""
+
+    forward: tuple = ()
+    backward: tuple = ()
+    eval: tuple | None = None  # None: the training forward's
+
+    @property
+    def inference(self) -> tuple:
+        return self.forward if self.eval is None else self.eval
+
+
 def _zero(net, node) -> int:
     return 0
 
@@ -48,8 +63,8 @@ class OpDef:
       args, kwargs), or None;
     - triton backend, where the op runs alone (no fusion rule takes it): `function`, the
       autograd Function of kernels/ as "module.Name"; `step` (net, node) -> (inputs,
-      parameters as (layer name, attribute) or None, spec); `kernels`, the (forward, backward)
-      kernels it launches, as `cnndsl plan` shows them;
+      parameters as (layer name, attribute) or None, spec); `kernels`, the kernels it
+      launches (Kernels), as `cnndsl plan` shows them;
     - torch backend: `reference` (layer or None, attributes, input tensors, training) -> tensor,
       in plain torch ops, importing torch when it runs (the front end never imports torch)."""
 
@@ -63,7 +78,7 @@ class OpDef:
     layer: Callable = _no_layer
     function: str | None = None
     step: Callable = _alone
-    kernels: tuple = ((), ())
+    kernels: Kernels = Kernels()
     reference: Callable | None = None
 
 

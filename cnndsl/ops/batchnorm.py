@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from ..options import Option
 from ..specs import BatchNormSpec
-from .base import Keyword, OpDef, same_shape
+from .base import Kernels, Keyword, OpDef, same_shape
 
 PARAMS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")  # BatchNormFn's order
 
@@ -39,6 +39,7 @@ BATCHNORM = OpDef(
     layer=_layer,
     function="batchnorm.BatchNormFn",
     step=lambda net, node: (node.inputs, tuple((node.name, p) for p in PARAMS), spec(node)),
-    kernels=(("bn_stats", "bn_update_running", "bn_apply"), ("bn_bwd_reduce", "bn_bwd_apply")),
+    kernels=Kernels(("bn_stats", "bn_update_running", "bn_apply"), ("bn_bwd_reduce", "bn_bwd_apply"),
+                    eval=("bn_apply",)),
     reference=_reference,
 )

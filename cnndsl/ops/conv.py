@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from ..errors import CnnShapeError
 from ..options import Option
-from .base import Keyword, OpDef, fmt, numel, spatial, window
+from .base import Kernels, Keyword, OpDef, fmt, numel, spatial, window
 
 Pair = tuple[int, int]
 
@@ -62,6 +62,6 @@ CONV = OpDef(
     macs=lambda net, node: (numel(node.shape) * (net.in_shape(node)[0] // node.attrs.groups)
                             * node.attrs.kernel[0] * node.attrs.kernel[1]),
     layer=_layer,
-    kernels=(("conv_fwd",), ("conv_bwd_input", "conv_bwd_weight")),
+    kernels=Kernels(("conv_fwd",), ("conv_bwd_input", "conv_bwd_weight")),
     reference=_reference,
 )

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from ..errors import CnnShapeError
 from ..options import Option
-from .base import Keyword, OpDef, fmt
+from .base import Kernels, Keyword, OpDef, fmt
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,6 @@ DENSE = OpDef(
     params=lambda net, node: node.attrs.units * net.in_shape(node)[0] + (node.attrs.units if node.attrs.bias else 0),
     macs=lambda net, node: node.attrs.units * net.in_shape(node)[0],
     layer=lambda net, node: ("Linear", (net.in_shape(node)[0], node.attrs.units, node.attrs.bias), {}),
-    kernels=(("dense_fwd",), ("dense_bwd_input", "dense_bwd_weight")),
+    kernels=Kernels(("dense_fwd",), ("dense_bwd_input", "dense_bwd_weight")),
     reference=lambda layer, a, xs, training: layer(xs[0]),
 )

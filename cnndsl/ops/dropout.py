@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from ..options import Option
 from ..specs import Dropout as DropoutSpec
-from .base import Keyword, OpDef, same_shape
+from .base import Kernels, Keyword, OpDef, same_shape
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,6 @@ DROPOUT = OpDef(
     keywords={"dropout": Keyword((Option("p", "probability", 0.5),), 1)},
     function="dropout.DropoutFn",
     step=lambda net, node: (node.inputs, (), DropoutSpec(node.attrs.p)),
-    kernels=(("dropout_fwd",), ("dropout_bwd",)),
+    kernels=Kernels(("dropout_fwd",), ("dropout_bwd",), eval=()),
     reference=_reference,
 )

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from .base import Keyword, OpDef, spatial
+from .base import Kernels, Keyword, OpDef, spatial
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,6 @@ GLOBAL_AVGPOOL = OpDef(
     "global_avgpool", lambda v: GlobalAvgPool(), lambda a, s, span: (spatial("global_avgpool", s, span)[0], 1, 1),
     keywords={"global_avgpool": Keyword()},
     function="pool.GlobalAvgPoolFn",
-    kernels=(("global_avgpool_fwd",), ("global_avgpool_bwd",)),
+    kernels=Kernels(("global_avgpool_fwd",), ("global_avgpool_bwd",)),
     reference=_reference,
 )

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from ..errors import CnnShapeError
 from ..options import KERNEL, Option
 from ..specs import Window
-from .base import Keyword, OpDef, spatial, window
+from .base import Kernels, Keyword, OpDef, spatial, window
 
 Pair = tuple[int, int]
 
@@ -51,6 +51,6 @@ POOL = OpDef(
     keywords={"maxpool": Keyword(_OPTIONS, 1, (("mode", "max"),)), "avgpool": Keyword(_OPTIONS, 1, (("mode", "avg"),))},
     function="pool.PoolFn",
     step=lambda net, node: (node.inputs, (), spec(node)),
-    kernels=(("pool_fwd",), ("pool_bwd",)),
+    kernels=Kernels(("pool_fwd",), ("pool_bwd",)),
     reference=_reference,
 )

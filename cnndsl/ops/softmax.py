@@ -4,7 +4,7 @@ scores before it to the fused cross-entropy)."""
 from dataclasses import dataclass
 
 from ..errors import CnnShapeError
-from .base import Keyword, OpDef, fmt
+from .base import Kernels, Keyword, OpDef, fmt
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,6 @@ SOFTMAX = OpDef(
     "softmax", lambda v: Softmax(), _shape,
     keywords={"softmax": Keyword()},
     function="softmax.SoftmaxFn",
-    kernels=(("softmax_fwd",), ("softmax_bwd",)),
+    kernels=Kernels(("softmax_fwd",), ("softmax_bwd",)),
     reference=_reference,
 )
