@@ -1,5 +1,5 @@
-"""Codegen: a Plan -> its launch steps as plain data (specs.Step), one per group: the autograd
-Function that runs the group, the values it reads and writes, the parameters it takes and its
+"""Codegen: a Plan -> its launch steps as plain data (specs.Step), one per group: the runner
+(kernels/) that runs the group, the values it reads and writes, the parameters it takes and its
 typed spec, each from the group's rule (rules.py) or, for a group of one op no rule covers,
 from the op's definition (cnndsl/ops). `lower` gives a Program: the steps of `forward` and
 those of `logits` (the network without its final softmax, which `loss` hands to the fused
@@ -26,8 +26,8 @@ def layer_spec(net: ir.Network, node: ir.Node) -> tuple[str, tuple, dict] | None
     return REGISTRY[node.op.value].layer(net, node)
 
 
-def function_of(qualified: str) -> str:
-    """A Function's name from its "module.Name" in kernels/."""
+def runner_of(qualified: str) -> str:
+    """A runner's name from its "module.name" in kernels/."""
     return qualified.rsplit(".", 1)[-1]
 
 
@@ -37,15 +37,15 @@ def lower(net: ir.Network, plan: Plan) -> Program:
     for g, group in enumerate(plan.groups):
         if group.rule in BY_NAME:
             rule = BY_NAME[group.rule]
-            function, (inputs, params, spec) = rule.function, rule.step(net, group.nodes)
+            runner, (inputs, params, spec) = rule.runner, rule.step(net, group.nodes)
         else:
             op = REGISTRY[group.nodes[0].op.value]
-            function, (inputs, params, spec) = op.function, op.step(net, group.nodes[0])
-        steps.append(Step(g, group.output.name, function_of(function), tuple(inputs), group.output.id,
+            runner, (inputs, params, spec) = op.runner, op.step(net, group.nodes[0])
+        steps.append(Step(g, group.output.name, runner_of(runner), tuple(inputs), group.output.id,
                           tuple(params), spec))
     logits = steps
     if net.ends_in_softmax:  # leave the final softmax to the cross-entropy
         last = steps[-1]
-        logits = steps[:-1] if last.function == "SoftmaxFn" else \
+        logits = steps[:-1] if last.runner == "softmax_layer" else \
             [*steps[:-1], replace(last, spec=replace(last.spec, softmax=False))]
     return Program(tuple(steps), tuple(logits))

@@ -1,6 +1,6 @@
 """The fusion rules as data: a rule is a chain of stages, each an op that may join the group when
 its `fits` check passes (the planner, plan.py, grows a chain only through values nothing else
-reads), with everything a fused group needs: the autograd Function of kernels/ that runs it,
+reads), with everything a fused group needs: the runner of kernels/ that runs it,
 its launch step (inputs, parameters, typed spec), the kernels it launches for `cnndsl plan`,
 and a model of the bytes its training pass moves. A lone conv or dense layer runs through its
 rule with every other stage off."""
@@ -60,7 +60,7 @@ class Bytes:
 class Rule:
     name: str
     stages: tuple[Stage, ...]
-    function: str  # the autograd Function of kernels/ that runs a group, "module.Name"
+    runner: str  # the function of kernels/ that runs a group, "module.name"
     step: Callable  # (net, nodes) -> (inputs, params, spec)
     kernels: Callable  # ops of a fused group (more than its required op) -> (inference, forward, backward)
     train_bytes: Callable  # Bytes of a fused group -> the bytes its training forward and backward move
@@ -121,7 +121,7 @@ CONV_BLOCK = Rule(
     "conv_block",
     (Stage(Op.CONV, True), Stage(Op.BATCHNORM), Stage(Op.ACTIVATION), Stage(Op.ADD), Stage(Op.ACTIVATION),
      Stage(Op.POOL, fits=_pool_fits)),
-    "conv_block.ConvBlockFn", _conv_step, _conv_kernels, _conv_bytes)
+    "conv_block.conv_block", _conv_step, _conv_kernels, _conv_bytes)
 
 
 # --- dense block: [flatten] -> dense -> [act] -> [dropout] -> [softmax] --------------------------------
@@ -160,7 +160,7 @@ DENSE_BLOCK = Rule(
     "dense_block",
     (Stage(Op.FLATTEN), Stage(Op.DENSE, True), Stage(Op.ACTIVATION), Stage(Op.DROPOUT),
      Stage(Op.SOFTMAX, fits=_softmax_fits)),
-    "dense.DenseBlockFn", _dense_step, _dense_kernels, _dense_bytes)
+    "dense.dense_block", _dense_step, _dense_kernels, _dense_bytes)
 
 RULES = (CONV_BLOCK, DENSE_BLOCK)
 BY_NAME = {r.name: r for r in RULES}

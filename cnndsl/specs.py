@@ -1,11 +1,13 @@
 """What crosses the line between the compiler and the kernels: the typed, frozen records that
-codegen writes into each launch step, the runtime hands to an autograd Function, the kernels'
+codegen writes into each launch step, the runtime hands to a runner of kernels/, the kernels'
 launchers check and `cnndsl emit` writes out as literals (their repr is Python that rebuilds
 them); and what a fused kernel can hold, which the planner must respect. Plain Python: no
 torch, no triton, nothing from the rest of cnndsl, so that the front end and an emitted
 module can both use it."""
 
-from dataclasses import dataclass
+import ast
+import functools
+from dataclasses import dataclass, field
 
 Pair = tuple[int, int]
 
@@ -109,14 +111,42 @@ class Dropout:
 
 @dataclass(frozen=True)
 class Step:
-    """One launch step of a plan: the group it runs, the autograd Function that runs it (by
-    name: kernels/), the values it reads and writes (node ids), the parameters and buffers it
-    takes as (layer name, attribute) in the Function's order (None where absent) and its spec."""
+    """One launch step of a plan: the group it runs, the runner that runs it (a function of
+    kernels/, by name), the values it reads and writes (node ids; None for an absent shortcut),
+    the parameters and buffers it takes as (layer name, attribute) in the runner's order (None
+    where absent), and its spec; `text` is the spec's repr, what the runner and the custom ops
+    it calls take (decode rebuilds the spec)."""
 
     group: int
     name: str  # the layer whose output it writes
-    function: str
-    inputs: tuple[int, ...]
+    runner: str
+    inputs: tuple[int | None, ...]
     output: int
     params: tuple[tuple[str, str] | None, ...]
     spec: object = None
+    text: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "text", repr(self.spec))
+
+
+_SPECS = {c.__name__: c for c in (Act, Window, ConvGeometry, BatchNormSpec, ConvBlock, Flatten, DenseBlock, Dropout)}
+
+
+@functools.lru_cache(maxsize=4096)
+def decode(text: str):
+    """The spec a Step's text writes (its repr), read as data: spec classes called with keyword
+    arguments, tuples, numbers, strings, booleans and None; nothing is evaluated."""
+    return _literal(ast.parse(text, mode="eval").body)
+
+
+def _literal(node):
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _SPECS and not node.args:
+        return _SPECS[node.func.id](**{k.arg: _literal(k.value) for k in node.keywords})
+    if isinstance(node, ast.Tuple):
+        return tuple(_literal(e) for e in node.elts)
+    if isinstance(node, ast.Constant) and isinstance(node.value, (bool, int, float, str, type(None))):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+        return -node.operand.value
+    raise ValueError(f"not a spec: {ast.dump(node)[:200]}")

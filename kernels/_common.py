@@ -100,6 +100,36 @@ def nan_max(a, b):
     return tl.where((a > b) | (a != a), a, b)  # noqa: PLR0124 - a != a: a is NaN
 
 
+# The torch.library namespace of cnndsl's custom ops (`cnndsl emit` gives each emitted module its own).
+NAMESPACE = "cnndsl"
+
+
+def define(name: str, schema: str, impl, fake, backward=None, setup=None, mutates=()):
+    """The custom op NAMESPACE::name: `impl` launches the kernels (on real tensors), `fake` gives
+    its outputs' shapes and dtypes (what torch.compile and torch.export trace with), `backward`
+    and `setup` (torch.library.register_autograd's) its gradient, itself through custom ops.
+    A custom op is opaque to the compiler, so a traced graph calls the kernels as they are.
+    Defined once per process: a module imported again (an emitted one) reuses it."""
+    namespace = getattr(torch.ops, NAMESPACE)
+    if hasattr(namespace, name):
+        return getattr(namespace, name).default
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=mutates, schema=schema)
+    op.register_fake(fake)
+    if backward is not None:
+        op.register_autograd(backward, setup_context=setup)
+    return op
+
+
+def absent(like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """What a custom op returns for an output it does not have (it cannot return None)."""
+    return like.new_empty(0, dtype=dtype or like.dtype)
+
+
+def present(t: torch.Tensor | None) -> torch.Tensor | None:
+    """None for an `absent` output."""
+    return None if t is None or (t.dim() == 1 and t.numel() == 0) else t
+
+
 def check(cond: bool, message: str) -> None:
     """Raise ValueError(message) unless cond: launchers validate before they launch."""
     if not cond:

@@ -1,17 +1,18 @@
 """Activations: the scalar maths as `@triton.jit` helpers that other kernels' epilogues
 call (selected by an `ACT: tl.constexpr` code), the standalone elementwise forward/backward
-kernels with their launchers, and ActivationFn, an activation layer run alone."""
+kernels with their launchers, and the custom op that runs an activation layer alone."""
 
 import torch
 import triton
 import triton.language as tl
 
-from ..specs import Act
+from ..specs import Act, decode
 from ._common import (
     ELEMENTWISE_CONFIGS,
     autotune,
     check,
     check_tensor,
+    define,
     elementwise_tiles,
 )
 
@@ -140,16 +141,24 @@ def activation_backward(x: torch.Tensor, dy: torch.Tensor, act: Act) -> torch.Te
     return dx
 
 
-class ActivationFn(torch.autograd.Function):
-    """An activation layer alone: saves its input."""
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.spec = inputs[1]
 
-    @staticmethod
-    def forward(ctx, x, spec: Act, state):
-        ctx.save_for_backward(x)
-        ctx.spec = spec
-        return activation_forward(x, spec)
 
-    @staticmethod
-    def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
-        return activation_backward(x, dy.contiguous(), ctx.spec), None, None
+def _backward(ctx, dy):
+    (x,) = ctx.saved_tensors
+    return _activation_bwd(x, dy.contiguous(), ctx.spec), None
+
+
+_activation_bwd = define("activation_backward", "(Tensor x, Tensor dy, str spec) -> Tensor",
+                         lambda x, dy, spec: activation_backward(x, dy, decode(spec)),
+                         lambda x, dy, spec: torch.empty_like(x))
+_activation = define("activation", "(Tensor x, str spec) -> Tensor",
+                     lambda x, spec: activation_forward(x, decode(spec)), lambda x, spec: torch.empty_like(x),
+                     _backward, _setup)
+
+
+def activation_layer(x, spec: Act, state):
+    """An activation layer alone: saves its input for the gradient."""
+    return _activation(x, state.text)

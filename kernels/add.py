@@ -1,5 +1,5 @@
-"""Elementwise add: the residual join in the unfused plan (AddFn), and the sum of the
-gradients that meet where a value forks to several readers (ForkFn)."""
+"""Elementwise add: the residual join in the unfused plan (add_layer), and the sum of the
+gradients that meet where a value forks to several readers (fork)."""
 
 import torch
 import triton
@@ -10,6 +10,7 @@ from ._common import (
     autotune,
     check,
     check_tensor,
+    define,
     elementwise_tiles,
 )
 
@@ -36,25 +37,18 @@ def add_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return y
 
 
-class AddFn(torch.autograd.Function):
+_add = define("add", "(Tensor a, Tensor b) -> Tensor", add_forward, lambda a, b: torch.empty_like(a),
+              lambda ctx, dy: (dy, dy), lambda ctx, inputs, output: None)
+
+
+def add_layer(a, b, spec, state):
     """The residual join: y = branch + shortcut; both receive dy."""
-
-    @staticmethod
-    def forward(ctx, a, b, spec, state):
-        return add_forward(a, b)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return dy, dy, None, None
+    return _add(a, b)
 
 
-class ForkFn(torch.autograd.Function):
-    """Hands one value to k readers as k aliases, and sums their gradients with the add
-    kernel, so that autograd's engine never accumulates with a torch op."""
-
+class _Fork(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, k):
-        ctx.k = k
         return tuple(x.view_as(x) for _ in range(k))
 
     @staticmethod
@@ -62,5 +56,11 @@ class ForkFn(torch.autograd.Function):
         total = None
         for g in grads:
             if g is not None:
-                total = g.contiguous() if total is None else add_forward(total, g.contiguous())
+                total = g.contiguous() if total is None else _add(total, g.contiguous())
         return total, None
+
+
+def fork(x, k: int) -> tuple:
+    """One value handed to k readers as k aliases, their gradients summed with the add kernel
+    (so that autograd's engine never accumulates with a torch op)."""
+    return _Fork.apply(x, k)

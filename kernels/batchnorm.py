@@ -1,8 +1,8 @@
 """Batch normalization over x viewed as (M, C) rows (NHWC flattened, or a flat (N, F)
 tensor as BatchNorm1d): deterministic per-channel statistics (per-tile Welford partials
 merged Chan-style, no atomics), the running-statistics update, the normalization, and
-the training and eval backward passes, each with its launcher; BatchNormFn runs a batch-norm
-layer alone.
+the training and eval backward passes, each with its launcher (batchnorm_layer.py runs them
+as a layer).
 
 Tiles of `rows` consecutive rows (chosen by the launcher from M alone, never by the
 autotuned config) give [n_tiles, C] fp32 partials; a tile's count is min(rows, M - tile*rows),
@@ -376,31 +376,3 @@ def batchnorm_backward_from_partials(part, dy, x, mean, var, eps, weight, need_p
           f"part: expected a contiguous float32 tensor of shape {(2, n_tiles, C)} on {x.device}, got "
           f"{getattr(part, 'dtype', type(part).__name__)} {tuple(getattr(part, 'shape', ()))}")
     return _finish(part, dy, x, mean, var, eps, weight, bool(need_param_grads), train)
-
-
-class BatchNormFn(torch.autograd.Function):
-    """x viewed as (M, C) rows; training normalises with the batch statistics and updates the
-    running ones, eval with the running ones."""
-
-    @staticmethod
-    def forward(ctx, x, w, b, running_mean, running_var, num_batches_tracked, spec, state):
-        shape = x.shape
-        x2 = x.view(-1, shape[-1])  # (M, C)
-        if state.training:
-            mean, var = batchnorm_stats(x2)
-            batchnorm_update_running(mean, var, running_mean, running_var, num_batches_tracked,
-                                     spec.momentum, x2.shape[0])
-        else:
-            mean, var = running_mean, running_var
-        ctx.save_for_backward(x2, mean, var, w)
-        ctx.eps, ctx.training, ctx.has_weight = spec.eps, state.training, w is not None
-        return batchnorm_forward(x2, mean, var, spec.eps, w, b).view(shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, mean, var, w = ctx.saved_tensors
-        shape, dy2 = dy.shape, dy.contiguous().view(x2.shape)
-        need = ctx.has_weight and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
-        bwd = batchnorm_backward if ctx.training else batchnorm_eval_backward
-        dx, dw, db = bwd(dy2, x2, mean, var, ctx.eps, w, need)
-        return dx.view(shape), dw, db, None, None, None, None, None

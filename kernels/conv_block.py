@@ -1,80 +1,159 @@
-"""A conv block, conv -> [batch norm] -> act1 -> [+ shortcut] -> act2 -> [pool], as one autograd
-Function; a lone conv runs through it with every other stage off, so fusing adds epilogue
-stages, not a second code path.
+"""A conv block, conv -> [batch norm] -> act1 -> [+ shortcut] -> act2 -> [pool], as custom ops; a
+lone conv runs through it with every other stage off, so fusing adds epilogue stages, not a
+second code path.
 
-Without gradients (inference) the block is one kernel: batch norm is folded into the conv's
-weight and bias (recomputed only when one of them changes: `state.cache` keys the fold on the
-tensors' version counters, which every in-place update moves, a kernel's write of the running
-statistics included) and the activations, the residual add and the pool run in the conv's
-epilogue. With gradients it is the training path: the conv writes z (and, in training, the
+Without gradients (inference) the block is one kernel (`conv_block_inference`): batch norm is
+folded into the conv's weight and bias (`bn_fold`; in eager recomputed only when one of them
+changes: `state.cache` keys the fold on the tensors' version counters, which every in-place
+update moves, a kernel's write of the running statistics included; a compiled graph folds on
+every call) and the activations, the residual add and the pool run in the conv's epilogue.
+With gradients it is the training path (`conv_block`): the conv writes z (and, in training, the
 batch statistics from its epilogue), one epilogue pass (epilogue.py) normalises, activates,
-adds and pools, saving only z and a compact pool argmax; backward recomputes the rest."""
+adds and pools, returning z and a compact pool argmax for backward, which recomputes the rest;
+batchnorm_layer.py's op then updates the running statistics."""
 
 import torch
 
-from ..specs import ConvBlock
-from .batchnorm import batchnorm_update_running
+from ..specs import ConvBlock, decode
+from ._common import absent, define, present
+from .batchnorm_layer import update_running
 from .conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
 from .epilogue import BatchNormBackward, epilogue_backward, epilogue_forward
 from .fold import bn_scale_shift, fold_conv
+from .window import argmax_dtype
+
+
+def _shape(x, s, pooled: bool):
+    hw = s.pool.out_hw if pooled and s.pool is not None else s.geometry.out_hw
+    return (x.shape[0], *hw)
+
+
+# --- inference: one kernel, batch norm folded ---------------------------------------------------
+
+_inference = define(
+    "conv_block_inference", "(Tensor x, Tensor w, Tensor? b, Tensor? residual, str spec) -> Tensor",
+    lambda x, w, b, residual, spec: _inference_impl(x, w, b, residual, decode(spec)),
+    lambda x, w, b, residual, spec: x.new_empty((*_shape(x, decode(spec), True), w.shape[0])))
+
+
+def _inference_impl(x, w, b, residual, s):
+    return conv2d_forward(x, w, b, s.geometry, s.act1, residual=residual, act2=s.act2, pool=s.pool)
+
+
+_fold = define(
+    "bn_fold", "(Tensor w, Tensor? b, Tensor? bn_w, Tensor? bn_b, Tensor mean, Tensor var, float eps) -> "
+    "(Tensor, Tensor)",
+    lambda w, b, bn_w, bn_b, mean, var, eps: fold_conv(w, b, *bn_scale_shift(mean, var, eps, bn_w, bn_b)),
+    lambda w, b, bn_w, bn_b, mean, var, eps: (torch.empty_like(w), w.new_empty(w.shape[0])))
 
 
 def _folded(cache, w, b, bn_w, bn_b, mean, var, eps):
-    """The conv weight and bias with eval-mode batch norm folded in, recomputed only when a
-    tensor's version counter (bumped by every in-place update, e.g. an optimizer step) moves."""
-    tensors = (w, b, bn_w, bn_b, mean, var)
-    key = tuple((id(t), t.data_ptr(), t._version) if t is not None else None for t in tensors)
+    """The conv weight and bias with eval-mode batch norm folded in; in eager, recomputed only when
+    a tensor's version counter (bumped by every in-place update, e.g. an optimizer step) moves."""
+    if torch.compiler.is_compiling():  # no version counters in a graph (inductor's freezing folds once)
+        return _fold(w, b, bn_w, bn_b, mean, var, eps)
+    key = tuple((id(t), t.data_ptr(), t._version) if t is not None else None for t in (w, b, bn_w, bn_b, mean, var))
     if cache.get("key") != key:
-        scale, shift = bn_scale_shift(mean, var, eps, bn_w, bn_b)
-        cache["key"], cache["value"] = key, fold_conv(w, b, scale, shift)
+        cache["key"], cache["value"] = key, _fold(w, b, bn_w, bn_b, mean, var, eps)
     return cache["value"]
 
 
-class ConvBlockFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, w, b, bn_w, bn_b, running_mean, running_var, num_batches_tracked,
-                spec: ConvBlock, state):  # x (N, H, W, C) -> (N, OH, OW, K) or pooled
-        bn, geometry = spec.bn, spec.geometry
-        ctx.spec, ctx.has_bias, ctx.training = spec, b is not None, state.training
-        if not state.grad and not (bn and state.training):  # inference: one kernel
-            if bn:
-                w, b = _folded(state.cache, w, b, bn_w, bn_b, running_mean, running_var, bn.eps)
-            return conv2d_forward(x, w, b, geometry, spec.act1, residual=residual, act2=spec.act2, pool=spec.pool)
-        scale = shift = mean = var = None
-        if bn and state.training:
-            z, mean, var = conv2d_forward(x, w, b, geometry, stats=True)
-            batchnorm_update_running(mean, var, running_mean, running_var, num_batches_tracked, bn.momentum,
-                                     z.numel() // z.shape[-1])
-        else:
-            z = conv2d_forward(x, w, b, geometry)
-            if bn:
-                mean, var = running_mean, running_var
-        if bn:
-            scale, shift = bn_scale_shift(mean, var, bn.eps, bn_w, bn_b)
-        if not spec.epilogue:
-            y, argmax = z, None
-        else:
-            y, argmax = epilogue_forward(z, scale, shift, spec.act1, residual, spec.act2, spec.pool)
-        ctx.argmax = argmax  # int8 window offsets or None: not a graph tensor
-        ctx.save_for_backward(x, w, z, residual, scale, shift, mean, var, bn_w)
-        return y
+# --- training: the conv with batch statistics, one epilogue pass; its backward ----------------------
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, w, z, residual, scale, shift, mean, var, bn_w = ctx.saved_tensors
-        spec = ctx.spec
-        dres = dbn_w = dbn_b = None
-        dz = dy.contiguous()
-        if spec.epilogue:
-            stats = None
-            need = bn_w is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
-            if spec.bn and (ctx.training or need):  # in eval, only for batch norm's parameter gradients
-                stats = BatchNormBackward(mean, var, spec.bn.eps, bn_w, bn_w is not None, need, ctx.training)
-            dz, dres, dbn_w, dbn_b = epilogue_backward(dz, z, scale, shift, spec.act1, residual, spec.act2,
-                                                       spec.pool, ctx.argmax, stats)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = conv2d_backward_input(dz, w, spec.geometry, tuple(x.shape[1:3]))
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            dw, db = conv2d_backward_weight(x, dz, tuple(w.shape), spec.geometry, ctx.has_bias)
-        return dx, dres, dw, db, dbn_w, dbn_b, None, None, None, None, None
+def _train_impl(x, residual, w, b, bn_w, bn_b, mean, var, spec, train):
+    s = decode(spec)
+    batch_stats = s.bn is not None and train
+    if batch_stats:
+        z, mean, var = conv2d_forward(x, w, b, s.geometry, stats=True)
+    else:
+        z = conv2d_forward(x, w, b, s.geometry)
+    scale = shift = None
+    if s.bn is not None:
+        scale, shift = bn_scale_shift(mean, var, s.bn.eps, bn_w, bn_b)
+    y, argmax = epilogue_forward(z, scale, shift, s.act1, residual, s.act2, s.pool) if s.epilogue else (z, None)
+    keep = lambda t, on: t if on and t is not None else absent(x, torch.float32)
+    return (y, z if s.epilogue else absent(x), absent(x, torch.int8) if argmax is None else argmax,
+            keep(mean, batch_stats), keep(var, batch_stats), keep(scale, True), keep(shift, True))
+
+
+def _train_fake(x, residual, w, b, bn_w, bn_b, mean, var, spec, train):
+    s = decode(spec)
+    k, stat = w.shape[0], s.bn is not None
+    y = x.new_empty((*_shape(x, s, True), k))
+    channels = lambda on: x.new_empty(k, dtype=torch.float32) if on else absent(x, torch.float32)
+    argmax = y.new_empty(y.shape, dtype=argmax_dtype(s.pool.taps)) if s.pool and s.pool.mode == "max" \
+        else absent(x, torch.int8)
+    return (y, x.new_empty((*_shape(x, s, False), k)) if s.epilogue else absent(x), argmax,
+            channels(stat and train), channels(stat and train), channels(stat), channels(stat))
+
+
+def _backward_impl(dy, x, w, z, residual, scale, shift, mean, var, bn_w, argmax, spec, train, bn_grads,
+                   input_grad, weight_grad, has_bias):
+    s = decode(spec)
+    dres = dbn_w = dbn_b = None
+    dz = dy
+    if s.epilogue:
+        stats = None
+        if s.bn is not None and (train or bn_grads):  # in eval, only for batch norm's parameter gradients
+            stats = BatchNormBackward(mean, var, s.bn.eps, bn_w, bn_w is not None, bn_grads, train)
+        dz, dres, dbn_w, dbn_b = epilogue_backward(dy, z, present(scale), present(shift), s.act1, residual,
+                                                   s.act2, s.pool, present(argmax), stats)
+    dx = conv2d_backward_input(dz, w, s.geometry, tuple(x.shape[1:3])) if input_grad else None
+    dw, db = conv2d_backward_weight(x, dz, tuple(w.shape), s.geometry, has_bias) if weight_grad else (None, None)
+    return tuple(absent(x) if t is None else t for t in (dx, dres, dw, db, dbn_w, dbn_b))
+
+
+def _backward_fake(dy, x, w, z, residual, scale, shift, mean, var, bn_w, argmax, spec, train, bn_grads,
+                   input_grad, weight_grad, has_bias):
+    s = decode(spec)
+    like = lambda t, on: torch.empty_like(t) if on else absent(x)
+    return (like(x, input_grad), like(residual, residual is not None and s.epilogue), like(w, weight_grad),
+            w.new_empty(w.shape[0]) if weight_grad and has_bias else absent(x), like(bn_w, bn_grads),
+            like(bn_w, bn_grads))
+
+
+_backward = define(
+    "conv_block_backward", "(Tensor dy, Tensor x, Tensor w, Tensor z, Tensor? residual, Tensor scale, "
+    "Tensor shift, Tensor? mean, Tensor? var, Tensor? bn_w, Tensor argmax, str spec, bool train, bool bn_grads, "
+    "bool input_grad, bool weight_grad, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _backward_impl, _backward_fake)
+
+
+def _setup(ctx, inputs, output):
+    x, residual, w, b, bn_w, _, mean_in, var_in, ctx.spec, ctx.train = inputs
+    y, z, argmax, mean, var, scale, shift = output
+    ctx.mark_non_differentiable(z, argmax, mean, var, scale, shift)
+    batch_stats = present(mean) is not None
+    ctx.has_bias = b is not None
+    ctx.save_for_backward(x, w, y if present(z) is None else z, residual, scale, shift,
+                          mean if batch_stats else mean_in, var if batch_stats else var_in, bn_w, argmax)
+
+
+def _block_backward(ctx, dy, *_):
+    x, w, z, residual, scale, shift, mean, var, bn_w, argmax = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    bn_grads = bn_w is not None and (need[4] or need[5])
+    grads = _backward(dy.contiguous(), x, w, z, residual, scale, shift, mean, var, bn_w, argmax, ctx.spec,
+                      ctx.train, bn_grads, need[0], need[2] or need[3], ctx.has_bias)
+    return (*map(present, grads), None, None, None, None)
+
+
+_block = define(
+    "conv_block", "(Tensor x, Tensor? residual, Tensor w, Tensor? b, Tensor? bn_w, Tensor? bn_b, Tensor? mean, "
+    "Tensor? var, str spec, bool train) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _train_impl, _train_fake, _block_backward, _setup)
+
+
+def conv_block(x, residual, w, b, bn_w, bn_b, running_mean, running_var, num_batches_tracked, spec: ConvBlock,
+               state):
+    """x (N, H, W, C) -> (N, OH, OW, K), or pooled."""
+    bn = spec.bn
+    if not state.grad and not (bn is not None and state.training):  # inference: one kernel
+        if bn is not None:
+            w, b = _folded(state.cache, w, b, bn_w, bn_b, running_mean, running_var, bn.eps)
+        return _inference(x, w, b, residual, state.text)
+    out = _block(x, residual, w, b, bn_w, bn_b, running_mean, running_var, state.text, state.training)
+    if bn is not None and state.training:
+        update_running(out[3], out[4], running_mean, running_var, num_batches_tracked, bn.momentum,
+                       x.shape[0] * spec.geometry.out_hw[0] * spec.geometry.out_hw[1])
+    return out[0]

@@ -4,7 +4,7 @@ element i (its int64 flat offset) is kept iff u >= p, where u is lane i % 4 of
 serves four consecutive elements, and the mask depends only on (seed, i): never on BLOCK,
 the autotuned config or the launch, so backward regenerates exactly forward's mask.
 `dropout_keep` gives the same mask to any kernel (a fused epilogue) for arbitrary offsets.
-DropoutFn runs a dropout layer alone, drawing its seed in training (state.seed())."""
+dropout_layer runs a dropout layer alone, drawing its seed in training (state.seed())."""
 
 import numbers
 
@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune, check, check_tensor, elementwise_tiles
+from ..specs import Dropout
+from ._common import autotune, check, check_tensor, define, elementwise_tiles
 
 _CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))]
 
@@ -75,18 +76,26 @@ def dropout_backward(dy: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return _run(dy, p, seed, "dy")
 
 
-class DropoutFn(torch.autograd.Function):
-    """The mask is regenerated from (seed, element offset) in backward, never stored; in eval,
-    or with p = 0, the layer is the identity (no kernel)."""
+def _dropout_setup(ctx, inputs, output):
+    _, seed, ctx.p = inputs
+    ctx.save_for_backward(seed)
 
-    @staticmethod
-    def forward(ctx, x, spec, state):
-        ctx.p = spec.p if state.training else 0.0
-        if ctx.p == 0:
-            return x.view_as(x)
-        ctx.seed = state.seed()
-        return dropout_forward(x, ctx.p, ctx.seed)
 
-    @staticmethod
-    def backward(ctx, dy):
-        return (dy if ctx.p == 0 else dropout_backward(dy.contiguous(), ctx.p, ctx.seed)), None, None
+def _dropout_backward(ctx, dy):
+    (seed,) = ctx.saved_tensors
+    return _dropout(dy.contiguous(), seed, ctx.p), None, None
+
+
+# The seed is a 0-d int64 tensor: drawn in the traced graph, never baked into it as a constant.
+_dropout = define("dropout", "(Tensor x, Tensor seed, float p) -> Tensor",
+                  lambda x, seed, p: dropout_forward(x, p, int(seed)), lambda x, seed, p: torch.empty_like(x),
+                  _dropout_backward, _dropout_setup)
+
+
+def dropout_layer(x, spec: Dropout, state):
+    """In training, each value kept with probability 1 - p and scaled by 1 / (1 - p), the mask
+    regenerated from (seed, element offset) in backward, never stored; in eval, or with p = 0,
+    the identity (no kernel)."""
+    if not state.training or spec.p == 0:
+        return x
+    return _dropout(x, state.seed(), spec.p)

@@ -3,25 +3,29 @@ kernel with its other stages off; max also writes a compact argmax of window off
 r*kw + s), its backward as a deterministic gather (window.gather_dy, the conv block's
 window loop too: each input pixel sums dy over the output windows that contain it, so
 overlapping windows need no atomics), and global average pooling both ways. Tiles are pixels x channels,
-channels contiguous; PyTorch semantics (floor mode, avg count_include_pad=True); PoolFn and
-GlobalAvgPoolFn run them as layers."""
+channels contiguous; PyTorch semantics (floor mode, avg count_include_pad=True); the custom
+ops that run them as layers (pool_layer, global_avgpool_layer)."""
 
 import torch
 import triton
 import triton.language as tl
 
-from ..specs import NO_ACT, Window
+from ..specs import NO_ACT, Window, decode
 from ._common import (
     ELEMENTWISE_CONFIGS,
+    absent,
     autotune,
     check,
     check_tensor,
+    define,
     elementwise_tiles,
+    present,
 )
 from .epilogue import epilogue_forward
 from .window import (
     CONFIGS,
     POOL_MODES,
+    argmax_dtype,
     check_argmax,
     check_window,
     gather_dy,
@@ -134,27 +138,52 @@ def global_avgpool_backward(dy, in_hw):
     return dx
 
 
-class PoolFn(torch.autograd.Function):
-    """A max or average pooling layer alone: keeps max pooling's int8 argmax, not its input."""
-
-    @staticmethod
-    def forward(ctx, x, spec: Window, state):
-        y, argmax = pool_forward(x, spec)
-        ctx.argmax = argmax  # int8 window offsets (max) or None (avg): not a graph tensor
-        ctx.spec, ctx.in_hw = spec, tuple(x.shape[1:3])
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        return pool_backward(dy.contiguous(), ctx.spec, ctx.argmax, ctx.in_hw), None, None
+def _pool_fake(x, spec):
+    w = decode(spec)
+    y = x.new_empty((x.shape[0], *w.out_hw, x.shape[3]))
+    return y, y.new_empty(y.shape, dtype=argmax_dtype(w.taps)) if w.mode == "max" else absent(x, torch.int8)
 
 
-class GlobalAvgPoolFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, spec, state):  # x (N, H, W, C) -> (N, 1, 1, C)
-        ctx.in_hw = tuple(x.shape[1:3])
-        return global_avgpool_forward(x)
+def _pool_setup(ctx, inputs, output):
+    x, ctx.spec = inputs
+    ctx.in_hw = (x.shape[1], x.shape[2])
+    ctx.save_for_backward(output[1])
 
-    @staticmethod
-    def backward(ctx, dy):
-        return global_avgpool_backward(dy.contiguous(), ctx.in_hw), None, None
+
+def _pool_backward(ctx, dy, _):
+    (argmax,) = ctx.saved_tensors
+    return _pool_bwd(dy.contiguous(), argmax, ctx.spec, *ctx.in_hw), None
+
+
+_pool_bwd = define("pool_backward", "(Tensor dy, Tensor argmax, str spec, SymInt h, SymInt w) -> Tensor",
+                   lambda dy, argmax, spec, h, w: pool_backward(dy, decode(spec), present(argmax), (h, w)),
+                   lambda dy, argmax, spec, h, w: dy.new_empty((dy.shape[0], h, w, dy.shape[3])))
+_pool = define("pool", "(Tensor x, str spec) -> (Tensor, Tensor)",
+               lambda x, spec: _argmax_or_absent(x, *pool_forward(x, decode(spec))), _pool_fake,
+               _pool_backward, _pool_setup)
+
+
+def _argmax_or_absent(x, y, argmax):
+    return y, absent(x, torch.int8) if argmax is None else argmax
+
+
+def pool_layer(x, spec: Window, state):
+    """A max or average pooling layer alone: keeps max pooling's int8 argmax for the gradient,
+    not its input."""
+    return _pool(x, state.text)[0]
+
+
+def _gap_setup(ctx, inputs, output):
+    ctx.in_hw = (inputs[0].shape[1], inputs[0].shape[2])
+
+
+_gap_bwd = define("global_avgpool_backward", "(Tensor dy, SymInt h, SymInt w) -> Tensor",
+                  lambda dy, h, w: global_avgpool_backward(dy, (h, w)),
+                  lambda dy, h, w: dy.new_empty((dy.shape[0], h, w, dy.shape[3])))
+_gap = define("global_avgpool", "(Tensor x) -> Tensor", global_avgpool_forward,
+              lambda x: x.new_empty((x.shape[0], 1, 1, x.shape[3])),
+              lambda ctx, dy: _gap_bwd(dy.contiguous(), *ctx.in_hw), _gap_setup)
+
+
+def global_avgpool_layer(x, spec, state):  # x (N, H, W, C) -> (N, 1, 1, C)
+    return _gap(x)

@@ -1,14 +1,14 @@
 """Softmax and cross-entropy over the rows of (M, N) logits: one program per row, the row
 in a single block when it fits, else a loop over column blocks with an online max/sum;
 the softmax backward, the cross-entropy forward (per-row losses and log-sum-exps, then a
-deterministic mean kernel) and its fused softmax-minus-onehot backward; SoftmaxFn (a softmax
-layer) and CrossEntropyFn (the loss) run them."""
+deterministic mean kernel) and its fused softmax-minus-onehot backward; the custom ops that
+run a softmax layer (softmax_layer) and the loss (cross_entropy)."""
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import check, check_tensor, nan_max
+from ._common import check, check_tensor, define, nan_max
 
 # The widest column block; wider rows loop over blocks (tests lower it to cover the loops).
 _MAX_BLOCK = 4096
@@ -218,29 +218,43 @@ def cross_entropy_backward(dloss, logits, target, lse):
     return dx
 
 
-class SoftmaxFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, spec, state):
-        y = softmax_forward(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        (y,) = ctx.saved_tensors
-        return softmax_backward(dy.contiguous(), y), None, None
+def _softmax_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
 
 
-class CrossEntropyFn(torch.autograd.Function):
+def _softmax_backward(ctx, dy):
+    (y,) = ctx.saved_tensors
+    return softmax_backward_op(dy.contiguous(), y)
+
+
+softmax_backward_op = define("softmax_backward", "(Tensor dy, Tensor y) -> Tensor", softmax_backward,
+                             lambda dy, y: torch.empty_like(y))
+_softmax = define("softmax", "(Tensor x) -> Tensor", softmax_forward, lambda x: torch.empty_like(x),
+                  _softmax_backward, _softmax_setup)
+
+
+def softmax_layer(x, spec, state):
+    return _softmax(x)
+
+
+def _ce_setup(ctx, inputs, output):
+    logits, target = inputs
+    ctx.save_for_backward(logits, target, output[1])
+
+
+def _ce_backward(ctx, dloss, _):
+    logits, target, lse = ctx.saved_tensors
+    return _ce_bwd(dloss.contiguous(), logits, target, lse), None
+
+
+_ce_bwd = define("cross_entropy_backward", "(Tensor dloss, Tensor logits, Tensor target, Tensor lse) -> Tensor",
+                 cross_entropy_backward, lambda dloss, logits, target, lse: torch.empty_like(logits))
+_ce = define("cross_entropy", "(Tensor logits, Tensor target) -> (Tensor, Tensor)", cross_entropy_forward,
+             lambda logits, target: (logits.new_empty((), dtype=torch.float32),
+                                     logits.new_empty(logits.shape[0], dtype=torch.float32)),
+             _ce_backward, _ce_setup)
+
+
+def cross_entropy(logits, target):
     """Mean cross-entropy of logits against class indices, softmax and its gradient fused."""
-
-    @staticmethod
-    def forward(ctx, logits, target):
-        loss, lse = cross_entropy_forward(logits, target)
-        ctx.save_for_backward(logits, target, lse)
-        return loss
-
-    @staticmethod
-    def backward(ctx, dloss):
-        logits, target, lse = ctx.saved_tensors
-        return cross_entropy_backward(dloss.contiguous(), logits, target, lse), None
+    return _ce(logits, target)[0]

@@ -89,9 +89,9 @@ class FixedDropout:
         from cnndsl.ir import Op
         order = []
         for step in tri.steps:
-            if step.function == "DenseBlockFn" and step.spec.p > 0:
+            if step.runner == "dense_block" and step.spec.p > 0:
                 order += [n.id for n in tri.plan.groups[step.group].nodes if n.op is Op.DROPOUT]
-            elif step.function == "DropoutFn" and step.spec.p > 0:
+            elif step.runner == "dropout_layer" and step.spec.p > 0:
                 order.append(step.output)
         self.seeds = {node: base + 7919 * k for k, node in enumerate(order)}
         self.ref, self.ref_op, self.dropout = ref, ref._op, Op.DROPOUT
@@ -100,7 +100,7 @@ class FixedDropout:
     def fixed(self):
         from cnndsl.runtime.steps import StepState
         seeds = itertools.cycle(self.seeds.values())
-        with mock.patch.object(StepState, "seed", staticmethod(lambda: next(seeds))):
+        with mock.patch.object(StepState, "seed", staticmethod(lambda: torch.tensor(next(seeds)))):
             yield
 
     def op(self, node, xs):

@@ -76,12 +76,12 @@ class Call:
 
 
 class _Recorded:
-    """A Function as the executor sees it (`apply`), recording each call of the step it runs."""
+    """A runner as the executor calls it, recording each call of the step it runs."""
 
-    def __init__(self, fn, calls: list, current: dict):
-        self.fn, self.calls, self.current = fn, calls, current
+    def __init__(self, runner, calls: list, current: dict):
+        self.runner, self.calls, self.current = runner, calls, current
 
-    def apply(self, *args):
+    def __call__(self, *args):
         step = self.current["steps"][self.current["i"]]
         self.current["i"] += 1
         k = len(step.inputs)
@@ -90,7 +90,7 @@ class _Recorded:
         inputs = iter(_Tap.apply(a, slot) for a, slot in zip((a for a in args[:k] if a is not None), call.dx))
         args = [next(inputs) if a is not None else None for a in args[:k]] + list(args[k:])
         call.inputs = [a.detach() for a in args[:k] if a is not None]
-        out = _Tap.apply(self.fn.apply(*args), call.dy)
+        out = _Tap.apply(self.runner(*args), call.dy)
         call.output = out.detach()
         self.calls.append(call)
         return out
@@ -109,8 +109,8 @@ def record(calls: list) -> ExitStack:
 
     stack = ExitStack()
     stack.enter_context(mock.patch.object(tm.TritonModule, "_run", traced))
-    stack.enter_context(mock.patch.dict(tm.FUNCTIONS, {k: _Recorded(v, calls, current) for k, v in tm.FUNCTIONS.items()
-                                                        if k not in ("ForkFn", "CrossEntropyFn")}))
+    stack.enter_context(mock.patch.dict(tm.RUNNERS, {k: _Recorded(v, calls, current) for k, v in tm.RUNNERS.items()
+                                                      if k not in ("fork", "cross_entropy")}))
     return stack
 
 
@@ -140,8 +140,8 @@ def _bn_of_stored(bn, z, zs):
 def _run_group(ref, op, group, call, ins, dtype):
     """The group's nodes in float64 on `ins`, storing what its kernels store (module docstring)."""
     from cnndsl.ir import Op
-    fused_conv = call.step.function == "ConvBlockFn" and len(group.nodes) > 1 and call.grad
-    fused_dense = call.step.function == "DenseBlockFn" and call.grad
+    fused_conv = call.step.runner == "conv_block" and len(group.nodes) > 1 and call.grad
+    fused_dense = call.step.runner == "dense_block" and call.grad
     values, z = dict(zip([i for i in call.step.inputs if i is not None], ins)), None
     for node in group.nodes:
         if node.op is Op.SOFTMAX and call.logits:

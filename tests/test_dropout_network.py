@@ -43,7 +43,7 @@ def test_dropout_network_against_torch_by_hand(fuse, monkeypatch):
     """conv -> flatten -> dense -> relu -> dropout -> dense written out in torch (float64) with
     the mask the kernel draws from the seed the runtime is given; model.loss draws it once."""
     seeds = [4321]
-    monkeypatch.setattr(StepState, "seed", staticmethod(lambda: seeds.pop()))
+    monkeypatch.setattr(StepState, "seed", staticmethod(lambda: torch.tensor(seeds.pop())))
     model = cnndsl.compile(HAND, backend="triton", fuse=fuse, device="cpu").train()
     x, target = torch.randn(6, 2, 5, 5), torch.tensor([0, 3, 1, 2, 3, 0])
     xi = x.clone().requires_grad_()

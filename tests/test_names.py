@@ -68,15 +68,15 @@ def test_labels_that_are_not_attributes_compile_and_emit(tmp_path, label):
     torch.testing.assert_close(emitted.eval()(x), model.eval()(x))
 
 
-@pytest.mark.parametrize("name", ["none", "true", "false", "cross_entropy_fn", "dense_block_fn", "conv_block_fn",
-                                  "p", "int", "source", "print", "nn", "torch"])
+@pytest.mark.parametrize("name", ["none", "true", "false", "conv_block", "dense_block", "step_state", "act", "window",
+                                  "batch_norm_backward", "p", "int", "source", "print", "nn", "torch"])
 def test_network_names_never_shadow_the_emitted_modules_names(tmp_path, name):
     src = f"network {name}\ninput 1x4x4\n" + NET.format(label="c")
     path = tmp_path / f"{name}_net.py"
     path.write_text(emit(cnndsl.parse(src)))
     module = _load(path, f"emitted_{name}")
     model = _network_class(module)()
-    assert module.CrossEntropyFn.__name__ == "CrossEntropyFn" and module.torch is torch
+    assert module.cross_entropy.__name__ == "cross_entropy" and module.torch is torch
     x, target = torch.randn(2, 1, 4, 4), torch.tensor([0, 2])
     model.loss(x, target).backward()
     assert model(x).shape == (2, 3)

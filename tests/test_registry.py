@@ -8,7 +8,6 @@ import sys
 from dataclasses import replace
 
 import pytest
-import torch
 
 from cnndsl.ir import Op
 from cnndsl.layers import LAYERS
@@ -16,15 +15,15 @@ from cnndsl.ops import KEYWORDS, REGISTRY
 from cnndsl.ops.base import Kernels
 from cnndsl.options import _KINDS
 from cnndsl.rules import RULES
-from cnndsl.runtime.triton_module import FUNCTIONS
+from cnndsl.runtime.triton_module import RUNNERS
 
 RULE_OPS = {s.op.value for r in RULES for s in r.stages if s.required}  # ops that run through a rule
 
 
 def missing(d) -> list[str]:
     """The parts an op kind lacks, given what it is: a layer keyword needs a reference
-    implementation, anything the triton backend may run alone an autograd Function of kernels/
-    and the kernels it launches, an op with parameters its torch.nn layer."""
+    implementation, anything the triton backend may run alone a runner of kernels/ and the
+    kernels it launches."""
     lacks = []
     if d.op == "input":
         return lacks
@@ -33,8 +32,8 @@ def missing(d) -> list[str]:
     if d.reference is None:
         lacks.append("reference")
     if d.op not in RULE_OPS:
-        if d.function is None or d.function.rsplit(".", 1)[-1] not in FUNCTIONS:
-            lacks.append("function")
+        if d.runner is None or d.runner.rsplit(".", 1)[-1] not in RUNNERS:
+            lacks.append("runner")
         if d.op != "flatten" and not d.kernels.forward:
             lacks.append("kernels")
     if d.op in RULE_OPS and not d.kernels.forward:
@@ -53,7 +52,7 @@ def test_every_op_has_what_its_stages_need(name):
 def test_the_check_catches_an_op_without_a_part():
     pool = REGISTRY["pool"]
     assert missing(replace(pool, reference=None)) == ["reference"]
-    assert missing(replace(pool, function="pool.NoSuchFn")) == ["function"]
+    assert missing(replace(pool, runner="pool.no_such_runner")) == ["runner"]
     assert missing(replace(pool, kernels=Kernels())) == ["kernels"]
 
 
@@ -62,15 +61,14 @@ def test_tables_are_derived_from_the_registry():
     assert LAYERS is KEYWORDS and set(KEYWORDS) == {w for d in REGISTRY.values() for w in d.keywords}
     assert all(KEYWORDS[w].op == d.op for d in REGISTRY.values() for w in d.keywords)
     for rule in RULES:
-        assert rule.function.rsplit(".", 1)[-1] in FUNCTIONS
+        assert rule.runner.rsplit(".", 1)[-1] in RUNNERS
         assert all(s.op.value in REGISTRY for s in rule.stages)
 
 
-def test_every_function_takes_inputs_then_spec_and_state():
-    for name, fn in FUNCTIONS.items():
-        assert issubclass(fn, torch.autograd.Function), name
-        if name not in ("ForkFn", "CrossEntropyFn"):
-            assert list(inspect.signature(fn.forward).parameters)[-2:] == ["spec", "state"], name
+def test_every_runner_takes_inputs_then_spec_and_state():
+    for name, runner in RUNNERS.items():
+        if name not in ("fork", "cross_entropy"):
+            assert list(inspect.signature(runner).parameters)[-2:] == ["spec", "state"], name
 
 
 def test_the_front_end_reads_the_registry_without_torch():

@@ -1,8 +1,8 @@
 """The op registry: one definition (base.OpDef) per op kind of the IR, each in its own module
 here, holding everything the stages need of it: the .cnn keywords and their options, its
 attributes and shape rule, its parameter, buffer and multiply-add counts, the torch.nn layer
-that holds its parameters, how the triton backend runs it alone (an autograd Function of
-kernels/, its step and the kernels it launches) and its reference implementation in torch.
+that holds its parameters, how the triton backend runs it alone (a runner of kernels/, its
+step and the kernels it launches) and its reference implementation in torch.
 Every per-op table of the compiler is derived from REGISTRY; tests/test_registry.py checks
 that each op has the parts it needs. Adding a layer kind is a module here (or a keyword of an
 existing one), its kernel, docs/language.md and tests: docs/architecture.md walks through it.

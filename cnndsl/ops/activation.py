@@ -38,7 +38,7 @@ ACTIVATION = OpDef(
     keywords={"relu": _word("relu"), "leaky_relu": _word("leaky_relu", (Option("slope", "number", 0.01),), 1),
               "sigmoid": _word("sigmoid"), "tanh": _word("tanh"), "gelu": _word("gelu"), "silu": _word("silu"),
               "relu6": _word("relu6"), "hardswish": _word("hardswish"), "hardsigmoid": _word("hardsigmoid")},
-    function="activation.ActivationFn",
+    runner="activation.activation_layer",
     step=lambda net, node: (node.inputs, (), act(node)),
     kernels=Kernels(("activation_fwd",), ("activation_bwd",)),
     reference=_reference,

@@ -13,7 +13,7 @@ class Add:
 
 ADD = OpDef(
     "add", lambda v: Add(), same_shape,
-    function="add.AddFn",
+    runner="add.add_layer",
     kernels=Kernels(("add_fwd",)),
     reference=lambda layer, a, xs, training: xs[0] + xs[1],
 )

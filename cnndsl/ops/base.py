@@ -61,8 +61,9 @@ class OpDef:
       sample), each (net, node) -> int;
     - parameters: `layer` (net, node) -> the torch.nn layer that holds them, as (class name,
       args, kwargs), or None;
-    - triton backend, where the op runs alone (no fusion rule takes it): `function`, the
-      autograd Function of kernels/ as "module.Name"; `step` (net, node) -> (inputs,
+    - triton backend, where the op runs alone (no fusion rule takes it): `runner`, the
+      function of kernels/ that runs it (through its custom ops) as "module.name"; `step`
+      (net, node) -> (inputs,
       parameters as (layer name, attribute) or None, spec); `kernels`, the kernels it
       launches (Kernels), as `cnndsl plan` shows them;
     - torch backend: `reference` (layer or None, attributes, input tensors, training) -> tensor,
@@ -76,7 +77,7 @@ class OpDef:
     buffers: Callable = _zero
     macs: Callable = _zero
     layer: Callable = _no_layer
-    function: str | None = None
+    runner: str | None = None
     step: Callable = _alone
     kernels: Kernels = Kernels()
     reference: Callable | None = None

@@ -6,7 +6,7 @@ from ..options import Option
 from ..specs import BatchNormSpec
 from .base import Kernels, Keyword, OpDef, same_shape
 
-PARAMS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")  # BatchNormFn's order
+PARAMS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")  # batchnorm_layer's order
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ BATCHNORM = OpDef(
     params=lambda net, node: 2 * net.in_shape(node)[0] if node.attrs.affine else 0,
     buffers=lambda net, node: 2 * net.in_shape(node)[0],  # running mean and variance (num_batches_tracked not counted)
     layer=_layer,
-    function="batchnorm.BatchNormFn",
+    runner="batchnorm_layer.batchnorm_layer",
     step=lambda net, node: (node.inputs, tuple((node.name, p) for p in PARAMS), spec(node)),
     kernels=Kernels(("bn_stats", "bn_update_running", "bn_apply"), ("bn_bwd_reduce", "bn_bwd_apply"),
                     eval=("bn_apply",)),

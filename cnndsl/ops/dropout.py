@@ -21,7 +21,7 @@ def _reference(layer, a, xs, training):
 DROPOUT = OpDef(
     "dropout", lambda v: Dropout(v["p"]), same_shape,
     keywords={"dropout": Keyword((Option("p", "probability", 0.5),), 1)},
-    function="dropout.DropoutFn",
+    runner="dropout.dropout_layer",
     step=lambda net, node: (node.inputs, (), DropoutSpec(node.attrs.p)),
     kernels=Kernels(("dropout_fwd",), ("dropout_bwd",), eval=()),
     reference=_reference,

@@ -20,7 +20,7 @@ def spec(net, node) -> FlattenSpec:
 FLATTEN = OpDef(
     "flatten", lambda v: Flatten(), lambda a, s, span: (numel(s),),
     keywords={"flatten": Keyword()},
-    function="layout.FlattenFn",
+    runner="layout.flatten_layer",
     step=lambda net, node: (node.inputs, (), spec(net, node)),
     reference=lambda layer, a, xs, training: xs[0].flatten(1),
 )

@@ -18,7 +18,7 @@ def _reference(layer, a, xs, training):
 GLOBAL_AVGPOOL = OpDef(
     "global_avgpool", lambda v: GlobalAvgPool(), lambda a, s, span: (spatial("global_avgpool", s, span)[0], 1, 1),
     keywords={"global_avgpool": Keyword()},
-    function="pool.GlobalAvgPoolFn",
+    runner="pool.global_avgpool_layer",
     kernels=Kernels(("global_avgpool_fwd",), ("global_avgpool_bwd",)),
     reference=_reference,
 )

@@ -49,7 +49,7 @@ _OPTIONS = (Option("kernel", "pair"), Option("stride", "pair", KERNEL), Option("
 POOL = OpDef(
     "pool", _build, _shape,
     keywords={"maxpool": Keyword(_OPTIONS, 1, (("mode", "max"),)), "avgpool": Keyword(_OPTIONS, 1, (("mode", "avg"),))},
-    function="pool.PoolFn",
+    runner="pool.pool_layer",
     step=lambda net, node: (node.inputs, (), spec(node)),
     kernels=Kernels(("pool_fwd",), ("pool_bwd",)),
     reference=_reference,

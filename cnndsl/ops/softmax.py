@@ -27,7 +27,7 @@ def _reference(layer, a, xs, training):
 SOFTMAX = OpDef(
     "softmax", lambda v: Softmax(), _shape,
     keywords={"softmax": Keyword()},
-    function="softmax.SoftmaxFn",
+    runner="softmax.softmax_layer",
     kernels=Kernels(("softmax_fwd",), ("softmax_bwd",)),
     reference=_reference,
 )

@@ -94,7 +94,8 @@ class NetworkModule(nn.Module):
         if target.device != self.device:
             raise CnnInputError(f"{self.net.name}: expected the target on {self.device}, got {target.device}")
         classes = self.net.output_shape[0]
-        if target.device.type == "cpu":  # on the host, free; a GPU check would wait for the device
+        # On the host, free; a GPU check would wait for the device, and a traced graph has no values.
+        if target.device.type == "cpu" and not torch.compiler.is_compiling():
             bad = target.numpy()
             bad = bad[(bad < 0) | (bad >= classes)]
             if bad.size:

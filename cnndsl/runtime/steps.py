@@ -1,12 +1,14 @@
-"""The step executor: runs a plan's launch steps (specs.Step) through the autograd Functions of
-kernels/, NHWC inside and NCHW at the boundary. The triton backend's module runs this code, and
+"""The step executor: runs a plan's launch steps (specs.Step) through the runners of kernels/,
+NHWC inside and NCHW at the boundary. The triton backend's module runs this code, and
 `cnndsl emit` copies it into every module it writes, so an emitted network runs exactly the
 runtime's steps: there is no second implementation.
 
-Every Function takes `(*inputs, *parameters, spec, state)`: the values the step reads (None
-for an absent shortcut), the parameters and buffers its Step names, its frozen spec and a
-StepState saying whether the model trains, whether autograd records, where the step may keep
-state across calls (the folded eval weights) and how to draw a dropout seed."""
+Every runner takes `(*inputs, *parameters, spec, state)`: the values the step reads (None for
+an absent shortcut), the parameters and buffers its Step names, its spec and a StepState
+saying whether the model trains, whether autograd records, where the step may keep state
+across calls (the folded eval weights), the spec's text (what the custom ops take) and how to
+draw a dropout seed. Runners call torch custom ops, so torch.compile traces a network's steps
+into one graph."""
 
 from dataclasses import dataclass
 
@@ -17,12 +19,20 @@ import torch
 class StepState:
     training: bool
     grad: bool
-    cache: dict  # this step's, kept across calls
+    caches: dict  # every step's (a module's), by group
+    group: int = 0
+    text: str = ""  # the spec's, as the custom ops take it
+
+    @property
+    def cache(self) -> dict:
+        """This step's state kept across calls (made on first use: a traced graph keeps none)."""
+        return self.caches.setdefault(self.group, {})
 
     @staticmethod
-    def seed() -> int:
-        """A dropout seed from torch's CPU generator: follows torch.manual_seed, no device sync."""
-        return int(torch.randint(2**31 - 1, (), device="cpu"))
+    def seed() -> torch.Tensor:
+        """A dropout seed, a 0-d int64 tensor from torch's CPU generator: follows torch.manual_seed,
+        needs no device sync, and is drawn anew on every call of a compiled graph."""
+        return torch.randint(2**31 - 1, (), device="cpu")
 
 
 def place(root: torch.nn.Module, name: str, layer: torch.nn.Module, scope=torch.nn.Module) -> None:
@@ -35,10 +45,10 @@ def place(root: torch.nn.Module, name: str, layer: torch.nn.Module, scope=torch.
     root.add_module(leaf, layer)
 
 
-def run_steps(steps, x, layers: dict, functions: dict, training: bool, caches: dict) -> torch.Tensor:
+def run_steps(steps, x, layers: dict, runners: dict, training: bool, caches: dict) -> torch.Tensor:
     """The output of `steps` for x (N, C, H, W): `layers` maps layer names to the modules holding
-    the parameters, `functions` Function names to the Functions, `caches` a step's group to its
-    cache. A value read by k > 1 steps is handed out as k aliases whose gradients ForkFn adds."""
+    the parameters, `runners` runner names to the runners, `caches` a step's group to its cache.
+    A value read by k > 1 steps is handed out as k aliases whose gradients `fork` adds."""
     readers = {0: 0}
     for step in steps:
         for i in step.inputs:
@@ -49,14 +59,14 @@ def run_steps(steps, x, layers: dict, functions: dict, training: bool, caches: d
 
     def keep(i, value):
         k = readers.get(i, 0)
-        values[i] = list(functions["ForkFn"].apply(value, k)) if k > 1 else [value]
+        values[i] = list(runners["fork"](value, k)) if k > 1 else [value]
 
     keep(0, x.permute(0, 2, 3, 1).contiguous())  # (N, H, W, C)
     out = values[0][0]
     for step in steps:
         inputs = [values[i].pop() if i is not None else None for i in step.inputs]
         params = [getattr(layers[p[0]], p[1]) if p is not None else None for p in step.params]
-        state = StepState(training, grad, caches.setdefault(step.group, {}))
-        out = functions[step.function].apply(*inputs, *params, step.spec, state).contiguous()
+        state = StepState(training, grad, caches, step.group, step.text)
+        out = runners[step.runner](*inputs, *params, step.spec, state).contiguous()
         keep(step.output, out)
     return out.permute(0, 3, 1, 2).contiguous() if out.dim() == 4 else out

@@ -1,22 +1,22 @@
 """The triton backend's module: runs the launch steps of its Program (codegen.py) with the
-step executor (steps.py) through the autograd Functions of kernels/ that the op registry and
-the fusion rules name."""
+step executor (steps.py) through the runners of kernels/ that the op registry and the fusion
+rules name."""
 
 import importlib
 
 import torch
 
-from ..codegen import function_of, lower
+from ..codegen import lower, runner_of
 from ..ops import REGISTRY
 from ..rules import RULES
 from .module import NetworkModule
 from .steps import run_steps
 
 # The executor's own (forking a value to several readers) and the loss's, with every op's and rule's.
-_QUALIFIED = ("add.ForkFn", "softmax.CrossEntropyFn", *(d.function for d in REGISTRY.values() if d.function),
-              *(r.function for r in RULES))
-FUNCTIONS = {function_of(q): getattr(importlib.import_module(f"..kernels.{q.rsplit('.', 1)[0]}", __package__),
-                                     function_of(q)) for q in _QUALIFIED}
+_QUALIFIED = ("add.fork", "softmax.cross_entropy", *(d.runner for d in REGISTRY.values() if d.runner),
+              *(r.runner for r in RULES))
+RUNNERS = {runner_of(q): getattr(importlib.import_module(f"..kernels.{q.rsplit('.', 1)[0]}", __package__),
+                                 runner_of(q)) for q in _QUALIFIED}
 
 
 class TritonModule(NetworkModule):
@@ -32,7 +32,7 @@ class TritonModule(NetworkModule):
 
     def _run(self, x: torch.Tensor, logits: bool) -> torch.Tensor:
         steps = self.program.logits if logits else self.program.forward
-        return run_steps(steps, x, self._by_name, FUNCTIONS, self.training, self.caches)
+        return run_steps(steps, x, self._by_name, RUNNERS, self.training, self.caches)
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return FUNCTIONS["CrossEntropyFn"].apply(logits.contiguous(), target.contiguous())
+        return RUNNERS["cross_entropy"](logits.contiguous(), target.contiguous())

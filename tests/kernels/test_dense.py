@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from cnndsl.kernels.activation import ACTIVATIONS
 from cnndsl.kernels.dense import (
-    DenseBlockFn,
     dense_backward_input,
     dense_backward_weight,
+    dense_block,
     dense_forward,
 )
 from cnndsl.specs import Act, DenseBlock
@@ -86,7 +86,7 @@ def _keep(m, n, p, seed):
                                        [(a, torch.float32) for a in ["none", *sorted(ACTIVATIONS)]] +
                                        [(a, torch.bfloat16) for a in ("relu", "gelu")]])
 def test_dense_block_dropout_by_value(act, dtype, softmax):
-    """dense -> act -> dropout (-> softmax) as one kernel forward and DenseBlockFn's backward,
+    """dense -> act -> dropout (-> softmax) as one kernel forward and dense_block's backward,
     against float64 autograd applying the kernel's own keep mask: y, dx, dw and db."""
     m, n, k, p, seed = 9, 33, 16, 0.4, 1234
     keep = _keep(m, n, p, seed)
@@ -97,8 +97,9 @@ def test_dense_block_dropout_by_value(act, dtype, softmax):
     ref_z = F.linear(*ref)
     ref_z = torch_act(act, SLOPE)(ref_z) * keep / (1 - p)
     ours = [t.clone().requires_grad_() for t in (x, w, b)]
-    state = SimpleNamespace(training=True, grad=True, cache={}, seed=lambda: seed)
-    y = DenseBlockFn.apply(*ours, DenseBlock(None, Act(act, SLOPE), p, softmax), state)
+    spec = DenseBlock(None, Act(act, SLOPE), p, softmax)
+    state = SimpleNamespace(training=True, grad=True, cache={}, text=repr(spec), seed=lambda: torch.tensor(seed))
+    y = dense_block(*ours, spec, state)
     y.backward(dy)
     g = dy.double()
     if softmax:  # softmax's gradient from its output, y as the block saved it (rounded in bf16)

@@ -15,11 +15,11 @@ import triton
 import triton.language as tl
 
 from cnndsl.kernels.dropout import (
-    DropoutFn,
     _dropout_kernel,
     dropout_backward,
     dropout_forward,
     dropout_keep,
+    dropout_layer,
 )
 from cnndsl.specs import Dropout
 
@@ -76,14 +76,15 @@ def test_dropout_backward_uses_forward_mask(shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(5, 37), (3, 4, 5, 7)])
 def test_dropout_fn_matches_torch_autograd_with_its_mask(shape, dtype):
-    """DropoutFn (the unfused layer) forward and backward against float64 autograd of
+    """dropout_layer (the unfused layer) forward and backward against float64 autograd of
     x * keep / (1 - p), keep read off the kernel's dropout of ones with the same seed."""
     p, seed = 0.3, 2024
     keep = dropout_forward(torch.ones(shape, dtype=dtype), p, seed) != 0
     assert 0.5 < keep.float().mean() < 0.9
     x, dy = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
     ours, ref = x.clone().requires_grad_(), x.double().requires_grad_()
-    y = DropoutFn.apply(ours, Dropout(p), SimpleNamespace(training=True, grad=True, cache={}, seed=lambda: seed))
+    y = dropout_layer(ours, Dropout(p), SimpleNamespace(training=True, grad=True, cache={}, text=repr(Dropout(p)),
+                                                         seed=lambda: torch.tensor(seed)))
     y.backward(dy)
     ref_y = ref * keep / (1 - p)
     ref_y.backward(dy.double())
