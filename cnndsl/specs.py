@@ -15,6 +15,9 @@ Pair = tuple[int, int]
 # pixel, rounded up to a power of two), and the classes of a softmax in a dense tile's columns.
 MAX_POOL_TAPS = 16
 MAX_SOFTMAX_UNITS = 1024
+# A conv kernel's taps on each axis: the conv kernels keep each row's in-bounds taps as the bits
+# of an int32, so that the K loop tests two bits instead of four bounds.
+MAX_CONV_TAPS = 31
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..specs import NO_ACT, Act, ConvGeometry, Window
+from ..specs import MAX_CONV_TAPS, NO_ACT, Act, ConvGeometry, Window
 from ._common import (
     autotune,
     check,
@@ -33,9 +33,11 @@ from .conv_epilogue import (
 )
 
 _MIN_BLOCK_M = 16  # the smallest BLOCK_M any launch uses (interpreter sizing; GPU configs use 64+)
+# 8-warp BLOCK_K=64 tiles at BLOCK_N=64 are for 64-channel layers (the prune keeps BLOCK_N <= 64 there).
 _CONV_CONFIGS = [gemm_config(*c) for c in ((128, 128, 32, 3, 8), (128, 128, 64, 3, 8), (128, 64, 32, 4, 4),
                                     (64, 128, 32, 4, 4), (64, 64, 64, 4, 4), (256, 64, 32, 3, 8),
-                                    (256, 128, 32, 3, 8), (128, 32, 32, 4, 4), (64, 32, 64, 4, 4))]
+                                    (256, 64, 64, 3, 8), (128, 64, 64, 3, 8), (256, 128, 32, 3, 8),
+                                    (128, 32, 32, 4, 4), (64, 32, 64, 4, 4))]
 
 
 def _cols(args):
@@ -49,49 +51,49 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BLOCK_N"] <= width] or configs
 
 
-@triton.jit
-def _src(o, r, stride, pad, dil, TRANSPOSED: tl.constexpr):
-    """The source pixel that tap r of destination pixel o reads: x[o*stride - pad + r*dil]
-    forward; dy[(o + pad - r*dil) / stride] for the input gradient (exact: r is one of the
-    taps that reach o's stride phase; negative numerators are masked by the caller)."""
-    if TRANSPOSED:
-        return (o + pad - r * dil) // stride
-    else:
-        return o * stride - pad + r * dil
-
-
-@autotune(_CONV_CONFIGS, key=["M", "CIN_G", "COUT_G", "RC", "SC", "TRANSPOSED", "DEPTHWISE", "ACT", "HAS_RES",
-                             "ACT2", "POOL", "TAPS", "STATS"],
-          interpret={"BLOCK_M": ("M", _MIN_BLOCK_M, 512), "BLOCK_N": (_cols, 16, 128),
-                     "BLOCK_K": (lambda a: a["RC"] * a["SC"] * a["CIN_G"] if a["FLAT"] else a["CIN_G"], 16, 64)},
+@autotune(_CONV_CONFIGS, key=["M", "CIN_G", "COUT_G", "RC", "SC", "DEPTHWISE", "ACT", "HAS_RES", "ACT2", "POOL",
+                             "TAPS", "STATS", "INT64"],
+          interpret={"BLOCK_M": ("M", _MIN_BLOCK_M, 512), "BLOCK_N": (_cols, 16, 128), "BLOCK_K": ("CIN_G", 16, 64)},
           prune_configs_by={"early_config_prune": _prune})
+@triton.heuristics({"EVEN_K": lambda a: a["CIN_G"] % a["BLOCK_K"] == 0,
+                    "EVEN_N": lambda a: a["COUT_G"] % a["BLOCK_N"] == 0})
 @triton.jit
 def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
                  M, H, W, CIN, OH, OW, COUT, CIN_G, COUT_G,  # src (N, H, W, CIN) -> dst (N, OH, OW, COUT)
-                 GH, GW, P0_H, P0_W,  # dst pixels computed: (P0 + i*stride) when TRANSPOSED, else i
-                 R, S, R0, S0, RSTEP, SSTEP, RC, SC,  # taps visited: r = R0 + i*RSTEP, i < RC
-                 stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, slope, slope2,
-                 PKH, PKW, pool_sh, pool_sw, pool_ph, pool_pw,  # POOL: y (N, GH, GW, COUT), M = N*GH*GW*TAPS
-                 TRANSPOSED: tl.constexpr, DEPTHWISE: tl.constexpr, FLAT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, ACT2: tl.constexpr,
-                 POOL: tl.constexpr, TAPS: tl.constexpr, STATS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    # y[n, p, g*COUT_G + co] = sum_{taps, ci} x[n, src(p, tap), g*CIN_G + ci] * w[g, r, s, ci, co]
+                 GH, GW, P0_H, P0_W, DST_SH, DST_SW,  # the dst pixels computed: P0 + i*DST_S, i < G
+                 SRC_SH, SRC_SW, SRC_OH, SRC_OW,  # the src pixel dst pixel i reads at shift 0: i*SRC_S + SRC_O
+                 R, S, R0, S0, RSTEP, SSTEP, RC, SC,  # taps visited: r = R0 + j*RSTEP, j < RC
+                 DH0, DW0, DH_STEP, DW_STEP,  # the src shift of tap j: DH0 + j*DH_STEP
+                 slope, slope2, PKH, PKW, pool_sh, pool_sw, pool_ph, pool_pw,  # POOL: y (N, GH, GW, COUT)
+                 DEPTHWISE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                 ACT2: tl.constexpr, POOL: tl.constexpr, TAPS: tl.constexpr, STATS: tl.constexpr,
+                 INT64: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+                 EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # y[n, P0 + i*DST_S, g*COUT_G + co] = sum over taps j, ci of
+    #     x[n, i*SRC_S + SRC_O + (D0 + j*D_STEP), g*CIN_G + ci] * w[g, R0 + j*RSTEP, ..., ci, co]
+    # (forward: DST_S = 1, SRC_S = stride, SRC_O = -pad, D = r*dil; the input gradient of one stride
+    # phase: DST_S = stride, SRC_S = 1, SRC_O = 0, D = (P0 + pad - r*dil) / stride, exact). The K loop
+    # walks (tap, channel block) with counters: every row's offset and bounds are set up once, and
+    # each iteration adds a scalar shift (int32 offsets unless the launcher says a tensor needs 64 bits).
     pid_n = tl.program_id(1)
     g = tl.program_id(2)
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m = tl.program_id(0)
+    if INT64:
+        pid_m = pid_m.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     if POOL:  # rows are (pooled pixel, window tap) pairs; m_mask: the row is a real conv pixel
-        n, oh, ow, m_mask = pool_rows(offs_m, m_mask, GH, GW, OH, OW, PKH, PKW, pool_sh, pool_sw,
+        n, gh, gw, m_mask = pool_rows(offs_m, m_mask, GH, GW, OH, OW, PKH, PKW, pool_sh, pool_sw,
                                       pool_ph, pool_pw, TAPS)
     else:
         n = offs_m // (GH * GW)
-        oh = (offs_m // GW) % GH
-        ow = offs_m % GW
-        if TRANSPOSED:
-            oh = P0_H + oh * stride_h
-            ow = P0_W + ow * stride_w
+        gh = (offs_m // GW) % GH
+        gw = offs_m % GW
+    oh = P0_H + gh * DST_SH
+    ow = P0_W + gw * DST_SW
+    ih0 = gh * SRC_SH + SRC_OH
+    iw0 = gw * SRC_SW + SRC_OW
+    row = ((n * H + ih0) * W + iw0) * CIN  # where each row's shift-0 source pixel starts
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if DEPTHWISE:  # one input channel per output channel: columns are channels, no dot
         col = offs_n
@@ -102,52 +104,59 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
     w_ptr += g * (R * S * CIN_G * COUT_G)  # w: (G, R, S, CIN_G, COUT_G)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Which taps of each row read inside the source: bit j of rows_in (cols_in) for tap row (column) j,
+    # set up once, so that each iteration tests two bits instead of four bounds (specs.MAX_CONV_TAPS a side).
+    rows_in = tl.zeros((BLOCK_M,), tl.int32)
+    for j in range(RC):
+        dh = DH0 + j * DH_STEP
+        rows_in |= ((ih0 >= -dh) & (ih0 < H - dh) & m_mask).to(tl.int32) << j
+    cols_in = tl.zeros((BLOCK_M,), tl.int32)
+    for j in range(SC):
+        dw = DW0 + j * DW_STEP
+        cols_in |= ((iw0 >= -dw) & (iw0 < W - dw)).to(tl.int32) << j
+    tr = 0  # the tap's row and column, and (below) the channel block: counters, not `//`
+    ts = 0
     if DEPTHWISE:
-        for t in range(RC * SC):
-            r = R0 + (t // SC) * RSTEP
-            s = S0 + (t % SC) * SSTEP
-            ih = _src(oh, r, stride_h, pad_h, dil_h, TRANSPOSED)
-            iw = _src(ow, s, stride_w, pad_w, dil_w, TRANSPOSED)
-            row_mask = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            pix = ((n * H + ih) * W + iw) * CIN
-            a = tl.load(x_ptr + pix[:, None] + col[None, :], mask=row_mask[:, None] & n_mask[None, :],
-                        other=0.0).to(tl.float32)
-            wv = tl.load(w_ptr + col * (R * S) + r * S + s, mask=n_mask, other=0.0).to(tl.float32)
+        for _ in range(RC * SC):
+            dh = DH0 + tr * DH_STEP
+            dw = DW0 + ts * DW_STEP
+            ok = ((rows_in >> tr) & (cols_in >> ts) & 1) != 0
+            a = tl.load(x_ptr + (row + (dh * W + dw) * CIN)[:, None] + col[None, :],
+                        mask=ok[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+            tap = (R0 + tr * RSTEP) * S + S0 + ts * SSTEP
+            wv = tl.load(w_ptr + col * (R * S) + tap, mask=n_mask, other=0.0).to(tl.float32)
             acc += a * wv[None, :]
-    elif FLAT:  # few channels per group: (tap, ci) flattened into one reduction axis
-        K_RED = RC * SC * CIN_G
-        for k0 in range(0, K_RED, BLOCK_K):
-            kk = k0 + offs_k
-            k_mask = kk < K_RED
-            ci = kk % CIN_G
-            r = R0 + (kk // (SC * CIN_G)) * RSTEP
-            s = S0 + ((kk // CIN_G) % SC) * SSTEP
-            ih = _src(oh[:, None], r[None, :], stride_h, pad_h, dil_h, TRANSPOSED)
-            iw = _src(ow[:, None], s[None, :], stride_w, pad_w, dil_w, TRANSPOSED)
-            a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(x_ptr + ((n[:, None] * H + ih) * W + iw) * CIN + g * CIN_G + ci[None, :],
-                        mask=a_mask, other=0.0)
-            w_row = (r * S + s) * CIN_G + ci
-            b = tl.load(w_ptr + w_row[:, None] * COUT_G + offs_n[None, :],
-                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+            ts += 1
+            wrap = ts == SC
+            ts = tl.where(wrap, 0, ts)
+            tr = tl.where(wrap, tr + 1, tr)
     else:  # one flat loop over (tap, channel block) so that the pipeline spans taps
+        row += g * CIN_G
+        w_off = offs_k[:, None] * COUT_G + offs_n[None, :]
         NCB = tl.cdiv(CIN_G, BLOCK_K)
-        for i in range(RC * SC * NCB):
-            t = i // NCB
-            ci = (i % NCB) * BLOCK_K + offs_k
-            k_mask = ci < CIN_G
-            r = R0 + (t // SC) * RSTEP
-            s = S0 + (t % SC) * SSTEP
-            ih = _src(oh, r, stride_h, pad_h, dil_h, TRANSPOSED)
-            iw = _src(ow, s, stride_w, pad_w, dil_w, TRANSPOSED)
-            row_mask = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            pix = ((n * H + ih) * W + iw) * CIN + g * CIN_G
-            a = tl.load(x_ptr + pix[:, None] + ci[None, :], mask=row_mask[:, None] & k_mask[None, :],
-                        other=0.0)
-            b = tl.load(w_ptr + ((r * S + s) * CIN_G + ci)[:, None] * COUT_G + offs_n[None, :],
-                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        cb = 0
+        for _ in range(RC * SC * NCB):
+            dh = DH0 + tr * DH_STEP
+            dw = DW0 + ts * DW_STEP
+            ok = ((rows_in >> tr) & (cols_in >> ts) & 1) != 0
+            k0 = cb * BLOCK_K
+            a_ptrs = x_ptr + (row + (dh * W + dw) * CIN + k0)[:, None] + offs_k[None, :]
+            b_ptrs = w_ptr + (((R0 + tr * RSTEP) * S + S0 + ts * SSTEP) * CIN_G + k0) * COUT_G + w_off
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=ok[:, None], other=0.0)
+                b = tl.load(b_ptrs) if EVEN_N else tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
+            else:
+                k_mask = k0 + offs_k < CIN_G
+                a = tl.load(a_ptrs, mask=ok[:, None] & k_mask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+            cb += 1
+            wrap = cb == NCB
+            cb = tl.where(wrap, 0, cb)
+            ts = tl.where(wrap, ts + 1, ts)
+            wrap = ts == SC
+            ts = tl.where(wrap, 0, ts)
+            tr = tl.where(wrap, tr + 1, tr)
     if HAS_BIAS:
         acc += tl.load(b_ptr + col, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if STATS:  # batch-norm partials of the post-bias value
@@ -192,28 +201,54 @@ def _geometry(w_shape, c, k, geometry: ConvGeometry):
 
 
 def _phases(size, k, stride, pad, dil, transposed):
-    """(first pixel, pixel count, first tap, tap step, tap count) per stride phase of one dim."""
+    """Per stride phase of one dim, the kernel's (P0, count, DST_S, SRC_S, SRC_O, R0, RSTEP, taps,
+    D0, D_STEP): forward, one phase reading x[i*stride - pad + r*dil]; for the input gradient,
+    dx pixels a, a + stride, ... are reached by the taps r with stride | a + pad - r*dil, reading
+    dy[i + (a + pad - r*dil) / stride], so consecutive taps of a phase shift by -rstep*dil/stride."""
     if not transposed:
-        return [(0, size, 0, 1, k)]
+        return [(0, size, 1, stride, -pad, 0, 1, k, 0, dil)]
     phases = []
-    for a in range(stride):  # dx pixels a, a + stride, ... are reached by taps r with stride | a + pad - r*dil
+    for a in range(stride):
         taps = [r for r in range(k) if (a + pad - r * dil) % stride == 0]
-        step = taps[1] - taps[0] if len(taps) > 1 else 1
-        phases.append((a, max(0, -(-(size - a) // stride)), taps[0] if taps else 0, step, len(taps)))
+        r0, step = (taps[0], taps[1] - taps[0] if len(taps) > 1 else 1) if taps else (0, 1)
+        phases.append((a, max(0, -(-(size - a) // stride)), stride, 1, 0, r0, step, len(taps),
+                       (a + pad - r0 * dil) // stride, -(step * dil) // stride))
     return phases
+
+
+_MIN_GEMM_K = 16  # channels per group that a tl.dot reduces over at least: fewer are padded with zeros
+
+
+def _pad_channels(src, wt, groups, cin_g):
+    """src (N, H, W, G*cin_g) and wt (G, R, S, cin_g, cout_g) with each group's channels padded with
+    zeros to _MIN_GEMM_K: every A load is then 16-byte and asynchronous, where a tap of 1-15 channels
+    would be scalar synchronous loads (the stem conv's 3)."""
+    n, h, w, _ = src.shape
+    padded = src.new_zeros((n, h, w, groups, _MIN_GEMM_K))
+    padded[..., :cin_g] = src.view(n, h, w, groups, cin_g)
+    wt_padded = wt.new_zeros((*wt.shape[:3], _MIN_GEMM_K, wt.shape[4]))
+    wt_padded[:, :, :, :cin_g] = wt
+    return padded.view(n, h, w, groups * _MIN_GEMM_K), wt_padded
 
 
 def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, padding, dilation,
                  transposed, out_hw, ep: Epilogue = PLAIN_EPILOGUE):
-    n, h, w, cin = src.shape
     oh, ow = out_hw  # the conv's output; dst is (N, POH, POW, K) when the epilogue pools
     cout = dst.shape[3]
     if dst.numel() == 0:
         return
     depthwise = cin_g == 1 and cout_g == 1
+    if not depthwise and cin_g < _MIN_GEMM_K:
+        src, wt = _pad_channels(src, wt, groups, cin_g)
+        cin_g = _MIN_GEMM_K
+    n, h, w, cin = src.shape
     pooled, taps = ep.meta["POOL"] != 0, ep.meta["TAPS"]
-    for p0_h, gh, r0, rstep, rc in _phases(oh, r, stride[0], padding[0], dilation[0], transposed):
-        for p0_w, gw, s0, sstep, sc in _phases(ow, s, stride[1], padding[1], dilation[1], transposed):
+    int64 = max(t.numel() for t in (src, wt, dst, *(t for t in (ep.res,) if t is not None))) >= 2**31
+    check(r <= MAX_CONV_TAPS and s <= MAX_CONV_TAPS, f"w: at most {MAX_CONV_TAPS} taps a side, got a {r}x{s} kernel")
+    for p0_h, gh, dst_sh, src_sh, src_oh, r0, rstep, rc, dh0, dh_step in _phases(
+            oh, r, stride[0], padding[0], dilation[0], transposed):
+        for p0_w, gw, dst_sw, src_sw, src_ow, s0, sstep, sc, dw0, dw_step in _phases(
+                ow, s, stride[1], padding[1], dilation[1], transposed):
             if pooled:  # rows: TAPS per pooled pixel
                 gh, gw = dst.shape[1:3]
             m = n * gh * gw * taps
@@ -227,10 +262,10 @@ def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, paddin
 
             _conv_kernel[grid](src, wt, dst if bias is None else bias, dst if ep.res is None else ep.res,
                                dst, dst if ep.part is None else ep.part,
-                               m, h, w, cin, oh, ow, cout, cin_g, cout_g, gh, gw, p0_h, p0_w,
-                               r, s, r0, s0, rstep, sstep, rc, sc, *stride, *padding, *dilation, *ep.slopes,
-                               *ep.window, TRANSPOSED=transposed, DEPTHWISE=depthwise, FLAT=cin_g < 16,
-                               HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype(src.dtype),
+                               m, h, w, cin, oh, ow, cout, cin_g, cout_g, gh, gw, p0_h, p0_w, dst_sh, dst_sw,
+                               src_sh, src_sw, src_oh, src_ow, r, s, r0, s0, rstep, sstep, rc, sc,
+                               dh0, dw0, dh_step, dw_step, *ep.slopes, *ep.window, DEPTHWISE=depthwise,
+                               HAS_BIAS=bias is not None, INT64=int64, DOT_DTYPE=dot_dtype(src.dtype),
                                PRECISION=dot_precision(src.dtype), **ep.meta)
 
 

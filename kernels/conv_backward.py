@@ -1,7 +1,8 @@
 """The convolution weight gradient (validated and called by conv.conv2d_backward_weight): a
-split-K implicit GEMM over the N*OH*OW rows for grouped layers and a direct kernel for
-depthwise ones, both writing fp32 partials per split (with the bias gradient), and the
-kernel that sums the partials in a fixed order (deterministic) into the weight layout."""
+split-K implicit GEMM over the N*OH*OW rows, one program per (tap, channel tiles), for grouped
+layers and a direct kernel for depthwise ones, both writing fp32 partials per split (with the
+bias gradient), and the kernel that sums the partials in a fixed order (deterministic) into
+the weight layout."""
 
 import torch
 import triton
@@ -16,12 +17,32 @@ from ._common import (
     gemm_config,
 )
 
-_GEMM_CONFIGS = [gemm_config(*c) for c in ((64, 64, 64, 3, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4),
-                                    (128, 128, 32, 3, 8), (128, 128, 64, 3, 8), (32, 64, 64, 4, 4),
-                                    (32, 128, 64, 3, 4))]
+# BLOCK_M output channels x BLOCK_N input channels of one tap, BLOCK_K rows per step. No 128x128
+# tile on 8 warps for 16-bit types: ptxas serializes its wgmma (C7515) with this kernel's row
+# bookkeeping. TF32 takes its A tile (M-contiguous, which wgmma reads only for 16-bit types) through
+# registers: its tiles are smaller, so that none spills.
+_CONFIGS_16BIT = [gemm_config(*c) for c in ((256, 128, 64, 3, 8), (128, 256, 64, 3, 8), (256, 128, 32, 4, 8),
+                                     (256, 64, 64, 3, 8), (128, 128, 64, 3, 4), (128, 128, 32, 4, 4),
+                                     (128, 64, 64, 3, 4), (64, 64, 64, 3, 4), (128, 32, 64, 4, 4),
+                                     (128, 16, 64, 4, 4), (64, 16, 64, 4, 4))]
+_CONFIGS_FP32 = [gemm_config(*c) for c in ((128, 128, 32, 3, 8), (256, 64, 32, 3, 8), (256, 128, 16, 4, 8),
+                                    (128, 64, 32, 3, 4), (64, 128, 32, 3, 4), (64, 64, 64, 3, 4),
+                                    (128, 32, 32, 4, 4), (64, 16, 64, 4, 4))]
 # Depthwise: BLOCK_M rows (pixels) x BLOCK_N channels, no dot.
 _DEPTHWISE_CONFIGS = [gemm_config(*c) for c in ((128, 32, 16, 3, 4), (64, 64, 16, 3, 4), (128, 64, 16, 3, 4),
                                          (32, 128, 16, 3, 4), (64, 128, 16, 3, 8), (256, 64, 16, 3, 8))]
+_GRAIN = 32 if INTERPRET else 256  # a split's rows are a multiple of this, and of every row block
+_MIN_GEMM_N = 16  # input channels per group a tap's tile holds at least: fewer are padded with zeros
+
+
+def _prune(configs, named_args, **kwargs):
+    """The configs of the operands' dtype, less tiles far wider than a group's channels (the padded
+    stem's 16)."""
+    mine = _CONFIGS_FP32 if named_args["x_ptr"].element_size() == 4 else _CONFIGS_16BIT
+    configs = [c for c in configs if any(c is m for m in mine)]
+    rows = max(64, triton.next_power_of_2(named_args["COUT_G"]))
+    cols = max(16, triton.next_power_of_2(named_args["CIN_G"]))
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_N"] <= cols] or configs
 
 
 def _row_block(args):
@@ -29,83 +50,146 @@ def _row_block(args):
     return args["CHUNK"] & -args["CHUNK"]
 
 
-@autotune(_GEMM_CONFIGS, key=["P", "COUT_G", "NCOL", "HAS_BIAS"],
-          interpret={"BLOCK_M": ("COUT_G", 16, 128), "BLOCK_N": ("NCOL", 16, 128), "BLOCK_K": (_row_block, 16, 512)})
 @triton.jit
-def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,
-                    P, H, W, C, OH, OW, K, CIN_G, COUT_G, S, NCOL, CHUNK,
+def _source_rows(p, OH, OW, H, stride_h, stride_w, ih_off, iw_off):
+    """(n*H, ih, iw) of output pixels p (n, oh, ow) at a tap: ih = oh*stride_h + ih_off, iw likewise,
+    ih_off = r*dil_h - pad_h (the one division, before the loop)."""
+    return p // (OH * OW) * H, p // OW % OH * stride_h + ih_off, p % OW * stride_w + iw_off
+
+
+@triton.jit
+def _advance_source_rows(nh, ih, iw, STEP, OH, OW, H, stride_h, stride_w, ih_off, iw_off):
+    """_source_rows of p + STEP from those of p, with compares instead of `//` and `%`: STEP is
+    DN*OH*OW + DH*OW + DW pixels, and each of ow + DW and oh + DH + carry carries at most once."""
+    q = STEP % (OH * OW)  # scalars: folded out of the loop
+    iw += q % OW * stride_w
+    wrap = iw >= OW * stride_w + iw_off
+    iw = tl.where(wrap, iw - OW * stride_w, iw)
+    ih += tl.where(wrap, q // OW * stride_h + stride_h, q // OW * stride_h)
+    wrap = ih >= OH * stride_h + ih_off
+    ih = tl.where(wrap, ih - OH * stride_h, ih)
+    nh += tl.where(wrap, STEP // (OH * OW) * H + H, STEP // (OH * OW) * H)
+    return nh, ih, iw
+
+
+@triton.jit
+def _inside(i, size):
+    """0 <= i < size, as one unsigned compare."""
+    return i.to(tl.uint32, bitcast=True) < size.to(tl.uint32)
+
+
+@autotune(_CONFIGS_16BIT + _CONFIGS_FP32, key=["P", "CIN_G", "COUT_G", "RS", "HAS_BIAS", "INT64"],
+          interpret={"BLOCK_M": ("COUT_G", 16, 128), "BLOCK_N": ("CIN_G", 16, 128), "BLOCK_K": (_row_block, 16, 512)},
+          prune_configs_by={"early_config_prune": _prune})
+@triton.heuristics({"EVEN_P": lambda a: a["P"] % a["BLOCK_K"] == 0,
+                    "EVEN_M": lambda a: a["COUT_G"] % a["BLOCK_M"] == 0,
+                    "EVEN_N": lambda a: a["CIN_G"] % a["BLOCK_N"] == 0})
+@triton.jit
+def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, K) = (N*OH*OW, K)
+                    P, H, W, C, OH, OW, K, CIN_G, COUT_G, S, RS, CHUNK,  # part (split, K, RS*CIN_G), dbp (split, K)
                     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    PRECISION: tl.constexpr, EVEN_P: tl.constexpr, EVEN_M: tl.constexpr,
+                    EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # part[split, g*COUT_G + k, (r*S + s)*CIN_G + c] = sum over this split's rows p = (n, oh, ow)
     #     of dy[p, g*COUT_G + k] * x[n, oh*stride - pad + r*dil, ow*stride - pad + s*dil, g*CIN_G + c]
-    g = tl.program_id(1)
-    split = tl.program_id(2)
-    num_n = tl.cdiv(NCOL, BLOCK_N)
-    pid_m = tl.program_id(0) // num_n
-    pid_n = tl.program_id(0) % num_n
+    # One program holds one tap (r, s): its B tile is BLOCK_K source pixels x BLOCK_N contiguous
+    # channels, so bounds are per row and loads are 16-byte vectors; rows advance by counters.
+    num_m = tl.cdiv(COUT_G, BLOCK_M)
+    num_n = tl.cdiv(CIN_G, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % num_n
+    pid_m = pid // num_n % num_m
+    tap = pid // (num_n * num_m) % RS
+    g = pid // (num_n * num_m * RS)
+    split = tl.program_id(1)
+    if INT64:
+        split = split.to(tl.int64)
+    r = tap // S
+    s = tap % S
     offs_k = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output channel within the group
     k_mask = offs_k < COUT_G
-    offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (tap, input channel)
-    j_mask = offs_j < NCOL
-    c = offs_j % CIN_G
-    r = (offs_j // CIN_G) // S
-    s = (offs_j // CIN_G) % S
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel within the group
+    c_mask = offs_c < CIN_G
+    p_start = split * CHUNK
+    p_end = tl.minimum(p_start + CHUNK, P)
+    p = p_start + tl.arange(0, BLOCK_K)
+    ih_off = r * dil_h - pad_h
+    iw_off = s * dil_w - pad_w
+    nh, ih, iw = _source_rows(p, OH, OW, H, stride_h, stride_w, ih_off, iw_off)
+    a_ptrs = dy_ptr + p[None, :] * K + (g * COUT_G + offs_k)[:, None]  # (BLOCK_M, BLOCK_K)
+    x_ptr += g * CIN_G + offs_c[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    db = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    p_start = split.to(tl.int64) * CHUNK
-    for p0 in range(0, CHUNK, BLOCK_K):
-        p = p_start + p0 + tl.arange(0, BLOCK_K)
-        p_mask = p < P
-        n = p // (OH * OW)
-        oh = (p // OW) % OH
-        ow = p % OW
-        a = tl.load(dy_ptr + p[None, :] * K + g * COUT_G + offs_k[:, None],
-                    mask=k_mask[:, None] & p_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-        ih = oh[:, None] * stride_h - pad_h + r[None, :] * dil_h
-        iw = ow[:, None] * stride_w - pad_w + s[None, :] * dil_w
-        b_mask = p_mask[:, None] & j_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        b = tl.load(x_ptr + ((n[:, None] * H + ih) * W + iw) * C + g * CIN_G + c[None, :],
-                    mask=b_mask, other=0.0)  # (BLOCK_K, BLOCK_N)
+    # The bias gradient's row sums as a product with e0 (ones in column 0): a 16-wide MMA beside the
+    # tile's instead of a cross-thread reduction every step; the first programs store it.
+    db = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+    e0 = tl.broadcast_to((tl.arange(0, 16) == 0)[None, :], (BLOCK_K, 16)).to(DOT_DTYPE)
+    for _ in range(0, p_end - p_start, BLOCK_K):  # EVEN_P: whole row blocks, every row real
+        p_mask = p < p_end
+        row_ok = _inside(ih, H) & _inside(iw, W)
+        if not EVEN_P:
+            row_ok &= p_mask
+        b_ptrs = x_ptr + (((nh + ih) * W + iw) * C)[:, None]  # (BLOCK_K, BLOCK_N)
+        if EVEN_P and EVEN_M:  # every row of every split is real: no mask
+            a = tl.load(a_ptrs)
+        elif EVEN_M:
+            a = tl.load(a_ptrs, mask=p_mask[None, :], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=k_mask[:, None] & p_mask[None, :], other=0.0)
+        if EVEN_N:
+            b = tl.load(b_ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            b = tl.load(b_ptrs, mask=row_ok[:, None] & c_mask[None, :], other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
-        if HAS_BIAS and pid_n == 0:
-            db += tl.sum(a.to(tl.float32), axis=1)
-    rows = split.to(tl.int64) * K + g * COUT_G + offs_k
-    tl.store(part_ptr + rows[:, None] * NCOL + offs_j[None, :], acc, mask=k_mask[:, None] & j_mask[None, :])
-    if HAS_BIAS and pid_n == 0:
-        tl.store(dbp_ptr + rows, db, mask=k_mask)
+        if HAS_BIAS:
+            db = tl.dot(a.to(DOT_DTYPE), e0, db, input_precision=PRECISION)
+        p += BLOCK_K
+        a_ptrs += BLOCK_K * K
+        nh, ih, iw = _advance_source_rows(nh, ih, iw, BLOCK_K, OH, OW, H, stride_h, stride_w, ih_off, iw_off)
+    rows = split * K + g * COUT_G + offs_k
+    cols = tap * CIN_G + offs_c
+    tl.store(part_ptr + (rows * (RS * CIN_G))[:, None] + cols[None, :], acc,
+             mask=k_mask[:, None] & c_mask[None, :])
+    if HAS_BIAS and (tap == 0) & (pid_n == 0):
+        tl.store(dbp_ptr + rows, tl.sum(db, axis=1), mask=k_mask)
 
 
-@autotune(_DEPTHWISE_CONFIGS, key=["P", "C", "RS", "HAS_BIAS"],
+@autotune(_DEPTHWISE_CONFIGS, key=["P", "C", "RS", "HAS_BIAS", "INT64"],
           interpret={"BLOCK_M": (_row_block, 16, 512), "BLOCK_N": ("C", 16, 64)})
 @triton.jit
-def _depthwise_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr, P, H, W, C, OH, OW, S, RS, CHUNK,
-                         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
+def _depthwise_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, C): part (split, C, RS)
+                         P, H, W, C, OH, OW, S, RS, CHUNK, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                         HAS_BIAS: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # part[split, c, r*S + s] = sum over this split's rows p of dy[p, c] * x[n, ih(oh, r), iw(ow, s), c]
     offs_c = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_mask = offs_c < C
     tap = tl.program_id(1)
     r = tap // S
     s = tap % S
-    split = tl.program_id(2).to(tl.int64)
+    split = tl.program_id(2)
+    if INT64:
+        split = split.to(tl.int64)
+    p_start = split * CHUNK
+    p_end = tl.minimum(p_start + CHUNK, P)
+    p = p_start + tl.arange(0, BLOCK_M)
+    ih_off = r * dil_h - pad_h
+    iw_off = s * dil_w - pad_w
+    nh, ih, iw = _source_rows(p, OH, OW, H, stride_h, stride_w, ih_off, iw_off)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for p0 in range(0, CHUNK, BLOCK_M):
-        p = split * CHUNK + p0 + tl.arange(0, BLOCK_M)
-        p_mask = p < P
-        n = p // (OH * OW)
-        ih = (p // OW) % OH * stride_h - pad_h + r * dil_h
-        iw = p % OW * stride_w - pad_w + s * dil_w
-        row_mask = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        d = tl.load(dy_ptr + p[:, None] * C + offs_c[None, :], mask=p_mask[:, None] & c_mask[None, :],
+    for _ in range(0, p_end - p_start, BLOCK_M):
+        p_mask = p < p_end
+        row_ok = p_mask & _inside(ih, H) & _inside(iw, W)
+        d = tl.load(dy_ptr + (p * C)[:, None] + offs_c[None, :], mask=p_mask[:, None] & c_mask[None, :],
                     other=0.0).to(tl.float32)
-        xv = tl.load(x_ptr + (((n * H + ih) * W + iw) * C)[:, None] + offs_c[None, :],
-                     mask=row_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + (((nh + ih) * W + iw) * C)[:, None] + offs_c[None, :],
+                     mask=row_ok[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
         acc += d * xv
         if HAS_BIAS:
             db += d
+        p += BLOCK_M
+        nh, ih, iw = _advance_source_rows(nh, ih, iw, BLOCK_M, OH, OW, H, stride_h, stride_w, ih_off, iw_off)
     tl.store(part_ptr + (split * C + offs_c) * RS + tap, tl.sum(acc, axis=0), mask=c_mask)
     if HAS_BIAS and tap == 0:
         tl.store(dbp_ptr + split * C + offs_c, tl.sum(db, axis=0), mask=c_mask)
@@ -129,10 +213,9 @@ def _sum_splits_kernel(part_ptr, out_ptr, total, SPLIT, CIN_G, RS, BLOCK: tl.con
 
 def _splits(rows, tiles, device):
     """Split the N*OH*OW rows so that about four waves of `tiles`-wide programs run."""
-    grain = 32 if INTERPRET else 256  # a multiple of every row block
     sms = 2 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
-    split = max(1, min(triton.cdiv(4 * sms, tiles), triton.cdiv(rows, 4 * grain)))
-    chunk = triton.cdiv(triton.cdiv(rows, split), grain) * grain
+    split = max(1, min(triton.cdiv(4 * sms, tiles), triton.cdiv(rows, 4 * _GRAIN)))
+    chunk = triton.cdiv(triton.cdiv(rows, split), _GRAIN) * _GRAIN
     if INTERPRET:  # a power of two, so that one large row block tiles it (see _row_block)
         chunk = triton.next_power_of_2(chunk)
     return triton.cdiv(rows, chunk), chunk
@@ -143,33 +226,49 @@ def _sum_splits(part, out, split, cin_g, rs):
     _sum_splits_kernel[lambda meta: (triton.cdiv(total, meta["BLOCK"]),)](part, out, total, split, cin_g, rs)
 
 
+def _pad_groups(x, groups, cin_g, width):
+    """x (N, H, W, G*cin_g) with each group's channels padded with zeros to `width`: a tap's tile of
+    1-15 channels would be scalar loads (the stem conv's 3), 16 are 16-byte vectors."""
+    n, h, w, _ = x.shape
+    padded = x.new_zeros((n, h, w, groups, width))
+    padded[..., :cin_g] = x.view(n, h, w, groups, cin_g)
+    return padded.view(n, h, w, groups * width)
+
+
 def weight_grad(x, dy, w_shape, stride, padding, dilation, groups, need_bias_grad):
     """(dw (K, C/g, R, S), db (K,) or None) in x.dtype; arguments already validated by conv.py."""
     n, h, w, c = x.shape
     _, oh, ow, k = dy.shape
     _, cin_g, r, s = w_shape
-    rows, ncol, cout_g = n * oh * ow, r * s * cin_g, k // groups
+    rows, cout_g = n * oh * ow, k // groups
     if rows == 0:  # no rows: the gradients are empty sums
         db = torch.zeros(k, dtype=x.dtype, device=x.device) if need_bias_grad else None
         return torch.zeros(w_shape, dtype=x.dtype, device=x.device), db
     geometry = (*stride, *padding, *dilation)
     depthwise = cin_g == 1 and cout_g == 1
-    tiles = triton.cdiv(k, 64) * r * s if depthwise else groups * triton.cdiv(cout_g, 64) * triton.cdiv(ncol, 64)
+    width = cin_g if depthwise or cin_g >= _MIN_GEMM_N else _MIN_GEMM_N  # channels a tap's tile covers
+    if width != cin_g:
+        x = _pad_groups(x, groups, cin_g, width)
+        c = groups * width
+    tiles = triton.cdiv(k, 64) * r * s if depthwise else groups * r * s * triton.cdiv(cout_g, 64) * triton.cdiv(width, 64)
     split, chunk = _splits(rows, tiles, x.device)
-    part = torch.empty((split, k, ncol), dtype=torch.float32, device=x.device)  # (split, K, R*S*C/g)
+    part = torch.empty((split, k, r * s * width), dtype=torch.float32, device=x.device)  # (split, K, R*S*width)
     dbp = torch.empty((split, k), dtype=torch.float32, device=x.device) if need_bias_grad else part
+    int64 = max(x.numel(), dy.numel(), part.numel()) >= 2**31
     if depthwise:
         grid = lambda meta: (triton.cdiv(k, meta["BLOCK_N"]), r * s, split)
         _depthwise_dw_kernel[grid](x, dy, part, dbp, rows, h, w, c, oh, ow, s, r * s, chunk, *geometry,
-                                   HAS_BIAS=need_bias_grad)
+                                   HAS_BIAS=need_bias_grad, INT64=int64)
     else:
-        grid = lambda meta: (triton.cdiv(cout_g, meta["BLOCK_M"]) * triton.cdiv(ncol, meta["BLOCK_N"]),
-                             groups, split)
-        _conv_dw_kernel[grid](x, dy, part, dbp, rows, h, w, c, oh, ow, k, cin_g, cout_g, s, ncol, chunk,
-                              *geometry, HAS_BIAS=need_bias_grad,
+        grid = lambda meta: (groups * r * s * triton.cdiv(cout_g, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),
+                             split)
+        _conv_dw_kernel[grid](x, dy, part, dbp, rows, h, w, c, oh, ow, k, width, cout_g, s, r * s, chunk,
+                              *geometry, HAS_BIAS=need_bias_grad, INT64=int64,
                               DOT_DTYPE=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype))
-    dw = torch.empty(w_shape, dtype=x.dtype, device=x.device)
-    _sum_splits(part, dw, split, cin_g, r * s)
+    dw = torch.empty((k, width, r, s), dtype=x.dtype, device=x.device)
+    _sum_splits(part, dw, split, width, r * s)
+    if width != cin_g:
+        dw = dw[:, :cin_g].contiguous()
     db = torch.empty(k, dtype=x.dtype, device=x.device) if need_bias_grad else None
     if need_bias_grad:
         _sum_splits(dbp, db, split, 1, 1)

@@ -201,6 +201,19 @@ def dense_epilogue_backward(dy, pre, act: Act = NO_ACT, p=0.0, seed=0):
     return da
 
 
+def _padded_columns(t):
+    """t (M, N) row-major, or a copy with its columns padded with zeros to a multiple of 16. Triton
+    knows an integer's divisibility by 16 only: with 1000 classes, a tile of dy read along its
+    columns has neither 16-byte aligned rows nor a bound that whole 8-element vectors respect, and
+    the K loop loads it 2 bytes at a time, synchronously; the copy (M x N, one pass over the
+    logits' gradient) lets it use 16-byte cp.async."""
+    if t.shape[1] % 16 == 0:
+        return t
+    padded = t.new_zeros((t.shape[0], triton.cdiv(t.shape[1], 16) * 16))
+    padded[:, :t.shape[1]] = t
+    return padded
+
+
 def dense_backward_input(dy, w):
     """dx (M, K) = dy @ w for dy (M, N) and w (N, K)."""
     check_tensor(dy, "dy", ndim=2)
@@ -219,9 +232,11 @@ def dense_backward_weight(dy, x, need_bias_grad):
     m, k = x.shape
     n = dy.shape[1]
     check(dy.shape[0] == m, f"dy: expected {m} rows (x is {tuple(x.shape)}), got shape {tuple(dy.shape)}")
-    dw = torch.empty((n, k), dtype=x.dtype, device=x.device)
-    # a[n, m] = dy[m, n]: dy read transposed; the reduction runs over the M rows
-    _matmul(dy, (dy.stride(1), dy.stride(0)), x, x.stride(), dw, m)
+    # a[n, m] = dy[m, n]: dy read transposed (its columns padded); the reduction runs over the M rows
+    a = _padded_columns(dy)
+    dw = torch.empty((a.shape[1], k), dtype=x.dtype, device=x.device)
+    _matmul(a, (a.stride(1), a.stride(0)), x, x.stride(), dw, m)
+    dw = dw[:n] if a is dy else dw[:n].contiguous()
     db = None
     if need_bias_grad:
         db = torch.empty(n, dtype=x.dtype, device=x.device)

@@ -67,8 +67,8 @@ def test_very_long_lines_are_refused_at_once_and_shown_in_part(line):
 
 
 def test_a_text_over_the_size_limit_is_refused_before_parsing(tmp_path):
-    fits = H + "relu\n" * ((MAX_SOURCE_CHARS - len(H)) // 5)
-    assert len(parse_fast(fits).nodes) == 1 + (MAX_SOURCE_CHARS - len(H)) // 5
+    fits = H + "relu\n" * ((MAX_SOURCE_CHARS - len(H)) // 5)  # 20,000 layers: about 1 s on one core
+    assert len(parse_fast(fits, seconds=6.0).nodes) == 1 + (MAX_SOURCE_CHARS - len(H)) // 5
     text = fits + "relu\n"
     err = error(text, cnndsl.CnnSyntaxError)
     assert err.message.startswith(f"the text is too long: {len(text):,} characters")

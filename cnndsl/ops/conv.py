@@ -2,8 +2,9 @@
 
 from dataclasses import dataclass
 
-from ..errors import CnnShapeError
+from ..errors import CnnArgumentError, CnnShapeError
 from ..options import Option
+from ..specs import MAX_CONV_TAPS
 from .base import Kernels, Keyword, OpDef, fmt, numel, spatial, window
 
 Pair = tuple[int, int]
@@ -30,6 +31,9 @@ def _build(v) -> Conv:
 
 def _shape(a: Conv, shape, span):
     c, h, w = spatial("conv", shape, span, hint="conv works on feature maps; it cannot follow flatten or dense")
+    if max(a.kernel) > MAX_CONV_TAPS:
+        raise CnnArgumentError(f"option 'kernel' is {fmt(a.kernel)}, more than {MAX_CONV_TAPS} taps on an axis", span,
+                               hint="a larger receptive field comes from dilation or from stacking convs")
     if a.same and a.stride != (1, 1):
         raise CnnShapeError(f"`pad=same` needs stride 1, got stride {fmt(a.stride)}", span,
                             hint="PyTorch allows 'same' only for stride 1; give the padding, e.g. pad=1")

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cnndsl.kernels import conv_backward
 from cnndsl.kernels.activation import ACTIVATIONS
 from cnndsl.kernels.batchnorm import batchnorm_merge_stats
 from cnndsl.kernels.conv import (
@@ -107,11 +108,25 @@ def test_conv_activation_epilogue(act):
     assert_close(_nchw(y), torch_act(act, 0.2)(p["y"]), reduction=27, depth=2, name=f"{act} y")
 
 
-def test_conv_weight_grad_is_deterministic():
-    p = _problem(CASES["3x3_c3"], torch.float32)  # 143 rows: two splits under the interpreter
+def test_conv_weight_grad_splits_rows_deterministically():
+    # 286 rows of a 1x1 conv (one tile): three splits of 128 rows under the interpreter, the last one short.
+    p = _problem((2, 3, 13, 11, 7, (1, 1), 1, 0, 1, 1, True), torch.float32)
+    assert conv_backward._splits(286, 1, "cpu") == (3, 128)
     first = conv2d_backward_weight(p["x"], p["dy"], p["w"].shape, p["geometry"], True)
     again = conv2d_backward_weight(p["x"], p["dy"], p["w"].shape, p["geometry"], True)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert_close(first[0], p["dw"], reduction=286, name="dw")
+    assert_close(first[1], p["db"], reduction=286, name="db")
+
+
+def test_conv_weight_grad_stops_at_the_last_row():
+    # 1536 rows in one split of 2048 under the interpreter, in row blocks of 512 that divide the rows:
+    # the last block of the split lies past the tensors and must not be read.
+    p = _problem((6, 16, 16, 16, 16, (3, 3), 1, 1, 1, 1, True), torch.float32)
+    assert conv_backward._splits(1536, 9, "cpu") == (1, 2048)
+    dw, db = conv2d_backward_weight(p["x"], p["dy"], p["w"].shape, p["geometry"], True)
+    assert_close(dw, p["dw"], reduction=1536, name="dw")
+    assert_close(db, p["db"], reduction=1536, name="db")
 
 
 def test_conv_empty_batch():
