@@ -114,14 +114,32 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time fused, unfused, eager PyTorch and torch.compile on a GPU",
                            description="Time the network on one CUDA GPU, side by side in one run: the triton "
                                        "backend fused and unfused, the reference backend (eager PyTorch, cuDNN) "
-                                       "and torch.compile of it; inference and one training step. Medians with "
-                                       "p20/p80 from triton.testing.do_bench. Needs a GPU.")
+                                       "in NCHW and channels_last, and torch.compile of it; inference and one "
+                                       "training step. Medians with p20/p80 from triton.testing.do_bench, and "
+                                       "each row's fraction of the roofline: the fused plan's modelled bytes at "
+                                       "the copy bandwidth or its FLOPs at the matmul rate, both measured in the "
+                                       "same run. --groups times each fused group against the same layers "
+                                       "unfused and eager instead. Needs a GPU.")
     bench.add_argument("file", help="the .cnn file")
     bench.add_argument("--batch", type=int, default=64, help="batch size (default: 64)")
     bench.add_argument("--dtype", choices=sorted(ITEMSIZE), default="bf16", help="element type (default: bf16)")
     bench.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls in every provider")
+    bench.add_argument("--providers", nargs="+", metavar="NAME",
+                       choices=["fused", "unfused", "eager", "eager_cl", "compile"],
+                       help="which to time: fused, unfused, eager (NCHW), eager_cl (channels_last), compile "
+                            "(default: all five; not with --groups)")
+    bench.add_argument("--groups", action="store_true",
+                       help="time every fused group of the plan against the same layers unfused and eager "
+                            "(inference, and forward + backward in training): one row per group with the "
+                            "speed-ups and the modelled bytes saved")
+    bench.add_argument("--cuda-graph", action="store_true",
+                       help="capture each step once as a CUDA graph and time its replays (for launch-bound "
+                            "small networks); host work runs at capture only, so a dropout layer repeats the "
+                            "same masks on every replay: fine for timing")
     bench.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
     bench.add_argument("--csv", metavar="PATH", help="also append the rows to this CSV file")
+    bench.add_argument("--plot", metavar="FILE", help="also write a PNG of each provider's speed relative to eager "
+                                                     "(needs matplotlib)")
     bench.set_defaults(run=_bench)
     tr = sub.add_parser("train", help="train the network on a labelled image set, with checkpoints",
                         description="Train the network (a classifier) on a labelled image set: the bundled 8x8 "
