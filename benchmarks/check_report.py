@@ -10,7 +10,7 @@ from pathlib import Path
 from cnndsl import bench_report
 
 MAX_JSON_BYTES = 64 << 20  # a saved check.json read by --render (a real one is well under 1 MiB)
-PROVIDERS = ("fused", "unfused", "eager", "eager_cl", "compile")  # cnndsl.bench's (which imports torch)
+PROVIDERS = ("fused", "fused_block", "unfused", "eager", "eager_cl", "compile")  # cnndsl.bench's (which imports torch)
 QUANTITIES = ("logits", "loss", "input_grad", "param_grad", "bn_stats", "eval_output")
 
 

@@ -28,7 +28,7 @@ PARITY = (("cifar_small", EXAMPLES / "cifar_small.cnn", 64), ("resnet18", EXAMPL
 GRAPHED = ("fused", "unfused", "eager")  # cifar_small's providers also timed as CUDA graph replays
 PROFILED = ("resnet18", EXAMPLES / "resnet18.cnn", 64)
 DRY = ("tiny", NETS / "tiny.cnn", 2)  # stands in for every network in a dry run
-PROVIDERS = ("fused", "eager", "unfused", "eager_cl", "compile")  # the order the bench stage runs them
+PROVIDERS = ("fused", "eager", "fused_block", "unfused", "eager_cl", "compile")  # the order the bench stage runs them
 TOP_KERNELS = 15
 PROFILE_STEPS = 3  # profiled training steps, after as many unprofiled ones
 

@@ -78,10 +78,12 @@ def parse(src: str | PathLike | Network, filename: str | None = None) -> Network
         raise CnnSyntaxError("the network is nested too deeply", filename=filename) from None
 
 
-def compile(src, backend: str = "triton", fuse: bool = True, device=None, dtype=None):
+def compile(src, backend: str = "triton", fuse: bool | str = True, device=None, dtype=None):
     """Build a torch.nn.Module for a Network, path or text.
 
     backend: "triton" (Triton kernels, fused per `fuse`) or "torch" (the reference).
+    fuse: True (cross-layer: blocks also hand their batch norm and activation to the next conv's
+    loads in training), "block" (block-level fusion only) or False (one kernel per layer).
     device: default "cuda" when available, else "cpu"; dtype: default torch.float32."""
     net = parse(src)
     from .runtime import build_module

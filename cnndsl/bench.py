@@ -1,5 +1,5 @@
 """`cnndsl bench`: time one network, side by side in one run on one GPU, as the triton
-backend fused and unfused, the reference backend (eager PyTorch: cuDNN convs) in NCHW and
+backend fused (cross-layer), fused at block level only and unfused, the reference backend (eager PyTorch: cuDNN convs) in NCHW and
 in channels_last, and `torch.compile` of the reference; inference (a forward pass without
 gradients, eval mode) and one training step (forward, loss, backward; a network without
 class scores backpropagates a fixed random gradient of its output). Medians with p20/p80
@@ -30,7 +30,8 @@ from .plan import plan, traffic
 from .shapes import buffers, macs, numel, params
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PROVIDERS = ("fused", "unfused", "eager", "eager_cl", "compile")
+PROVIDERS = ("fused", "fused_block", "unfused", "eager", "eager_cl", "compile")
+FUSE = {"fused": True, "fused_block": "block", "unfused": False}  # the triton providers' fusion levels
 MODES = ("inference", "training")
 COPY_BYTES = 1 << 30  # the copy that measures the memory bandwidth: 1 GiB read, 1 GiB written
 MATMUL_N = 8192  # the square matmul that measures the arithmetic rate: 2 * 8192^3 FLOPs
@@ -166,8 +167,8 @@ def modelled_work(net, batch: int, itemsize: int) -> dict[str, tuple[int, int]]:
 def provider_model(net, provider: str, setup: Setup, dtype):
     """The module a provider times, with seeded random weights."""
     torch.manual_seed(0)
-    if provider in ("fused", "unfused"):
-        return api.compile(net, backend="triton", fuse=provider == "fused", device=setup.device, dtype=dtype)
+    if provider in FUSE:
+        return api.compile(net, backend="triton", fuse=FUSE[provider], device=setup.device, dtype=dtype)
     model = api.compile(net, backend="torch", device=setup.device, dtype=dtype)
     return model.to(memory_format=torch.channels_last) if provider == "eager_cl" else model
 

@@ -29,7 +29,8 @@ def _plan(args) -> int:
     if args.batch < 1:
         raise CnnInputError(f"--batch must be at least 1, got {args.batch}")
     report = plan_json if args.json else plan_table
-    out = report(net, plan(net, True), plan(net, False), args.batch, ITEMSIZE[args.dtype], args.train)
+    out = report(net, plan(net, "block" if args.block_fusion else True), plan(net, False), args.batch,
+                 ITEMSIZE[args.dtype], args.train)
     print(json.dumps(out, indent=2) if args.json else out)
     return 0
 
@@ -44,7 +45,7 @@ def _train(args) -> int:
     _quiet_interpreter_warning()
     opts = Options(data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
-                   seed=args.seed, device=args.device, dtype=args.dtype, fuse=not args.no_fuse,
+                   seed=args.seed, device=args.device, dtype=args.dtype, fuse=_fuse(args),
                    backend=args.backend, out=args.out, resume=args.resume)
     train(args.file, opts)
     return 0
@@ -54,7 +55,7 @@ def _eval(args) -> int:
     from .train import evaluate
     _quiet_interpreter_warning()
     acc = evaluate(args.file, args.weights, args.data, args.batch_size, args.device, args.backend,
-                   not args.no_fuse, args.dtype)
+                   _fuse(args), args.dtype)
     print(f"test accuracy: {acc:.3f}")
     return 0
 
@@ -69,7 +70,21 @@ def _model_options(p, batch_size: int) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="default: fp32")
     p.add_argument("--backend", choices=["triton", "torch"], default="triton",
                    help="triton (Triton kernels) or torch (the eager reference); default: triton")
-    p.add_argument("--no-fuse", action="store_true", help="one kernel per layer instead of fused groups")
+    _fusion_options(p)
+
+
+def _fusion_options(p) -> None:
+    """--no-fuse and --block-fusion: the fusion level (default: cross-layer)."""
+    level = p.add_mutually_exclusive_group()
+    level.add_argument("--no-fuse", action="store_true", help="one kernel per layer instead of fused groups")
+    level.add_argument("--block-fusion", action="store_true",
+                       help="fuse within blocks only: in training each block writes its output, where by default "
+                            "the next conv normalises and activates it as it loads it (cross-layer fusion)")
+
+
+def _fuse(args) -> bool | str:
+    """compile()'s fuse for the fusion options."""
+    return False if args.no_fuse else "block" if args.block_fusion else True
 
 
 def _bench(args) -> int:
@@ -79,7 +94,7 @@ def _bench(args) -> int:
 
 def _emit(args) -> int:
     from .emit import emit
-    text = emit(api.parse(Path(args.file)), fuse=not args.no_fuse)
+    text = emit(api.parse(Path(args.file)), fuse=_fuse(args))
     if args.output in (None, "-"):
         print(text, end="")
         return 0
@@ -110,24 +125,27 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=int, default=1, help="batch size for the byte counts (default: 1)")
     pl.add_argument("--dtype", choices=sorted(ITEMSIZE), default="fp32", help="element type (default: fp32)")
     pl.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    pl.add_argument("--block-fusion", action="store_true",
+                    help="show block-level fusion (each block writes its output in training) instead of cross-layer")
     pl.set_defaults(run=_plan)
     bench = sub.add_parser("bench", help="time fused, unfused, eager PyTorch and torch.compile on a GPU",
                            description="Time the network on one CUDA GPU, side by side in one run: the triton "
-                                       "backend fused and unfused, the reference backend (eager PyTorch, cuDNN) "
+                                       "backend fused (cross-layer), fused at block level and unfused, the "
+                                       "reference backend (eager PyTorch, cuDNN) "
                                        "in NCHW and channels_last, and torch.compile of it; inference and one "
                                        "training step. Medians with p20/p80 from triton.testing.do_bench, and "
                                        "each row's fraction of the roofline: the fused plan's modelled bytes at "
                                        "the copy bandwidth or its FLOPs at the matmul rate, both measured in the "
-                                       "same run. --groups times each fused group against the same layers "
-                                       "unfused and eager instead. Needs a GPU.")
+                                       "same run. --groups times each block-level fused group against the same "
+                                       "layers unfused and eager instead. Needs a GPU.")
     bench.add_argument("file", help="the .cnn file")
     bench.add_argument("--batch", type=int, default=64, help="batch size (default: 64)")
     bench.add_argument("--dtype", choices=sorted(ITEMSIZE), default="bf16", help="element type (default: bf16)")
     bench.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls in every provider")
     bench.add_argument("--providers", nargs="+", metavar="NAME",
-                       choices=["fused", "unfused", "eager", "eager_cl", "compile"],
-                       help="which to time: fused, unfused, eager (NCHW), eager_cl (channels_last), compile "
-                            "(default: all five; not with --groups)")
+                       choices=["fused", "fused_block", "unfused", "eager", "eager_cl", "compile"],
+                       help="which to time: fused (cross-layer), fused_block (block-level fusion), unfused, eager "
+                            "(NCHW), eager_cl (channels_last), compile (default: all six; not with --groups)")
     bench.add_argument("--groups", action="store_true",
                        help="time every fused group of the plan against the same layers unfused and eager "
                             "(inference, and forward + backward in training): one row per group with the "
@@ -171,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Triton kernels and the forward/backward launch sequence of the network.")
     em.add_argument("file", help="the .cnn file")
     em.add_argument("-o", "--output", help="where to write the module (default: standard output)")
-    em.add_argument("--no-fuse", action="store_true", help="one kernel per layer")
+    _fusion_options(em)
     em.set_defaults(run=_emit)
     return p
 

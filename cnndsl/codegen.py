@@ -34,10 +34,16 @@ def runner_of(qualified: str) -> str:
 def lower(net: ir.Network, plan: Plan) -> Program:
     """The launch steps of a plan, one per group, in execution order, for forward and logits."""
     steps = []
+    deferred = {g.output.id: g for g in plan.groups if g.deferred}
     for g, group in enumerate(plan.groups):
         if group.rule in BY_NAME:
             rule = BY_NAME[group.rule]
             runner, (inputs, params, spec) = rule.runner, rule.step(net, group.nodes)
+            if group.deferred:
+                spec = replace(spec, defer=True)
+            if group.nodes[0].inputs[0] in deferred:  # its input may come as the producer's z
+                producer = rule.step(net, deferred[group.nodes[0].inputs[0]].nodes)[2]
+                spec = replace(spec, prologue=producer.act1)
         else:
             op = REGISTRY[group.nodes[0].op.value]
             runner, (inputs, params, spec) = op.runner, op.step(net, group.nodes[0])

@@ -1,10 +1,17 @@
 """Planning: group the IR's ops into the kernels that run them, by the fusion rules of
 rules.py (data: a chain of stages, each an op that may join the group when its `fits` check
 passes); a chain only grows through values that nothing else reads. fuse=False is the same
-planner with every group cut to one op. Groups run in the order of their last node, so the
-shortcut of a residual add is ready before the group that adds it in its epilogue."""
+planner with every group cut to one op, fuse="block" stops at block-level fusion. Groups run in
+the order of their last node, so the shortcut of a residual add is ready before the group that
+adds it in its epilogue.
 
-from dataclasses import dataclass
+Cross-layer fusion (fuse=True): a conv block with batch norm or an activation (and no shortcut
+or pool) whose output only the next conv reads defers its epilogue in training: it hands that
+conv its z and batch norm's per-channel scale and shift, and the conv normalises and activates
+each tile as it loads it, so the block's output is never written (`Group.output_note` says,
+for every such block, whether and why)."""
+
+from dataclasses import dataclass, replace
 
 from . import ir
 from .ir import Op
@@ -33,6 +40,8 @@ class Group:
     forward: tuple[str, ...]  # kernels of a training forward pass
     backward: tuple[str, ...]
     reason: str | None = None  # why the next op did not join, where a rule could have taken it
+    deferred: bool = False  # in training, its output goes to the next conv as z, scale and shift
+    output_note: str | None = None  # for a conv block that could defer: whether its output is written, why
 
     @property
     def name(self) -> str:
@@ -52,14 +61,22 @@ class Plan:
     network: str
     groups: tuple[Group, ...]
     fused: bool
+    cross_layer: bool = False  # whether blocks defer their epilogue to the next conv (fuse=True)
+
+    @property
+    def level(self) -> str:
+        """"fused" (cross-layer, the default), "fused, block-level" or "unfused"."""
+        return "fused" if self.cross_layer else "fused, block-level" if self.fused else "unfused"
 
     def __str__(self) -> str:
-        lines = [f"plan for {self.network}: {len(self.groups)} groups ({'fused' if self.fused else 'unfused'})"]
+        lines = [f"plan for {self.network}: {len(self.groups)} groups ({self.level})"]
         for i, g in enumerate(self.groups):
             kernels = ", ".join(g.inference) or "(view, no kernel)"
             lines.append(f"  {i:>3}  {g.name:<28} {'+'.join(g.ops):<34} {kernels}")
             if g.reason:
                 lines.append(f"       not fused further: {g.reason}")
+            if g.output_note:
+                lines.append(f"       in training: {g.output_note}")
         return "\n".join(lines)
 
 
@@ -102,8 +119,60 @@ def _rule_of(node: ir.Node) -> str:
     return next((r.name for r in RULES for s in r.stages if s.required and s.op is node.op), node.op.value)
 
 
-def plan(net: ir.Network, fuse: bool = True) -> Plan:
-    """Group the network's ops: greedily, in node order, the longest chain a rule covers."""
+def _deferral(net: ir.Network, readers, groups: list[Group]) -> dict[int, tuple[bool, str]]:
+    """Group index -> (deferred, why) for each conv block with batch norm or an activation and no
+    shortcut or pool. It defers where only the conv of another conv block reads its output, as
+    that conv's input, with 16 or more channels per group or depthwise (fewer are padded with
+    zeros, which normalising on load would not keep zero)."""
+    first = {g.nodes[0].id: g for g in groups if g.rule == "conv_block"}
+    notes = {}
+    for i, g in enumerate(groups):
+        ops = {n.op for n in g.nodes}
+        if g.rule != "conv_block" or not ops & {Op.BATCHNORM, Op.ACTIVATION} or ops & {Op.ADD, Op.POOL}:
+            continue
+        out, rd = g.output, readers[g.output.id]
+        if not rd:
+            notes[i] = False, "its output is written: it is the network's output"
+        elif len(rd) > 1:
+            notes[i] = False, f"its output is written: {len(rd)} layers read it ({', '.join(r.name for r in rd)})"
+        elif rd[0].id not in first or rd[0].inputs[0] != out.id:
+            notes[i] = False, f"its output is written: {rd[0].name} ({rd[0].op.value}) reads it, not a conv's input"
+        else:
+            c, conv = out.shape[0], rd[0].attrs
+            cin_g, cout_g = c // conv.groups, conv.filters // conv.groups
+            if cin_g < 16 and not (cin_g == 1 and cout_g == 1):
+                notes[i] = False, (f"its output is written: {rd[0].name} reads {cin_g} channels per group, padded "
+                                   f"to 16 with zeros that normalising on load would not keep zero")
+            else:
+                does = " and ".join(w for w, o in (("normalises", Op.BATCHNORM), ("activates", Op.ACTIVATION))
+                                    if o in ops)
+                notes[i] = True, f"its output is not written: {rd[0].name} {does} z as it loads it"
+    return notes
+
+
+def _cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:
+    """The groups with deferral applied: a deferred block's training forward launches no epilogue
+    pass, and its reader's conv kernels load through the prologue."""
+    notes = _deferral(net, readers, groups)
+    deferred_outputs = {groups[i].output.id for i, (on, _) in notes.items() if on}
+    out = []
+    for i, g in enumerate(groups):
+        on, note = notes.get(i, (False, None))
+        forward, backward = g.forward, g.backward
+        if on:
+            forward = tuple(k for k in forward if k != "epilogue_fwd")
+        if g.rule == "conv_block" and g.nodes[0].inputs[0] in deferred_outputs:
+            forward = tuple(f"prologue+{k}" if k.startswith("conv_fwd") else k for k in forward)
+            backward = tuple(f"prologue+{k}" if k == "conv_bwd_weight" else k for k in backward)
+        out.append(replace(g, forward=forward, backward=backward, deferred=on, output_note=note))
+    return out
+
+
+def plan(net: ir.Network, fuse: bool | str = True) -> Plan:
+    """Group the network's ops: greedily, in node order, the longest chain a rule covers; with
+    fuse=True, blocks then defer their epilogue to the next conv where they can (cross-layer)."""
+    if not (fuse is True or fuse is False or fuse == "block"):
+        raise ValueError(f"fuse: expected True (cross-layer), \"block\" or False, got {fuse!r}")
     readers, taken, groups = _readers(net), set(), []
     for node in net.nodes[1:]:
         if node.id in taken:
@@ -120,7 +189,9 @@ def plan(net: ir.Network, fuse: bool = True) -> Plan:
         taken.update(n.id for n in chain)
         groups.append(Group(rule, tuple(chain), *_kernels(rule, tuple(n.op for n in chain)), reason))
     groups.sort(key=lambda g: g.output.id)
-    return Plan(net.name, tuple(groups), fused=fuse)
+    if fuse is True:
+        groups = _cross_layer(net, readers, groups)
+    return Plan(net.name, tuple(groups), fused=bool(fuse), cross_layer=fuse is True)
 
 
 def traffic(net: ir.Network, group: Group, batch: int, itemsize: int) -> dict[str, tuple[int, int]]:
@@ -156,5 +227,5 @@ def traffic(net: ir.Network, group: Group, batch: int, itemsize: int) -> dict[st
         y = act(out)
         argmax = y // itemsize if out.op is Op.POOL and out.attrs.mode == "max" else 0
         fused_train = rule.train_bytes(Bytes(frozenset(ops), ext, weights, inp(gemm), act(gemm), y,
-                                             ext - inp(gemm), argmax))
+                                             ext - inp(gemm), argmax, group.deferred))
     return {"inference": (fused_inf, unfused_inf), "training": (fused_train, unfused_train)}

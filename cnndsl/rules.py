@@ -50,6 +50,7 @@ class Bytes:
     y: int
     res: int
     argmax: int
+    deferred: bool = False  # the group hands z, scale and shift to the next conv (cross-layer fusion)
 
     @property
     def grads(self) -> int:  # input and weight gradients: read dz, w, x; write dx, dw
@@ -112,7 +113,10 @@ def _conv_kernels(ops):
 
 
 def _conv_bytes(b: Bytes) -> int:
-    forward = b.ext + b.weights + b.z + (b.z + b.res + b.y + b.argmax)  # the GEMM writes z; the epilogue pass
+    # the GEMM writes z; the epilogue pass reads z (and the shortcut) and writes y, unless the next conv
+    # reads z in y's place (deferred: the same bytes there, counted as its input)
+    epilogue = 0 if b.deferred else b.z + b.res + b.y + b.argmax
+    forward = b.ext + b.weights + b.z + epilogue
     backward = (b.y + b.argmax + b.z + 2 * b.res + b.z) + (3 * b.z if Op.BATCHNORM in b.ops else 0) + b.grads
     return forward + backward
 

@@ -76,7 +76,10 @@ class BatchNormSpec:
 @dataclass(frozen=True)
 class ConvBlock:
     """A conv block, conv -> [batch norm] -> act1 -> [+ shortcut] -> act2 -> [pool]; a lone conv
-    has every other stage off (kernels/conv_block.py)."""
+    has every other stage off (kernels/conv_block.py). Cross-layer fusion (plan.py): a block with
+    `defer` hands its z, scale and shift to the next conv instead of writing its output when it
+    trains, and that conv's block, with `prologue` (its producer's act1), normalises and
+    activates its input as it loads it."""
 
     geometry: ConvGeometry
     bn: BatchNormSpec | None = None
@@ -84,6 +87,8 @@ class ConvBlock:
     residual: bool = False
     act2: Act = NO_ACT
     pool: Window | None = None
+    prologue: Act | None = None
+    defer: bool = False
 
     @property
     def epilogue(self) -> bool:

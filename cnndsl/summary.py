@@ -66,8 +66,9 @@ def plan_json(net: ir.Network, fused, unfused, batch: int, itemsize: int, train:
         moved = traffic(net, g, batch, itemsize)[mode]
         groups.append({"name": g.name, "rule": g.rule, "ops": list(g.ops),
                        "kernels": list(g.forward + g.backward if train else g.inference),
-                       "bytes": moved[0], "unfused_bytes": moved[1], "not_fused_further": g.reason})
-    return {"network": net.name, "mode": mode, "batch": batch, "bytes_per_element": itemsize,
+                       "bytes": moved[0], "unfused_bytes": moved[1], "not_fused_further": g.reason,
+                       "deferred": g.deferred, "training_output": g.output_note})
+    return {"network": net.name, "mode": mode, "fusion": fused.level, "batch": batch, "bytes_per_element": itemsize,
             "groups": groups, "fused_groups": len(fused.groups), "unfused_groups": len(unfused.groups),
             "fused_kernels": sum(len(g["kernels"]) for g in groups),
             "unfused_kernels": sum(len(g.forward + g.backward if train else g.inference) for g in unfused.groups),
@@ -77,7 +78,8 @@ def plan_json(net: ir.Network, fused, unfused, batch: int, itemsize: int, train:
 def plan_table(net: ir.Network, fused, unfused, batch: int, itemsize: int, train: bool) -> str:
     """`cnndsl plan`: one row per fused group with its ops, kernels and modelled MB moved."""
     j = plan_json(net, fused, unfused, batch, itemsize, train)
-    lines = [(f"plan for {net.name} ({j['mode']}, batch {batch}, {itemsize}-byte elements): "
+    level = "" if j["fusion"] == "fused" else ", block-level fusion"  # the default level goes unsaid
+    lines = [(f"plan for {net.name} ({j['mode']}{level}, batch {batch}, {itemsize}-byte elements): "
               f"{j['fused_groups']} fused groups ({j['unfused_groups']} unfused), "
               f"{j['fused_kernels']} kernels ({j['unfused_kernels']} unfused)"),
              f"  {'#':>3}  {'group':<30} {'ops':<36} {'MB fused':>9} {'unfused':>9}  kernels"]
@@ -86,6 +88,8 @@ def plan_table(net: ir.Network, fused, unfused, batch: int, itemsize: int, train
                      f"{_mb(g['unfused_bytes']):>9}  {', '.join(g['kernels']) or '(view, no kernel)'}")
         if g["not_fused_further"]:
             lines.append(f"       not fused further: {g['not_fused_further']}")
+        if train and g["training_output"]:
+            lines.append(f"       {g['training_output']}")
     lines.append(f"  total MB moved: {_mb(j['bytes'])} fused, {_mb(j['unfused_bytes'])} unfused "
                  f"({j['unfused_bytes'] / max(j['bytes'], 1):.2f}x); a model: each kernel reads its inputs "
                  "and writes its outputs once")

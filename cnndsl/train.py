@@ -44,7 +44,7 @@ class Options:
     seed: int = 0
     device: str | None = None  # None: cuda when there is one, else cpu
     dtype: str = "fp32"
-    fuse: bool = True
+    fuse: bool | str = True  # True: cross-layer fusion, "block": block-level, False: unfused
     backend: str = "triton"
     out: str | None = None  # None: runs/<network name>
     resume: str | None = None  # a checkpoint path; "" for <out>/last.pt
@@ -245,7 +245,7 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
     torch.manual_seed(opts.seed)
     model = api.compile(net, backend=opts.backend, fuse=opts.fuse, device=opts.device, dtype=DTYPES[opts.dtype])
     if opts.backend == "triton":
-        log(f"backend: triton ({'fused' if opts.fuse else 'unfused'}), {_where(model)}")
+        log(f"backend: triton ({model.plan.level}), {_where(model)}")
         log(str(model.plan))
     else:
         log(f"backend: torch (the reference: eager PyTorch) on {model.device}")
@@ -277,7 +277,7 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
 
 
 def evaluate(file: str | Path, weights: str | Path, data_spec: str | None = None, batch_size: int = 256,
-             device: str | None = None, backend: str = "triton", fuse: bool = True, dtype: str = "fp32") -> float:
+             device: str | None = None, backend: str = "triton", fuse: bool | str = True, dtype: str = "fp32") -> float:
     """The accuracy of the checkpoint `weights` on the held-out split of `data_spec`."""
     if batch_size < 1:
         raise CnnInputError(f"--batch-size must be at least 1, got {batch_size}")

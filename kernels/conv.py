@@ -31,6 +31,7 @@ from .conv_epilogue import (
     pool_rows,
     tile_stats,
 )
+from .prologue import Prologue, apply_prologue, prologue_args
 
 _MIN_BLOCK_M = 16  # the smallest BLOCK_M any launch uses (interpreter sizing; GPU configs use 64+)
 # 8-warp BLOCK_K=64 tiles at BLOCK_N=64 are for 64-channel layers (the prune keeps BLOCK_N <= 64 there).
@@ -52,7 +53,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 @autotune(_CONV_CONFIGS, key=["M", "CIN_G", "COUT_G", "RC", "SC", "DEPTHWISE", "ACT", "HAS_RES", "ACT2", "POOL",
-                             "TAPS", "STATS", "INT64"],
+                             "TAPS", "STATS", "INT64", "PROLOGUE"],
           interpret={"BLOCK_M": ("M", _MIN_BLOCK_M, 512), "BLOCK_N": (_cols, 16, 128), "BLOCK_K": ("CIN_G", 16, 64)},
           prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics({"EVEN_K": lambda a: a["CIN_G"] % a["BLOCK_K"] == 0,
@@ -65,6 +66,8 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
                  R, S, R0, S0, RSTEP, SSTEP, RC, SC,  # taps visited: r = R0 + j*RSTEP, j < RC
                  DH0, DW0, DH_STEP, DW_STEP,  # the src shift of tap j: DH0 + j*DH_STEP
                  slope, slope2, PKH, PKW, pool_sh, pool_sw, pool_ph, pool_pw,  # POOL: y (N, GH, GW, COUT)
+                 pro_scale_ptr, pro_shift_ptr, pro_slope,  # PROLOGUE: x is z, read as act(z scale + shift), (CIN,)
+                 PROLOGUE: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
                  DEPTHWISE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
                  ACT2: tl.constexpr, POOL: tl.constexpr, TAPS: tl.constexpr, STATS: tl.constexpr,
                  INT64: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
@@ -123,6 +126,9 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
             ok = ((rows_in >> tr) & (cols_in >> ts) & 1) != 0
             a = tl.load(x_ptr + (row + (dh * W + dw) * CIN)[:, None] + col[None, :],
                         mask=ok[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+            if PROLOGUE:
+                a = apply_prologue(a, pro_scale_ptr, pro_shift_ptr, col, n_mask, ok, PRO_AFFINE, PRO_ACT,
+                                   pro_slope)
             tap = (R0 + tr * RSTEP) * S + S0 + ts * SSTEP
             wv = tl.load(w_ptr + col * (R * S) + tap, mask=n_mask, other=0.0).to(tl.float32)
             acc += a * wv[None, :]
@@ -149,6 +155,10 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
                 k_mask = k0 + offs_k < CIN_G
                 a = tl.load(a_ptrs, mask=ok[:, None] & k_mask[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if PROLOGUE:  # y = act(z scale + shift) of the tile's channels; the padding stays 0
+                ch = k0 + offs_k
+                a = apply_prologue(a, pro_scale_ptr + g * CIN_G, pro_shift_ptr + g * CIN_G, ch, ch < CIN_G, ok,
+                                   PRO_AFFINE, PRO_ACT, pro_slope)
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
             cb += 1
             wrap = cb == NCB
@@ -232,12 +242,13 @@ def _pad_channels(src, wt, groups, cin_g):
 
 
 def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, padding, dilation,
-                 transposed, out_hw, ep: Epilogue = PLAIN_EPILOGUE):
+                 transposed, out_hw, ep: Epilogue = PLAIN_EPILOGUE, prologue: Prologue | None = None):
     oh, ow = out_hw  # the conv's output; dst is (N, POH, POW, K) when the epilogue pools
     cout = dst.shape[3]
+    depthwise = cin_g == 1 and cout_g == 1
+    pro = prologue_args(prologue, src, cin_g, depthwise)
     if dst.numel() == 0:
         return
-    depthwise = cin_g == 1 and cout_g == 1
     if not depthwise and cin_g < _MIN_GEMM_K:
         src, wt = _pad_channels(src, wt, groups, cin_g)
         cin_g = _MIN_GEMM_K
@@ -264,20 +275,21 @@ def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, paddin
                                dst, dst if ep.part is None else ep.part,
                                m, h, w, cin, oh, ow, cout, cin_g, cout_g, gh, gw, p0_h, p0_w, dst_sh, dst_sw,
                                src_sh, src_sw, src_oh, src_ow, r, s, r0, s0, rstep, sstep, rc, sc,
-                               dh0, dw0, dh_step, dw_step, *ep.slopes, *ep.window, DEPTHWISE=depthwise,
+                               dh0, dw0, dh_step, dw_step, *ep.slopes, *ep.window, **pro, DEPTHWISE=depthwise,
                                HAS_BIAS=bias is not None, INT64=int64, DOT_DTYPE=dot_dtype(src.dtype),
                                PRECISION=dot_precision(src.dtype), **ep.meta)
 
 
 def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, residual=None, act2: Act = NO_ACT,
-                   pool: Window | None = None, stats: bool = False):
+                   pool: Window | None = None, stats: bool = False, prologue: Prologue | None = None):
     """y = pool(act2(act(conv(x, w) + bias) + residual)) for x (N, H, W, C) NHWC and w (K, C/groups,
     R, S); geometry.padding is the top/left pad (more padding at the bottom/right falls out of
     geometry.out_hw = (OH, OW)). residual (N, OH, OW, K) in x.dtype or None; pool None or a
     non-overlapping Window over (OH, OW) of at most specs.MAX_POOL_TAPS taps (max for inference:
     no argmax); y is (N, OH, OW, K), or (N, POH, POW, K) pooled. stats=True (nothing else fused)
     returns (y, mean (K,), var (K,)): the fp32 batch statistics (var biased) of the post-bias
-    value over the N*OH*OW pixels, from per-tile partials the epilogue writes."""
+    value over the N*OH*OW pixels, from per-tile partials the epilogue writes. With a prologue,
+    x is z and the conv reads act(z scale + shift) (prologue.py)."""
     check_tensor(x, "x", ndim=4)
     check_tensor(w, "w", ndim=4, dtype=x.dtype, device=x.device)
     n, _, _, c = x.shape
@@ -294,7 +306,8 @@ def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, res
     y = torch.empty(y_shape, dtype=x.dtype, device=x.device)
     groups = geometry.groups
     wt = w.view(groups, k // groups, cin_g, r, s).permute(0, 3, 4, 2, 1).contiguous()  # (G, R, S, C/g, K/g)
-    _launch_conv(x, wt, bias, y, groups, cin_g, k // groups, r, s, stride, padding, dilation, False, (oh, ow), ep)
+    _launch_conv(x, wt, bias, y, groups, cin_g, k // groups, r, s, stride, padding, dilation, False, (oh, ow), ep,
+                 prologue)
     if not stats:
         return y
     rows = _conv_kernel.best_config.kwargs["BLOCK_M"] if m else _MIN_BLOCK_M  # the tiles the launch used
@@ -320,8 +333,9 @@ def conv2d_backward_input(dy, w, geometry: ConvGeometry, in_hw):
     return dx
 
 
-def conv2d_backward_weight(x, dy, w_shape, geometry: ConvGeometry, need_bias_grad):
-    """(dw with shape w_shape, db (K,) or None), both in x.dtype, for x (N, H, W, C), dy (N, OH, OW, K)."""
+def conv2d_backward_weight(x, dy, w_shape, geometry: ConvGeometry, need_bias_grad, prologue: Prologue | None = None):
+    """(dw with shape w_shape, db (K,) or None), both in x.dtype, for x (N, H, W, C), dy (N, OH, OW, K);
+    with a prologue, x is z and the input is act(z scale + shift), recomputed on load."""
     check_tensor(x, "x", ndim=4)
     check_tensor(dy, "dy", ndim=4, dtype=x.dtype, device=x.device)
     w_shape = tuple(w_shape)
@@ -329,4 +343,4 @@ def conv2d_backward_weight(x, dy, w_shape, geometry: ConvGeometry, need_bias_gra
     k = dy.shape[3]
     check(dy.shape[0] == n, f"dy: expected batch {n}, got shape {tuple(dy.shape)}")
     stride, padding, dilation, _ = _geometry(w_shape, c, k, geometry)
-    return weight_grad(x, dy, w_shape, stride, padding, dilation, geometry.groups, bool(need_bias_grad))
+    return weight_grad(x, dy, w_shape, stride, padding, dilation, geometry.groups, bool(need_bias_grad), prologue)

@@ -16,6 +16,7 @@ from ._common import (
     elementwise_tiles,
     gemm_config,
 )
+from .prologue import apply_prologue, prologue_args
 
 # BLOCK_M output channels x BLOCK_N input channels of one tap, BLOCK_K rows per step. No 128x128
 # tile on 8 warps for 16-bit types: ptxas serializes its wgmma (C7515) with this kernel's row
@@ -37,9 +38,13 @@ _MIN_GEMM_N = 16  # input channels per group a tap's tile holds at least: fewer 
 
 def _prune(configs, named_args, **kwargs):
     """The configs of the operands' dtype, less tiles far wider than a group's channels (the padded
-    stem's 16)."""
+    stem's 16). A prologue holds the input tile in registers beside the accumulator, to transform
+    it before it goes back to shared memory for wgmma: tiles past 192 fp32 registers a thread spill."""
     mine = _CONFIGS_FP32 if named_args["x_ptr"].element_size() == 4 else _CONFIGS_16BIT
     configs = [c for c in configs if any(c is m for m in mine)]
+    if {**named_args, **kwargs}.get("PROLOGUE"):
+        configs = [c for c in configs if (c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_K"]) * c.kwargs["BLOCK_N"]
+                   <= 192 * 32 * c.num_warps] or configs
     rows = max(64, triton.next_power_of_2(named_args["COUT_G"]))
     cols = max(16, triton.next_power_of_2(named_args["CIN_G"]))
     return [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_N"] <= cols] or configs
@@ -78,7 +83,7 @@ def _inside(i, size):
     return i.to(tl.uint32, bitcast=True) < size.to(tl.uint32)
 
 
-@autotune(_CONFIGS_16BIT + _CONFIGS_FP32, key=["P", "CIN_G", "COUT_G", "RS", "HAS_BIAS", "INT64"],
+@autotune(_CONFIGS_16BIT + _CONFIGS_FP32, key=["P", "CIN_G", "COUT_G", "RS", "HAS_BIAS", "INT64", "PROLOGUE"],
           interpret={"BLOCK_M": ("COUT_G", 16, 128), "BLOCK_N": ("CIN_G", 16, 128), "BLOCK_K": (_row_block, 16, 512)},
           prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics({"EVEN_P": lambda a: a["P"] % a["BLOCK_K"] == 0,
@@ -88,6 +93,8 @@ def _inside(i, size):
 def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, K) = (N*OH*OW, K)
                     P, H, W, C, OH, OW, K, CIN_G, COUT_G, S, RS, CHUNK,  # part (split, K, RS*CIN_G), dbp (split, K)
                     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                    pro_scale_ptr, pro_shift_ptr, pro_slope,  # PROLOGUE: x is z, read as act(z scale + shift), (C,)
+                    PROLOGUE: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
                     HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_DTYPE: tl.constexpr,
                     PRECISION: tl.constexpr, EVEN_P: tl.constexpr, EVEN_M: tl.constexpr,
                     EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -140,6 +147,9 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
             b = tl.load(b_ptrs, mask=row_ok[:, None], other=0.0)
         else:
             b = tl.load(b_ptrs, mask=row_ok[:, None] & c_mask[None, :], other=0.0)
+        if PROLOGUE:  # the input recomputed from z: act(z scale + shift), 0 in the padding
+            b = apply_prologue(b, pro_scale_ptr + g * CIN_G, pro_shift_ptr + g * CIN_G, offs_c, c_mask, row_ok,
+                               PRO_AFFINE, PRO_ACT, pro_slope)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
         if HAS_BIAS:
             db = tl.dot(a.to(DOT_DTYPE), e0, db, input_precision=PRECISION)
@@ -154,11 +164,13 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
         tl.store(dbp_ptr + rows, tl.sum(db, axis=1), mask=k_mask)
 
 
-@autotune(_DEPTHWISE_CONFIGS, key=["P", "C", "RS", "HAS_BIAS", "INT64"],
+@autotune(_DEPTHWISE_CONFIGS, key=["P", "C", "RS", "HAS_BIAS", "INT64", "PROLOGUE"],
           interpret={"BLOCK_M": (_row_block, 16, 512), "BLOCK_N": ("C", 16, 64)})
 @triton.jit
 def _depthwise_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, C): part (split, C, RS)
                          P, H, W, C, OH, OW, S, RS, CHUNK, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                         pro_scale_ptr, pro_shift_ptr, pro_slope, PROLOGUE: tl.constexpr,
+                         PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
                          HAS_BIAS: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # part[split, c, r*S + s] = sum over this split's rows p of dy[p, c] * x[n, ih(oh, r), iw(ow, s), c]
@@ -185,6 +197,9 @@ def _depthwise_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy
                     other=0.0).to(tl.float32)
         xv = tl.load(x_ptr + (((nh + ih) * W + iw) * C)[:, None] + offs_c[None, :],
                      mask=row_ok[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+        if PROLOGUE:
+            xv = apply_prologue(xv, pro_scale_ptr, pro_shift_ptr, offs_c, c_mask, row_ok, PRO_AFFINE, PRO_ACT,
+                                pro_slope)
         acc += d * xv
         if HAS_BIAS:
             db += d
@@ -235,8 +250,9 @@ def _pad_groups(x, groups, cin_g, width):
     return padded.view(n, h, w, groups * width)
 
 
-def weight_grad(x, dy, w_shape, stride, padding, dilation, groups, need_bias_grad):
-    """(dw (K, C/g, R, S), db (K,) or None) in x.dtype; arguments already validated by conv.py."""
+def weight_grad(x, dy, w_shape, stride, padding, dilation, groups, need_bias_grad, prologue=None):
+    """(dw (K, C/g, R, S), db (K,) or None) in x.dtype; arguments already validated by conv.py (the
+    prologue here)."""
     n, h, w, c = x.shape
     _, oh, ow, k = dy.shape
     _, cin_g, r, s = w_shape
@@ -246,6 +262,7 @@ def weight_grad(x, dy, w_shape, stride, padding, dilation, groups, need_bias_gra
         return torch.zeros(w_shape, dtype=x.dtype, device=x.device), db
     geometry = (*stride, *padding, *dilation)
     depthwise = cin_g == 1 and cout_g == 1
+    pro = prologue_args(prologue, x, cin_g, depthwise)
     width = cin_g if depthwise or cin_g >= _MIN_GEMM_N else _MIN_GEMM_N  # channels a tap's tile covers
     if width != cin_g:
         x = _pad_groups(x, groups, cin_g, width)
@@ -257,13 +274,13 @@ def weight_grad(x, dy, w_shape, stride, padding, dilation, groups, need_bias_gra
     int64 = max(x.numel(), dy.numel(), part.numel()) >= 2**31
     if depthwise:
         grid = lambda meta: (triton.cdiv(k, meta["BLOCK_N"]), r * s, split)
-        _depthwise_dw_kernel[grid](x, dy, part, dbp, rows, h, w, c, oh, ow, s, r * s, chunk, *geometry,
+        _depthwise_dw_kernel[grid](x, dy, part, dbp, rows, h, w, c, oh, ow, s, r * s, chunk, *geometry, **pro,
                                    HAS_BIAS=need_bias_grad, INT64=int64)
     else:
         grid = lambda meta: (groups * r * s * triton.cdiv(cout_g, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),
                              split)
         _conv_dw_kernel[grid](x, dy, part, dbp, rows, h, w, c, oh, ow, k, width, cout_g, s, r * s, chunk,
-                              *geometry, HAS_BIAS=need_bias_grad, INT64=int64,
+                              *geometry, **pro, HAS_BIAS=need_bias_grad, INT64=int64,
                               DOT_DTYPE=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype))
     dw = torch.empty((k, width, r, s), dtype=x.dtype, device=x.device)
     _sum_splits(part, dw, split, width, r * s)

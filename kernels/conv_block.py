@@ -10,7 +10,14 @@ every call) and the activations, the residual add and the pool run in the conv's
 With gradients it is the training path (`conv_block`): the conv writes z (and, in training, the
 batch statistics from its epilogue), one epilogue pass (epilogue.py) normalises, activates,
 adds and pools, returning z and a compact pool argmax for backward, which recomputes the rest;
-batchnorm_layer.py's op then updates the running statistics."""
+batchnorm_layer.py's op then updates the running statistics.
+
+Cross-layer fusion (specs.ConvBlock.defer and .prologue): a deferring block's training path skips
+the epilogue pass and hands on `Deferred(z, scale, shift)`; the next block's conv applies them
+as it loads its input (prologue.py), forward and weight gradient, and its input gradient is the
+gradient of the deferring block's y, whose backward is unchanged."""
+
+from typing import NamedTuple
 
 import torch
 
@@ -20,7 +27,22 @@ from .batchnorm_layer import update_running
 from .conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
 from .epilogue import BatchNormBackward, epilogue_backward, epilogue_forward
 from .fold import bn_scale_shift, fold_conv
+from .prologue import Prologue
 from .window import argmax_dtype
+
+
+class Deferred(NamedTuple):
+    """A deferring block's output in training: z (N, H, W, K) and the per-channel fp32 scale and
+    shift of its batch norm (None without one); its reader computes y = act1(z scale + shift) as it
+    loads z."""
+
+    z: torch.Tensor
+    scale: torch.Tensor | None
+    shift: torch.Tensor | None
+
+
+def _prologue(s, pro, pro_scale, pro_shift):
+    return Prologue(pro_scale, pro_shift, s.prologue) if pro else None
 
 
 def _shape(x, s, pooled: bool):
@@ -31,13 +53,17 @@ def _shape(x, s, pooled: bool):
 # --- inference: one kernel, batch norm folded ---------------------------------------------------
 
 _inference = define(
-    "conv_block_inference", "(Tensor x, Tensor w, Tensor? b, Tensor? residual, str spec) -> Tensor",
-    lambda x, w, b, residual, spec: _inference_impl(x, w, b, residual, decode(spec)),
-    lambda x, w, b, residual, spec: x.new_empty((*_shape(x, decode(spec), True), w.shape[0])))
+    "conv_block_inference", "(Tensor x, Tensor w, Tensor? b, Tensor? residual, bool pro, Tensor? pro_scale, "
+    "Tensor? pro_shift, str spec) -> Tensor",
+    lambda x, w, b, residual, pro, pro_scale, pro_shift, spec: _inference_impl(x, w, b, residual, pro, pro_scale,
+                                                                             pro_shift, decode(spec)),
+    lambda x, w, b, residual, pro, pro_scale, pro_shift, spec: x.new_empty((*_shape(x, decode(spec), True),
+                                                                           w.shape[0])))
 
 
-def _inference_impl(x, w, b, residual, s):
-    return conv2d_forward(x, w, b, s.geometry, s.act1, residual=residual, act2=s.act2, pool=s.pool)
+def _inference_impl(x, w, b, residual, pro, pro_scale, pro_shift, s):
+    return conv2d_forward(x, w, b, s.geometry, s.act1, residual=residual, act2=s.act2, pool=s.pool,
+                          prologue=_prologue(s, pro, pro_scale, pro_shift))
 
 
 _fold = define(
@@ -60,35 +86,37 @@ def _folded(cache, w, b, bn_w, bn_b, mean, var, eps):
 
 # --- training: the conv with batch statistics, one epilogue pass; its backward ----------------------
 
-def _train_impl(x, residual, w, b, bn_w, bn_b, mean, var, spec, train):
+def _train_impl(x, residual, w, b, bn_w, bn_b, mean, var, pro, pro_scale, pro_shift, spec, train):
     s = decode(spec)
     batch_stats = s.bn is not None and train
+    prologue = _prologue(s, pro, pro_scale, pro_shift)
     if batch_stats:
-        z, mean, var = conv2d_forward(x, w, b, s.geometry, stats=True)
+        z, mean, var = conv2d_forward(x, w, b, s.geometry, stats=True, prologue=prologue)
     else:
-        z = conv2d_forward(x, w, b, s.geometry)
+        z = conv2d_forward(x, w, b, s.geometry, prologue=prologue)
     scale = shift = None
     if s.bn is not None:
         scale, shift = bn_scale_shift(mean, var, s.bn.eps, bn_w, bn_b)
-    y, argmax = epilogue_forward(z, scale, shift, s.act1, residual, s.act2, s.pool) if s.epilogue else (z, None)
+    epilogue = s.epilogue and not s.defer  # a deferring block's y is computed by its reader
+    y, argmax = epilogue_forward(z, scale, shift, s.act1, residual, s.act2, s.pool) if epilogue else (z, None)
     keep = lambda t, on: t if on and t is not None else absent(x, torch.float32)
-    return (y, z if s.epilogue else absent(x), absent(x, torch.int8) if argmax is None else argmax,
+    return (y, z if epilogue else absent(x), absent(x, torch.int8) if argmax is None else argmax,
             keep(mean, batch_stats), keep(var, batch_stats), keep(scale, True), keep(shift, True))
 
 
-def _train_fake(x, residual, w, b, bn_w, bn_b, mean, var, spec, train):
+def _train_fake(x, residual, w, b, bn_w, bn_b, mean, var, pro, pro_scale, pro_shift, spec, train):
     s = decode(spec)
     k, stat = w.shape[0], s.bn is not None
     y = x.new_empty((*_shape(x, s, True), k))
     channels = lambda on: x.new_empty(k, dtype=torch.float32) if on else absent(x, torch.float32)
     argmax = y.new_empty(y.shape, dtype=argmax_dtype(s.pool.taps)) if s.pool and s.pool.mode == "max" \
         else absent(x, torch.int8)
-    return (y, x.new_empty((*_shape(x, s, False), k)) if s.epilogue else absent(x), argmax,
+    return (y, x.new_empty((*_shape(x, s, False), k)) if s.epilogue and not s.defer else absent(x), argmax,
             channels(stat and train), channels(stat and train), channels(stat), channels(stat))
 
 
-def _backward_impl(dy, x, w, z, residual, scale, shift, mean, var, bn_w, argmax, spec, train, bn_grads,
-                   input_grad, weight_grad, has_bias):
+def _backward_impl(dy, x, w, z, residual, scale, shift, mean, var, bn_w, argmax, pro, pro_scale, pro_shift, spec,
+                   train, bn_grads, input_grad, weight_grad, has_bias):
     s = decode(spec)
     dres = dbn_w = dbn_b = None
     dz = dy
@@ -99,12 +127,13 @@ def _backward_impl(dy, x, w, z, residual, scale, shift, mean, var, bn_w, argmax,
         dz, dres, dbn_w, dbn_b = epilogue_backward(dy, z, present(scale), present(shift), s.act1, residual,
                                                    s.act2, s.pool, present(argmax), stats)
     dx = conv2d_backward_input(dz, w, s.geometry, tuple(x.shape[1:3])) if input_grad else None
-    dw, db = conv2d_backward_weight(x, dz, tuple(w.shape), s.geometry, has_bias) if weight_grad else (None, None)
+    dw, db = conv2d_backward_weight(x, dz, tuple(w.shape), s.geometry, has_bias, _prologue(s, pro, pro_scale, pro_shift)) \
+        if weight_grad else (None, None)
     return tuple(absent(x) if t is None else t for t in (dx, dres, dw, db, dbn_w, dbn_b))
 
 
-def _backward_fake(dy, x, w, z, residual, scale, shift, mean, var, bn_w, argmax, spec, train, bn_grads,
-                   input_grad, weight_grad, has_bias):
+def _backward_fake(dy, x, w, z, residual, scale, shift, mean, var, bn_w, argmax, pro, pro_scale, pro_shift, spec,
+                   train, bn_grads, input_grad, weight_grad, has_bias):
     s = decode(spec)
     like = lambda t, on: torch.empty_like(t) if on else absent(x)
     return (like(x, input_grad), like(residual, residual is not None and s.epilogue), like(w, weight_grad),
@@ -114,46 +143,54 @@ def _backward_fake(dy, x, w, z, residual, scale, shift, mean, var, bn_w, argmax,
 
 _backward = define(
     "conv_block_backward", "(Tensor dy, Tensor x, Tensor w, Tensor z, Tensor? residual, Tensor scale, "
-    "Tensor shift, Tensor? mean, Tensor? var, Tensor? bn_w, Tensor argmax, str spec, bool train, bool bn_grads, "
+    "Tensor shift, Tensor? mean, Tensor? var, Tensor? bn_w, Tensor argmax, bool pro, Tensor? pro_scale, "
+    "Tensor? pro_shift, "
+    "str spec, bool train, bool bn_grads, "
     "bool input_grad, bool weight_grad, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     _backward_impl, _backward_fake)
 
 
 def _setup(ctx, inputs, output):
-    x, residual, w, b, bn_w, _, mean_in, var_in, ctx.spec, ctx.train = inputs
+    x, residual, w, b, bn_w, _, mean_in, var_in, ctx.pro, pro_scale, pro_shift, ctx.spec, ctx.train = inputs
     y, z, argmax, mean, var, scale, shift = output
     ctx.mark_non_differentiable(z, argmax, mean, var, scale, shift)
     batch_stats = present(mean) is not None
     ctx.has_bias = b is not None
     ctx.save_for_backward(x, w, y if present(z) is None else z, residual, scale, shift,
-                          mean if batch_stats else mean_in, var if batch_stats else var_in, bn_w, argmax)
+                          mean if batch_stats else mean_in, var if batch_stats else var_in, bn_w, argmax, pro_scale,
+                          pro_shift)
 
 
 def _block_backward(ctx, dy, *_):
-    x, w, z, residual, scale, shift, mean, var, bn_w, argmax = ctx.saved_tensors
+    x, w, z, residual, scale, shift, mean, var, bn_w, argmax, pro_scale, pro_shift = ctx.saved_tensors
     need = ctx.needs_input_grad
     bn_grads = bn_w is not None and (need[4] or need[5])
-    grads = _backward(dy.contiguous(), x, w, z, residual, scale, shift, mean, var, bn_w, argmax, ctx.spec,
-                      ctx.train, bn_grads, need[0], need[2] or need[3], ctx.has_bias)
-    return (*map(present, grads), None, None, None, None)
+    grads = _backward(dy.contiguous(), x, w, z, residual, scale, shift, mean, var, bn_w, argmax, ctx.pro, pro_scale,
+                      pro_shift, ctx.spec, ctx.train, bn_grads, need[0], need[2] or need[3], ctx.has_bias)
+    return (*map(present, grads), None, None, None, None, None, None, None)
 
 
 _block = define(
     "conv_block", "(Tensor x, Tensor? residual, Tensor w, Tensor? b, Tensor? bn_w, Tensor? bn_b, Tensor? mean, "
-    "Tensor? var, str spec, bool train) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "Tensor? var, bool pro, Tensor? pro_scale, Tensor? pro_shift, str spec, bool train) -> (Tensor, Tensor, Tensor, "
+    "Tensor, Tensor, Tensor, Tensor)",
     _train_impl, _train_fake, _block_backward, _setup)
 
 
 def conv_block(x, residual, w, b, bn_w, bn_b, running_mean, running_var, num_batches_tracked, spec: ConvBlock,
                state):
-    """x (N, H, W, C) -> (N, OH, OW, K), or pooled."""
+    """x (N, H, W, C) or a Deferred (N, H, W, C) -> (N, OH, OW, K), or pooled, or a Deferred."""
     bn = spec.bn
+    pro, pro_scale, pro_shift = isinstance(x, Deferred), None, None
+    if pro:  # the previous block's z: normalised and activated as the conv loads it
+        x, pro_scale, pro_shift = x
     if not state.grad and not (bn is not None and state.training):  # inference: one kernel
         if bn is not None:
             w, b = _folded(state.cache, w, b, bn_w, bn_b, running_mean, running_var, bn.eps)
-        return _inference(x, w, b, residual, state.text)
-    out = _block(x, residual, w, b, bn_w, bn_b, running_mean, running_var, state.text, state.training)
+        return _inference(x, w, b, residual, pro, pro_scale, pro_shift, state.text)
+    out = _block(x, residual, w, b, bn_w, bn_b, running_mean, running_var, pro, pro_scale, pro_shift, state.text,
+                 state.training)
     if bn is not None and state.training:
         update_running(out[3], out[4], running_mean, running_var, num_batches_tracked, bn.momentum,
                        x.shape[0] * spec.geometry.out_hw[0] * spec.geometry.out_hw[1])
-    return out[0]
+    return Deferred(out[0], present(out[5]), present(out[6])) if spec.defer else out[0]

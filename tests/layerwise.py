@@ -75,6 +75,27 @@ class Call:
     dy: list = field(default_factory=list)
 
 
+def _tap(value, slot):
+    """_Tap on a tensor, or on the z of a block's deferred output (whose gradient is y's)."""
+    from cnndsl.kernels.conv_block import Deferred
+    if isinstance(value, Deferred):
+        return Deferred(_Tap.apply(value.z, slot), value.scale, value.shift)
+    return _Tap.apply(value, slot)
+
+
+def _value(value, act):
+    """What a step wrote, as a tensor: a deferred output is the y = act(z scale + shift) that its
+    reading conv computes as it loads z, bit for bit: block-level fusion's epilogue pass computes
+    it with the same code (the float64 reference then takes the same relu and pool decisions)."""
+    from cnndsl.kernels.conv_block import Deferred
+    from cnndsl.kernels.epilogue import epilogue_forward
+    from cnndsl.specs import NO_ACT
+    if not isinstance(value, Deferred):
+        return value.detach()
+    with torch.no_grad():
+        return epilogue_forward(value.z, value.scale, value.shift, act, None, NO_ACT, None)[0]
+
+
 class _Recorded:
     """A runner as the executor calls it, recording each call of the step it runs."""
 
@@ -87,11 +108,11 @@ class _Recorded:
         k = len(step.inputs)
         call = Call(step, [], None, args[-1].grad, self.current["logits"])
         call.dx = [[] for a in args[:k] if a is not None]
-        inputs = iter(_Tap.apply(a, slot) for a, slot in zip((a for a in args[:k] if a is not None), call.dx))
+        inputs = iter(_tap(a, slot) for a, slot in zip((a for a in args[:k] if a is not None), call.dx))
         args = [next(inputs) if a is not None else None for a in args[:k]] + list(args[k:])
-        call.inputs = [a.detach() for a in args[:k] if a is not None]
-        out = _Tap.apply(self.runner(*args), call.dy)
-        call.output = out.detach()
+        call.inputs = [_value(a, getattr(step.spec, "prologue", None)) for a in args[:k] if a is not None]
+        out = _tap(self.runner(*args), call.dy)
+        call.output = _value(out, getattr(step.spec, "act1", None))
         self.calls.append(call)
         return out
 

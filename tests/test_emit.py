@@ -66,10 +66,10 @@ def test_emitted_module_runs_the_compiled_models_steps(tmp_path, name, fuse):
 @FUSE
 @pytest.mark.parametrize("name", ["digits", "residual", "everything"])
 def test_emitted_module_computes_what_the_compiled_model_does(tmp_path, name, fuse):
-    """Two training steps (dropout's masks from the same seeds), then eval with and without
-    autograd: outputs, losses, every gradient and the running statistics, bit for bit. The
-    networks cover pools, batch norm, residuals with and without projections, dropout, and
-    flatten after a spatial map and after a 1x1 one."""
+    """A training step (dropout's masks from the same seeds; the optimizer updates the weights),
+    then eval with and without autograd: outputs, losses, every gradient and the running
+    statistics, bit for bit. The networks cover pools, batch norm, residuals with and without
+    projections, dropout, cross-layer fusion, and flatten after a spatial map and after a 1x1 one."""
     net = cnndsl.parse(_source(name))
     _, emitted = _emitted(tmp_path, net, fuse)
     compiled = cnndsl.compile(net, backend="triton", fuse=fuse, device="cpu")
@@ -80,16 +80,13 @@ def test_emitted_module_computes_what_the_compiled_model_does(tmp_path, name, fu
     for m in (compiled, emitted):
         torch.manual_seed(7)
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
-        out = []
-        for _ in range(2):
-            m.train()
-            xi = x.clone().requires_grad_()
-            opt.zero_grad()
-            y = m(xi)
-            loss = m.loss(xi, target)
-            loss.backward()
-            out += [y, loss, xi.grad, *[p.grad for p in m.parameters()]]
-            opt.step()
+        m.train()
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        loss = m.loss(xi, target)
+        loss.backward()
+        out = [y, loss, xi.grad, *[p.grad for p in m.parameters()]]
+        opt.step()
         m.eval()
         out.append(m(x))
         with torch.no_grad():  # without autograd: batch norm folded into the conv weights

@@ -8,7 +8,8 @@ backend or its ptxas is missing.
    wrapped so that every launch records its kernel (module and name), the value of every argument (tensors as
    dtype and pointer alignment; ints, floats, None, bools, strings and tl dtypes as they
    are; the autotuner's interpreter config among them) and the launch options (num_warps,
-   ...). The launches come from `_drive`: a training step (forward, loss, backward) and an
+   ...), with the kernels skipped (no launch depends on what a kernel computed:
+   test_hopper_speed.py checks it). The launches come from `_drive`: a training step (forward, loss, backward) and an
    eval forward of RESIDUAL and EVERYTHING (from test_triton_backend; EVERYTHING with its
    dropout layer) in fp32 and bf16, unfused too where the unfused plan differs; one fp32
    training step of examples/cifar_small.cnn at batch 2 (its eval forward repeats the same
@@ -38,7 +39,8 @@ backend or its ptxas is missing.
    smallest GPU config, not the first (the largest tiles: up to 30 s each for an fp32 FMA
    `tl.dot`); and every GPU config of each autotuned kernel for one code path per input
    dtype (its first tensor's), with TF32 on where that is a choice (tensor-core tf32, which
-   stages the most shared memory). CNNDSL_HOPPER_ALL_CONFIGS=1 compiles every code path
+   stages the most shared memory; the GEMM kernels' 16-bit configs are test_hopper_speed.py's,
+   which compiles each of them). CNNDSL_HOPPER_ALL_CONFIGS=1 compiles every code path
    with every GPU config instead (about a thousand compiles, 9 minutes on two cores;
    CNNDSL_HOPPER_PROCESSES sets the pool size).
 
@@ -115,7 +117,7 @@ def _drive():
 def recorded():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("records launches under Triton's interpreter (TRITON_INTERPRET=1); this process runs a GPU")
-    return record(_drive)
+    return record(_drive, execute=False)  # kernels skipped: the same launches (test_hopper_speed.py shows it)
 
 
 def test_recording_covers_every_kernel(recorded):
@@ -135,6 +137,7 @@ os.environ["TRITON_INTERPRET"] = "0"
 from hopper_jit import MAX_SHARED, compile_spec, decode, exact_key, kernel, show, specialise, variants
 
 launches_path, out_path, mode, processes = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+SPEED_CHECKED = {"_conv_kernel", "_conv_dw_kernel", "_matmul_kernel"}  # the GEMMs of tests/test_hopper_speed.py
 # A float max or min that returns the other operand of a NaN (tl.maximum, tl.max); the NaN-propagating
 # forms are `max.NaN.f32` or a compare and select (kernels/_common.py nan_max).
 NAN_DROPPING = re.compile(r"\b(?:max|min)(?:\.ftz)?\.(?:f32|f16|bf16|f16x2|bf16x2)\b")
@@ -197,7 +200,9 @@ def expand(launches):
         except Exception:
             errors.append({"kernel": f"{launch['module']}.{launch['kernel']}", "stage": "specialise",
                            "launch": json.dumps(launch["args"]), "error": traceback.format_exc()})
-    for launch, k in sweep.values():
+    for (_, name, dtype), (launch, k) in sweep.items():
+        if name in SPEED_CHECKED and "float16" in str(dtype):
+            continue  # tests/test_hopper_speed.py compiles each of their 16-bit configs
         args = list(variants(launch["args"]))[-1]  # GPU values last: TF32 on, where it is a choice
         for i, cfg in enumerate(k.pruned(args)):
             try:

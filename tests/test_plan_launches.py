@@ -43,6 +43,7 @@ EXTRA = {"add._add_kernel", "softmax._ce_fwd_kernel", "softmax._mean_kernel", "s
 
 
 def _kernels(name: str) -> set:
+    name = name.removeprefix("prologue+")  # cross-layer fusion: the same kernels, loading through the prologue
     return BY_NAME.get(name) or ({"dense._matmul_kernel"} if name.startswith("dense_fwd") else set())
 
 

@@ -12,10 +12,12 @@ BACKENDS = ("triton", "torch")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def build_module(net: ir.Network, backend: str = "triton", fuse: bool = True, device=None, dtype=None):
+def build_module(net: ir.Network, backend: str = "triton", fuse: bool | str = True, device=None, dtype=None):
     """Instantiate the module of `backend` for `net` on `device` in `dtype`."""
     if backend not in BACKENDS:
         raise CnnInputError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if not (fuse is True or fuse is False or fuse == "block"):
+        raise CnnInputError(f"fuse: expected True (cross-layer fusion), \"block\" (block-level) or False, got {fuse!r}")
     dtype = torch.float32 if dtype is None else dtype
     if dtype not in DTYPES:
         raise CnnInputError(f"dtype {dtype} is not supported; expected torch.float32, torch.float16 or torch.bfloat16")

@@ -67,6 +67,8 @@ def run_steps(steps, x, layers: dict, runners: dict, training: bool, caches: dic
         inputs = [values[i].pop() if i is not None else None for i in step.inputs]
         params = [getattr(layers[p[0]], p[1]) if p is not None else None for p in step.params]
         state = StepState(training, grad, caches, step.group, step.text)
-        out = runners[step.runner](*inputs, *params, step.spec, state).contiguous()
+        out = runners[step.runner](*inputs, *params, step.spec, state)
+        if isinstance(out, torch.Tensor):  # else a block's deferred output, read by one conv (plan.py)
+            out = out.contiguous()
         keep(step.output, out)
     return out.permute(0, 3, 1, 2).contiguous() if out.dim() == 4 else out

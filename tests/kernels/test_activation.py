@@ -59,7 +59,8 @@ def test_every_activation_in_a_network(fuse):
     kinds = sorted(ACTIVATIONS)
     lines = ["network acts", "input 3x6x6"]
     for i, kind in enumerate(kinds):
-        lines += ["conv 4 3 pad=1 bias=false", "batchnorm",  # (a bias before batch norm has no gradient) kind if kind != "leaky_relu" else "leaky_relu 0.2",
+        lines += ["conv 4 3 pad=1 bias=false", "batchnorm",  # (a bias before batch norm has no gradient)
+                  kind if kind != "leaky_relu" else "leaky_relu 0.2",
                   "residual {", "  conv 4 3 pad=1", f"  {kinds[(i + 1) % len(kinds)]}", "}",
                   kinds[(i + 2) % len(kinds)]]
     lines += ["flatten", "dense 8", "hardswish", "dense 3", "softmax"]
