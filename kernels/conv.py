@@ -128,7 +128,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
                         mask=ok[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
             if PROLOGUE:
                 a = apply_prologue(a, pro_scale_ptr, pro_shift_ptr, col, n_mask, ok, PRO_AFFINE, PRO_ACT,
-                                   pro_slope)
+                                   pro_slope, False)
             tap = (R0 + tr * RSTEP) * S + S0 + ts * SSTEP
             wv = tl.load(w_ptr + col * (R * S) + tap, mask=n_mask, other=0.0).to(tl.float32)
             acc += a * wv[None, :]
@@ -158,7 +158,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
             if PROLOGUE:  # y = act(z scale + shift) of the tile's channels; the padding stays 0
                 ch = k0 + offs_k
                 a = apply_prologue(a, pro_scale_ptr + g * CIN_G, pro_shift_ptr + g * CIN_G, ch, ch < CIN_G, ok,
-                                   PRO_AFFINE, PRO_ACT, pro_slope)
+                                   PRO_AFFINE, PRO_ACT, pro_slope, EVEN_K)
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
             cb += 1
             wrap = cb == NCB

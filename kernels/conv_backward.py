@@ -149,7 +149,7 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
             b = tl.load(b_ptrs, mask=row_ok[:, None] & c_mask[None, :], other=0.0)
         if PROLOGUE:  # the input recomputed from z: act(z scale + shift), 0 in the padding
             b = apply_prologue(b, pro_scale_ptr + g * CIN_G, pro_shift_ptr + g * CIN_G, offs_c, c_mask, row_ok,
-                               PRO_AFFINE, PRO_ACT, pro_slope)
+                               PRO_AFFINE, PRO_ACT, pro_slope, EVEN_N)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
         if HAS_BIAS:
             db = tl.dot(a.to(DOT_DTYPE), e0, db, input_precision=PRECISION)
@@ -199,7 +199,7 @@ def _depthwise_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy
                      mask=row_ok[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
         if PROLOGUE:
             xv = apply_prologue(xv, pro_scale_ptr, pro_shift_ptr, offs_c, c_mask, row_ok, PRO_AFFINE, PRO_ACT,
-                                pro_slope)
+                                pro_slope, False)
         acc += d * xv
         if HAS_BIAS:
             db += d

@@ -51,12 +51,20 @@ def prologue_args(p: Prologue | None, x: torch.Tensor, cin_g: int, depthwise: bo
 
 
 @triton.jit
-def apply_prologue(a, scale_ptr, shift_ptr, ch, ch_ok, row_ok, AFFINE: tl.constexpr, ACT: tl.constexpr, slope):
+def apply_prologue(a, scale_ptr, shift_ptr, ch, ch_ok, row_ok, AFFINE: tl.constexpr, ACT: tl.constexpr, slope,
+                   EVEN: tl.constexpr):
     """act(a scale[ch] + shift[ch]) (act(a) without AFFINE) in fp32 for a tile a (rows, channels ch),
-    0 where a row or a channel is not real (the conv's zero padding of y)."""
+    0 where a row or a channel is not real (the conv's zero padding of y); EVEN: every channel is."""
     v = a.to(tl.float32)
+    keep = row_ok[:, None]
     if AFFINE:
-        scale = tl.load(scale_ptr + ch, mask=ch_ok, other=0.0)
-        shift = tl.load(shift_ptr + ch, mask=ch_ok, other=0.0)
+        if EVEN:
+            scale = tl.load(scale_ptr + ch)
+            shift = tl.load(shift_ptr + ch)
+        else:
+            scale = tl.load(scale_ptr + ch, mask=ch_ok, other=0.0)
+            shift = tl.load(shift_ptr + ch, mask=ch_ok, other=0.0)
         v = v * scale[None, :] + shift[None, :]
-    return tl.where(row_ok[:, None] & ch_ok[None, :], apply_act(v, ACT, slope), 0.0)
+    if not EVEN:
+        keep = keep & ch_ok[None, :]
+    return tl.where(keep, apply_act(v, ACT, slope), 0.0)
