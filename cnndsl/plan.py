@@ -65,7 +65,7 @@ class Plan:
 
     @property
     def level(self) -> str:
-        """"fused" (cross-layer, the default), "fused, block-level" or "unfused"."""
+        """The fusion level: "fused" (cross-layer, the default), "fused, block-level" or "unfused"."""
         return "fused" if self.cross_layer else "fused, block-level" if self.fused else "unfused"
 
     def __str__(self) -> str:
