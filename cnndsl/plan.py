@@ -209,10 +209,11 @@ def traffic(net: ir.Network, group: Group, batch: int, itemsize: int) -> dict[st
         if n.op is Op.FLATTEN:
             io = 0 if net.in_shape(n)[1:] in ((), (1, 1)) else inp(n) + act(n)
         extra = inp(n) if n.op is Op.BATCHNORM else 0  # the statistics pass
+        bwd_extra = inp(n) + act(n) if n.op is Op.BATCHNORM else 0  # its backward's reduction reads x and dy
         argmax = batch * numel(n.shape) if n.op is Op.POOL and n.attrs.mode == "max" else 0
         unfused_inf += io
         # forward (+ statistics, argmax), backward: read dy and the saved input, write dx (and the params' grads)
-        unfused_train += io + extra + argmax + (2 * inp(n) + act(n) + 2 * par(n) if io else 0)
+        unfused_train += io + extra + argmax + (2 * inp(n) + act(n) + 2 * par(n) + bwd_extra if io else 0)
     ids = {m.id for m in group.nodes}
     ext = sum(act(net.nodes[i]) for n in group.nodes for i in n.inputs if i not in ids)
     weights = sum(par(n) for n in group.nodes)

@@ -103,11 +103,18 @@ def _conv_step(net: Network, nodes: tuple[Node, ...]):
     return (conv.inputs[0], residual), params, spec
 
 
+def _bn_only(ops) -> bool:
+    """Batch norm is the block's only stage after the conv: its backward needs no epilogue pass."""
+    return Op.BATCHNORM in ops and not set(ops) & {Op.ACTIVATION, Op.ADD, Op.POOL}
+
+
 def _conv_kernels(ops):
     bn = Op.BATCHNORM in ops
     train_fwd = ("conv_fwd+stats", "bn_merge_stats", "bn_update_running", "bn_scale_shift", "epilogue_fwd") if bn \
         else ("conv_fwd", "epilogue_fwd")
     train_bwd = ("epilogue_bwd+bn_reduce", "bn_bwd_merge", "bn_bwd_apply") if bn else ("epilogue_bwd",)
+    if _bn_only(ops):
+        train_bwd = ("bn_bwd_reduce", "bn_bwd_merge", "bn_bwd_apply")
     fold = ("bn_fold",) if bn else ()  # once per weight change, not per call
     return fold + ("conv_fwd+epilogue",), train_fwd, train_bwd + ("conv_bwd_input", "conv_bwd_weight")
 
@@ -118,6 +125,8 @@ def _conv_bytes(b: Bytes) -> int:
     epilogue = 0 if b.deferred else b.z + b.res + b.y + b.argmax
     forward = b.ext + b.weights + b.z + epilogue
     backward = (b.y + b.argmax + b.z + 2 * b.res + b.z) + (3 * b.z if Op.BATCHNORM in b.ops else 0) + b.grads
+    if _bn_only(b.ops):  # batch norm's reduction reads dy and z, its elementwise pass them again and writes dz
+        backward = 2 * (b.y + b.z) + b.z + b.grads
     return forward + backward
 
 

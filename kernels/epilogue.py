@@ -19,8 +19,14 @@ import triton.language as tl
 
 from ..specs import Act, Window
 from ._common import autotune, check, check_tensor
-from .activation import act_code, apply_act, apply_act_grad
-from .batchnorm import _check_channels, _tiles, batchnorm_backward_from_partials
+from .activation import NONE, act_code, apply_act, apply_act_grad
+from .batchnorm import (
+    _check_channels,
+    _tiles,
+    batchnorm_backward,
+    batchnorm_backward_from_partials,
+    batchnorm_eval_backward,
+)
 from .window import (
     CONFIGS,
     POOL_MODES,
@@ -244,6 +250,12 @@ def epilogue_backward(dy, z, scale, shift, act1: Act, residual, act2: Act, pool:
         rows, n_tiles = _tiles(m)
     else:
         mean, rows, n_tiles = None, 0, 0
+    if bn is not None and consts["ACT1"] == consts["ACT2"] == NONE and not consts["HAS_RES"] and not consts["POOL"]:
+        # batch norm alone (a projection shortcut): da = dy, so its reduction reads dy and z directly,
+        # without a pass that writes da (one pass over z's size fewer)
+        backward = batchnorm_backward if bn.train else batchnorm_eval_backward
+        dz, dw, db = backward(dy.view(m, c), z.view(m, c), bn.mean, bn.var, bn.eps, bn.weight, bn.param_grads)
+        return dz.view(z.shape), None, None if bn.weight is None else dw, db if bn.bias else None
     dz = torch.empty_like(z)  # da with bn
     dres = None if residual is None else torch.empty_like(residual)
     part = torch.empty((2, n_tiles, c), dtype=torch.float32, device=z.device)
