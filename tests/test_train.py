@@ -94,8 +94,8 @@ def test_kill_and_resume(tiny, tmp_path):
     uninterrupted run ends, and leaves no lock or temporary file behind (one is planted as if
     the kill had come mid-save)."""
     net, data = tiny
-    args = [sys.executable, "-m", "cnndsl", "train", str(net), "--data", str(data), "--epochs", "3",
-            "--batch-size", "8", "--device", "cpu"]
+    cli = ["train", str(net), "--data", str(data), "--epochs", "3", "--batch-size", "16", "--device", "cpu"]
+    args = [sys.executable, "-m", "cnndsl", *cli]
     killed = tmp_path / "killed" / "last.pt"
     proc = subprocess.Popen([*args, "--out", str(killed.parent)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -110,7 +110,7 @@ def test_kill_and_resume(tiny, tmp_path):
                              text=True)
     assert "removed 1 temporary file(s) an interrupted run left in" in resumed.stdout
     assert [p.name for p in killed.parent.iterdir()] == ["last.pt"]
-    subprocess.run([*args, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
+    assert main([*cli, "--out", str(tmp_path / "whole")]) == 0  # the uninterrupted run, in this process
     _same(_state(tmp_path / "whole" / "last.pt"), _state(killed))
 
 
