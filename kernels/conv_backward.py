@@ -56,15 +56,23 @@ def _row_block(args):
 
 
 @triton.jit
-def _source_rows(p, OH, OW, H, stride_h, stride_w, ih_off, iw_off):
-    """(n*H, ih, iw) of output pixels p (n, oh, ow) at a tap: ih = oh*stride_h + ih_off, iw likewise,
-    ih_off = r*dil_h - pad_h (the one division, before the loop)."""
-    return p // (OH * OW) * H, p // OW % OH * stride_h + ih_off, p % OW * stride_w + iw_off
+def _split_rows(tap, split, S, CHUNK, P, OH, OW, H, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                ROWS: tl.constexpr):
+    """The first ROWS rows p of a split at tap (r, s) = (tap // S, tap % S), and where the split
+    ends: (p, p_end, its row count, ih_off, iw_off, n*H, ih, iw) with ih = oh*stride_h + ih_off,
+    ih_off = r*dil_h - pad_h, for output pixels p = (n, oh, ow) (the divisions, before the loop)."""
+    p_start = split * CHUNK
+    p_end = tl.minimum(p_start + CHUNK, P)
+    p = p_start + tl.arange(0, ROWS)
+    ih_off = tap // S * dil_h - pad_h
+    iw_off = tap % S * dil_w - pad_w
+    return (p, p_end, p_end - p_start, ih_off, iw_off,
+            p // (OH * OW) * H, p // OW % OH * stride_h + ih_off, p % OW * stride_w + iw_off)
 
 
 @triton.jit
 def _advance_source_rows(nh, ih, iw, STEP, OH, OW, H, stride_h, stride_w, ih_off, iw_off):
-    """_source_rows of p + STEP from those of p, with compares instead of `//` and `%`: STEP is
+    """_split_rows' (n*H, ih, iw) of p + STEP from those of p, with compares instead of `//` and `%`: STEP is
     DN*OH*OW + DH*OW + DW pixels, and each of ow + DW and oh + DH + carry carries at most once."""
     q = STEP % (OH * OW)  # scalars: folded out of the loop
     iw += q % OW * stride_w
@@ -112,18 +120,12 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
     split = tl.program_id(1)
     if INT64:
         split = split.to(tl.int64)
-    r = tap // S
-    s = tap % S
     offs_k = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output channel within the group
     k_mask = offs_k < COUT_G
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel within the group
     c_mask = offs_c < CIN_G
-    p_start = split * CHUNK
-    p_end = tl.minimum(p_start + CHUNK, P)
-    p = p_start + tl.arange(0, BLOCK_K)
-    ih_off = r * dil_h - pad_h
-    iw_off = s * dil_w - pad_w
-    nh, ih, iw = _source_rows(p, OH, OW, H, stride_h, stride_w, ih_off, iw_off)
+    p, p_end, rows, ih_off, iw_off, nh, ih, iw = _split_rows(tap, split, S, CHUNK, P, OH, OW, H, stride_h, stride_w,
+                                                             pad_h, pad_w, dil_h, dil_w, BLOCK_K)
     a_ptrs = dy_ptr + p[None, :] * K + (g * COUT_G + offs_k)[:, None]  # (BLOCK_M, BLOCK_K)
     x_ptr += g * CIN_G + offs_c[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -131,7 +133,7 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
     # tile's instead of a cross-thread reduction every step; the first programs store it.
     db = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
     e0 = tl.broadcast_to((tl.arange(0, 16) == 0)[None, :], (BLOCK_K, 16)).to(DOT_DTYPE)
-    for _ in range(0, p_end - p_start, BLOCK_K):  # EVEN_P: whole row blocks, every row real
+    for _ in range(0, rows, BLOCK_K):  # EVEN_P: whole row blocks, every row real
         p_mask = p < p_end
         row_ok = _inside(ih, H) & _inside(iw, W)
         if not EVEN_P:
@@ -177,20 +179,14 @@ def _depthwise_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy
     offs_c = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_mask = offs_c < C
     tap = tl.program_id(1)
-    r = tap // S
-    s = tap % S
     split = tl.program_id(2)
     if INT64:
         split = split.to(tl.int64)
-    p_start = split * CHUNK
-    p_end = tl.minimum(p_start + CHUNK, P)
-    p = p_start + tl.arange(0, BLOCK_M)
-    ih_off = r * dil_h - pad_h
-    iw_off = s * dil_w - pad_w
-    nh, ih, iw = _source_rows(p, OH, OW, H, stride_h, stride_w, ih_off, iw_off)
+    p, p_end, rows, ih_off, iw_off, nh, ih, iw = _split_rows(tap, split, S, CHUNK, P, OH, OW, H, stride_h, stride_w,
+                                                             pad_h, pad_w, dil_h, dil_w, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(0, p_end - p_start, BLOCK_M):
+    for _ in range(0, rows, BLOCK_M):
         p_mask = p < p_end
         row_ok = p_mask & _inside(ih, H) & _inside(iw, W)
         d = tl.load(dy_ptr + (p * C)[:, None] + offs_c[None, :], mask=p_mask[:, None] & c_mask[None, :],

@@ -236,7 +236,7 @@ def dense_backward_weight(dy, x, need_bias_grad):
     a = _padded_columns(dy)
     dw = torch.empty((a.shape[1], k), dtype=x.dtype, device=x.device)
     _matmul(a, (a.stride(1), a.stride(0)), x, x.stride(), dw, m)
-    dw = dw[:n] if a is dy else dw[:n].contiguous()
+    dw = dw[:n].contiguous()  # a copy only where dy's columns were padded
     db = None
     if need_bias_grad:
         db = torch.empty(n, dtype=x.dtype, device=x.device)
