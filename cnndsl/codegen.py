@@ -41,7 +41,7 @@ def lower(net: ir.Network, plan: Plan) -> Program:
             runner, (inputs, params, spec) = rule.runner, rule.step(net, group.nodes)
             if group.deferred:
                 spec = replace(spec, defer=True)
-            if group.nodes[0].inputs[0] in deferred:  # its input may come as the producer's z
+            if group.prologue:  # in training its input comes as the producer's z: the producer's act1 on load
                 producer = rule.step(net, deferred[group.nodes[0].inputs[0]].nodes)[2]
                 spec = replace(spec, prologue=producer.act1)
         else:

@@ -41,6 +41,7 @@ class Group:
     backward: tuple[str, ...]
     reason: str | None = None  # why the next op did not join, where a rule could have taken it
     deferred: bool = False  # in training, its output goes to the next conv as z, scale and shift
+    prologue: bool = False  # its conv's input is a deferred group's output (normalised on load)
     output_note: str | None = None  # for a conv block that could defer: whether its output is written, why
 
     @property
@@ -161,10 +162,12 @@ def _cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:
         forward, backward = g.forward, g.backward
         if on:
             forward = tuple(k for k in forward if k != "epilogue_fwd")
-        if g.rule == "conv_block" and g.nodes[0].inputs[0] in deferred_outputs:
+        prologue = g.rule == "conv_block" and g.nodes[0].inputs[0] in deferred_outputs
+        if prologue:
             forward = tuple(f"prologue+{k}" if k.startswith("conv_fwd") else k for k in forward)
             backward = tuple(f"prologue+{k}" if k == "conv_bwd_weight" else k for k in backward)
-        out.append(replace(g, forward=forward, backward=backward, deferred=on, output_note=note))
+        out.append(replace(g, forward=forward, backward=backward, deferred=on, prologue=prologue,
+                           output_note=note))
     return out
 
 
