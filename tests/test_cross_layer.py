@@ -75,6 +75,7 @@ def test_fusion_levels():
     first, second = cross.groups[0], cross.groups[1]
     assert "epilogue_fwd" not in first.forward and "epilogue_fwd" in block.groups[0].forward
     assert second.forward[0] == "prologue+conv_fwd+stats" and second.backward[-1] == "prologue+conv_bwd_weight"
+    assert (first.deferred, first.prologue, second.deferred, second.prologue) == (True, False, True, True)
     with pytest.raises(ValueError, match='fuse: expected True'):
         plan(net, "cross")
     with pytest.raises(CnnInputError, match='fuse: expected True .cross-layer fusion.'):
