@@ -16,8 +16,9 @@ from dataclasses import dataclass, replace
 from . import ir
 from .ir import Op
 from .ops import REGISTRY
-from .rules import BY_NAME, RULES, Bytes, Rule
-from .shapes import numel, params
+from .rules import BY_NAME, RULES, Rule
+from .specs import H100, Machine
+from .traffic import group_bytes, input_grad_phases
 
 
 def _kernels(rule: str, ops: tuple[Op, ...]) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
@@ -42,6 +43,7 @@ class Group:
     reason: str | None = None  # why the next op did not join, where a rule could have taken it
     deferred: bool = False  # in training, its output goes to the next conv as z, scale and shift
     prologue: bool = False  # its conv's input is a deferred group's output (normalised on load)
+    dz_on_load: bool = False  # in backward, its conv's gradient kernels apply its batch norm and act as they load dy
     output_note: str | None = None  # for a conv block that could defer: whether its output is written, why
 
     @property
@@ -78,6 +80,8 @@ class Plan:
                 lines.append(f"       not fused further: {g.reason}")
             if g.output_note:
                 lines.append(f"       in training: {g.output_note}")
+            if g.dz_on_load:
+                lines.append("       in backward: its conv's gradients compute dz as they load dy and z (no dz written)")
         return "\n".join(lines)
 
 
@@ -151,9 +155,24 @@ def _deferral(net: ir.Network, readers, groups: list[Group]) -> dict[int, tuple[
     return notes
 
 
+def _dz_on_load(g: Group) -> bool:
+    """Whether a conv block's backward runs on load: batch norm and/or an activation and nothing
+    else after the conv (a shortcut's gradient or a pool's scatter is a pass of its own), 16 or
+    more output channels per group (fewer are padded with zeros, which dz on load would not keep),
+    and where it moves fewer bytes: each of the input gradient's p stride phases reads dy and z
+    where it read dz, so with batch norm (whose two passes over dz's size, 6 of it, give way to
+    one of 2) it pays for p <= 2, with an activation alone (one pass of 3) for p = 1."""
+    ops = {n.op for n in g.nodes}
+    if g.rule != "conv_block" or not ops & {Op.BATCHNORM, Op.ACTIVATION} or ops & {Op.ADD, Op.POOL}:
+        return False
+    conv = g.nodes[0].attrs
+    return conv.filters // conv.groups >= 16 and input_grad_phases(conv) <= (2 if Op.BATCHNORM in ops else 1)
+
+
 def _cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:
-    """The groups with deferral applied: a deferred block's training forward launches no epilogue
-    pass, and its reader's conv kernels load through the prologue."""
+    """The groups with cross-layer fusion applied: a deferred block's training forward launches no
+    epilogue pass, its reader's conv kernels load through the prologue, and a dz-on-load block's
+    backward writes no dz (its conv's gradient kernels compute it as they load dy and z)."""
     notes = _deferral(net, readers, groups)
     deferred_outputs = {groups[i].output.id for i, (on, _) in notes.items() if on}
     out = []
@@ -162,12 +181,16 @@ def _cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:
         forward, backward = g.forward, g.backward
         if on:
             forward = tuple(k for k in forward if k != "epilogue_fwd")
+        on_load = _dz_on_load(g)
+        if on_load:
+            backward = (("bn_bwd_reduce", "bn_bwd_merge") if Op.BATCHNORM in {n.op for n in g.nodes} else ()) + tuple(
+                f"dz_on_load+{k}" for k in backward if k.startswith("conv_bwd"))
         prologue = g.rule == "conv_block" and g.nodes[0].inputs[0] in deferred_outputs
         if prologue:
             forward = tuple(f"prologue+{k}" if k.startswith("conv_fwd") else k for k in forward)
-            backward = tuple(f"prologue+{k}" if k == "conv_bwd_weight" else k for k in backward)
+            backward = tuple(f"prologue+{k}" if k.endswith("conv_bwd_weight") else k for k in backward)
         out.append(replace(g, forward=forward, backward=backward, deferred=on, prologue=prologue,
-                           output_note=note))
+                           dz_on_load=on_load, output_note=note))
     return out
 
 
@@ -197,39 +220,17 @@ def plan(net: ir.Network, fuse: bool | str = True) -> Plan:
     return Plan(net.name, tuple(groups), fused=bool(fuse), cross_layer=fuse is True)
 
 
-def traffic(net: ir.Network, group: Group, batch: int, itemsize: int) -> dict[str, tuple[int, int]]:
-    """A model of the bytes a group moves through memory: {mode: (fused, unfused)} for
-    "inference" and "training" (forward + backward). Each kernel reads its inputs and
-    parameters and writes its outputs once; a fused group reads its external inputs and
-    writes its output, plus what its training pass stores and reloads (its rule's model:
-    the conv output z, a one-byte pool argmax, the GEMM output before the activation)."""
-    act = lambda node: batch * numel(node.shape) * itemsize
-    inp = lambda node: sum(act(net.nodes[i]) for i in node.inputs)
-    par = lambda node: params(net, node) * itemsize
-    unfused_inf = unfused_train = 0
+def traffic(net: ir.Network, group: Group, batch: int, itemsize: int,
+            machine: Machine = H100) -> dict[str, tuple[int, int]]:
+    """The bytes a group moves through memory, {mode: (fused, unfused)} for "inference" and
+    "training" (forward + backward): its kernels' (traffic.py's model of each kernel in its
+    lists), and those of its ops run alone; `machine` sizes the conv weight gradient's split."""
+    fused = {"inference": group_bytes(net, group.nodes, group.inference, batch, itemsize, False, machine),
+             "training": group_bytes(net, group.nodes, group.forward + group.backward, batch, itemsize, True,
+                                     machine)}
+    unfused = {"inference": 0, "training": 0}
     for n in group.nodes:
-        io = inp(n) + act(n) + par(n)
-        if n.op is Op.FLATTEN:
-            io = 0 if net.in_shape(n)[1:] in ((), (1, 1)) else inp(n) + act(n)
-        extra = inp(n) if n.op is Op.BATCHNORM else 0  # the statistics pass
-        bwd_extra = inp(n) + act(n) if n.op is Op.BATCHNORM else 0  # its backward's reduction reads x and dy
-        argmax = batch * numel(n.shape) if n.op is Op.POOL and n.attrs.mode == "max" else 0
-        unfused_inf += io
-        # forward (+ statistics, argmax), backward: read dy and the saved input, write dx (and the params' grads)
-        unfused_train += io + extra + argmax + (2 * inp(n) + act(n) + 2 * par(n) + bwd_extra if io else 0)
-    ids = {m.id for m in group.nodes}
-    ext = sum(act(net.nodes[i]) for n in group.nodes for i in n.inputs if i not in ids)
-    weights = sum(par(n) for n in group.nodes)
-    fused_inf = ext + act(group.output) + weights
-    fused_train = unfused_train
-    ops = tuple(n.op for n in group.nodes)
-    rule = BY_NAME.get(group.rule)
-    if rule is not None and len(ops) > 1:
-        required = {s.op for s in rule.stages if s.required}
-        gemm = next(n for n in group.nodes if n.op in required)
-        out = group.output
-        y = act(out)
-        argmax = y // itemsize if out.op is Op.POOL and out.attrs.mode == "max" else 0
-        fused_train = rule.train_bytes(Bytes(frozenset(ops), ext, weights, inp(gemm), act(gemm), y,
-                                             ext - inp(gemm), argmax, group.deferred))
-    return {"inference": (fused_inf, unfused_inf), "training": (fused_train, unfused_train)}
+        inference, forward, backward = _kernels(_rule_of(n), (n.op,))
+        unfused["inference"] += group_bytes(net, (n,), inference, batch, itemsize, False, machine)
+        unfused["training"] += group_bytes(net, (n,), forward + backward, batch, itemsize, True, machine)
+    return {mode: (fused[mode], unfused[mode]) for mode in fused}

@@ -21,6 +21,32 @@ MAX_CONV_TAPS = 31
 
 
 @dataclass(frozen=True)
+class Machine:
+    """What the weight gradient's split of its rows depends on (and so the bytes its fp32 partials
+    move): the GPU's SM count; the rows a split holds are a multiple of `grain`, rounded to a power
+    of two with `pow2` (Triton's interpreter, which sizes one row block to a split)."""
+
+    sms: int = 132  # an H100 SXM's
+    grain: int = 256
+    pow2: bool = False
+
+
+H100 = Machine()
+INTERPRETER = Machine(2, 32, True)
+
+
+def weight_grad_split(rows: int, tiles: int, machine: Machine) -> tuple[int, int]:
+    """(splits, rows per split) of the conv weight gradient's N*OH*OW rows for `tiles` programs a
+    split: about four waves of programs, at least 4 grains of rows a split."""
+    cdiv = lambda a, b: -(-a // b)
+    split = max(1, min(cdiv(4 * machine.sms, tiles), cdiv(rows, 4 * machine.grain)))
+    chunk = cdiv(cdiv(rows, split), machine.grain) * machine.grain
+    if machine.pow2:
+        chunk = 1 << (chunk - 1).bit_length()
+    return cdiv(rows, chunk), chunk
+
+
+@dataclass(frozen=True)
 class Act:
     """An activation stage: kind "none" (the identity: the stage is skipped) or an activation
     name of kernels/activation.py; slope is leaky_relu's."""
@@ -79,7 +105,8 @@ class ConvBlock:
     has every other stage off (kernels/conv_block.py). Cross-layer fusion (plan.py): a block with
     `defer` hands its z, scale and shift to the next conv instead of writing its output when it
     trains, and that conv's block, with `prologue` (its producer's act1), normalises and
-    activates its input as it loads it."""
+    activates its input as it loads it. A block with `dz_on_load` (batch norm and act1 only) has
+    its conv's gradient kernels apply their backward to dy as they load it, so dz is not written."""
 
     geometry: ConvGeometry
     bn: BatchNormSpec | None = None
@@ -89,6 +116,7 @@ class ConvBlock:
     pool: Window | None = None
     prologue: Act | None = None
     defer: bool = False
+    dz_on_load: bool = False
 
     @property
     def epilogue(self) -> bool:

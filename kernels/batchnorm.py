@@ -1,8 +1,8 @@
 """Batch normalization over x viewed as (M, C) rows (NHWC flattened, or a flat (N, F)
 tensor as BatchNorm1d): deterministic per-channel statistics (per-tile Welford partials
-merged Chan-style, no atomics), the running-statistics update, the normalization, and
-the training and eval backward passes, each with its launcher (batchnorm_layer.py runs them
-as a layer).
+merged Chan-style, no atomics), the running-statistics update and the normalization, each
+with its launcher; the backward passes are in batchnorm_backward.py, and batchnorm_layer.py
+runs both as a layer.
 
 Tiles of `rows` consecutive rows (chosen by the launcher from M alone, never by the
 autotuned config) give [n_tiles, C] fp32 partials; a tile's count is min(rows, M - tile*rows),
@@ -144,70 +144,6 @@ def _bn_fwd_kernel(x_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, y_ptr, n, C, eps,
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@autotune(_TILE_CONFIGS, key=["M", "C"], interpret=_TILE_INTERPRET)
-@triton.jit
-def _bn_bwd_partial_kernel(dy_ptr, x_ptr, mean_ptr, part_ptr, M, C, rows, n_tiles,  # -> part (2, n_tiles, C)
-                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    tile = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    row0 = tile * rows
-    row_end = tl.minimum(row0 + rows, M)
-    sum_dy = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
-    sum_dyx = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
-    for start in range(row0, row_end, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        mask = (offs_m < row_end)[:, None] & cmask[None, :]
-        offs = offs_m[:, None] * C + cols[None, :]
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        sum_dy += dy
-        sum_dyx += dy * (x - mean[None, :])
-    tl.store(part_ptr + tile * C + cols, tl.sum(sum_dy, axis=0), mask=cmask)
-    tl.store(part_ptr + (n_tiles + tile) * C + cols, tl.sum(sum_dyx, axis=0), mask=cmask)
-
-
-@triton.jit
-def _bn_bwd_merge_kernel(part_ptr, var_ptr, sums_ptr, dw_ptr, db_ptr, C, n_tiles, eps,
-                         WRITE_PARAMS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    # sums (2, C) fp32: [sum(dy), sum(dy * xhat)] = [dbias, dweight]
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    sum_dy = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
-    sum_dyx = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
-    for t0 in range(0, n_tiles, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
-        mask = (t < n_tiles)[:, None] & cmask[None, :]
-        sum_dy += tl.load(part_ptr + t[:, None] * C + cols[None, :], mask=mask, other=0.0)
-        sum_dyx += tl.load(part_ptr + (n_tiles + t)[:, None] * C + cols[None, :], mask=mask, other=0.0)
-    invstd = tl.math.rsqrt(tl.load(var_ptr + cols, mask=cmask, other=1.0).to(tl.float32) + eps)
-    dbias = tl.sum(sum_dy, axis=0)
-    dweight = tl.sum(sum_dyx, axis=0) * invstd
-    tl.store(sums_ptr + cols, dbias, mask=cmask)
-    tl.store(sums_ptr + C + cols, dweight, mask=cmask)
-    if WRITE_PARAMS:
-        tl.store(dw_ptr + cols, dweight.to(dw_ptr.dtype.element_ty), mask=cmask)
-        tl.store(db_ptr + cols, dbias.to(db_ptr.dtype.element_ty), mask=cmask)
-
-
-@autotune(ELEMENTWISE_CONFIGS, key=["n", "C", "TRAIN", "HAS_WEIGHT"], interpret=elementwise_tiles())
-@triton.jit
-def _bn_bwd_kernel(dy_ptr, x_ptr, mean_ptr, var_ptr, w_ptr, sums_ptr, dx_ptr, n, C, inv_m, eps,
-                   TRAIN: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
-    offs, mask, c = _channels(n, C, BLOCK)
-    dy = tl.load(dy_ptr + offs, mask=mask).to(tl.float32)
-    invstd = tl.math.rsqrt(tl.load(var_ptr + c).to(tl.float32) + eps)
-    scale = invstd
-    if HAS_WEIGHT:
-        scale *= tl.load(w_ptr + c).to(tl.float32)
-    if TRAIN:  # dx = w invstd (dy - dbias/M - xhat dweight/M)
-        x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
-        xhat = (x - tl.load(mean_ptr + c).to(tl.float32)) * invstd
-        dy = dy - tl.load(sums_ptr + c) * inv_m - xhat * (tl.load(sums_ptr + C + c) * inv_m)
-    tl.store(dx_ptr + offs, (dy * scale).to(dx_ptr.dtype.element_ty), mask=mask)
-
-
 def _check_channels(t, name, C, device, optional=False):
     if optional and t is None:
         return
@@ -232,8 +168,8 @@ def batchnorm_stats(x):
         _bn_stats_partial_kernel[lambda meta: (n_tiles, triton.cdiv(C, meta["BLOCK_C"]))](
             x, part, M, C, rows, n_tiles)
     if C:  # M == 0 gives mean 0, var nan
-        _bn_stats_merge_kernel[(triton.cdiv(C, _MERGE["BLOCK_C"]),)](x, part, mean, var, M, C, rows, n_tiles,
-                                                                     **_MERGE)
+        _bn_stats_merge_kernel[(triton.cdiv(C, _MERGE["BLOCK_C"]),)](x[:1], part, mean, var, M, C, rows, n_tiles,
+                                                                     **_MERGE)  # reads row 0 only
     return mean, var
 
 
@@ -281,65 +217,6 @@ def batchnorm_forward(x, mean, var, eps, weight, bias):
     return y
 
 
-def _check_backward(dy, x, mean, var, weight):
-    check_tensor(x, "x", ndim=2)
-    check_tensor(dy, "dy", ndim=2, dtype=x.dtype, device=x.device)
-    check(dy.shape == x.shape, f"dy: expected shape {tuple(x.shape)}, got {tuple(dy.shape)}")
-    for t, name, opt in ((mean, "mean", False), (var, "var", False), (weight, "weight", True)):
-        _check_channels(t, name, x.shape[1], x.device, opt)
-
-
-def _finish(part, dy, x, mean, var, eps, weight, params, train):
-    """Merge the tile partials [sum(dy), sum(dy (x - mean))] (part None: neither parameter
-    gradients nor training, nothing to merge) into dbias, dweight, then the elementwise dx."""
-    M, C = x.shape
-    dx = torch.empty_like(x)
-    dw = db = None
-    sums = dx
-    if part is not None:
-        sums = torch.empty((2, C), device=x.device, dtype=torch.float32)
-        if params:
-            dw = torch.empty(C, device=x.device, dtype=x.dtype if weight is None else weight.dtype)
-            db = torch.empty_like(dw)
-        if C:
-            _bn_bwd_merge_kernel[(triton.cdiv(C, _MERGE["BLOCK_C"]),)](
-                part, var, sums, sums if dw is None else dw, sums if db is None else db, C, part.shape[1],
-                float(eps), WRITE_PARAMS=params, **_MERGE)
-    if x.numel():
-        _bn_bwd_kernel[lambda meta: (triton.cdiv(x.numel(), meta["BLOCK"]),)](
-            dy, x, mean, var, x if weight is None else weight, sums, dx, x.numel(), C, 1.0 / max(M, 1),
-            float(eps), TRAIN=train, HAS_WEIGHT=weight is not None)
-    return dx, dw, db
-
-
-def _backward(dy, x, mean, var, eps, weight, need_param_grads, train):
-    _check_backward(dy, x, mean, var, weight)
-    M, C = x.shape
-    params = bool(need_param_grads) and weight is not None
-    part = None
-    if train or params:
-        rows, n_tiles = _tiles(M)
-        part = torch.empty((2, n_tiles, C), device=x.device, dtype=torch.float32)
-        if n_tiles and C:
-            _bn_bwd_partial_kernel[lambda meta: (n_tiles, triton.cdiv(C, meta["BLOCK_C"]))](
-                dy, x, mean, part, M, C, rows, n_tiles)
-    return _finish(part, dy, x, mean, var, eps, weight, params, train)
-
-
-def batchnorm_backward(dy, x, mean, var, eps, weight, need_param_grads):
-    """Training backward (batch statistics mean, var): (dx in x.dtype, dweight, dbias in
-    weight's dtype, or None when not needed or weight is None). A reduction pass (tile
-    partials merged in a fixed order) gives dbias = sum(dy), dweight = sum(dy xhat); then
-    dx = weight invstd (dy - dbias/M - xhat dweight/M)."""
-    return _backward(dy, x, mean, var, eps, weight, need_param_grads, True)
-
-
-def batchnorm_eval_backward(dy, x, mean, var, eps, weight, need_param_grads):
-    """Eval backward (running stats are constants): dx = dy weight rsqrt(var + eps); with
-    need_param_grads, dweight = sum(dy (x - mean) rsqrt(var + eps)), dbias = sum(dy)."""
-    return _backward(dy, x, mean, var, eps, weight, need_param_grads, False)
-
-
 def batchnorm_merge_stats(part, rows, M):
     """(mean (C,), var (C,)) float32, var biased, from Chan partials that another kernel's
     epilogue wrote (the conv forward with stats=True): part (2, n_tiles, C) fp32 holds each
@@ -359,20 +236,3 @@ def batchnorm_merge_stats(part, rows, M):
         _bn_stats_merge_kernel[(triton.cdiv(C, _MERGE["BLOCK_C"]),)](shift, part, mean, var, M, C, rows, n_tiles,
                                                                      **_MERGE)
     return mean, var
-
-
-def batchnorm_backward_from_partials(part, dy, x, mean, var, eps, weight, need_param_grads, train=True):
-    """The backward finished for a caller whose own pass wrote dy (M, C) and its partials in
-    _bn_bwd_partial_kernel's format: part (2, n_tiles, C) fp32 holding, per tile of _tiles(M)
-    rows, [sum(dy), sum(dy (x - mean))]. Merges them into dbias, dweight and writes dx
-    (train: batch statistics mean, var; else running ones, dx = dy weight invstd) -> (dx in
-    x's dtype, dweight, dbias in weight's dtype (x's where weight is None) with
-    need_param_grads, else None)."""
-    _check_backward(dy, x, mean, var, weight)
-    M, C = x.shape
-    n_tiles = _tiles(M)[1]
-    check(isinstance(part, torch.Tensor) and part.dtype == torch.float32 and part.device == x.device
-          and tuple(part.shape) == (2, n_tiles, C) and part.is_contiguous(),
-          f"part: expected a contiguous float32 tensor of shape {(2, n_tiles, C)} on {x.device}, got "
-          f"{getattr(part, 'dtype', type(part).__name__)} {tuple(getattr(part, 'shape', ()))}")
-    return _finish(part, dy, x, mean, var, eps, weight, bool(need_param_grads), train)

@@ -1,20 +1,16 @@
-"""A batch-norm layer alone, as custom ops over batchnorm.py's launchers: in training, the
-batch statistics normalise (`batchnorm_train`, differentiable, returning the statistics) and a
-second op updates the running ones in place (`batchnorm_update_running`, a mutation, which a
-differentiable custom op may not be, and which the conv block's training pass shares); in
-eval the running statistics normalise (`batchnorm_eval`). x is viewed as (M, C) rows."""
+"""A batch-norm layer alone, as custom ops over the launchers of batchnorm.py and
+batchnorm_backward.py: in training, the batch statistics normalise (`batchnorm_train`,
+differentiable, returning the statistics) and a second op updates the running ones in place
+(`batchnorm_update_running`, a mutation, which a differentiable custom op may not be, and which
+the conv block's training pass shares); in eval the running statistics normalise
+(`batchnorm_eval`). x is viewed as (M, C) rows."""
 
 import torch
 
 from ..specs import BatchNormSpec
 from ._common import absent, define, present
-from .batchnorm import (
-    batchnorm_backward,
-    batchnorm_eval_backward,
-    batchnorm_forward,
-    batchnorm_stats,
-    batchnorm_update_running,
-)
+from .batchnorm import batchnorm_forward, batchnorm_stats, batchnorm_update_running
+from .batchnorm_backward import batchnorm_backward, batchnorm_eval_backward
 
 
 def _backward_impl(dy, x, mean, var, weight, eps, train, params):

@@ -13,6 +13,8 @@ import triton.language as tl
 
 from ..specs import MAX_CONV_TAPS, NO_ACT, Act, ConvGeometry, Window
 from ._common import (
+    INTERPRET,
+    _tile,
     autotune,
     check,
     check_tensor,
@@ -31,9 +33,17 @@ from .conv_epilogue import (
     pool_rows,
     tile_stats,
 )
-from .prologue import Prologue, apply_prologue, prologue_args
+from .prologue import (
+    GradPrologue,
+    Prologue,
+    apply_grad_prologue,
+    apply_prologue,
+    grad_coefs,
+    grad_prologue_args,
+    prologue_args,
+)
 
-_MIN_BLOCK_M = 16  # the smallest BLOCK_M any launch uses (interpreter sizing; GPU configs use 64+)
+_MIN_BLOCK_M = 16  # the smallest BLOCK_M the interpreter sizes a launch to
 # 8-warp BLOCK_K=64 tiles at BLOCK_N=64 are for 64-channel layers (the prune keeps BLOCK_N <= 64 there).
 _CONV_CONFIGS = [gemm_config(*c) for c in ((128, 128, 32, 3, 8), (128, 128, 64, 3, 8), (128, 64, 32, 4, 4),
                                     (64, 128, 32, 4, 4), (64, 64, 64, 4, 4), (256, 64, 32, 3, 8),
@@ -53,7 +63,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 @autotune(_CONV_CONFIGS, key=["M", "CIN_G", "COUT_G", "RC", "SC", "DEPTHWISE", "ACT", "HAS_RES", "ACT2", "POOL",
-                             "TAPS", "STATS", "INT64", "PROLOGUE"],
+                             "TAPS", "STATS", "INT64", "PROLOGUE", "GRAD_PRO"],
           interpret={"BLOCK_M": ("M", _MIN_BLOCK_M, 512), "BLOCK_N": (_cols, 16, 128), "BLOCK_K": ("CIN_G", 16, 64)},
           prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics({"EVEN_K": lambda a: a["CIN_G"] % a["BLOCK_K"] == 0,
@@ -68,6 +78,8 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
                  slope, slope2, PKH, PKW, pool_sh, pool_sw, pool_ph, pool_pw,  # POOL: y (N, GH, GW, COUT)
                  pro_scale_ptr, pro_shift_ptr, pro_slope,  # PROLOGUE: x is z, read as act(z scale + shift), (CIN,)
                  PROLOGUE: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
+                 gp_z_ptr, gp_scale_ptr, gp_shift_ptr, gp_center_ptr, gp_slope,  # GRAD_PRO: x is dy, read as dz
+                 GRAD_PRO: tl.constexpr, GP_AFFINE: tl.constexpr, GP_ACT: tl.constexpr, GP_CENTER: tl.constexpr,
                  DEPTHWISE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
                  ACT2: tl.constexpr, POOL: tl.constexpr, TAPS: tl.constexpr, STATS: tl.constexpr,
                  INT64: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
@@ -146,7 +158,8 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
             dw = DW0 + ts * DW_STEP
             ok = ((rows_in >> tr) & (cols_in >> ts) & 1) != 0
             k0 = cb * BLOCK_K
-            a_ptrs = x_ptr + (row + (dh * W + dw) * CIN + k0)[:, None] + offs_k[None, :]
+            a_off = (row + (dh * W + dw) * CIN + k0)[:, None] + offs_k[None, :]
+            a_ptrs = x_ptr + a_off
             b_ptrs = w_ptr + (((R0 + tr * RSTEP) * S + S0 + ts * SSTEP) * CIN_G + k0) * COUT_G + w_off
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=ok[:, None], other=0.0)
@@ -159,6 +172,15 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
                 ch = k0 + offs_k
                 a = apply_prologue(a, pro_scale_ptr + g * CIN_G, pro_shift_ptr + g * CIN_G, ch, ch < CIN_G, ok,
                                    PRO_AFFINE, PRO_ACT, pro_slope, EVEN_K)
+            if GRAD_PRO:  # dz = the block's batch-norm and activation backward of dy, from z (prologue.py)
+                ch = k0 + offs_k
+                keep = ok[:, None] if EVEN_K else ok[:, None] & (ch < CIN_G)[None, :]
+                zt = tl.load(gp_z_ptr + a_off, mask=keep, other=0.0)
+                s, t, beta, mu, gamma = grad_coefs(gp_scale_ptr + g * CIN_G, gp_shift_ptr + g * CIN_G,
+                                                   gp_center_ptr + g * CIN_G, CIN, ch, ch < CIN_G, GP_AFFINE,
+                                                   GP_CENTER)
+                a = apply_grad_prologue(a, zt, s[None, :], t[None, :], beta[None, :], mu[None, :], gamma[None, :],
+                                        keep, GP_AFFINE, GP_ACT, gp_slope, GP_CENTER)
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
             cb += 1
             wrap = cb == NCB
@@ -242,11 +264,13 @@ def _pad_channels(src, wt, groups, cin_g):
 
 
 def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, padding, dilation,
-                 transposed, out_hw, ep: Epilogue = PLAIN_EPILOGUE, prologue: Prologue | None = None):
+                 transposed, out_hw, ep: Epilogue = PLAIN_EPILOGUE, prologue: Prologue | None = None,
+                 grad_prologue: GradPrologue | None = None):
     oh, ow = out_hw  # the conv's output; dst is (N, POH, POW, K) when the epilogue pools
     cout = dst.shape[3]
     depthwise = cin_g == 1 and cout_g == 1
     pro = prologue_args(prologue, src, cin_g, depthwise)
+    pro.update(grad_prologue_args(grad_prologue, src, cin_g, depthwise))
     if dst.numel() == 0:
         return
     if not depthwise and cin_g < _MIN_GEMM_K:
@@ -300,8 +324,9 @@ def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, res
         check(bias.shape[0] == k, f"bias: expected shape ({k},), got {tuple(bias.shape)}")
     ep, y_shape = epilogue_args(x, (n, oh, ow, k), act, residual, act2, pool, stats)
     m = n * oh * ow
-    if stats:  # (2, n_tiles, K) tile means and M2s, sized for the smallest BLOCK_M
-        ep = replace(ep, part=torch.empty(2 * triton.cdiv(m, _MIN_BLOCK_M) * k, dtype=torch.float32,
+    if stats:  # (2, n_tiles, K) tile means and M2s, sized for the smallest BLOCK_M a launch of m rows takes
+        rows = _tile(m, _MIN_BLOCK_M, 512) if INTERPRET else min(c.kwargs["BLOCK_M"] for c in _CONV_CONFIGS)
+        ep = replace(ep, part=torch.empty(2 * triton.cdiv(m, rows) * k, dtype=torch.float32,
                                           device=x.device))
     y = torch.empty(y_shape, dtype=x.dtype, device=x.device)
     groups = geometry.groups
@@ -316,9 +341,10 @@ def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, res
     return y, mean, var
 
 
-def conv2d_backward_input(dy, w, geometry: ConvGeometry, in_hw):
+def conv2d_backward_input(dy, w, geometry: ConvGeometry, in_hw, grad_prologue: GradPrologue | None = None):
     """dx (N, H, W, C) for dy (N, OH, OW, K), (OH, OW) = geometry.out_hw, and w (K, C/groups, R, S);
-    (H, W) = in_hw."""
+    (H, W) = in_hw. With a grad_prologue, dy is the gradient of the block's output, turned into the
+    conv output's as each tile is loaded (prologue.py)."""
     check_tensor(dy, "dy", ndim=4)
     check_tensor(w, "w", ndim=4, dtype=dy.dtype, device=dy.device)
     n, _, _, k = dy.shape
@@ -329,13 +355,15 @@ def conv2d_backward_input(dy, w, geometry: ConvGeometry, in_hw):
     dx = torch.empty((n, h, wd, cin_g * groups), dtype=dy.dtype, device=dy.device)
     wt = w.view(groups, k // groups, cin_g, r, s).permute(0, 3, 4, 1, 2).contiguous()  # (G, R, S, K/g, C/g)
     _launch_conv(dy, wt, None, dx, groups, k // groups, cin_g, r, s, stride, padding, dilation, True,
-                 (h, wd))
+                 (h, wd), grad_prologue=grad_prologue)
     return dx
 
 
-def conv2d_backward_weight(x, dy, w_shape, geometry: ConvGeometry, need_bias_grad, prologue: Prologue | None = None):
+def conv2d_backward_weight(x, dy, w_shape, geometry: ConvGeometry, need_bias_grad, prologue: Prologue | None = None,
+                           grad_prologue: GradPrologue | None = None):
     """(dw with shape w_shape, db (K,) or None), both in x.dtype, for x (N, H, W, C), dy (N, OH, OW, K);
-    with a prologue, x is z and the input is act(z scale + shift), recomputed on load."""
+    with a prologue, x is z and the input is act(z scale + shift), recomputed on load; with a
+    grad_prologue, dy is read as dz (see conv2d_backward_input)."""
     check_tensor(x, "x", ndim=4)
     check_tensor(dy, "dy", ndim=4, dtype=x.dtype, device=x.device)
     w_shape = tuple(w_shape)
@@ -343,4 +371,5 @@ def conv2d_backward_weight(x, dy, w_shape, geometry: ConvGeometry, need_bias_gra
     k = dy.shape[3]
     check(dy.shape[0] == n, f"dy: expected batch {n}, got shape {tuple(dy.shape)}")
     stride, padding, dilation, _ = _geometry(w_shape, c, k, geometry)
-    return weight_grad(x, dy, w_shape, stride, padding, dilation, geometry.groups, bool(need_bias_grad), prologue)
+    return weight_grad(x, dy, w_shape, stride, padding, dilation, geometry.groups, bool(need_bias_grad), prologue,
+                       grad_prologue)

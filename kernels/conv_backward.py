@@ -4,10 +4,13 @@ layers and a direct kernel for depthwise ones, both writing fp32 partials per sp
 bias gradient), and the kernel that sums the partials in a fixed order (deterministic) into
 the weight layout."""
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
 
+from ..specs import H100, INTERPRETER, weight_grad_split
 from ._common import (
     INTERPRET,
     autotune,
@@ -16,7 +19,13 @@ from ._common import (
     elementwise_tiles,
     gemm_config,
 )
-from .prologue import apply_prologue, prologue_args
+from .prologue import (
+    apply_grad_prologue,
+    apply_prologue,
+    grad_coefs,
+    grad_prologue_args,
+    prologue_args,
+)
 
 # BLOCK_M output channels x BLOCK_N input channels of one tap, BLOCK_K rows per step. No 128x128
 # tile on 8 warps for 16-bit types: ptxas serializes its wgmma (C7515) with this kernel's row
@@ -32,18 +41,20 @@ _CONFIGS_FP32 = [gemm_config(*c) for c in ((128, 128, 32, 3, 8), (256, 64, 32, 3
 # Depthwise: BLOCK_M rows (pixels) x BLOCK_N channels, no dot.
 _DEPTHWISE_CONFIGS = [gemm_config(*c) for c in ((128, 32, 16, 3, 4), (64, 64, 16, 3, 4), (128, 64, 16, 3, 4),
                                          (32, 128, 16, 3, 4), (64, 128, 16, 3, 8), (256, 64, 16, 3, 8))]
-_GRAIN = 32 if INTERPRET else 256  # a split's rows are a multiple of this, and of every row block
 _MIN_GEMM_N = 16  # input channels per group a tap's tile holds at least: fewer are padded with zeros
 
 
 def _prune(configs, named_args, **kwargs):
     """The configs of the operands' dtype, less tiles far wider than a group's channels (the padded
-    stem's 16). A prologue holds the input tile in registers beside the accumulator, to transform
-    it before it goes back to shared memory for wgmma: tiles past 192 fp32 registers a thread spill."""
+    stem's 16). A prologue (dz on load) holds the input (dy) tile in registers beside the
+    accumulator, to transform it before it goes back to shared memory for wgmma: tiles past 192
+    fp32 registers a thread spill."""
     mine = _CONFIGS_FP32 if named_args["x_ptr"].element_size() == 4 else _CONFIGS_16BIT
     configs = [c for c in configs if any(c is m for m in mine)]
-    if {**named_args, **kwargs}.get("PROLOGUE"):
-        configs = [c for c in configs if (c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_K"]) * c.kwargs["BLOCK_N"]
+    args = {**named_args, **kwargs}
+    if args.get("PROLOGUE") or args.get("GRAD_PRO"):
+        regs = lambda m, n, k: m * n + 2 * k * n * bool(args.get("PROLOGUE")) + 2 * m * k * bool(args.get("GRAD_PRO"))
+        configs = [c for c in configs if regs(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
                    <= 192 * 32 * c.num_warps] or configs
     rows = max(64, triton.next_power_of_2(named_args["COUT_G"]))
     cols = max(16, triton.next_power_of_2(named_args["CIN_G"]))
@@ -91,7 +102,8 @@ def _inside(i, size):
     return i.to(tl.uint32, bitcast=True) < size.to(tl.uint32)
 
 
-@autotune(_CONFIGS_16BIT + _CONFIGS_FP32, key=["P", "CIN_G", "COUT_G", "RS", "HAS_BIAS", "INT64", "PROLOGUE"],
+@autotune(_CONFIGS_16BIT + _CONFIGS_FP32, key=["P", "CIN_G", "COUT_G", "RS", "HAS_BIAS", "INT64", "PROLOGUE",
+                                                    "GRAD_PRO"],
           interpret={"BLOCK_M": ("COUT_G", 16, 128), "BLOCK_N": ("CIN_G", 16, 128), "BLOCK_K": (_row_block, 16, 512)},
           prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics({"EVEN_P": lambda a: a["P"] % a["BLOCK_K"] == 0,
@@ -103,6 +115,8 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
                     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                     pro_scale_ptr, pro_shift_ptr, pro_slope,  # PROLOGUE: x is z, read as act(z scale + shift), (C,)
                     PROLOGUE: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
+                    gp_z_ptr, gp_scale_ptr, gp_shift_ptr, gp_center_ptr, gp_slope,  # GRAD_PRO: dy read as dz, (K,)
+                    GRAD_PRO: tl.constexpr, GP_AFFINE: tl.constexpr, GP_ACT: tl.constexpr, GP_CENTER: tl.constexpr,
                     HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_DTYPE: tl.constexpr,
                     PRECISION: tl.constexpr, EVEN_P: tl.constexpr, EVEN_M: tl.constexpr,
                     EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -126,7 +140,12 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
     c_mask = offs_c < CIN_G
     p, p_end, rows, ih_off, iw_off, nh, ih, iw = _split_rows(tap, split, S, CHUNK, P, OH, OW, H, stride_h, stride_w,
                                                              pad_h, pad_w, dil_h, dil_w, BLOCK_K)
-    a_ptrs = dy_ptr + p[None, :] * K + (g * COUT_G + offs_k)[:, None]  # (BLOCK_M, BLOCK_K)
+    a_off = p[None, :] * K + (g * COUT_G + offs_k)[:, None]  # (BLOCK_M, BLOCK_K)
+    a_ptrs = dy_ptr + a_off
+    if GRAD_PRO:  # dz on load (prologue.py): this program's output channels' coefficients, loaded once
+        z_ptrs = gp_z_ptr + a_off
+        s, t, beta, mu, gamma = grad_coefs(gp_scale_ptr, gp_shift_ptr, gp_center_ptr, K, g * COUT_G + offs_k, k_mask,
+                                           GP_AFFINE, GP_CENTER)
     x_ptr += g * CIN_G + offs_c[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # The bias gradient's row sums as a product with e0 (ones in column 0): a 16-wide MMA beside the
@@ -145,6 +164,12 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
             a = tl.load(a_ptrs, mask=p_mask[None, :], other=0.0)
         else:
             a = tl.load(a_ptrs, mask=k_mask[:, None] & p_mask[None, :], other=0.0)
+        if GRAD_PRO:
+            keep = k_mask[:, None] & p_mask[None, :]
+            zt = tl.load(z_ptrs, mask=keep, other=0.0)
+            a = apply_grad_prologue(a, zt, s[:, None], t[:, None], beta[:, None], mu[:, None], gamma[:, None], keep,
+                                    GP_AFFINE, GP_ACT, gp_slope, GP_CENTER)
+            z_ptrs += BLOCK_K * K
         if EVEN_N:
             b = tl.load(b_ptrs, mask=row_ok[:, None], other=0.0)
         else:
@@ -223,13 +248,11 @@ def _sum_splits_kernel(part_ptr, out_ptr, total, SPLIT, CIN_G, RS, BLOCK: tl.con
 
 
 def _splits(rows, tiles, device):
-    """Split the N*OH*OW rows so that about four waves of `tiles`-wide programs run."""
-    sms = 2 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
-    split = max(1, min(triton.cdiv(4 * sms, tiles), triton.cdiv(rows, 4 * _GRAIN)))
-    chunk = triton.cdiv(triton.cdiv(rows, split), _GRAIN) * _GRAIN
-    if INTERPRET:  # a power of two, so that one large row block tiles it (see _row_block)
-        chunk = triton.next_power_of_2(chunk)
-    return triton.cdiv(rows, chunk), chunk
+    """Split the N*OH*OW rows so that about four waves of `tiles`-wide programs run (under the
+    interpreter into chunks of a power of two rows, so that one large row block tiles each; see
+    _row_block)."""
+    machine = INTERPRETER if INTERPRET else replace(H100, sms=torch.cuda.get_device_properties(device).multi_processor_count)
+    return weight_grad_split(rows, tiles, machine)
 
 
 def _sum_splits(part, out, split, cin_g, rs):
@@ -246,7 +269,7 @@ def _pad_groups(x, groups, cin_g, width):
     return padded.view(n, h, w, groups * width)
 
 
-def weight_grad(x, dy, w_shape, stride, padding, dilation, groups, need_bias_grad, prologue=None):
+def weight_grad(x, dy, w_shape, stride, padding, dilation, groups, need_bias_grad, prologue=None, grad_prologue=None):
     """(dw (K, C/g, R, S), db (K,) or None) in x.dtype; arguments already validated by conv.py (the
     prologue here)."""
     n, h, w, c = x.shape
@@ -259,6 +282,7 @@ def weight_grad(x, dy, w_shape, stride, padding, dilation, groups, need_bias_gra
     geometry = (*stride, *padding, *dilation)
     depthwise = cin_g == 1 and cout_g == 1
     pro = prologue_args(prologue, x, cin_g, depthwise)
+    gp = grad_prologue_args(grad_prologue, dy, cout_g, depthwise)
     width = cin_g if depthwise or cin_g >= _MIN_GEMM_N else _MIN_GEMM_N  # channels a tap's tile covers
     if width != cin_g:
         x = _pad_groups(x, groups, cin_g, width)
@@ -276,7 +300,7 @@ def weight_grad(x, dy, w_shape, stride, padding, dilation, groups, need_bias_gra
         grid = lambda meta: (groups * r * s * triton.cdiv(cout_g, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),
                              split)
         _conv_dw_kernel[grid](x, dy, part, dbp, rows, h, w, c, oh, ow, k, width, cout_g, s, r * s, chunk,
-                              *geometry, **pro, HAS_BIAS=need_bias_grad, INT64=int64,
+                              *geometry, **pro, **gp, HAS_BIAS=need_bias_grad, INT64=int64,
                               DOT_DTYPE=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype))
     dw = torch.empty((k, width, r, s), dtype=x.dtype, device=x.device)
     _sum_splits(part, dw, split, width, r * s)

@@ -15,7 +15,10 @@ batchnorm_layer.py's op then updates the running statistics.
 Cross-layer fusion (specs.ConvBlock.defer and .prologue): a deferring block's training path skips
 the epilogue pass and hands on `Deferred(z, scale, shift)`; the next block's conv applies them
 as it loads its input (prologue.py), forward and weight gradient, and its input gradient is the
-gradient of the deferring block's y, whose backward is unchanged."""
+gradient of the deferring block's y. In backward, a block with `dz_on_load` (batch norm and act1,
+nothing else) writes no dz: its conv's gradient kernels read dy and z and apply the batch norm's
+and activation's backward as they load them (prologue.GradPrologue), after one pass over dy and
+z for batch norm's per-channel sums."""
 
 from typing import NamedTuple
 
@@ -23,11 +26,12 @@ import torch
 
 from ..specs import ConvBlock, decode
 from ._common import absent, define, present
+from .batchnorm_backward import batchnorm_backward_on_load
 from .batchnorm_layer import update_running
 from .conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
 from .epilogue import BatchNormBackward, epilogue_backward, epilogue_forward
 from .fold import bn_scale_shift, fold_conv
-from .prologue import Prologue
+from .prologue import GradPrologue, Prologue
 from .window import argmax_dtype
 
 
@@ -115,20 +119,35 @@ def _train_fake(x, residual, w, b, bn_w, bn_b, mean, var, pro, pro_scale, pro_sh
             channels(stat and train), channels(stat and train), channels(stat), channels(stat))
 
 
+def _grad_prologue(dy, z, scale, shift, act1, stats):
+    """(GradPrologue, dweight, dbias) of a dz-on-load block: batch norm's per-channel sums (a
+    pass over dy and z, for the gradient through the batch statistics and the parameters') and the
+    coefficients with which its conv's gradient kernels compute dz as they load dy."""
+    center = dbn_w = dbn_b = None
+    if stats is not None:
+        k = z.shape[-1]
+        center, dbn_w, dbn_b = batchnorm_backward_on_load(
+            dy.view(-1, k), z.view(-1, k), stats.mean, stats.var, stats.eps, stats.weight, stats.param_grads,
+            stats.train, scale, shift, act1)
+    return GradPrologue(z, scale, shift, act1, center), dbn_w, dbn_b
+
+
 def _backward_impl(dy, x, w, z, residual, scale, shift, mean, var, bn_w, argmax, pro, pro_scale, pro_shift, spec,
                    train, bn_grads, input_grad, weight_grad, has_bias):
     s = decode(spec)
-    dres = dbn_w = dbn_b = None
+    dres = dbn_w = dbn_b = gp = None
     dz = dy
-    if s.epilogue:
-        stats = None
-        if s.bn is not None and (train or bn_grads):  # in eval, only for batch norm's parameter gradients
-            stats = BatchNormBackward(mean, var, s.bn.eps, bn_w, bn_w is not None, bn_grads, train)
+    stats = None
+    if s.bn is not None and (train or bn_grads):  # in eval, only for batch norm's parameter gradients
+        stats = BatchNormBackward(mean, var, s.bn.eps, bn_w, bn_w is not None, bn_grads, train)
+    if s.dz_on_load:  # the gradient kernels read dy and z and compute dz as they load them
+        gp, dbn_w, dbn_b = _grad_prologue(dy, z, present(scale), present(shift), s.act1, stats)
+    elif s.epilogue:
         dz, dres, dbn_w, dbn_b = epilogue_backward(dy, z, present(scale), present(shift), s.act1, residual,
                                                    s.act2, s.pool, present(argmax), stats)
-    dx = conv2d_backward_input(dz, w, s.geometry, tuple(x.shape[1:3])) if input_grad else None
-    dw, db = conv2d_backward_weight(x, dz, tuple(w.shape), s.geometry, has_bias, _prologue(s, pro, pro_scale, pro_shift)) \
-        if weight_grad else (None, None)
+    dx = conv2d_backward_input(dz, w, s.geometry, tuple(x.shape[1:3]), grad_prologue=gp) if input_grad else None
+    dw, db = conv2d_backward_weight(x, dz, tuple(w.shape), s.geometry, has_bias, _prologue(s, pro, pro_scale, pro_shift),
+                                    grad_prologue=gp) if weight_grad else (None, None)
     return tuple(absent(x) if t is None else t for t in (dx, dres, dw, db, dbn_w, dbn_b))
 
 

@@ -7,7 +7,7 @@ conv kernel writes z = conv(x) + bias (N, H, W, C) and the batch statistics; thi
 reading z (and residual) once and writing y (and max pooling's argmax, in pool.py's codes).
 The backward keeps only z, residual and argmax and recomputes a, v at each pre-pool pixel:
 one kernel gathers dy over the pool windows holding the pixel (no atomics), writes dresidual
-and da (dz itself when the affine is fixed) and, for training batch norm, batchnorm.py's
+and da (dz itself when the affine is fixed) and, for training batch norm, batchnorm_backward.py's
 per-tile partials of sum(da), sum(da (z - mean)); batchnorm's merge and elementwise backward
 (`batchnorm_backward_from_partials`) then finish dz, dweight and dbias."""
 
@@ -20,9 +20,8 @@ import triton.language as tl
 from ..specs import Act, Window
 from ._common import autotune, check, check_tensor
 from .activation import NONE, act_code, apply_act, apply_act_grad
-from .batchnorm import (
-    _check_channels,
-    _tiles,
+from .batchnorm import _check_channels, _tiles
+from .batchnorm_backward import (
     batchnorm_backward,
     batchnorm_backward_from_partials,
     batchnorm_eval_backward,

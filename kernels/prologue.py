@@ -5,7 +5,14 @@ loads it, in the forward GEMM's A operand (conv.py) and the weight gradient's in
 pass that read z and wrote y, and the next conv reads z where it read y (the same bytes).
 
 The conv zero-pads y, not z: rows outside the image (and padded channels) are set to 0 after
-the activation, whose value at z = 0 is act(shift), not 0."""
+the activation, whose value at z = 0 is act(shift), not 0.
+
+The backward's counterpart (GradPrologue, "dz on load"): a block's conv gradients, input and
+weight, read dy and z and apply the block's activation and batch-norm backward to each tile as
+they load it, dz = scale act'(z scale + shift) dy + beta (z - mean) + gamma, so dz is never
+written: a pass that read dy and z and wrote dz, and the two reads of dz, become two reads of
+dy and z (batch norm's two per-channel sums still take one pass over dy and z, which
+batchnorm_backward_on_load turns into beta and gamma)."""
 
 from dataclasses import dataclass
 
@@ -15,7 +22,7 @@ import triton.language as tl
 
 from ..specs import Act
 from ._common import check, check_tensor
-from .activation import act_code, apply_act
+from .activation import act_code, apply_act, apply_act_grad
 
 
 @dataclass(frozen=True)
@@ -68,3 +75,76 @@ def apply_prologue(a, scale_ptr, shift_ptr, ch, ch_ok, row_ok, AFFINE: tl.conste
     if not EVEN:
         keep = keep & ch_ok[None, :]
     return tl.where(keep, apply_act(v, ACT, slope), 0.0)
+
+
+@dataclass(frozen=True)
+class GradPrologue:
+    """dz on load: dz = scale act'(z scale + shift) dy + beta (z - mean) + gamma per channel, for
+    z (N, OH, OW, K) the block's conv output (dy's shape and dtype); scale, shift (K,) fp32 or both
+    None (no batch norm: dz = act'(z) dy); center (3, K) fp32 [beta, mean, gamma] (training batch
+    norm) or None."""
+
+    z: torch.Tensor
+    scale: torch.Tensor | None
+    shift: torch.Tensor | None
+    act: Act
+    center: torch.Tensor | None = None
+
+
+def grad_prologue_args(gp: GradPrologue | None, dy: torch.Tensor, cols_g: int, depthwise: bool) -> dict:
+    """The kernels' dz-on-load arguments (z, scale, shift, center pointers, slope, GRAD_PRO, GP_AFFINE,
+    GP_ACT, GP_CENTER), after checking gp against dy (N, OH, OW, K) whose groups hold cols_g channels
+    each: 16 or more, not depthwise (the planner asks for no other)."""
+    if gp is None:
+        return {"gp_z_ptr": dy, "gp_scale_ptr": dy, "gp_shift_ptr": dy, "gp_center_ptr": dy, "gp_slope": 0.0,
+                "GRAD_PRO": False, "GP_AFFINE": False, "GP_ACT": 0, "GP_CENTER": False}
+    check(isinstance(gp, GradPrologue), f"grad prologue: expected a GradPrologue, got {gp!r}")
+    check_tensor(gp.z, "grad prologue z", dtype=dy.dtype, device=dy.device)
+    check(gp.z.shape == dy.shape and gp.z.is_contiguous(),
+          f"grad prologue z: expected a contiguous tensor of dy's shape {tuple(dy.shape)}, got {tuple(gp.z.shape)}")
+    check((gp.scale is None) == (gp.shift is None), "grad prologue: scale and shift must be given together")
+    k = dy.shape[-1]
+    for name, t, shape in (("scale", gp.scale, (k,)), ("shift", gp.shift, (k,)), ("center", gp.center, (3, k))):
+        if t is not None:
+            check_tensor(t, f"grad prologue {name}", dtype=torch.float32, device=dy.device)
+            check(tuple(t.shape) == shape and t.is_contiguous(),
+                  f"grad prologue {name}: expected shape {shape}, got {tuple(t.shape)}")
+    check(gp.center is None or gp.scale is not None, "grad prologue: center needs scale and shift")
+    check(not depthwise and cols_g >= 16, f"grad prologue: needs 16 or more channels per group, got {cols_g}")
+    affine, center = gp.scale is not None, gp.center is not None
+    return {"gp_z_ptr": gp.z, "gp_scale_ptr": gp.scale if affine else dy, "gp_shift_ptr": gp.shift if affine else dy,
+            "gp_center_ptr": gp.center if center else dy, "gp_slope": float(gp.act.slope), "GRAD_PRO": True,
+            "GP_AFFINE": affine, "GP_ACT": act_code(gp.act, "grad prologue act"), "GP_CENTER": center}
+
+
+@triton.jit
+def grad_coefs(scale_ptr, shift_ptr, center_ptr, K, ch, ch_ok, AFFINE: tl.constexpr, CENTER: tl.constexpr):
+    """(scale, shift, beta, mean, gamma) fp32 of channels ch (of K): 1, 0, 0, 0, 0 where a stage is off."""
+    one = tl.full(ch.shape, 1.0, tl.float32)
+    zero = tl.zeros(ch.shape, tl.float32)
+    scale, shift, beta, mean, gamma = one, zero, zero, zero, zero
+    if AFFINE:
+        scale = tl.load(scale_ptr + ch, mask=ch_ok, other=0.0)
+        shift = tl.load(shift_ptr + ch, mask=ch_ok, other=0.0)
+    if CENTER:
+        beta = tl.load(center_ptr + ch, mask=ch_ok, other=0.0)
+        mean = tl.load(center_ptr + K + ch, mask=ch_ok, other=0.0)
+        gamma = tl.load(center_ptr + 2 * K + ch, mask=ch_ok, other=0.0)
+    return scale, shift, beta, mean, gamma
+
+
+@triton.jit
+def apply_grad_prologue(dy, z, scale, shift, beta, mean, gamma, keep, AFFINE: tl.constexpr, ACT: tl.constexpr, slope,
+                        CENTER: tl.constexpr):
+    """dz in fp32 for tiles dy, z and grad_coefs broadcast to them, 0 where `keep` is not (the
+    padding around dy, whose dz is 0, not gamma)."""
+    zf = z.to(tl.float32)
+    pre = zf
+    if AFFINE:
+        pre = zf * scale + shift
+    g = apply_act_grad(pre, dy.to(tl.float32), ACT, slope)
+    if AFFINE:
+        g = g * scale
+    if CENTER:
+        g += beta * (zf - mean) + gamma
+    return tl.where(keep, g, 0.0)

@@ -9,6 +9,7 @@ import torch
 import cnndsl
 from cnndsl.errors import CnnInputError
 from cnndsl.plan import plan, traffic
+from cnndsl.traffic import group_bytes
 
 from helpers import run_both
 
@@ -76,18 +77,39 @@ def test_fusion_levels():
     assert "epilogue_fwd" not in first.forward and "epilogue_fwd" in block.groups[0].forward
     assert second.forward[0] == "prologue+conv_fwd+stats" and second.backward[-1] == "prologue+conv_bwd_weight"
     assert (first.deferred, first.prologue, second.deferred, second.prologue) == (True, False, True, True)
+    third = cross.groups[2]
+    assert third.backward == ("dz_on_load+conv_bwd_input", "prologue+dz_on_load+conv_bwd_weight")
+    assert first.dz_on_load and third.dz_on_load and not any(g.dz_on_load for g in block.groups + unfused.groups)
     with pytest.raises(ValueError, match='fuse: expected True'):
         plan(net, "cross")
     with pytest.raises(CnnInputError, match='fuse: expected True .cross-layer fusion.'):
         cnndsl.compile(net, fuse=1, device="cpu")
 
 
-def test_a_deferred_block_saves_its_epilogue_pass():
+def test_cross_layer_fusion_saves_the_epilogue_pass_and_dz():
     net = cnndsl.parse(CHAIN)
-    cross, block = plan(net, True).groups[0], plan(net, "block").groups[0]
-    z = 4 * 2 * 16 * 8 * 8  # batch 4, bf16: the block's z and y have the same size
-    assert traffic(net, block, 4, 2)["training"][0] - traffic(net, cross, 4, 2)["training"][0] == 2 * z
-    assert traffic(net, block, 4, 2)["inference"] == traffic(net, cross, 4, 2)["inference"]
+    cross, block = plan(net, True).groups, plan(net, "block").groups
+    moved = lambda g, kernels: group_bytes(net, g.nodes, kernels, 4, 2, True)
+    # forward: a deferred block's epilogue pass that read z and wrote y (batch 4, bf16: z and y have one size)
+    z = 4 * 2 * 16 * 8 * 8
+    assert moved(block[0], block[0].forward) - moved(cross[0], cross[0].forward) == 2 * z
+    # backward of conv6..relu3 (stride 1, 16x4x4): the passes that read dy, z and wrote da, and read da, z and wrote
+    # dz (6z), and the GEMMs' two reads of dz (2z), against batch norm's sums (2z) and the GEMMs reading
+    # dy and z where they read dz (4z)
+    assert block[5].name == "conv6..relu3" and cross[5].dz_on_load and not cross[5].deferred
+    z5 = 4 * 2 * 16 * 4 * 4
+    assert moved(block[5], block[5].backward) - moved(cross[5], cross[5].backward) == (6 + 2 - 2 - 4) * z5
+    assert traffic(net, block[0], 4, 2)["inference"] == traffic(net, cross[0], 4, 2)["inference"]
+
+
+def test_dz_on_load_only_where_it_moves_fewer_bytes():
+    net = cnndsl.parse(CHAIN)
+    for cross, block in zip(plan(net, True).groups, plan(net, "block").groups):
+        if cross.rule == "conv_block" and not {"add", "pool"} & set(cross.ops):
+            saves = traffic(net, block, 4, 2)["training"][0] - traffic(net, cross, 4, 2)["training"][0]
+            assert saves > 0 if cross.dz_on_load or cross.deferred else saves == 0, (cross.name, saves)
+    # conv2 (3x3, stride 2): its input gradient's four phases would each read dy and z
+    assert not plan(net, True).groups[1].dz_on_load
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")

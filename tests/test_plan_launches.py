@@ -25,8 +25,8 @@ BY_NAME = {
     "bn_stats": {"batchnorm._bn_stats_partial_kernel", "batchnorm._bn_stats_merge_kernel"},
     "bn_merge_stats": {"batchnorm._bn_stats_merge_kernel"},
     "bn_update_running": {"batchnorm._bn_update_running_kernel"}, "bn_apply": {"batchnorm._bn_fwd_kernel"},
-    "bn_bwd_reduce": {"batchnorm._bn_bwd_partial_kernel", "batchnorm._bn_bwd_merge_kernel"},
-    "bn_bwd_merge": {"batchnorm._bn_bwd_merge_kernel"}, "bn_bwd_apply": {"batchnorm._bn_bwd_kernel"},
+    "bn_bwd_reduce": {"batchnorm_backward._bn_bwd_partial_kernel", "batchnorm_backward._bn_bwd_merge_kernel"},
+    "bn_bwd_merge": {"batchnorm_backward._bn_bwd_merge_kernel"}, "bn_bwd_apply": {"batchnorm_backward._bn_bwd_kernel"},
     "epilogue_fwd": {"epilogue._epilogue_fwd_kernel"}, "epilogue_bwd": {"epilogue._epilogue_bwd_kernel"},
     "epilogue_bwd+bn_reduce": {"epilogue._epilogue_bwd_kernel"},
     "activation_fwd": {"activation._activation_fwd_kernel"}, "activation_bwd": {"activation._activation_bwd_kernel"},
@@ -43,7 +43,8 @@ EXTRA = {"add._add_kernel", "softmax._ce_fwd_kernel", "softmax._mean_kernel", "s
 
 
 def _kernels(name: str) -> set:
-    name = name.removeprefix("prologue+")  # cross-layer fusion: the same kernels, loading through the prologue
+    # cross-layer fusion: the same kernels, loading through the prologue or computing dz on load
+    name = name.removeprefix("prologue+").removeprefix("dz_on_load+")
     return BY_NAME.get(name) or ({"dense._matmul_kernel"} if name.startswith("dense_fwd") else set())
 
 

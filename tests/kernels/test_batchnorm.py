@@ -7,11 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from cnndsl.kernels.batchnorm import (
-    batchnorm_backward,
-    batchnorm_eval_backward,
     batchnorm_forward,
     batchnorm_stats,
     batchnorm_update_running,
+)
+from cnndsl.kernels.batchnorm_backward import (
+    batchnorm_backward,
+    batchnorm_eval_backward,
 )
 
 from helpers import DTYPES, assert_close
