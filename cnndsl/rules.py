@@ -1,8 +1,8 @@
 """The fusion rules as data: a rule is a chain of stages, each an op that may join the group when
 its `fits` check passes (the planner, plan.py, grows a chain only through values nothing else
 reads), with everything a fused group needs: the runner of kernels/ that runs it,
-its launch step (inputs, parameters, typed spec), the kernels it launches for `cnndsl plan`,
-and a model of the bytes its training pass moves. A lone conv or dense layer runs through its
+its launch step (inputs, parameters, typed spec) and the kernels it launches, which `cnndsl
+plan` lists and traffic.py's byte model counts. A lone conv or dense layer runs through its
 rule with every other stage off."""
 
 import itertools
@@ -37,34 +37,12 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class Bytes:
-    """What a fused group's training pass moves, in bytes (plan.traffic): its external inputs,
-    weights, the GEMM's input x and output z, the group's output y, the shortcut it adds and
-    a max pool's one-byte argmax."""
-
-    ops: frozenset
-    ext: int
-    weights: int
-    x: int
-    z: int
-    y: int
-    res: int
-    argmax: int
-    deferred: bool = False  # the group hands z, scale and shift to the next conv (cross-layer fusion)
-
-    @property
-    def grads(self) -> int:  # input and weight gradients: read dz, w, x; write dx, dw
-        return self.z + 2 * (self.weights + self.x)
-
-
-@dataclass(frozen=True)
 class Rule:
     name: str
     stages: tuple[Stage, ...]
     runner: str  # the function of kernels/ that runs a group, "module.name"
     step: Callable  # (net, nodes) -> (inputs, params, spec)
     kernels: Callable  # ops of a fused group (more than its required op) -> (inference, forward, backward)
-    train_bytes: Callable  # Bytes of a fused group -> the bytes its training forward and backward move
 
     def fuses(self, ops) -> bool:
         """Whether a group of these ops runs stages beyond the rule's required op (and a flatten,
@@ -119,22 +97,11 @@ def _conv_kernels(ops):
     return fold + ("conv_fwd+epilogue",), train_fwd, train_bwd + ("conv_bwd_input", "conv_bwd_weight")
 
 
-def _conv_bytes(b: Bytes) -> int:
-    # the GEMM writes z; the epilogue pass reads z (and the shortcut) and writes y, unless the next conv
-    # reads z in y's place (deferred: the same bytes there, counted as its input)
-    epilogue = 0 if b.deferred else b.z + b.res + b.y + b.argmax
-    forward = b.ext + b.weights + b.z + epilogue
-    backward = (b.y + b.argmax + b.z + 2 * b.res + b.z) + (3 * b.z if Op.BATCHNORM in b.ops else 0) + b.grads
-    if _bn_only(b.ops):  # batch norm's reduction reads dy and z, its elementwise pass them again and writes dz
-        backward = 2 * (b.y + b.z) + b.z + b.grads
-    return forward + backward
-
-
 CONV_BLOCK = Rule(
     "conv_block",
     (Stage(Op.CONV, True), Stage(Op.BATCHNORM), Stage(Op.ACTIVATION), Stage(Op.ADD), Stage(Op.ACTIVATION),
      Stage(Op.POOL, fits=_pool_fits)),
-    "conv_block.conv_block", _conv_step, _conv_kernels, _conv_bytes)
+    "conv_block.conv_block", _conv_step, _conv_kernels)
 
 
 # --- dense block: [flatten] -> dense -> [act] -> [dropout] -> [softmax] --------------------------------
@@ -162,18 +129,11 @@ def _dense_kernels(ops):
     return (f"dense_fwd+{epi}",), (f"dense_fwd+{epi}",), bwd + ("dense_bwd_input", "dense_bwd_weight")
 
 
-def _dense_bytes(b: Bytes) -> int:
-    pre = b.z if Op.ACTIVATION in b.ops else 0  # the GEMM output an activation's gradient needs
-    forward = b.ext + b.weights + b.y + pre
-    backward = (3 * b.z if pre or Op.DROPOUT in b.ops else 0) + (3 * b.y if Op.SOFTMAX in b.ops else 0) + b.grads
-    return forward + backward
-
-
 DENSE_BLOCK = Rule(
     "dense_block",
     (Stage(Op.FLATTEN), Stage(Op.DENSE, True), Stage(Op.ACTIVATION), Stage(Op.DROPOUT),
      Stage(Op.SOFTMAX, fits=_softmax_fits)),
-    "dense.dense_block", _dense_step, _dense_kernels, _dense_bytes)
+    "dense.dense_block", _dense_step, _dense_kernels)
 
 RULES = (CONV_BLOCK, DENSE_BLOCK)
 BY_NAME = {r.name: r for r in RULES}
