@@ -56,10 +56,21 @@ def _cols(args):
     return args["COUT"] if args["DEPTHWISE"] else args["COUT_G"]
 
 
+# Cross-layer fusion's loads (the prologue, dz on load) transform the A tile in registers and hand it
+# to wgmma from there: at the other tiles ptxas serializes the wgmma pipeline (C7515), measured on sm_90.
+_ON_LOAD_TILES = {(128, 128, 64, 8), (64, 128, 32, 4), (64, 64, 64, 4), (128, 32, 32, 4)}
+
+
 def _prune(configs, named_args, **kwargs):
-    """Drop N tiles far wider than the group's output channels (e.g. depthwise layers)."""
-    width = max(32, triton.next_power_of_2(_cols({**named_args, **kwargs})))
-    return [c for c in configs if c.kwargs["BLOCK_N"] <= width] or configs
+    """Drop N tiles far wider than the group's output channels (e.g. depthwise layers), and with a
+    transform on load the tiles at which it serializes wgmma."""
+    args = {**named_args, **kwargs}
+    width = max(32, triton.next_power_of_2(_cols(args)))
+    configs = [c for c in configs if c.kwargs["BLOCK_N"] <= width] or configs
+    if args.get("PROLOGUE") or args.get("GRAD_PRO"):
+        tile = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
+        configs = [c for c in configs if tile(c) in _ON_LOAD_TILES] or configs
+    return configs
 
 
 @autotune(_CONV_CONFIGS, key=["M", "CIN_G", "COUT_G", "RC", "SC", "DEPTHWISE", "ACT", "HAS_RES", "ACT2", "POOL",

@@ -46,16 +46,20 @@ _MIN_GEMM_N = 16  # input channels per group a tap's tile holds at least: fewer 
 
 def _prune(configs, named_args, **kwargs):
     """The configs of the operands' dtype, less tiles far wider than a group's channels (the padded
-    stem's 16). A prologue (dz on load) holds the input (dy) tile in registers beside the
-    accumulator, to transform it before it goes back to shared memory for wgmma: tiles past 192
-    fp32 registers a thread spill."""
+    stem's 16). The prologue (x normalised on load) and dz on load hold their tiles in registers
+    beside the accumulator, to transform them before they go to shared memory for wgmma: larger
+    tiles spill."""
     mine = _CONFIGS_FP32 if named_args["x_ptr"].element_size() == 4 else _CONFIGS_16BIT
     configs = [c for c in configs if any(c is m for m in mine)]
     args = {**named_args, **kwargs}
-    if args.get("PROLOGUE") or args.get("GRAD_PRO"):
-        regs = lambda m, n, k: m * n + 2 * k * n * bool(args.get("PROLOGUE")) + 2 * m * k * bool(args.get("GRAD_PRO"))
-        configs = [c for c in configs if regs(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
-                   <= 192 * 32 * c.num_warps] or configs
+    pro, gp = bool(args.get("PROLOGUE")), bool(args.get("GRAD_PRO"))
+
+    def fits(c):
+        m, n, k, threads = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], 32 * c.num_warps
+        if gp:  # the dz and x tiles in registers: spill-free on sm_90 up to 32 values a thread each (measured)
+            return k * m <= 32 * threads and k * n <= 32 * threads and (not pro or m * n <= 32 * threads)
+        return not pro or (m + 2 * k) * n <= 192 * threads
+    configs = [c for c in configs if fits(c)] or configs
     rows = max(64, triton.next_power_of_2(named_args["COUT_G"]))
     cols = max(16, triton.next_power_of_2(named_args["CIN_G"]))
     return [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_N"] <= cols] or configs
@@ -140,36 +144,44 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
     c_mask = offs_c < CIN_G
     p, p_end, rows, ih_off, iw_off, nh, ih, iw = _split_rows(tap, split, S, CHUNK, P, OH, OW, H, stride_h, stride_w,
                                                              pad_h, pad_w, dil_h, dil_w, BLOCK_K)
-    a_off = p[None, :] * K + (g * COUT_G + offs_k)[:, None]  # (BLOCK_M, BLOCK_K)
-    a_ptrs = dy_ptr + a_off
-    if GRAD_PRO:  # dz on load (prologue.py): this program's output channels' coefficients, loaded once
+    # The bias gradient's row sums as a product with e0 (ones in column 0): a 16-wide MMA beside the
+    # tile's instead of a cross-thread reduction every step; the first programs store it.
+    if GRAD_PRO:  # dz on load (prologue.py): dy^T x computed as (x^T dz)^T, so that dz, transformed in
+        # registers, is the B operand (wgmma takes B from shared memory; an A operand transformed in
+        # registers makes ptxas serialize the wgmma pipeline here); its coefficients are loaded once
+        a_off = p[:, None] * K + (g * COUT_G + offs_k)[None, :]  # (BLOCK_K, BLOCK_M)
         z_ptrs = gp_z_ptr + a_off
         s, t, beta, mu, gamma = grad_coefs(gp_scale_ptr, gp_shift_ptr, gp_center_ptr, K, g * COUT_G + offs_k, k_mask,
                                            GP_AFFINE, GP_CENTER)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        db = tl.zeros((16, BLOCK_M), dtype=tl.float32)
+        e0 = tl.broadcast_to((tl.arange(0, 16) == 0)[:, None], (16, BLOCK_K)).to(DOT_DTYPE)
+    else:
+        a_off = p[None, :] * K + (g * COUT_G + offs_k)[:, None]  # (BLOCK_M, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        db = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+        e0 = tl.broadcast_to((tl.arange(0, 16) == 0)[None, :], (BLOCK_K, 16)).to(DOT_DTYPE)
+    a_ptrs = dy_ptr + a_off
     x_ptr += g * CIN_G + offs_c[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # The bias gradient's row sums as a product with e0 (ones in column 0): a 16-wide MMA beside the
-    # tile's instead of a cross-thread reduction every step; the first programs store it.
-    db = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
-    e0 = tl.broadcast_to((tl.arange(0, 16) == 0)[None, :], (BLOCK_K, 16)).to(DOT_DTYPE)
     for _ in range(0, rows, BLOCK_K):  # EVEN_P: whole row blocks, every row real
         p_mask = p < p_end
         row_ok = _inside(ih, H) & _inside(iw, W)
         if not EVEN_P:
             row_ok &= p_mask
         b_ptrs = x_ptr + (((nh + ih) * W + iw) * C)[:, None]  # (BLOCK_K, BLOCK_N)
-        if EVEN_P and EVEN_M:  # every row of every split is real: no mask
+        if GRAD_PRO:
+            keep = p_mask[:, None] & k_mask[None, :]
+            a = tl.load(a_ptrs, mask=keep, other=0.0)
+            zt = tl.load(z_ptrs, mask=keep, other=0.0)
+            a = apply_grad_prologue(a, zt, s[None, :], t[None, :], beta[None, :], mu[None, :], gamma[None, :], keep,
+                                    GP_AFFINE, GP_ACT, gp_slope, GP_CENTER)
+            z_ptrs += BLOCK_K * K
+        elif EVEN_P and EVEN_M:  # every row of every split is real: no mask
             a = tl.load(a_ptrs)
         elif EVEN_M:
             a = tl.load(a_ptrs, mask=p_mask[None, :], other=0.0)
         else:
             a = tl.load(a_ptrs, mask=k_mask[:, None] & p_mask[None, :], other=0.0)
-        if GRAD_PRO:
-            keep = k_mask[:, None] & p_mask[None, :]
-            zt = tl.load(z_ptrs, mask=keep, other=0.0)
-            a = apply_grad_prologue(a, zt, s[:, None], t[:, None], beta[:, None], mu[:, None], gamma[:, None], keep,
-                                    GP_AFFINE, GP_ACT, gp_slope, GP_CENTER)
-            z_ptrs += BLOCK_K * K
         if EVEN_N:
             b = tl.load(b_ptrs, mask=row_ok[:, None], other=0.0)
         else:
@@ -177,18 +189,29 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
         if PROLOGUE:  # the input recomputed from z: act(z scale + shift), 0 in the padding
             b = apply_prologue(b, pro_scale_ptr + g * CIN_G, pro_shift_ptr + g * CIN_G, offs_c, c_mask, row_ok,
                                PRO_AFFINE, PRO_ACT, pro_slope, EVEN_N)
-        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
-        if HAS_BIAS:
-            db = tl.dot(a.to(DOT_DTYPE), e0, db, input_precision=PRECISION)
+        if GRAD_PRO:
+            acc = tl.dot(tl.trans(b.to(DOT_DTYPE)), a.to(DOT_DTYPE), acc, input_precision=PRECISION)
+            if HAS_BIAS:
+                db = tl.dot(e0, a.to(DOT_DTYPE), db, input_precision=PRECISION)
+        else:
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+            if HAS_BIAS:
+                db = tl.dot(a.to(DOT_DTYPE), e0, db, input_precision=PRECISION)
         p += BLOCK_K
         a_ptrs += BLOCK_K * K
         nh, ih, iw = _advance_source_rows(nh, ih, iw, BLOCK_K, OH, OW, H, stride_h, stride_w, ih_off, iw_off)
     rows = split * K + g * COUT_G + offs_k
     cols = tap * CIN_G + offs_c
-    tl.store(part_ptr + (rows * (RS * CIN_G))[:, None] + cols[None, :], acc,
-             mask=k_mask[:, None] & c_mask[None, :])
-    if HAS_BIAS and (tap == 0) & (pid_n == 0):
-        tl.store(dbp_ptr + rows, tl.sum(db, axis=1), mask=k_mask)
+    if GRAD_PRO:  # acc and db hold the transposes
+        tl.store(part_ptr + (rows * (RS * CIN_G))[None, :] + cols[:, None], acc,
+                 mask=c_mask[:, None] & k_mask[None, :])
+        if HAS_BIAS and (tap == 0) & (pid_n == 0):
+            tl.store(dbp_ptr + rows, tl.sum(db, axis=0), mask=k_mask)
+    else:
+        tl.store(part_ptr + (rows * (RS * CIN_G))[:, None] + cols[None, :], acc,
+                 mask=k_mask[:, None] & c_mask[None, :])
+        if HAS_BIAS and (tap == 0) & (pid_n == 0):
+            tl.store(dbp_ptr + rows, tl.sum(db, axis=1), mask=k_mask)
 
 
 @autotune(_DEPTHWISE_CONFIGS, key=["P", "C", "RS", "HAS_BIAS", "INT64", "PROLOGUE"],

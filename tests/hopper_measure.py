@@ -206,7 +206,8 @@ def measure(i):
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
             compiled = compile_spec(jit, job)
-        out.update(ptxas_usage(log.getvalue()), shared=compiled.metadata.shared)
+        out.update(ptxas_usage(log.getvalue()), shared=compiled.metadata.shared,
+                   serialized="C7515" in log.getvalue())  # ptxas: wgmma serialized, the pipeline lost
         instructions, labels = parse(_disassemble(compiled.asm["cubin"]))
         out["loop"] = loop_metrics(instructions, labels, out["num_warps"]) if job["gemm"] else None
         out.update(global_loads(instructions), instructions=len(instructions))
