@@ -157,13 +157,16 @@ def _deferral(net: ir.Network, readers, groups: list[Group]) -> dict[int, tuple[
 
 def _dz_on_load(g: Group) -> bool:
     """Whether a conv block's backward runs on load: batch norm and/or an activation and nothing
-    else after the conv (a shortcut's gradient or a pool's scatter is a pass of its own), 16 or
-    more output channels per group (fewer are padded with zeros, which dz on load would not keep),
-    and where it moves fewer bytes: each of the input gradient's p stride phases reads dy and z
-    where it read dz, so with batch norm (whose two passes over dz's size, 6 of it, give way to
-    one of 2) it pays for p <= 2, with an activation alone (one pass of 3) for p = 1."""
-    ops = {n.op for n in g.nodes}
-    if g.rule != "conv_block" or not ops & {Op.BATCHNORM, Op.ACTIVATION} or ops & {Op.ADD, Op.POOL}:
+    else after the conv, or batch norm added to a shortcut (then an activation; the gather pass
+    writes da once, as the shortcut's gradient); no pool (its scatter is a pass of its own); 16
+    or more output channels per group (fewer are padded with zeros, which dz on load would not
+    keep); and where it moves fewer bytes: each of the input gradient's p stride phases reads dy
+    and z where it read dz, so with batch norm (whose dz pass, 3 of z's size, and the write of da
+    or the read of dy and z go) it pays for p <= 2, with an activation alone (its pass of 3) for p = 1."""
+    ops = [n.op for n in g.nodes]
+    if g.rule != "conv_block" or not set(ops) & {Op.BATCHNORM, Op.ACTIVATION} or Op.POOL in ops:
+        return False
+    if Op.ADD in ops and (Op.BATCHNORM not in ops or Op.ACTIVATION in ops[:ops.index(Op.ADD)]):
         return False
     conv = g.nodes[0].attrs
     return conv.filters // conv.groups >= 16 and input_grad_phases(conv) <= (2 if Op.BATCHNORM in ops else 1)
@@ -183,7 +186,9 @@ def _cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:
             forward = tuple(k for k in forward if k != "epilogue_fwd")
         on_load = _dz_on_load(g)
         if on_load:
-            backward = (("bn_bwd_reduce", "bn_bwd_merge") if Op.BATCHNORM in {n.op for n in g.nodes} else ()) + tuple(
+            ops = {n.op for n in g.nodes}
+            sums = ("epilogue_bwd+bn_sums",) if Op.ADD in ops else ("bn_bwd_reduce",) if Op.BATCHNORM in ops else ()
+            backward = sums + (("bn_bwd_merge",) if Op.BATCHNORM in ops else ()) + tuple(
                 f"dz_on_load+{k}" for k in backward if k.startswith("conv_bwd"))
         prologue = g.rule == "conv_block" and g.nodes[0].inputs[0] in deferred_outputs
         if prologue:

@@ -105,8 +105,9 @@ class ConvBlock:
     has every other stage off (kernels/conv_block.py). Cross-layer fusion (plan.py): a block with
     `defer` hands its z, scale and shift to the next conv instead of writing its output when it
     trains, and that conv's block, with `prologue` (its producer's act1), normalises and
-    activates its input as it loads it. A block with `dz_on_load` (batch norm and act1 only) has
-    its conv's gradient kernels apply their backward to dy as they load it, so dz is not written."""
+    activates its input as it loads it. A block with `dz_on_load` (batch norm and act1 only, or
+    batch norm, the shortcut and act2) has its conv's gradient kernels apply batch norm's and act1's
+    backward as they load dy (da, with a shortcut), so dz is not written."""
 
     geometry: ConvGeometry
     bn: BatchNormSpec | None = None

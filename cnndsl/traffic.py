@@ -59,6 +59,8 @@ KERNEL_BYTES: dict[str, Callable[[Tensors, bool], int]] = {
     # dy, argmax, z and the shortcut in; dz (da with batch norm) and its gradient out
     "epilogue_bwd": lambda t, training: t.y + t.argmax + 2 * t.z + 2 * t.res,
     "epilogue_bwd+bn_reduce": lambda t, training: t.y + t.argmax + 2 * t.z + 2 * t.res,
+    # ... where da is the shortcut's gradient (no act1): written once, as that (dz on load)
+    "epilogue_bwd+bn_sums": lambda t, training: t.y + t.argmax + t.z + 2 * t.res,
     "bn_stats": lambda t, training: t.x,
     "bn_apply": lambda t, training: t.x + t.y,
     "bn_bwd_reduce": lambda t, training: 2 * t.z,  # dy and x

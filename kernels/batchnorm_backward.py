@@ -176,6 +176,14 @@ def batchnorm_eval_backward(dy, x, mean, var, eps, weight, need_param_grads):
     return _backward(dy, x, mean, var, eps, weight, need_param_grads, False)
 
 
+def _check_part(part, M, C, device):
+    n_tiles = _tiles(M)[1]
+    check(isinstance(part, torch.Tensor) and part.dtype == torch.float32 and part.device == device
+          and tuple(part.shape) == (2, n_tiles, C) and part.is_contiguous(),
+          f"part: expected a contiguous float32 tensor of shape {(2, n_tiles, C)} on {device}, got "
+          f"{getattr(part, 'dtype', type(part).__name__)} {tuple(getattr(part, 'shape', ()))}")
+
+
 def batchnorm_backward_from_partials(part, dy, x, mean, var, eps, weight, need_param_grads, train=True):
     """The backward finished for a caller whose own pass wrote dy (M, C) and its partials in
     _bn_bwd_partial_kernel's format: part (2, n_tiles, C) fp32 holding, per tile of _tiles(M)
@@ -184,17 +192,24 @@ def batchnorm_backward_from_partials(part, dy, x, mean, var, eps, weight, need_p
     x's dtype, dweight, dbias in weight's dtype (x's where weight is None) with
     need_param_grads, else None)."""
     _check_backward(dy, x, mean, var, weight)
-    M, C = x.shape
-    n_tiles = _tiles(M)[1]
-    check(isinstance(part, torch.Tensor) and part.dtype == torch.float32 and part.device == x.device
-          and tuple(part.shape) == (2, n_tiles, C) and part.is_contiguous(),
-          f"part: expected a contiguous float32 tensor of shape {(2, n_tiles, C)} on {x.device}, got "
-          f"{getattr(part, 'dtype', type(part).__name__)} {tuple(getattr(part, 'shape', ()))}")
+    _check_part(part, *x.shape, x.device)
     return _finish(part, dy, x, mean, var, eps, weight, bool(need_param_grads), train)
 
 
+def _on_load(part, x, mean, var, eps, weight, params, train, scale):
+    center = torch.empty((3, x.shape[1]), device=x.device, dtype=torch.float32) if train else None
+    _, dw, db = _merge(part, x, var, eps, weight, params, center, scale, mean)
+    return center, dw, db
+
+
+def _check_affine(x, scale, shift):
+    for t, name in ((scale, "scale"), (shift, "shift")):
+        check_tensor(t, name, ndim=1, dtype=torch.float32, device=x.device)
+        check(t.shape[0] == x.shape[1], f"{name}: expected shape ({x.shape[1]},), got {tuple(t.shape)}")
+
+
 def batchnorm_backward_on_load(dy, x, mean, var, eps, weight, need_param_grads, train, scale, shift, act: Act):
-    """For a consumer that computes dx as it loads its tiles (grad_prologue.py), where the
+    """For a consumer that computes dx as it loads its tiles (prologue.GradPrologue), where the
     gradient reaching the normalisation is g = dy act'(x scale + shift) (scale, shift (C,) fp32:
     the normalisation's; act NO_ACT: g = dy): the reduction and merge of the backward over g,
     without its elementwise pass -> (center, dweight, dbias). In training (batch statistics)
@@ -202,14 +217,18 @@ def batchnorm_backward_on_load(dy, x, mean, var, eps, weight, need_param_grads, 
     it is None, dx = scale g. dweight, dbias as batchnorm_backward's (computed only with
     need_param_grads and a weight, or in training)."""
     _check_backward(dy, x, mean, var, weight)
-    C = x.shape[1]
-    for t, name in ((scale, "scale"), (shift, "shift")):
-        check_tensor(t, name, ndim=1, dtype=torch.float32, device=x.device)
-        check(t.shape[0] == C, f"{name}: expected shape ({C},), got {tuple(t.shape)}")
+    _check_affine(x, scale, shift)
     params = bool(need_param_grads) and weight is not None
     if not (train or params):
         return None, None, None
-    part = _partials(dy, x, mean, act, scale, shift)
-    center = torch.empty((3, C), device=x.device, dtype=torch.float32) if train else None
-    _, dw, db = _merge(part, x, var, eps, weight, params, center, scale, mean)
-    return center, dw, db
+    return _on_load(_partials(dy, x, mean, act, scale, shift), x, mean, var, eps, weight, params, train, scale)
+
+
+def batchnorm_on_load_from_partials(part, x, mean, var, eps, weight, need_param_grads, train, scale):
+    """batchnorm_backward_on_load for a caller whose own pass wrote the partials of g (part as
+    batchnorm_backward_from_partials takes it)."""
+    _check_affine(x, scale, scale)
+    for t, name, opt in ((mean, "mean", False), (var, "var", False), (weight, "weight", True)):
+        _check_channels(t, name, x.shape[1], x.device, opt)
+    _check_part(part, *x.shape, x.device)
+    return _on_load(part, x, mean, var, eps, weight, bool(need_param_grads) and weight is not None, train, scale)

@@ -16,20 +16,26 @@ Cross-layer fusion (specs.ConvBlock.defer and .prologue): a deferring block's tr
 the epilogue pass and hands on `Deferred(z, scale, shift)`; the next block's conv applies them
 as it loads its input (prologue.py), forward and weight gradient, and its input gradient is the
 gradient of the deferring block's y. In backward, a block with `dz_on_load` (batch norm and act1,
-nothing else) writes no dz: its conv's gradient kernels read dy and z and apply the batch norm's
-and activation's backward as they load them (prologue.GradPrologue), after one pass over dy and
-z for batch norm's per-channel sums."""
+nothing else; or batch norm, the shortcut and act2) writes no dz: its conv's gradient kernels
+read dy (da, the shortcut's gradient, with a shortcut) and z and apply the batch norm's and
+activation's backward as they load them (prologue.GradPrologue), after one pass over dy and z
+for batch norm's per-channel sums (the gather pass, with a shortcut)."""
 
 from typing import NamedTuple
 
 import torch
 
-from ..specs import ConvBlock, decode
+from ..specs import NO_ACT, ConvBlock, decode
 from ._common import absent, define, present
 from .batchnorm_backward import batchnorm_backward_on_load
 from .batchnorm_layer import update_running
 from .conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
-from .epilogue import BatchNormBackward, epilogue_backward, epilogue_forward
+from .epilogue import (
+    BatchNormBackward,
+    epilogue_backward,
+    epilogue_backward_on_load,
+    epilogue_forward,
+)
 from .fold import bn_scale_shift, fold_conv
 from .prologue import GradPrologue, Prologue
 from .window import argmax_dtype
@@ -140,7 +146,12 @@ def _backward_impl(dy, x, w, z, residual, scale, shift, mean, var, bn_w, argmax,
     stats = None
     if s.bn is not None and (train or bn_grads):  # in eval, only for batch norm's parameter gradients
         stats = BatchNormBackward(mean, var, s.bn.eps, bn_w, bn_w is not None, bn_grads, train)
-    if s.dz_on_load:  # the gradient kernels read dy and z and compute dz as they load them
+    if s.dz_on_load and s.residual:  # batch norm's output meets the shortcut: the gather pass writes da once,
+        # as the shortcut's gradient, and the gradient kernels compute dz from it and z as they load them
+        dres, center, dbn_w, dbn_b = epilogue_backward_on_load(dy, z, present(scale), present(shift), residual,
+                                                               s.act2, s.pool, present(argmax), stats)
+        dz, gp = dres, GradPrologue(z, present(scale), present(shift), NO_ACT, center)
+    elif s.dz_on_load:  # the gradient kernels read dy and z and compute dz as they load them
         gp, dbn_w, dbn_b = _grad_prologue(dy, z, present(scale), present(shift), s.act1, stats)
     elif s.epilogue:
         dz, dres, dbn_w, dbn_b = epilogue_backward(dy, z, present(scale), present(shift), s.act1, residual,

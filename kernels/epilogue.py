@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..specs import Act, Window
+from ..specs import NO_ACT, Act, Window
 from ._common import autotune, check, check_tensor
 from .activation import NONE, act_code, apply_act, apply_act_grad
 from .batchnorm import _check_channels, _tiles
@@ -25,6 +25,7 @@ from .batchnorm_backward import (
     batchnorm_backward,
     batchnorm_backward_from_partials,
     batchnorm_eval_backward,
+    batchnorm_on_load_from_partials,
 )
 from .window import (
     CONFIGS,
@@ -113,7 +114,7 @@ def _epilogue_fwd_kernel(z_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, arg_ptr,  
     tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-@autotune(CONFIGS, key=_KEY + ["BN"], prune_configs_by=_PRUNE,
+@autotune(CONFIGS, key=_KEY + ["BN", "WRITE_DZ"], prune_configs_by=_PRUNE,
           interpret={"BLOCK_P": (lambda a: a["rows"] // 2 or a["P"], 16, 1024), "BLOCK_C": ("C", 4, 64)})
 @triton.jit
 def _epilogue_bwd_kernel(dy_ptr, arg_ptr, z_ptr, scale_ptr, shift_ptr, res_ptr, mean_ptr,  # dy (N, OH, OW, C)
@@ -121,6 +122,7 @@ def _epilogue_bwd_kernel(dy_ptr, arg_ptr, z_ptr, scale_ptr, shift_ptr, res_ptr, 
                          P, H, W, C, OH, OW, stride_h, stride_w, pad_h, pad_w, slope1, slope2, rows, n_tiles,
                          KH: tl.constexpr, KW: tl.constexpr, POOL: tl.constexpr, ACT1: tl.constexpr,
                          ACT2: tl.constexpr, HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, BN: tl.constexpr,
+                         WRITE_DZ: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # Program (t, j) takes tile t of the P = N*H*W pre-pool pixels: `rows` of them with BN
     # (batchnorm's tiling, whose partials it writes), else BLOCK_P.
@@ -155,7 +157,8 @@ def _epilogue_bwd_kernel(dy_ptr, arg_ptr, z_ptr, scale_ptr, shift_ptr, res_ptr, 
             sum_dax += da * (z - mean[None, :])
         elif HAS_AFFINE:
             da = da * scale[None, :]  # a fixed affine: dz = da * scale
-        tl.store(dz_ptr + off, da.to(dz_ptr.dtype.element_ty), mask=mask)
+        if WRITE_DZ:  # else da is dres (no act1: the add passes dv through), written once
+            tl.store(dz_ptr + off, da.to(dz_ptr.dtype.element_ty), mask=mask)
     if BN:  # batchnorm's _bn_bwd_partial_kernel format: [sum(da), sum(da (z - mean))] per tile
         tl.store(part_ptr + tile * C + offs_c, tl.sum(sum_da, axis=0), mask=c_mask)
         tl.store(part_ptr + (n_tiles + tile) * C + offs_c, tl.sum(sum_dax, axis=0), mask=c_mask)
@@ -225,6 +228,39 @@ def epilogue_forward(z, scale, shift, act1: Act, residual, act2: Act, pool: Wind
     return y, argmax
 
 
+def _gather(dy, z, scale, shift, act1: Act, residual, act2: Act, pool: Window | None, argmax, bn, write_dz: bool):
+    """The gather / activation-gradient pass -> (dz (da with bn) or None, dresidual or None, batch norm's
+    partials or None); without write_dz, da is dresidual (no act1), written once."""
+    _, args, consts = _setup(z, scale, shift, act1, residual, act2, pool)
+    c = args[2]
+    m = z.numel() // max(c, 1)  # pre-pool pixels: batch-norm rows
+    rows, n_tiles = _tiles(m) if bn is not None else (0, 0)
+    dz = torch.empty_like(z) if write_dz else None
+    dres = None if residual is None else torch.empty_like(residual)
+    part = torch.empty((2, n_tiles, c), dtype=torch.float32, device=z.device)
+    if m and c:
+        mean = z if bn is None else bn.mean
+        _epilogue_bwd_kernel[lambda meta: (n_tiles or triton.cdiv(m, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))](
+            dy, dy if argmax is None else argmax, z, z if scale is None else scale, z if shift is None else shift,
+            z if residual is None else residual, mean, dres if dz is None else dz, dz if dres is None else dres,
+            part, m, *args, rows, n_tiles, **consts, BN=bn is not None, WRITE_DZ=write_dz)
+    return dz, dres, part if bn is not None else None
+
+
+def _check(dy, z, scale, shift, act1, residual, act2, pool, argmax, bn):
+    """Validate epilogue_backward's arguments -> _setup's constexprs."""
+    out_shape, args, consts = _setup(z, scale, shift, act1, residual, act2, pool)
+    check_tensor(dy, "dy", dtype=z.dtype, device=z.device)
+    check(tuple(dy.shape) == out_shape, f"dy: expected shape {out_shape}, got {tuple(dy.shape)}")
+    check_argmax(argmax, pool.mode if pool else "none", consts["KH"] * consts["KW"], out_shape, z.device)
+    if bn is not None:
+        check(isinstance(bn, BatchNormBackward), f"bn: expected None or a BatchNormBackward, got {bn!r}")
+        check(scale is not None, "bn: expected scale and shift (the batch norm's affine), got None")
+        for t, name, opt in ((bn.mean, "mean", False), (bn.var, "var", False), (bn.weight, "weight", True)):
+            _check_channels(t, name, args[2], z.device, opt)
+    return consts
+
+
 def epilogue_backward(dy, z, scale, shift, act1: Act, residual, act2: Act, pool: Window | None, argmax,
                       bn: BatchNormBackward | None = None):
     """(dz, dresidual or None, dweight or None, dbias or None) for dy of epilogue_forward's y,
@@ -234,37 +270,40 @@ def epilogue_backward(dy, z, scale, shift, act1: Act, residual, act2: Act, pool:
     bn.param_grads, dweight (bn.weight not None) and dbias (bn.bias) come in the weight's dtype
     (z's without one). Passes: the gather / activation-gradient pass (writing da and
     batchnorm's tile partials), then with bn batchnorm's merge and elementwise backward."""
-    out_shape, args, consts = _setup(z, scale, shift, act1, residual, act2, pool)
-    check_tensor(dy, "dy", dtype=z.dtype, device=z.device)
-    check(tuple(dy.shape) == out_shape, f"dy: expected shape {out_shape}, got {tuple(dy.shape)}")
-    check_argmax(argmax, pool.mode if pool else "none", consts["KH"] * consts["KW"], out_shape, z.device)
-    c = args[2]
-    m = z.numel() // max(c, 1)  # pre-pool pixels: batch-norm rows
-    if bn is not None:
-        check(isinstance(bn, BatchNormBackward), f"bn: expected None or a BatchNormBackward, got {bn!r}")
-        check(scale is not None, "bn: expected scale and shift (the batch norm's affine), got None")
-        for t, name, opt in ((bn.mean, "mean", False), (bn.var, "var", False), (bn.weight, "weight", True)):
-            _check_channels(t, name, c, z.device, opt)
-        mean = bn.mean
-        rows, n_tiles = _tiles(m)
-    else:
-        mean, rows, n_tiles = None, 0, 0
+    consts = _check(dy, z, scale, shift, act1, residual, act2, pool, argmax, bn)
+    m, c = z.numel() // max(z.shape[-1], 1), z.shape[-1]
     if bn is not None and consts["ACT1"] == consts["ACT2"] == NONE and not consts["HAS_RES"] and not consts["POOL"]:
         # batch norm alone (a projection shortcut): da = dy, so its reduction reads dy and z directly,
         # without a pass that writes da (one pass over z's size fewer)
         backward = batchnorm_backward if bn.train else batchnorm_eval_backward
         dz, dw, db = backward(dy.view(m, c), z.view(m, c), bn.mean, bn.var, bn.eps, bn.weight, bn.param_grads)
         return dz.view(z.shape), None, None if bn.weight is None else dw, db if bn.bias else None
-    dz = torch.empty_like(z)  # da with bn
-    dres = None if residual is None else torch.empty_like(residual)
-    part = torch.empty((2, n_tiles, c), dtype=torch.float32, device=z.device)
-    if m and c:
-        _epilogue_bwd_kernel[lambda meta: (n_tiles or triton.cdiv(m, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))](
-            dy, dy if argmax is None else argmax, z, z if scale is None else scale, z if shift is None else shift,
-            z if residual is None else residual, z if mean is None else mean, dz, dz if dres is None else dres,
-            part, m, *args, rows, n_tiles, **consts, BN=bn is not None)
+    # a shortcut added after the conv itself (no act1, no affine): dz is dresidual, written once
+    same = bn is None and scale is None and consts["HAS_RES"] and consts["ACT1"] == NONE
+    dz, dres, part = _gather(dy, z, scale, shift, act1, residual, act2, pool, argmax, bn, not same)
+    if same:
+        return dres, dres, None, None
     if bn is None:
         return dz, dres, None, None
     dz2, dw, db = batchnorm_backward_from_partials(part, dz.view(m, c), z.view(m, c), bn.mean, bn.var, bn.eps,
                                                    bn.weight, bn.param_grads, bn.train)
     return (dz2.view(z.shape), dres, None if bn.weight is None else dw, db if bn.bias else None)
+
+
+def epilogue_backward_on_load(dy, z, scale, shift, residual, act2: Act, pool: Window | None, argmax,
+                              bn: BatchNormBackward | None):
+    """The gather pass of a block whose batch norm's output is added to a shortcut (no act1), for
+    a caller that computes dz from da as it loads it (prologue.GradPrologue): da is dresidual, so
+    it is written once -> (dresidual, center (3, C) fp32 in training or None, dweight, dbias) with
+    center, dweight and dbias as batchnorm_backward_on_load's; bn None: the affine is fixed
+    (dz = da scale)."""
+    check(residual is not None, "epilogue_backward_on_load: expected a residual (a shortcut added after batch norm)")
+    check(scale is not None, "epilogue_backward_on_load: expected batch norm's scale and shift, got None")
+    _check(dy, z, scale, shift, NO_ACT, residual, act2, pool, argmax, bn)
+    _, dres, part = _gather(dy, z, scale, shift, NO_ACT, residual, act2, pool, argmax, bn, False)
+    if bn is None:
+        return dres, None, None, None
+    k = z.shape[-1]
+    center, dw, db = batchnorm_on_load_from_partials(part, z.view(-1, k), bn.mean, bn.var, bn.eps, bn.weight,
+                                                     bn.param_grads, bn.train, scale)
+    return dres, center, None if bn.weight is None else dw, db if bn.bias else None

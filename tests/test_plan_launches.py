@@ -28,7 +28,7 @@ BY_NAME = {
     "bn_bwd_reduce": {"batchnorm_backward._bn_bwd_partial_kernel", "batchnorm_backward._bn_bwd_merge_kernel"},
     "bn_bwd_merge": {"batchnorm_backward._bn_bwd_merge_kernel"}, "bn_bwd_apply": {"batchnorm_backward._bn_bwd_kernel"},
     "epilogue_fwd": {"epilogue._epilogue_fwd_kernel"}, "epilogue_bwd": {"epilogue._epilogue_bwd_kernel"},
-    "epilogue_bwd+bn_reduce": {"epilogue._epilogue_bwd_kernel"},
+    "epilogue_bwd+bn_reduce": {"epilogue._epilogue_bwd_kernel"}, "epilogue_bwd+bn_sums": {"epilogue._epilogue_bwd_kernel"},
     "activation_fwd": {"activation._activation_fwd_kernel"}, "activation_bwd": {"activation._activation_bwd_kernel"},
     "pool_fwd": {"epilogue._epilogue_fwd_kernel"}, "pool_bwd": {"pool._pool_bwd_kernel"},
     "global_avgpool_fwd": {"pool._global_avg_fwd_kernel"}, "global_avgpool_bwd": {"pool._global_avg_bwd_kernel"},

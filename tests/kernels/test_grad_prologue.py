@@ -128,3 +128,42 @@ def test_a_bad_grad_prologue_is_refused():
     _, z8, dy8, wt8, geometry8, _, _ = _problem((1, 8, 5, 5, 8, (3, 3), 1, 1, 1, 1), "none", "relu", torch.float32)
     with pytest.raises(ValueError, match="needs 16 or more channels per group, got 8"):
         conv2d_backward_input(dy8, wt8, geometry8, (5, 5), GradPrologue(z8, None, None, act))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_shortcut_block_computes_dz_on_load_from_the_shortcut_gradient(mode):
+    """conv -> batch norm -> + shortcut -> relu: the gather pass writes da once, as the shortcut's
+    gradient, with batch norm's sums; the gradient kernels turn it into dz as they load it."""
+    from cnndsl.kernels.epilogue import BatchNormBackward, epilogue_backward_on_load
+    case = CASES["3x3"]
+    x, z, dy, wt, geometry, bn, _ = _problem(case, mode, "none", torch.float32)
+    res = torch.randn_like(z)
+    mean, var, weight, bias = bn
+    scale, shift = bn_scale_shift(mean, var, EPS, weight, bias)
+    stats = BatchNormBackward(mean, var, EPS, weight, True, True, mode == "train")
+    dres, center, dweight, dbias = epilogue_backward_on_load(dy, z, scale, shift, res, Act("relu"), None, None, stats)
+    gp = GradPrologue(z, scale, shift, Act("none"), center)
+    dx = conv2d_backward_input(dres, wt, geometry, tuple(x.shape[1:3]), grad_prologue=gp)
+    dw, _ = conv2d_backward_weight(x, dres, wt.shape, geometry, False, grad_prologue=gp)
+    # float64 autograd through relu(bn(z) + res), then the conv
+    k, stride, pad, dil, groups = z.shape[-1], *case[6:]
+    z64, res64, x64 = z.double().view(-1, k).requires_grad_(), res.double().requires_grad_(), x.double().requires_grad_()
+    w64, weight64, bias64 = wt.double().requires_grad_(), weight.double().requires_grad_(), bias.double().requires_grad_()
+    a = F.batch_norm(z64, None if mode == "train" else mean.double(), None if mode == "train" else var.double(),
+                     weight64, bias64, training=mode == "train", eps=EPS)
+    v = torch.relu(a.view(z.shape) + res64)
+    dz64, dres64, dweight64, dbias64 = torch.autograd.grad(v, [z64, res64, weight64, bias64], dy.double())
+    out = F.conv2d(x64.permute(0, 3, 1, 2), w64, None, stride, pad, dil, groups)
+    dx64, dw64 = torch.autograd.grad(out, [x64, w64], dz64.view(z.shape).permute(0, 3, 1, 2))
+    rows = dy[..., 0].numel()
+    for name, got, want in (("dres", dres, dres64), ("dx", dx, dx64), ("dw", dw, dw64), ("dweight", dweight, dweight64),
+                            ("dbias", dbias, dbias64)):
+        assert_close(got.double(), want, reduction=rows, name=name)
+
+
+def test_without_batch_norm_a_shortcut_block_writes_dz_once():
+    """conv -> + shortcut -> relu: dz is the shortcut's gradient, one tensor, written once."""
+    from cnndsl.kernels.epilogue import epilogue_backward
+    z, res, dy = torch.randn(2, 5, 5, 16), torch.randn(2, 5, 5, 16), torch.randn(2, 5, 5, 16)
+    dz, dres, _, _ = epilogue_backward(dy, z, None, None, Act("none"), res, Act("relu"), None, None)
+    assert dz is dres and torch.equal(dz, torch.where(z + res > 0, dy, 0.0))
