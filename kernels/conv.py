@@ -3,7 +3,9 @@
 activation, non-overlapping pooling; its helpers live in conv_epilogue.py) and the input
 gradient (the same gather run "transposed", one launch per stride phase so that only the
 taps that reach a phase are visited), with a direct branch for depthwise layers; the
-launchers of all three passes (the weight gradient's kernels live in conv_backward.py)."""
+launchers of all three passes (the weight gradient's kernels live in conv_backward.py, the
+geometry the launchers check and split into phases in conv_geometry.py). Cross-layer fusion's
+transforms on load (prologue.py) act on the A tile: the forward's input, the input gradient's dy."""
 
 from dataclasses import replace
 
@@ -33,6 +35,7 @@ from .conv_epilogue import (
     pool_rows,
     tile_stats,
 )
+from .conv_geometry import MIN_GEMM_K, check_geometry, pad_channels, pair, stride_phases
 from .prologue import (
     GradPrologue,
     Prologue,
@@ -219,61 +222,6 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
         tl.store(y_ptr + y_row[:, None] + col[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _pair(v, name, minimum):
-    v = (v, v) if isinstance(v, int) else tuple(v)
-    check(len(v) == 2 and all(isinstance(i, int) and i >= minimum for i in v),
-          f"{name}: expected two ints >= {minimum}, got {v}")
-    return v
-
-
-def _geometry(w_shape, c, k, geometry: ConvGeometry):
-    """Validate the conv's geometry against C and the weight shape (K, C/g, R, S) -> (stride,
-    padding, dilation, out_hw) as pairs."""
-    check(isinstance(geometry, ConvGeometry), f"geometry: expected a ConvGeometry, got {geometry!r}")
-    check(len(w_shape) == 4 and all(isinstance(d, int) and d > 0 for d in w_shape),
-          f"w: expected a positive shape (K, C/groups, R, S), got {tuple(w_shape)}")
-    groups = geometry.groups
-    check(isinstance(groups, int) and groups >= 1, f"groups: expected an int >= 1, got {groups}")
-    check(c % groups == 0 and k % groups == 0,
-          f"groups={groups} must divide both C={c} and K={k}")
-    check(w_shape[0] == k, f"w: expected {k} output channels, got shape {tuple(w_shape)}")
-    check(w_shape[1] * groups == c,
-          f"w: expected C/groups = {c // groups} input channels, got shape {tuple(w_shape)}")
-    return (_pair(geometry.stride, "stride", 1), _pair(geometry.padding, "padding", 0),
-            _pair(geometry.dilation, "dilation", 1), _pair(geometry.out_hw, "out_hw", 0))
-
-
-def _phases(size, k, stride, pad, dil, transposed):
-    """Per stride phase of one dim, the kernel's (P0, count, DST_S, SRC_S, SRC_O, R0, RSTEP, taps,
-    D0, D_STEP): forward, one phase reading x[i*stride - pad + r*dil]; for the input gradient,
-    dx pixels a, a + stride, ... are reached by the taps r with stride | a + pad - r*dil, reading
-    dy[i + (a + pad - r*dil) / stride], so consecutive taps of a phase shift by -rstep*dil/stride."""
-    if not transposed:
-        return [(0, size, 1, stride, -pad, 0, 1, k, 0, dil)]
-    phases = []
-    for a in range(stride):
-        taps = [r for r in range(k) if (a + pad - r * dil) % stride == 0]
-        r0, step = (taps[0], taps[1] - taps[0] if len(taps) > 1 else 1) if taps else (0, 1)
-        phases.append((a, max(0, -(-(size - a) // stride)), stride, 1, 0, r0, step, len(taps),
-                       (a + pad - r0 * dil) // stride, -(step * dil) // stride))
-    return phases
-
-
-_MIN_GEMM_K = 16  # channels per group that a tl.dot reduces over at least: fewer are padded with zeros
-
-
-def _pad_channels(src, wt, groups, cin_g):
-    """src (N, H, W, G*cin_g) and wt (G, R, S, cin_g, cout_g) with each group's channels padded with
-    zeros to _MIN_GEMM_K: every A load is then 16-byte and asynchronous, where a tap of 1-15 channels
-    would be scalar synchronous loads (the stem conv's 3)."""
-    n, h, w, _ = src.shape
-    padded = src.new_zeros((n, h, w, groups, _MIN_GEMM_K))
-    padded[..., :cin_g] = src.view(n, h, w, groups, cin_g)
-    wt_padded = wt.new_zeros((*wt.shape[:3], _MIN_GEMM_K, wt.shape[4]))
-    wt_padded[:, :, :, :cin_g] = wt
-    return padded.view(n, h, w, groups * _MIN_GEMM_K), wt_padded
-
-
 def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, padding, dilation,
                  transposed, out_hw, ep: Epilogue = PLAIN_EPILOGUE, prologue: Prologue | None = None,
                  grad_prologue: GradPrologue | None = None):
@@ -284,16 +232,16 @@ def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, paddin
     pro.update(grad_prologue_args(grad_prologue, src, cin_g, depthwise))
     if dst.numel() == 0:
         return
-    if not depthwise and cin_g < _MIN_GEMM_K:
-        src, wt = _pad_channels(src, wt, groups, cin_g)
-        cin_g = _MIN_GEMM_K
+    if not depthwise and cin_g < MIN_GEMM_K:
+        src, wt = pad_channels(src, wt, groups, cin_g)
+        cin_g = MIN_GEMM_K
     n, h, w, cin = src.shape
     pooled, taps = ep.meta["POOL"] != 0, ep.meta["TAPS"]
     int64 = max(t.numel() for t in (src, wt, dst, *(t for t in (ep.res,) if t is not None))) >= 2**31
     check(r <= MAX_CONV_TAPS and s <= MAX_CONV_TAPS, f"w: at most {MAX_CONV_TAPS} taps a side, got a {r}x{s} kernel")
-    for p0_h, gh, dst_sh, src_sh, src_oh, r0, rstep, rc, dh0, dh_step in _phases(
+    for p0_h, gh, dst_sh, src_sh, src_oh, r0, rstep, rc, dh0, dh_step in stride_phases(
             oh, r, stride[0], padding[0], dilation[0], transposed):
-        for p0_w, gw, dst_sw, src_sw, src_ow, s0, sstep, sc, dw0, dw_step in _phases(
+        for p0_w, gw, dst_sw, src_sw, src_ow, s0, sstep, sc, dw0, dw_step in stride_phases(
                 ow, s, stride[1], padding[1], dilation[1], transposed):
             if pooled:  # rows: TAPS per pooled pixel
                 gh, gw = dst.shape[1:3]
@@ -329,7 +277,7 @@ def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, res
     check_tensor(w, "w", ndim=4, dtype=x.dtype, device=x.device)
     n, _, _, c = x.shape
     k, cin_g, r, s = w.shape
-    stride, padding, dilation, (oh, ow) = _geometry(w.shape, c, k, geometry)
+    stride, padding, dilation, (oh, ow) = check_geometry(w.shape, c, k, geometry)
     if bias is not None:
         check_tensor(bias, "bias", ndim=1, dtype=x.dtype, device=x.device)
         check(bias.shape[0] == k, f"bias: expected shape ({k},), got {tuple(bias.shape)}")
@@ -361,8 +309,8 @@ def conv2d_backward_input(dy, w, geometry: ConvGeometry, in_hw, grad_prologue: G
     n, _, _, k = dy.shape
     _, cin_g, r, s = w.shape
     groups = geometry.groups
-    stride, padding, dilation, _ = _geometry(w.shape, cin_g * groups, k, geometry)
-    h, wd = _pair(in_hw, "in_hw", 0)
+    stride, padding, dilation, _ = check_geometry(w.shape, cin_g * groups, k, geometry)
+    h, wd = pair(in_hw, "in_hw", 0)
     dx = torch.empty((n, h, wd, cin_g * groups), dtype=dy.dtype, device=dy.device)
     wt = w.view(groups, k // groups, cin_g, r, s).permute(0, 3, 4, 1, 2).contiguous()  # (G, R, S, K/g, C/g)
     _launch_conv(dy, wt, None, dx, groups, k // groups, cin_g, r, s, stride, padding, dilation, True,
@@ -381,6 +329,6 @@ def conv2d_backward_weight(x, dy, w_shape, geometry: ConvGeometry, need_bias_gra
     n, _, _, c = x.shape
     k = dy.shape[3]
     check(dy.shape[0] == n, f"dy: expected batch {n}, got shape {tuple(dy.shape)}")
-    stride, padding, dilation, _ = _geometry(w_shape, c, k, geometry)
+    stride, padding, dilation, _ = check_geometry(w_shape, c, k, geometry)
     return weight_grad(x, dy, w_shape, stride, padding, dilation, geometry.groups, bool(need_bias_grad), prologue,
                        grad_prologue)
