@@ -31,7 +31,7 @@ _TILE_INTERPRET = {"BLOCK_M": (lambda a: a["rows"] // 2, 16, 512), "BLOCK_C": ("
 # Rows per tile: a power of two >= every BLOCK_M, with at most _MAX_TILES tiles (few under the
 # interpreter, which pays per program; tests still merge several tiles of two sub-blocks each).
 _MIN_ROWS, _MAX_TILES = (64, 8) if INTERPRET else (256, 1024)
-_MERGE = {"BLOCK_T": 8, "BLOCK_C": 32} if INTERPRET else {"BLOCK_T": 128, "BLOCK_C": 16}
+_MERGE = {"BLOCK_T": 8, "BLOCK_C": 128} if INTERPRET else {"BLOCK_T": 128, "BLOCK_C": 16}
 
 
 @autotune(_TILE_CONFIGS, key=["M", "C"], interpret=_TILE_INTERPRET)

@@ -78,7 +78,7 @@ def _prune(configs, named_args, **kwargs):
 
 @autotune(_CONV_CONFIGS, key=["M", "CIN_G", "COUT_G", "RC", "SC", "DEPTHWISE", "ACT", "HAS_RES", "ACT2", "POOL",
                              "TAPS", "STATS", "INT64", "PROLOGUE", "GRAD_PRO"],
-          interpret={"BLOCK_M": ("M", _MIN_BLOCK_M, 512), "BLOCK_N": (_cols, 16, 128), "BLOCK_K": ("CIN_G", 16, 64)},
+          interpret={"BLOCK_M": ("M", _MIN_BLOCK_M, 512), "BLOCK_N": (_cols, 16, 256), "BLOCK_K": ("CIN_G", 16, 128)},
           prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics({"EVEN_K": lambda a: a["CIN_G"] % a["BLOCK_K"] == 0,
                     "EVEN_N": lambda a: a["COUT_G"] % a["BLOCK_N"] == 0})

@@ -215,7 +215,7 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
 
 
 @autotune(_DEPTHWISE_CONFIGS, key=["P", "C", "RS", "HAS_BIAS", "INT64", "PROLOGUE"],
-          interpret={"BLOCK_M": (_row_block, 16, 512), "BLOCK_N": ("C", 16, 64)})
+          interpret={"BLOCK_M": (_row_block, 16, 512), "BLOCK_N": ("C", 16, 256)})
 @triton.jit
 def _depthwise_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, C): part (split, C, RS)
                          P, H, W, C, OH, OW, S, RS, CHUNK, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,

@@ -16,9 +16,10 @@ import torch_models as tm
 from helpers import assert_close
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-NAMES = ["lenet5", "cifar_small", "vgg16", "resnet18", "resnet50"]
+NAMES = ["lenet5", "cifar_small", "vgg16", "resnet18", "resnet50", "alexnet", "mobilenet_v2"]
 SMALL = {"lenet5", "cifar_small"}
-DROPOUT = {"vgg16"}
+DROPOUT = {"vgg16", "alexnet"}
+SHRUNK = {"alexnet": 63}  # the input side at which an ImageNet net is trained in the tests (default 32)
 
 
 def example(name: str) -> Path:
@@ -135,12 +136,14 @@ def test_eval_outputs_match_torch(pair, eval_run):
 
 def shrunk(name: str) -> tuple[str, int, torch.nn.Module]:
     """The example's text, a batch size and a hand-built model; the ImageNet nets at 32x32
-    input (the same layers; VGG's first dense layer then takes 512 features)."""
+    input (63x63 for AlexNet, whose pools would leave nothing of 32x32; the same layers, the
+    first dense layer of VGG and AlexNet then taking fewer features)."""
     text = example(name).read_text()
     if name in SMALL:
         return text, 4, tm.BUILDERS[name]()
-    text = re.sub(r"^input 3x224x224", "input 3x32x32", text, count=1, flags=re.MULTILINE)
-    ref = tm.vgg16(image_size=32) if name == "vgg16" else tm.BUILDERS[name]()
+    side = SHRUNK.get(name, 32)
+    text = re.sub(r"^input 3x224x224", f"input 3x{side}x{side}", text, count=1, flags=re.MULTILINE)
+    ref = tm.BUILDERS[name](image_size=side) if name in ("vgg16", "alexnet") else tm.BUILDERS[name]()
     return text, 2, ref
 
 

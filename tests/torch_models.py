@@ -168,9 +168,62 @@ def resnet50(num_classes: int = 1000) -> nn.Module:
     return ResNet(Bottleneck, (3, 4, 6, 3), num_classes)
 
 
+# --- AlexNet and MobileNetV2 (torchvision layout) ------------------------------------------------
+
+def alexnet(image_size: int = 224, num_classes: int = 1000, dropout: float = 0.5, hidden: int = 4096) -> nn.Module:
+    """torchvision's alexnet without the adaptive pool (a 6x6 map at 224x224: it does nothing there);
+    the classifier takes 256 x s x s for the map the features leave at `image_size`, and has two
+    hidden layers of `hidden` units."""
+    features = nn.Sequential(
+        nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2))
+    s = features(torch.zeros(1, 3, image_size, image_size)).shape[-1]
+    return nn.Sequential(
+        features, nn.Flatten(),
+        nn.Dropout(dropout), nn.Linear(256 * s * s, hidden), nn.ReLU(),
+        nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.ReLU(),
+        nn.Linear(hidden, num_classes))
+
+
+def _conv_bn_relu6(cin: int, c: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    """torchvision's Conv2dNormActivation with ReLU6."""
+    return nn.Sequential(nn.Conv2d(cin, c, k, stride, (k - 1) // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(c), nn.ReLU6())
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, c: int, stride: int, t: int):
+        super().__init__()
+        hidden = cin * t
+        self.use_res = stride == 1 and cin == c
+        layers = [_conv_bn_relu6(cin, hidden, 1)] if t != 1 else []
+        layers += [_conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden),
+                   nn.Conv2d(hidden, c, 1, bias=False), nn.BatchNorm2d(c)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+def mobilenet_v2(num_classes: int = 1000, dropout: float = 0.2) -> nn.Module:
+    """torchvision's mobilenet_v2 at width 1.0."""
+    layers, c = [_conv_bn_relu6(3, 32, stride=2)], 32
+    for t, out, n, s in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                         (6, 160, 3, 2), (6, 320, 1, 1)):
+        for i in range(n):
+            layers.append(InvertedResidual(c, out, s if i == 0 else 1, t))
+            c = out
+    layers.append(_conv_bn_relu6(c, 1280, 1))
+    return nn.Sequential(nn.Sequential(*layers), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                         nn.Linear(1280, num_classes))
+
+
 # Published parameter counts (torchvision / the papers).
 PARAMS = {"lenet5": 61706, "cifar_small": 122570, "vgg16": 138357544,
-          "resnet18": 11689512, "resnet50": 25557032}
+          "resnet18": 11689512, "resnet50": 25557032, "alexnet": 61100840, "mobilenet_v2": 3504872}
 
 BUILDERS = {"lenet5": lenet5, "cifar_small": cifar_small, "vgg16": vgg16,
-            "resnet18": resnet18, "resnet50": resnet50}
+            "resnet18": resnet18, "resnet50": resnet50, "alexnet": alexnet, "mobilenet_v2": mobilenet_v2}
