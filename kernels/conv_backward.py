@@ -56,8 +56,9 @@ def _prune(configs, named_args, **kwargs):
 
     def fits(c):
         m, n, k, threads = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], 32 * c.num_warps
-        if gp:  # the dz and x tiles in registers: spill-free on sm_90 up to 32 values a thread each (measured)
-            return k * m <= 32 * threads and k * n <= 32 * threads and (not pro or m * n <= 32 * threads)
+        if gp:  # dz (k x m) and x (k x n) in registers beside the accumulator (n x m, transposed: its n rows
+            # are the MMA's M, 64 or more for wgmma): spill-free on sm_90 up to 32 values a thread each (measured)
+            return n >= 64 and max(k * m, k * n, m * n) <= 32 * threads
         return not pro or (m + 2 * k) * n <= 192 * threads
     configs = [c for c in configs if fits(c)] or configs
     rows = max(64, triton.next_power_of_2(named_args["COUT_G"]))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_examples import SHRUNK
 
 import cnndsl
 from cnndsl.emit import emit
@@ -26,11 +27,12 @@ def _load(path: Path):
 
 
 def _source(name: str) -> str:
-    """An example's text (the 224x224 networks at 32x32: every layer and path, fewer pixels) or
+    """An example's text (the 224x224 networks at 32x32, AlexNet at 63x63: every layer and path, fewer pixels) or
     one of the test networks."""
     if name in NETWORKS:
         return NETWORKS[name]
-    return (EXAMPLES / f"{name}.cnn").read_text().replace("input 3x224x224", "input 3x32x32")
+    side = SHRUNK.get(name, 32)
+    return (EXAMPLES / f"{name}.cnn").read_text().replace("input 3x224x224", f"input 3x{side}x{side}")
 
 
 def _emitted(tmp_path, net, fuse):

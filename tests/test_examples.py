@@ -205,7 +205,7 @@ def test_training_matches_torch(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(set(NAMES) - SMALL))
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])  # the others at 224: test_eval_outputs_match_torch
 def test_training_matches_torch_at_224(name):
     modes = ("eval",) if name in DROPOUT else ("train",)
     check_training(name, example(name).read_text(), 1, tm.BUILDERS[name](), modes=modes)

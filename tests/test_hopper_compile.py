@@ -72,9 +72,17 @@ def _both_plans(src, dtype):
 def _launcher_extras(dtype):
     """Launches that the networks do not make: the activation epilogues of dense (every one) and
     conv (gelu), the conv's residual and pool epilogue, the training epilogue with each pool and
-    both batch-norm backwards, rows wider than softmax's widest block, a dropout seed past int32,
-    momentum=None."""
-    from cnndsl.kernels import batchnorm, conv, dense, dropout, epilogue, softmax
+    both batch-norm backwards, dz on load's batch-norm sums and shortcut gather pass, rows wider
+    than softmax's widest block, a dropout seed past int32, momentum=None."""
+    from cnndsl.kernels import (
+        batchnorm,
+        batchnorm_backward,
+        conv,
+        dense,
+        dropout,
+        epilogue,
+        softmax,
+    )
     from cnndsl.kernels.activation import ACTIVATIONS
     from cnndsl.specs import Act, ConvGeometry, Window
     x2, w2, b2 = torch.randn(3, 8, dtype=dtype), torch.randn(5, 8, dtype=dtype), torch.randn(5, dtype=dtype)
@@ -93,6 +101,10 @@ def _launcher_extras(dtype):
         for train in (True, False):  # batch norm's backward through batch or running statistics
             bn = epilogue.BatchNormBackward(mean, var, 1e-5, torch.ones(3, dtype=dtype), True, True, train)
             epilogue.epilogue_backward(y, z, mean, var, Act("relu"), z, Act("tanh"), pool, arg, bn)
+        # dz on load: batch norm's sums through an activation, dz's coefficients, a shortcut's gather pass
+        batchnorm_backward.batchnorm_backward_on_load(z.view(-1, 3), z.view(-1, 3), mean, var, 1e-5, None, False,
+                                                      True, mean, var, Act("relu"))
+        epilogue.epilogue_backward_on_load(z, z, mean, var, z, Act("relu"), None, None, bn)
     wide = torch.randn(2, softmax._MAX_BLOCK + 3, dtype=dtype)
     y = softmax.softmax_forward(wide)
     softmax.softmax_backward(torch.randn_like(y), y)
