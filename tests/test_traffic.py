@@ -81,3 +81,13 @@ def test_every_kernel_the_plans_list_has_a_model():
                     named[k.removeprefix("prologue+")] += 1
     unknown = [k for k in named if k not in KERNEL_BYTES and not k.startswith("dense_fwd")]
     assert not unknown, unknown
+
+
+@pytest.mark.parametrize("fuse", [True, "block"], ids=["fused", "block"])
+def test_no_group_moves_more_fused_than_unfused(fuse):
+    from cnndsl.plan import plan
+    for path in sorted(EXAMPLES.glob("*.cnn")):
+        net = cnndsl.parse(path.read_text())
+        for g in plan(net, fuse).groups:
+            fused, unfused = traffic(net, g, 64, 2)["training"]
+            assert fused <= unfused, f"{path.stem} {g.name}: {fused:,} bytes fused, {unfused:,} unfused"
