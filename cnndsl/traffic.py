@@ -5,8 +5,9 @@ model follows the plan's kernel lists: a fused group's bytes are its kernels', a
 group's the sum of its ops' kernels alone. Each kernel counts each tensor it reads or writes
 once (tile re-reads hit the caches); per-channel vectors (statistics, scale and shift) are
 left out. Also counted: the channels a conv pads to 16 with zeros (its GEMM reads them), the
-conv weight gradient's fp32 per-split partials (written, then summed), and where a value has
-k > 1 readers, the k - 1 additions of their gradients in training. tests/test_traffic.py
+conv weight gradient's fp32 per-split partials (written, then summed), one read of dz per stride
+phase of a conv's input gradient, and where a value has k > 1 readers, the k - 1 additions of
+their gradients in training; the network's input takes no gradient. tests/test_traffic.py
 records every launch of a training step and checks the model against it."""
 
 from collections.abc import Callable

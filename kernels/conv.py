@@ -60,8 +60,10 @@ def _cols(args):
 
 
 # Cross-layer fusion's loads (the prologue, dz on load) transform the A tile in registers and hand it
-# to wgmma from there: at the other tiles ptxas serializes the wgmma pipeline (C7515), measured on sm_90.
+# to wgmma from there: at the other tiles ptxas serializes the wgmma pipeline (C7515), measured on sm_90
+# (dz on load of a 1x1 conv also at 64x128x32 and 128x32x32).
 _ON_LOAD_TILES = {(128, 128, 64, 8), (64, 128, 32, 4), (64, 64, 64, 4), (128, 32, 32, 4)}
+_DZ_ON_LOAD_TILES = {(128, 128, 64, 8), (64, 64, 64, 4)}
 
 
 def _prune(configs, named_args, **kwargs):
@@ -72,7 +74,8 @@ def _prune(configs, named_args, **kwargs):
     configs = [c for c in configs if c.kwargs["BLOCK_N"] <= width] or configs
     if args.get("PROLOGUE") or args.get("GRAD_PRO"):
         tile = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
-        configs = [c for c in configs if tile(c) in _ON_LOAD_TILES] or configs
+        tiles = _DZ_ON_LOAD_TILES if args.get("GRAD_PRO") else _ON_LOAD_TILES
+        configs = [c for c in configs if tile(c) in tiles] or configs
     return configs
 
 
