@@ -9,7 +9,9 @@ Cross-layer fusion (fuse=True): a conv block with batch norm or an activation (a
 or pool) whose output only the next conv reads defers its epilogue in training: it hands that
 conv its z and batch norm's per-channel scale and shift, and the conv normalises and activates
 each tile as it loads it, so the block's output is never written (`Group.output_note` says,
-for every such block, whether and why)."""
+for every such block, whether and why); and in backward a block whose batch norm and activation
+(or batch norm and shortcut) have gradients its conv's kernels can apply as they load dy and z
+writes no dz (`Group.dz_on_load`, where that moves fewer bytes)."""
 
 from dataclasses import dataclass, replace
 
@@ -17,7 +19,7 @@ from . import ir
 from .ir import Op
 from .ops import REGISTRY
 from .rules import BY_NAME, RULES, Rule
-from .specs import H100, Machine
+from .specs import H100, MIN_GEMM_K, Machine
 from .traffic import group_bytes, input_grad_phases
 
 
@@ -145,7 +147,7 @@ def _deferral(net: ir.Network, readers, groups: list[Group]) -> dict[int, tuple[
         else:
             c, conv = out.shape[0], rd[0].attrs
             cin_g, cout_g = c // conv.groups, conv.filters // conv.groups
-            if cin_g < 16 and not (cin_g == 1 and cout_g == 1):
+            if cin_g < MIN_GEMM_K and not (cin_g == 1 and cout_g == 1):
                 notes[i] = False, (f"its output is written: {rd[0].name} reads {cin_g} channels per group, padded "
                                    f"to 16 with zeros that normalising on load would not keep zero")
             else:
@@ -169,7 +171,7 @@ def _dz_on_load(g: Group) -> bool:
     if Op.ADD in ops and (Op.BATCHNORM not in ops or Op.ACTIVATION in ops[:ops.index(Op.ADD)]):
         return False
     conv = g.nodes[0].attrs
-    return conv.filters // conv.groups >= 16 and input_grad_phases(conv) <= (2 if Op.BATCHNORM in ops else 1)
+    return conv.filters // conv.groups >= MIN_GEMM_K and input_grad_phases(conv) <= (2 if Op.BATCHNORM in ops else 1)
 
 
 def _cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:

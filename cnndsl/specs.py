@@ -35,6 +35,41 @@ H100 = Machine()
 INTERPRETER = Machine(2, 32, True)
 
 
+# Channels per group that a conv's GEMM reduces over at least: fewer are padded with zeros, so that
+# every tile load is a 16-byte vector (kernels/conv_geometry.py, kernels/conv_backward.py).
+MIN_GEMM_K = 16
+
+
+def weight_grad_tiles(k: int, groups: int, cin_g: int, taps: int) -> tuple[int, int]:
+    """(width, tiles) of a conv weight gradient: the input channels a tap's tile covers per group
+    (cin_g, padded to MIN_GEMM_K unless depthwise) and its programs a split (64-wide tiles)."""
+    cdiv = lambda a, b: -(-a // b)
+    cout_g = k // groups
+    if cin_g == 1 and cout_g == 1:  # depthwise
+        return 1, cdiv(k, 64) * taps
+    width = max(cin_g, MIN_GEMM_K)
+    return width, groups * taps * cdiv(cout_g, 64) * cdiv(width, 64)
+
+
+def stride_phases(size, k, stride, pad, dil, transposed):
+    """Per stride phase of one dim, the kernel's (P0, count, DST_S, SRC_S, SRC_O, R0, RSTEP, taps,
+    D0, D_STEP): forward, one phase reading x[i*stride - pad + r*dil]; for the input gradient,
+    dx pixels a, a + stride, ... are reached by the taps r with stride | a + pad - r*dil, reading
+    dy[i + (a + pad - r*dil) / stride], so consecutive taps of a phase shift by -rstep*dil/stride."""
+    if not transposed:
+        return [(0, size, 1, stride, -pad, 0, 1, k, 0, dil)]
+    phases = []
+    for a in range(stride):
+        taps = [r for r in range(k) if (a + pad - r * dil) % stride == 0]
+        r0, step = (taps[0], taps[1] - taps[0] if len(taps) > 1 else 1) if taps else (0, 1)
+        phases.append((a, max(0, -(-(size - a) // stride)), stride, 1, 0, r0, step, len(taps),
+                       (a + pad - r0 * dil) // stride, -(step * dil) // stride))
+    return phases
+
+
+MIN_GEMM_K = 16  # channels per group that a tl.dot reduces over at least: fewer are padded with zeros
+
+
 def weight_grad_split(rows: int, tiles: int, machine: Machine) -> tuple[int, int]:
     """(splits, rows per split) of the conv weight gradient's N*OH*OW rows for `tiles` programs a
     split: about four waves of programs, at least 4 grains of rows a split."""

@@ -16,9 +16,14 @@ from dataclasses import dataclass
 from . import ir
 from .ir import Op
 from .shapes import numel, params
-from .specs import H100, Machine, weight_grad_split
-
-_MIN_GEMM_K = 16  # channels per group a conv's GEMM reduces over at least (kernels/conv.py)
+from .specs import (
+    H100,
+    MIN_GEMM_K,
+    Machine,
+    stride_phases,
+    weight_grad_split,
+    weight_grad_tiles,
+)
 
 
 @dataclass(frozen=True)
@@ -96,26 +101,24 @@ def kernel_bytes(name: str, t: Tensors, training: bool) -> int:
 
 def _conv_split(net: ir.Network, conv: ir.Node, batch: int, machine: Machine) -> int:
     """Bytes of the conv weight gradient's fp32 partials (and the bias gradient's), written and read."""
-    a, c = conv.attrs, net.in_shape(conv)[0]
-    cin_g, cout_g, (r, s) = c // a.groups, a.filters // a.groups, a.kernel
-    depthwise = cin_g == 1 and cout_g == 1
-    width = cin_g if depthwise or cin_g >= _MIN_GEMM_K else _MIN_GEMM_K
-    tiles = -(-a.filters // 64) * r * s if depthwise else a.groups * r * s * -(-cout_g // 64) * -(-width // 64)
+    a = conv.attrs
+    width, tiles = weight_grad_tiles(a.filters, a.groups, net.in_shape(conv)[0] // a.groups, a.kernel[0] * a.kernel[1])
     split, _ = weight_grad_split(batch * conv.shape[1] * conv.shape[2], tiles, machine)
-    return 2 * 4 * split * a.filters * (r * s * width + (1 if a.bias else 0))
+    return 2 * 4 * split * a.filters * (a.kernel[0] * a.kernel[1] * width + (1 if a.bias else 0))
 
 
 def input_grad_phases(conv) -> int:
-    """The launches of a conv's input gradient that read dy: one per stride phase a tap reaches."""
+    """The launches of a conv's input gradient that read dy: one per stride phase that taps reach on
+    both axes (specs.stride_phases, over `stride` pixels: every phase has one)."""
     phases = 1
     for k, st, pad, dil in zip(conv.kernel, conv.stride, conv.padding, conv.dilation):
-        phases *= sum(any((p + pad - r * dil) % st == 0 for r in range(k)) for p in range(st))
+        phases *= sum(1 for phase in stride_phases(st, k, st, pad, dil, True) if phase[7])  # its taps
     return phases
 
 
 def _padded(size: int, channels: int) -> int:
     """A conv operand's bytes as its GEMM reads it: fewer than 16 channels a group are padded."""
-    return size * _MIN_GEMM_K // channels if channels < _MIN_GEMM_K else size
+    return size * MIN_GEMM_K // channels if channels < MIN_GEMM_K else size
 
 
 def tensors(net: ir.Network, nodes: tuple[ir.Node, ...], batch: int, itemsize: int, machine: Machine) -> Tensors:

@@ -106,12 +106,16 @@ def _bn_bwd_kernel(dy_ptr, x_ptr, mean_ptr, var_ptr, w_ptr, sums_ptr, dx_ptr, n,
     tl.store(dx_ptr + offs, (dy * scale).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_backward(dy, x, mean, var, weight):
+def _check_stats(x, mean, var, weight):
     check_tensor(x, "x", ndim=2)
-    check_tensor(dy, "dy", ndim=2, dtype=x.dtype, device=x.device)
-    check(dy.shape == x.shape, f"dy: expected shape {tuple(x.shape)}, got {tuple(dy.shape)}")
     for t, name, opt in ((mean, "mean", False), (var, "var", False), (weight, "weight", True)):
         _check_channels(t, name, x.shape[1], x.device, opt)
+
+
+def _check_backward(dy, x, mean, var, weight):
+    _check_stats(x, mean, var, weight)
+    check_tensor(dy, "dy", ndim=2, dtype=x.dtype, device=x.device)
+    check(dy.shape == x.shape, f"dy: expected shape {tuple(x.shape)}, got {tuple(dy.shape)}")
 
 
 def _partials(dy, x, mean, act: Act = NO_ACT, scale=None, shift=None):
@@ -162,6 +166,8 @@ def _backward(dy, x, mean, var, eps, weight, need_param_grads, train):
     params = bool(need_param_grads) and weight is not None
     part = _partials(dy, x, mean) if train or params else None
     return _finish(part, dy, x, mean, var, eps, weight, params, train)
+
+
 def batchnorm_backward(dy, x, mean, var, eps, weight, need_param_grads):
     """Training backward (batch statistics mean, var): (dx in x.dtype, dweight, dbias in
     weight's dtype, or None when not needed or weight is None). A reduction pass (tile
@@ -202,8 +208,8 @@ def _on_load(part, x, mean, var, eps, weight, params, train, scale):
     return center, dw, db
 
 
-def _check_affine(x, scale, shift):
-    for t, name in ((scale, "scale"), (shift, "shift")):
+def _check_affine(x, **tensors):
+    for name, t in tensors.items():
         check_tensor(t, name, ndim=1, dtype=torch.float32, device=x.device)
         check(t.shape[0] == x.shape[1], f"{name}: expected shape ({x.shape[1]},), got {tuple(t.shape)}")
 
@@ -217,7 +223,7 @@ def batchnorm_backward_on_load(dy, x, mean, var, eps, weight, need_param_grads, 
     it is None, dx = scale g. dweight, dbias as batchnorm_backward's (computed only with
     need_param_grads and a weight, or in training)."""
     _check_backward(dy, x, mean, var, weight)
-    _check_affine(x, scale, shift)
+    _check_affine(x, scale=scale, shift=shift)
     params = bool(need_param_grads) and weight is not None
     if not (train or params):
         return None, None, None
@@ -227,8 +233,7 @@ def batchnorm_backward_on_load(dy, x, mean, var, eps, weight, need_param_grads, 
 def batchnorm_on_load_from_partials(part, x, mean, var, eps, weight, need_param_grads, train, scale):
     """batchnorm_backward_on_load for a caller whose own pass wrote the partials of g (part as
     batchnorm_backward_from_partials takes it)."""
-    _check_affine(x, scale, scale)
-    for t, name, opt in ((mean, "mean", False), (var, "var", False), (weight, "weight", True)):
-        _check_channels(t, name, x.shape[1], x.device, opt)
+    _check_stats(x, mean, var, weight)
+    _check_affine(x, scale=scale)
     _check_part(part, *x.shape, x.device)
     return _on_load(part, x, mean, var, eps, weight, bool(need_param_grads) and weight is not None, train, scale)

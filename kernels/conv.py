@@ -13,7 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..specs import MAX_CONV_TAPS, NO_ACT, Act, ConvGeometry, Window
+from ..specs import (
+    MAX_CONV_TAPS,
+    MIN_GEMM_K,
+    NO_ACT,
+    Act,
+    ConvGeometry,
+    Window,
+    stride_phases,
+)
 from ._common import (
     INTERPRET,
     _tile,
@@ -35,7 +43,7 @@ from .conv_epilogue import (
     pool_rows,
     tile_stats,
 )
-from .conv_geometry import MIN_GEMM_K, check_geometry, pad_channels, pair, stride_phases
+from .conv_geometry import check_geometry, pad_channels, pair
 from .prologue import (
     GradPrologue,
     Prologue,

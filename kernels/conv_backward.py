@@ -2,7 +2,8 @@
 split-K implicit GEMM over the N*OH*OW rows, one program per (tap, channel tiles), for grouped
 layers and a direct kernel for depthwise ones, both writing fp32 partials per split (with the
 bias gradient), and the kernel that sums the partials in a fixed order (deterministic) into
-the weight layout."""
+the weight layout. Cross-layer fusion (prologue.py): the input tile may be recomputed from the
+previous block's z as it loads, and dz from dy and z (then dz is the B operand)."""
 
 from dataclasses import replace
 
@@ -10,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..specs import H100, INTERPRETER, weight_grad_split
+from ..specs import H100, INTERPRETER, weight_grad_split, weight_grad_tiles
 from ._common import (
     INTERPRET,
     autotune,
@@ -41,7 +42,6 @@ _CONFIGS_FP32 = [gemm_config(*c) for c in ((128, 128, 32, 3, 8), (256, 64, 32, 3
 # Depthwise: BLOCK_M rows (pixels) x BLOCK_N channels, no dot.
 _DEPTHWISE_CONFIGS = [gemm_config(*c) for c in ((128, 32, 16, 3, 4), (64, 64, 16, 3, 4), (128, 64, 16, 3, 4),
                                          (32, 128, 16, 3, 4), (64, 128, 16, 3, 8), (256, 64, 16, 3, 8))]
-_MIN_GEMM_N = 16  # input channels per group a tap's tile holds at least: fewer are padded with zeros
 
 
 def _prune(configs, named_args, **kwargs):
@@ -307,11 +307,10 @@ def weight_grad(x, dy, w_shape, stride, padding, dilation, groups, need_bias_gra
     depthwise = cin_g == 1 and cout_g == 1
     pro = prologue_args(prologue, x, cin_g, depthwise)
     gp = grad_prologue_args(grad_prologue, dy, cout_g, depthwise)
-    width = cin_g if depthwise or cin_g >= _MIN_GEMM_N else _MIN_GEMM_N  # channels a tap's tile covers
+    width, tiles = weight_grad_tiles(k, groups, cin_g, r * s)  # the channels a tap's tile covers
     if width != cin_g:
         x = _pad_groups(x, groups, cin_g, width)
         c = groups * width
-    tiles = triton.cdiv(k, 64) * r * s if depthwise else groups * r * s * triton.cdiv(cout_g, 64) * triton.cdiv(width, 64)
     split, chunk = _splits(rows, tiles, x.device)
     part = torch.empty((split, k, r * s * width), dtype=torch.float32, device=x.device)  # (split, K, R*S*width)
     dbp = torch.empty((split, k), dtype=torch.float32, device=x.device) if need_bias_grad else part

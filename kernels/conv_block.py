@@ -125,17 +125,22 @@ def _train_fake(x, residual, w, b, bn_w, bn_b, mean, var, pro, pro_scale, pro_sh
             channels(stat and train), channels(stat and train), channels(stat), channels(stat))
 
 
-def _grad_prologue(dy, z, scale, shift, act1, stats):
-    """(GradPrologue, dweight, dbias) of a dz-on-load block: batch norm's per-channel sums (a
-    pass over dy and z, for the gradient through the batch statistics and the parameters') and the
-    coefficients with which its conv's gradient kernels compute dz as they load dy."""
+def _grad_prologue(dy, z, residual, scale, shift, argmax, s, stats):
+    """(what the gradient kernels read as dy, dresidual, GradPrologue, dweight, dbias) of a
+    dz-on-load block: batch norm's per-channel sums and the coefficients with which its conv's
+    gradient kernels compute dz as they load. With a shortcut, the gather pass takes the sums and
+    writes da once, as the shortcut's gradient, which the kernels read; else a pass over dy and z."""
+    if s.residual:
+        dres, center, dbn_w, dbn_b = epilogue_backward_on_load(dy, z, scale, shift, residual, s.act2, s.pool, argmax,
+                                                               stats)
+        return dres, dres, GradPrologue(z, scale, shift, NO_ACT, center), dbn_w, dbn_b
     center = dbn_w = dbn_b = None
     if stats is not None:
         k = z.shape[-1]
         center, dbn_w, dbn_b = batchnorm_backward_on_load(
             dy.view(-1, k), z.view(-1, k), stats.mean, stats.var, stats.eps, stats.weight, stats.param_grads,
-            stats.train, scale, shift, act1)
-    return GradPrologue(z, scale, shift, act1, center), dbn_w, dbn_b
+            stats.train, scale, shift, s.act1)
+    return dy, None, GradPrologue(z, scale, shift, s.act1, center), dbn_w, dbn_b
 
 
 def _backward_impl(dy, x, w, z, residual, scale, shift, mean, var, bn_w, argmax, pro, pro_scale, pro_shift, spec,
@@ -146,13 +151,9 @@ def _backward_impl(dy, x, w, z, residual, scale, shift, mean, var, bn_w, argmax,
     stats = None
     if s.bn is not None and (train or bn_grads):  # in eval, only for batch norm's parameter gradients
         stats = BatchNormBackward(mean, var, s.bn.eps, bn_w, bn_w is not None, bn_grads, train)
-    if s.dz_on_load and s.residual:  # batch norm's output meets the shortcut: the gather pass writes da once,
-        # as the shortcut's gradient, and the gradient kernels compute dz from it and z as they load them
-        dres, center, dbn_w, dbn_b = epilogue_backward_on_load(dy, z, present(scale), present(shift), residual,
-                                                               s.act2, s.pool, present(argmax), stats)
-        dz, gp = dres, GradPrologue(z, present(scale), present(shift), NO_ACT, center)
-    elif s.dz_on_load:  # the gradient kernels read dy and z and compute dz as they load them
-        gp, dbn_w, dbn_b = _grad_prologue(dy, z, present(scale), present(shift), s.act1, stats)
+    if s.dz_on_load:  # the gradient kernels compute dz as they load
+        dz, dres, gp, dbn_w, dbn_b = _grad_prologue(dy, z, residual, present(scale), present(shift), present(argmax),
+                                                    s, stats)
     elif s.epilogue:
         dz, dres, dbn_w, dbn_b = epilogue_backward(dy, z, present(scale), present(shift), s.act1, residual,
                                                    s.act2, s.pool, present(argmax), stats)

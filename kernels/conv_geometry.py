@@ -1,8 +1,8 @@
 """The conv launchers' geometry: checking a layer's stride, padding, dilation and groups against
-its weight, the stride phases an input gradient runs as (each a forward-like gather), and the
-zero padding of channel groups narrower than a tl.dot's reduction."""
+its weight, and the zero padding of channel groups narrower than a tl.dot's reduction (the
+stride phases an input gradient runs as are specs.stride_phases, which the byte model shares)."""
 
-from ..specs import ConvGeometry
+from ..specs import MIN_GEMM_K, ConvGeometry
 from ._common import check
 
 
@@ -29,25 +29,6 @@ def check_geometry(w_shape, c, k, geometry: ConvGeometry):
           f"w: expected C/groups = {c // groups} input channels, got shape {tuple(w_shape)}")
     return (pair(geometry.stride, "stride", 1), pair(geometry.padding, "padding", 0),
             pair(geometry.dilation, "dilation", 1), pair(geometry.out_hw, "out_hw", 0))
-
-
-def stride_phases(size, k, stride, pad, dil, transposed):
-    """Per stride phase of one dim, the kernel's (P0, count, DST_S, SRC_S, SRC_O, R0, RSTEP, taps,
-    D0, D_STEP): forward, one phase reading x[i*stride - pad + r*dil]; for the input gradient,
-    dx pixels a, a + stride, ... are reached by the taps r with stride | a + pad - r*dil, reading
-    dy[i + (a + pad - r*dil) / stride], so consecutive taps of a phase shift by -rstep*dil/stride."""
-    if not transposed:
-        return [(0, size, 1, stride, -pad, 0, 1, k, 0, dil)]
-    phases = []
-    for a in range(stride):
-        taps = [r for r in range(k) if (a + pad - r * dil) % stride == 0]
-        r0, step = (taps[0], taps[1] - taps[0] if len(taps) > 1 else 1) if taps else (0, 1)
-        phases.append((a, max(0, -(-(size - a) // stride)), stride, 1, 0, r0, step, len(taps),
-                       (a + pad - r0 * dil) // stride, -(step * dil) // stride))
-    return phases
-
-
-MIN_GEMM_K = 16  # channels per group that a tl.dot reduces over at least: fewer are padded with zeros
 
 
 def pad_channels(src, wt, groups, cin_g):

@@ -228,10 +228,10 @@ def epilogue_forward(z, scale, shift, act1: Act, residual, act2: Act, pool: Wind
     return y, argmax
 
 
-def _gather(dy, z, scale, shift, act1: Act, residual, act2: Act, pool: Window | None, argmax, bn, write_dz: bool):
-    """The gather / activation-gradient pass -> (dz (da with bn) or None, dresidual or None, batch norm's
-    partials or None); without write_dz, da is dresidual (no act1), written once."""
-    _, args, consts = _setup(z, scale, shift, act1, residual, act2, pool)
+def _gather(dy, z, scale, shift, residual, argmax, bn, args, consts, write_dz: bool):
+    """The gather / activation-gradient pass (args and consts: _check's) -> (dz (da with bn) or None,
+    dresidual or None, batch norm's partials or None); without write_dz, da is dresidual (no act1),
+    written once."""
     c = args[2]
     m = z.numel() // max(c, 1)  # pre-pool pixels: batch-norm rows
     rows, n_tiles = _tiles(m) if bn is not None else (0, 0)
@@ -248,7 +248,7 @@ def _gather(dy, z, scale, shift, act1: Act, residual, act2: Act, pool: Window | 
 
 
 def _check(dy, z, scale, shift, act1, residual, act2, pool, argmax, bn):
-    """Validate epilogue_backward's arguments -> _setup's constexprs."""
+    """Validate epilogue_backward's arguments -> _setup's kernel arguments and constexprs."""
     out_shape, args, consts = _setup(z, scale, shift, act1, residual, act2, pool)
     check_tensor(dy, "dy", dtype=z.dtype, device=z.device)
     check(tuple(dy.shape) == out_shape, f"dy: expected shape {out_shape}, got {tuple(dy.shape)}")
@@ -258,7 +258,7 @@ def _check(dy, z, scale, shift, act1, residual, act2, pool, argmax, bn):
         check(scale is not None, "bn: expected scale and shift (the batch norm's affine), got None")
         for t, name, opt in ((bn.mean, "mean", False), (bn.var, "var", False), (bn.weight, "weight", True)):
             _check_channels(t, name, args[2], z.device, opt)
-    return consts
+    return args, consts
 
 
 def epilogue_backward(dy, z, scale, shift, act1: Act, residual, act2: Act, pool: Window | None, argmax,
@@ -270,7 +270,7 @@ def epilogue_backward(dy, z, scale, shift, act1: Act, residual, act2: Act, pool:
     bn.param_grads, dweight (bn.weight not None) and dbias (bn.bias) come in the weight's dtype
     (z's without one). Passes: the gather / activation-gradient pass (writing da and
     batchnorm's tile partials), then with bn batchnorm's merge and elementwise backward."""
-    consts = _check(dy, z, scale, shift, act1, residual, act2, pool, argmax, bn)
+    args, consts = _check(dy, z, scale, shift, act1, residual, act2, pool, argmax, bn)
     m, c = z.numel() // max(z.shape[-1], 1), z.shape[-1]
     if bn is not None and consts["ACT1"] == consts["ACT2"] == NONE and not consts["HAS_RES"] and not consts["POOL"]:
         # batch norm alone (a projection shortcut): da = dy, so its reduction reads dy and z directly,
@@ -280,7 +280,7 @@ def epilogue_backward(dy, z, scale, shift, act1: Act, residual, act2: Act, pool:
         return dz.view(z.shape), None, None if bn.weight is None else dw, db if bn.bias else None
     # a shortcut added after the conv itself (no act1, no affine): dz is dresidual, written once
     same = bn is None and scale is None and consts["HAS_RES"] and consts["ACT1"] == NONE
-    dz, dres, part = _gather(dy, z, scale, shift, act1, residual, act2, pool, argmax, bn, not same)
+    dz, dres, part = _gather(dy, z, scale, shift, residual, argmax, bn, args, consts, not same)
     if same:
         return dres, dres, None, None
     if bn is None:
@@ -299,8 +299,8 @@ def epilogue_backward_on_load(dy, z, scale, shift, residual, act2: Act, pool: Wi
     (dz = da scale)."""
     check(residual is not None, "epilogue_backward_on_load: expected a residual (a shortcut added after batch norm)")
     check(scale is not None, "epilogue_backward_on_load: expected batch norm's scale and shift, got None")
-    _check(dy, z, scale, shift, NO_ACT, residual, act2, pool, argmax, bn)
-    _, dres, part = _gather(dy, z, scale, shift, NO_ACT, residual, act2, pool, argmax, bn, False)
+    args, consts = _check(dy, z, scale, shift, NO_ACT, residual, act2, pool, argmax, bn)
+    _, dres, part = _gather(dy, z, scale, shift, residual, argmax, bn, args, consts, False)
     if bn is None:
         return dres, None, None, None
     k = z.shape[-1]

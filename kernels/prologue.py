@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..specs import Act
+from ..specs import MIN_GEMM_K, Act
 from ._common import check, check_tensor
 from .activation import act_code, apply_act, apply_act_grad
 
@@ -50,7 +50,7 @@ def prologue_args(p: Prologue | None, x: torch.Tensor, cin_g: int, depthwise: bo
             check_tensor(t, name, ndim=1, dtype=torch.float32, device=x.device)
             check(t.shape[0] == c, f"{name}: expected shape ({c},) for x of shape {tuple(x.shape)}, got "
                                    f"{tuple(t.shape)}")
-    check(depthwise or cin_g >= 16, f"prologue: needs 16 or more channels per group (or a depthwise conv), got {cin_g}")
+    check(depthwise or cin_g >= MIN_GEMM_K, f"prologue: needs 16 or more channels per group (or a depthwise conv), got {cin_g}")
     affine = p.scale is not None
     return {"pro_scale_ptr": p.scale if affine else x, "pro_shift_ptr": p.shift if affine else x,
             "pro_slope": float(p.act.slope), "PROLOGUE": True, "PRO_AFFINE": affine,
@@ -110,7 +110,7 @@ def grad_prologue_args(gp: GradPrologue | None, dy: torch.Tensor, cols_g: int, d
             check(tuple(t.shape) == shape and t.is_contiguous(),
                   f"grad prologue {name}: expected shape {shape}, got {tuple(t.shape)}")
     check(gp.center is None or gp.scale is not None, "grad prologue: center needs scale and shift")
-    check(not depthwise and cols_g >= 16, f"grad prologue: needs 16 or more channels per group, got {cols_g}")
+    check(not depthwise and cols_g >= MIN_GEMM_K, f"grad prologue: needs 16 or more channels per group, got {cols_g}")
     affine, center = gp.scale is not None, gp.center is not None
     return {"gp_z_ptr": gp.z, "gp_scale_ptr": gp.scale if affine else dy, "gp_shift_ptr": gp.shift if affine else dy,
             "gp_center_ptr": gp.center if center else dy, "gp_slope": float(gp.act.slope), "GRAD_PRO": True,
