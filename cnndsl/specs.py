@@ -67,7 +67,6 @@ def stride_phases(size, k, stride, pad, dil, transposed):
     return phases
 
 
-MIN_GEMM_K = 16  # channels per group that a tl.dot reduces over at least: fewer are padded with zeros
 
 
 def weight_grad_split(rows: int, tiles: int, machine: Machine) -> tuple[int, int]:
@@ -182,6 +181,13 @@ class Dropout:
 
 
 @dataclass(frozen=True)
+class Concat:
+    """A concatenation along channels (kernels/concat.py): the channels of each input, in order."""
+
+    channels: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Step:
     """One launch step of a plan: the group it runs, the runner that runs it (a function of
     kernels/, by name), the values it reads and writes (node ids; None for an absent shortcut),
@@ -202,7 +208,8 @@ class Step:
         object.__setattr__(self, "text", repr(self.spec))
 
 
-_SPECS = {c.__name__: c for c in (Act, Window, ConvGeometry, BatchNormSpec, ConvBlock, Flatten, DenseBlock, Dropout)}
+_SPECS = {c.__name__: c for c in (Act, Window, ConvGeometry, BatchNormSpec, ConvBlock, Flatten, DenseBlock, Dropout,
+                                     Concat)}
 
 
 @functools.lru_cache(maxsize=4096)
