@@ -64,8 +64,6 @@ def stride_phases(size, k, stride, pad, dil, transposed):
         r0, step = (taps[0], taps[1] - taps[0] if len(taps) > 1 else 1) if taps else (0, 1)
         phases.append((a, max(0, -(-(size - a) // stride)), stride, 1, 0, r0, step, len(taps),
                        (a + pad - r0 * dil) // stride, -(step * dil) // stride))
-
-
     return phases
 
 
