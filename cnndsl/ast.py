@@ -79,6 +79,24 @@ class Residual:
 
 
 @dataclass(frozen=True)
+class Branch:
+    """`branch { body }` of a concat: body(x), or x itself when the body is empty."""
+
+    body: tuple["Stmt", ...]
+    span: Span
+
+
+@dataclass(frozen=True)
+class Concat:
+    """`concat { branch { ... } ... } [x N]`: the branches' outputs side by side along channels."""
+
+    branches: tuple[Branch, ...]
+    label: str | None
+    repeat: Repeat | None
+    span: Span
+
+
+@dataclass(frozen=True)
 class Param:
     name: str
     default: Expr | None
@@ -96,7 +114,7 @@ class Block:
     name_span: Span
 
 
-Stmt = Layer | Residual | Block
+Stmt = Layer | Residual | Concat | Block
 
 
 @dataclass(frozen=True)

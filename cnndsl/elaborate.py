@@ -28,7 +28,7 @@ def _default(option):
     return coerce(option, option.default, None)
 
 
-RESERVED = {"network", "input", "block", "residual", "shortcut", "x"} | WORDS
+RESERVED = {"network", "input", "block", "residual", "shortcut", "concat", "branch", "x"} | WORDS
 
 
 class _Builder:
@@ -57,6 +57,8 @@ class _Builder:
                                    s.name_span, hint="define blocks at the top level of the file")
             if isinstance(s, ast.Residual):
                 todo += [*s.body, *(s.shortcut or ())]
+            if isinstance(s, ast.Concat):
+                todo += [t for b in s.branches for t in b.body]
         seen = set()
         for p in block.params:
             if p.name in RESERVED:
@@ -136,6 +138,8 @@ class _Builder:
                 label = stmt.label if stmt.label is None or reps == 1 else f"{stmt.label}.{i}"
                 if isinstance(stmt, ast.Residual):
                     cur = self.residual(stmt, cur, env, scope.name(label, "residual", stmt.span), stack, nesting)
+                elif isinstance(stmt, ast.Concat):
+                    cur = self.concat(stmt, cur, env, scope.name(label, "concat", stmt.span), stack, nesting)
                 elif stmt.name in LAYERS:
                     cur = self.layer(stmt, cur, env, scope.name(label, stmt.name, stmt.span))
                 elif stmt.name in self.blocks:
@@ -232,7 +236,8 @@ class _Builder:
         if not stmt.body:
             raise CnnShapeError("a residual branch needs at least one layer", stmt.span)
         if nesting >= MAX_NESTING:
-            raise CnnSyntaxError(f"residual branches are nested more than {MAX_NESTING} deep", stmt.span)
+            raise CnnSyntaxError(f"residual and concat branches are nested more than {MAX_NESTING} deep",
+                                 stmt.span)
         scope = Scope(name, {"add", "shortcut"})
         branch = self.stmts(stmt.body, cur, env, scope, stack, nesting + 1)
         short = cur
@@ -250,6 +255,27 @@ class _Builder:
             raise CnnShapeError(f"residual branch ends in {fmt(map(str, b))} but {what} {fmt(map(str, s))}",
                                 stmt.span, hint=hint)
         return self.add(Op.ADD, REGISTRY["add"].build({}), [branch, short], b, f"{name}.add", stmt.span, "residual")
+
+
+    def concat(self, stmt: ast.Concat, cur: int, env: dict, name: str, stack: tuple, nesting: int) -> int:
+        if len(stmt.branches) < 2:
+            raise CnnShapeError(f"a concat needs at least two branches, got {len(stmt.branches)}", stmt.span,
+                                expected="`branch { ... }` lines inside `concat { }`; `branch { }` is the input itself")
+        if nesting >= MAX_NESTING:
+            raise CnnSyntaxError(f"residual and concat branches are nested more than {MAX_NESTING} deep", stmt.span)
+        ends = [self.stmts(b.body, cur, env, Scope(f"{name}.branch{i}"), stack, nesting + 1)
+                for i, b in enumerate(stmt.branches, 1)]
+        shapes = [self.nodes[e].shape for e in ends]
+        if any(len(s) != 3 for s in shapes) or len({s[1:] for s in shapes}) > 1:
+            each = "; ".join(f"branch {i} (line {b.span.line}) ends in {'x'.join(map(str, s))}"
+                             for i, (b, s) in enumerate(zip(stmt.branches, shapes), 1))
+            flat = any(len(s) != 3 for s in shapes)
+            raise CnnShapeError(("concat joins CxHxW feature maps" if flat else
+                                 "concat branches must agree on height and width") + f": {each}", stmt.span,
+                                hint=None if flat else "give every branch the same strides and padding "
+                                "(a 3x3 conv keeps the size with pad=1, a 5x5 with pad=2)")
+        shape = (sum(s[0] for s in shapes), *shapes[0][1:])
+        return self.add(Op.CONCAT, REGISTRY["concat"].build({}), ends, shape, f"{name}.concat", stmt.span, "concat")
 
 
 def _check_input(dims: ast.Dims):

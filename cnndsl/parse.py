@@ -131,6 +131,13 @@ class _ToAst(Transformer_NonRecursive):
     def shortcut(self, meta, children):
         return _Shortcut(children)
 
+    def concat(self, meta, children):
+        label, *branches, repeat = children
+        return ast.Concat(tuple(branches), label, repeat, _span(meta))
+
+    def branch(self, meta, children):
+        return ast.Branch(tuple(children), _span(meta))
+
     def block(self, meta, children):
         name, params, *stmts = children
         return ast.Block(str(name), params or (), tuple(stmts), _span(meta), _token_span(name))

@@ -216,7 +216,7 @@ def plan(net: ir.Network, fuse: bool | str = True) -> Plan:
             if found and (best is None or len(found[0]) > len(best[1])):
                 best = (rule.name, *found)
         if best is None or not fuse:
-            rule, chain, reason = _rule_of(node), [node], None
+            rule, chain, reason = _rule_of(node), [node], REGISTRY[node.op.value].note if fuse else None
         else:
             rule, chain, reason = best
         taken.update(n.id for n in chain)

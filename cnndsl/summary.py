@@ -17,9 +17,18 @@ def _totals(net: ir.Network) -> dict:
     }
 
 
+def _op(net: ir.Network, n: ir.Node) -> str:
+    """The summary's op column: the layer's word; a join names its operands' channels."""
+    if n.op is ir.Op.ADD:
+        return "add"
+    if n.op is ir.Op.CONCAT:
+        return "concat(" + " + ".join(str(net.nodes[i].shape[0]) for i in n.inputs) + ")"
+    return n.keyword
+
+
 def summary_json(net: ir.Network) -> dict:
     """One JSON-able dict: name, input, layers, totals (per sample where it applies)."""
-    layers = [{"name": n.name, "op": n.keyword if n.op is not ir.Op.ADD else "add",
+    layers = [{"name": n.name, "op": "add" if n.op is ir.Op.ADD else n.keyword,
                "output_shape": list(n.shape), "params": params(net, n), "macs": macs(net, n),
                "inputs": [net.nodes[i].name for i in n.inputs], "line": n.span.line if n.span else None}
               for n in net.nodes[1:]]
@@ -35,7 +44,7 @@ def _human(n: float, unit: str = "") -> str:
 
 
 def summary_table(net: ir.Network) -> str:
-    rows = [(n.name, "add" if n.op is ir.Op.ADD else n.keyword, "x".join(map(str, n.shape)),
+    rows = [(n.name, _op(net, n), "x".join(map(str, n.shape)),
              f"{params(net, n):,}", f"{macs(net, n):,}") for n in net.nodes]
     head = ("Layer", "Op", "Output shape", "Params", "Mult-adds")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]

@@ -85,6 +85,8 @@ KERNEL_BYTES: dict[str, Callable[[Tensors, bool], int]] = {
     "global_avgpool_fwd": lambda t, training: t.x + t.y,
     "global_avgpool_bwd": lambda t, training: t.y + t.x,
     "add_fwd": lambda t, training: t.x + t.res + t.y,
+    "concat_fwd": lambda t, training: 2 * t.y,  # the inputs in (the output's size), the output out
+    "concat_bwd": lambda t, training: 2 * t.y,
     "dropout_fwd": lambda t, training: t.x + t.y,
     "dropout_bwd": lambda t, training: 2 * t.y,
     "softmax_fwd": lambda t, training: t.x + t.y,

@@ -1,66 +1,112 @@
 """The classic architectures of the examples that the other network tests do not train (AlexNet,
-MobileNetV2) on the triton backend against hand-built torch.nn models laid out as torchvision
-builds them (tests/torch_models.py), their weights loaded in declaration order, each compared
-with that model in float64 and held to the accuracy of the same model in float32.
+MobileNetV2, DenseNet-121) on the triton backend against hand-built torch.nn models laid out as
+torchvision builds them (tests/torch_models.py), their weights loaded in declaration order, each
+compared with that model in float64 and held to the accuracy of the same model in float32.
 
 Sized for the interpreter: a small input (the example with its input line rewritten), a batch of
-2, fp32; AlexNet's hidden dense layers 512 wide rather than 4096. In eval mode (batch norm on its
-running statistics, dropout the identity): in train mode, batch norm over a batch of 2 and maps
-of 1x1 or 2x2 amplifies rounding until a relu6 at its kink goes one way in one implementation and
-the other way in another (torch's own float32 is then off by percents, as often as the triton
-backend). Train mode's batch norm, every activation and dropout are compared layer by layer in
+2, fp32; AlexNet's hidden dense layers 512 wide rather than 4096; DenseNet with one layer per
+dense block (the same layers; the full network runs on the reference backend in
+tests/test_examples.py). MobileNetV2 and AlexNet in eval mode only (batch norm on its running
+statistics, dropout the identity): in train mode, batch norm over a batch of 2 and maps of 1x1 or
+2x2 amplifies rounding until a relu6 at its kink goes one way in one implementation and the other
+way in another (torch's own float32 is then off by percents, as often as the triton backend).
+Train mode's batch norm, every activation and dropout are compared layer by layer in
 tests/test_triton_backend.py and tests/kernels/, and these examples train on the reference
-backend in tests/test_examples.py. MobileNetV2 fused; AlexNet fused and unfused."""
+backend in tests/test_examples.py. DenseNet in train mode too (unfused in train mode only, for
+time): loss, gradients and running statistics after the training forward, then eval mode after
+one SGD step."""
 
 import copy
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_examples import SHRUNK, shrunk
+from test_examples import SHRUNK, example, shrunk
 
 import cnndsl
 
 import torch_models as tm
 from helpers import rel_err, tolerance
 
+DENSE_BLOCKS = (1, 1, 1, 1)  # layers per dense block in the test's DenseNet
+
+
+def _densenet_text(blocks, side: int) -> str:
+    """examples/densenet121.cnn with `blocks` layers per dense block at a side x side input."""
+    text = re.sub(r"^input 3x224x224", f"input 3x{side}x{side}", example("densenet121").read_text(), flags=re.M)
+    counts = iter(blocks)
+    text = re.sub(r"dense_layer x\d+", lambda m: f"dense_layer x{next(counts)}", text)
+    c = 64
+    for i, n in enumerate(blocks[:-1], 1):
+        c = (c + 32 * n) // 2
+        text = re.sub(rf"transition{i}: transition\(\d+\)", f"transition{i}: transition({c})", text)
+    return text
+
 
 def _problem(name):
-    text, n, _ = shrunk(name)
+    """The example's text rewritten for the test, its batch, and the torch model."""
     torch.manual_seed(0)
-    if name == "alexnet":
-        text, ref = text.replace("dense 4096", "dense 512"), tm.alexnet(SHRUNK["alexnet"], hidden=512)
+    if name == "densenet121":
+        text, n, ref = _densenet_text(DENSE_BLOCKS, 64), 2, tm.DenseNet(blocks=DENSE_BLOCKS)
     else:
-        ref = tm.mobilenet_v2()
+        text, n, _ = shrunk(name)
+        if name == "alexnet":
+            text, ref = text.replace("dense 4096", "dense 512"), tm.alexnet(SHRUNK["alexnet"], hidden=512)
+        else:
+            ref = tm.BUILDERS[name]()
     return text, n, tm.randomize(ref, seed=3)
 
 
-def _run(model, x, target, torch_model):
-    """{what: tensor} of an eval-mode step: the loss, the input's and the parameters' gradients."""
+def _run(model, x, target, torch_model, modes):
+    """{what: tensor} of each mode's step: the loss, the input's and the parameters' gradients; after
+    a training step, the running statistics, then one SGD step (eval mode then runs the new weights)."""
     out = {}
-    loss = lambda xs: F.cross_entropy(model(xs), target) if torch_model else model.loss(xs, target)
-    model.eval()
-    xs = x.clone().requires_grad_()
-    out["eval loss"] = loss(xs)
-    out["eval loss"].backward()
-    out["input gradient"] = xs.grad
-    out["gradients"] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    for mode in modes:
+        model.train(mode == "train")
+        model.zero_grad(set_to_none=True)
+        xs = x.clone().requires_grad_()
+        loss = F.cross_entropy(model(xs), target) if torch_model else model.loss(xs, target)
+        loss.backward()
+        out[f"{mode} loss"], out[f"{mode} input gradient"] = loss, xs.grad
+        out[f"{mode} gradients"] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        if mode == "train":
+            stats = [b.flatten() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))]
+            out["running statistics"] = torch.cat(stats)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.01 * p.grad
     return out
 
 
+CASES = [("alexnet", True, ("eval",)), ("alexnet", False, ("eval",)), ("mobilenet_v2", True, ("eval",)),
+         ("densenet121", True, ("train", "eval")), ("densenet121", False, ("train",))]
+
+
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
-@pytest.mark.parametrize(("name", "fuse"), [("alexnet", True), ("alexnet", False), ("mobilenet_v2", True)],
-                         ids=["alexnet-fused", "alexnet-unfused", "mobilenet_v2-fused"])
-def test_the_triton_backend_runs_the_architecture_as_torch(name, fuse):
+@pytest.mark.parametrize(("name", "fuse", "modes"), CASES,
+                         ids=[f"{n}-{'fused' if f else 'unfused'}" for n, f, _ in CASES])
+def test_the_triton_backend_runs_the_architecture_as_torch(name, fuse, modes):
     text, n, ref = _problem(name)
     model = tm.load_from(cnndsl.compile(text, fuse=fuse, device="cpu"), ref)
     exact = copy.deepcopy(ref).double()
     g = torch.Generator().manual_seed(4)
     x = torch.randn(n, *model.net.input_shape, generator=g)
     target = torch.randint(0, model.net.output_shape[0], (n,), generator=g)
-    ours, theirs, want = _run(model, x, target, False), _run(ref, x, target, True), _run(exact, x.double(), target, True)
+    ours = _run(model, x, target, False, modes)
+    theirs = _run(ref, x, target, True, modes)
+    want = _run(exact, x.double(), target, True, modes)
     bound = tolerance(torch.float32, 4096, 2 * len(model.net.nodes))
     for what, w in want.items():
         err, torch_err = rel_err(ours[what].double(), w), rel_err(theirs[what].double(), w)
         assert err <= max(bound, 4 * torch_err), \
             f"{name} {what}: relative error {err:.3g} against float64 (torch's float32: {torch_err:.3g})"
+
+
+def test_the_test_densenet_is_densenet121_with_fewer_layers():
+    """The rewrite keeps the example's layers: at (6, 12, 24, 16) it is the example itself."""
+    full = cnndsl.parse(_densenet_text((6, 12, 24, 16), 224))
+    assert full.nodes == cnndsl.parse(example("densenet121")).nodes
+    small = cnndsl.parse(_densenet_text(DENSE_BLOCKS, 64))
+    ref = tm.DenseNet(blocks=DENSE_BLOCKS)
+    assert small.to_json()["total_params"] == sum(p.numel() for p in ref.parameters())

@@ -16,10 +16,13 @@ import torch_models as tm
 from helpers import assert_close
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-NAMES = ["lenet5", "cifar_small", "vgg16", "resnet18", "resnet50", "alexnet", "mobilenet_v2"]
+NAMES = ["lenet5", "cifar_small", "vgg16", "resnet18", "resnet50", "alexnet", "mobilenet_v2", "densenet121"]
 SMALL = {"lenet5", "cifar_small"}
 DROPOUT = {"vgg16", "alexnet"}
-SHRUNK = {"alexnet": 63}  # the input side at which an ImageNet net is trained in the tests (default 32)
+# The input side at which an ImageNet net is trained in the tests (default 32): AlexNet's pools would
+# leave nothing of 32x32; DenseNet's batch norms over the 1x1 maps of its last block at 32x32
+# amplify rounding so much that torch's own float32 is 14% off its float64.
+SHRUNK = {"alexnet": 63, "densenet121": 64}
 
 
 def example(name: str) -> Path:

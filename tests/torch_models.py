@@ -227,3 +227,220 @@ PARAMS = {"lenet5": 61706, "cifar_small": 122570, "vgg16": 138357544,
 
 BUILDERS = {"lenet5": lenet5, "cifar_small": cifar_small, "vgg16": vgg16,
             "resnet18": resnet18, "resnet50": resnet50, "alexnet": alexnet, "mobilenet_v2": mobilenet_v2}
+
+
+# --- GoogLeNet, DenseNet-121 and EfficientNet-B0 (torchvision layout) ----------------------------
+
+class BasicConv2d(nn.Module):
+    """torchvision googlenet's BasicConv2d: conv without bias, BN with eps 0.001, ReLU."""
+
+    def __init__(self, cin: int, c: int, k: int, stride: int = 1, padding: int = 0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, c, k, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(c, eps=0.001)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class Inception(nn.Module):
+    """torchvision's Inception module; its branch3 has a 3x3 conv where the paper has 5x5
+    (pytorch/vision#906). The four branches are concatenated along channels."""
+
+    def __init__(self, cin: int, c1: int, c3r: int, c3: int, c5r: int, c5: int, pool_proj: int):
+        super().__init__()
+        self.branch1 = BasicConv2d(cin, c1, 1)
+        self.branch2 = nn.Sequential(BasicConv2d(cin, c3r, 1), BasicConv2d(c3r, c3, 3, padding=1))
+        self.branch3 = nn.Sequential(BasicConv2d(cin, c5r, 1), BasicConv2d(c5r, c5, 3, padding=1))
+        self.branch4 = nn.Sequential(nn.MaxPool2d(3, 1, 1, ceil_mode=True), BasicConv2d(cin, pool_proj, 1))
+
+    def forward(self, x):
+        return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1)
+
+
+class GoogLeNet(nn.Module):
+    """torchvision's GoogLeNet with aux_logits=False and transform_input=False."""
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.2):
+        super().__init__()
+        self.conv1 = BasicConv2d(3, 64, 7, 2, 3)
+        self.maxpool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2 = BasicConv2d(64, 64, 1)
+        self.conv3 = BasicConv2d(64, 192, 3, padding=1)
+        self.maxpool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.inception3a = Inception(192, 64, 96, 128, 16, 32, 32)
+        self.inception3b = Inception(256, 128, 128, 192, 32, 96, 64)
+        self.maxpool3 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.inception4a = Inception(480, 192, 96, 208, 16, 48, 64)
+        self.inception4b = Inception(512, 160, 112, 224, 24, 64, 64)
+        self.inception4c = Inception(512, 128, 128, 256, 24, 64, 64)
+        self.inception4d = Inception(512, 112, 144, 288, 32, 64, 64)
+        self.inception4e = Inception(528, 256, 160, 320, 32, 128, 128)
+        self.maxpool4 = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.inception5a = Inception(832, 256, 160, 320, 32, 128, 128)
+        self.inception5b = Inception(832, 384, 192, 384, 48, 128, 128)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(1024, num_classes)
+
+    def forward(self, x):
+        for m in list(self.children())[:-3]:  # the stem, inceptions and max pools, in order
+            x = m(x)
+        return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
+
+
+def googlenet(num_classes: int = 1000, dropout: float = 0.2) -> nn.Module:
+    return GoogLeNet(num_classes, dropout)
+
+
+def _named(**modules: nn.Module) -> nn.Sequential:
+    """An nn.Sequential whose children have the given names, in the given order."""
+    seq = nn.Sequential()
+    for name, m in modules.items():
+        seq.add_module(name, m)
+    return seq
+
+
+class _DenseLayer(nn.Sequential):
+    """torchvision's _DenseLayer (BN-ReLU-conv1x1 to bn_size*growth, BN-ReLU-conv3x3 to growth),
+    drop_rate 0. It takes the concatenation of all earlier features and returns the new ones."""
+
+    def __init__(self, cin: int, growth: int, bn_size: int):
+        super().__init__()
+        self.add_module("norm1", nn.BatchNorm2d(cin))
+        self.add_module("relu1", nn.ReLU())
+        self.add_module("conv1", nn.Conv2d(cin, bn_size * growth, 1, bias=False))
+        self.add_module("norm2", nn.BatchNorm2d(bn_size * growth))
+        self.add_module("relu2", nn.ReLU())
+        self.add_module("conv2", nn.Conv2d(bn_size * growth, growth, 3, padding=1, bias=False))
+
+
+class _DenseBlock(nn.ModuleDict):
+    def __init__(self, n: int, cin: int, growth: int, bn_size: int):
+        super().__init__({f"denselayer{i + 1}": _DenseLayer(cin + i * growth, growth, bn_size) for i in range(n)})
+
+    def forward(self, x):
+        for layer in self.values():
+            x = torch.cat([x, layer(x)], 1)
+        return x
+
+
+class DenseNet(nn.Module):
+    """torchvision's DenseNet (BC): features, ReLU, global average pool, flatten, classifier."""
+
+    def __init__(self, growth: int = 32, blocks=(6, 12, 24, 16), init_features: int = 64, bn_size: int = 4,
+                 num_classes: int = 1000):
+        super().__init__()
+        self.features = _named(conv0=nn.Conv2d(3, init_features, 7, 2, 3, bias=False),
+                               norm0=nn.BatchNorm2d(init_features), relu0=nn.ReLU(), pool0=nn.MaxPool2d(3, 2, 1))
+        c = init_features
+        for i, n in enumerate(blocks):
+            self.features.add_module(f"denseblock{i + 1}", _DenseBlock(n, c, growth, bn_size))
+            c += n * growth
+            if i != len(blocks) - 1:
+                self.features.add_module(f"transition{i + 1}", _named(
+                    norm=nn.BatchNorm2d(c), relu=nn.ReLU(), conv=nn.Conv2d(c, c // 2, 1, bias=False),
+                    pool=nn.AvgPool2d(2, 2)))
+                c //= 2
+        self.features.add_module("norm5", nn.BatchNorm2d(c))
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.features(x))
+        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def densenet121(num_classes: int = 1000) -> nn.Module:
+    return DenseNet(32, (6, 12, 24, 16), 64, 4, num_classes)
+
+
+def _make_divisible(v: float, divisor: int = 8) -> int:
+    """torchvision's channel rounding: to the nearest multiple of divisor (at least divisor),
+    never more than 10% below v."""
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new_v + divisor if new_v < 0.9 * v else new_v
+
+
+def _conv_bn_act(cin: int, c: int, k: int = 3, stride: int = 1, groups: int = 1, act=nn.SiLU) -> nn.Sequential:
+    """torchvision's Conv2dNormActivation: conv (padding (k-1)//2, no bias), BatchNorm2d, activation
+    (none when act is None)."""
+    layers = [nn.Conv2d(cin, c, k, stride, (k - 1) // 2, groups=groups, bias=False), nn.BatchNorm2d(c)]
+    return nn.Sequential(*layers, *([act()] if act else []))
+
+
+class StochasticDepth(nn.Module):
+    """torchvision.ops.StochasticDepth in "row" mode: in training, each sample of the batch is zeroed
+    with probability p and the survivors scaled by 1/(1-p); identity in eval or when p == 0."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device).bernoulli_(keep)
+        return x * (mask / keep if keep > 0.0 else mask)
+
+
+class SqueezeExcitation(nn.Module):
+    """torchvision.ops.SqueezeExcitation with SiLU: x * sigmoid(fc2(silu(fc1(avgpool(x)))))."""
+
+    def __init__(self, c: int, squeeze: int):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(c, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, c, 1)
+        self.activation = nn.SiLU()
+        self.scale_activation = nn.Sigmoid()
+
+    def forward(self, x):
+        return x * self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
+
+
+class MBConv(nn.Module):
+    """torchvision efficientnet's MBConv: [expand 1x1] - depthwise kxk - SE - project 1x1 (no activation);
+    on a residual block (stride 1, cin == c) the branch goes through stochastic depth, then adds x."""
+
+    def __init__(self, cin: int, c: int, k: int, stride: int, ratio: int, sd_prob: float):
+        super().__init__()
+        self.use_res_connect = stride == 1 and cin == c
+        hidden = _make_divisible(cin * ratio)
+        layers = [_conv_bn_act(cin, hidden, 1)] if hidden != cin else []
+        layers += [_conv_bn_act(hidden, hidden, k, stride, groups=hidden),
+                   SqueezeExcitation(hidden, max(1, cin // 4)),
+                   _conv_bn_act(hidden, c, 1, act=None)]
+        self.block = nn.Sequential(*layers)
+        self.stochastic_depth = StochasticDepth(sd_prob)
+
+    def forward(self, x):
+        out = self.block(x)
+        return self.stochastic_depth(out) + x if self.use_res_connect else out
+
+
+# (expand ratio, kernel, stride, cin, cout, layers): torchvision's efficientnet_b0 stages, width/depth 1.0
+EFFICIENTNET_B0_CFG = ((1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2), (6, 3, 2, 40, 80, 3),
+                       (6, 5, 1, 80, 112, 3), (6, 5, 2, 112, 192, 4), (6, 3, 1, 192, 320, 1))
+
+
+def efficientnet_b0(num_classes: int = 1000, dropout: float = 0.2, stochastic_depth_prob: float = 0.2) -> nn.Module:
+    """torchvision's efficientnet_b0 (default BatchNorm2d: eps 1e-5, momentum 0.1). Block i of the
+    16 (counted over all stages from 0) has stochastic depth probability stochastic_depth_prob * i / 16."""
+    total = sum(cfg[-1] for cfg in EFFICIENTNET_B0_CFG)
+    layers, block_id = [_conv_bn_act(3, _make_divisible(EFFICIENTNET_B0_CFG[0][3]), 3, 2)], 0
+    for ratio, k, s, cin, c, n in EFFICIENTNET_B0_CFG:
+        cin, c, stage = _make_divisible(cin), _make_divisible(c), []
+        for i in range(n):
+            stage.append(MBConv(cin if i == 0 else c, c, k, s if i == 0 else 1, ratio,
+                                stochastic_depth_prob * block_id / total))
+            block_id += 1
+        layers.append(nn.Sequential(*stage))
+    last = 4 * c
+    layers.append(_conv_bn_act(c, last, 1))
+    return _named(features=nn.Sequential(*layers), avgpool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(),
+                  classifier=nn.Sequential(nn.Dropout(dropout), nn.Linear(last, num_classes)))
+
+
+PARAMS.update(googlenet=6624904, densenet121=7978856, efficientnet_b0=5288548)
+BUILDERS.update(googlenet=googlenet, densenet121=densenet121, efficientnet_b0=efficientnet_b0)

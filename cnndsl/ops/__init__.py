@@ -15,6 +15,7 @@ from .activation import ACTIVATION
 from .add import ADD
 from .base import Keyword, OpDef, same_shape
 from .batchnorm import BATCHNORM
+from .concat import CONCAT
 from .conv import CONV
 from .dense import DENSE
 from .dropout import DROPOUT
@@ -32,7 +33,7 @@ class Input:
 INPUT = OpDef("input", lambda v: Input(), same_shape)
 
 REGISTRY: dict[str, OpDef] = {d.op: d for d in (INPUT, CONV, BATCHNORM, ACTIVATION, POOL, GLOBAL_AVGPOOL, FLATTEN,
-                                                DENSE, DROPOUT, SOFTMAX, ADD)}
+                                                DENSE, DROPOUT, SOFTMAX, ADD, CONCAT)}
 
 # Every .cnn layer word -> its Keyword (with `op` filled in), in the registry's order.
 KEYWORDS: dict[str, Keyword] = {word: replace(kw, op=d.op) for d in REGISTRY.values()

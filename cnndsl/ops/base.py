@@ -65,7 +65,7 @@ class OpDef:
       function of kernels/ that runs it (through its custom ops) as "module.name"; `step`
       (net, node) -> (inputs,
       parameters as (layer name, attribute) or None, spec); `kernels`, the kernels it
-      launches (Kernels), as `cnndsl plan` shows them;
+      launches (Kernels), as `cnndsl plan` shows them, and `note`, why it runs alone;
     - torch backend: `reference` (layer or None, attributes, input tensors, training) -> tensor,
       in plain torch ops, importing torch when it runs (the front end never imports torch)."""
 
@@ -80,6 +80,7 @@ class OpDef:
     runner: str | None = None
     step: Callable = _alone
     kernels: Kernels = Kernels()
+    note: str | None = None
     reference: Callable | None = None
 
 
