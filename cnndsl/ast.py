@@ -97,6 +97,16 @@ class Concat:
 
 
 @dataclass(frozen=True)
+class Gate:
+    """`gate { body } [x N]`: x * body(x), body(x) one value per channel (squeeze-and-excitation)."""
+
+    body: tuple["Stmt", ...]
+    label: str | None
+    repeat: Repeat | None
+    span: Span
+
+
+@dataclass(frozen=True)
 class Param:
     name: str
     default: Expr | None
@@ -114,7 +124,7 @@ class Block:
     name_span: Span
 
 
-Stmt = Layer | Residual | Concat | Block
+Stmt = Layer | Residual | Concat | Gate | Block
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ def _default(option):
     return coerce(option, option.default, None)
 
 
-RESERVED = {"network", "input", "block", "residual", "shortcut", "concat", "branch", "x"} | WORDS
+RESERVED = {"network", "input", "block", "residual", "shortcut", "concat", "branch", "gate", "x"} | WORDS
 
 
 class _Builder:
@@ -59,6 +59,8 @@ class _Builder:
                 todo += [*s.body, *(s.shortcut or ())]
             if isinstance(s, ast.Concat):
                 todo += [t for b in s.branches for t in b.body]
+            if isinstance(s, ast.Gate):
+                todo += s.body
         seen = set()
         for p in block.params:
             if p.name in RESERVED:
@@ -140,6 +142,8 @@ class _Builder:
                     cur = self.residual(stmt, cur, env, scope.name(label, "residual", stmt.span), stack, nesting)
                 elif isinstance(stmt, ast.Concat):
                     cur = self.concat(stmt, cur, env, scope.name(label, "concat", stmt.span), stack, nesting)
+                elif isinstance(stmt, ast.Gate):
+                    cur = self.gate(stmt, cur, env, scope.name(label, "gate", stmt.span), stack, nesting)
                 elif stmt.name in LAYERS:
                     cur = self.layer(stmt, cur, env, scope.name(label, stmt.name, stmt.span))
                 elif stmt.name in self.blocks:
@@ -276,6 +280,28 @@ class _Builder:
                                 "(a 3x3 conv keeps the size with pad=1, a 5x5 with pad=2)")
         shape = (sum(s[0] for s in shapes), *shapes[0][1:])
         return self.add(Op.CONCAT, REGISTRY["concat"].build({}), ends, shape, f"{name}.concat", stmt.span, "concat")
+
+
+    def gate(self, stmt: ast.Gate, cur: int, env: dict, name: str, stack: tuple, nesting: int) -> int:
+        if not stmt.body:
+            raise CnnShapeError("a gate needs at least one layer", stmt.span,
+                                expected="layers that compute one value per channel, e.g. global_avgpool, "
+                                         "conv, relu, conv, sigmoid")
+        if nesting >= MAX_NESTING:
+            raise CnnSyntaxError(f"residual and concat branches are nested more than {MAX_NESTING} deep", stmt.span)
+        x = self.nodes[cur].shape
+        if len(x) != 3:
+            raise CnnShapeError(f"a gate scales the channels of a CxHxW feature map, got a flat input of "
+                                f"{x[0]} features", stmt.span)
+        end = self.stmts(stmt.body, cur, env, Scope(name, {"gate"}), stack, nesting + 1)
+        g = self.nodes[end].shape
+        if g not in ((x[0], 1, 1), (x[0],)):
+            shown = "x".join(map(str, g))
+            raise CnnShapeError(f"a gate's layers must end in one value per channel of its input, "
+                                f"{x[0]}x1x1 (or {x[0]}), but end in {shown}", stmt.span,
+                                hint="start the gate with global_avgpool and end it with a conv or dense layer "
+                                     f"of {x[0]} outputs and a sigmoid")
+        return self.add(Op.GATE, REGISTRY["gate"].build({}), [cur, end], x, f"{name}.gate", stmt.span, "gate")
 
 
 def _check_input(dims: ast.Dims):

@@ -135,6 +135,10 @@ class _ToAst(Transformer_NonRecursive):
         label, *branches, repeat = children
         return ast.Concat(tuple(branches), label, repeat, _span(meta))
 
+    def gate(self, meta, children):
+        label, *stmts, repeat = children
+        return ast.Gate(tuple(stmts), label, repeat, _span(meta))
+
     def branch(self, meta, children):
         return ast.Branch(tuple(children), _span(meta))
 

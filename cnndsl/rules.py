@@ -59,6 +59,14 @@ def _pool_fits(net: Network, node: Node) -> str | None:
                 f"conv epilogue would recompute conv outputs, so it runs as its own group")
     if a.kernel[0] * a.kernel[1] > MAX_POOL_TAPS:
         return f"its {a.kernel[0]}x{a.kernel[1]} window exceeds the {MAX_POOL_TAPS} taps a conv tile holds"
+    window, in_hw = window_spec(node), net.in_shape(node)[1:]
+    if window.past_padding(in_hw):
+        return (f"ceil_mode=true gives it windows past the padded input ({in_hw[0]}x{in_hw[1]} -> "
+                f"{window.out_hw[0]}x{window.out_hw[1]}), which the conv epilogue does not pool, so it runs "
+                f"as its own group")
+    if window.uneven(in_hw):
+        return ("count_include_pad=false divides its border windows by their taps inside the input, which "
+                "the conv epilogue does not, so it runs as its own group")
     return None
 
 

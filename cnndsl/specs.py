@@ -92,13 +92,18 @@ NO_ACT = Act()
 
 @dataclass(frozen=True)
 class Window:
-    """A pooling window over (H, W), PyTorch's floor mode; "avg" counts the padding (count_include_pad)."""
+    """A pooling window over (H, W) with PyTorch's options: floor mode unless `ceil_mode` (a last,
+    partial window that starts inside the input or its left padding); "avg" divides by the taps in
+    the padded input (count_include_pad, as torch clips a ceil-mode window at the padding's end)
+    or, without count_include_pad, by the taps inside the input (max pooling keeps it True)."""
 
     mode: str  # "max" or "avg"
     kernel: Pair
     stride: Pair
     padding: Pair
     out_hw: Pair  # the pooled output's (H, W)
+    ceil_mode: bool = False
+    count_include_pad: bool = True
 
     @property
     def taps(self) -> int:
@@ -108,12 +113,31 @@ class Window:
     def overlaps(self) -> bool:
         return self.stride[0] < self.kernel[0] or self.stride[1] < self.kernel[1]
 
+    def past_padding(self, in_hw) -> bool:
+        """Whether ceil_mode gives windows that floor mode drops over an (H, W) = in_hw input: the
+        last window on an axis runs past the padded input's end."""
+        return self.ceil_mode and tuple(self.out_hw) != tuple(
+            window_out(i, k, s, 2 * p) for i, k, s, p in zip(in_hw, self.kernel, self.stride, self.padding))
 
-def window_out(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    def uneven(self, in_hw) -> bool:
+        """Whether an average divides some window by fewer than its taps over an (H, W) = in_hw
+        input: a window past the padded input (ceil_mode) or, without count_include_pad, one over
+        the padding. Never for max pooling; the fused epilogues divide every window by its taps."""
+        return self.mode == "avg" and (self.past_padding(in_hw) or
+                                       (not self.count_include_pad and any(self.padding)))
+
+
+def window_out(size: int, kernel: int, stride: int, padding: int, dilation: int = 1, ceil: bool = False) -> int:
     """The output size of a window slid over `size` with `padding` in all (both sides together):
     floor((size + padding - dilation (kernel - 1) - 1) / stride) + 1, 0 where it does not fit.
-    The one formula of the front end's shape rules and the kernels' checks."""
-    return max(0, (size + padding - dilation * (kernel - 1) - 1) // stride + 1)
+    With `ceil`, PyTorch's ceil mode: rounded up, less the last window if it would start at or
+    past the input's end, (out - 1) stride >= size + padding // 2 (the left padding). The one
+    formula of the front end's shape rules and the kernels' checks."""
+    span = size + padding - dilation * (kernel - 1) - 1
+    out = (span + (stride - 1 if ceil else 0)) // stride + 1
+    if ceil and (out - 1) * stride >= size + padding // 2:
+        out -= 1
+    return max(0, out)
 
 
 @dataclass(frozen=True)
@@ -179,6 +203,11 @@ class Dropout:
 
 
 @dataclass(frozen=True)
+class StochasticDepth:
+    p: float
+
+
+@dataclass(frozen=True)
 class Concat:
     """A concatenation along channels (kernels/concat.py): the channels of each input, in order."""
 
@@ -207,7 +236,7 @@ class Step:
 
 
 _SPECS = {c.__name__: c for c in (Act, Window, ConvGeometry, BatchNormSpec, ConvBlock, Flatten, DenseBlock, Dropout,
-                                     Concat)}
+                                     StochasticDepth, Concat)}
 
 
 @functools.lru_cache(maxsize=4096)

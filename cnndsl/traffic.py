@@ -34,7 +34,8 @@ class Tensors:
     (add's second input), argmax a max pool's, split the weight gradient's fp32 partials, phases
     the conv input gradient's launches that read dz (one per stride phase that a tap reaches: each
     reads dz whole and writes its share of dx); pre: a dense block keeps its GEMM output for its
-    activation's gradient in training."""
+    activation's gradient in training; z_bwd and res_bwd: a conv block's backward gather pass reads
+    z (for batch norm or an activation) and the shortcut (for an activation after the add)."""
 
     x: int
     w: int
@@ -47,6 +48,8 @@ class Tensors:
     split: int = 0
     phases: int = 1
     pre: bool = False
+    z_bwd: bool = True
+    res_bwd: bool = True
 
 
 _NONE = lambda t, training: 0
@@ -62,11 +65,11 @@ KERNEL_BYTES: dict[str, Callable[[Tensors, bool], int]] = {
     "dz_on_load+conv_bwd_input": lambda t, training: _CONV_DX(t) + t.phases * t.y,
     "dz_on_load+conv_bwd_weight": lambda t, training: _CONV_DW(t) + t.y,
     "epilogue_fwd": lambda t, training: t.z + t.res + t.y + t.argmax,
-    # dy, argmax, z and the shortcut in; dz (da with batch norm) and its gradient out
-    "epilogue_bwd": lambda t, training: t.y + t.argmax + 2 * t.z + 2 * t.res,
-    "epilogue_bwd+bn_reduce": lambda t, training: t.y + t.argmax + 2 * t.z + 2 * t.res,
+    # dy, argmax, z and the shortcut (where read) in; dz (da with batch norm) and its gradient out
+    "epilogue_bwd": lambda t, training: t.y + t.argmax + (1 + t.z_bwd) * t.z + (1 + t.res_bwd) * t.res,
+    "epilogue_bwd+bn_reduce": lambda t, training: t.y + t.argmax + 2 * t.z + (1 + t.res_bwd) * t.res,
     # ... where da is the shortcut's gradient (no act1): written once, as that (dz on load)
-    "epilogue_bwd+bn_sums": lambda t, training: t.y + t.argmax + t.z + 2 * t.res,
+    "epilogue_bwd+bn_sums": lambda t, training: t.y + t.argmax + t.z + (1 + t.res_bwd) * t.res,
     "bn_stats": lambda t, training: t.x,
     "bn_apply": lambda t, training: t.x + t.y,
     "bn_bwd_reduce": lambda t, training: 2 * t.z,  # dy and x
@@ -87,8 +90,12 @@ KERNEL_BYTES: dict[str, Callable[[Tensors, bool], int]] = {
     "add_fwd": lambda t, training: t.x + t.res + t.y,
     "concat_fwd": lambda t, training: 2 * t.y,  # the inputs in (the output's size), the output out
     "concat_bwd": lambda t, training: 2 * t.y,
+    "gate_fwd": lambda t, training: t.x + t.y,  # x in, y out (the per-channel gate is small)
+    "gate_bwd": lambda t, training: 3 * t.y,  # dy and x in, dx out
     "dropout_fwd": lambda t, training: t.x + t.y,
     "dropout_bwd": lambda t, training: 2 * t.y,
+    "stochastic_depth_fwd": lambda t, training: t.x + t.y,
+    "stochastic_depth_bwd": lambda t, training: 2 * t.y,
     "softmax_fwd": lambda t, training: t.x + t.y,
 }
 
@@ -142,8 +149,11 @@ def tensors(net: ir.Network, nodes: tuple[ir.Node, ...], batch: int, itemsize: i
             x_read, z_read = _padded(x, cin_g), _padded(z, cout_g)
         split = _conv_split(net, gemm, batch, machine)
         phases = input_grad_phases(a)
+    ops = [n.op for n in nodes]
     return Tensors(x, params(net, gemm) * itemsize, z, size(nodes[-1]), x_read, z_read, res, argmax, split, phases,
-                   pre=gemm.op is Op.DENSE and any(n.op is Op.ACTIVATION for n in nodes))
+                   pre=gemm.op is Op.DENSE and Op.ACTIVATION in ops,
+                   z_bwd=Op.BATCHNORM in ops or Op.ACTIVATION in ops,
+                   res_bwd=Op.ADD in ops and Op.ACTIVATION in ops[ops.index(Op.ADD):])
 
 
 _READERS: dict[int, tuple[ir.Network, dict[int, int]]] = {}

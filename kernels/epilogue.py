@@ -122,7 +122,7 @@ def _epilogue_bwd_kernel(dy_ptr, arg_ptr, z_ptr, scale_ptr, shift_ptr, res_ptr, 
                          P, H, W, C, OH, OW, stride_h, stride_w, pad_h, pad_w, slope1, slope2, rows, n_tiles,
                          KH: tl.constexpr, KW: tl.constexpr, POOL: tl.constexpr, ACT1: tl.constexpr,
                          ACT2: tl.constexpr, HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, BN: tl.constexpr,
-                         WRITE_DZ: tl.constexpr,
+                         WRITE_DZ: tl.constexpr, LOAD_Z: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # Program (t, j) takes tile t of the P = N*H*W pre-pool pixels: `rows` of them with BN
     # (batchnorm's tiling, whose partials it writes), else BLOCK_P.
@@ -146,12 +146,15 @@ def _epilogue_bwd_kernel(dy_ptr, arg_ptr, z_ptr, scale_ptr, shift_ptr, res_ptr, 
         off = (offs_p * C)[:, None] + offs_c[None, :]
         du = gather_dy(dy_ptr, arg_ptr, offs_p, offs_c, mask, H, W, C, OH, OW, stride_h, stride_w, pad_h,
                         pad_w, KH, KW, POOL, BLOCK_P, BLOCK_C)
-        z, a, v, _ = _chain(z_ptr, res_ptr, off, mask, scale, shift, slope1, slope2, ACT1, ACT2,
-                            HAS_AFFINE, HAS_RES)
-        dv = apply_act_grad(v, du, ACT2, slope2)
+        if LOAD_Z:  # z (and the shortcut) feed only batch norm's and the activations' gradients
+            z, a, v, _ = _chain(z_ptr, res_ptr, off, mask, scale, shift, slope1, slope2, ACT1, ACT2,
+                                HAS_AFFINE, HAS_RES)
+            dv = apply_act_grad(v, du, ACT2, slope2)
+            da = tl.where(mask, apply_act_grad(a, dv, ACT1, slope1), 0.0)
+        else:
+            z, dv, da = du, du, tl.where(mask, du, 0.0)
         if HAS_RES:
             tl.store(dres_ptr + off, dv.to(dres_ptr.dtype.element_ty), mask=mask)
-        da = tl.where(mask, apply_act_grad(a, dv, ACT1, slope1), 0.0)
         if BN:
             sum_da += da
             sum_dax += da * (z - mean[None, :])
@@ -239,11 +242,16 @@ def _gather(dy, z, scale, shift, residual, argmax, bn, args, consts, write_dz: b
     dres = None if residual is None else torch.empty_like(residual)
     part = torch.empty((2, n_tiles, c), dtype=torch.float32, device=z.device)
     if m and c:
-        mean = z if bn is None else bn.mean
+        # z is read only for batch norm or an activation's gradient, the shortcut only for act2's
+        # (the kernel's loads of them are dead code otherwise): dy stands in for what is not read
+        load_z = bn is not None or consts["ACT1"] != NONE or consts["ACT2"] != NONE
+        z_in = z if load_z else dy
+        res_in = residual if residual is not None and consts["ACT2"] != NONE else z_in
+        mean = z_in if bn is None else bn.mean
         _epilogue_bwd_kernel[lambda meta: (n_tiles or triton.cdiv(m, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))](
-            dy, dy if argmax is None else argmax, z, z if scale is None else scale, z if shift is None else shift,
-            z if residual is None else residual, mean, dres if dz is None else dz, dz if dres is None else dres,
-            part, m, *args, rows, n_tiles, **consts, BN=bn is not None, WRITE_DZ=write_dz)
+            dy, dy if argmax is None else argmax, z_in, z_in if scale is None else scale,
+            z_in if shift is None else shift, res_in, mean, dres if dz is None else dz, dz if dres is None else dres,
+            part, m, *args, rows, n_tiles, **consts, BN=bn is not None, WRITE_DZ=write_dz, LOAD_Z=load_z)
     return dz, dres, part if bn is not None else None
 
 

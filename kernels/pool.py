@@ -1,10 +1,12 @@
 """Pooling over NHWC activations: windowed max / average pooling forward (epilogue.py's
 kernel with its other stages off; max also writes a compact argmax of window offsets
-r*kw + s), its backward as a deterministic gather (window.gather_dy, the conv block's
+r*kw + s; an average that divides some window by fewer than its taps, Window.uneven, has
+its own kernel), its backward as a deterministic gather (window.gather_dy, the conv block's
 window loop too: each input pixel sums dy over the output windows that contain it, so
 overlapping windows need no atomics), and global average pooling both ways. Tiles are pixels x channels,
-channels contiguous; PyTorch semantics (floor mode, avg count_include_pad=True); the custom
-ops that run them as layers (pool_layer, global_avgpool_layer)."""
+channels contiguous; PyTorch semantics (floor or ceil mode, avg with or without
+count_include_pad, the divisor as torch.nn.functional.avg_pool2d's); the custom ops that run
+them as layers (pool_layer, global_avgpool_layer)."""
 
 import torch
 import triton
@@ -26,29 +28,60 @@ from .window import (
     CONFIGS,
     POOL_MODES,
     argmax_dtype,
+    avg_divisor,
     check_argmax,
     check_window,
     gather_dy,
     pair,
     prune,
+    window_count,
 )
 
 _TUNE = {"interpret": {"BLOCK_P": ("P", 16, 1024), "BLOCK_C": ("C", 4, 64)},
          "prune_configs_by": {"early_config_prune": prune}}
 
 
-@autotune(CONFIGS, key=["P", "C", "KH", "KW", "POOL"], **_TUNE)
+@autotune(CONFIGS, key=["P", "C", "KH", "KW", "AVG_DIV"], **_TUNE)
+@triton.jit
+def _avg_pool_fwd_kernel(x_ptr, y_ptr, P, H, W, C, OH, OW,  # x (N, H, W, C) -> y (N, OH, OW, C)
+                         stride_h, stride_w, pad_h, pad_w, KH: tl.constexpr, KW: tl.constexpr,
+                         AVG_DIV: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # y[n, oh, ow, c] = sum of x[n, ih, iw, c] over window (oh, ow)'s taps inside the input
+    #     / window.window_count(oh) * window_count(ow) (AVG_DIV 1 or 2: window.avg_divisor)
+    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # output pixels (n, oh, ow)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_mask = offs_p < P
+    c_mask = offs_c < C
+    n = offs_p // (OH * OW)
+    oh = (offs_p // OW) % OH
+    ow = offs_p % OW
+    acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    for r in range(KH):
+        ih = oh * stride_h - pad_h + r
+        for s in range(KW):
+            iw = ow * stride_w - pad_w + s
+            valid = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            off = (((n * H + ih) * W + iw) * C)[:, None] + offs_c[None, :]
+            acc += tl.load(x_ptr + off, mask=valid[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+    count = window_count(oh, H, stride_h, pad_h, KH, AVG_DIV) * window_count(ow, W, stride_w, pad_w, KW, AVG_DIV)
+    y = acc / tl.maximum(count, 1).to(tl.float32)[:, None]  # at least 1 in every window; masked rows 0 / 1
+    tl.store(y_ptr + (offs_p * C)[:, None] + offs_c[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=p_mask[:, None] & c_mask[None, :])
+
+
+@autotune(CONFIGS, key=["P", "C", "KH", "KW", "POOL", "AVG_DIV"], **_TUNE)
 @triton.jit
 def _pool_bwd_kernel(dy_ptr, arg_ptr, dx_ptr, P, H, W, C, OH, OW,  # dy, arg (N, OH, OW, C) -> dx (N, H, W, C)
                      stride_h, stride_w, pad_h, pad_w, KH: tl.constexpr, KW: tl.constexpr,
-                     POOL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                     POOL: tl.constexpr, AVG_DIV: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # dx[n, ih, iw, c] = sum over windows (oh, ow) holding (ih, iw) at tap (r, s) of dy[n, oh, ow, c]
-    #     (max: only where arg[n, oh, ow, c] == r*KW + s; avg: divided by KH*KW): window.gather_dy
+    #     (max: only where arg[n, oh, ow, c] == r*KW + s; avg: divided by KH*KW, or with AVG_DIV by
+    #     each window's count): window.gather_dy
     offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # input pixels (n, ih, iw)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (offs_p < P)[:, None] & (offs_c < C)[None, :]
     dx = gather_dy(dy_ptr, arg_ptr, offs_p, offs_c, mask, H, W, C, OH, OW, stride_h, stride_w, pad_h, pad_w,
-                   KH, KW, POOL, BLOCK_P, BLOCK_C)
+                   KH, KW, POOL, BLOCK_P, BLOCK_C, AVG_DIV)
     tl.store(dx_ptr + (offs_p * C)[:, None] + offs_c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -88,10 +121,22 @@ def pool_forward(x, window: Window):
     """(y (N, OH, OW, C), argmax) for x (N, H, W, C), (OH, OW) = window.out_hw; argmax is None for
     "avg" and for "max" the window offset r*kw + s of each maximum (N, OH, OW, C), int8 when
     kh*kw <= 127 (else int16/32). Max: the first maximum wins, NaN propagates, padding never
-    wins; avg divides by kh*kw. The fused epilogue's kernel with every other stage off: one
-    window loop serves both."""
+    wins; avg divides by kh*kw, or as torch's avg_pool2d where that differs (ceil_mode windows
+    past the padding, count_include_pad=False with padding: window.avg_divisor). The fused
+    epilogue's kernel with every other stage off, one window loop for both, except for an
+    average whose divisor differs (_avg_pool_fwd_kernel)."""
     check_tensor(x, "x", ndim=4)
-    return epilogue_forward(x, None, None, NO_ACT, None, NO_ACT, window)
+    n, h, w, c = x.shape
+    check_window(window, (h, w), uneven=True)
+    if window.mode == "max" or not window.uneven((h, w)):
+        return epilogue_forward(x, None, None, NO_ACT, None, NO_ACT, window)
+    y = torch.empty((n, *window.out_hw, c), dtype=x.dtype, device=x.device)
+    if y.numel():
+        pixels = y.numel() // c
+        _avg_pool_fwd_kernel[_grid(pixels, c)](x, y, pixels, h, w, c, *window.out_hw, *window.stride,
+                                               *window.padding, KH=window.kernel[0], KW=window.kernel[1],
+                                               AVG_DIV=avg_divisor(window, (h, w)))
+    return y, None
 
 
 def pool_backward(dy, window: Window, argmax, in_hw):
@@ -99,7 +144,7 @@ def pool_backward(dy, window: Window, argmax, in_hw):
     check_tensor(dy, "dy", ndim=4)
     n, oh, ow, c = dy.shape
     in_hw = pair(in_hw, "in_hw", 0)
-    check_window(window, in_hw)
+    check_window(window, in_hw, uneven=True)
     check(tuple(window.out_hw) == (oh, ow), f"dy: expected (N, {window.out_hw[0]}, {window.out_hw[1]}, C) "
                                             f"for the window's output, got shape {tuple(dy.shape)}")
     is_max = window.mode == "max"
@@ -110,7 +155,8 @@ def pool_backward(dy, window: Window, argmax, in_hw):
         pixels = n * h * w
         _pool_bwd_kernel[_grid(pixels, c)](dy, argmax if is_max else dy, dx, pixels, h, w, c, oh, ow,
                                            *window.stride, *window.padding, KH=window.kernel[0],
-                                           KW=window.kernel[1], POOL=POOL_MODES[window.mode])
+                                           KW=window.kernel[1], POOL=POOL_MODES[window.mode],
+                                           AVG_DIV=avg_divisor(window, in_hw))
     return dx
 
 

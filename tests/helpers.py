@@ -80,10 +80,17 @@ def dropout_keep(shape, p: float, seed: int, device="cpu") -> torch.Tensor:
     return keep.permute(0, 3, 1, 2) if len(shape) == 4 else keep
 
 
+def stochastic_depth_keep(n: int, p: float, seed: int, device="cpu") -> torch.Tensor:
+    """The keep mask (bool, (n, 1, 1, 1)) of the triton runtime's stochastic depth from `seed`,
+    recovered from the kernel: which samples of ones it keeps."""
+    from cnndsl.kernels.stochastic_depth import stochastic_depth_forward
+    return (stochastic_depth_forward(torch.ones(n, 1, device=device), p, seed) != 0).view(n, 1, 1, 1)
+
+
 class FixedDropout:
-    """Dropout by value: fixes the seeds that the triton module `tri` draws (one per dropout
-    layer with p > 0, in the order its steps run, again for every forward pass) and gives the
-    reference module `ref` an op applying the same keep masks."""
+    """Dropout by value: fixes the seeds that the triton module `tri` draws (one per dropout or
+    stochastic-depth layer with p > 0, in the order its steps run, again for every forward pass)
+    and gives the reference module `ref` an op applying the same keep masks."""
 
     def __init__(self, tri, ref, base: int):
         from cnndsl.ir import Op
@@ -91,10 +98,10 @@ class FixedDropout:
         for step in tri.steps:
             if step.runner == "dense_block" and step.spec.p > 0:
                 order += [n.id for n in tri.plan.groups[step.group].nodes if n.op is Op.DROPOUT]
-            elif step.runner == "dropout_layer" and step.spec.p > 0:
+            elif step.runner in ("dropout_layer", "stochastic_depth_layer") and step.spec.p > 0:
                 order.append(step.output)
         self.seeds = {node: base + 7919 * k for k, node in enumerate(order)}
-        self.ref, self.ref_op, self.dropout = ref, ref._op, Op.DROPOUT
+        self.ref, self.ref_op, self.dropout, self.depth = ref, ref._op, Op.DROPOUT, Op.STOCHASTIC_DEPTH
 
     @contextmanager
     def fixed(self):
@@ -104,12 +111,14 @@ class FixedDropout:
             yield
 
     def op(self, node, xs):
-        """The reference's op, with dropout in training applying the triton run's mask."""
-        if node.op is not self.dropout or not self.ref.training or node.id not in self.seeds:
+        """The reference's op, with dropout and stochastic depth in training applying the triton
+        run's masks."""
+        if node.op not in (self.dropout, self.depth) or not self.ref.training or node.id not in self.seeds:
             return self.ref_op(node, xs)
-        p = node.attrs.p
-        keep = dropout_keep(xs[0].shape, p, self.seeds[node.id], xs[0].device)
-        return xs[0] * keep * (0.0 if p == 1 else 1.0 / (1.0 - p))
+        p, x = node.attrs.p, xs[0]
+        keep = dropout_keep(x.shape, p, self.seeds[node.id], x.device) if node.op is self.dropout else \
+            stochastic_depth_keep(x.shape[0], p, self.seeds[node.id], x.device)
+        return x * keep * (0.0 if p == 1 else 1.0 / (1.0 - p))
 
 
 def run_both(src, batch=2, dtype=torch.float32, train=True, fuse=False, steps=1, seed=0, device="cpu"):

@@ -1,13 +1,14 @@
 """The classic architectures of the examples that the other network tests do not train (AlexNet,
-MobileNetV2, DenseNet-121) on the triton backend against hand-built torch.nn models laid out as
+MobileNetV2, DenseNet-121, GoogLeNet, EfficientNet-B0) on the triton backend against hand-built torch.nn models laid out as
 torchvision builds them (tests/torch_models.py), their weights loaded in declaration order, each
 compared with that model in float64 and held to the accuracy of the same model in float32.
 
 Sized for the interpreter: a small input (the example with its input line rewritten), a batch of
 2, fp32; AlexNet's hidden dense layers 512 wide rather than 4096; DenseNet with one layer per
-dense block (the same layers; the full network runs on the reference backend in
-tests/test_examples.py). MobileNetV2 and AlexNet in eval mode only (batch norm on its running
-statistics, dropout the identity): in train mode, batch norm over a batch of 2 and maps of 1x1 or
+dense block, GoogLeNet without two of its nine Inception modules, EfficientNet-B0 with one block
+a stage but the second's two (the same layers; the full networks run on the reference backend in
+tests/test_examples.py). GoogLeNet, EfficientNet-B0, MobileNetV2 and AlexNet in eval mode only
+(batch norm on its running statistics, dropout the identity): in train mode, batch norm over a batch of 2 and maps of 1x1 or
 2x2 amplifies rounding until a relu6 at its kink goes one way in one implementation and the other
 way in another (torch's own float32 is then off by percents, as often as the triton backend).
 Train mode's batch norm, every activation and dropout are compared layer by layer in
@@ -34,7 +35,7 @@ DENSE_BLOCKS = (1, 1, 1, 1)  # layers per dense block in the test's DenseNet
 
 def _densenet_text(blocks, side: int) -> str:
     """examples/densenet121.cnn with `blocks` layers per dense block at a side x side input."""
-    text = re.sub(r"^input 3x224x224", f"input 3x{side}x{side}", example("densenet121").read_text(), flags=re.M)
+    text = re.sub(r"^input 3x224x224", f"input 3x{side}x{side}", example("densenet121").read_text(), flags=re.MULTILINE)
     counts = iter(blocks)
     text = re.sub(r"dense_layer x\d+", lambda m: f"dense_layer x{next(counts)}", text)
     c = 64
@@ -49,6 +50,15 @@ def _problem(name):
     torch.manual_seed(0)
     if name == "densenet121":
         text, n, ref = _densenet_text(DENSE_BLOCKS, 64), 2, tm.DenseNet(blocks=DENSE_BLOCKS)
+    elif name == "googlenet":  # without inception4b and 4c (512 channels in and out, like 4a's output)
+        text, n, ref = shrunk(name)
+        text = re.sub(r"^inception4[bc]:.*\n", "", text, flags=re.MULTILINE)
+        del ref.inception4b, ref.inception4c
+    elif name == "efficientnet_b0":  # one block a stage but the second's two (one adds its input back)
+        text, n, ref = shrunk(name)
+        text = re.sub(r"^mbconv\((?!24,).*\n", "", text, flags=re.MULTILINE)
+        for i, stage in enumerate(ref.features[1:-1], 1):
+            del stage[2 if i == 2 else 1:]
     else:
         text, n, _ = shrunk(name)
         if name == "alexnet":
@@ -80,7 +90,8 @@ def _run(model, x, target, torch_model, modes):
 
 
 CASES = [("alexnet", True, ("eval",)), ("alexnet", False, ("eval",)), ("mobilenet_v2", True, ("eval",)),
-         ("densenet121", True, ("train", "eval")), ("densenet121", False, ("train",))]
+         ("densenet121", True, ("train", "eval")), ("densenet121", False, ("train",)),
+         ("googlenet", True, ("eval",)), ("efficientnet_b0", True, ("eval",))]
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")

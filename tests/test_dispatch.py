@@ -1,6 +1,8 @@
 """A training step on the triton backend dispatches no aten compute op: only
 allocation, copy and view ops. Every convolution, batch norm, pooling, GEMM, softmax,
-activation, add and reduction runs as a Triton kernel."""
+activation, add, concatenation, gate and reduction runs as a Triton kernel."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +10,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import cnndsl
 
-from test_triton_backend import RESIDUAL
+from test_triton_backend import BRANCHES, RESIDUAL
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 ALLOWED = {  # allocation, copy, view, and reading metadata
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros", "zeros_like",
@@ -16,6 +20,7 @@ ALLOWED = {  # allocation, copy, view, and reading metadata
     "view", "_unsafe_view", "reshape", "permute", "as_strided", "expand", "t", "transpose",
     "alias", "detach", "slice", "select", "unsqueeze", "squeeze", "split", "unbind", "view_as",
     "_reshape_alias", "is_same_size", "set",  # set_: storage aliasing (the interpreter copies back)
+    "randint",  # a dropout or stochastic-depth seed, drawn on the host (StepState.seed)
 }
 
 
@@ -31,9 +36,10 @@ class _Recorder(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
-def test_training_step_runs_no_aten_compute(fuse):
-    model = cnndsl.compile(RESIDUAL, backend="triton", fuse=fuse, device="cpu").train()
-    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+@pytest.mark.parametrize("src", [RESIDUAL, BRANCHES], ids=["residual", "branches"])
+def test_training_step_runs_no_aten_compute(src, fuse):
+    model = cnndsl.compile(src, backend="triton", fuse=fuse, device="cpu").train()
+    x = torch.randn(2, *model.net.input_shape, requires_grad=True)
     target = torch.tensor([1, 3])
     with _Recorder() as rec:
         model(x)
@@ -44,7 +50,25 @@ def test_training_step_runs_no_aten_compute(fuse):
     compute = sorted(rec.ops - ALLOWED)
     assert not compute, f"aten compute ops on the triton path: {compute}"
     # The recorder works: the reference backend shows its compute ops.
-    ref = cnndsl.compile(RESIDUAL, backend="torch", device="cpu").train()
+    ref = cnndsl.compile(src, backend="torch", device="cpu").train()
     with _Recorder() as rec:
         ref.loss(x, target).backward()
     assert {"convolution", "convolution_backward", "native_batch_norm"} <= rec.ops
+
+
+@pytest.mark.parametrize("name", ["googlenet", "densenet121", "efficientnet_b0", "mobilenet_v2"])
+def test_the_examples_dispatch_no_aten_compute(name, monkeypatch):
+    """The ImageNet examples at full size, a training step and eval, fused: the launches are made
+    and their arguments checked but the kernels skipped (the interpreter would take minutes; what
+    the ops dispatch does not depend on the values)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *args, **kwargs: None)
+    model = cnndsl.compile(EXAMPLES / f"{name}.cnn", backend="triton", device="cpu").train()
+    x = torch.randn(2, *model.net.input_shape, requires_grad=True)
+    target = torch.tensor([1, 3])
+    with _Recorder() as rec:
+        model.loss(x, target).backward()
+        with torch.no_grad():
+            model.eval()(x)
+    compute = sorted(rec.ops - ALLOWED)
+    assert not compute, f"{name}: aten compute ops on the triton path: {compute}"

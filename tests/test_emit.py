@@ -14,7 +14,7 @@ from test_examples import SHRUNK
 import cnndsl
 from cnndsl.emit import emit
 
-from test_triton_backend import EVERYTHING, RESIDUAL
+from test_triton_backend import BRANCHES, EVERYTHING, RESIDUAL
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -44,7 +44,7 @@ def _emitted(tmp_path, net, fuse):
     return module, classes[-1]()
 
 
-NETWORKS = {"residual": RESIDUAL, "everything": EVERYTHING}
+NETWORKS = {"residual": RESIDUAL, "everything": EVERYTHING, "branches": BRANCHES}
 FUSE = pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 
 

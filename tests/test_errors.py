@@ -589,6 +589,16 @@ def test_pool_padding_more_than_half_the_kernel():
     check(err, 3, 1, "avgpool 2x4 pad=0x3", message="avgpool padding 3 is more than half its kernel 4")
 
 
+def test_count_include_pad_is_avgpool_only():
+    err = error_of(H + "maxpool 2 count_include_pad=false\n", CnnArgumentError)
+    check(err, 3, 1, "maxpool 2 count_include_pad=false",
+          message="count_include_pad=false is for avgpool only: maxpool never counts padding",
+          hint="remove count_include_pad=false, or use avgpool")
+    assert cnndsl.parse(H + "avgpool 2 count_include_pad=false\n").nodes[1].attrs.count_include_pad is False
+    err = error_of(H + "avgpool 2 ceil_mode=1\n", CnnArgumentError)
+    check(err, 3, 21, "1", message="option 'ceil_mode' cannot be 1", expected="true or false")
+
+
 def test_network_without_layers():
     err = error_of(H, CnnShapeError)
     assert (err.line, err.column) == (2, 7)  # at the input shape, after which layers are expected

@@ -16,7 +16,8 @@ import torch_models as tm
 from helpers import assert_close
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-NAMES = ["lenet5", "cifar_small", "vgg16", "resnet18", "resnet50", "alexnet", "mobilenet_v2", "densenet121"]
+NAMES = ["lenet5", "cifar_small", "vgg16", "resnet18", "resnet50", "alexnet", "mobilenet_v2", "densenet121",
+         "efficientnet_b0", "googlenet"]
 SMALL = {"lenet5", "cifar_small"}
 DROPOUT = {"vgg16", "alexnet"}
 # The input side at which an ImageNet net is trained in the tests (default 32): AlexNet's pools would

@@ -57,7 +57,7 @@ from hopper_gpu import KERNELS
 
 import cnndsl
 
-from test_triton_backend import EVERYTHING, RESIDUAL
+from test_triton_backend import BRANCHES, EVERYTHING, RESIDUAL
 
 
 def _both_plans(src, dtype):
@@ -73,7 +73,7 @@ def _launcher_extras(dtype):
     """Launches that the networks do not make: the activation epilogues of dense (every one) and
     conv (gelu), the conv's residual and pool epilogue, the training epilogue with each pool and
     both batch-norm backwards, dz on load's batch-norm sums and shortcut gather pass, rows wider
-    than softmax's widest block, a dropout seed past int32, momentum=None."""
+    than softmax's widest block, a dropout seed past int32, momentum=None, stochastic depth."""
     from cnndsl.kernels import (
         batchnorm,
         batchnorm_backward,
@@ -82,6 +82,7 @@ def _launcher_extras(dtype):
         dropout,
         epilogue,
         softmax,
+        stochastic_depth,
     )
     from cnndsl.kernels.activation import ACTIVATIONS
     from cnndsl.specs import Act, ConvGeometry, Window
@@ -112,6 +113,7 @@ def _launcher_extras(dtype):
     _, lse = softmax.cross_entropy_forward(wide, target)
     softmax.cross_entropy_backward(torch.ones(()), wide, target, lse)
     dropout.dropout_forward(x2, 0.5, 2**40)
+    stochastic_depth.stochastic_depth_forward(x4, 0.5, 2**40)  # a seed past int32
     mean, var = batchnorm.batchnorm_stats(x2)
     batchnorm.batchnorm_update_running(mean, var, torch.zeros(8, dtype=dtype), torch.ones(8, dtype=dtype),
                                        torch.zeros((), dtype=torch.int64), None, 3)
@@ -121,6 +123,7 @@ def _drive():
     for dtype in (torch.float32, torch.bfloat16):
         _both_plans(RESIDUAL, dtype)
         _both_plans(EVERYTHING, dtype)
+        _both_plans(BRANCHES, dtype)
         _launcher_extras(dtype)
     train_and_eval(ROOT / "examples" / "cifar_small.cnn", torch.float32, evaluate=False)
 

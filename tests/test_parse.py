@@ -1,7 +1,8 @@
 """The front end on valid input: every grammar construct, checked on the AST
 (`cnndsl.parse.parse_program`) and on the IR (`cnndsl.parse(text)` -> Network).
-Output shapes are cross-checked against torch.nn.functional on CPU (floor mode)."""
+Output shapes are cross-checked against torch.nn.functional on CPU (floor and ceil mode)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -387,6 +388,36 @@ def test_pools(text, in_hw, kernel, stride, pad):
     fn = F.max_pool2d if mode == "max" else F.avg_pool2d
     expected = fn(torch.zeros(1, 3, *in_hw), kernel, stride, pad)  # ceil_mode=False
     assert pool.shape == tuple(expected.shape[1:])
+
+
+@pytest.mark.parametrize("text, in_hw", [
+    ("maxpool 3 stride=2 ceil_mode=true", (112, 112)),
+    ("maxpool 2 ceil_mode=true", (7, 9)),  # ceil mode keeps the last, partial row and column
+    ("maxpool 3 stride=2 pad=1 ceil_mode=true", (8, 11)),
+    ("maxpool 2 pad=1 ceil_mode=true", (5, 5)),  # the window past the input (in the padding) is dropped
+    ("avgpool 3 stride=2 ceil_mode=true", (10, 9)),
+    ("avgpool 3 stride=2 pad=1 ceil_mode=true count_include_pad=false", (9, 12)),
+    ("avgpool 3 stride=1 pad=1 count_include_pad=false", (6, 6)),
+    ("avgpool 2 ceil_mode=false count_include_pad=true", (7, 7)),
+])
+def test_pool_ceil_mode_and_count_include_pad(text, in_hw):
+    net = net_of(text + "\n", f"3x{in_hw[0]}x{in_hw[1]}")
+    a = net.nodes[1].attrs
+    ceil, include = "ceil_mode=true" in text, "count_include_pad=false" not in text
+    assert (a.ceil_mode, a.count_include_pad) == (ceil, include)
+    x = torch.zeros(1, 3, *in_hw)
+    if a.mode == "max":
+        expected = F.max_pool2d(x, a.kernel, a.stride, a.padding, ceil_mode=ceil)
+    else:
+        expected = F.avg_pool2d(x, a.kernel, a.stride, a.padding, ceil_mode=ceil, count_include_pad=include)
+    assert net.nodes[1].shape == tuple(expected.shape[1:])
+
+
+def test_ceil_mode_in_the_summary():
+    floor, ceil = (net_of(f"maxpool 3 stride=2{option}\n", "1x112x112") for option in ("", " ceil_mode=true"))
+    assert floor.nodes[1].shape == (1, 55, 55) and ceil.nodes[1].shape == (1, 56, 56)
+    assert re.search(r"maxpool +1x55x55", floor.summary()) and re.search(r"maxpool +1x56x56", ceil.summary())
+    assert "1x56x56" not in floor.summary() and "1x55x55" not in ceil.summary()
 
 
 def test_global_avgpool_flatten_dense_dropout_softmax():

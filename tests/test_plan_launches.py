@@ -11,7 +11,7 @@ import torch
 import cnndsl
 import cnndsl.kernels
 
-from test_triton_backend import EVERYTHING, RESIDUAL
+from test_triton_backend import BRANCHES, EVERYTHING, RESIDUAL
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -30,13 +30,17 @@ BY_NAME = {
     "epilogue_fwd": {"epilogue._epilogue_fwd_kernel"}, "epilogue_bwd": {"epilogue._epilogue_bwd_kernel"},
     "epilogue_bwd+bn_reduce": {"epilogue._epilogue_bwd_kernel"}, "epilogue_bwd+bn_sums": {"epilogue._epilogue_bwd_kernel"},
     "activation_fwd": {"activation._activation_fwd_kernel"}, "activation_bwd": {"activation._activation_bwd_kernel"},
-    "pool_fwd": {"epilogue._epilogue_fwd_kernel"}, "pool_bwd": {"pool._pool_bwd_kernel"},
+    "pool_fwd": {"epilogue._epilogue_fwd_kernel", "pool._avg_pool_fwd_kernel"}, "pool_bwd": {"pool._pool_bwd_kernel"},
     "global_avgpool_fwd": {"pool._global_avg_fwd_kernel"}, "global_avgpool_bwd": {"pool._global_avg_bwd_kernel"},
     "dense_bwd_input": {"dense._matmul_kernel"}, "dense_bwd_weight": {"dense._matmul_kernel", "dense._colsum_kernel"},
     "dense_epilogue_bwd": {"dense._epilogue_bwd_kernel"},
     "dropout_fwd": {"dropout._dropout_kernel"}, "dropout_bwd": {"dropout._dropout_kernel"},
     "softmax_fwd": {"softmax._softmax_fwd_kernel"}, "softmax_bwd": {"softmax._softmax_bwd_kernel"},
     "add_fwd": {"add._add_kernel"},
+    "concat_fwd": {"concat._slice_copy_kernel"}, "concat_bwd": {"concat._slice_copy_kernel"},
+    "gate_fwd": {"gate._gate_fwd_kernel"}, "gate_bwd": {"gate._gate_bwd_kernel"},
+    "stochastic_depth_fwd": {"stochastic_depth._stochastic_depth_kernel"},
+    "stochastic_depth_bwd": {"stochastic_depth._stochastic_depth_kernel"},
 }
 # What the executor and the loss launch besides the groups: ForkFn's sum of gradients, the cross-entropy.
 EXTRA = {"add._add_kernel", "softmax._ce_fwd_kernel", "softmax._mean_kernel", "softmax._ce_bwd_kernel"}
@@ -74,8 +78,8 @@ def _check(names: set, launched: set, extra: set, what: str) -> None:
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
-@pytest.mark.parametrize("src", [RESIDUAL, EVERYTHING, (EXAMPLES / "digits.cnn").read_text()],
-                         ids=["residual", "everything", "digits"])
+@pytest.mark.parametrize("src", [RESIDUAL, EVERYTHING, BRANCHES, (EXAMPLES / "digits.cnn").read_text()],
+                         ids=["residual", "everything", "branches", "digits"])
 def test_the_plan_lists_the_kernels_each_mode_launches(src, fuse):
     model = cnndsl.compile(src, backend="triton", fuse=fuse, device="cpu")
     net, groups = model.net, model.plan.groups

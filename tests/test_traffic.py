@@ -18,7 +18,7 @@ import cnndsl
 from cnndsl.plan import traffic
 from cnndsl.specs import INTERPRETER
 
-from test_triton_backend import EVERYTHING, RESIDUAL
+from test_triton_backend import BRANCHES, EVERYTHING, RESIDUAL
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -73,7 +73,7 @@ def test_every_kernel_the_plans_list_has_a_model():
     from cnndsl.plan import plan
     from cnndsl.traffic import KERNEL_BYTES
     named = collections.Counter()
-    for src in [CHAIN, RESIDUAL, EVERYTHING, *sorted(EXAMPLES.glob("*.cnn"))]:
+    for src in [CHAIN, RESIDUAL, EVERYTHING, BRANCHES, *sorted(EXAMPLES.glob("*.cnn"))]:
         net = cnndsl.parse(src) if isinstance(src, str) else cnndsl.parse(src.read_text())
         for fuse in (True, "block", False):
             for g in plan(net, fuse).groups:

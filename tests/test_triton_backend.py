@@ -66,6 +66,56 @@ relu
 dense 4
 """
 
+# Concatenated branches (the input itself among them), a gate in each form, pooling's PyTorch
+# options, stochastic depth (the reference applies the triton run's masks: helpers.FixedDropout).
+BRANCHES = """
+network branches
+input 4x9x9
+conv 8 3 pad=1 bias=false
+batchnorm
+relu
+mixed: concat {
+    branch {
+        conv 6 1
+        relu
+    }
+    branch { }
+    branch {
+        maxpool 3 stride=1 pad=1 ceil_mode=true
+        conv 4 1 bias=false
+        batchnorm
+        relu6
+    }
+}
+gate {
+    global_avgpool
+    conv 5 1
+    silu
+    conv 18 1
+    sigmoid
+}
+avgpool 3 stride=2 pad=1 count_include_pad=false
+residual {
+    conv 18 3 pad=1 groups=18
+    gate {
+        global_avgpool
+        flatten
+        dense 18
+        hardsigmoid
+    }
+    stochastic_depth 0.5
+}
+concat {
+    branch {
+        maxpool 2 ceil_mode=true
+    }
+    branch {
+        conv 8 3 stride=2 pad=1
+    }
+}
+flatten
+dense 5
+"""
 
 FUSE = pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 
@@ -96,8 +146,15 @@ def test_every_layer_kind_train(fuse):
 
 
 @FUSE
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_branches(train, fuse):
+    run_both(BRANCHES, batch=3, train=train, steps=2 if train else 1, fuse=fuse)
+
+
+@FUSE
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize(("src", "batch"), [(RESIDUAL, 2), (EVERYTHING, 3)], ids=["residual", "everything"])
+@pytest.mark.parametrize(("src", "batch"), [(RESIDUAL, 2), (EVERYTHING, 3), (BRANCHES, 2)],
+                         ids=["residual", "everything", "branches"])
 def test_low_precision(src, batch, dtype, fuse):
     """Every launch step against float64 within 8 units in the last place (helpers.run_both)."""
     run_both(src, batch=batch, dtype=dtype, train=True, fuse=fuse)

@@ -20,9 +20,11 @@ from .conv import CONV
 from .dense import DENSE
 from .dropout import DROPOUT
 from .flatten import FLATTEN
+from .gate import GATE
 from .global_avgpool import GLOBAL_AVGPOOL
 from .pool import POOL
 from .softmax import SOFTMAX
+from .stochastic_depth import STOCHASTIC_DEPTH
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,8 @@ class Input:
 INPUT = OpDef("input", lambda v: Input(), same_shape)
 
 REGISTRY: dict[str, OpDef] = {d.op: d for d in (INPUT, CONV, BATCHNORM, ACTIVATION, POOL, GLOBAL_AVGPOOL, FLATTEN,
-                                                DENSE, DROPOUT, SOFTMAX, ADD, CONCAT)}
+                                                DENSE, DROPOUT, STOCHASTIC_DEPTH, SOFTMAX, ADD,
+                                                CONCAT, GATE)}
 
 # Every .cnn layer word -> its Keyword (with `op` filled in), in the registry's order.
 KEYWORDS: dict[str, Keyword] = {word: replace(kw, op=d.op) for d in REGISTRY.values()

@@ -1,6 +1,7 @@
 """Pooling kernels (max and average windows, global average) forward and backward against
-torch.nn.functional and its autograd over NHWC tensors: overlapping and odd windows, ties
-and NaNs in max pooling, the compact argmax, and the launcher checks."""
+torch.nn.functional and its autograd over NHWC tensors: overlapping and odd windows, ceil_mode
+and count_include_pad=False, ties and NaNs in max pooling, the compact argmax, and the
+launcher checks."""
 
 import math
 
@@ -8,15 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cnndsl.kernels.epilogue import epilogue_forward
 from cnndsl.kernels.pool import (
     global_avgpool_backward,
     global_avgpool_forward,
     pool_backward,
     pool_forward,
 )
-from cnndsl.specs import Window
+from cnndsl.specs import NO_ACT, Window
 
-from helpers import DTYPES, assert_close
+from helpers import DTYPES, assert_close, run_both
 
 # (N, C, H, W, kernel, stride, padding)
 CASES = {
@@ -44,13 +46,14 @@ def _nchw(t):
     return t.permute(0, 3, 1, 2).float()
 
 
-def _run(x, mode, kernel, stride, padding, dtype):
+def _run(x, mode, kernel, stride, padding, dtype, ceil_mode=False, count_include_pad=True):
     """Kernel results (y, argmax, dx) and float64 torch references (y, dx) for NCHW x of `dtype`."""
     ref_x = x.double().requires_grad_()
-    ref_y = TORCH_POOL[mode](ref_x, kernel, stride, padding)
+    options = {"ceil_mode": ceil_mode} | ({} if mode == "max" else {"count_include_pad": count_include_pad})
+    ref_y = TORCH_POOL[mode](ref_x, kernel, stride, padding, **options)
     dy = torch.randn(ref_y.shape).to(dtype)
     ref_y.backward(dy.double())
-    window = Window(mode, kernel, stride, padding, tuple(ref_y.shape[2:]))
+    window = Window(mode, kernel, stride, padding, tuple(ref_y.shape[2:]), ceil_mode, count_include_pad)
     y, argmax = pool_forward(_nhwc(x), window)
     dx = pool_backward(_nhwc(dy), window, argmax, tuple(x.shape[2:]))
     assert y.dtype == dtype and dx.dtype == dtype
@@ -76,6 +79,75 @@ def test_pool(name, dtype, mode):
         assert argmax is None
         assert_close(_nchw(y), ref_y, dtype, reduction=taps, name=f"{name} y")
     assert_close(_nchw(dx), ref_dx, dtype, reduction=_windows_per_pixel(kernel, stride), name=f"{name} dx")
+
+
+# ceil_mode and count_include_pad: (N, C, H, W, kernel, stride, padding) on odd sizes, where
+# ceil mode adds a last window past the padded input (the divisor of torch's avg_pool2d clips it at
+# the padding's end), where it adds none (stride 1; k2_s2_p1 on 5: the window it would add starts in
+# the right padding), and count_include_pad=False with and without padding.
+CEIL_CASES = {
+    "k2_s2_odd": (2, 3, 7, 9, (2, 2), (2, 2), (0, 0)),
+    "k3_s2_p1": (1, 5, 9, 8, (3, 3), (2, 2), (1, 1)),
+    "k3x2_s2x3_p10": (1, 3, 8, 11, (3, 2), (2, 3), (1, 0)),
+    "k2_s2_p1_drop": (1, 3, 5, 5, (2, 2), (2, 2), (1, 1)),
+    "k3_s1_p1": (1, 2, 5, 7, (3, 3), (1, 1), (1, 1)),
+}
+OPTIONS = [pytest.param(mode, ceil, pad, id=f"{mode}-{'ceil' if ceil else 'floor'}{'' if pad else '-nopad'}")
+           for mode in ("max", "avg") for ceil in (False, True) for pad in (True, False) if mode == "avg" or pad]
+
+
+@pytest.mark.parametrize("mode,ceil_mode,count_include_pad", OPTIONS)
+@pytest.mark.parametrize("name,dtype", [pytest.param(c, d, id=f"{c}-{str(d)[6:]}") for c in CEIL_CASES
+                                        for d in (torch.float32, torch.bfloat16)
+                                        if d == torch.float32 or c == "k3_s2_p1"])
+def test_pool_ceil_mode_and_count_include_pad(name, dtype, mode, ceil_mode, count_include_pad):
+    n, c, h, w, kernel, stride, padding = CEIL_CASES[name]
+    x = torch.randn(n, c, h, w).to(dtype)
+    y, argmax, dx, ref_y, ref_dx = _run(x, mode, kernel, stride, padding, dtype, ceil_mode, count_include_pad)
+    if mode == "max":
+        assert torch.equal(_nchw(y), ref_y.float())
+        _, indices = F.max_pool2d(x.float(), kernel, stride, padding, ceil_mode=ceil_mode, return_indices=True)
+        assert torch.equal(argmax.permute(0, 3, 1, 2).long(), _torch_offsets(indices, kernel, stride, padding, w))
+    else:
+        assert argmax is None
+        assert_close(_nchw(y), ref_y, dtype, reduction=kernel[0] * kernel[1], name=f"{name} y")
+    assert_close(_nchw(dx), ref_dx, dtype, reduction=_windows_per_pixel(kernel, stride), name=f"{name} dx")
+
+
+def test_ceil_mode_cases_cover_what_they_say():
+    """Ceil mode adds a row and a column in the first two cases (and is floor's size in the last
+    two), and each average past the padding or without count_include_pad over padding is uneven."""
+    for name, (n, c, h, w, kernel, stride, padding) in CEIL_CASES.items():
+        floor = F.max_pool2d(torch.zeros(1, 1, h, w), kernel, stride, padding).shape[2:]
+        ceil = F.max_pool2d(torch.zeros(1, 1, h, w), kernel, stride, padding, ceil_mode=True).shape[2:]
+        grows = name in ("k2_s2_odd", "k3_s2_p1", "k3x2_s2x3_p10")
+        assert (ceil != floor) == grows, name
+        assert Window("avg", kernel, stride, padding, tuple(ceil), True).uneven((h, w)) == grows, name
+        assert Window("avg", kernel, stride, padding, tuple(floor), False, False).uneven((h, w)) == any(padding)
+
+
+NETWORK = """
+network ceil_pools
+input 2x7x9
+conv 3 3 pad=1
+relu
+maxpool 2 ceil_mode=true
+conv 4 3 pad=1
+avgpool 3 stride=2 pad=1 ceil_mode=true count_include_pad=false
+avgpool 2 ceil_mode=true
+flatten
+dense 5
+"""
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_network_with_ceil_mode_and_count_include_pad(fuse):
+    """Pools that do not fit the conv epilogue (rules._pool_fits) run alone, trained, against the
+    reference backend's torch pools."""
+    import cnndsl
+    from cnndsl.plan import plan
+    assert [g.ops for g in plan(cnndsl.parse(NETWORK), fuse).groups if "pool" in g.ops] == [("pool",)] * 3
+    run_both(NETWORK, fuse=fuse)
 
 
 def _torch_offsets(indices, kernel, stride, padding, width):
@@ -164,3 +236,23 @@ def test_pool_rejects_bad_input():
         pool_backward(dy, _window("avg", 3, 2, 1, (4, 4)), None, (9, 9))
     with pytest.raises(ValueError, match=r"expected shape \(N, 1, 1, C\), got \(1, 4, 4, 3\)"):
         global_avgpool_backward(dy, (4, 4))
+
+
+def test_pool_rejects_bad_options():
+    x = torch.zeros(1, 7, 7, 3)
+    with pytest.raises(ValueError, match=r"ceil_mode gives \(4, 4\), got \(3, 3\)"):
+        pool_forward(x, Window("max", (2, 2), (2, 2), (0, 0), (3, 3), True))
+    with pytest.raises(ValueError, match=r"gives \(3, 3\), got \(4, 4\)"):
+        pool_forward(x, Window("max", (2, 2), (2, 2), (0, 0), (4, 4), False))
+    with pytest.raises(ValueError, match="count_include_pad=False is for 'avg' pooling only"):
+        pool_forward(x, Window("max", (2, 2), (2, 2), (0, 0), (3, 3), False, False))
+    with pytest.raises(ValueError, match="ceil_mode: expected a bool, got 1"):
+        pool_forward(x, Window("avg", (2, 2), (2, 2), (0, 0), (4, 4), 1))
+    # the fused epilogues divide by the taps: an uneven average is pool_forward's alone
+    with pytest.raises(ValueError, match="divides every window by its 4 taps"):
+        epilogue_forward(x, None, None, NO_ACT, None, NO_ACT, Window("avg", (2, 2), (2, 2), (0, 0), (4, 4), True))
+    with pytest.raises(ValueError, match="divides every window by its 9 taps"):
+        epilogue_forward(x, None, None, NO_ACT, None, NO_ACT, Window("avg", (3, 3), (2, 2), (1, 1), (4, 4), False,
+                                                                     False))
+    y, _ = epilogue_forward(x, None, None, NO_ACT, None, NO_ACT, Window("max", (2, 2), (2, 2), (0, 0), (4, 4), True))
+    assert y.shape == (1, 4, 4, 3)
