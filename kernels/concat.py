@@ -85,6 +85,6 @@ _concat = define("concat", "(Tensor[] xs) -> Tensor", concat_forward,
 def concat_layer(*args):
     """The join of a concat's branches, called as `(*args, spec, state)` with the branches as args."""
     *xs, spec, _state = args
-    check(isinstance(spec, Concat) and len(spec.channels) == len(xs),
-          f"concat: expected a Concat spec for {len(xs)} inputs, got {spec!r}")
+    if not (isinstance(spec, Concat) and len(spec.channels) == len(xs)):  # formatted only on failure (traced)
+        raise ValueError(f"concat: expected a Concat spec for {len(xs)} inputs, got {spec!r}")
     return _concat([x.contiguous() for x in xs])

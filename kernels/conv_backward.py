@@ -103,8 +103,9 @@ def _advance_source_rows(nh, ih, iw, STEP, OH, OW, H, stride_h, stride_w, ih_off
 
 @triton.jit
 def _inside(i, size):
-    """0 <= i < size, as one unsigned compare."""
-    return i.to(tl.uint32, bitcast=True) < size.to(tl.uint32)
+    """0 <= i < size, as one unsigned compare (size an int32 argument, or a constexpr where Triton
+    specialises an argument equal to 1: a 1x1 map)."""
+    return i.to(tl.uint32, bitcast=True) < tl.cast(size, tl.uint32)
 
 
 @autotune(_CONFIGS_16BIT + _CONFIGS_FP32, key=["P", "CIN_G", "COUT_G", "RS", "HAS_BIAS", "INT64", "PROLOGUE",

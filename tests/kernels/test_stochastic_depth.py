@@ -19,13 +19,13 @@ from helpers import DTYPES, assert_close
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
 def test_whole_samples_are_kept_or_zeroed(p, dtype):
-    x = torch.randn(200, 3, 2, 5).to(dtype)
+    x = torch.randn(128, 2, 4, 4).to(dtype)
     y = stochastic_depth_forward(x, p, 11)
     scale = 0.0 if p == 1 else 1 / (1 - p)
     kept = (y != 0).flatten(1).all(1)
     assert torch.equal(kept, (y != 0).flatten(1).any(1))  # per sample: all or nothing
     assert_close(y[kept].double(), x[kept].double() * scale, dtype, name="kept samples")
-    assert abs(kept.float().mean().item() - (1 - p)) < 0.1  # 3 standard deviations
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.12  # 3 standard deviations
     assert torch.equal(stochastic_depth_forward(x, p, 11), y)  # the same seed, the same samples
     if 0 < p < 1:
         assert not torch.equal(stochastic_depth_forward(x, p, 12), y)
