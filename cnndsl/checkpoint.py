@@ -99,7 +99,7 @@ def load(path: str | os.PathLike) -> dict:
         raise CnnTrainError(f"no checkpoint at {path}{what}")
     try:
         with open(path, "rb") as f:  # one open file for the check and the load: no swap in between
-            size = _check_archive(f)
+            size = check_archive(f)
             f.seek(0)
             payload = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -112,7 +112,7 @@ def load(path: str | os.PathLike) -> dict:
     return _verify(path, payload, size)
 
 
-def _check_archive(f) -> int:
+def check_archive(f) -> int:
     """The file's size, after checking that loading it allocates no more than that: torch.save
     stores every record uncompressed, and a compressed one could inflate without bound."""
     size = os.fstat(f.fileno()).st_size

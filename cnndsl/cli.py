@@ -1,6 +1,6 @@
 """The `cnndsl` command line: `check` (summary or --json), `plan` (the fused groups,
-their kernels and modelled bytes), `train` and `eval` (train.py), `emit` (a standalone
-module) and `bench` (GPU timings). Every CnnError is printed as its rendered message with exit code 1, never a
+their kernels and modelled bytes), `train` and `eval` (train.py), `export` (ONNX, safetensors,
+a state dict), `emit` (a standalone module) and `bench` (GPU timings). Every CnnError is printed as its rendered message with exit code 1, never a
 traceback."""
 
 import argparse
@@ -46,7 +46,8 @@ def _train(args) -> int:
     opts = Options(data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
                    seed=args.seed, device=args.device, dtype=args.dtype, fuse=_fuse(args),
-                   backend=args.backend, out=args.out, resume=args.resume)
+                   backend=args.backend, out=args.out, resume=args.resume, init=args.init, classes=args.classes,
+                   freeze=args.freeze, freeze_bn=args.freeze_bn, only_classes=args.only_classes)
     train(args.file, opts)
     return 0
 
@@ -55,9 +56,22 @@ def _eval(args) -> int:
     from .train import evaluate
     _quiet_interpreter_warning()
     acc = evaluate(args.file, args.weights, args.data, args.batch_size, args.device, args.backend,
-                   _fuse(args), args.dtype)
+                   _fuse(args), args.dtype, args.classes, args.only_classes)
     print(f"test accuracy: {acc:.3f}")
     return 0
+
+
+def _export(args) -> int:
+    from .export import export
+    print(f"wrote {export(args.file, args.weights, args.output, args.classes, args.opset)}")
+    return 0
+
+
+def _fine_tune_options(p) -> None:
+    p.add_argument("--classes", type=int, metavar="N", help="replace the last dense layer by one of N classes "
+                   "(a fine-tuning checkpoint's own by default)")
+    p.add_argument("--only-classes", metavar="LABELS", help="use only these classes of the data, relabelled 0, 1, "
+                   "... in the order given: e.g. 0-4 or 5,7,9")
 
 
 def _model_options(p, batch_size: int) -> None:
@@ -177,13 +191,33 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", help="checkpoint folder (default: runs/NETWORK)")
     tr.add_argument("--resume", nargs="?", const="", metavar="CKPT",
                     help="continue from a checkpoint (default: OUT/last.pt) up to --epochs")
+    tr.add_argument("--init", metavar="FILE", help="start from these weights: a torch state dict (.pt, .pth), "
+                    ".safetensors or a cnndsl checkpoint, matched by name, else in declaration order")
+    _fine_tune_options(tr)
+    tr.add_argument("--freeze", metavar="LABELS", help="train no parameter of these layers: one label freezes "
+                    "every layer up to and including it; several (comma-separated) freeze those")
+    tr.add_argument("--freeze-bn", action="store_true", help="keep the frozen layers' batch norms in eval mode "
+                    "(their running statistics, not updated)")
     tr.set_defaults(run=_train)
     ev = sub.add_parser("eval", help="report a checkpoint's accuracy on the held-out split",
                         description="Load the weights of a checkpoint written by `cnndsl train` and report the "
                                     "accuracy on the held-out split of the data.")
     _model_options(ev, 256)
-    ev.add_argument("--weights", required=True, help="the checkpoint (OUT/last.pt of a training run)")
+    ev.add_argument("--weights", required=True, help="a checkpoint (OUT/last.pt of a training run), a torch state "
+                    "dict (.pt, .pth) or .safetensors")
+    _fine_tune_options(ev)
     ev.set_defaults(run=_eval)
+    ex = sub.add_parser("export", help="write the network with its weights as ONNX, safetensors or a state dict",
+                        description="Write the network with its weights for other tools, by the output's suffix: "
+                                    ".onnx (opset 17 or newer, the batch dimension dynamic), .safetensors, or .pt "
+                                    "(a plain state dict, in declaration order: it loads into the torch model of "
+                                    "the same network entry by entry).")
+    ex.add_argument("file", help="the .cnn file")
+    ex.add_argument("--weights", required=True, help="a checkpoint, a torch state dict or .safetensors")
+    ex.add_argument("-o", "--output", required=True, help="model.onnx, model.safetensors or model.pt")
+    ex.add_argument("--classes", type=int, metavar="N", help="the head's classes, if fine-tuning replaced it")
+    ex.add_argument("--opset", type=int, default=17, help="the ONNX opset (default: 17)")
+    ex.set_defaults(run=_export)
     em = sub.add_parser("emit", help="write the network's Triton kernels and launch sequence as one Python module",
                         description="Write one standalone Python module (needs only torch and triton) with the "
                                     "Triton kernels and the forward/backward launch sequence of the network.")

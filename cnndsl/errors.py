@@ -117,6 +117,13 @@ class CnnDataError(CnnError, ValueError):
     kind = "data error"
 
 
+class CnnWeightsError(CnnError, ValueError):
+    """Weights that cannot be loaded into a model: a missing, corrupt or unsafe file, or tensors
+    whose number or shapes do not fit the model's."""
+
+    kind = "weights error"
+
+
 class CnnTrainError(CnnError):
     """Training that cannot go on: a loss that became NaN or infinite, a checkpoint that
     cannot be read, written or resumed."""

@@ -17,8 +17,11 @@ from pathlib import Path
 
 import torch
 
-from . import api, checkpoint, data, resume, rundir
+from . import api, checkpoint, data, finetune, resume, rundir
 from .errors import CnnInputError, CnnTrainError
+from .progress import Progress
+from .weights import load_weights
+from .weights import read as read_weights
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 STATE_KEYS = {"sgd": frozenset({"momentum_buffer"}), "adam": frozenset({"step", "exp_avg", "exp_avg_sq"}),
@@ -48,6 +51,12 @@ class Options:
     backend: str = "triton"
     out: str | None = None  # None: runs/<network name>
     resume: str | None = None  # a checkpoint path; "" for <out>/last.pt
+    # fine-tuning (finetune.py)
+    init: str | None = None  # weights to start from: a state dict, safetensors or a checkpoint
+    classes: int | None = None  # a new head of this many classes
+    freeze: str | None = None  # a label (everything up to it) or comma-separated labels
+    freeze_bn: bool = False  # frozen batch norms in eval mode
+    only_classes: str | None = None  # train and test on these classes of the data, e.g. "0-4"
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -63,6 +72,8 @@ class Options:
                 raise CnnInputError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
         if self.dtype not in DTYPES:
             raise CnnInputError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+        if self.freeze_bn and not self.freeze:
+            raise CnnInputError("--freeze-bn needs --freeze: it keeps the frozen layers' batch norms in eval mode")
 
 
 def _settle(opts: Options, ckpt: dict | None, path) -> Options:
@@ -106,35 +117,6 @@ def _optimizer(opts: Options, params):
 
 def _tensors(ds: data.Dataset, model) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.from_numpy(ds.x).to(model.device, model.dtype), torch.from_numpy(ds.y).to(model.device))
-
-
-class _Progress:
-    """tqdm's bar when tqdm is installed; otherwise one plain line rewritten in place on a
-    terminal (nothing mid-epoch when the output is a file)."""
-
-    def __init__(self, total: int, desc: str):
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            tqdm = None
-        self.bar = tqdm(total=total, desc=desc, unit="img", leave=False, file=sys.stderr) if tqdm else None
-        self.total, self.desc, self.done = total, desc, 0
-        self.plain = self.bar is None and sys.stderr.isatty()
-
-    def update(self, n: int, loss: float | None) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            if loss is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}")
-        elif self.plain and loss is not None:
-            print(f"\r{self.desc}: {self.done}/{self.total} images, loss {loss:.4f}", end="", file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.plain:
-            print("\r\033[K", end="", file=sys.stderr)
 
 
 def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
@@ -191,7 +173,7 @@ def _epoch(model, optimizer, x, y, opts: Options, epoch: int, desc: str) -> dict
     order = order.to(y.device)
     total = torch.zeros((), dtype=torch.float64, device=y.device)
     correct = torch.zeros((), dtype=torch.int64, device=y.device)
-    progress, seen, start = _Progress(len(y), desc), 0, time.perf_counter()
+    progress, seen, start = Progress(len(y), desc), 0, time.perf_counter()
     try:
         for step, i in enumerate(range(0, len(y), opts.batch_size)):
             idx = order[i:i + opts.batch_size]
@@ -230,6 +212,8 @@ def train(file: str | Path, opts: Options = Options(), log=print) -> dict:
 
 
 def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
+    if opts.classes is not None:
+        net = finetune.with_classes(net, opts.classes)
     log(net.summary())
     classes = _classes(net)
     ckpt, resume_from = None, None
@@ -238,6 +222,8 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
         ckpt = checkpoint.load(resume_from)
     opts = _settle(opts, ckpt, resume_from)
     train_set, test_set = data.load(opts.data)
+    if opts.only_classes:
+        train_set, test_set = (finetune.only_classes(ds, opts.only_classes) for ds in (train_set, test_set))
     for ds, part in ((train_set, "training set"), (test_set, "test set")):
         data.check(ds, net.input_shape, classes, part)
     log(f"\ndata: {train_set.name}: {len(train_set)} training and {len(test_set)} held-out images, "
@@ -249,7 +235,13 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
         log(str(model.plan))
     else:
         log(f"backend: torch (the reference: eager PyTorch) on {model.device}")
-    optimizer = _optimizer(opts, model.parameters())
+    if opts.init is not None and ckpt is None:
+        finetune.init(model, opts.init, opts.classes is not None, log)
+    if opts.freeze:
+        frozen = finetune.freeze(model, opts.freeze.split(","), opts.freeze_bn)
+        log(f"frozen: {len(frozen)} layers ({frozen[0]} .. {frozen[-1]}), their parameters take no gradient"
+            + (" and their batch norms run on running statistics" if opts.freeze_bn else ""))
+    optimizer = _optimizer(opts, finetune.trainable(model))
     done, history = 0, []
     if ckpt is not None:
         done, history = _resume(ckpt, resume_from, net, file, model, optimizer, opts.optimizer)
@@ -277,19 +269,31 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
 
 
 def evaluate(file: str | Path, weights: str | Path, data_spec: str | None = None, batch_size: int = 256,
-             device: str | None = None, backend: str = "triton", fuse: bool | str = True, dtype: str = "fp32") -> float:
-    """The accuracy of the checkpoint `weights` on the held-out split of `data_spec`."""
+             device: str | None = None, backend: str = "triton", fuse: bool | str = True, dtype: str = "fp32",
+             classes: int | None = None, only_classes: str | None = None) -> float:
+    """The accuracy of `weights` (a checkpoint, a state dict or safetensors) on the held-out split
+    of `data_spec` (its classes `only_classes`), for the network with a head of `classes` if given
+    (else a fine-tuning checkpoint's)."""
     if batch_size < 1:
         raise CnnInputError(f"--batch-size must be at least 1, got {batch_size}")
     if dtype not in DTYPES:
         raise CnnInputError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     net = api.parse(Path(file))
-    _classes(net)
-    ckpt = checkpoint.load(weights)
+    w = read_weights(weights)
+    config = w.checkpoint["config"] if w.checkpoint else {}
+    classes = classes if classes is not None else config.get("classes")
+    only_classes = only_classes if only_classes is not None else config.get("only_classes")
+    if classes is not None:
+        net = finetune.with_classes(net, classes)
     _, test_set = data.load(data_spec)
+    if only_classes:
+        test_set = finetune.only_classes(test_set, only_classes)
     data.check(test_set, net.input_shape, _classes(net), "test set")
     model = api.compile(net, backend=backend, fuse=fuse, device=device, dtype=DTYPES[dtype])
-    resume.check_model(ckpt, model.state_dict(), weights, cast=True)
-    resume.check_network(ckpt, net, weights, file)
-    model.load_state_dict(ckpt["model"])
+    if w.checkpoint is not None:
+        resume.check_model(w.checkpoint, model.state_dict(), weights, cast=True)
+        resume.check_network(w.checkpoint, net, weights, file)
+        model.load_state_dict(w.checkpoint["model"])
+    else:
+        load_weights(model, w)
     return accuracy(model, *_tensors(test_set, model), batch_size)

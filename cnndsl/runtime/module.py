@@ -51,6 +51,13 @@ class NetworkModule(nn.Module):
                 _place(self, node.name, layer)
                 self.layers[node.id] = layer
         self._probe = torch.empty(0)  # follows .to(): the module's dtype and device
+        self.frozen_bn: set[int] = set()  # batch norms kept in eval mode (finetune.freeze)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for i in self.frozen_bn:  # on their running statistics, never updated, whatever the mode
+            self.layers[i].train(False)
+        return self
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

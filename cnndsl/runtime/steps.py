@@ -66,7 +66,9 @@ def run_steps(steps, x, layers: dict, runners: dict, training: bool, caches: dic
     for step in steps:
         inputs = [values[i].pop() if i is not None else None for i in step.inputs]
         params = [getattr(layers[p[0]], p[1]) if p is not None else None for p in step.params]
-        state = StepState(training, grad, caches, step.group, step.text)
+        # a step trains unless a layer of it is held in eval mode (a frozen batch norm)
+        trains = training and all(layers[p[0]].training for p in step.params if p is not None)
+        state = StepState(trains, grad, caches, step.group, step.text)
         out = runners[step.runner](*inputs, *params, step.spec, state)
         if isinstance(out, torch.Tensor):  # else a block's deferred output, read by one conv (plan.py)
             out = out.contiguous()

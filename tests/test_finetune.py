@@ -1,0 +1,116 @@
+"""Transfer learning (cnndsl/finetune.py, `cnndsl train --init --freeze --classes`, `cnndsl
+export`): the README's digits recipe (classes 0-4, then a frozen copy fine-tuned on 5-9) on the
+reference backend, frozen layers bit-identical after fine-tuning, frozen batch norms on the triton
+backend, and the exported ONNX, safetensors and state-dict files."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import cnndsl
+from cnndsl import data, finetune
+from cnndsl.cli import main
+from cnndsl.errors import CnnInputError
+from cnndsl.weights import load_weights, read
+
+import torch_models as tm
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+DIGITS = str(EXAMPLES / "digits.cnn")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The README's recipe on the reference backend: (first run's checkpoint, fine-tuned one)."""
+    out = tmp_path_factory.mktemp("runs")
+    first, second = out / "digits04", out / "digits59"
+    assert main(["train", DIGITS, "--backend", "torch", "--only-classes", "0-4", "--classes", "5", "--epochs", "6",
+                 "--out", str(first)]) == 0
+    assert main(["train", DIGITS, "--backend", "torch", "--init", str(first / "last.pt"), "--classes", "5",
+                 "--only-classes", "5-9", "--freeze", "maxpool1", "--epochs", "4", "--out", str(second)]) == 0
+    return first / "last.pt", second / "last.pt"
+
+
+def test_frozen_layers_keep_their_weights_and_the_head_trains(runs, capsys):
+    before, after = (read(p).tensors for p in runs)
+    frozen = [k for k in before if k.split(".")[0] in ("conv1", "batchnorm1", "conv2", "batchnorm2")
+              and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(frozen) == 6 and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["dense1.weight"], after["dense1.weight"])
+    assert not torch.equal(before["dense2.weight"], after["dense2.weight"])
+    assert main(["eval", DIGITS, "--backend", "torch", "--weights", str(runs[1])]) == 0  # its head and classes
+    assert float(capsys.readouterr().out.split()[-1]) >= 0.95
+
+
+def test_exports_load_elsewhere_and_agree(runs, tmp_path):
+    model = cnndsl.compile(finetune.with_classes(cnndsl.parse(DIGITS), 5), backend="torch", device="cpu").eval()
+    load_weights(model, runs[1])
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+    for name in ("d.safetensors", "d.pt"):
+        assert main(["export", DIGITS, "--weights", str(runs[1]), "-o", str(tmp_path / name)]) == 0
+        assert all(torch.equal(a, b) for a, b in zip(read(tmp_path / name).tensors.values(), model.state_dict().values()))
+    ort = pytest.importorskip("onnxruntime")
+    assert main(["export", DIGITS, "--weights", str(runs[1]), "-o", str(tmp_path / "d.onnx")]) == 0
+    session = ort.InferenceSession(str(tmp_path / "d.onnx"))
+    got = session.run(None, {"input": x.numpy()})[0]
+    assert got.shape == (4, 5) and abs(torch.from_numpy(got) - want).max() < 1e-4
+
+
+def test_an_exported_state_dict_loads_into_the_torch_model(tmp_path):
+    model = cnndsl.compile(EXAMPLES / "cifar_small.cnn", backend="torch", device="cpu").eval()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    assert main(["export", str(EXAMPLES / "cifar_small.cnn"), "--weights", str(tmp_path / "w.pt"),
+                 "-o", str(tmp_path / "out.pt")]) == 0
+    ref = tm.cifar_small().eval()
+    theirs = ref.state_dict()
+    state = torch.load(tmp_path / "out.pt", weights_only=True)
+    ref.load_state_dict(dict(zip(theirs, state.values())))  # declaration order
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ref(x), model.logits(x))
+
+
+def test_frozen_batch_norms_stay_on_running_statistics_on_the_triton_backend():
+    torch.manual_seed(0)
+    model = cnndsl.compile(finetune.with_classes(cnndsl.parse(DIGITS), 5), device="cpu")
+    frozen = finetune.freeze(model, ["maxpool1"], bn=True)
+    assert frozen == ["conv1", "batchnorm1", "conv2", "batchnorm2"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(finetune.trainable(model), lr=0.1)
+    assert len(optimizer.param_groups[0]["params"]) == 4  # the two dense layers' weights and biases
+    model.train()
+    assert not model.batchnorm1.training and model.dense1.training
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 5, (8,))
+    for _ in range(2):
+        optimizer.zero_grad()
+        model.loss(x, y).backward()
+        optimizer.step()
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith(("conv", "batchnorm")))
+    assert not torch.equal(after["dense2.weight"], before["dense2.weight"])
+    ref = cnndsl.compile(finetune.with_classes(cnndsl.parse(DIGITS), 5), backend="torch", device="cpu")
+    ref.load_state_dict(model.state_dict())
+    finetune.freeze(ref, ["maxpool1"], bn=True)
+    ref.train()
+    with torch.no_grad():
+        assert torch.allclose(model.logits(x), ref.logits(x), atol=1e-5)  # both on running statistics
+
+
+def test_fine_tuning_errors_are_clear():
+    net = cnndsl.parse(DIGITS)
+    model = cnndsl.compile(net, backend="torch", device="cpu")
+    with pytest.raises(CnnInputError, match="has no layer 'conv9'") as err:
+        finetune.freeze(model, ["conv9"])
+    assert "did you mean" in err.value.render()
+    with pytest.raises(CnnInputError, match="would freeze the head dense2"):
+        finetune.freeze(model, ["dense2"])
+    with pytest.raises(CnnInputError, match="--classes must be a positive integer"):
+        finetune.with_classes(net, 0)
+    with pytest.raises(CnnInputError, match="expected labels and ranges"):
+        finetune.only_classes(data.load(None)[0], "a-b")
+    with pytest.raises(CnnInputError, match="distinct labels in 0..9"):
+        finetune.only_classes(data.load(None)[0], "8-12")
+    assert main(["train", DIGITS, "--freeze-bn"]) == 1
