@@ -3,10 +3,11 @@
     net = cnndsl.parse("examples/cifar_small.cnn")   # -> Network (checked IR)
     print(net.summary())
     model = cnndsl.compile(net, backend="triton")      # -> torch.nn.Module
+    cnndsl.load_weights(model, "resnet18.pth")        # torchvision's weights, in declaration order
 
 The front end (parse, check, summary) needs only lark; compiling needs torch."""
 
-from .api import compile, parse
+from .api import compile, load_weights, parse
 from .errors import (
                      CnnArgumentError,
                      CnnDataError,
@@ -16,6 +17,7 @@ from .errors import (
                      CnnShapeError,
                      CnnSyntaxError,
                      CnnTrainError,
+                     CnnWeightsError,
                      Span,
 )
 from .ir import Network, Op
@@ -29,10 +31,12 @@ __all__ = [
                      "CnnShapeError",
                      "CnnSyntaxError",
                      "CnnTrainError",
+                     "CnnWeightsError",
                      "Network",
                      "Op",
                      "Span",
                      "compile",
+                     "load_weights",
                      "parse",
 ]
 __version__ = "0.1.0"

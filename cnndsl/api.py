@@ -88,3 +88,13 @@ def compile(src, backend: str = "triton", fuse: bool | str = True, device=None, 
     net = parse(src)
     from .runtime import build_module
     return build_module(net, backend=backend, fuse=fuse, device=device, dtype=dtype)
+
+
+def load_weights(model, source) -> dict:
+    """Load weights into a compiled model: `source` a torch state dict (a dict, or a .pt/.pth
+    file, read with weights_only=True), a .safetensors file or a cnndsl checkpoint. Tensors are
+    matched by name where every name matches, else in declaration order (torchvision's and timm's
+    models of the same architecture load as they are); every shape is checked first, and a
+    mismatch raises CnnWeightsError naming both sides and loads nothing. -> {model name: source name}."""
+    from .weights import load_weights as load
+    return load(model, source)

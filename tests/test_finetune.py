@@ -3,6 +3,8 @@ export`): the README's digits recipe (classes 0-4, then a frozen copy fine-tuned
 reference backend, frozen layers bit-identical after fine-tuning, frozen batch norms on the triton
 backend, and the exported ONNX, safetensors and state-dict files."""
 
+import importlib.util
+import shlex
 from pathlib import Path
 
 import pytest
@@ -20,16 +22,28 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DIGITS = str(EXAMPLES / "digits.cnn")
 
 
+def readme_commands() -> list[list[str]]:
+    """The commands of the README's transfer-learning block, as argument lists."""
+    text = (EXAMPLES.parent / "README.md").read_text().split("## Transfer learning", 1)[1]
+    block = text.split("```", 2)[1].replace("\\\n", " ")
+    return [shlex.split(line)[1:] for line in block.splitlines() if line.startswith("cnndsl ")]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The README's recipe on the reference backend: (first run's checkpoint, fine-tuned one)."""
-    out = tmp_path_factory.mktemp("runs")
-    first, second = out / "digits04", out / "digits59"
-    assert main(["train", DIGITS, "--backend", "torch", "--only-classes", "0-4", "--classes", "5", "--epochs", "6",
-                 "--out", str(first)]) == 0
-    assert main(["train", DIGITS, "--backend", "torch", "--init", str(first / "last.pt"), "--classes", "5",
-                 "--only-classes", "5-9", "--freeze", "maxpool1", "--epochs", "4", "--out", str(second)]) == 0
-    return first / "last.pt", second / "last.pt"
+    """The README's recipe, as written, in a folder holding the examples: (the first run's
+    checkpoint, the fine-tuned one)."""
+    out = tmp_path_factory.mktemp("readme")
+    (out / "examples").symlink_to(EXAMPLES)
+    commands = readme_commands()
+    assert [c[0] for c in commands] == ["train", "train", "eval", "export"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(out)
+        for args in commands[:3]:
+            assert main(args) == 0, args
+        if importlib.util.find_spec("onnx"):
+            assert main(commands[3]) == 0 and (out / "digits59.onnx").is_file()
+    return out / "runs/digits04/last.pt", out / "runs/digits59/last.pt"
 
 
 def test_frozen_layers_keep_their_weights_and_the_head_trains(runs, capsys):

@@ -34,7 +34,7 @@ def test_torchvision_resnet18_loads_in_declaration_order(tmp_path):
     ref = tm.randomize(tm.resnet18(), seed=5).eval()
     torch.save(ref.state_dict(), tmp_path / "resnet18.pth")
     model = cnndsl.compile(EXAMPLES / "resnet18.cnn", backend="torch", device="cpu").eval()
-    loaded = load_weights(model, tmp_path / "resnet18.pth")
+    loaded = cnndsl.load_weights(model, tmp_path / "resnet18.pth")
     assert loaded["conv1.weight"] == "conv1.weight" and loaded["batchnorm1.running_var"] == "bn1.running_var"
     assert list(loaded.values()) == list(ref.state_dict())
     x = torch.randn(2, 3, 224, 224)
