@@ -12,7 +12,7 @@ from .errors import CnnNameError, Span
 MODULE_ATTRIBUTES = frozenset({
     "T_destination", "add_module", "apply", "bfloat16", "buffers", "caches", "call_super_init",
     "check_input", "check_target", "children", "compile", "cpu", "cuda", "device", "double", "dtype",
-    "dump_patches", "eval", "extra_repr", "float", "forward", "get_buffer", "get_extra_state",
+    "dump_patches", "eval", "extra_repr", "float", "forward", "frozen_bn", "get_buffer", "get_extra_state",
     "get_parameter", "get_submodule", "half", "ipu", "layers", "load_state_dict", "logits", "loss",
     "loss_and_logits", "modules", "mtia", "named_buffers", "named_children", "named_modules",
     "named_parameters", "net", "parameters", "plan", "program", "register_backward_hook", "register_buffer",

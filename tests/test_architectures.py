@@ -33,7 +33,7 @@ from helpers import rel_err, tolerance
 DENSE_BLOCKS = (1, 1, 1, 1)  # layers per dense block in the test's DenseNet
 
 
-def _densenet_text(blocks, side: int) -> str:
+def densenet_text(blocks, side: int) -> str:
     """examples/densenet121.cnn with `blocks` layers per dense block at a side x side input."""
     text = re.sub(r"^input 3x224x224", f"input 3x{side}x{side}", example("densenet121").read_text(), flags=re.MULTILINE)
     counts = iter(blocks)
@@ -49,7 +49,7 @@ def _problem(name):
     """The example's text rewritten for the test, its batch, and the torch model."""
     torch.manual_seed(0)
     if name == "densenet121":
-        text, n, ref = _densenet_text(DENSE_BLOCKS, 64), 2, tm.DenseNet(blocks=DENSE_BLOCKS)
+        text, n, ref = densenet_text(DENSE_BLOCKS, 64), 2, tm.DenseNet(blocks=DENSE_BLOCKS)
     elif name == "googlenet":  # without inception4b and 4c (512 channels in and out, like 4a's output)
         text, n, ref = shrunk(name)
         text = re.sub(r"^inception4[bc]:.*\n", "", text, flags=re.MULTILINE)
@@ -116,8 +116,8 @@ def test_the_triton_backend_runs_the_architecture_as_torch(name, fuse, modes):
 
 def test_the_test_densenet_is_densenet121_with_fewer_layers():
     """The rewrite keeps the example's layers: at (6, 12, 24, 16) it is the example itself."""
-    full = cnndsl.parse(_densenet_text((6, 12, 24, 16), 224))
+    full = cnndsl.parse(densenet_text((6, 12, 24, 16), 224))
     assert full.nodes == cnndsl.parse(example("densenet121")).nodes
-    small = cnndsl.parse(_densenet_text(DENSE_BLOCKS, 64))
+    small = cnndsl.parse(densenet_text(DENSE_BLOCKS, 64))
     ref = tm.DenseNet(blocks=DENSE_BLOCKS)
     assert small.to_json()["total_params"] == sum(p.numel() for p in ref.parameters())

@@ -149,7 +149,7 @@ def test_bad_options_and_checkpoints(tiny, tmp_path, capsys):
     assert main(["train", str(net), "--data", str(data), "--lr", "-1"]) == 1
     assert "--lr must be a positive number, got -1.0" in capsys.readouterr().err
     assert main(["eval", str(net), "--weights", str(tmp_path / "none.pt"), "--data", str(data)]) == 1
-    assert "no checkpoint at" in capsys.readouterr().err
+    assert "no weights file at" in capsys.readouterr().err
     (tmp_path / "torn.pt").write_bytes(b"PK\x03\x04 not a whole zip")
     with pytest.raises(CnnTrainError, match="not a readable checkpoint"):
         ckpt.load(tmp_path / "torn.pt")
@@ -186,7 +186,7 @@ def test_example_script_trains_with_a_plain_torch_loop():
 
 
 def test_progress_uses_tqdm_when_installed(monkeypatch, capsys):
-    from cnndsl.train import _Progress
+    from cnndsl.progress import Progress
     calls = []
 
     class FakeBar:
@@ -204,14 +204,14 @@ def test_progress_uses_tqdm_when_installed(monkeypatch, capsys):
 
     monkeypatch.setitem(sys.modules, "tqdm", type(sys)("tqdm"))
     sys.modules["tqdm"].tqdm = FakeBar
-    p = _Progress(10, "epoch 1/1")
+    p = Progress(10, "epoch 1/1")
     p.update(4, None)
     p.update(6, 0.5)
     p.close()
     assert calls == [("new", 10), ("update", 4), ("update", 6), ("postfix", "0.5000"), ("close",)]
     monkeypatch.setitem(sys.modules, "tqdm", None)  # not installed: a plain line on a terminal only
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    p = _Progress(10, "epoch 1/1")
+    p = Progress(10, "epoch 1/1")
     p.update(10, 0.25)
     p.close()
     assert "epoch 1/1: 10/10 images, loss 0.2500" in capsys.readouterr().err
