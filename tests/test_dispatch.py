@@ -35,8 +35,8 @@ class _Recorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
-@pytest.mark.parametrize("src", [RESIDUAL, BRANCHES], ids=["residual", "branches"])
+@pytest.mark.parametrize(("src", "fuse"), [(RESIDUAL, True), (RESIDUAL, False), (BRANCHES, True)],
+                         ids=["residual-fused", "residual-unfused", "branches-fused"])
 def test_training_step_runs_no_aten_compute(src, fuse):
     model = cnndsl.compile(src, backend="triton", fuse=fuse, device="cpu").train()
     x = torch.randn(2, *model.net.input_shape, requires_grad=True)

@@ -148,7 +148,7 @@ def test_every_layer_kind_train(fuse):
 @FUSE
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_branches(train, fuse):
-    run_both(BRANCHES, batch=3, train=train, steps=2 if train else 1, fuse=fuse)
+    run_both(BRANCHES, batch=3, train=train, fuse=fuse)
 
 
 @FUSE
