@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from . import api
-from .errors import CnnError, CnnInputError
+from .errors import CnnError, CnnInputError, did_you_mean
 
 
 def _check(args) -> int:
@@ -42,6 +42,8 @@ def _quiet_interpreter_warning() -> None:
 
 def _train(args) -> int:
     from .train import Options, train
+    if args.file is None:
+        raise CnnInputError("train needs the .cnn file, or --config with a config.json that names it")
     _quiet_interpreter_warning()
     opts = Options(data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
@@ -74,9 +76,9 @@ def _fine_tune_options(p) -> None:
                    "... in the order given: e.g. 0-4 or 5,7,9")
 
 
-def _model_options(p, batch_size: int) -> None:
-    """Options `train` and `eval` share."""
-    p.add_argument("file", help="the .cnn file")
+def _model_options(p, batch_size: int, replay: bool = False) -> None:
+    """Options `train` and `eval` share (train's file may come from --config)."""
+    p.add_argument("file", nargs="?" if replay else None, help="the .cnn file")
     p.add_argument("--data", help="an MNIST IDX folder, a CIFAR-10 python folder, an .npz with x and y, or an "
                                   "image folder (one subfolder per class); default: the bundled 8x8 digits")
     p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per step (default: {batch_size})")
@@ -178,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "digits by default, or your own (--data). Prints the summary, the fused plan, "
                                     "a line per epoch, writes OUT/last.pt after every epoch, and ends with the "
                                     "accuracy on the held-out split. One run at a time may use an OUT folder.")
-    _model_options(tr, 64)
+    _model_options(tr, 64, replay=True)
     tr.add_argument("--epochs", type=int, default=4, help="epochs in all, a resumed run's included (default: 4)")
     resumed = "the checkpoint's when resuming, else"
     tr.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
@@ -198,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "every layer up to and including it; several (comma-separated) freeze those")
     tr.add_argument("--freeze-bn", action="store_true", help="keep the frozen layers' batch norms in eval mode "
                     "(their running statistics, not updated)")
+    tr.add_argument("--config", metavar="FILE", help="replay a run: the file and options its OUT/config.json "
+                    "records (each run writes one); options given here win")
     tr.set_defaults(run=_train)
+    p.train_parser = tr
     ev = sub.add_parser("eval", help="report a checkpoint's accuracy on the held-out split",
                         description="Load the weights of a checkpoint written by `cnndsl train` and report the "
                                     "accuracy on the held-out split of the data.")
@@ -228,9 +233,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def _config_defaults(parser, path) -> dict:
+    """The options a config.json records, checked against `parser`'s, as its defaults."""
     try:
+        config = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise CnnInputError(f"--config {path}: cannot read it ({err.strerror or err})") from None
+    except ValueError as err:
+        raise CnnInputError(f"--config {path}: not a JSON file ({err})") from None
+    if not isinstance(config, dict):
+        raise CnnInputError(f"--config {path}: expected a JSON object of options, as OUT/config.json holds")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "resume")}
+    out = {}
+    for key, value in config.items():
+        if key == "fuse" and value in (True, False, "block"):
+            out["no_fuse"], out["block_fusion"] = value is False, value == "block"
+            continue
+        action = actions.get(key)
+        if action is None:
+            raise CnnInputError(f"--config {path}: unknown option {key!r}", hint=did_you_mean(key, [*actions, "fuse"]))
+        if isinstance(action, argparse._StoreTrueAction):
+            ok = isinstance(value, bool)
+        elif value is None or isinstance(value, bool):
+            ok = value is None  # true and false are only a flag's
+        elif action.type is int:
+            ok = isinstance(value, int)
+        elif action.type is float:
+            ok = isinstance(value, (int, float))
+        else:
+            ok = isinstance(value, str) and (not action.choices or value in action.choices)
+        if not ok:
+            raise CnnInputError(f"--config {path}: {key} is {value!r:.60}, not a value --{key.replace('_', '-')} "
+                                f"takes" + (f" ({', '.join(action.choices)})" if action.choices else ""))
+        out[key] = value
+    return out
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "config", None) is not None:  # train --config: its options, the command line's over them
+            parser.train_parser.set_defaults(**_config_defaults(parser.train_parser, args.config))
+            args = parser.parse_args(argv)
         return args.run(args)
     except CnnError as err:
         print(err.render(), file=sys.stderr)

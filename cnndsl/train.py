@@ -9,6 +9,7 @@ at the end the accuracy on the held-out split. With the same seed a resumed run 
 uninterrupted one bit for bit on the CPU: the shuffle of epoch e depends only on (seed, e),
 and the checkpoint holds the torch RNG state that dropout draws its seeds from."""
 
+import json
 import math
 import sys
 import time
@@ -32,6 +33,7 @@ DEFAULT_MOMENTUM, DEFAULT_WEIGHT_DECAY = 0.9, 0.0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECK_EVERY = 10  # steps between looks at the running loss (each look waits for the device)
 CHECKPOINT = "last.pt"  # in the output folder
+CONFIG = "config.json"  # every option of the run, in the output folder (`cnndsl train --config`)
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,14 @@ def _epoch(model, optimizer, x, y, opts: Options, epoch: int, desc: str) -> dict
             "images_per_second": seen / seconds, "seconds": seconds}
 
 
+def _write_config(path: Path, file, config: dict) -> None:
+    """OUT/config.json: the network file and every option, settled (what `--config` replays)."""
+    try:
+        path.write_text(json.dumps({"file": str(file), **config}, indent=2) + "\n")
+    except OSError as err:
+        raise CnnTrainError(f"cannot write {path}: {err.strerror or err}") from None
+
+
 def train(file: str | Path, opts: Options = Options(), log=print) -> dict:
     """Train the network in `file`; returns {"test_accuracy", "history", "checkpoint"}."""
     opts.validate()
@@ -248,6 +258,7 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
         log(f"resumed from {resume_from} after epoch {done} ({opts.optimizer}, lr {opts.lr:g})")
     x, y = _tensors(train_set, model)
     config = {k: v for k, v in asdict(opts).items() if k != "resume"}
+    _write_config(ckpt_path.parent / CONFIG, file, config)
     for epoch in range(done + 1, opts.epochs + 1):
         try:
             stats = _epoch(model, optimizer, x, y, opts, epoch, f"epoch {epoch}/{opts.epochs}")

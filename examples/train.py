@@ -19,7 +19,7 @@ args = args.parse_args()
 
 torch.manual_seed(0)
 model = cnndsl.compile(Path(__file__).with_name("digits.cnn"), backend=args.backend)
-train, test = data.load()  # scikit-learn's bundled 8x8 digits, a fixed 80/20 split
+train, test = data.load()  # the bundled 8x8 UCI digits, a fixed 80/20 split
 x, y = torch.from_numpy(train.x).to(model.device), torch.from_numpy(train.y).to(model.device)
 optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
 

@@ -81,6 +81,7 @@ def test_wheel_holds_only_the_cnndsl_package(wheel):
     assert tops - dist_info == {"cnndsl"}, f"unexpected top-level entries: {sorted(tops - dist_info - {'cnndsl'})}"
     assert "cnndsl/__init__.py" in files and "cnndsl/__main__.py" in files
     assert "cnndsl/grammar/cnn.lark" in files
+    assert {"cnndsl/datasets/digits.csv.gz", "cnndsl/datasets/DIGITS.md"} <= set(files)  # the default data
     kernels = [f for f in files if f.startswith("cnndsl/kernels/") and f.endswith(".py")]
     assert "cnndsl/kernels/__init__.py" in kernels and len(kernels) > 1
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
@@ -131,6 +132,12 @@ def test_installed_wheel_checks_a_model(site):
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert report["total_params"] == 61706 and report["name"] == "lenet5"
+
+
+def test_installed_wheel_reads_its_bundled_digits(site):
+    run = run_installed(site, ["-c", "from cnndsl import data; tr, te = data.load(); print(len(tr), len(te))"])
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["1438", "359"]
 
 
 def test_installed_wheel_reports_errors_without_a_traceback(site, tmp_path):

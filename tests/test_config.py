@@ -1,0 +1,47 @@
+"""`cnndsl train` writes OUT/config.json (the network file and every option, settled) and
+`--config FILE` replays it, the options given on the command line winning; bad files are refused
+with the option named."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from cnndsl.cli import main
+from cnndsl.weights import read
+
+DIGITS = str(Path(__file__).resolve().parent.parent / "examples" / "digits.cnn")
+
+
+def test_a_replayed_run_repeats_the_recorded_one(tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["train", DIGITS, "--backend", "torch", "--epochs", "1", "--optimizer", "sgd", "--lr", "0.02",
+                 "--seed", "3", "--out", str(first)]) == 0
+    config = json.loads((first / "config.json").read_text())
+    assert config["file"] == DIGITS and config["optimizer"] == "sgd" and config["lr"] == 0.02
+    assert config["momentum"] == 0.9 and config["fuse"] is True  # settled defaults are recorded too
+    assert main(["train", "--config", str(first / "config.json"), "--out", str(second)]) == 0
+    a, b = read(first / "last.pt").tensors, read(second / "last.pt").tensors
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((second / "config.json").read_text()) == {**config, "out": str(second)}
+    capsys.readouterr()
+
+
+def test_bad_config_files_are_refused(tmp_path, capsys):
+    cases = {"[1, 2]": "expected a JSON object of options",
+             '{"epochs": "x"}': "epochs is 'x', not a value --epochs takes",
+             '{"epochs": 2.5}': "epochs is 2.5, not a value --epochs takes",
+             '{"optimizer": "lbfgs"}': "optimizer is 'lbfgs', not a value --optimizer takes (sgd, adam, adamw)",
+             '{"freeze_bn": "yes"}': "freeze_bn is 'yes'",
+             '{"epoch": 3}': "unknown option 'epoch'",
+             "{": "not a JSON file"}
+    for i, (text, message) in enumerate(cases.items()):
+        path = tmp_path / f"c{i}.json"
+        path.write_text(text)
+        assert main(["train", DIGITS, "--config", str(path)]) == 1
+        assert message in capsys.readouterr().err, text
+    assert main(["train", "--config", str(tmp_path / "missing.json")]) == 1
+    assert "cannot read it" in capsys.readouterr().err
+    (tmp_path / "nofile.json").write_text('{"epochs": 1}')
+    assert main(["train", "--config", str(tmp_path / "nofile.json")]) == 1
+    assert "train needs the .cnn file" in capsys.readouterr().err
