@@ -49,13 +49,14 @@ def _train(args) -> int:
                    optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
                    seed=args.seed, device=args.device, dtype=args.dtype, fuse=_fuse(args),
                    backend=args.backend, out=args.out, resume=args.resume, init=args.init, classes=args.classes,
-                   freeze=args.freeze, freeze_bn=args.freeze_bn, only_classes=args.only_classes)
+                   freeze=args.freeze, freeze_bn=args.freeze_bn, only_classes=args.only_classes,
+                   val_split=args.val_split, early_stop=args.early_stop)
     train(args.file, opts)
     return 0
 
 
 def _eval(args) -> int:
-    from .train import evaluate
+    from .evaluate import evaluate
     _quiet_interpreter_warning()
     acc = evaluate(args.file, args.weights, args.data, args.batch_size, args.device, args.backend,
                    _fuse(args), args.dtype, args.classes, args.only_classes)
@@ -200,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "every layer up to and including it; several (comma-separated) freeze those")
     tr.add_argument("--freeze-bn", action="store_true", help="keep the frozen layers' batch norms in eval mode "
                     "(their running statistics, not updated)")
+    tr.add_argument("--val-split", type=float, default=0.1, metavar="FRACTION", help="the fraction of the "
+                    "training data held out to validate after every epoch; OUT/best.pt keeps the best epoch "
+                    "(default: 0.1; 0 for none)")
+    tr.add_argument("--early-stop", type=int, metavar="N", help="stop after N epochs without a better validation "
+                    "accuracy")
     tr.add_argument("--config", metavar="FILE", help="replay a run: the file and options its OUT/config.json "
                     "records (each run writes one); options given here win")
     tr.set_defaults(run=_train)

@@ -21,9 +21,9 @@ LOCK_TRIES = 50  # a try fails only when another run removed the lock file betwe
 
 
 @contextlib.contextmanager
-def claim(out: Path, stale: str):
+def claim(out: Path, stale: tuple[str, ...]):
     """Hold the lock on the folder `out` (created if missing) for the with-block; yields the
-    names of the stale files (a glob pattern) it deleted. CnnTrainError if another run holds
+    names of the stale files (glob patterns) it deleted. CnnTrainError if another run holds
     it. A folder this call created is removed again if the run leaves it empty."""
     created = not out.exists()
     fd = _lock(out)
@@ -87,9 +87,9 @@ def _holder(fd: int) -> str:
     return f"pid {text}" if text.isdigit() else "pid unknown"
 
 
-def _remove_stale(out: Path, pattern: str) -> list[str]:
+def _remove_stale(out: Path, patterns: tuple[str, ...]) -> list[str]:
     removed = []
-    for path in sorted(out.glob(pattern)):
+    for path in sorted({p for pattern in patterns for p in out.glob(pattern)}):
         if path.is_symlink() or path.is_file():
             try:
                 path.unlink()

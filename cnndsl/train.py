@@ -18,11 +18,9 @@ from pathlib import Path
 
 import torch
 
-from . import api, checkpoint, data, finetune, resume, rundir
+from . import api, checkpoint, data, finetune, metrics, resume, rundir
 from .errors import CnnInputError, CnnTrainError
 from .progress import Progress
-from .weights import load_weights
-from .weights import read as read_weights
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 STATE_KEYS = {"sgd": frozenset({"momentum_buffer"}), "adam": frozenset({"step", "exp_avg", "exp_avg_sq"}),
@@ -34,6 +32,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECK_EVERY = 10  # steps between looks at the running loss (each look waits for the device)
 CHECKPOINT = "last.pt"  # in the output folder
 CONFIG = "config.json"  # every option of the run, in the output folder (`cnndsl train --config`)
+METRICS, BEST = "metrics.csv", "best.pt"  # one row per epoch; the checkpoint of the best validation accuracy
 
 
 @dataclass(frozen=True)
@@ -59,6 +58,8 @@ class Options:
     freeze: str | None = None  # a label (everything up to it) or comma-separated labels
     freeze_bn: bool = False  # frozen batch norms in eval mode
     only_classes: str | None = None  # train and test on these classes of the data, e.g. "0-4"
+    val_split: float = 0.1  # the fraction of the training data held out for validation after every epoch
+    early_stop: int | None = None  # stop after this many epochs without a better validation accuracy
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -74,6 +75,11 @@ class Options:
                 raise CnnInputError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
         if self.dtype not in DTYPES:
             raise CnnInputError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+        if not (isinstance(self.val_split, (int, float)) and 0 <= self.val_split < 1):
+            raise CnnInputError(f"--val-split must be a fraction in [0, 1), got {self.val_split}")
+        if self.early_stop is not None and (self.early_stop < 1 or not self.val_split):
+            raise CnnInputError(f"--early-stop must be at least 1 and needs a validation split, got "
+                                f"{self.early_stop} with --val-split {self.val_split}")
         if self.freeze_bn and not self.freeze:
             raise CnnInputError("--freeze-bn needs --freeze: it keeps the frozen layers' batch norms in eval mode")
 
@@ -117,7 +123,7 @@ def _optimizer(opts: Options, params):
     return OPTIMIZERS[opts.optimizer](params, lr=opts.lr, weight_decay=opts.weight_decay, **extra)
 
 
-def _tensors(ds: data.Dataset, model) -> tuple[torch.Tensor, torch.Tensor]:
+def tensors_of(ds: data.Dataset, model) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.from_numpy(ds.x).to(model.device, model.dtype), torch.from_numpy(ds.y).to(model.device))
 
 
@@ -133,7 +139,7 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
     return int(correct) / len(y)
 
 
-def _classes(net) -> int:
+def classes_of(net) -> int:
     if len(net.output_shape) != 1:
         raise CnnInputError(f"{net.name}: a classifier's output is one score per class, but this network's "
                             f"is {'x'.join(map(str, net.output_shape))}; end it with flatten and dense")
@@ -215,7 +221,7 @@ def train(file: str | Path, opts: Options = Options(), log=print) -> dict:
     opts.validate()
     net = api.parse(Path(file))
     out = Path(opts.out) if opts.out else Path("runs") / net.name
-    with rundir.claim(out, f"{CHECKPOINT}.*.tmp") as stale:
+    with rundir.claim(out, (f"{CHECKPOINT}.*.tmp", f"{BEST}.*.tmp")) as stale:
         if stale:
             log(f"removed {len(stale)} temporary file(s) an interrupted run left in {out}: {', '.join(stale)}")
         return _run(file, net, out / CHECKPOINT, opts, log)
@@ -225,7 +231,7 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
     if opts.classes is not None:
         net = finetune.with_classes(net, opts.classes)
     log(net.summary())
-    classes = _classes(net)
+    classes = classes_of(net)
     ckpt, resume_from = None, None
     if opts.resume is not None:
         resume_from = Path(opts.resume) if opts.resume else ckpt_path
@@ -236,8 +242,10 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
         train_set, test_set = (finetune.only_classes(ds, opts.only_classes) for ds in (train_set, test_set))
     for ds, part in ((train_set, "training set"), (test_set, "test set")):
         data.check(ds, net.input_shape, classes, part)
-    log(f"\ndata: {train_set.name}: {len(train_set)} training and {len(test_set)} held-out images, "
-        f"{len(train_set.classes)} classes")
+    train_set, val_set = metrics.carve(train_set, opts.val_split)
+    val = f", {len(val_set)} of them held out for validation" if val_set is not None else ""
+    log(f"\ndata: {train_set.name}: {len(train_set) + len(val_set or ())} training images{val} and "
+        f"{len(test_set)} test images, {len(train_set.classes)} classes")
     torch.manual_seed(opts.seed)
     model = api.compile(net, backend=opts.backend, fuse=opts.fuse, device=opts.device, dtype=DTYPES[opts.dtype])
     if opts.backend == "triton":
@@ -256,9 +264,10 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
     if ckpt is not None:
         done, history = _resume(ckpt, resume_from, net, file, model, optimizer, opts.optimizer)
         log(f"resumed from {resume_from} after epoch {done} ({opts.optimizer}, lr {opts.lr:g})")
-    x, y = _tensors(train_set, model)
+    x, y = tensors_of(train_set, model)
     config = {k: v for k, v in asdict(opts).items() if k != "resume"}
     _write_config(ckpt_path.parent / CONFIG, file, config)
+    xv, yv = tensors_of(val_set, model) if val_set is not None else (None, None)
     for epoch in range(done + 1, opts.epochs + 1):
         try:
             stats = _epoch(model, optimizer, x, y, opts, epoch, f"epoch {epoch}/{opts.epochs}")
@@ -266,45 +275,26 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
             kept = f"the last good checkpoint, {ckpt_path}, is kept" if ckpt_path.exists() else \
                 "no checkpoint was written"
             raise CnnTrainError(f"{err}; {kept}") from None
+        if xv is not None:
+            stats.update(metrics.validate(model, xv, yv, opts.batch_size))
+        stats["lr"] = optimizer.param_groups[0]["lr"]
         history.append(stats)
-        log(f"epoch {epoch}/{opts.epochs}  loss {stats['loss']:.4f}  accuracy {stats['accuracy']:.4f}  "
+        val = f"  val loss {stats['val_loss']:.4f}  val accuracy {stats['val_accuracy']:.4f}" if xv is not None else ""
+        log(f"epoch {epoch}/{opts.epochs}  loss {stats['loss']:.4f}  accuracy {stats['accuracy']:.4f}{val}  "
             f"{stats['images_per_second']:,.0f} images/s  ({stats['seconds']:.1f} s)")
         checkpoint.save(ckpt_path, network=resume.network_record(net), source=net.source, epoch=epoch,
                         model=model.state_dict(), optimizer=optimizer.state_dict(), rng=torch.get_rng_state(),
                         config=config, history=history)
-    xt, yt = _tensors(test_set, model)
+        metrics.write_csv(ckpt_path.parent / METRICS, history)
+        best = metrics.best_epoch(history)
+        if best == epoch:
+            metrics.keep_best(ckpt_path, ckpt_path.parent / BEST)
+        if best is not None and opts.early_stop and epoch - best >= opts.early_stop:
+            log(f"early stop: no better validation accuracy in {opts.early_stop} epochs (the best: epoch {best})")
+            break
+    xt, yt = tensors_of(test_set, model)
     acc = accuracy(model, xt, yt, opts.batch_size)
-    log(f"checkpoint: {ckpt_path}")
+    log(f"checkpoint: {ckpt_path}, tested below" + (f"; the best by validation accuracy: {ckpt_path.parent / BEST}"
+                                                    if val_set is not None else ""))
     log(f"test accuracy: {acc:.3f}")
     return {"test_accuracy": acc, "history": history, "checkpoint": ckpt_path}
-
-
-def evaluate(file: str | Path, weights: str | Path, data_spec: str | None = None, batch_size: int = 256,
-             device: str | None = None, backend: str = "triton", fuse: bool | str = True, dtype: str = "fp32",
-             classes: int | None = None, only_classes: str | None = None) -> float:
-    """The accuracy of `weights` (a checkpoint, a state dict or safetensors) on the held-out split
-    of `data_spec` (its classes `only_classes`), for the network with a head of `classes` if given
-    (else a fine-tuning checkpoint's)."""
-    if batch_size < 1:
-        raise CnnInputError(f"--batch-size must be at least 1, got {batch_size}")
-    if dtype not in DTYPES:
-        raise CnnInputError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-    net = api.parse(Path(file))
-    w = read_weights(weights)
-    config = w.checkpoint["config"] if w.checkpoint else {}
-    classes = classes if classes is not None else config.get("classes")
-    only_classes = only_classes if only_classes is not None else config.get("only_classes")
-    if classes is not None:
-        net = finetune.with_classes(net, classes)
-    _, test_set = data.load(data_spec)
-    if only_classes:
-        test_set = finetune.only_classes(test_set, only_classes)
-    data.check(test_set, net.input_shape, _classes(net), "test set")
-    model = api.compile(net, backend=backend, fuse=fuse, device=device, dtype=DTYPES[dtype])
-    if w.checkpoint is not None:
-        resume.check_model(w.checkpoint, model.state_dict(), weights, cast=True)
-        resume.check_network(w.checkpoint, net, weights, file)
-        model.load_state_dict(w.checkpoint["model"])
-    else:
-        load_weights(model, w)
-    return accuracy(model, *_tensors(test_set, model), batch_size)

@@ -184,7 +184,7 @@ def test_the_command_line_renders_a_bad_checkpoint(files, tmp_path, capsys, dama
 def test_a_second_run_on_the_same_folder_is_refused_at_once(files, tmp_path, capsys):
     net, data = files
     out = tmp_path / "busy"
-    with rundir.claim(out, "last.pt.*.tmp"):
+    with rundir.claim(out, ("last.pt.*.tmp",)):
         assert main(["train", str(net), "--data", str(data), "--out", str(out), "--backend", "torch"]) == 1
         assert [p.name for p in out.iterdir()] == [".lock"], "the refused run wrote nothing"
     captured = capsys.readouterr()
@@ -197,7 +197,7 @@ def test_a_second_run_on_the_same_folder_is_refused_at_once(files, tmp_path, cap
 HOLD = """import sys
 from pathlib import Path
 from cnndsl import rundir
-with rundir.claim(Path(sys.argv[1]), "last.pt.*.tmp"):
+with rundir.claim(Path(sys.argv[1]), ("last.pt.*.tmp",)):
     print("locked", flush=True)
     sys.stdin.read()
 """
@@ -215,20 +215,21 @@ def test_the_lock_holds_against_another_process_and_ends_with_it(files, tmp_path
     finally:
         holder.communicate("", timeout=60)
     train(net, _opts(data, out, epochs=1), **QUIET)
-    assert sorted(p.name for p in out.iterdir()) == ["last.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.csv"]
 
 
 def test_temporary_files_of_a_killed_run_are_removed(files, tmp_path):
     net, data = files
     out = tmp_path / "run"
     out.mkdir()
-    for name in ("last.pt.k1lled9x.tmp", "last.pt.abc.tmp", "notes.txt", "other.pt.abc.tmp"):
+    for name in ("last.pt.k1lled9x.tmp", "last.pt.abc.tmp", "best.pt.q1.tmp", "notes.txt", "other.pt.abc.tmp"):
         (out / name).write_bytes(b"half a checkpoint")
     lines = []
     train(net, _opts(data, out, epochs=1), log=lines.append)
-    assert f"removed 2 temporary file(s) an interrupted run left in {out}: last.pt.abc.tmp, " \
+    assert f"removed 3 temporary file(s) an interrupted run left in {out}: best.pt.q1.tmp, last.pt.abc.tmp, " \
            "last.pt.k1lled9x.tmp" in lines
-    assert sorted(p.name for p in out.iterdir()) == ["last.pt", "notes.txt", "other.pt.abc.tmp"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.csv", "notes.txt",
+                                                     "other.pt.abc.tmp"]
 
 
 def test_a_lock_file_removed_while_locking_is_locked_afresh(tmp_path, monkeypatch):
@@ -243,6 +244,6 @@ def test_a_lock_file_removed_while_locking_is_locked_afresh(tmp_path, monkeypatc
         real(fd, op)
 
     monkeypatch.setattr(fcntl, "flock", flock)
-    with rundir.claim(tmp_path, "last.pt.*.tmp"):
+    with rundir.claim(tmp_path, ("last.pt.*.tmp",)):
         assert len(calls) == 2 and (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
     assert not (tmp_path / ".lock").exists()

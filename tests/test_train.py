@@ -56,7 +56,7 @@ def test_train_reports_and_learns(tiny, tmp_path, capsys):
                  "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "Total params:" in out and "plan for tiny: 3 groups (fused)" in out
-    assert "120 training and 30 held-out images, 3 classes" in out
+    assert "120 training images, 12 of them held out for validation and 30 test images, 3 classes" in out
     assert "backend: triton (fused), Triton's interpreter on the CPU" in out
     epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
     assert len(epochs) == 3 and all("loss" in e and "accuracy" in e and "images/s" in e for e in epochs)
@@ -64,7 +64,8 @@ def test_train_reports_and_learns(tiny, tmp_path, capsys):
     assert acc >= 0.9
     assert main(["eval", str(net), "--weights", str(tmp_path / "run" / "last.pt"), "--data", str(data)]) == 0
     assert capsys.readouterr().out.strip() == f"test accuracy: {acc:.3f}"
-    assert [p.name for p in (tmp_path / "run").iterdir()] == ["last.pt"], "no temporary files left"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.pt", "config.json", "last.pt",
+                                                                     "metrics.csv"], "no temporary files left"
 
 
 def _state(path):
@@ -109,7 +110,7 @@ def test_kill_and_resume(tiny, tmp_path):
     resumed = subprocess.run([*args, "--out", str(killed.parent), "--resume"], check=True, capture_output=True,
                              text=True)
     assert "removed 1 temporary file(s) an interrupted run left in" in resumed.stdout
-    assert [p.name for p in killed.parent.iterdir()] == ["last.pt"]
+    assert sorted(p.name for p in killed.parent.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.csv"]
     assert main([*cli, "--out", str(tmp_path / "whole")]) == 0  # the uninterrupted run, in this process
     _same(_state(tmp_path / "whole" / "last.pt"), _state(killed))
 

@@ -1,0 +1,41 @@
+"""`cnndsl eval`: the accuracy of a model's weights (a cnndsl checkpoint, a torch state dict or
+safetensors) on the held-out split of a data set."""
+
+from pathlib import Path
+
+from . import api, data, finetune, resume
+from .errors import CnnInputError
+from .train import DTYPES, accuracy, classes_of, tensors_of
+from .weights import load_weights
+from .weights import read as read_weights
+
+
+def evaluate(file: str | Path, weights: str | Path, data_spec: str | None = None, batch_size: int = 256,
+             device: str | None = None, backend: str = "triton", fuse: bool | str = True, dtype: str = "fp32",
+             classes: int | None = None, only_classes: str | None = None) -> float:
+    """The accuracy of `weights` (a checkpoint, a state dict or safetensors) on the held-out split
+    of `data_spec` (its classes `only_classes`), for the network with a head of `classes` if given
+    (else a fine-tuning checkpoint's)."""
+    if batch_size < 1:
+        raise CnnInputError(f"--batch-size must be at least 1, got {batch_size}")
+    if dtype not in DTYPES:
+        raise CnnInputError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    net = api.parse(Path(file))
+    w = read_weights(weights)
+    config = w.checkpoint["config"] if w.checkpoint else {}
+    classes = classes if classes is not None else config.get("classes")
+    only_classes = only_classes if only_classes is not None else config.get("only_classes")
+    if classes is not None:
+        net = finetune.with_classes(net, classes)
+    _, test_set = data.load(data_spec)
+    if only_classes:
+        test_set = finetune.only_classes(test_set, only_classes)
+    data.check(test_set, net.input_shape, classes_of(net), "test set")
+    model = api.compile(net, backend=backend, fuse=fuse, device=device, dtype=DTYPES[dtype])
+    if w.checkpoint is not None:
+        resume.check_model(w.checkpoint, model.state_dict(), weights, cast=True)
+        resume.check_network(w.checkpoint, net, weights, file)
+        model.load_state_dict(w.checkpoint["model"])
+    else:
+        load_weights(model, w)
+    return accuracy(model, *tensors_of(test_set, model), batch_size)
