@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import api, checkpoint, data, finetune, metrics, resume, rundir
+from . import api, checkpoint, data, finetune, metrics, resume, rundir, schedule
 from .errors import CnnInputError, CnnTrainError
 from .progress import Progress
 
@@ -60,6 +60,8 @@ class Options:
     only_classes: str | None = None  # train and test on these classes of the data, e.g. "0-4"
     val_split: float = 0.1  # the fraction of the training data held out for validation after every epoch
     early_stop: int | None = None  # stop after this many epochs without a better validation accuracy
+    sched: str = "none"  # a learning-rate schedule of schedule.py
+    warmup_epochs: int = 0
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -80,6 +82,9 @@ class Options:
         if self.early_stop is not None and (self.early_stop < 1 or not self.val_split):
             raise CnnInputError(f"--early-stop must be at least 1 and needs a validation split, got "
                                 f"{self.early_stop} with --val-split {self.val_split}")
+        if self.sched not in schedule.SCHEDULES or self.warmup_epochs < 0:
+            raise CnnInputError(f"--sched must be one of {', '.join(schedule.SCHEDULES)} and --warmup-epochs at "
+                                f"least 0, got {self.sched!r} and {self.warmup_epochs}")
         if self.freeze_bn and not self.freeze:
             raise CnnInputError("--freeze-bn needs --freeze: it keeps the frozen layers' batch norms in eval mode")
 
@@ -174,7 +179,7 @@ def _resume(ckpt: dict, path: Path, net, file, model, optimizer, kind: str) -> t
     return ckpt["epoch"], list(ckpt["history"])
 
 
-def _epoch(model, optimizer, x, y, opts: Options, epoch: int, desc: str) -> dict:
+def _epoch(model, optimizer, scheduler, x, y, opts: Options, epoch: int, desc: str) -> dict:
     """One pass over the training set in the epoch's seeded order -> its loss, accuracy, speed."""
     model.train()
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(opts.seed * 100_003 + epoch))
@@ -190,6 +195,7 @@ def _epoch(model, optimizer, x, y, opts: Options, epoch: int, desc: str) -> dict
             loss, logits = model.loss_and_logits(xb, yb)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             total += loss.detach().double() * len(idx)
             correct += (logits.detach().argmax(1) == yb).sum()
             seen += len(idx)
@@ -268,9 +274,11 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
     config = {k: v for k, v in asdict(opts).items() if k != "resume"}
     _write_config(ckpt_path.parent / CONFIG, file, config)
     xv, yv = tensors_of(val_set, model) if val_set is not None else (None, None)
+    scheduler = schedule.make(optimizer, opts.sched, opts.epochs, -(-len(y) // opts.batch_size), opts.warmup_epochs,
+                              done)
     for epoch in range(done + 1, opts.epochs + 1):
         try:
-            stats = _epoch(model, optimizer, x, y, opts, epoch, f"epoch {epoch}/{opts.epochs}")
+            stats = _epoch(model, optimizer, scheduler, x, y, opts, epoch, f"epoch {epoch}/{opts.epochs}")
         except CnnTrainError as err:
             kept = f"the last good checkpoint, {ckpt_path}, is kept" if ckpt_path.exists() else \
                 "no checkpoint was written"
