@@ -9,8 +9,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import api
-from .errors import CnnError, CnnInputError, did_you_mean
+from . import api, runconfig
+from .errors import CnnError, CnnInputError
 
 
 def _check(args) -> int:
@@ -62,6 +62,14 @@ def _eval(args) -> int:
     acc = evaluate(args.file, args.weights, args.data, args.batch_size, args.device, args.backend,
                    _fuse(args), args.dtype, args.classes, args.only_classes)
     print(f"test accuracy: {acc:.3f}")
+    return 0
+
+
+def _plot(args) -> int:
+    from .plot import draw
+    runs = [Path(r) for r in args.runs]
+    output = args.output or (runs[0] / "curves.png" if len(runs) == 1 else Path("runs.png"))
+    print(f"wrote {draw(runs, output)}")
     return 0
 
 
@@ -236,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--classes", type=int, metavar="N", help="the head's classes, if fine-tuning replaced it")
     ex.add_argument("--opset", type=int, default=17, help="the ONNX opset (default: 17)")
     ex.set_defaults(run=_export)
+    pt = sub.add_parser("plot", help="draw the loss and accuracy curves of training runs",
+                        description="Draw loss and accuracy against epochs from each run folder's metrics.csv "
+                                    "(training solid, validation dashed), one colour per run. Needs matplotlib.")
+    pt.add_argument("runs", nargs="+", metavar="RUN_DIR", help="the OUT folders of `cnndsl train` runs")
+    pt.add_argument("-o", "--output", help="the PNG to write (default: RUN_DIR/curves.png for one run, runs.png "
+                                           "for several)")
+    pt.set_defaults(run=_plot)
     em = sub.add_parser("emit", help="write the network's Triton kernels and launch sequence as one Python module",
                         description="Write one standalone Python module (needs only torch and triton) with the "
                                     "Triton kernels and the forward/backward launch sequence of the network.")
@@ -246,48 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config_defaults(parser, path) -> dict:
-    """The options a config.json records, checked against `parser`'s, as its defaults."""
-    try:
-        config = json.loads(Path(path).read_text())
-    except OSError as err:
-        raise CnnInputError(f"--config {path}: cannot read it ({err.strerror or err})") from None
-    except ValueError as err:
-        raise CnnInputError(f"--config {path}: not a JSON file ({err})") from None
-    if not isinstance(config, dict):
-        raise CnnInputError(f"--config {path}: expected a JSON object of options, as OUT/config.json holds")
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "resume")}
-    out = {}
-    for key, value in config.items():
-        if key == "fuse" and value in (True, False, "block"):
-            out["no_fuse"], out["block_fusion"] = value is False, value == "block"
-            continue
-        action = actions.get(key)
-        if action is None:
-            raise CnnInputError(f"--config {path}: unknown option {key!r}", hint=did_you_mean(key, [*actions, "fuse"]))
-        if isinstance(action, argparse._StoreTrueAction):
-            ok = isinstance(value, bool)
-        elif value is None or isinstance(value, bool):
-            ok = value is None  # true and false are only a flag's
-        elif action.type is int:
-            ok = isinstance(value, int)
-        elif action.type is float:
-            ok = isinstance(value, (int, float))
-        else:
-            ok = isinstance(value, str) and (not action.choices or value in action.choices)
-        if not ok:
-            raise CnnInputError(f"--config {path}: {key} is {value!r:.60}, not a value --{key.replace('_', '-')} "
-                                f"takes" + (f" ({', '.join(action.choices)})" if action.choices else ""))
-        out[key] = value
-    return out
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         if getattr(args, "config", None) is not None:  # train --config: its options, the command line's over them
-            parser.train_parser.set_defaults(**_config_defaults(parser.train_parser, args.config))
+            parser.train_parser.set_defaults(**runconfig.defaults(parser.train_parser, args.config))
             args = parser.parse_args(argv)
         return args.run(args)
     except CnnError as err:

@@ -3,9 +3,9 @@ safetensors) on the held-out split of a data set."""
 
 from pathlib import Path
 
-from . import api, data, finetune, resume
+from . import api, data, finetune, metrics, resume
 from .errors import CnnInputError
-from .train import DTYPES, accuracy, classes_of, tensors_of
+from .train import DTYPES, classes_of, tensors_of
 from .weights import load_weights
 from .weights import read as read_weights
 
@@ -38,4 +38,4 @@ def evaluate(file: str | Path, weights: str | Path, data_spec: str | None = None
         model.load_state_dict(w.checkpoint["model"])
     else:
         load_weights(model, w)
-    return accuracy(model, *tensors_of(test_set, model), batch_size)
+    return metrics.validate(model, *tensors_of(test_set, model), batch_size)["val_accuracy"]

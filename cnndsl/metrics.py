@@ -34,7 +34,8 @@ def carve(ds: Dataset, fraction: float) -> tuple[Dataset, Dataset | None]:
 
 
 def validate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict:
-    """The mean loss and the accuracy on (x, y) in eval mode without gradients."""
+    """The mean loss and the accuracy on (x, y) in eval mode without gradients (the test split's
+    accuracy too)."""
     was_training = model.training
     model.eval()
     loss = torch.zeros((), dtype=torch.float64, device=y.device)

@@ -9,7 +9,6 @@ at the end the accuracy on the held-out split. With the same seed a resumed run 
 uninterrupted one bit for bit on the CPU: the shuffle of epoch e depends only on (seed, e),
 and the checkpoint holds the torch RNG state that dropout draws its seeds from."""
 
-import json
 import math
 import sys
 import time
@@ -18,7 +17,18 @@ from pathlib import Path
 
 import torch
 
-from . import api, checkpoint, data, finetune, metrics, resume, rundir, schedule
+from . import (
+    api,
+    checkpoint,
+    data,
+    finetune,
+    metrics,
+    plot,
+    resume,
+    runconfig,
+    rundir,
+    schedule,
+)
 from .errors import CnnInputError, CnnTrainError
 from .progress import Progress
 
@@ -33,6 +43,7 @@ CHECK_EVERY = 10  # steps between looks at the running loss (each look waits for
 CHECKPOINT = "last.pt"  # in the output folder
 CONFIG = "config.json"  # every option of the run, in the output folder (`cnndsl train --config`)
 METRICS, BEST = "metrics.csv", "best.pt"  # one row per epoch; the checkpoint of the best validation accuracy
+CURVES = "curves.png"  # loss and accuracy against epochs (with matplotlib)
 
 
 @dataclass(frozen=True)
@@ -132,18 +143,6 @@ def tensors_of(ds: data.Dataset, model) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.from_numpy(ds.x).to(model.device, model.dtype), torch.from_numpy(ds.y).to(model.device))
 
 
-def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    """The fraction of x whose largest logit is its label, in eval mode without gradients."""
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=y.device)
-    with torch.no_grad():
-        for i in range(0, len(y), batch_size):
-            correct += (model.logits(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum()
-    model.train(was_training)
-    return int(correct) / len(y)
-
-
 def classes_of(net) -> int:
     if len(net.output_shape) != 1:
         raise CnnInputError(f"{net.name}: a classifier's output is one score per class, but this network's "
@@ -214,14 +213,6 @@ def _epoch(model, optimizer, scheduler, x, y, opts: Options, epoch: int, desc: s
             "images_per_second": seen / seconds, "seconds": seconds}
 
 
-def _write_config(path: Path, file, config: dict) -> None:
-    """OUT/config.json: the network file and every option, settled (what `--config` replays)."""
-    try:
-        path.write_text(json.dumps({"file": str(file), **config}, indent=2) + "\n")
-    except OSError as err:
-        raise CnnTrainError(f"cannot write {path}: {err.strerror or err}") from None
-
-
 def train(file: str | Path, opts: Options = Options(), log=print) -> dict:
     """Train the network in `file`; returns {"test_accuracy", "history", "checkpoint"}."""
     opts.validate()
@@ -272,8 +263,10 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
         log(f"resumed from {resume_from} after epoch {done} ({opts.optimizer}, lr {opts.lr:g})")
     x, y = tensors_of(train_set, model)
     config = {k: v for k, v in asdict(opts).items() if k != "resume"}
-    _write_config(ckpt_path.parent / CONFIG, file, config)
+    runconfig.write(ckpt_path.parent / CONFIG, file, config)
     xv, yv = tensors_of(val_set, model) if val_set is not None else (None, None)
+    if not plot.available():
+        log(f"note: {plot.MISSING}")
     scheduler = schedule.make(optimizer, opts.sched, opts.epochs, -(-len(y) // opts.batch_size), opts.warmup_epochs,
                               done)
     for epoch in range(done + 1, opts.epochs + 1):
@@ -294,6 +287,8 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
                         model=model.state_dict(), optimizer=optimizer.state_dict(), rng=torch.get_rng_state(),
                         config=config, history=history)
         metrics.write_csv(ckpt_path.parent / METRICS, history)
+        if plot.available():
+            plot.draw([ckpt_path.parent], ckpt_path.parent / CURVES)
         best = metrics.best_epoch(history)
         if best == epoch:
             metrics.keep_best(ckpt_path, ckpt_path.parent / BEST)
@@ -301,7 +296,7 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
             log(f"early stop: no better validation accuracy in {opts.early_stop} epochs (the best: epoch {best})")
             break
     xt, yt = tensors_of(test_set, model)
-    acc = accuracy(model, xt, yt, opts.batch_size)
+    acc = metrics.validate(model, xt, yt, opts.batch_size)["val_accuracy"]
     log(f"checkpoint: {ckpt_path}, tested below" + (f"; the best by validation accuracy: {ckpt_path.parent / BEST}"
                                                     if val_set is not None else ""))
     log(f"test accuracy: {acc:.3f}")

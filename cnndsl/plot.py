@@ -1,0 +1,60 @@
+"""Training curves: OUT/curves.png after every epoch of `cnndsl train`, and `cnndsl plot RUN_DIR
+[RUN_DIR ...]` to draw or compare runs, from each run's OUT/metrics.csv: loss and accuracy
+against epochs, training solid and validation dashed, one colour per run. matplotlib is an
+optional extra (`pip install -e ".[plot]"`); without it nothing is drawn and a one-line note says so."""
+
+import csv
+import importlib.util
+from pathlib import Path
+
+from .errors import CnnInputError
+
+MISSING = "matplotlib is not installed, so no curves are drawn: pip install matplotlib (or cnndsl[plot])"
+
+
+def available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """The rows of RUN/metrics.csv, numbers as floats (None where empty)."""
+    path = Path(run) / "metrics.csv"
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as err:
+        raise CnnInputError(f"{path}: cannot read it ({err.strerror or err}); is {run} a training run's folder?") \
+            from None
+    try:
+        return [{k: float(v) if v else None for k, v in row.items()} for row in rows]
+    except (TypeError, ValueError):
+        raise CnnInputError(f"{path}: not the metrics.csv of a training run (a cell is not a number)") from None
+
+
+def draw(runs, output) -> Path:
+    """A PNG of the runs' loss and accuracy against epochs at `output`."""
+    records = [(Path(run).name or str(run), read_metrics(run)) for run in runs]
+    if not available():
+        raise CnnInputError(MISSING)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (name, rows) in enumerate(records):
+        colour = f"C{i % 10}"
+        epochs = [r["epoch"] for r in rows]
+        for ax, key in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+            ax.plot(epochs, [r[key] for r in rows], color=colour, label=f"{name} training")
+            if any(r.get(f"val_{key}") is not None for r in rows):
+                ax.plot(epochs, [r[f"val_{key}"] for r in rows], color=colour, linestyle="--",
+                        label=f"{name} validation")
+    for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    acc_ax.legend(fontsize="small")
+    fig.tight_layout()
+    output = Path(output)
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return output

@@ -1,0 +1,53 @@
+"""A run's options on disk: `cnndsl train` writes OUT/config.json (the network file and every
+option, settled) and `cnndsl train --config FILE` replays it, each option checked against the
+command line's (its type and choices); options given on the command line win."""
+
+import argparse
+import json
+from pathlib import Path
+
+from .errors import CnnInputError, CnnTrainError, did_you_mean
+
+
+def write(path: Path, file, config: dict) -> None:
+    """OUT/config.json: the network file and every option, settled (what `--config` replays)."""
+    try:
+        path.write_text(json.dumps({"file": str(file), **config}, indent=2) + "\n")
+    except OSError as err:
+        raise CnnTrainError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def defaults(parser, path) -> dict:
+    """The options a config.json records, checked against `parser`'s, as its defaults."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise CnnInputError(f"--config {path}: cannot read it ({err.strerror or err})") from None
+    except ValueError as err:
+        raise CnnInputError(f"--config {path}: not a JSON file ({err})") from None
+    if not isinstance(config, dict):
+        raise CnnInputError(f"--config {path}: expected a JSON object of options, as OUT/config.json holds")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "resume")}
+    out = {}
+    for key, value in config.items():
+        if key == "fuse" and value in (True, False, "block"):
+            out["no_fuse"], out["block_fusion"] = value is False, value == "block"
+            continue
+        action = actions.get(key)
+        if action is None:
+            raise CnnInputError(f"--config {path}: unknown option {key!r}", hint=did_you_mean(key, [*actions, "fuse"]))
+        if isinstance(action, argparse._StoreTrueAction):
+            ok = isinstance(value, bool)
+        elif value is None or isinstance(value, bool):
+            ok = value is None  # true and false are only a flag's
+        elif action.type is int:
+            ok = isinstance(value, int)
+        elif action.type is float:
+            ok = isinstance(value, (int, float))
+        else:
+            ok = isinstance(value, str) and (not action.choices or value in action.choices)
+        if not ok:
+            raise CnnInputError(f"--config {path}: {key} is {value!r:.60}, not a value --{key.replace('_', '-')} "
+                                f"takes" + (f" ({', '.join(action.choices)})" if action.choices else ""))
+        out[key] = value
+    return out
