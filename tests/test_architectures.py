@@ -14,9 +14,9 @@ networks run on the reference backend in tests/test_examples.py). Fused; DenseNe
 way in another (torch's own float32 is then off by percents, as often as the triton backend).
 Train mode's batch norm, every activation and dropout are compared layer by layer in
 tests/test_triton_backend.py and tests/kernels/, and these examples train on the reference
-backend in tests/test_examples.py. DenseNet in train mode too (unfused in train mode only, for
-time): loss, gradients and running statistics after the training forward, then eval mode after
-one SGD step."""
+backend in tests/test_examples.py. DenseNet unfused in train mode too: loss, gradients and
+running statistics after the training forward, then eval mode after one SGD step (train mode with
+concatenation, fused and unfused, in tests/test_triton_backend.py's BRANCHES)."""
 
 import copy
 import re
@@ -103,7 +103,7 @@ def _run(model, x, target, torch_model, modes):
 
 
 CASES = [("alexnet", True, ("eval",)), ("mobilenet_v2", True, ("eval",)),
-         ("densenet121", True, ("train", "eval")), ("densenet121", False, ("train",)),
+         ("densenet121", True, ("eval",)), ("densenet121", False, ("train", "eval")),
          ("googlenet", True, ("eval",)), ("efficientnet_b0", True, ("eval",))]
 
 

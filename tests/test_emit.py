@@ -65,8 +65,9 @@ def test_emitted_module_runs_the_compiled_models_steps(tmp_path, name, fuse):
     compiled.load_state_dict(emitted.state_dict())
 
 
-@FUSE
-@pytest.mark.parametrize("name", ["digits", "residual", "everything"])
+@pytest.mark.parametrize(("name", "fuse"), [("digits", True), ("digits", False), ("residual", True),
+                                            ("everything", False)],
+                         ids=["digits-fused", "digits-unfused", "residual-fused", "everything-unfused"])
 def test_emitted_module_computes_what_the_compiled_model_does(tmp_path, name, fuse):
     """A training step (dropout's masks from the same seeds; the optimizer updates the weights),
     then eval with and without autograd: outputs, losses, every gradient and the running

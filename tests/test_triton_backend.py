@@ -152,8 +152,9 @@ def test_branches(train, fuse):
 
 
 @FUSE
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize(("src", "batch"), [(RESIDUAL, 2), (EVERYTHING, 3)], ids=["residual", "everything"])
+@pytest.mark.parametrize(("src", "batch", "dtype"), [(RESIDUAL, 2, torch.bfloat16), (EVERYTHING, 3, torch.bfloat16),
+                                                     (EVERYTHING, 3, torch.float16)],
+                         ids=["residual-bf16", "everything-bf16", "everything-fp16"])
 def test_low_precision(src, batch, dtype, fuse):
     """Every launch step against float64 within 8 units in the last place (helpers.run_both)."""
     run_both(src, batch=batch, dtype=dtype, train=True, fuse=fuse)
