@@ -221,3 +221,9 @@ def _by_step_no_grad(ref, tri, x, tol):
     lw.check_pass(calls, x, ref, tri, ref._op, tri.dtype, tol["tol"],
                   lambda *a, name, **k: assert_close(*a, name=f"no-grad: {name}", **k))
     assert torch.equal(out, lw.nchw(calls[-1].output)), "no-grad output is not the last step's"
+
+
+def run_files(folder) -> list[str]:
+    """The files a training run leaves in its folder, sorted; curves.png left out (drawn only where
+    matplotlib is installed)."""
+    return sorted(p.name for p in folder.iterdir() if p.name != "curves.png")

@@ -21,6 +21,8 @@ from cnndsl.cli import main
 from cnndsl.resume import network_identity
 from cnndsl.train import Options, train
 
+from helpers import run_files
+
 NET = """network tiny
 input 1x4x4
 conv 4 3 pad=1 bias=false
@@ -215,7 +217,7 @@ def test_the_lock_holds_against_another_process_and_ends_with_it(files, tmp_path
     finally:
         holder.communicate("", timeout=60)
     train(net, _opts(data, out, epochs=1), **QUIET)
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.csv"]
+    assert run_files(out) == ["best.pt", "config.json", "last.pt", "metrics.csv"]
 
 
 def test_temporary_files_of_a_killed_run_are_removed(files, tmp_path):
@@ -228,8 +230,8 @@ def test_temporary_files_of_a_killed_run_are_removed(files, tmp_path):
     train(net, _opts(data, out, epochs=1), log=lines.append)
     assert f"removed 3 temporary file(s) an interrupted run left in {out}: best.pt.q1.tmp, last.pt.abc.tmp, " \
            "last.pt.k1lled9x.tmp" in lines
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.csv", "notes.txt",
-                                                     "other.pt.abc.tmp"]
+    assert run_files(out) == ["best.pt", "config.json", "last.pt", "metrics.csv", "notes.txt",
+                              "other.pt.abc.tmp"]
 
 
 def test_a_lock_file_removed_while_locking_is_locked_afresh(tmp_path, monkeypatch):

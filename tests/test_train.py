@@ -19,6 +19,8 @@ from cnndsl import checkpoint as ckpt
 from cnndsl.cli import main
 from cnndsl.train import Options, train
 
+from helpers import run_files
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """network tiny
 input 1x4x4
@@ -64,7 +66,7 @@ def test_train_reports_and_learns(tiny, tmp_path, capsys):
     assert acc >= 0.9
     assert main(["eval", str(net), "--weights", str(tmp_path / "run" / "last.pt"), "--data", str(data)]) == 0
     assert capsys.readouterr().out.strip() == f"test accuracy: {acc:.3f}"
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.pt", "config.json", "last.pt",
+    assert run_files(tmp_path / "run") == ["best.pt", "config.json", "last.pt",
                                                                      "metrics.csv"], "no temporary files left"
 
 
@@ -110,7 +112,7 @@ def test_kill_and_resume(tiny, tmp_path):
     resumed = subprocess.run([*args, "--out", str(killed.parent), "--resume"], check=True, capture_output=True,
                              text=True)
     assert "removed 1 temporary file(s) an interrupted run left in" in resumed.stdout
-    assert sorted(p.name for p in killed.parent.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.csv"]
+    assert run_files(killed.parent) == ["best.pt", "config.json", "last.pt", "metrics.csv"]
     assert main([*cli, "--out", str(tmp_path / "whole")]) == 0  # the uninterrupted run, in this process
     _same(_state(tmp_path / "whole" / "last.pt"), _state(killed))
 
