@@ -94,22 +94,33 @@ def load(path: str | os.PathLike) -> dict:
     checkpoint, corrupt (checksum), malformed (a field of the wrong type), or holds anything
     but plain data."""
     path = Path(path)
+    return verify(path, *read_torch(path, CnnTrainError, "checkpoint", "checkpoint"))
+
+
+def require_file(path: Path, error, what: str) -> None:
+    """`error` ("no {what} at PATH", and why) unless path is a regular file."""
     if not path.is_file():
-        what = " (a directory)" if path.is_dir() else " (not a regular file)" if path.exists() else ""
-        raise CnnTrainError(f"no checkpoint at {path}{what}")
+        kind = " (a directory)" if path.is_dir() else " (not a regular file)" if path.exists() else ""
+        raise error(f"no {what} at {path}{kind}")
+
+
+def read_torch(path: Path, error, missing: str, readable: str) -> tuple[object, int]:
+    """(payload, file size) of a torch.save archive, loaded with weights_only=True after
+    check_archive; `error` (a CnnError class) if the file is missing ("no {missing} at ..."),
+    holds anything but tensors and plain data, or is damaged ("not a readable {readable}")."""
+    require_file(path, error, missing)
     try:
         with open(path, "rb") as f:  # one open file for the check and the load: no swap in between
             size = check_archive(f)
             f.seek(0)
-            payload = torch.load(f, map_location="cpu", weights_only=True)
+            return torch.load(f, map_location="cpu", weights_only=True), size
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else "unpickling failed"
-        raise CnnTrainError(f"{path} holds objects other than tensors and plain data, or is corrupt; refusing to "
-                            f"load it ({first[:200]})") from None
+        raise error(f"{path} holds objects other than tensors and plain data, or is corrupt; refusing to "
+                    f"load it ({first[:200]})") from None
     except Exception as err:  # noqa: BLE001 - a damaged archive makes torch raise almost any type
-        raise CnnTrainError(f"{path} is not a readable checkpoint (corrupt or truncated: "
-                            f"{type(err).__name__}: {_reason(err)})") from None
-    return _verify(path, payload, size)
+        raise error(f"{path} is not a readable {readable} (corrupt or truncated: "
+                    f"{type(err).__name__}: {_reason(err)})") from None
 
 
 def check_archive(f) -> int:
@@ -128,7 +139,7 @@ def check_archive(f) -> int:
     return size
 
 
-def _verify(path: Path, payload, size: int) -> dict:
+def verify(path: Path, payload, size: int) -> dict:
     fmt = payload.get("format") if isinstance(payload, dict) else None
     if isinstance(fmt, str) and fmt in OLD_FORMATS:
         raise CnnTrainError(f"{path} was written by an older cnndsl (format {fmt!r}): it has no checksum and no "

@@ -110,11 +110,17 @@ def make(name: str, x, y, classes, where) -> Dataset:
 def split(name: str, x, y, classes, where) -> tuple[Dataset, Dataset]:
     """The fixed held-out split: a seeded permutation, its first 20% are the test set."""
     whole = make(name, x, y, classes, where)
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(whole))
-    test, train = np.split(order, [round(len(whole) * TEST_FRACTION)])
+    train, test = hold_out(len(whole), TEST_FRACTION, SPLIT_SEED)
     if not (len(test) and len(train)):
         raise fail(where, f"{len(whole)} examples are too few to hold out {TEST_FRACTION:.0%} for testing")
     return tuple(replace(whole, x=whole.x[i], y=whole.y[i]) for i in (train, test))  # type: ignore[return-value]
+
+
+def hold_out(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out) indices of n examples: the first round(n * fraction) positions of a
+    permutation seeded by `seed` are held out."""
+    held, kept = np.split(np.random.default_rng(seed).permutation(n), [round(n * fraction)])
+    return kept, held
 
 
 @contextmanager

@@ -239,9 +239,7 @@ class _Builder:
     def residual(self, stmt: ast.Residual, cur: int, env: dict, name: str, stack: tuple, nesting: int) -> int:
         if not stmt.body:
             raise CnnShapeError("a residual branch needs at least one layer", stmt.span)
-        if nesting >= MAX_NESTING:
-            raise CnnSyntaxError(f"residual and concat branches are nested more than {MAX_NESTING} deep",
-                                 stmt.span)
+        _check_nesting(stmt, nesting)
         scope = Scope(name, {"add", "shortcut"})
         branch = self.stmts(stmt.body, cur, env, scope, stack, nesting + 1)
         short = cur
@@ -265,8 +263,7 @@ class _Builder:
         if len(stmt.branches) < 2:
             raise CnnShapeError(f"a concat needs at least two branches, got {len(stmt.branches)}", stmt.span,
                                 expected="`branch { ... }` lines inside `concat { }`; `branch { }` is the input itself")
-        if nesting >= MAX_NESTING:
-            raise CnnSyntaxError(f"residual and concat branches are nested more than {MAX_NESTING} deep", stmt.span)
+        _check_nesting(stmt, nesting)
         ends = [self.stmts(b.body, cur, env, Scope(f"{name}.branch{i}"), stack, nesting + 1)
                 for i, b in enumerate(stmt.branches, 1)]
         shapes = [self.nodes[e].shape for e in ends]
@@ -287,8 +284,7 @@ class _Builder:
             raise CnnShapeError("a gate needs at least one layer", stmt.span,
                                 expected="layers that compute one value per channel, e.g. global_avgpool, "
                                          "conv, relu, conv, sigmoid")
-        if nesting >= MAX_NESTING:
-            raise CnnSyntaxError(f"residual and concat branches are nested more than {MAX_NESTING} deep", stmt.span)
+        _check_nesting(stmt, nesting)
         x = self.nodes[cur].shape
         if len(x) != 3:
             raise CnnShapeError(f"a gate scales the channels of a CxHxW feature map, got a flat input of "
@@ -302,6 +298,12 @@ class _Builder:
                                 hint="start the gate with global_avgpool and end it with a conv or dense layer "
                                      f"of {x[0]} outputs and a sigmoid")
         return self.add(Op.GATE, REGISTRY["gate"].build({}), [cur, end], x, f"{name}.gate", stmt.span, "gate")
+
+
+def _check_nesting(stmt, nesting: int) -> None:
+    """Residual, concat and gate branches (through block calls too) nest at most MAX_NESTING deep."""
+    if nesting >= MAX_NESTING:
+        raise CnnSyntaxError(f"residual and concat branches are nested more than {MAX_NESTING} deep", stmt.span)
 
 
 def _check_input(dims: ast.Dims):

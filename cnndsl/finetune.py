@@ -51,7 +51,8 @@ def init(model, source, new_head: bool, log=print) -> None:
     how = "by name" if all(ours == theirs for ours, theirs in loaded.items()) else "in declaration order"
     log(f"initialised {len(loaded)} tensors from {source} ({how})")
     if skip:
-        log(f"new head: {head(model.net).name} ({head(model.net).shape[0]} classes) freshly initialised")
+        last = head(model.net)
+        log(f"new head: {last.name} ({last.shape[0]} classes) freshly initialised")
 
 
 def _nodes(net: ir.Network, label: str) -> list[ir.Node]:

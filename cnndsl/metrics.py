@@ -10,10 +10,9 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .dataset import Dataset
+from .dataset import Dataset, hold_out
 from .errors import CnnDataError, CnnTrainError
 
 VAL_SEED = 1  # the carve's permutation (the test split's is dataset.SPLIT_SEED)
@@ -25,8 +24,7 @@ def carve(ds: Dataset, fraction: float) -> tuple[Dataset, Dataset | None]:
     permutation validate, the rest train; fraction 0: no validation."""
     if fraction == 0:
         return ds, None
-    order = np.random.default_rng(VAL_SEED).permutation(len(ds))
-    val, train = np.split(order, [round(len(ds) * fraction)])
+    train, val = hold_out(len(ds), fraction, VAL_SEED)
     if not (len(val) and len(train)):
         raise CnnDataError(f"{ds.name}: {len(ds)} training examples are too few to hold out {fraction:.0%} for "
                            "validation; change --val-split (0 for none)")

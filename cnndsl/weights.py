@@ -7,7 +7,6 @@ writing of safetensors files, in declaration order (`cnndsl export`)."""
 
 import json
 import os
-import pickle
 import struct
 from pathlib import Path
 from typing import NamedTuple
@@ -35,26 +34,13 @@ class Weights(NamedTuple):
 def read(path: str | os.PathLike) -> Weights:
     """The tensors of a weights file (a state dict, safetensors or a cnndsl checkpoint)."""
     path = Path(path)
-    if not path.is_file():
-        what = " (a directory)" if path.is_dir() else " (not a regular file)" if path.exists() else ""
-        raise CnnWeightsError(f"no weights file at {path}{what}")
+    checkpoint.require_file(path, CnnWeightsError, "weights file")
     if path.suffix == ".safetensors":
         return Weights(*read_safetensors(path))
-    try:
-        with open(path, "rb") as f:
-            checkpoint.check_archive(f)
-            f.seek(0)
-            payload = torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unpickling failed"
-        raise CnnWeightsError(f"{path} holds objects other than tensors and plain data; refusing to load it "
-                              f"({first[:200]})") from None
-    except Exception as err:  # noqa: BLE001 - a damaged archive makes torch raise almost any type
-        raise CnnWeightsError(f"{path} is not a readable torch file (corrupt or truncated, or not a zip archive "
-                              f"of torch.save: {type(err).__name__}: {str(err).strip()[:200]})") from None
+    payload, size = checkpoint.read_torch(path, CnnWeightsError, "weights file", "torch file")
     if isinstance(payload, dict) and payload.get("format") == checkpoint.FORMAT:
         try:
-            ckpt = checkpoint.load(path)
+            ckpt = checkpoint.verify(path, payload, size)
         except CnnError as err:
             raise CnnWeightsError(str(err)) from None
         return Weights(dict(ckpt["model"]), True, ckpt)

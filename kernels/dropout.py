@@ -76,26 +76,35 @@ def dropout_backward(dy: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return _run(dy, p, seed, "dy")
 
 
-def _dropout_setup(ctx, inputs, output):
-    _, seed, ctx.p = inputs
-    ctx.save_for_backward(seed)
+def define_masked(name: str, forward):
+    """The custom op NAME(x, seed, p) -> forward(x, p, seed) for a mask drawn from the seed (dropout's,
+    stochastic depth's): its gradient is the same op on dy, the mask regenerated, never stored. The
+    seed is a 0-d int64 tensor: drawn in the traced graph, never baked into it as a constant."""
+    def setup(ctx, inputs, output):
+        _, seed, ctx.p = inputs
+        ctx.save_for_backward(seed)
+
+    def backward(ctx, dy):
+        (seed,) = ctx.saved_tensors
+        return op(dy.contiguous(), seed, ctx.p), None, None
+
+    op = define(name, "(Tensor x, Tensor seed, float p) -> Tensor", lambda x, seed, p: forward(x, p, int(seed)),
+                lambda x, seed, p: torch.empty_like(x), backward, setup)
+    return op
 
 
-def _dropout_backward(ctx, dy):
-    (seed,) = ctx.saved_tensors
-    return _dropout(dy.contiguous(), seed, ctx.p), None, None
+def masked_layer(op, x, p: float, state):
+    """A masked op's runner: the op in training with a fresh seed; in eval, or with p = 0, the
+    identity (no kernel)."""
+    if not state.training or p == 0:
+        return x
+    return op(x, state.seed(), p)
 
 
-# The seed is a 0-d int64 tensor: drawn in the traced graph, never baked into it as a constant.
-_dropout = define("dropout", "(Tensor x, Tensor seed, float p) -> Tensor",
-                  lambda x, seed, p: dropout_forward(x, p, int(seed)), lambda x, seed, p: torch.empty_like(x),
-                  _dropout_backward, _dropout_setup)
+_dropout = define_masked("dropout", dropout_forward)
 
 
 def dropout_layer(x, spec: Dropout, state):
     """In training, each value kept with probability 1 - p and scaled by 1 / (1 - p), the mask
-    regenerated from (seed, element offset) in backward, never stored; in eval, or with p = 0,
-    the identity (no kernel)."""
-    if not state.training or spec.p == 0:
-        return x
-    return _dropout(x, state.seed(), spec.p)
+    regenerated from (seed, element offset) in backward, never stored; in eval the identity."""
+    return masked_layer(_dropout, x, spec.p, state)

@@ -8,8 +8,8 @@ import triton
 import triton.language as tl
 
 from ..specs import StochasticDepth
-from ._common import autotune, check_tensor, define, elementwise_tiles
-from .dropout import check_dropout
+from ._common import autotune, check_tensor, elementwise_tiles
+from .dropout import check_dropout, define_masked, masked_layer
 
 _CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))]
 
@@ -40,25 +40,10 @@ def stochastic_depth_forward(x: torch.Tensor, p: float, seed: int) -> torch.Tens
     return y
 
 
-def _setup(ctx, inputs, output):
-    _, seed, ctx.p = inputs
-    ctx.save_for_backward(seed)
-
-
-def _backward(ctx, dy):
-    (seed,) = ctx.saved_tensors
-    return _stochastic_depth(dy.contiguous(), seed, ctx.p), None, None
-
-
-# The seed is a 0-d int64 tensor drawn in the traced graph (dropout's), not a constant baked into it.
-_stochastic_depth = define("stochastic_depth", "(Tensor x, Tensor seed, float p) -> Tensor",
-                           lambda x, seed, p: stochastic_depth_forward(x, p, int(seed)),
-                           lambda x, seed, p: torch.empty_like(x), _backward, _setup)
+_stochastic_depth = define_masked("stochastic_depth", stochastic_depth_forward)
 
 
 def stochastic_depth_layer(x, spec: StochasticDepth, state):
     """In training, each sample kept whole with probability 1 - p (and scaled by 1 / (1 - p)) or
-    zeroed; in eval, or with p = 0, the identity (no kernel)."""
-    if not state.training or spec.p == 0:
-        return x
-    return _stochastic_depth(x, state.seed(), spec.p)
+    zeroed; in eval the identity."""
+    return masked_layer(_stochastic_depth, x, spec.p, state)
