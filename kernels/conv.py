@@ -52,6 +52,7 @@ from .prologue import (
     grad_coefs,
     grad_prologue_args,
     prologue_args,
+    prologue_coefs,
 )
 
 _MIN_BLOCK_M = 16  # the smallest BLOCK_M the interpreter sizes a launch to
@@ -92,7 +93,8 @@ def _prune(configs, named_args, **kwargs):
           interpret={"BLOCK_M": ("M", _MIN_BLOCK_M, 512), "BLOCK_N": (_cols, 16, 256), "BLOCK_K": ("CIN_G", 16, 128)},
           prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics({"EVEN_K": lambda a: a["CIN_G"] % a["BLOCK_K"] == 0,
-                    "EVEN_N": lambda a: a["COUT_G"] % a["BLOCK_N"] == 0})
+                    "EVEN_N": lambda a: a["COUT_G"] % a["BLOCK_N"] == 0,
+                    "ONE_CB": lambda a: a["CIN_G"] <= a["BLOCK_K"]})
 @triton.jit
 def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
                  M, H, W, CIN, OH, OW, COUT, CIN_G, COUT_G,  # src (N, H, W, CIN) -> dst (N, OH, OW, COUT)
@@ -108,7 +110,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
                  DEPTHWISE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
                  ACT2: tl.constexpr, POOL: tl.constexpr, TAPS: tl.constexpr, STATS: tl.constexpr,
                  INT64: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-                 EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 EVEN_N: tl.constexpr, ONE_CB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # y[n, P0 + i*DST_S, g*COUT_G + co] = sum over taps j, ci of
     #     x[n, i*SRC_S + SRC_O + (D0 + j*D_STEP), g*CIN_G + ci] * w[g, R0 + j*RSTEP, ..., ci, co]
     # (forward: DST_S = 1, SRC_S = stride, SRC_O = -pad, D = r*dil; the input gradient of one stride
@@ -157,6 +159,8 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
     tr = 0  # the tap's row and column, and (below) the channel block: counters, not `//`
     ts = 0
     if DEPTHWISE:
+        if PROLOGUE:  # a program's channels are fixed: their coefficients loaded once
+            ps, pt = prologue_coefs(pro_scale_ptr, pro_shift_ptr, col, n_mask, PRO_AFFINE, False)
         for _ in range(RC * SC):
             dh = DH0 + tr * DH_STEP
             dw = DW0 + ts * DW_STEP
@@ -164,8 +168,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
             a = tl.load(x_ptr + (row + (dh * W + dw) * CIN)[:, None] + col[None, :],
                         mask=ok[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
             if PROLOGUE:
-                a = apply_prologue(a, pro_scale_ptr, pro_shift_ptr, col, n_mask, ok, PRO_AFFINE, PRO_ACT,
-                                   pro_slope, False)
+                a = apply_prologue(a, ps, pt, n_mask, ok, PRO_AFFINE, PRO_ACT, pro_slope, False)
             tap = (R0 + tr * RSTEP) * S + S0 + ts * SSTEP
             wv = tl.load(w_ptr + col * (R * S) + tap, mask=n_mask, other=0.0).to(tl.float32)
             acc += a * wv[None, :]
@@ -178,6 +181,15 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
         w_off = offs_k[:, None] * COUT_G + offs_n[None, :]
         NCB = tl.cdiv(CIN_G, BLOCK_K)
         cb = 0
+        # One channel block (ONE_CB: CIN_G <= BLOCK_K): the on-load coefficients are the same every
+        # iteration, loaded once (else each iteration's channels, 2 or 5 vectors through shared memory).
+        if PROLOGUE and ONE_CB:
+            ps, pt = prologue_coefs(pro_scale_ptr + g * CIN_G, pro_shift_ptr + g * CIN_G, offs_k, offs_k < CIN_G,
+                                    PRO_AFFINE, EVEN_K)
+        if GRAD_PRO and ONE_CB:
+            s, t, beta, mu, gamma = grad_coefs(gp_scale_ptr + g * CIN_G, gp_shift_ptr + g * CIN_G,
+                                               gp_center_ptr + g * CIN_G, CIN, offs_k, offs_k < CIN_G, GP_AFFINE,
+                                               GP_CENTER)
         for _ in range(RC * SC * NCB):
             dh = DH0 + tr * DH_STEP
             dw = DW0 + ts * DW_STEP
@@ -193,17 +205,19 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
                 k_mask = k0 + offs_k < CIN_G
                 a = tl.load(a_ptrs, mask=ok[:, None] & k_mask[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            ch = k0 + offs_k
             if PROLOGUE:  # y = act(z scale + shift) of the tile's channels; the padding stays 0
-                ch = k0 + offs_k
-                a = apply_prologue(a, pro_scale_ptr + g * CIN_G, pro_shift_ptr + g * CIN_G, ch, ch < CIN_G, ok,
-                                   PRO_AFFINE, PRO_ACT, pro_slope, EVEN_K)
+                if not ONE_CB:
+                    ps, pt = prologue_coefs(pro_scale_ptr + g * CIN_G, pro_shift_ptr + g * CIN_G, ch, ch < CIN_G,
+                                            PRO_AFFINE, EVEN_K)
+                a = apply_prologue(a, ps, pt, ch < CIN_G, ok, PRO_AFFINE, PRO_ACT, pro_slope, EVEN_K)
             if GRAD_PRO:  # dz = the block's batch-norm and activation backward of dy, from z (prologue.py)
-                ch = k0 + offs_k
                 keep = ok[:, None] if EVEN_K else ok[:, None] & (ch < CIN_G)[None, :]
                 zt = tl.load(gp_z_ptr + a_off, mask=keep, other=0.0)
-                s, t, beta, mu, gamma = grad_coefs(gp_scale_ptr + g * CIN_G, gp_shift_ptr + g * CIN_G,
-                                                   gp_center_ptr + g * CIN_G, CIN, ch, ch < CIN_G, GP_AFFINE,
-                                                   GP_CENTER)
+                if not ONE_CB:
+                    s, t, beta, mu, gamma = grad_coefs(gp_scale_ptr + g * CIN_G, gp_shift_ptr + g * CIN_G,
+                                                       gp_center_ptr + g * CIN_G, CIN, ch, ch < CIN_G, GP_AFFINE,
+                                                       GP_CENTER)
                 a = apply_grad_prologue(a, zt, s[None, :], t[None, :], beta[None, :], mu[None, :], gamma[None, :],
                                         keep, GP_AFFINE, GP_ACT, gp_slope, GP_CENTER)
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)

@@ -26,6 +26,7 @@ from .prologue import (
     grad_coefs,
     grad_prologue_args,
     prologue_args,
+    prologue_coefs,
 )
 
 # BLOCK_M output channels x BLOCK_N input channels of one tap, BLOCK_K rows per step. No 128x128
@@ -164,6 +165,9 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
         db = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
         e0 = tl.broadcast_to((tl.arange(0, 16) == 0)[None, :], (BLOCK_K, 16)).to(DOT_DTYPE)
     a_ptrs = dy_ptr + a_off
+    if PROLOGUE:  # a program's input channels are fixed: their coefficients loaded once
+        ps, pt = prologue_coefs(pro_scale_ptr + g * CIN_G, pro_shift_ptr + g * CIN_G, offs_c, c_mask, PRO_AFFINE,
+                                EVEN_N)
     x_ptr += g * CIN_G + offs_c[None, :]
     for _ in range(0, rows, BLOCK_K):  # EVEN_P: whole row blocks, every row real
         p_mask = p < p_end
@@ -171,7 +175,12 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
         if not EVEN_P:
             row_ok &= p_mask
         b_ptrs = x_ptr + (((nh + ih) * W + iw) * C)[:, None]  # (BLOCK_K, BLOCK_N)
-        if GRAD_PRO:
+        if GRAD_PRO and EVEN_P and EVEN_M:  # every row and channel real: no mask
+            a = apply_grad_prologue(tl.load(a_ptrs), tl.load(z_ptrs), s[None, :], t[None, :], beta[None, :],
+                                    mu[None, :], gamma[None, :], p_mask, GP_AFFINE, GP_ACT, gp_slope, GP_CENTER,
+                                    MASKED=False)
+            z_ptrs += BLOCK_K * K
+        elif GRAD_PRO:
             keep = p_mask[:, None] & k_mask[None, :]
             a = tl.load(a_ptrs, mask=keep, other=0.0)
             zt = tl.load(z_ptrs, mask=keep, other=0.0)
@@ -189,8 +198,7 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
         else:
             b = tl.load(b_ptrs, mask=row_ok[:, None] & c_mask[None, :], other=0.0)
         if PROLOGUE:  # the input recomputed from z: act(z scale + shift), 0 in the padding
-            b = apply_prologue(b, pro_scale_ptr + g * CIN_G, pro_shift_ptr + g * CIN_G, offs_c, c_mask, row_ok,
-                               PRO_AFFINE, PRO_ACT, pro_slope, EVEN_N)
+            b = apply_prologue(b, ps, pt, c_mask, row_ok, PRO_AFFINE, PRO_ACT, pro_slope, EVEN_N)
         if GRAD_PRO:
             acc = tl.dot(tl.trans(b.to(DOT_DTYPE)), a.to(DOT_DTYPE), acc, input_precision=PRECISION)
             if HAS_BIAS:
@@ -234,6 +242,8 @@ def _depthwise_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy
         split = split.to(tl.int64)
     p, p_end, rows, ih_off, iw_off, nh, ih, iw = _split_rows(tap, split, S, CHUNK, P, OH, OW, H, stride_h, stride_w,
                                                              pad_h, pad_w, dil_h, dil_w, BLOCK_M)
+    if PROLOGUE:  # a program's channels are fixed: their coefficients loaded once
+        ps, pt = prologue_coefs(pro_scale_ptr, pro_shift_ptr, offs_c, c_mask, PRO_AFFINE, False)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for _ in range(0, rows, BLOCK_M):
@@ -244,8 +254,7 @@ def _depthwise_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy
         xv = tl.load(x_ptr + (((nh + ih) * W + iw) * C)[:, None] + offs_c[None, :],
                      mask=row_ok[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
         if PROLOGUE:
-            xv = apply_prologue(xv, pro_scale_ptr, pro_shift_ptr, offs_c, c_mask, row_ok, PRO_AFFINE, PRO_ACT,
-                                pro_slope, False)
+            xv = apply_prologue(xv, ps, pt, c_mask, row_ok, PRO_AFFINE, PRO_ACT, pro_slope, False)
         acc += d * xv
         if HAS_BIAS:
             db += d

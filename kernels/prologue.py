@@ -22,7 +22,10 @@ import triton.language as tl
 
 from ..specs import MIN_GEMM_K, Act
 from ._common import check, check_tensor
-from .activation import act_code, apply_act, apply_act_grad
+from .activation import HARDSIGMOID, SIGMOID, act_code, apply_act, apply_act_grad
+
+_SIGMOID = tl.constexpr(SIGMOID)  # globals read inside @triton.jit code must be tl.constexpr
+_HARDSIGMOID = tl.constexpr(HARDSIGMOID)
 
 
 @dataclass(frozen=True)
@@ -58,23 +61,34 @@ def prologue_args(p: Prologue | None, x: torch.Tensor, cin_g: int, depthwise: bo
 
 
 @triton.jit
-def apply_prologue(a, scale_ptr, shift_ptr, ch, ch_ok, row_ok, AFFINE: tl.constexpr, ACT: tl.constexpr, slope,
+def prologue_coefs(scale_ptr, shift_ptr, ch, ch_ok, AFFINE: tl.constexpr, EVEN: tl.constexpr):
+    """(scale, shift) fp32 of channels ch (1 and 0 without AFFINE); EVEN: every channel is real. Apart
+    from apply_prologue so that a kernel whose tiles keep their channels loads them once."""
+    if not AFFINE:
+        return tl.full(ch.shape, 1.0, tl.float32), tl.zeros(ch.shape, tl.float32)
+    if EVEN:
+        return tl.load(scale_ptr + ch), tl.load(shift_ptr + ch)
+    return tl.load(scale_ptr + ch, mask=ch_ok, other=0.0), tl.load(shift_ptr + ch, mask=ch_ok, other=0.0)
+
+
+@triton.jit
+def apply_prologue(a, scale, shift, ch_ok, row_ok, AFFINE: tl.constexpr, ACT: tl.constexpr, slope,
                    EVEN: tl.constexpr):
-    """act(a scale[ch] + shift[ch]) (act(a) without AFFINE) in fp32 for a tile a (rows, channels ch),
-    0 where a row or a channel is not real (the conv's zero padding of y); EVEN: every channel is."""
+    """act(a scale + shift) (act(a) without AFFINE) in fp32 for a tile a (rows, channels) and its
+    channels' prologue_coefs, 0 where a row or a channel is not real (the conv's zero padding of y);
+    EVEN: every channel is."""
     v = a.to(tl.float32)
-    keep = row_ok[:, None]
     if AFFINE:
-        if EVEN:
-            scale = tl.load(scale_ptr + ch)
-            shift = tl.load(shift_ptr + ch)
-        else:
-            scale = tl.load(scale_ptr + ch, mask=ch_ok, other=0.0)
-            shift = tl.load(shift_ptr + ch, mask=ch_ok, other=0.0)
         v = v * scale[None, :] + shift[None, :]
+    keep = row_ok[:, None]
     if not EVEN:
         keep = keep & ch_ok[None, :]
-    return tl.where(keep, apply_act(v, ACT, slope), 0.0)
+    if ACT == _SIGMOID or ACT == _HARDSIGMOID:  # act(0) = 1/2: the padding is set after the activation
+        return tl.where(keep, apply_act(v, ACT, slope), 0.0)
+    # act(0) = 0: the padding zeroed before it by a product (a select would be moved after the
+    # conversion to 16 bits by the compiler, each half of a packed pair apart: five instructions a
+    # pair, against one multiply an element). z is 0 in the padding, so v is the shift there: finite.
+    return apply_act(v * keep.to(tl.float32), ACT, slope)
 
 
 @dataclass(frozen=True)
@@ -135,9 +149,9 @@ def grad_coefs(scale_ptr, shift_ptr, center_ptr, K, ch, ch_ok, AFFINE: tl.conste
 
 @triton.jit
 def apply_grad_prologue(dy, z, scale, shift, beta, mean, gamma, keep, AFFINE: tl.constexpr, ACT: tl.constexpr, slope,
-                        CENTER: tl.constexpr):
+                        CENTER: tl.constexpr, MASKED: tl.constexpr = True):
     """dz in fp32 for tiles dy, z and grad_coefs broadcast to them, 0 where `keep` is not (the
-    padding around dy, whose dz is 0, not gamma)."""
+    padding around dy, whose dz is 0, not gamma); MASKED=False: every element is real, keep unread."""
     zf = z.to(tl.float32)
     pre = zf
     if AFFINE:
@@ -145,6 +159,12 @@ def apply_grad_prologue(dy, z, scale, shift, beta, mean, gamma, keep, AFFINE: tl
     g = apply_act_grad(pre, dy.to(tl.float32), ACT, slope)
     if AFFINE:
         g = g * scale
-    if CENTER:
-        g += beta * (zf - mean) + gamma
+    if not MASKED:
+        if CENTER:
+            g += beta * (zf - mean) + gamma
+        return g
+    if CENTER:  # the only term not 0 in the padding, where dy and z load as 0: zeroed by a product
+        # there (finite), cheaper than a select, which the compiler would apply to each 16-bit half
+        g += (beta * (zf - mean) + gamma) * keep.to(tl.float32)
+        return g
     return tl.where(keep, g, 0.0)
