@@ -31,8 +31,8 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 @triton.jit
 def apply_act(x, ACT: tl.constexpr, slope):
     """y = act(x) for fp32 x."""
-    if ACT == _RELU:  # max.NaN (one instruction): NaN stays NaN, as in torch
-        x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    if ACT == _RELU:  # not tl.maximum: it may return 0 for NaN, where torch's relu keeps NaN
+        x = tl.where(x < 0.0, 0.0, x)
     elif ACT == _LEAKY_RELU:
         x = tl.where(x > 0, x, x * slope)
     elif ACT == _SIGMOID:
@@ -45,8 +45,8 @@ def apply_act(x, ACT: tl.constexpr, slope):
         x = 0.5 * x * (1.0 + tl.math.erf(x * _SQRT1_2))
     elif ACT == _SILU:
         x = x * tl.sigmoid(x)
-    elif ACT == _RELU6:
-        x = tl.minimum(tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL), 6.0, propagate_nan=tl.PropagateNan.ALL)
+    elif ACT == _RELU6:  # comparisons, not min/max: NaN stays NaN
+        x = tl.where(x < 0.0, 0.0, tl.where(x > 6.0, 6.0, x))
     elif ACT == _HARDSWISH:  # x relu6(x + 3) / 6
         x = x * tl.where(x < -3.0, 0.0, tl.where(x > 3.0, 6.0, x + 3.0)) / 6.0
     elif ACT == _HARDSIGMOID:  # relu6(x + 3) / 6

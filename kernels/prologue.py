@@ -22,10 +22,11 @@ import triton.language as tl
 
 from ..specs import MIN_GEMM_K, Act
 from ._common import check, check_tensor
-from .activation import HARDSIGMOID, SIGMOID, act_code, apply_act, apply_act_grad
+from .activation import HARDSIGMOID, RELU, SIGMOID, act_code, apply_act, apply_act_grad
 
 _SIGMOID = tl.constexpr(SIGMOID)  # globals read inside @triton.jit code must be tl.constexpr
 _HARDSIGMOID = tl.constexpr(HARDSIGMOID)
+_RELU = tl.constexpr(RELU)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,10 @@ def apply_prologue(a, scale, shift, ch_ok, row_ok, AFFINE: tl.constexpr, ACT: tl
     # act(0) = 0: the padding zeroed before it by a product (a select would be moved after the
     # conversion to 16 bits by the compiler, each half of a packed pair apart: five instructions a
     # pair, against one multiply an element). z is 0 in the padding, so v is the shift there: finite.
-    return apply_act(v * keep.to(tl.float32), ACT, slope)
+    v = v * keep.to(tl.float32)
+    if ACT == _RELU:  # max with NaN kept, as torch's relu: folded into the conversion to 16 bits
+        return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)  # (F2FP.RELU), a select is not
+    return apply_act(v, ACT, slope)
 
 
 @dataclass(frozen=True)
