@@ -14,6 +14,8 @@ Format `cnndsl-checkpoint-2`: a torch zip archive (torch.save) of one dict,
     rng        the torch CPU generator's state, a 1-D uint8 tensor
     config     the run's options, str -> str, int, float, bool or None
     history    one dict per epoch done, str -> number
+    normalize  (only in a run with --normalize) {"mean": tensor (C,), "std": tensor (C,)}, fp32
+    scaler     (only in an fp16 run) torch.amp.GradScaler's state dict, str -> number
     checksum   sha256 (hex) of digest(): every other field in a canonical serialisation
 
 Written atomically (a temporary file in the same folder, flushed and fsynced, renamed over
@@ -38,16 +40,21 @@ from .errors import CnnTrainError
 FORMAT = "cnndsl-checkpoint-2"
 OLD_FORMATS = ("cnndsl-checkpoint-1",)  # no checksum, no network identity: cannot be verified
 FIELDS = ("format", "network", "source", "epoch", "model", "optimizer", "rng", "config", "history", "checksum")
+OPTIONAL = ("normalize", "scaler")  # fields only some runs write (the module's docstring)
 
 
 def save(path: str | os.PathLike, *, network: dict, source: str, epoch: int, model: dict, optimizer: dict,
-         rng: torch.Tensor, config: dict, history: list) -> Path:
+         rng: torch.Tensor, config: dict, history: list, normalize: dict | None = None,
+         scaler: dict | None = None) -> Path:
     """Write the checkpoint atomically; CnnTrainError naming the path and the reason (a full
     disk, say) if any step fails, with the temporary file removed and the old file untouched."""
     path = Path(path)
     payload = {"format": FORMAT, "network": network, "source": source, "epoch": epoch, "model": model,
                "optimizer": optimizer, "rng": rng, "config": config, "history": history}
-    payload["checksum"] = digest(payload, FIELDS[:-1])
+    for key, value in (("normalize", normalize), ("scaler", scaler)):
+        if value is not None:
+            payload[key] = value
+    payload["checksum"] = digest(payload, _hashed(payload))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -151,12 +158,12 @@ def verify(path: Path, payload, size: int) -> dict:
     if missing:
         raise CnnTrainError(f"{path} is an incomplete checkpoint: it lacks {', '.join(missing)}")
     try:
-        extra = [str(k)[:40] for k in payload if k not in FIELDS]
+        extra = [str(k)[:40] for k in payload if k not in FIELDS + OPTIONAL]
         if extra:
             raise Invalid(f"it holds fields a cnndsl checkpoint does not have: {', '.join(extra)}")
         stored = payload["checksum"]
         _expect(_is_hex(stored), "checksum", stored, "a sha256, 64 hex digits")
-        computed = digest(payload, FIELDS[:-1], file_size=size)
+        computed = digest(payload, _hashed(payload), file_size=size)
         if computed != stored:
             raise CnnTrainError(f"{path} is corrupt: its contents do not match its sha256 checksum (stored "
                                 f"{stored[:16]}..., computed {computed[:16]}...); it was changed after it was "
@@ -165,6 +172,11 @@ def verify(path: Path, payload, size: int) -> dict:
     except Invalid as err:
         raise CnnTrainError(f"{path} is not a valid cnndsl checkpoint: {err}") from None
     return payload
+
+
+def _hashed(payload: dict) -> list:
+    """The fields the checksum covers: all but itself, the optional ones where present."""
+    return [*FIELDS[:-1], *(k for k in OPTIONAL if k in payload)]
 
 
 class Invalid(ValueError):
@@ -277,6 +289,17 @@ def validate(payload: dict, rng_size: int) -> None:
     for i, stats in enumerate(history):
         _expect(isinstance(stats, dict) and all(isinstance(k, str) and _is_number(v) for k, v in stats.items()),
                 f"history[{i}]", stats, "a dict of str -> number")
+    norm = payload.get("normalize")
+    if norm is not None:
+        _expect(isinstance(norm, dict) and set(norm) == {"mean", "std"}
+                and all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.dim() == 1 for t in norm.values())
+                and norm["mean"].shape == norm["std"].shape and bool((norm["std"] > 0).all())
+                and bool(norm["mean"].isfinite().all()), "normalize", norm,
+                "{'mean': tensor (C,), 'std': tensor (C,) > 0}, fp32")
+    scaler = payload.get("scaler")
+    if scaler is not None:
+        _expect(isinstance(scaler, dict) and all(isinstance(k, str) and _is_number(v) for k, v in scaler.items()),
+                "scaler", scaler, "a GradScaler's state, a dict of str -> number")
 
 
 def _validate_optimizer(opt) -> None:

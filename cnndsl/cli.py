@@ -51,7 +51,7 @@ def _train(args) -> int:
                    backend=args.backend, out=args.out, resume=args.resume, init=args.init, classes=args.classes,
                    freeze=args.freeze, freeze_bn=args.freeze_bn, only_classes=args.only_classes,
                    val_split=args.val_split, early_stop=args.early_stop, sched=args.sched,
-                   warmup_epochs=args.warmup_epochs)
+                   warmup_epochs=args.warmup_epochs, augment=args.augment, normalize=args.normalize)
     train(args.file, opts)
     return 0
 
@@ -86,14 +86,14 @@ def _fine_tune_options(p) -> None:
                    "... in the order given: e.g. 0-4 or 5,7,9")
 
 
-def _model_options(p, batch_size: int, replay: bool = False) -> None:
+def _model_options(p, batch_size: int, replay: bool = False, dtype_help: str = "default: fp32") -> None:
     """Options `train` and `eval` share (train's file may come from --config)."""
     p.add_argument("file", nargs="?" if replay else None, help="the .cnn file")
     p.add_argument("--data", help="an MNIST IDX folder, a CIFAR-10 python folder, an .npz with x and y, or an "
                                   "image folder (one subfolder per class); default: the bundled 8x8 digits")
     p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per step (default: {batch_size})")
     p.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="default: fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help=dtype_help)
     p.add_argument("--backend", choices=["triton", "torch"], default="triton",
                    help="triton (Triton kernels) or torch (the eager reference); default: triton")
     _fusion_options(p)
@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "digits by default, or your own (--data). Prints the summary, the fused plan, "
                                     "a line per epoch, writes OUT/last.pt after every epoch, and ends with the "
                                     "accuracy on the held-out split. One run at a time may use an OUT folder.")
-    _model_options(tr, 64, replay=True)
+    _model_options(tr, 64, replay=True, dtype_help="what the kernels compute in: bf16 and fp16 train in mixed "
+                   "precision, on fp32 weights and optimizer state (fp16 with loss scaling); default: fp32")
     tr.add_argument("--epochs", type=int, default=4, help="epochs in all, a resumed run's included (default: 4)")
     resumed = "the checkpoint's when resuming, else"
     tr.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
@@ -221,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "default: none")
     tr.add_argument("--warmup-epochs", type=int, default=0, metavar="N", help="a linear warm-up of the learning "
                     "rate over the first N epochs (default: 0)")
+    tr.add_argument("--augment", nargs="?", const="crop,flip", metavar="KINDS", help="augment the training "
+                    "images, differently every epoch: crop (shifted by up to an eighth of a side, padded with "
+                    "black), flip (mirrored left to right half the time), or both (the default: crop,flip)")
+    tr.add_argument("--normalize", action="store_true", help="normalise each channel by the training split's "
+                    "mean and standard deviation (kept in the checkpoint for eval and export)")
     tr.add_argument("--config", metavar="FILE", help="replay a run: the file and options its OUT/config.json "
                     "records (each run writes one); options given here win")
     tr.set_defaults(run=_train)

@@ -1,9 +1,11 @@
 """`cnndsl eval`: the accuracy of a model's weights (a cnndsl checkpoint, a torch state dict or
-safetensors) on the held-out split of a data set."""
+safetensors) on the held-out split of a data set, its images normalised as the checkpoint's run
+normalised them (`train --normalize`)."""
 
 from pathlib import Path
 
 from . import api, data, finetune, metrics, resume
+from .augment import Normalize
 from .errors import CnnInputError
 from .train import DTYPES, classes_of, tensors_of
 from .weights import load_weights
@@ -38,4 +40,5 @@ def evaluate(file: str | Path, weights: str | Path, data_spec: str | None = None
         model.load_state_dict(w.checkpoint["model"])
     else:
         load_weights(model, w)
-    return metrics.validate(model, *tensors_of(test_set, model), batch_size)["val_accuracy"]
+    norm = Normalize.from_record(w.checkpoint.get("normalize")) if w.checkpoint is not None else None
+    return metrics.validate(model, *tensors_of(test_set, model, norm), batch_size)["val_accuracy"]

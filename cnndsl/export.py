@@ -3,14 +3,21 @@ output's suffix: `.onnx` (the reference backend, plain torch ops, traced by torc
 exporter at opset 17 or newer, the batch dimension dynamic), `.safetensors` (weights.py's
 writer, in declaration order) or `.pt`/`.pth` (a plain state dict, torch.save). Names are the
 model's; the order is the declaration order, so either loads into the hand-written torch model
-of the same network entry by entry."""
+of the same network entry by entry.
 
+A checkpoint of a run that normalised its images (`train --normalize`) exports a model that
+normalises them itself in ONNX (the graph takes images as the data set holds them, in [0, 1]);
+a weights file cannot hold that step: .safetensors records the statistics in its metadata
+(`normalize_mean`, `normalize_std`, JSON lists), and `cnndsl export` says what to apply."""
+
+import json
 import warnings
 from pathlib import Path
 
 import torch
 
 from . import api, finetune
+from .augment import Normalize
 from .errors import CnnInputError
 from .weights import load_weights, read, write_safetensors
 
@@ -18,7 +25,20 @@ FORMATS = (".onnx", ".safetensors", ".pt", ".pth")
 MIN_OPSET = 17
 
 
-def export(file, weights, output, classes: int | None = None, opset: int = MIN_OPSET) -> Path:
+class _Normalized(torch.nn.Module):
+    """The model behind its run's normalisation, for ONNX: (x - mean) / std per channel, then the model."""
+
+    def __init__(self, model, norm: Normalize):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", norm.mean.view(1, -1, 1, 1))
+        self.register_buffer("std", norm.std.view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return self.model((x - self.mean) / self.std)
+
+
+def export(file, weights, output, classes: int | None = None, opset: int = MIN_OPSET, log=print) -> Path:
     """Write the network in `file` with the weights in `weights` (any file load_weights reads)
     to `output`; `classes`: the head's width if fine-tuning replaced it (by default a fine-tuning
     checkpoint's). -> the path written."""
@@ -35,9 +55,16 @@ def export(file, weights, output, classes: int | None = None, opset: int = MIN_O
         net = finetune.with_classes(net, classes)
     model = api.compile(net, backend="torch", device="cpu").eval()
     load_weights(model, w)
+    norm = Normalize.from_record(w.checkpoint.get("normalize")) if w.checkpoint is not None else None
+    stats = {"normalize_mean": json.dumps(norm.mean.tolist()), "normalize_std": json.dumps(norm.std.tolist())} \
+        if norm is not None else {}
+    if norm is not None and output.suffix != ".onnx":
+        log(f"note: the run normalised its images: feed the model (x - mean) / std per channel, mean "
+            f"{stats['normalize_mean']}, std {stats['normalize_std']}"
+            + (" (also in the file's metadata)" if output.suffix == ".safetensors" else ""))
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix == ".safetensors":
-        write_safetensors(model.state_dict(), output)
+        write_safetensors(model.state_dict(), output, stats)
     elif output.suffix in (".pt", ".pth"):
         torch.save(model.state_dict(), output)
     else:
@@ -47,6 +74,6 @@ def export(file, weights, output, classes: int | None = None, opset: int = MIN_O
         x = torch.zeros(1, *net.input_shape)
         with warnings.catch_warnings():  # the legacy exporter's deprecation note and tracer warnings
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (x,), output, dynamo=False, opset_version=opset, input_names=["input"],
+            torch.onnx.export(_Normalized(model, norm) if norm is not None else model, (x,), output, dynamo=False, opset_version=opset, input_names=["input"],
                               output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
     return output

@@ -1,32 +1,28 @@
-"""The progress of a training epoch on the terminal."""
+"""The progress of a training epoch on the terminal: a tqdm bar per epoch with the running loss
+and images per second, cleared at the end of the epoch (the epoch's line in the log stays);
+nothing at all when the output is not a terminal (a log file, CI)."""
 
 import sys
+import time
+
+from tqdm import tqdm
 
 
 class Progress:
-    """tqdm's bar when tqdm is installed; otherwise one plain line rewritten in place on a
-    terminal (nothing mid-epoch when the output is a file)."""
-
-    def __init__(self, total: int, desc: str):
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            tqdm = None
-        self.bar = tqdm(total=total, desc=desc, unit="img", leave=False, file=sys.stderr) if tqdm else None
-        self.total, self.desc, self.done = total, desc, 0
-        self.plain = self.bar is None and sys.stderr.isatty()
+    def __init__(self, total: int, desc: str, file=None):
+        file = sys.stderr if file is None else file
+        quiet = not (hasattr(file, "isatty") and file.isatty())
+        self.bar = tqdm(total=total, desc=desc, unit="img", leave=False, file=file, disable=quiet,
+                        dynamic_ncols=True)
+        self.start, self.done = time.perf_counter(), 0
 
     def update(self, n: int, loss: float | None) -> None:
+        """n more images done; loss: the running loss when it was looked at (None between looks)."""
         self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            if loss is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}")
-        elif self.plain and loss is not None:
-            print(f"\r{self.desc}: {self.done}/{self.total} images, loss {loss:.4f}", end="", file=sys.stderr)
+        self.bar.update(n)
+        if loss is not None and not self.bar.disable:
+            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"loss {loss:.4f}, {rate:,.0f} img/s", refresh=False)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.plain:
-            print("\r\033[K", end="", file=sys.stderr)
+        self.bar.close()

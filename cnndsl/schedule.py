@@ -11,6 +11,7 @@ so a resumed run keeps the rate of an uninterrupted one (bit for bit on the CPU)
 and with `warmup_epochs` > 0 a linear rise from base/steps to base over those epochs first."""
 
 import math
+import warnings
 
 import torch
 
@@ -40,5 +41,7 @@ def make(optimizer, kind: str, epochs: int, steps_per_epoch: int, warmup_epochs:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(kind, step, total, warmup))
     if done_epochs:
         scheduler.last_epoch = done_epochs * steps_per_epoch - 1
-        scheduler.step()
+        with warnings.catch_warnings():  # positioning a resumed run's schedule, before any optimizer step
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            scheduler.step()
     return scheduler

@@ -11,7 +11,6 @@ and the checkpoint holds the torch RNG state that dropout draws its seeds from."
 
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -19,9 +18,11 @@ import torch
 
 from . import (
     api,
+    augment,
     checkpoint,
     data,
     finetune,
+    loop,
     metrics,
     plot,
     resume,
@@ -30,7 +31,7 @@ from . import (
     schedule,
 )
 from .errors import CnnInputError, CnnTrainError
-from .progress import Progress
+from .loop import DTYPES
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 STATE_KEYS = {"sgd": frozenset({"momentum_buffer"}), "adam": frozenset({"step", "exp_avg", "exp_avg_sq"}),
@@ -38,8 +39,6 @@ STATE_KEYS = {"sgd": frozenset({"momentum_buffer"}), "adam": frozenset({"step", 
 DEFAULT_OPTIMIZER = "adam"
 DEFAULT_LR = {"sgd": 0.05, "adam": 0.003, "adamw": 0.003}
 DEFAULT_MOMENTUM, DEFAULT_WEIGHT_DECAY = 0.9, 0.0
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CHECK_EVERY = 10  # steps between looks at the running loss (each look waits for the device)
 CHECKPOINT = "last.pt"  # in the output folder
 CONFIG = "config.json"  # every option of the run, in the output folder (`cnndsl train --config`)
 METRICS, BEST = "metrics.csv", "best.pt"  # one row per epoch; the checkpoint of the best validation accuracy
@@ -58,7 +57,7 @@ class Options:
     weight_decay: float | None = None  # DEFAULT_WEIGHT_DECAY
     seed: int = 0
     device: str | None = None  # None: cuda when there is one, else cpu
-    dtype: str = "fp32"
+    dtype: str = "fp32"  # what the kernels compute in; bf16, fp16: mixed precision, fp32 weights (loop.py)
     fuse: bool | str = True  # True: cross-layer fusion, "block": block-level, False: unfused
     backend: str = "triton"
     out: str | None = None  # None: runs/<network name>
@@ -73,6 +72,8 @@ class Options:
     early_stop: int | None = None  # stop after this many epochs without a better validation accuracy
     sched: str = "none"  # a learning-rate schedule of schedule.py
     warmup_epochs: int = 0
+    augment: str | None = None  # augment.KINDS, comma-separated
+    normalize: bool = False  # per-channel normalisation by the training split's statistics
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -96,6 +97,7 @@ class Options:
         if self.sched not in schedule.SCHEDULES or self.warmup_epochs < 0:
             raise CnnInputError(f"--sched must be one of {', '.join(schedule.SCHEDULES)} and --warmup-epochs at "
                                 f"least 0, got {self.sched!r} and {self.warmup_epochs}")
+        augment.parse(self.augment)
         if self.freeze_bn and not self.freeze:
             raise CnnInputError("--freeze-bn needs --freeze: it keeps the frozen layers' batch norms in eval mode")
 
@@ -139,8 +141,10 @@ def _optimizer(opts: Options, params):
     return OPTIMIZERS[opts.optimizer](params, lr=opts.lr, weight_decay=opts.weight_decay, **extra)
 
 
-def tensors_of(ds: data.Dataset, model) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.from_numpy(ds.x).to(model.device, model.dtype), torch.from_numpy(ds.y).to(model.device))
+def tensors_of(ds: data.Dataset, model, norm: augment.Normalize | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images (normalised by `norm`, in fp32) and labels on the model's device, in its dtype."""
+    x = torch.from_numpy(ds.x).to(model.device)
+    return (norm(x) if norm is not None else x).to(model.dtype), torch.from_numpy(ds.y).to(model.device)
 
 
 def classes_of(net) -> int:
@@ -148,6 +152,22 @@ def classes_of(net) -> int:
         raise CnnInputError(f"{net.name}: a classifier's output is one score per class, but this network's "
                             f"is {'x'.join(map(str, net.output_shape))}; end it with flatten and dense")
     return net.output_shape[0]
+
+
+def _normalization(opts: Options, ckpt: dict | None, x: torch.Tensor, log) -> augment.Normalize | None:
+    """--normalize's statistics: a resumed run's from its checkpoint, else the training split's."""
+    saved = augment.Normalize.from_record(ckpt.get("normalize")) if ckpt is not None else None
+    if ckpt is not None and (saved is not None) != opts.normalize:
+        given = "with" if saved is not None else "without"
+        raise CnnTrainError(f"the checkpoint was trained {given} --normalize: resume it {given} it")
+    if not opts.normalize:
+        return None
+    norm = saved or augment.Normalize.of(x)
+    if norm.mean.numel() != x.shape[1]:
+        raise CnnTrainError(f"the checkpoint normalises {norm.mean.numel()} channels, the data has {x.shape[1]}")
+    show = lambda t: ", ".join(f"{v:.4f}" for v in t.tolist()[:4]) + (", ..." if t.numel() > 4 else "")
+    log(f"normalize: mean {show(norm.mean)}, std {show(norm.std)} (the training split's, per channel)")
+    return norm
 
 
 def _where(model) -> str:
@@ -176,41 +196,6 @@ def _resume(ckpt: dict, path: Path, net, file, model, optimizer, kind: str) -> t
     except RuntimeError as err:
         raise CnnTrainError(f"{path}: its rng is not a state of torch's generator ({err})") from None
     return ckpt["epoch"], list(ckpt["history"])
-
-
-def _epoch(model, optimizer, scheduler, x, y, opts: Options, epoch: int, desc: str) -> dict:
-    """One pass over the training set in the epoch's seeded order -> its loss, accuracy, speed."""
-    model.train()
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(opts.seed * 100_003 + epoch))
-    order = order.to(y.device)
-    total = torch.zeros((), dtype=torch.float64, device=y.device)
-    correct = torch.zeros((), dtype=torch.int64, device=y.device)
-    progress, seen, start = Progress(len(y), desc), 0, time.perf_counter()
-    try:
-        for step, i in enumerate(range(0, len(y), opts.batch_size)):
-            idx = order[i:i + opts.batch_size]
-            xb, yb = x[idx], y[idx]
-            optimizer.zero_grad(set_to_none=True)
-            loss, logits = model.loss_and_logits(xb, yb)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.detach().double() * len(idx)
-            correct += (logits.detach().argmax(1) == yb).sum()
-            seen += len(idx)
-            last = seen == len(y)
-            running = None
-            if step % CHECK_EVERY == CHECK_EVERY - 1 or last:
-                running = float(total) / seen
-                if not math.isfinite(running):
-                    raise CnnTrainError(f"the loss became {running} in epoch {epoch} (by image {seen} of "
-                                        f"{len(y)}); try a lower --lr")
-            progress.update(len(idx), running)
-    finally:
-        progress.close()
-    seconds = time.perf_counter() - start
-    return {"epoch": epoch, "loss": float(total) / seen, "accuracy": int(correct) / seen,
-            "images_per_second": seen / seconds, "seconds": seconds}
 
 
 def train(file: str | Path, opts: Options = Options(), log=print) -> dict:
@@ -244,7 +229,7 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
     log(f"\ndata: {train_set.name}: {len(train_set) + len(val_set or ())} training images{val} and "
         f"{len(test_set)} test images, {len(train_set.classes)} classes")
     torch.manual_seed(opts.seed)
-    model = api.compile(net, backend=opts.backend, fuse=opts.fuse, device=opts.device, dtype=DTYPES[opts.dtype])
+    model = api.compile(net, backend=opts.backend, fuse=opts.fuse, device=opts.device)  # fp32 master weights
     if opts.backend == "triton":
         log(f"backend: triton ({model.plan.level}), {_where(model)}")
         log(str(model.plan))
@@ -265,19 +250,31 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
     config = {k: v for k, v in asdict(opts).items() if k != "resume"}
     runconfig.write(ckpt_path.parent / CONFIG, file, config)
     xv, yv = tensors_of(val_set, model) if val_set is not None else (None, None)
+    xt, yt = tensors_of(test_set, model)
+    norm = _normalization(opts, ckpt, x, log)
+    if norm is not None:  # every split by the training split's statistics
+        x, xv, xt = (norm(t) if t is not None else None for t in (x, xv, xt))
+    fill = norm(torch.zeros(1, x.shape[1], 1, 1)).flatten() if norm is not None else torch.zeros(x.shape[1])
     if not plot.available():
         log(f"note: {plot.MISSING}")
     scheduler = schedule.make(optimizer, opts.sched, opts.epochs, -(-len(y) // opts.batch_size), opts.warmup_epochs,
                               done)
+    scaler = loop.grad_scaler(model, opts.dtype, ckpt.get("scaler") if ckpt is not None else None)
+    kinds = augment.parse(opts.augment)
+    if opts.dtype != "fp32":
+        log(f"precision: {opts.dtype} kernels on fp32 weights and optimizer state (torch.autocast)"
+            + (", the loss scaled (torch.amp.GradScaler)" if opts.dtype == "fp16" else ""))
     for epoch in range(done + 1, opts.epochs + 1):
         try:
-            stats = _epoch(model, optimizer, scheduler, x, y, opts, epoch, f"epoch {epoch}/{opts.epochs}")
+            stats = loop.run_epoch(model, optimizer, scheduler, scaler, x, y, opts, epoch,
+                                   f"epoch {epoch}/{opts.epochs}", kinds, fill)
         except CnnTrainError as err:
             kept = f"the last good checkpoint, {ckpt_path}, is kept" if ckpt_path.exists() else \
                 "no checkpoint was written"
             raise CnnTrainError(f"{err}; {kept}") from None
         if xv is not None:
-            stats.update(metrics.validate(model, xv, yv, opts.batch_size))
+            with loop.autocast(model, opts.dtype):
+                stats.update(metrics.validate(model, xv, yv, opts.batch_size))
         stats["lr"] = optimizer.param_groups[0]["lr"]
         history.append(stats)
         val = f"  val loss {stats['val_loss']:.4f}  val accuracy {stats['val_accuracy']:.4f}" if xv is not None else ""
@@ -285,7 +282,8 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
             f"{stats['images_per_second']:,.0f} images/s  ({stats['seconds']:.1f} s)")
         checkpoint.save(ckpt_path, network=resume.network_record(net), source=net.source, epoch=epoch,
                         model=model.state_dict(), optimizer=optimizer.state_dict(), rng=torch.get_rng_state(),
-                        config=config, history=history)
+                        config=config, history=history, normalize=norm.record() if norm is not None else None,
+                        scaler=scaler.state_dict() or None)
         metrics.write_csv(ckpt_path.parent / METRICS, history)
         if plot.available():
             plot.draw([ckpt_path.parent], ckpt_path.parent / CURVES)
@@ -295,8 +293,8 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
         if best is not None and opts.early_stop and epoch - best >= opts.early_stop:
             log(f"early stop: no better validation accuracy in {opts.early_stop} epochs (the best: epoch {best})")
             break
-    xt, yt = tensors_of(test_set, model)
-    acc = metrics.validate(model, xt, yt, opts.batch_size)["val_accuracy"]
+    with loop.autocast(model, opts.dtype):
+        acc = metrics.validate(model, xt, yt, opts.batch_size)["val_accuracy"]
     log(f"checkpoint: {ckpt_path}, tested below" + (f"; the best by validation accuracy: {ckpt_path.parent / BEST}"
                                                     if val_set is not None else ""))
     log(f"test accuracy: {acc:.3f}")

@@ -108,10 +108,11 @@ def _tensor(path, name, info, data: bytes) -> torch.Tensor:
     return flat.reshape(info["shape"])
 
 
-def write_safetensors(tensors: dict, path: str | os.PathLike) -> None:
+def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
     """A safetensors file of `tensors` in their order (its metadata says the order is the
-    declaration order), little-endian, readable by the safetensors package."""
-    header, blobs, offset = {"__metadata__": {"format": "pt", "order": ORDER}}, [], 0
+    declaration order, and holds `metadata`, str -> str), little-endian, readable by the
+    safetensors package."""
+    header, blobs, offset = {"__metadata__": {**(metadata or {}), "format": "pt", "order": ORDER}}, [], 0
     for name, t in tensors.items():
         t = t.detach().contiguous().cpu()
         raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""

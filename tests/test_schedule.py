@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import cnndsl.train
+import cnndsl.loop
 from cnndsl import schedule
 from cnndsl.errors import CnnInputError
 from cnndsl.train import Options, train
@@ -35,16 +35,16 @@ def test_warm_up_rises_linearly_then_the_schedule_starts():
 def test_a_resumed_run_with_a_schedule_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     opts = {"backend": "torch", "sched": "cosine", "warmup_epochs": 1, "lr": 0.01, "optimizer": "sgd", "epochs": 3}
     whole = train(DIGITS, Options(out=str(tmp_path / "whole"), **opts), log=lambda s: None)
-    real = cnndsl.train._epoch
+    real = cnndsl.loop.run_epoch
 
     def killed_in_epoch_3(*args):
-        if args[6] == 3:  # the epoch
+        if args[7] == 3:  # the epoch
             raise KeyboardInterrupt
         return real(*args)
-    monkeypatch.setattr(cnndsl.train, "_epoch", killed_in_epoch_3)
+    monkeypatch.setattr(cnndsl.loop, "run_epoch", killed_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         train(DIGITS, Options(out=str(tmp_path / "cut"), **opts), log=lambda s: None)
-    monkeypatch.setattr(cnndsl.train, "_epoch", real)
+    monkeypatch.setattr(cnndsl.loop, "run_epoch", real)
     cut = train(DIGITS, Options(out=str(tmp_path / "cut"), resume="", **opts), log=lambda s: None)
     assert [h["lr"] for h in whole["history"]] == [h["lr"] for h in cut["history"]]
     assert whole["history"][0]["lr"] == 0.01 and whole["history"][-1]["lr"] == 0.0  # the base after warm-up; 0

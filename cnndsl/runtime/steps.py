@@ -45,10 +45,31 @@ def place(root: torch.nn.Module, name: str, layer: torch.nn.Module, scope=torch.
     root.add_module(leaf, layer)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels run in: x's, or inside torch.autocast for x's device the autocast
+    dtype when that is 16-bit and x fp32 (mixed precision: the fp32 parameters are the master
+    copies, the kernels read 16-bit copies, and the gradients flow back to fp32 through the casts)."""
+    kind = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(kind):
+        dtype = torch.get_autocast_dtype(kind)
+        if dtype in (torch.float16, torch.bfloat16):
+            return dtype
+    return x.dtype
+
+
+def _cast(value, dtype: torch.dtype):
+    """A parameter in the compute dtype (a differentiable copy); buffers, the batch norms' running
+    statistics, stay as they are (the kernels update them in any float dtype)."""
+    if isinstance(value, torch.nn.Parameter) and value.dtype != dtype:
+        return value.to(dtype)
+    return value
+
+
 def run_steps(steps, x, layers: dict, runners: dict, training: bool, caches: dict) -> torch.Tensor:
     """The output of `steps` for x (N, C, H, W): `layers` maps layer names to the modules holding
     the parameters, `runners` runner names to the runners, `caches` a step's group to its cache.
-    A value read by k > 1 steps is handed out as k aliases whose gradients `fork` adds."""
+    A value read by k > 1 steps is handed out as k aliases whose gradients `fork` adds. Under
+    torch.autocast the steps run in compute_dtype(x), and so does the output."""
     readers = {0: 0}
     for step in steps:
         for i in step.inputs:
@@ -61,11 +82,12 @@ def run_steps(steps, x, layers: dict, runners: dict, training: bool, caches: dic
         k = readers.get(i, 0)
         values[i] = list(runners["fork"](value, k)) if k > 1 else [value]
 
-    keep(0, x.permute(0, 2, 3, 1).contiguous())  # (N, H, W, C)
+    dtype = compute_dtype(x)
+    keep(0, x.permute(0, 2, 3, 1).to(dtype).contiguous())  # (N, H, W, C)
     out = values[0][0]
     for step in steps:
         inputs = [values[i].pop() if i is not None else None for i in step.inputs]
-        params = [getattr(layers[p[0]], p[1]) if p is not None else None for p in step.params]
+        params = [_cast(getattr(layers[p[0]], p[1]), dtype) if p is not None else None for p in step.params]
         # a step trains unless a layer of it is held in eval mode (a frozen batch norm)
         trains = training and all(layers[p[0]].training for p in step.params if p is not None)
         state = StepState(trains, grad, caches, step.group, step.text)
