@@ -4,6 +4,7 @@ an uninterrupted one; normalisation by the training split's statistics is kept i
 and applied by `cnndsl eval` and, in ONNX, by `cnndsl export`."""
 
 import json
+import shlex
 import struct
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from cnndsl.cli import main
 from cnndsl.errors import CnnInputError, CnnTrainError
 from cnndsl.evaluate import evaluate
 from cnndsl.train import Options, train
+
+from test_data_cifar import write_cifar
 
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits.cnn"
 QUIET = lambda *_: None
@@ -108,3 +111,24 @@ def test_a_checkpoint_with_bad_statistics_is_refused(tmp_path):
 def test_the_command_line_names_a_bad_augmentation(tmp_path, capsys):
     assert main(["train", str(DIGITS), "--augment", "rotate", "--out", str(tmp_path)]) == 1
     assert "--augment takes crop, flip" in capsys.readouterr().err
+
+
+def test_the_readmes_cifar_commands_run_as_written(tmp_path, monkeypatch):
+    """The README's CIFAR-10 block on a small stand-in for cifar-10-batches-py (the real files are
+    not downloaded in tests), one epoch instead of its twenty, with the options it gives for a CPU."""
+    text = (DIGITS.parents[1] / "README.md").read_text().split("CIFAR-10, from its python files", 1)[1]
+    block = text.split("```", 2)[1].replace("\\\n", " ")
+    commands = [shlex.split(line)[1:] for line in block.splitlines() if line.startswith("cnndsl ")]
+    assert [c[0] for c in commands] == ["train", "eval"] and "--augment" in commands[0]
+    train_args = commands[0]
+    train_args[train_args.index("--epochs") + 1] = "1"
+    cpu = text.split("On a CPU", 1)[1].split("`")
+    assert cpu[1] == "--backend torch" and cpu[3] == "--dtype fp32"
+    train_args += ["--backend", "torch", "--dtype", "fp32"]
+    (tmp_path / "examples").symlink_to(DIGITS.parent)
+    write_cifar(tmp_path / "cifar-10-batches-py", n=30)
+    monkeypatch.chdir(tmp_path)
+    assert main(train_args) == 0
+    saved = ckpt.load(tmp_path / "runs/cifar/last.pt")
+    assert saved["normalize"]["mean"].shape == (3,) and saved["config"]["augment"] == "crop,flip"
+    assert main([*commands[1], "--backend", "torch"]) == 0
