@@ -94,7 +94,8 @@ def _prune(configs, named_args, **kwargs):
           prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics({"EVEN_K": lambda a: a["CIN_G"] % a["BLOCK_K"] == 0,
                     "EVEN_N": lambda a: a["COUT_G"] % a["BLOCK_N"] == 0,
-                    "ONE_CB": lambda a: a["CIN_G"] <= a["BLOCK_K"]})
+                    # (only where an on-load transform has coefficients to hoist: no other path compiles twice)
+                    "ONE_CB": lambda a: a["CIN_G"] <= a["BLOCK_K"] and bool(a["PROLOGUE"] or a["GRAD_PRO"])})
 @triton.jit
 def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
                  M, H, W, CIN, OH, OW, COUT, CIN_G, COUT_G,  # src (N, H, W, CIN) -> dst (N, OH, OW, COUT)
