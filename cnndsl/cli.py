@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import api, runconfig
+from . import api, cli_tools, runconfig
 from .errors import CnnError, CnnInputError
 
 
@@ -264,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("-o", "--output", help="where to write the module (default: standard output)")
     _fusion_options(em)
     em.set_defaults(run=_emit)
+    cli_tools.add_commands(sub, _fusion_options)
     return p
 
 

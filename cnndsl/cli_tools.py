@@ -1,0 +1,64 @@
+"""The command line's editor and picture tools: `cnndsl draw` (draw.py) and `cnndsl fmt`
+(fmt.py), registered by cli.py."""
+
+import sys
+from pathlib import Path
+
+from . import api
+from .errors import CnnInputError
+
+
+def _draw(args) -> int:
+    from .draw import dot, write
+    from .plan import plan
+    net = api.parse(Path(args.file))
+    text = dot(net, plan(net, False if args.no_fuse else "block" if args.block_fusion else True))
+    if args.output in (None, "-"):
+        print(text, end="")
+        return 0
+    try:
+        print(f"wrote {write(text, args.output)}", file=sys.stderr)
+    except OSError as err:
+        raise CnnInputError(f"cannot write {args.output}: {err.strerror}") from None
+    return 0
+
+
+def _fmt(args) -> int:
+    from .fmt import format_source
+    changed = []
+    for name in args.files:
+        path = Path(name)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise CnnInputError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+        formatted = format_source(text, str(path))
+        if formatted != text:
+            changed.append(path)
+            if not args.check:
+                path.write_text(formatted, encoding="utf-8")
+    verb = "would reformat" if args.check else "reformatted"
+    for path in changed:
+        print(f"{verb} {path}", file=sys.stderr)
+    print(f"{len(changed)} of {len(args.files)} file(s) {verb}", file=sys.stderr)
+    return 1 if args.check and changed else 0
+
+
+def add_commands(sub, fusion_options) -> None:
+    """Register draw and fmt on the subparsers `sub`; fusion_options adds --no-fuse/--block-fusion."""
+    dr = sub.add_parser("draw", help="draw the network: layers, shapes, branches and fused groups",
+                        description="Write the network as a graph: each layer with its output shape, edges as the "
+                                    "data flows (branches, residuals), each fused group of the plan as a cluster. "
+                                    "DOT text always; .svg and .png through Graphviz's dot, if it is installed.")
+    dr.add_argument("file", help="the .cnn file")
+    dr.add_argument("-o", "--output", help="net.dot, net.svg or net.png (default: DOT on standard output)")
+    fusion_options(dr)
+    dr.set_defaults(run=_draw)
+    fm = sub.add_parser("fmt", help="lay out .cnn files canonically (indentation, spacing, aligned comments)",
+                        description="Rewrite .cnn files in the canonical layout: four spaces per block level, one "
+                                    "space between words, comments kept and aligned. The network each file "
+                                    "describes is checked to be unchanged; a file that does not compile is not "
+                                    "touched.")
+    fm.add_argument("files", nargs="+", metavar="FILE", help="the .cnn files")
+    fm.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file is not canonical")
+    fm.set_defaults(run=_fmt)

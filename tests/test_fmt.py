@@ -1,0 +1,116 @@
+"""`cnndsl fmt`: canonical layout, idempotent on every example and every ```cnn block of the docs
+that compiles, the network unchanged (its identity) and every comment kept; a file that does not
+compile is refused and left alone; --check changes nothing."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+import cnndsl
+from cnndsl.cli import main
+from cnndsl.errors import CnnError
+from cnndsl.fmt import format_source
+from cnndsl.resume import network_identity
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.cnn"))
+
+
+def _compiles(text):
+    try:
+        cnndsl.parse(text)
+    except CnnError:
+        return False
+    return True
+
+
+DOC_BLOCKS = [b for b in re.findall(r"```cnn\n(.*?)```", (ROOT / "docs" / "language.md").read_text(), re.DOTALL)
+              if b.lstrip().startswith("network") and _compiles(b)]
+
+
+@pytest.mark.parametrize("text", [p.read_text() for p in EXAMPLES] + DOC_BLOCKS,
+                         ids=[p.stem for p in EXAMPLES] + [f"doc{i}" for i in range(len(DOC_BLOCKS))])
+def test_idempotent_and_the_same_network(text):
+    once = format_source(text)
+    assert format_source(once) == once
+    assert network_identity(cnndsl.parse(once)) == network_identity(cnndsl.parse(text))
+    assert [line.split("#", 1)[1] for line in once.splitlines() if "#" in line] == \
+        [line.split("#", 1)[1] for line in text.splitlines() if "#" in line]
+
+
+def test_the_examples_are_canonical():
+    assert all(format_source(p.read_text()) == p.read_text() for p in EXAMPLES)
+
+
+MESSY = """
+
+network  messy   # a network
+input 3x8x8
+# blocks
+block cb( c ,s=1 ){
+conv c   3 stride = s pad=1   # the conv
+        relu
+}
+stem :cb(8,s = 2)x2     # two
+residual{
+  conv 8 3 pad=1
+  batchnorm
+}   shortcut   {
+}
+gate {
+global_avgpool
+conv 2   1
+relu
+conv 8 1
+sigmoid
+}
+conv 8 3 \\
+    pad=1
+
+
+flatten
+dense 10    x 1
+"""
+
+CANONICAL = """network messy  # a network
+input 3x8x8
+# blocks
+block cb(c, s=1) {
+    conv c 3 stride=s pad=1  # the conv
+    relu
+}
+stem: cb(8, s=2) x2          # two
+residual {
+    conv 8 3 pad=1
+    batchnorm
+} shortcut {
+}
+gate {
+    global_avgpool
+    conv 2 1
+    relu
+    conv 8 1
+    sigmoid
+}
+conv 8 3 pad=1
+
+flatten
+dense 10 x1
+"""
+
+
+def test_the_layout():
+    assert format_source(MESSY) == CANONICAL
+
+
+def test_the_command_line(tmp_path, capsys):
+    good, bad = tmp_path / "good.cnn", tmp_path / "bad.cnn"
+    good.write_text(MESSY)
+    bad.write_text("network b\ninput 1x4x4\nconv 4 3 pad=1\nflaten\n")
+    assert main(["fmt", "--check", str(good)]) == 1 and good.read_text() == MESSY
+    assert "would reformat" in capsys.readouterr().err
+    assert main(["fmt", str(good)]) == 0 and good.read_text() == CANONICAL
+    assert main(["fmt", "--check", str(good)]) == 0
+    assert main(["fmt", str(bad)]) == 1 and "flaten" in capsys.readouterr().err
+    assert bad.read_text().endswith("flaten\n")  # left alone
