@@ -1,5 +1,5 @@
-"""The command line's editor and picture tools: `cnndsl draw` (draw.py) and `cnndsl fmt`
-(fmt.py), registered by cli.py."""
+"""The command line's editor and picture tools: `cnndsl draw` (draw.py), `cnndsl fmt` (fmt.py)
+and `cnndsl lsp` (lsp.py), registered by cli.py."""
 
 import sys
 from pathlib import Path
@@ -44,6 +44,16 @@ def _fmt(args) -> int:
     return 1 if args.check and changed else 0
 
 
+def _lsp(args) -> int:
+    try:
+        from .lsp import main
+    except ImportError as err:
+        raise CnnInputError(f"cnndsl lsp needs pygls ({err}): pip install 'cnndsl[editor]', or pip install "
+                            "pygls") from None
+    main()
+    return 0
+
+
 def add_commands(sub, fusion_options) -> None:
     """Register draw and fmt on the subparsers `sub`; fusion_options adds --no-fuse/--block-fusion."""
     dr = sub.add_parser("draw", help="draw the network: layers, shapes, branches and fused groups",
@@ -62,3 +72,9 @@ def add_commands(sub, fusion_options) -> None:
     fm.add_argument("files", nargs="+", metavar="FILE", help="the .cnn files")
     fm.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file is not canonical")
     fm.set_defaults(run=_fmt)
+    ls = sub.add_parser("lsp", help="run the language server for editors (stdio)",
+                        description="Run a Language Server Protocol server on standard input and output: the "
+                                    "compiler's errors as you type, hover (shape, parameters, fused group), go to a "
+                                    "block's definition, completion and the outline. Editors start it themselves "
+                                    "(editors/vscode/). Needs pygls: pip install 'cnndsl[editor]'.")
+    ls.set_defaults(run=_lsp)
