@@ -44,6 +44,9 @@ def _train(args) -> int:
     from .train import Options, train
     if args.file is None:
         raise CnnInputError("train needs the .cnn file, or --config with a config.json that names it")
+    if args.nproc is not None:  # torchrun runs this command again in each process
+        from .distributed import launch
+        return launch(args.argv, args.nproc)
     _quiet_interpreter_warning()
     opts = Options(data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
@@ -227,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "black), flip (mirrored left to right half the time), or both (the default: crop,flip)")
     tr.add_argument("--normalize", action="store_true", help="normalise each channel by the training split's "
                     "mean and standard deviation (kept in the checkpoint for eval and export)")
+    tr.add_argument("--nproc", type=int, metavar="N", help="train in N processes on this machine (torchrun; one "
+                    "per GPU): --batch-size is split among them; several machines: run torchrun yourself")
     tr.add_argument("--config", metavar="FILE", help="replay a run: the file and options its OUT/config.json "
                     "records (each run writes one); options given here win")
     tr.set_defaults(run=_train)
@@ -272,9 +277,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         if getattr(args, "config", None) is not None:  # train --config: its options, the command line's over them
             parser.train_parser.set_defaults(**runconfig.defaults(parser.train_parser, args.config))
             args = parser.parse_args(argv)
+            args.argv = list(sys.argv[1:] if argv is None else argv)
         return args.run(args)
     except CnnError as err:
         print(err.render(), file=sys.stderr)

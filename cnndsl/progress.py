@@ -9,9 +9,9 @@ from tqdm import tqdm
 
 
 class Progress:
-    def __init__(self, total: int, desc: str, file=None):
+    def __init__(self, total: int, desc: str, file=None, quiet: bool = False):
         file = sys.stderr if file is None else file
-        quiet = not (hasattr(file, "isatty") and file.isatty())
+        quiet = quiet or not (hasattr(file, "isatty") and file.isatty())
         self.bar = tqdm(total=total, desc=desc, unit="img", leave=False, file=file, disable=quiet,
                         dynamic_ncols=True)
         self.start, self.done = time.perf_counter(), 0

@@ -21,10 +21,12 @@ from . import (
     augment,
     checkpoint,
     data,
+    distributed,
     finetune,
     loop,
     metrics,
     plot,
+    recipe,
     resume,
     runconfig,
     rundir,
@@ -33,12 +35,6 @@ from . import (
 from .errors import CnnInputError, CnnTrainError
 from .loop import DTYPES
 
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-STATE_KEYS = {"sgd": frozenset({"momentum_buffer"}), "adam": frozenset({"step", "exp_avg", "exp_avg_sq"}),
-              "adamw": frozenset({"step", "exp_avg", "exp_avg_sq"})}  # torch's per-parameter state
-DEFAULT_OPTIMIZER = "adam"
-DEFAULT_LR = {"sgd": 0.05, "adam": 0.003, "adamw": 0.003}
-DEFAULT_MOMENTUM, DEFAULT_WEIGHT_DECAY = 0.9, 0.0
 CHECKPOINT = "last.pt"  # in the output folder
 CONFIG = "config.json"  # every option of the run, in the output folder (`cnndsl train --config`)
 METRICS, BEST = "metrics.csv", "best.pt"  # one row per epoch; the checkpoint of the best validation accuracy
@@ -79,8 +75,8 @@ class Options:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise CnnInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
-            raise CnnInputError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer is not None and self.optimizer not in recipe.OPTIMIZERS:
+            raise CnnInputError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(recipe.OPTIMIZERS)}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise CnnInputError(f"--lr must be a positive number, got {self.lr}")
         for name in ("momentum", "weight_decay"):
@@ -102,45 +98,6 @@ class Options:
             raise CnnInputError("--freeze-bn needs --freeze: it keeps the frozen layers' batch norms in eval mode")
 
 
-def _settle(opts: Options, ckpt: dict | None, path) -> Options:
-    """The options with the optimizer and its hyper-parameters filled in: those given, else the
-    checkpoint's when resuming (its state belongs to its optimizer), else the defaults."""
-    if ckpt is None:
-        name = opts.optimizer or DEFAULT_OPTIMIZER
-        base = {"lr": DEFAULT_LR[name], "momentum": DEFAULT_MOMENTUM, "weight_decay": DEFAULT_WEIGHT_DECAY}
-    else:
-        name, base = _saved_recipe(ckpt["config"], path)
-        if opts.optimizer not in (None, name):
-            raise CnnTrainError(f"{path} was trained with --optimizer {name}, not {opts.optimizer}: its optimizer "
-                                f"state does not carry over; leave out --optimizer to continue with {name}, or "
-                                f"train with {opts.optimizer} from the start in another --out")
-    given = {k: getattr(opts, k) for k in base if getattr(opts, k) is not None}
-    return replace(opts, optimizer=name, **{**base, **given})
-
-
-def _saved_recipe(config: dict, path) -> tuple[str, dict]:
-    """The optimizer and hyper-parameters a checkpoint's config records, checked."""
-    name = config.get("optimizer")
-    if name not in OPTIMIZERS:
-        raise CnnTrainError(f"{path}: its config names the optimizer {name!r:.40}; expected one of "
-                            f"{', '.join(OPTIMIZERS)}")
-    base = {}
-    for key, positive in (("lr", True), ("momentum", False), ("weight_decay", False)):
-        value = config.get(key)
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                and (value > 0 if positive else value >= 0)):
-            raise CnnTrainError(f"{path}: its config's {key} is {value!r:.40}; expected a number "
-                                f"{'> 0' if positive else '>= 0'}")
-        base[key] = value
-    return name, base
-
-
-def _optimizer(opts: Options, params):
-    """opts settled (_settle)."""
-    extra = {"momentum": opts.momentum} if opts.optimizer == "sgd" else {}
-    return OPTIMIZERS[opts.optimizer](params, lr=opts.lr, weight_decay=opts.weight_decay, **extra)
-
-
 def tensors_of(ds: data.Dataset, model, norm: augment.Normalize | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The images (normalised by `norm`, in fp32) and labels on the model's device, in its dtype."""
     x = torch.from_numpy(ds.x).to(model.device)
@@ -152,6 +109,19 @@ def classes_of(net) -> int:
         raise CnnInputError(f"{net.name}: a classifier's output is one score per class, but this network's "
                             f"is {'x'.join(map(str, net.output_shape))}; end it with flatten and dense")
     return net.output_shape[0]
+
+
+def _record(ckpt_path: Path, net, epoch: int, model, optimizer, config, history, norm, scaler, best) -> None:
+    """Rank 0's files after an epoch: the checkpoint, metrics.csv, the curves, best.pt."""
+    checkpoint.save(ckpt_path, network=resume.network_record(net), source=net.source, epoch=epoch,
+                    model=model.state_dict(), optimizer=optimizer.state_dict(), rng=torch.get_rng_state(),
+                    config=config, history=history, normalize=norm.record() if norm is not None else None,
+                    scaler=scaler.state_dict() or None)
+    metrics.write_csv(ckpt_path.parent / METRICS, history)
+    if plot.available():
+        plot.draw([ckpt_path.parent], ckpt_path.parent / CURVES)
+    if best == epoch:
+        metrics.keep_best(ckpt_path, ckpt_path.parent / BEST)
 
 
 def _normalization(opts: Options, ckpt: dict | None, x: torch.Tensor, log) -> augment.Normalize | None:
@@ -182,7 +152,7 @@ def _resume(ckpt: dict, path: Path, net, file, model, optimizer, kind: str) -> t
     RNG, after checking that each part fits; -> (epochs done, history)."""
     resume.check_model(ckpt, model.state_dict(), path, cast=False)
     resume.check_network(ckpt, net, path, file)
-    resume.check_optimizer(ckpt, optimizer, STATE_KEYS[kind], path)
+    resume.check_optimizer(ckpt, optimizer, recipe.STATE_KEYS[kind], path)
     if ckpt["source"] != net.source:
         print(f"note: {path} was written from a different version of the network file; the network is the "
               "same, continuing", file=sys.stderr)
@@ -199,17 +169,28 @@ def _resume(ckpt: dict, path: Path, net, file, model, optimizer, kind: str) -> t
 
 
 def train(file: str | Path, opts: Options = Options(), log=print) -> dict:
-    """Train the network in `file`; returns {"test_accuracy", "history", "checkpoint"}."""
+    """Train the network in `file`; returns {"test_accuracy", "history", "checkpoint"}. Under
+    torchrun, each process trains its part of every batch (distributed.py)."""
     opts.validate()
     net = api.parse(Path(file))
     out = Path(opts.out) if opts.out else Path("runs") / net.name
-    with rundir.claim(out, (f"{CHECKPOINT}.*.tmp", f"{BEST}.*.tmp")) as stale:
-        if stale:
-            log(f"removed {len(stale)} temporary file(s) an interrupted run left in {out}: {', '.join(stale)}")
-        return _run(file, net, out / CHECKPOINT, opts, log)
+    w = distributed.world()
+    distributed.check_batch(opts.batch_size, w)
+    opts = replace(opts, device=distributed.join(w, opts.device))
+    try:
+        if not w.leader:  # rank 0 prints and writes; the others train
+            return _run(file, net, out / CHECKPOINT, opts, lambda *_: None, w)
+        with rundir.claim(out, (f"{CHECKPOINT}.*.tmp", f"{BEST}.*.tmp")) as stale:
+            if stale:
+                log(f"removed {len(stale)} temporary file(s) an interrupted run left in {out}: {', '.join(stale)}")
+            return _run(file, net, out / CHECKPOINT, opts, log, w)
+    except torch.distributed.DistError as err:
+        raise distributed.broken(err, w) from None
+    finally:
+        distributed.leave(w)
 
 
-def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
+def _run(file, net, ckpt_path: Path, opts: Options, log, w: distributed.World) -> dict:
     if opts.classes is not None:
         net = finetune.with_classes(net, opts.classes)
     log(net.summary())
@@ -218,7 +199,7 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
     if opts.resume is not None:
         resume_from = Path(opts.resume) if opts.resume else ckpt_path
         ckpt = checkpoint.load(resume_from)
-    opts = _settle(opts, ckpt, resume_from)
+    opts = recipe.settle(opts, ckpt, resume_from)
     train_set, test_set = data.load(opts.data)
     if opts.only_classes:
         train_set, test_set = (finetune.only_classes(ds, opts.only_classes) for ds in (train_set, test_set))
@@ -241,14 +222,15 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
         frozen = finetune.freeze(model, opts.freeze.split(","), opts.freeze_bn)
         log(f"frozen: {len(frozen)} layers ({frozen[0]} .. {frozen[-1]}), their parameters take no gradient"
             + (" and their batch norms run on running statistics" if opts.freeze_bn else ""))
-    optimizer = _optimizer(opts, finetune.trainable(model))
+    optimizer = recipe.make(opts, finetune.trainable(model))
     done, history = 0, []
     if ckpt is not None:
         done, history = _resume(ckpt, resume_from, net, file, model, optimizer, opts.optimizer)
         log(f"resumed from {resume_from} after epoch {done} ({opts.optimizer}, lr {opts.lr:g})")
     x, y = tensors_of(train_set, model)
     config = {k: v for k, v in asdict(opts).items() if k != "resume"}
-    runconfig.write(ckpt_path.parent / CONFIG, file, config)
+    if w.leader:
+        runconfig.write(ckpt_path.parent / CONFIG, file, config)
     xv, yv = tensors_of(val_set, model) if val_set is not None else (None, None)
     xt, yt = tensors_of(test_set, model)
     norm = _normalization(opts, ckpt, x, log)
@@ -260,6 +242,10 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
     scheduler = schedule.make(optimizer, opts.sched, opts.epochs, -(-len(y) // opts.batch_size), opts.warmup_epochs,
                               done)
     scaler = loop.grad_scaler(model, opts.dtype, ckpt.get("scaler") if ckpt is not None else None)
+    step_fn = distributed.stepper(model, w)  # after the resumed weights: DDP sends rank 0's to every rank
+    if w.size > 1:
+        log(f"processes: {w.size} (torch.distributed), {opts.batch_size // w.size} images each of every batch "
+            f"of {opts.batch_size}")
     kinds = augment.parse(opts.augment)
     if opts.dtype != "fp32":
         log(f"precision: {opts.dtype} kernels on fp32 weights and optimizer state (torch.autocast)"
@@ -267,7 +253,7 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
     for epoch in range(done + 1, opts.epochs + 1):
         try:
             stats = loop.run_epoch(model, optimizer, scheduler, scaler, x, y, opts, epoch,
-                                   f"epoch {epoch}/{opts.epochs}", kinds, fill)
+                                   f"epoch {epoch}/{opts.epochs}", kinds, fill, step_fn, w)
         except CnnTrainError as err:
             kept = f"the last good checkpoint, {ckpt_path}, is kept" if ckpt_path.exists() else \
                 "no checkpoint was written"
@@ -280,19 +266,13 @@ def _run(file, net, ckpt_path: Path, opts: Options, log) -> dict:
         val = f"  val loss {stats['val_loss']:.4f}  val accuracy {stats['val_accuracy']:.4f}" if xv is not None else ""
         log(f"epoch {epoch}/{opts.epochs}  loss {stats['loss']:.4f}  accuracy {stats['accuracy']:.4f}{val}  "
             f"{stats['images_per_second']:,.0f} images/s  ({stats['seconds']:.1f} s)")
-        checkpoint.save(ckpt_path, network=resume.network_record(net), source=net.source, epoch=epoch,
-                        model=model.state_dict(), optimizer=optimizer.state_dict(), rng=torch.get_rng_state(),
-                        config=config, history=history, normalize=norm.record() if norm is not None else None,
-                        scaler=scaler.state_dict() or None)
-        metrics.write_csv(ckpt_path.parent / METRICS, history)
-        if plot.available():
-            plot.draw([ckpt_path.parent], ckpt_path.parent / CURVES)
         best = metrics.best_epoch(history)
-        if best == epoch:
-            metrics.keep_best(ckpt_path, ckpt_path.parent / BEST)
+        if w.leader:
+            _record(ckpt_path, net, epoch, model, optimizer, config, history, norm, scaler, best)
         if best is not None and opts.early_stop and epoch - best >= opts.early_stop:
             log(f"early stop: no better validation accuracy in {opts.early_stop} epochs (the best: epoch {best})")
             break
+
     with loop.autocast(model, opts.dtype):
         acc = metrics.validate(model, xt, yt, opts.batch_size)["val_accuracy"]
     log(f"checkpoint: {ckpt_path}, tested below" + (f"; the best by validation accuracy: {ckpt_path.parent / BEST}"

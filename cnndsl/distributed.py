@@ -1,0 +1,131 @@
+"""Training on several processes with torch.distributed: `torchrun --nproc_per_node N -m cnndsl
+train ...` (several machines: torchrun's --nnodes, --node_rank, --master_addr and --master_port,
+as its documentation says), or `cnndsl train --nproc N`, which runs torchrun for one machine.
+
+Each process holds the whole model (DistributedDataParallel: the gradients are averaged over the
+processes after every backward, the batch norms' running statistics are rank 0's); `--batch-size`
+is the global batch, split into equal contiguous parts of the same seeded epoch order, rank r
+taking part r. Rank 0 alone prints, writes checkpoints, metrics and curves, and holds the output
+folder's lock. Backends: NCCL on CUDA devices (each process on cuda:LOCAL_RANK), gloo on the CPU.
+Without --sync-bn a batch norm normalises by the statistics of its process's part of the batch,
+as DDP does (torch.nn.SyncBatchNorm is the other choice there)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .errors import CnnInputError, CnnTrainError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE = World(0, 1, 0)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise CnnInputError(f"{name}={value!r:.40} in the environment is not an integer (torchrun sets it)") from None
+
+
+def world() -> World:
+    """This process's place in the run, from torchrun's environment (one process without it)."""
+    size = _env_int("WORLD_SIZE", 1)
+    return World(_env_int("RANK", 0), size, _env_int("LOCAL_RANK", 0)) if size > 1 else SINGLE
+
+
+def join(w: World, device: str | None) -> str | None:
+    """Join the process group of a run of several processes; -> the device this process trains on."""
+    if w.size == 1:
+        return device
+    import torch.distributed as dist
+    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(w.local_rank)
+        return f"cuda:{w.local_rank}"
+    return "cpu"
+
+
+def leave(w: World) -> None:
+    if w.size > 1:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class LossModule(torch.nn.Module):
+    """The model's (loss, logits) as a forward, for DistributedDataParallel to wrap: DDP syncs the
+    gradients of what runs through its forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y):
+        return self.model.loss_and_logits(x, y)
+
+
+def stepper(model, w: World):
+    """What the loop calls for (loss, logits): the model itself, or it under DDP."""
+    if w.size == 1:
+        return model.loss_and_logits
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [model.device.index] if model.device.type == "cuda" else None
+    return DistributedDataParallel(LossModule(model), device_ids=ids)
+
+
+def part(idx: torch.Tensor, w: World) -> torch.Tensor:
+    """This process's contiguous part of a global batch's indices (they divide evenly: split_batch)."""
+    n = len(idx) // w.size
+    return idx[w.rank * n:(w.rank + 1) * n]
+
+
+def check_batch(batch_size: int, w: World) -> None:
+    if batch_size % w.size:
+        raise CnnInputError(f"--batch-size {batch_size} is the global batch of {w.size} processes: it must divide "
+                            f"evenly among them (use a multiple of {w.size})")
+
+
+def broken(err: Exception, w: World) -> CnnTrainError:
+    """The message for a collective that failed: another process of the run stopped."""
+    return CnnTrainError(f"rank {w.rank}: another process of the run stopped ({type(err).__name__}: "
+                         f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else 'no detail'}); "
+                         "the last checkpoint rank 0 wrote is intact: resume with --resume")
+
+
+def launch(argv: list[str], nproc: int) -> int:
+    """`cnndsl train --nproc N ...` (argv: the command line after `cnndsl`): torchrun on this
+    machine, N processes each running the same command without --nproc; its exit status."""
+    if nproc < 1:
+        raise CnnInputError(f"--nproc must be at least 1, got {nproc}")
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            kept.append(arg)
+    argv = kept
+    torchrun = shutil.which("torchrun")
+    command = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    return subprocess.call([*command, "--standalone", f"--nproc_per_node={nproc}", "--module", "cnndsl", *argv])
