@@ -54,7 +54,8 @@ def _train(args) -> int:
                    backend=args.backend, out=args.out, resume=args.resume, init=args.init, classes=args.classes,
                    freeze=args.freeze, freeze_bn=args.freeze_bn, only_classes=args.only_classes,
                    val_split=args.val_split, early_stop=args.early_stop, sched=args.sched,
-                   warmup_epochs=args.warmup_epochs, augment=args.augment, normalize=args.normalize)
+                   warmup_epochs=args.warmup_epochs, augment=args.augment, normalize=args.normalize,
+                   sync_bn=args.sync_bn)
     train(args.file, opts)
     return 0
 
@@ -232,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "mean and standard deviation (kept in the checkpoint for eval and export)")
     tr.add_argument("--nproc", type=int, metavar="N", help="train in N processes on this machine (torchrun; one "
                     "per GPU): --batch-size is split among them; several machines: run torchrun yourself")
+    tr.add_argument("--sync-bn", action="store_true", help="with several processes, batch norms normalise by the "
+                    "statistics of the whole batch, not each process's part")
     tr.add_argument("--config", metavar="FILE", help="replay a run: the file and options its OUT/config.json "
                     "records (each run writes one); options given here win")
     tr.set_defaults(run=_train)

@@ -8,10 +8,12 @@ is the global batch, split into equal contiguous parts of the same seeded epoch 
 taking part r. Rank 0 alone prints, writes checkpoints, metrics and curves, and holds the output
 folder's lock. Backends: NCCL on CUDA devices (each process on cuda:LOCAL_RANK), gloo on the CPU.
 Without --sync-bn a batch norm normalises by the statistics of its process's part of the batch,
-as DDP does (torch.nn.SyncBatchNorm is the other choice there)."""
+as DDP does; with it, by the global batch's, the fused kernels exchanging their statistics
+(kernels/sync.py: one all-gather per batch norm forward, one all-reduce backward)."""
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -51,23 +53,41 @@ def world() -> World:
     return World(_env_int("RANK", 0), size, _env_int("LOCAL_RANK", 0)) if size > 1 else SINGLE
 
 
-def join(w: World, device: str | None) -> str | None:
-    """Join the process group of a run of several processes; -> the device this process trains on."""
+def join(w: World, device: str | None, sync_bn: bool = False) -> str | None:
+    """Join the process group of a run of several processes (with sync_bn, its batch norms
+    synchronised: kernels/sync.py); -> the device this process trains on."""
     if w.size == 1:
         return device
     import torch.distributed as dist
+
+    from .kernels import sync
     cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
+    if sync_bn:
+        sync.enable(dist.group.WORLD)
+    signal.signal(signal.SIGTERM, lambda *_: _stopped(w))  # torchrun's way of ending the others
     if cuda:
         torch.cuda.set_device(w.local_rank)
         return f"cuda:{w.local_rank}"
     return "cpu"
 
 
+def _stopped(w: World):
+    """SIGTERM: say why and end at once. Raising instead would surface inside whatever runs (a
+    kernel, a collective) wrapped in its errors; a checkpoint being written stays the old one
+    (its temporary file goes with the next run), the folder's lock with the process."""
+    print(f"training error: rank {w.rank}: stopped by torchrun (SIGTERM), as another process of the run ended; "
+          "the last checkpoint rank 0 finished is intact: continue with --resume", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def leave(w: World) -> None:
     if w.size > 1:
         import torch.distributed as dist
+
+        from .kernels import sync
+        sync.disable()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -128,4 +148,9 @@ def launch(argv: list[str], nproc: int) -> int:
     argv = kept
     torchrun = shutil.which("torchrun")
     command = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    return subprocess.call([*command, "--standalone", f"--nproc_per_node={nproc}", "--module", "cnndsl", *argv])
+    status = subprocess.call([*command, "--standalone", f"--nproc_per_node={nproc}", "--module", "cnndsl", *argv])
+    if status:
+        print(f"training error: the run's {nproc} processes stopped (torchrun's exit status {status}; its report "
+              "above names the process that ended first); the last checkpoint in the output folder is intact: "
+              "continue with --resume", file=sys.stderr)
+    return status

@@ -69,6 +69,7 @@ class Options:
     sched: str = "none"  # a learning-rate schedule of schedule.py
     warmup_epochs: int = 0
     augment: str | None = None  # augment.KINDS, comma-separated
+    sync_bn: bool = False  # under torchrun: batch statistics over every process's part of the batch
     normalize: bool = False  # per-channel normalisation by the training split's statistics
 
     def validate(self) -> None:
@@ -94,6 +95,9 @@ class Options:
             raise CnnInputError(f"--sched must be one of {', '.join(schedule.SCHEDULES)} and --warmup-epochs at "
                                 f"least 0, got {self.sched!r} and {self.warmup_epochs}")
         augment.parse(self.augment)
+        if self.sync_bn and self.backend != "triton":
+            raise CnnInputError("--sync-bn synchronises the triton backend's fused batch norms; the torch backend "
+                                "trains without it (or convert its model with torch.nn.SyncBatchNorm)")
         if self.freeze_bn and not self.freeze:
             raise CnnInputError("--freeze-bn needs --freeze: it keeps the frozen layers' batch norms in eval mode")
 
@@ -176,7 +180,7 @@ def train(file: str | Path, opts: Options = Options(), log=print) -> dict:
     out = Path(opts.out) if opts.out else Path("runs") / net.name
     w = distributed.world()
     distributed.check_batch(opts.batch_size, w)
-    opts = replace(opts, device=distributed.join(w, opts.device))
+    opts = replace(opts, device=distributed.join(w, opts.device, opts.sync_bn))
     try:
         if not w.leader:  # rank 0 prints and writes; the others train
             return _run(file, net, out / CHECKPOINT, opts, lambda *_: None, w)
@@ -245,7 +249,7 @@ def _run(file, net, ckpt_path: Path, opts: Options, log, w: distributed.World) -
     step_fn = distributed.stepper(model, w)  # after the resumed weights: DDP sends rank 0's to every rank
     if w.size > 1:
         log(f"processes: {w.size} (torch.distributed), {opts.batch_size // w.size} images each of every batch "
-            f"of {opts.batch_size}")
+            f"of {opts.batch_size}" + (", batch norm synchronised" if opts.sync_bn else ""))
     kinds = augment.parse(opts.augment)
     if opts.dtype != "fp32":
         log(f"precision: {opts.dtype} kernels on fp32 weights and optimizer state (torch.autocast)"

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ..specs import NO_ACT, Act
+from . import sync
 from ._common import (
     ELEMENTWISE_CONFIGS,
     autotune,
@@ -131,10 +132,24 @@ def _partials(dy, x, mean, act: Act = NO_ACT, scale=None, shift=None):
     return part
 
 
-def _merge(part, x, var, eps, weight, params, center=None, scale=None, mean=None):
+def _merge(part, x, var, eps, weight, params, center=None, scale=None, mean=None, train=True):
     """sums (2, C) [dbias, dweight] of the partials, and with params dweight, dbias in weight's dtype
-    (x's without one); with `center` (3, C), dx's coefficients there (batchnorm_backward_on_load)."""
-    M, C = x.shape
+    (x's without one); with `center` (3, C), dx's coefficients there (batchnorm_backward_on_load).
+    Synchronised in training (sync.py): dweight, dbias of this process's rows, the sums and
+    center of every process's."""
+    M = x.shape[0]
+    if train and sync.on():
+        _, dw, db = _merge_kernel(part, x, var, eps, weight, params, None, None, None, M) if params else \
+            (None, None, None)
+        sums, _, _ = _merge_kernel(sync.sums(part.clone()), x, var, eps, weight, False, center, scale, mean,
+                                   sync.total(M))
+        return sums, dw, db
+    return _merge_kernel(part, x, var, eps, weight, params, center, scale, mean, M)
+
+
+def _merge_kernel(part, x, var, eps, weight, params, center, scale, mean, rows):
+    """_merge's one launch; `rows` the count behind the partials (every process's when synchronised)."""
+    C = x.shape[1]
     sums = torch.empty((2, C), device=x.device, dtype=torch.float32)
     dw = db = None
     if params:
@@ -144,7 +159,7 @@ def _merge(part, x, var, eps, weight, params, center=None, scale=None, mean=None
         _bn_bwd_merge_kernel[(triton.cdiv(C, _MERGE["BLOCK_C"]),)](
             part, var, sums, sums if dw is None else dw, sums if db is None else db, C, part.shape[1], float(eps),
             sums if scale is None else scale, sums if mean is None else mean, sums if center is None else center,
-            1.0 / max(M, 1), WRITE_PARAMS=params, CENTER=center is not None, **_MERGE)
+            1.0 / max(rows, 1), WRITE_PARAMS=params, CENTER=center is not None, **_MERGE)
     return sums, dw, db
 
 
@@ -153,10 +168,11 @@ def _finish(part, dy, x, mean, var, eps, weight, params, train):
     gradients nor training, nothing to merge) into dbias, dweight, then the elementwise dx."""
     M, C = x.shape
     dx = torch.empty_like(x)
-    sums, dw, db = (dx, None, None) if part is None else _merge(part, x, var, eps, weight, params)
+    sums, dw, db = (dx, None, None) if part is None else _merge(part, x, var, eps, weight, params, train=train)
+    rows = sync.total(M) if train else M  # the sums' rows: every process's when synchronised
     if x.numel():
         _bn_bwd_kernel[lambda meta: (triton.cdiv(x.numel(), meta["BLOCK"]),)](
-            dy, x, mean, var, x if weight is None else weight, sums, dx, x.numel(), C, 1.0 / max(M, 1),
+            dy, x, mean, var, x if weight is None else weight, sums, dx, x.numel(), C, 1.0 / max(rows, 1),
             float(eps), TRAIN=train, HAS_WEIGHT=weight is not None)
     return dx, dw, db
 
@@ -204,7 +220,7 @@ def batchnorm_backward_from_partials(part, dy, x, mean, var, eps, weight, need_p
 
 def _on_load(part, x, mean, var, eps, weight, params, train, scale):
     center = torch.empty((3, x.shape[1]), device=x.device, dtype=torch.float32) if train else None
-    _, dw, db = _merge(part, x, var, eps, weight, params, center, scale, mean)
+    _, dw, db = _merge(part, x, var, eps, weight, params, center, scale, mean, train)
     return center, dw, db
 
 

@@ -1,8 +1,10 @@
 """Training in several processes (cnndsl/distributed.py): `cnndsl train --nproc 2` runs torchrun
 with two gloo processes on the CPU, each taking half of every global batch; DDP averages their
-gradients, so (no batch norm here) the weights after an epoch equal one process training on the
-whole batches, within fp32 rounding. Rank 0 alone writes the run's files. A global batch that the
-processes cannot share evenly is refused before anything starts."""
+gradients, so without batch norm, and with batch norm under --sync-bn (kernels/sync.py), the
+weights and running statistics after the epochs equal one process training on the whole
+batches, within fp32 rounding; without --sync-bn each half is normalised by its own statistics,
+as DDP means. Rank 0 alone writes the run's files. A global batch that the processes cannot
+share evenly is refused before anything starts."""
 
 import subprocess
 import sys
@@ -15,46 +17,82 @@ from cnndsl import checkpoint as ckpt
 from cnndsl.errors import CnnInputError
 from cnndsl.train import Options, train
 
-NET = """network tiny
+BN = """network tiny_bn
 input 1x6x6
-conv 4 3 pad=1
+conv 4 3 pad=1 bias=false
+batchnorm
+relu
+conv 4 3 pad=1 bias=false
+batchnorm
 relu
 flatten
 dense 3
 """
 
 
-@pytest.fixture
-def files(tmp_path):
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    """(the network file, the .npz set)."""
+    tmp_path = tmp_path_factory.mktemp("dist")
     rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 80)
+    y = rng.integers(0, 3, 80)  # 64 training images (the 80/20 split): four whole batches of 16
     x = rng.normal(0, 0.5, (80, 1, 6, 6)).astype(np.float32)
     x[np.arange(80), 0, y] += 2.0
     np.savez(tmp_path / "set.npz", x=x, y=y)
-    (tmp_path / "tiny.cnn").write_text(NET)
-    return tmp_path / "tiny.cnn", tmp_path / "set.npz"
+    (tmp_path / "tiny_bn.cnn").write_text(BN)
+    return tmp_path / "tiny_bn.cnn", tmp_path / "set.npz"
 
 
-def test_two_processes_train_as_one_on_the_whole_batch(files, tmp_path):
-    net, data = files
+@pytest.fixture(scope="module")
+def files(paths, tmp_path_factory):
+    """(the network file, the .npz set, the weights of one process trained on the whole batches)."""
+    one = train(paths[0], Options(data=str(paths[1]), **RUN, out=str(tmp_path_factory.mktemp("one"))),
+                log=lambda *_: None)
+    return *paths, ckpt.load(one["checkpoint"])["model"]
+
+
+RUN = {"epochs": 2, "batch_size": 16, "val_split": 0.0, "device": "cpu"}
+
+
+def _two(net, data, out, *extra):
     args = ["train", str(net), "--data", str(data), "--epochs", "2", "--batch-size", "16", "--val-split", "0",
-            "--device", "cpu"]
-    run = subprocess.run([sys.executable, "-m", "cnndsl", *args, "--nproc", "2", "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=600, check=False)
+            "--device", "cpu", "--out", str(out), *extra]
+    run = subprocess.run([sys.executable, "-m", "cnndsl", *args, "--nproc", "2"], capture_output=True, text=True,
+                         timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("test accuracy:") == 1  # rank 0 alone prints
     assert "processes: 2 (torch.distributed), 8 images each of every batch of 16" in run.stdout
-    one = train(net, Options(data=str(data), epochs=2, batch_size=16, val_split=0.0, device="cpu",
-                             out=str(tmp_path / "one")), log=lambda *_: None)
-    a, b = ckpt.load(tmp_path / "two" / "last.pt"), ckpt.load(one["checkpoint"])
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
-    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "two").iterdir())
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir())
+    return ckpt.load(out / "last.pt")["model"], run.stdout
 
 
-def test_a_batch_the_processes_cannot_share_is_refused(files, monkeypatch):
-    net, data = files
+def test_synchronised_batch_norm_trains_as_one_process_on_the_whole_batch(files, tmp_path):
+    net, data, one = files
+    two, out = _two(net, data, tmp_path / "sync", "--sync-bn")
+    assert "batch norm synchronised" in out
+    for k in two:  # weights and running statistics alike: the gradients averaged, the statistics global
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_without_sync_each_process_normalises_its_own_part(files, tmp_path):
+    net, data, one = files
+    two, _ = _two(net, data, tmp_path / "local")
+    assert not torch.allclose(two["batchnorm1.running_var"], one["batchnorm1.running_var"], rtol=1e-4)
+    assert torch.isfinite(two["dense1.weight"]).all()
+
+
+def test_a_batch_the_processes_cannot_share_is_refused(paths, monkeypatch):
+    net, data = paths
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(CnnInputError, match="--batch-size 15 is the global batch of 2 processes"):
         train(net, Options(data=str(data), batch_size=15))
+
+
+def test_a_run_whose_process_ended_says_so(monkeypatch, capsys):
+    from cnndsl import distributed
+    calls = []
+    monkeypatch.setattr(distributed.subprocess, "call", lambda cmd: calls.append(cmd) or 1)
+    assert distributed.launch(["train", "net.cnn", "--nproc", "2", "--epochs", "3"], 2) == 1
+    assert calls[0][-4:] == ["train", "net.cnn", "--epochs", "3"] and "--nproc_per_node=2" in calls[0]
+    assert "the last checkpoint in the output folder is intact: continue with --resume" in capsys.readouterr().err
