@@ -65,7 +65,7 @@ def join(w: World, device: str | None, sync_bn: bool = False) -> str | None:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     if sync_bn:
-        sync.enable(dist.group.WORLD)
+        sync.sync_enable(dist.group.WORLD)
     signal.signal(signal.SIGTERM, lambda *_: _stopped(w))  # torchrun's way of ending the others
     if cuda:
         torch.cuda.set_device(w.local_rank)
@@ -87,7 +87,7 @@ def leave(w: World) -> None:
         import torch.distributed as dist
 
         from .kernels import sync
-        sync.disable()
+        sync.sync_disable()
         if dist.is_initialized():
             dist.destroy_process_group()
 

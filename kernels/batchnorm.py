@@ -15,7 +15,6 @@ import triton
 import triton.language as tl
 from torch.autograd.graph import increment_version
 
-from . import sync
 from ._common import (
     ELEMENTWISE_CONFIGS,
     INTERPRET,
@@ -24,6 +23,7 @@ from ._common import (
     check_tensor,
     elementwise_tiles,
 )
+from .sync import sync_moments, sync_total
 
 _TILE_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=w, num_stages=s)
                  for m, c, w, s in ((64, 64, 4, 3), (128, 32, 4, 3), (32, 128, 4, 3), (256, 16, 4, 3),
@@ -171,7 +171,7 @@ def batchnorm_stats(x):
     if C:  # M == 0 gives mean 0, var nan
         _bn_stats_merge_kernel[(triton.cdiv(C, _MERGE["BLOCK_C"]),)](x[:1], part, mean, var, M, C, rows, n_tiles,
                                                                      **_MERGE)  # reads row 0 only
-    return sync.moments(mean, var, M)
+    return sync_moments(mean, var, M)
 
 
 def batchnorm_update_running(mean, var, running_mean, running_var, num_batches_tracked, momentum, count):
@@ -193,7 +193,7 @@ def batchnorm_update_running(mean, var, running_mean, running_var, num_batches_t
                       f"value per channel for {C} channels")
     check(momentum is None or isinstance(momentum, (int, float)), f"momentum: expected a number or None, got "
                                                                   f"{momentum!r}")
-    count = sync.total(count)  # the statistics' rows: every process's when synchronised
+    count = sync_total(count)  # the statistics' rows: every process's when synchronised
     _bn_update_running_kernel[(1,)](mean, var, running_mean, running_var, num_batches_tracked, C,
                                     float(momentum or 0.0), count / max(count - 1, 1),
                                     CUMULATIVE=momentum is None, UPDATE=count > 0 and C > 0, BLOCK=1024)
@@ -237,4 +237,4 @@ def batchnorm_merge_stats(part, rows, M):
     if C:  # M == 0 gives mean 0, var nan
         _bn_stats_merge_kernel[(triton.cdiv(C, _MERGE["BLOCK_C"]),)](shift, part, mean, var, M, C, rows, n_tiles,
                                                                      **_MERGE)
-    return sync.moments(mean, var, M)
+    return sync_moments(mean, var, M)

@@ -11,7 +11,6 @@ import triton
 import triton.language as tl
 
 from ..specs import NO_ACT, Act
-from . import sync
 from ._common import (
     ELEMENTWISE_CONFIGS,
     autotune,
@@ -28,6 +27,7 @@ from .batchnorm import (
     _check_channels,
     _tiles,
 )
+from .sync import sync_on, sync_sums, sync_total
 
 
 @autotune(_TILE_CONFIGS, key=["M", "C", "ACT"], interpret=_TILE_INTERPRET)
@@ -138,11 +138,11 @@ def _merge(part, x, var, eps, weight, params, center=None, scale=None, mean=None
     Synchronised in training (sync.py): dweight, dbias of this process's rows, the sums and
     center of every process's."""
     M = x.shape[0]
-    if train and sync.on():
+    if train and sync_on():
         _, dw, db = _merge_kernel(part, x, var, eps, weight, params, None, None, None, M) if params else \
             (None, None, None)
-        sums, _, _ = _merge_kernel(sync.sums(part.clone()), x, var, eps, weight, False, center, scale, mean,
-                                   sync.total(M))
+        sums, _, _ = _merge_kernel(sync_sums(part.clone()), x, var, eps, weight, False, center, scale, mean,
+                                   sync_total(M))
         return sums, dw, db
     return _merge_kernel(part, x, var, eps, weight, params, center, scale, mean, M)
 
@@ -169,7 +169,7 @@ def _finish(part, dy, x, mean, var, eps, weight, params, train):
     M, C = x.shape
     dx = torch.empty_like(x)
     sums, dw, db = (dx, None, None) if part is None else _merge(part, x, var, eps, weight, params, train=train)
-    rows = sync.total(M) if train else M  # the sums' rows: every process's when synchronised
+    rows = sync_total(M) if train else M  # the sums' rows: every process's when synchronised
     if x.numel():
         _bn_bwd_kernel[lambda meta: (triton.cdiv(x.numel(), meta["BLOCK"]),)](
             dy, x, mean, var, x if weight is None else weight, sums, dx, x.numel(), C, 1.0 / max(rows, 1),

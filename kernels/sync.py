@@ -22,19 +22,19 @@ class _Sync:
 SYNC = _Sync()
 
 
-def enable(group) -> None:
+def sync_enable(group) -> None:
     SYNC.group = group
 
 
-def disable() -> None:
+def sync_disable() -> None:
     SYNC.group = None
 
 
-def on() -> bool:
+def sync_on() -> bool:
     return SYNC.group is not None
 
 
-def total(count: int) -> int:
+def sync_total(count: int) -> int:
     """The rows of all processes, each holding `count` (the processes' parts are equal)."""
     if SYNC.group is None:
         return count
@@ -42,7 +42,7 @@ def total(count: int) -> int:
     return count * dist.get_world_size(SYNC.group)
 
 
-def moments(mean: torch.Tensor, var: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sync_moments(mean: torch.Tensor, var: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The global (mean, biased var) (C,) fp32 from this process's, over `count` rows."""
     if SYNC.group is None:
         return mean, var
@@ -57,7 +57,7 @@ def moments(mean: torch.Tensor, var: torch.Tensor, count: int) -> tuple[torch.Te
     return gmean.float(), gvar.float()
 
 
-def sums(part: torch.Tensor) -> torch.Tensor:
+def sync_sums(part: torch.Tensor) -> torch.Tensor:
     """The backward's tile partials summed over the processes (in place)."""
     if SYNC.group is not None:
         import torch.distributed as dist

@@ -35,9 +35,9 @@ def paths(tmp_path_factory):
     """(the network file, the .npz set)."""
     tmp_path = tmp_path_factory.mktemp("dist")
     rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 80)  # 64 training images (the 80/20 split): four whole batches of 16
-    x = rng.normal(0, 0.5, (80, 1, 6, 6)).astype(np.float32)
-    x[np.arange(80), 0, y] += 2.0
+    y = rng.integers(0, 3, 40)  # 32 training images (the 80/20 split): two whole batches of 16
+    x = rng.normal(0, 0.5, (40, 1, 6, 6)).astype(np.float32)
+    x[np.arange(40), 0, y] += 2.0
     np.savez(tmp_path / "set.npz", x=x, y=y)
     (tmp_path / "tiny_bn.cnn").write_text(BN)
     return tmp_path / "tiny_bn.cnn", tmp_path / "set.npz"
