@@ -14,7 +14,9 @@ import cnndsl
 
 from test_triton_backend import EVERYTHING, RESIDUAL
 
-EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.cnn"))
+# every example but resnet50, whose ops and groups are resnet18's
+EXAMPLES = sorted(p for p in (Path(__file__).resolve().parent.parent / "examples").glob("*.cnn")
+                  if p.stem != "resnet50")
 
 
 class _Loss(torch.nn.Module):

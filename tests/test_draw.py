@@ -13,7 +13,9 @@ from cnndsl.cli import main
 from cnndsl.draw import dot
 from cnndsl.plan import plan
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.cnn"))
+# branches (googlenet), dense concatenation (densenet121), gates (efficientnet_b0), shortcuts (resnet18)
+EXAMPLES = [Path(__file__).resolve().parents[1] / "examples" / f"{name}.cnn"
+            for name in ("digits", "resnet18", "googlenet", "densenet121", "efficientnet_b0")]
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)

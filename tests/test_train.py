@@ -89,7 +89,7 @@ def test_kill_and_resume(tiny, tmp_path):
     uninterrupted run ends, and leaves no lock or temporary file behind (one is planted as if
     the kill had come mid-save)."""
     net, data = tiny
-    cli = ["train", str(net), "--data", str(data), "--epochs", "3", "--batch-size", "16", "--device", "cpu"]
+    cli = ["train", str(net), "--data", str(data), "--epochs", "2", "--batch-size", "16", "--device", "cpu"]
     args = [sys.executable, "-m", "cnndsl", *cli]
     killed = tmp_path / "killed" / "last.pt"
     proc = subprocess.Popen([*args, "--out", str(killed.parent)], stdout=subprocess.DEVNULL,
@@ -99,7 +99,7 @@ def test_kill_and_resume(tiny, tmp_path):
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert killed.exists() and _state(killed)["epoch"] < 3, "the run ended before it could be killed"
+    assert killed.exists() and _state(killed)["epoch"] < 2, "the run ended before it could be killed"
     (killed.parent / "last.pt.x7kq2m1z.tmp").write_bytes(killed.read_bytes()[:1000])
     resumed = subprocess.run([*args, "--out", str(killed.parent), "--resume"], check=True, capture_output=True,
                              text=True)

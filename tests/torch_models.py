@@ -170,10 +170,9 @@ def resnet50(num_classes: int = 1000) -> nn.Module:
 
 # --- AlexNet and MobileNetV2 (torchvision layout) ------------------------------------------------
 
-def alexnet(image_size: int = 224, num_classes: int = 1000, dropout: float = 0.5, hidden: int = 4096) -> nn.Module:
+def alexnet(image_size: int = 224, num_classes: int = 1000, dropout: float = 0.5) -> nn.Module:
     """torchvision's alexnet without the adaptive pool (a 6x6 map at 224x224: it does nothing there);
-    the classifier takes 256 x s x s for the map the features leave at `image_size`, and has two
-    hidden layers of `hidden` units."""
+    the classifier takes 256 x s x s for the map the features leave at `image_size`."""
     features = nn.Sequential(
         nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
         nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
@@ -183,9 +182,9 @@ def alexnet(image_size: int = 224, num_classes: int = 1000, dropout: float = 0.5
     s = features(torch.zeros(1, 3, image_size, image_size)).shape[-1]
     return nn.Sequential(
         features, nn.Flatten(),
-        nn.Dropout(dropout), nn.Linear(256 * s * s, hidden), nn.ReLU(),
-        nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.ReLU(),
-        nn.Linear(hidden, num_classes))
+        nn.Dropout(dropout), nn.Linear(256 * s * s, 4096), nn.ReLU(),
+        nn.Dropout(dropout), nn.Linear(4096, 4096), nn.ReLU(),
+        nn.Linear(4096, num_classes))
 
 
 def _conv_bn_relu6(cin: int, c: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
