@@ -71,6 +71,9 @@ def check_model(ckpt: dict, expected: dict, path, *, cast: bool) -> None:
         if a.dtype != b.dtype and not (cast and a.dtype.is_floating_point and b.dtype.is_floating_point):
             trained = ckpt["config"].get("dtype")
             hint = f"; pass --dtype {trained[:20]}, the dtype it was trained with" if isinstance(trained, str) else ""
+            if not cast and str(b.dtype) == "torch.float32" and str(a.dtype) in ("torch.bfloat16", "torch.float16"):
+                hint = ("; an older cnndsl trained 16-bit weights, where training now keeps fp32 weights (mixed "
+                        "precision): start a new run from them with --init")
             raise CnnTrainError(f"{path} holds {key[:80]} as {a.dtype} but this model keeps it as {b.dtype}{hint}")
 
 
