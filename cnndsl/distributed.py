@@ -35,6 +35,7 @@ class World:
 
 
 SINGLE = World(0, 1, 0)
+_PREVIOUS = {}  # signal -> the handler join() replaced, put back by leave()
 
 
 def _env_int(name: str, default: int) -> int:
@@ -66,7 +67,7 @@ def join(w: World, device: str | None, sync_bn: bool = False) -> str | None:
         dist.init_process_group("nccl" if cuda else "gloo")
     if sync_bn:
         sync.sync_enable(dist.group.WORLD)
-    signal.signal(signal.SIGTERM, lambda *_: _stopped(w))  # torchrun's way of ending the others
+    _PREVIOUS[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: _stopped(w))  # how torchrun ends the others
     if cuda:
         torch.cuda.set_device(w.local_rank)
         return f"cuda:{w.local_rank}"
@@ -88,6 +89,8 @@ def leave(w: World) -> None:
 
         from .kernels import sync
         sync.sync_disable()
+        if signal.SIGTERM in _PREVIOUS:  # the handler the caller had (train() may be called from a script)
+            signal.signal(signal.SIGTERM, _PREVIOUS.pop(signal.SIGTERM))
         if dist.is_initialized():
             dist.destroy_process_group()
 
