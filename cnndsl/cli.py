@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("-o", "--output", help="where to write the module (default: standard output)")
     _fusion_options(em)
     em.set_defaults(run=_emit)
-    cli_tools.add_commands(sub, _fusion_options)
+    cli_tools.add_commands(sub, _fusion_options, _fuse)
     return p
 
 

@@ -12,7 +12,7 @@ def _draw(args) -> int:
     from .draw import dot, write
     from .plan import plan
     net = api.parse(Path(args.file))
-    text = dot(net, plan(net, False if args.no_fuse else "block" if args.block_fusion else True))
+    text = dot(net, plan(net, args.fuse_of(args)))
     if args.output in (None, "-"):
         print(text, end="")
         return 0
@@ -54,8 +54,9 @@ def _lsp(args) -> int:
     return 0
 
 
-def add_commands(sub, fusion_options) -> None:
-    """Register draw and fmt on the subparsers `sub`; fusion_options adds --no-fuse/--block-fusion."""
+def add_commands(sub, fusion_options, fuse_of) -> None:
+    """Register draw, fmt and lsp on the subparsers `sub`; fusion_options adds --no-fuse and
+    --block-fusion, fuse_of reads them (cli.py's)."""
     dr = sub.add_parser("draw", help="draw the network: layers, shapes, branches and fused groups",
                         description="Write the network as a graph: each layer with its output shape, edges as the "
                                     "data flows (branches, residuals), each fused group of the plan as a cluster. "
@@ -63,7 +64,7 @@ def add_commands(sub, fusion_options) -> None:
     dr.add_argument("file", help="the .cnn file")
     dr.add_argument("-o", "--output", help="net.dot, net.svg or net.png (default: DOT on standard output)")
     fusion_options(dr)
-    dr.set_defaults(run=_draw)
+    dr.set_defaults(run=_draw, fuse_of=fuse_of)
     fm = sub.add_parser("fmt", help="lay out .cnn files canonically (indentation, spacing, aligned comments)",
                         description="Rewrite .cnn files in the canonical layout: four spaces per block level, one "
                                     "space between words, comments kept and aligned. The network each file "

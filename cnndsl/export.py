@@ -30,12 +30,10 @@ class _Normalized(torch.nn.Module):
 
     def __init__(self, model, norm: Normalize):
         super().__init__()
-        self.model = model
-        self.register_buffer("mean", norm.mean.view(1, -1, 1, 1))
-        self.register_buffer("std", norm.std.view(1, -1, 1, 1))
+        self.model, self.norm = model, norm
 
     def forward(self, x):
-        return self.model((x - self.mean) / self.std)
+        return self.model(self.norm(x))
 
 
 def export(file, weights, output, classes: int | None = None, opset: int = MIN_OPSET, log=print) -> Path:

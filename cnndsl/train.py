@@ -231,15 +231,13 @@ def _run(file, net, ckpt_path: Path, opts: Options, log, w: distributed.World) -
     if ckpt is not None:
         done, history = _resume(ckpt, resume_from, net, file, model, optimizer, opts.optimizer)
         log(f"resumed from {resume_from} after epoch {done} ({opts.optimizer}, lr {opts.lr:g})")
-    x, y = tensors_of(train_set, model)
     config = {k: v for k, v in asdict(opts).items() if k != "resume"}
     if w.leader:
         runconfig.write(ckpt_path.parent / CONFIG, file, config)
-    xv, yv = tensors_of(val_set, model) if val_set is not None else (None, None)
-    xt, yt = tensors_of(test_set, model)
-    norm = _normalization(opts, ckpt, x, log)
-    if norm is not None:  # every split by the training split's statistics
-        x, xv, xt = (norm(t) if t is not None else None for t in (x, xv, xt))
+    norm = _normalization(opts, ckpt, torch.from_numpy(train_set.x), log)  # every split by the training split's
+    x, y = tensors_of(train_set, model, norm)
+    xv, yv = tensors_of(val_set, model, norm) if val_set is not None else (None, None)
+    xt, yt = tensors_of(test_set, model, norm)
     fill = norm(torch.zeros(1, x.shape[1], 1, 1)).flatten() if norm is not None else torch.zeros(x.shape[1])
     if not plot.available():
         log(f"note: {plot.MISSING}")

@@ -22,11 +22,14 @@ import triton.language as tl
 
 from ..specs import MIN_GEMM_K, Act
 from ._common import check, check_tensor
-from .activation import HARDSIGMOID, RELU, SIGMOID, act_code, apply_act, apply_act_grad
-
-_SIGMOID = tl.constexpr(SIGMOID)  # globals read inside @triton.jit code must be tl.constexpr
-_HARDSIGMOID = tl.constexpr(HARDSIGMOID)
-_RELU = tl.constexpr(RELU)
+from .activation import (
+    _HARDSIGMOID,
+    _RELU,
+    _SIGMOID,
+    act_code,
+    apply_act,
+    apply_act_grad,
+)
 
 
 @dataclass(frozen=True)
