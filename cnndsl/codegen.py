@@ -39,8 +39,8 @@ def lower(net: ir.Network, plan: Plan) -> Program:
         if group.rule in BY_NAME:
             rule = BY_NAME[group.rule]
             runner, (inputs, params, spec) = rule.runner, rule.step(net, group.nodes)
-            if group.deferred or group.dz_on_load:  # conv blocks only
-                spec = replace(spec, defer=group.deferred, dz_on_load=group.dz_on_load)
+            if group.deferred or group.dz_on_load or group.gemm_pool:  # conv blocks only
+                spec = replace(spec, defer=group.deferred, dz_on_load=group.dz_on_load, gemm_pool=group.gemm_pool)
             if group.prologue:  # in training its input comes as the producer's z: the producer's act1 on load
                 producer = rule.step(net, deferred[group.nodes[0].inputs[0]].nodes)[2]
                 spec = replace(spec, prologue=producer.act1)

@@ -11,13 +11,16 @@ conv its z and batch norm's per-channel scale and shift, and the conv normalises
 each tile as it loads it, so the block's output is never written (`Group.output_note` says,
 for every such block, whether and why); and in backward a block whose batch norm and activation
 (or batch norm and shortcut) have gradients its conv's kernels can apply as they load dy and z
-writes no dz (`Group.dz_on_load`, where that moves fewer bytes)."""
+writes no dz (`Group.dz_on_load`, where that moves fewer bytes); a conv + relu + max pool
+block pools in its GEMM in training as in inference, keeping y and the argmax but no z
+(`Group.gemm_pool`)."""
 
 from dataclasses import dataclass, replace
 
 from . import ir
 from .ir import Op
 from .ops import REGISTRY
+from .ops.activation import act
 from .rules import BY_NAME, RULES, Rule
 from .specs import H100, MIN_GEMM_K, Machine
 from .traffic import group_bytes, input_grad_phases
@@ -35,6 +38,9 @@ def _kernels(rule: str, ops: tuple[Op, ...]) -> tuple[tuple[str, ...], tuple[str
     return inference, fwd, bwd
 
 
+GEMM_POOL_NOTE = "its conv pools in the GEMM: no z written; backward reads y and the argmax"
+
+
 @dataclass(frozen=True)
 class Group:
     rule: str  # a RULES name, or the op's name for a group of one op no rule covers
@@ -46,6 +52,7 @@ class Group:
     deferred: bool = False  # in training, its output goes to the next conv as z, scale and shift
     prologue: bool = False  # its conv's input is a deferred group's output (normalised on load)
     dz_on_load: bool = False  # in backward, its conv's gradient kernels apply its batch norm and act as they load dy
+    gemm_pool: bool = False  # in training too its GEMM pools; no z is kept, backward reads y and the argmax
     output_note: str | None = None  # for a conv block that could defer: whether its output is written, why
 
     @property
@@ -84,6 +91,8 @@ class Plan:
                 lines.append(f"       in training: {g.output_note}")
             if g.dz_on_load:
                 lines.append("       in backward: its conv's gradients compute dz as they load dy and z (no dz written)")
+            if g.gemm_pool:
+                lines.append(f"       in training: {GEMM_POOL_NOTE}")
         return "\n".join(lines)
 
 
@@ -174,6 +183,23 @@ def _dz_on_load(g: Group) -> bool:
     return conv.filters // conv.groups >= MIN_GEMM_K and input_grad_phases(conv) <= (2 if Op.BATCHNORM in ops else 1)
 
 
+def _gemm_pool(g: Group) -> bool:
+    """Whether a conv block pools in its GEMM in training as in inference: conv, an activation whose
+    gradient follows from its output (relu, leaky_relu: specs.Act.grad_from_output) or none, then a
+    max pool (for an average, no activation: its backward spreads dy alone); nothing else. Its
+    backward needs only the pooled y and the argmax, so z (the conv's output, the pool's input:
+    4x y for a 2x2 window) is neither written, nor read by an epilogue pass, nor read back."""
+    ops = [n.op for n in g.nodes]
+    if g.rule != "conv_block" or Op.POOL not in ops or set(ops) - {Op.CONV, Op.ACTIVATION, Op.POOL}:
+        return False
+    acts = [act(n) for n in g.nodes if n.op is Op.ACTIVATION]
+    if len(acts) > 1:
+        return False
+    if g.output.attrs.mode == "avg":
+        return not acts
+    return not acts or acts[0].grad_from_output
+
+
 def _cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:
     """The groups with cross-layer fusion applied: a deferred block's training forward launches no
     epilogue pass, its reader's conv kernels load through the prologue, and a dz-on-load block's
@@ -186,7 +212,10 @@ def _cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:
         forward, backward = g.forward, g.backward
         if on:
             forward = tuple(k for k in forward if k != "epilogue_fwd")
-        on_load = _dz_on_load(g)
+        on_load, gemm_pool = _dz_on_load(g), _gemm_pool(g)
+        if gemm_pool:
+            forward = ("conv_fwd+pool",)
+            backward = ("pool_bwd_from_y",) + tuple(k for k in backward if k.startswith("conv_bwd"))
         if on_load:
             ops = {n.op for n in g.nodes}
             sums = ("epilogue_bwd+bn_sums",) if Op.ADD in ops else ("bn_bwd_reduce",) if Op.BATCHNORM in ops else ()
@@ -197,7 +226,7 @@ def _cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:
             forward = tuple(f"prologue+{k}" if k.startswith("conv_fwd") else k for k in forward)
             backward = tuple(f"prologue+{k}" if k.endswith("conv_bwd_weight") else k for k in backward)
         out.append(replace(g, forward=forward, backward=backward, deferred=on, prologue=prologue,
-                           dz_on_load=on_load, output_note=note))
+                           dz_on_load=on_load, gemm_pool=gemm_pool, output_note=note))
     return out
 
 

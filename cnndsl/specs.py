@@ -86,6 +86,12 @@ class Act:
     kind: str = "none"
     slope: float = 0.01
 
+    @property
+    def grad_from_output(self) -> bool:
+        """Whether act'(x) follows exactly from y = act(x), in any dtype: y's sign says where
+        relu and leaky_relu (a positive slope) pass the gradient; a backward needs only y."""
+        return self.kind in ("none", "relu") or (self.kind == "leaky_relu" and self.slope > 0)
+
 
 NO_ACT = Act()
 
@@ -163,7 +169,10 @@ class ConvBlock:
     trains, and that conv's block, with `prologue` (its producer's act1), normalises and
     activates its input as it loads it. A block with `dz_on_load` (batch norm and act1 only, or
     batch norm, the shortcut and act2) has its conv's gradient kernels apply batch norm's and act1's
-    backward as they load dy (da, with a shortcut), so dz is not written."""
+    backward as they load dy (da, with a shortcut), so dz is not written. A block with `gemm_pool`
+    (conv, an act1 whose gradient follows from its output, a pool; nothing else) pools in its GEMM's
+    epilogue in training too, writing y and the argmax but no z; its backward scatters dy through
+    the argmax and act1's gradient from y."""
 
     geometry: ConvGeometry
     bn: BatchNormSpec | None = None
@@ -174,6 +183,13 @@ class ConvBlock:
     prologue: Act | None = None
     defer: bool = False
     dz_on_load: bool = False
+    gemm_pool: bool = False
+
+    @property
+    def writes_z(self) -> bool:
+        """Whether its training forward writes z, the conv's output, for its backward: not where a
+        reader applies the epilogue (defer) or the GEMM pools and backward reads y (gemm_pool)."""
+        return self.epilogue and not self.defer and not self.gemm_pool
 
     @property
     def epilogue(self) -> bool:

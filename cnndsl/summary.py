@@ -76,7 +76,8 @@ def plan_json(net: ir.Network, fused, unfused, batch: int, itemsize: int, train:
         groups.append({"name": g.name, "rule": g.rule, "ops": list(g.ops),
                        "kernels": list(g.forward + g.backward if train else g.inference),
                        "bytes": moved[0], "unfused_bytes": moved[1], "not_fused_further": g.reason,
-                       "deferred": g.deferred, "training_output": g.output_note, "dz_on_load": g.dz_on_load})
+                       "deferred": g.deferred, "training_output": g.output_note, "dz_on_load": g.dz_on_load,
+                       "gemm_pool": g.gemm_pool})
     return {"network": net.name, "mode": mode, "fusion": fused.level, "batch": batch, "bytes_per_element": itemsize,
             "groups": groups, "fused_groups": len(fused.groups), "unfused_groups": len(unfused.groups),
             "fused_kernels": sum(len(g["kernels"]) for g in groups),
@@ -86,6 +87,7 @@ def plan_json(net: ir.Network, fused, unfused, batch: int, itemsize: int, train:
 
 def plan_table(net: ir.Network, fused, unfused, batch: int, itemsize: int, train: bool) -> str:
     """`cnndsl plan`: one row per fused group with its ops, kernels and modelled MB moved."""
+    from .plan import GEMM_POOL_NOTE
     j = plan_json(net, fused, unfused, batch, itemsize, train)
     level = "" if j["fusion"] == "fused" else ", block-level fusion"  # the default level goes unsaid
     lines = [(f"plan for {net.name} ({j['mode']}{level}, batch {batch}, {itemsize}-byte elements): "
@@ -101,6 +103,8 @@ def plan_table(net: ir.Network, fused, unfused, batch: int, itemsize: int, train
             lines.append(f"       {g['training_output']}")
         if train and g["dz_on_load"]:
             lines.append("       its backward writes no dz: its conv's gradients compute it as they load dy and z")
+        if train and g["gemm_pool"]:
+            lines.append(f"       {GEMM_POOL_NOTE}")
     lines.append(f"  total MB moved: {_mb(j['bytes'])} fused, {_mb(j['unfused_bytes'])} unfused "
                  f"({j['unfused_bytes'] / max(j['bytes'], 1):.2f}x); a model: each kernel reads its inputs "
                  "and writes its outputs once (docs/fusion.md)")

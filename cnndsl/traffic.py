@@ -59,6 +59,7 @@ KERNEL_BYTES: dict[str, Callable[[Tensors, bool], int]] = {
     "conv_fwd": lambda t, training: t.x_read + t.w + t.z,
     "conv_fwd+stats": lambda t, training: t.x_read + t.w + t.z,
     "conv_fwd+epilogue": lambda t, training: t.x_read + t.w + t.res + t.y,
+    "conv_fwd+pool": lambda t, training: t.x_read + t.w + t.y + t.argmax,  # pooled in the GEMM, no z
     "conv_bwd_input": lambda t, training: _CONV_DX(t),
     "conv_bwd_weight": lambda t, training: _CONV_DW(t),
     # dz on load: the gradient kernels read dy and z where they read dz
@@ -67,6 +68,8 @@ KERNEL_BYTES: dict[str, Callable[[Tensors, bool], int]] = {
     "epilogue_fwd": lambda t, training: t.z + t.res + t.y + t.argmax,
     # dy, argmax, z and the shortcut (where read) in; dz (da with batch norm) and its gradient out
     "epilogue_bwd": lambda t, training: t.y + t.argmax + (1 + t.z_bwd) * t.z + (1 + t.res_bwd) * t.res,
+    # dy and the argmax in, y where the activation's gradient needs it (at each window's maximum), dz out
+    "pool_bwd_from_y": lambda t, training: (1 + t.z_bwd) * t.y + t.argmax + t.z,
     "epilogue_bwd+bn_reduce": lambda t, training: t.y + t.argmax + 2 * t.z + (1 + t.res_bwd) * t.res,
     # ... where da is the shortcut's gradient (no act1): written once, as that (dz on load)
     "epilogue_bwd+bn_sums": lambda t, training: t.y + t.argmax + t.z + (1 + t.res_bwd) * t.res,

@@ -84,6 +84,17 @@ def apply_act_grad(x, dy, ACT: tl.constexpr, slope):
     return dy
 
 
+@triton.jit
+def apply_act_grad_from_output(y, dy, ACT: tl.constexpr, slope):
+    """dx = dy * act'(x) from fp32 y = act(x), for the activations whose gradient y's sign gives
+    (specs.Act.grad_from_output): x > 0 exactly where y > 0, as apply_act_grad tests x."""
+    if ACT == _RELU:
+        dy = tl.where(y > 0, dy, 0.0)
+    elif ACT == _LEAKY_RELU:  # a positive slope keeps the sign
+        dy = tl.where(y > 0, dy, dy * slope)
+    else:
+        tl.static_assert(ACT == _NONE, "the gradient of this activation does not follow from its output")
+    return dy
 
 
 @autotune(ELEMENTWISE_CONFIGS, key=["n", "ACT"], interpret=elementwise_tiles())

@@ -39,6 +39,7 @@ from .conv_epilogue import (
     PLAIN_EPILOGUE,
     Epilogue,
     epilogue_args,
+    pool_argmax,
     pool_reduce,
     pool_rows,
     tile_stats,
@@ -89,7 +90,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 @autotune(_CONV_CONFIGS, key=["M", "CIN_G", "COUT_G", "RC", "SC", "DEPTHWISE", "ACT", "HAS_RES", "ACT2", "POOL",
-                             "TAPS", "STATS", "INT64", "PROLOGUE", "GRAD_PRO"],
+                             "TAPS", "STATS", "ARGMAX", "INT64", "PROLOGUE", "GRAD_PRO"],
           interpret={"BLOCK_M": ("M", _MIN_BLOCK_M, 512), "BLOCK_N": (_cols, 16, 256), "BLOCK_K": ("CIN_G", 16, 128)},
           prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics({"EVEN_K": lambda a: a["CIN_G"] % a["BLOCK_K"] == 0,
@@ -97,7 +98,7 @@ def _prune(configs, named_args, **kwargs):
                     # (only where an on-load transform has coefficients to hoist: no other path compiles twice)
                     "ONE_CB": lambda a: a["CIN_G"] <= a["BLOCK_K"] and bool(a["PROLOGUE"] or a["GRAD_PRO"])})
 @triton.jit
-def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
+def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGMAX: arg (N, GH, GW, COUT)
                  M, H, W, CIN, OH, OW, COUT, CIN_G, COUT_G,  # src (N, H, W, CIN) -> dst (N, OH, OW, COUT)
                  GH, GW, P0_H, P0_W, DST_SH, DST_SW,  # the dst pixels computed: P0 + i*DST_S, i < G
                  SRC_SH, SRC_SW, SRC_OH, SRC_OW,  # the src pixel dst pixel i reads at shift 0: i*SRC_S + SRC_O
@@ -109,7 +110,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
                  gp_z_ptr, gp_scale_ptr, gp_shift_ptr, gp_center_ptr, gp_slope,  # GRAD_PRO: x is dy, read as dz
                  GRAD_PRO: tl.constexpr, GP_AFFINE: tl.constexpr, GP_ACT: tl.constexpr, GP_CENTER: tl.constexpr,
                  DEPTHWISE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                 ACT2: tl.constexpr, POOL: tl.constexpr, TAPS: tl.constexpr, STATS: tl.constexpr,
+                 ACT2: tl.constexpr, POOL: tl.constexpr, TAPS: tl.constexpr, STATS: tl.constexpr, ARGMAX: tl.constexpr,
                  INT64: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
                  EVEN_N: tl.constexpr, ONE_CB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # y[n, P0 + i*DST_S, g*COUT_G + co] = sum over taps j, ci of
@@ -242,8 +243,12 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr,
     if POOL:
         out = pool_reduce(acc, m_mask, PKH * PKW, POOL, TAPS, BLOCK_M, BLOCK_N)
         offs_p = tl.program_id(0).to(tl.int64) * (BLOCK_M // TAPS) + tl.arange(0, BLOCK_M // TAPS)
-        tl.store(y_ptr + (offs_p * COUT)[:, None] + col[None, :], out.to(y_ptr.dtype.element_ty),
-                 mask=(offs_p < M // TAPS)[:, None] & n_mask[None, :])
+        p_off = (offs_p * COUT)[:, None] + col[None, :]
+        p_mask = (offs_p < M // TAPS)[:, None] & n_mask[None, :]
+        tl.store(y_ptr + p_off, out.to(y_ptr.dtype.element_ty), mask=p_mask)
+        if ARGMAX:  # training keeps no z: backward routes dy by the argmax, act's gradient from y
+            arg = pool_argmax(acc, m_mask, TAPS, BLOCK_M, BLOCK_N)
+            tl.store(arg_ptr + p_off, arg.to(arg_ptr.dtype.element_ty), mask=p_mask)
     else:
         tl.store(y_ptr + y_row[:, None] + col[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -281,7 +286,7 @@ def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, paddin
                         1 if depthwise else groups)
 
             _conv_kernel[grid](src, wt, dst if bias is None else bias, dst if ep.res is None else ep.res,
-                               dst, dst if ep.part is None else ep.part,
+                               dst, dst if ep.part is None else ep.part, dst if ep.argmax is None else ep.argmax,
                                m, h, w, cin, oh, ow, cout, cin_g, cout_g, gh, gw, p0_h, p0_w, dst_sh, dst_sw,
                                src_sh, src_sw, src_oh, src_ow, r, s, r0, s0, rstep, sstep, rc, sc,
                                dh0, dw0, dh_step, dw_step, *ep.slopes, *ep.window, **pro, DEPTHWISE=depthwise,
@@ -290,12 +295,14 @@ def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, paddin
 
 
 def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, residual=None, act2: Act = NO_ACT,
-                   pool: Window | None = None, stats: bool = False, prologue: Prologue | None = None):
+                   pool: Window | None = None, stats: bool = False, prologue: Prologue | None = None,
+                   argmax: bool = False):
     """y = pool(act2(act(conv(x, w) + bias) + residual)) for x (N, H, W, C) NHWC and w (K, C/groups,
     R, S); geometry.padding is the top/left pad (more padding at the bottom/right falls out of
     geometry.out_hw = (OH, OW)). residual (N, OH, OW, K) in x.dtype or None; pool None or a
-    non-overlapping Window over (OH, OW) of at most specs.MAX_POOL_TAPS taps (max for inference:
-    no argmax); y is (N, OH, OW, K), or (N, POH, POW, K) pooled. stats=True (nothing else fused)
+    non-overlapping Window over (OH, OW) of at most specs.MAX_POOL_TAPS taps; y is (N, OH, OW, K),
+    or (N, POH, POW, K) pooled, and argmax=True (max pooling) returns (y, argmax) with pool.py's
+    argmax codes, for a backward that keeps no z (epilogue.pooled_backward). stats=True (nothing else fused)
     returns (y, mean (K,), var (K,)): the fp32 batch statistics (var biased) of the post-bias
     value over the N*OH*OW pixels, from per-tile partials the epilogue writes. With a prologue,
     x is z and the conv reads act(z scale + shift) (prologue.py)."""
@@ -307,7 +314,7 @@ def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, res
     if bias is not None:
         check_tensor(bias, "bias", ndim=1, dtype=x.dtype, device=x.device)
         check(bias.shape[0] == k, f"bias: expected shape ({k},), got {tuple(bias.shape)}")
-    ep, y_shape = epilogue_args(x, (n, oh, ow, k), act, residual, act2, pool, stats)
+    ep, y_shape = epilogue_args(x, (n, oh, ow, k), act, residual, act2, pool, stats, argmax)
     m = n * oh * ow
     if stats:  # (2, n_tiles, K) tile means and M2s, sized for the smallest BLOCK_M a launch of m rows takes
         rows = _tile(m, _MIN_BLOCK_M, 512) if INTERPRET else min(c.kwargs["BLOCK_M"] for c in _CONV_CONFIGS)
@@ -319,7 +326,7 @@ def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, res
     _launch_conv(x, wt, bias, y, groups, cin_g, k // groups, r, s, stride, padding, dilation, False, (oh, ow), ep,
                  prologue)
     if not stats:
-        return y
+        return (y, ep.argmax) if argmax else y
     rows = _conv_kernel.best_config.kwargs["BLOCK_M"] if m else _MIN_BLOCK_M  # the tiles the launch used
     n_tiles = triton.cdiv(m, rows)
     mean, var = batchnorm_merge_stats(ep.part[:2 * n_tiles * k].view(2, n_tiles, k), rows, m)

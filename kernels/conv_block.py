@@ -35,6 +35,7 @@ from .epilogue import (
     epilogue_backward,
     epilogue_backward_on_load,
     epilogue_forward,
+    pooled_backward,
 )
 from .fold import bn_scale_shift, fold_conv
 from .prologue import GradPrologue, Prologue
@@ -100,6 +101,12 @@ def _train_impl(x, residual, w, b, bn_w, bn_b, mean, var, pro, pro_scale, pro_sh
     s = decode(spec)
     batch_stats = s.bn is not None and train
     prologue = _prologue(s, pro, pro_scale, pro_shift)
+    if s.gemm_pool:  # the GEMM pools: y and the argmax from its accumulator, no z (pooled_backward)
+        is_max = s.pool.mode == "max"
+        out = conv2d_forward(x, w, b, s.geometry, s.act1, pool=s.pool, prologue=prologue, argmax=is_max)
+        y, argmax = out if is_max else (out, None)
+        return (y, absent(x), absent(x, torch.int8) if argmax is None else argmax,
+                *(absent(x, torch.float32) for _ in range(4)))
     if batch_stats:
         z, mean, var = conv2d_forward(x, w, b, s.geometry, stats=True, prologue=prologue)
     else:
@@ -121,7 +128,7 @@ def _train_fake(x, residual, w, b, bn_w, bn_b, mean, var, pro, pro_scale, pro_sh
     channels = lambda on: x.new_empty(k, dtype=torch.float32) if on else absent(x, torch.float32)
     argmax = y.new_empty(y.shape, dtype=argmax_dtype(s.pool.taps)) if s.pool and s.pool.mode == "max" \
         else absent(x, torch.int8)
-    return (y, x.new_empty((*_shape(x, s, False), k)) if s.epilogue and not s.defer else absent(x), argmax,
+    return (y, x.new_empty((*_shape(x, s, False), k)) if s.writes_z else absent(x), argmax,
             channels(stat and train), channels(stat and train), channels(stat), channels(stat))
 
 
@@ -154,6 +161,8 @@ def _backward_impl(dy, x, w, z, residual, scale, shift, mean, var, bn_w, argmax,
     if s.dz_on_load:  # the gradient kernels compute dz as they load
         dz, dres, gp, dbn_w, dbn_b = _grad_prologue(dy, z, residual, present(scale), present(shift), present(argmax),
                                                     s, stats)
+    elif s.gemm_pool:  # z is y here (saved in its place): the pooled output
+        dz = pooled_backward(dy, z, present(argmax), s.act1, s.pool, (x.shape[0], *s.geometry.out_hw, w.shape[0]))
     elif s.epilogue:
         dz, dres, dbn_w, dbn_b = epilogue_backward(dy, z, present(scale), present(shift), s.act1, residual,
                                                    s.act2, s.pool, present(argmax), stats)

@@ -14,7 +14,7 @@ import triton.language as tl
 from ..specs import MAX_POOL_TAPS, NO_ACT, Act, Window
 from ._common import check, check_tensor, nan_max
 from .activation import act_code
-from .window import POOL_MODES, check_window
+from .window import POOL_MODES, argmax_dtype, check_window
 
 _MAX = tl.constexpr(1)  # globals read inside @triton.jit code must be tl.constexpr
 
@@ -28,10 +28,11 @@ class Epilogue:
 
     res: object = None  # (N, OH, OW, K) tensor or None
     part: object = None  # (2, n_tiles, K) fp32 tensor or None
+    argmax: object = None  # max pooling's window offsets (N, POH, POW, K), written for a backward, or None
     slopes: tuple = (0.01, 0.01)
     window: tuple = (1, 1, 1, 1, 0, 0)  # kh, kw, sh, sw, ph, pw
     meta: dict = field(default_factory=lambda: {"ACT": 0, "HAS_RES": False, "ACT2": 0, "POOL": 0, "TAPS": 1,
-                                                "STATS": False})
+                                                "STATS": False, "ARGMAX": False})
 
 
 PLAIN_EPILOGUE = Epilogue()
@@ -73,6 +74,20 @@ def pool_reduce(acc, valid, WINDOW, POOL: tl.constexpr, TAPS: tl.constexpr, BLOC
 
 
 @triton.jit
+def pool_argmax(acc, valid, TAPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_M // TAPS, BLOCK_N) int32: the tap t = r*PKW + s (pool.py's argmax code) that each pooled
+    pixel's maximum comes from, as torch and epilogue.py pick it: the first valid tap holding the
+    maximum, or the last NaN where there is one (their scan takes strictly greater values or NaNs)."""
+    v = tl.reshape(acc, (BLOCK_M // TAPS, TAPS, BLOCK_N))
+    ok = tl.reshape(tl.broadcast_to(valid[:, None], (BLOCK_M, BLOCK_N)), (BLOCK_M // TAPS, TAPS, BLOCK_N))
+    t = tl.arange(0, TAPS)[None, :, None]
+    best = tl.reduce(tl.where(ok, v, float("-inf")), 1, nan_max)
+    first = tl.min(tl.where(ok & (v == best[:, None, :]), t, TAPS), axis=1)
+    last_nan = tl.max(tl.where(ok & (v != v), t, -1), axis=1)  # noqa: PLR0124 - v != v: v is NaN
+    return tl.where(last_nan >= 0, last_nan, first)
+
+
+@triton.jit
 def tile_stats(acc, m_mask, n_mask, part_ptr, col, M, COUT, BLOCK_M: tl.constexpr):
     """Chan partials of this tile's rows (row tile program_id(0), its valid rows m_mask) per
     column col: the mean at part[0, tile, col] and M2, the sum of squared deviations from that
@@ -88,28 +103,33 @@ def tile_stats(acc, m_mask, n_mask, part_ptr, col, M, COUT, BLOCK_M: tl.constexp
     tl.store(part_ptr + (n_tiles + tile) * COUT + col, m2, mask=n_mask)
 
 
-def epilogue_args(x, conv_shape, act: Act, residual, act2: Act, pool: Window | None, stats: bool):
-    """Validate the fused epilogue's arguments: (its Epilogue, the output shape)."""
+def epilogue_args(x, conv_shape, act: Act, residual, act2: Act, pool: Window | None, stats: bool,
+                  argmax: bool = False):
+    """Validate the fused epilogue's arguments: (its Epilogue, the output shape); `argmax`: a max
+    pool also writes its argmax (Epilogue.argmax, allocated here) for a backward."""
     n, oh, ow, k = conv_shape
     meta = {"ACT": act_code(act, "act"), "HAS_RES": residual is not None, "ACT2": act_code(act2, "act2"),
-            "POOL": 0, "TAPS": 1, "STATS": stats}
+            "POOL": 0, "TAPS": 1, "STATS": stats, "ARGMAX": argmax}
     if residual is not None:
         check_tensor(residual, "residual", ndim=4, dtype=x.dtype, device=x.device)
         check(tuple(residual.shape) == conv_shape,
               f"residual: expected shape {conv_shape} (the conv output), got {tuple(residual.shape)}")
     check(isinstance(stats, bool), f"stats: expected a bool, got {stats!r}")
+    check(not argmax or (pool is not None and pool.mode == "max"),
+          f"argmax=True needs max pooling, got pool={pool!r}")
     check(not stats or (act == act2 == NO_ACT and residual is None and pool is None),
           f"stats=True (the conv feeding a training-mode batch norm) needs act='none', act2='none', no "
           f"residual and no pool; got act={act.kind!r}, act2={act2.kind!r}, residual "
           f"{None if residual is None else tuple(residual.shape)}, pool={pool!r}")
     slopes = (float(act.slope), float(act2.slope))
     if pool is None:
-        return Epilogue(residual, None, slopes, meta=meta), conv_shape
+        return Epilogue(residual, slopes=slopes, meta=meta), conv_shape
     check_window(pool, (oh, ow), "pool")
     check(not pool.overlaps, f"pool: only non-overlapping windows fuse (stride >= kernel), got kernel "
                              f"{pool.kernel} with stride {pool.stride}")
     check(pool.taps <= MAX_POOL_TAPS, f"pool window too large to fuse: {pool.kernel[0]}x{pool.kernel[1]} = "
                                       f"{pool.taps} taps, at most {MAX_POOL_TAPS}")
     meta.update(POOL=POOL_MODES[pool.mode], TAPS=pool_taps(*pool.kernel))
-    return (Epilogue(residual, None, slopes, (*pool.kernel, *pool.stride, *pool.padding), meta),
-            (n, *pool.out_hw, k))
+    y_shape = (n, *pool.out_hw, k)
+    arg = x.new_empty(y_shape, dtype=argmax_dtype(pool.taps)) if argmax else None
+    return Epilogue(residual, None, arg, slopes, (*pool.kernel, *pool.stride, *pool.padding), meta), y_shape

@@ -114,7 +114,7 @@ def _epilogue_fwd_kernel(z_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, arg_ptr,  
     tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-@autotune(CONFIGS, key=_KEY + ["BN", "WRITE_DZ"], prune_configs_by=_PRUNE,
+@autotune(CONFIGS, key=_KEY + ["BN", "WRITE_DZ", "ACT_Y"], prune_configs_by=_PRUNE,
           interpret={"BLOCK_P": (lambda a: a["rows"] // 2 or a["P"], 16, 1024), "BLOCK_C": ("C", 4, 64)})
 @triton.jit
 def _epilogue_bwd_kernel(dy_ptr, arg_ptr, z_ptr, scale_ptr, shift_ptr, res_ptr, mean_ptr,  # dy (N, OH, OW, C)
@@ -122,10 +122,11 @@ def _epilogue_bwd_kernel(dy_ptr, arg_ptr, z_ptr, scale_ptr, shift_ptr, res_ptr, 
                          P, H, W, C, OH, OW, stride_h, stride_w, pad_h, pad_w, slope1, slope2, rows, n_tiles,
                          KH: tl.constexpr, KW: tl.constexpr, POOL: tl.constexpr, ACT1: tl.constexpr,
                          ACT2: tl.constexpr, HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, BN: tl.constexpr,
-                         WRITE_DZ: tl.constexpr, LOAD_Z: tl.constexpr,
+                         WRITE_DZ: tl.constexpr, LOAD_Z: tl.constexpr, ACT_Y: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # Program (t, j) takes tile t of the P = N*H*W pre-pool pixels: `rows` of them with BN
-    # (batchnorm's tiling, whose partials it writes), else BLOCK_P.
+    # (batchnorm's tiling, whose partials it writes), else BLOCK_P. ACT_Y (a block that pooled in
+    # its GEMM, no z kept): z_ptr is the pooled y, and act1's gradient comes from it (gather_dy).
     tile = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
@@ -145,7 +146,7 @@ def _epilogue_bwd_kernel(dy_ptr, arg_ptr, z_ptr, scale_ptr, shift_ptr, res_ptr, 
         mask = (offs_p < row_end)[:, None] & c_mask[None, :]
         off = (offs_p * C)[:, None] + offs_c[None, :]
         du = gather_dy(dy_ptr, arg_ptr, offs_p, offs_c, mask, H, W, C, OH, OW, stride_h, stride_w, pad_h,
-                        pad_w, KH, KW, POOL, BLOCK_P, BLOCK_C)
+                        pad_w, KH, KW, POOL, BLOCK_P, BLOCK_C, y_ptr=z_ptr, slope=slope1, ACT_Y=ACT_Y)
         if LOAD_Z:  # z (and the shortcut) feed only batch norm's and the activations' gradients
             z, a, v, _ = _chain(z_ptr, res_ptr, off, mask, scale, shift, slope1, slope2, ACT1, ACT2,
                                 HAS_AFFINE, HAS_RES)
@@ -251,7 +252,7 @@ def _gather(dy, z, scale, shift, residual, argmax, bn, args, consts, write_dz: b
         _epilogue_bwd_kernel[lambda meta: (n_tiles or triton.cdiv(m, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))](
             dy, dy if argmax is None else argmax, z_in, z_in if scale is None else scale,
             z_in if shift is None else shift, res_in, mean, dres if dz is None else dz, dz if dres is None else dres,
-            part, m, *args, rows, n_tiles, **consts, BN=bn is not None, WRITE_DZ=write_dz, LOAD_Z=load_z)
+            part, m, *args, rows, n_tiles, **consts, BN=bn is not None, WRITE_DZ=write_dz, LOAD_Z=load_z, ACT_Y=NONE)
     return dz, dres, part if bn is not None else None
 
 
@@ -315,3 +316,30 @@ def epilogue_backward_on_load(dy, z, scale, shift, residual, act2: Act, pool: Wi
     center, dw, db = batchnorm_on_load_from_partials(part, z.view(-1, k), bn.mean, bn.var, bn.eps, bn.weight,
                                                      bn.param_grads, bn.train, scale)
     return dres, center, None if bn.weight is None else dw, db if bn.bias else None
+
+
+def pooled_backward(dy, y, argmax, act1: Act, pool: Window, conv_shape):
+    """dz (conv_shape: the conv's output (N, H, W, C)) of a block that pooled in its GEMM and kept no
+    z (conv2d_forward with argmax=True): dy of the pooled y (N, OH, OW, C) gathered through the
+    argmax (max; act1's gradient from y, specs.Act.grad_from_output) or spread over each window
+    (avg, act1 none). One pass: reads dy, argmax and y (where a window's maximum is), writes dz."""
+    check_tensor(dy, "dy", ndim=4)
+    check_tensor(y, "y", dtype=dy.dtype, device=dy.device)
+    check(tuple(y.shape) == tuple(dy.shape), f"y: expected shape {tuple(dy.shape)}, got {tuple(y.shape)}")
+    n, h, w, c = conv_shape
+    check(isinstance(act1, Act) and act1.grad_from_output and (pool.mode == "max" or act1 == NO_ACT),
+          f"act1: expected one whose gradient follows from the pooled output (relu, leaky_relu, none; none for "
+          f"avg pooling), got {act1!r} with {pool.mode!r} pooling")
+    check_window(pool, (h, w), "pool")
+    out_shape = (n, *pool.out_hw, c)
+    check(tuple(dy.shape) == out_shape, f"dy: expected shape {out_shape}, got {tuple(dy.shape)}")
+    check_argmax(argmax, pool.mode, pool.taps, out_shape, dy.device)
+    dz = dy.new_empty(conv_shape)
+    m = n * h * w
+    if m and c:
+        _epilogue_bwd_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))](
+            dy, dy if argmax is None else argmax, y, y, y, y, y, dz, dz, dz, m, h, w, c, *pool.out_hw, *pool.stride,
+            *pool.padding, float(act1.slope), 0.0, 0, 0, KH=pool.kernel[0], KW=pool.kernel[1],
+            POOL=POOL_MODES[pool.mode], ACT1=NONE, ACT2=NONE, HAS_AFFINE=False, HAS_RES=False, BN=False,
+            WRITE_DZ=True, LOAD_Z=False, ACT_Y=act_code(act1, "act1"))
+    return dz

@@ -10,6 +10,7 @@ import triton.language as tl
 
 from ..specs import Window, window_out
 from ._common import check
+from .activation import apply_act_grad_from_output
 
 POOL_MODES = {"max": 1, "avg": 2}  # codes for the POOL constexprs of pooling kernels (0: no pooling)
 
@@ -110,12 +111,14 @@ def window_count(o, size, stride, pad, K: tl.constexpr, AVG_DIV: tl.constexpr):
 @triton.jit
 def gather_dy(dy_ptr, arg_ptr, offs_p, offs_c, mask, H, W, C, OH, OW, stride_h, stride_w, pad_h, pad_w,
                KH: tl.constexpr, KW: tl.constexpr, POOL: tl.constexpr, BLOCK_P: tl.constexpr,
-               BLOCK_C: tl.constexpr, AVG_DIV: tl.constexpr = 0):
+               BLOCK_C: tl.constexpr, AVG_DIV: tl.constexpr = 0, y_ptr=None, slope=0.0, ACT_Y: tl.constexpr = 0):
     """du at the pre-pool pixels offs_p (n, ih, iw), valid where `mask`: dy summed over the windows
     (oh, ow) that hold the pixel at tap (r, s), max (POOL 1) only where the window's argmax is
     r*KW + s, avg (POOL 2) divided by KH*KW (AVG_DIV 0) or by each window's window_count
-    (AVG_DIV 1, 2: avg_divisor); dy itself without a pool (POOL 0). A deterministic gather, no
-    atomics: the one window loop of the pooling backward and the conv block's."""
+    (AVG_DIV 1, 2: avg_divisor); dy itself without a pool (POOL 0). With ACT_Y (max pooling of an
+    activation's output y, the pooled values at y_ptr) each window's dy is taken through that
+    activation's gradient at its maximum, from y (activation.apply_act_grad_from_output). A
+    deterministic gather, no atomics: the one window loop of the pooling backward and the conv block's."""
     if POOL == 0:
         du = tl.load(dy_ptr + (offs_p * C)[:, None] + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
     else:
@@ -139,6 +142,9 @@ def gather_dy(dy_ptr, arg_ptr, offs_p, offs_c, mask, H, W, C, OH, OW, stride_h, 
                 if POOL == 1:
                     a = tl.load(arg_ptr + off, mask=m, other=-1).to(tl.int32)
                     d = tl.where(a == r * KW + s, d, 0.0)
+                    if ACT_Y != 0:  # y read only where this tap is the window's maximum
+                        y = tl.load(y_ptr + off, mask=m & (a == r * KW + s), other=0.0).to(tl.float32)
+                        d = apply_act_grad_from_output(y, d, ACT_Y, slope)
                 if POOL == 2 and AVG_DIV != 0:  # at least 1 where ok; masked-out lanes are 0 / 1
                     count = count_h * window_count(ow, W, stride_w, pad_w, KW, AVG_DIV)
                     d = d / tl.maximum(count, 1).to(tl.float32)[:, None]

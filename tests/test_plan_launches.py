@@ -18,7 +18,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # The plan's name of a kernel -> the Triton kernels (module.function) that carry it out.
 CONV = {"conv._conv_kernel"}
 BY_NAME = {
-    "conv_fwd": CONV, "conv_fwd+stats": CONV, "conv_fwd+epilogue": CONV, "conv_bwd_input": CONV,
+    "conv_fwd": CONV, "conv_fwd+stats": CONV, "conv_fwd+epilogue": CONV, "conv_fwd+pool": CONV, "conv_bwd_input": CONV,
     "conv_bwd_weight": {"conv_backward._conv_dw_kernel", "conv_backward._depthwise_dw_kernel",
                         "conv_backward._sum_splits_kernel"},
     "bn_fold": {"fold._scale_shift_kernel", "fold._fold_kernel"}, "bn_scale_shift": {"fold._scale_shift_kernel"},
@@ -28,6 +28,7 @@ BY_NAME = {
     "bn_bwd_reduce": {"batchnorm_backward._bn_bwd_partial_kernel", "batchnorm_backward._bn_bwd_merge_kernel"},
     "bn_bwd_merge": {"batchnorm_backward._bn_bwd_merge_kernel"}, "bn_bwd_apply": {"batchnorm_backward._bn_bwd_kernel"},
     "epilogue_fwd": {"epilogue._epilogue_fwd_kernel"}, "epilogue_bwd": {"epilogue._epilogue_bwd_kernel"},
+    "pool_bwd_from_y": {"epilogue._epilogue_bwd_kernel"},
     "epilogue_bwd+bn_reduce": {"epilogue._epilogue_bwd_kernel"}, "epilogue_bwd+bn_sums": {"epilogue._epilogue_bwd_kernel"},
     "activation_fwd": {"activation._activation_fwd_kernel"}, "activation_bwd": {"activation._activation_bwd_kernel"},
     "pool_fwd": {"epilogue._epilogue_fwd_kernel", "pool._avg_pool_fwd_kernel"}, "pool_bwd": {"pool._pool_bwd_kernel"},

@@ -14,6 +14,7 @@ from cnndsl.kernels.conv import (
     conv2d_backward_weight,
     conv2d_forward,
 )
+from cnndsl.kernels.epilogue import epilogue_forward
 from cnndsl.specs import Act, ConvGeometry, Window
 
 from helpers import DTYPES, assert_close, torch_act
@@ -372,3 +373,26 @@ def test_conv_gpu(name, dtype):
 def test_conv_gpu_int64_offsets():
     # x has 2 * 1024 * 1024 * 1040 > 2**31 elements: offsets must be computed in int64.
     _gpu_check((2, 1040, 1024, 1024, 16, (1, 1), 1, 0, 1, 1, True), torch.float16, "int64")
+
+
+@pytest.mark.parametrize("pool_name", ["max2", "max3_p1", "max1_s2", "max2x4_p12"])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "none"])
+def test_conv_pool_argmax(pool_name, act):
+    """Training's pool in the GEMM (no z kept): y and the argmax codes are the epilogue pass's over the
+    stored conv output, on random inputs, on ties (a zero filter: every tap holds the bias; the first
+    valid tap wins) and with NaNs (an input NaN reaches some windows: the last NaN tap wins)."""
+    p = _problem(CASES["3x3_c3"], torch.float32)
+    out_hw = tuple(_fused_ref(p["y"], pool=POOLS[pool_name]).shape[2:])
+    pool, a = Window(*POOLS[pool_name], out_hw), Act(act, 0.1)
+    tied, nan = p["x"].clone(), p["x"].clone()
+    nan[0, 4, 5:7, 1] = float("nan")
+    for name, x, w in (("random", p["x"], p["w"]), ("tied", tied, torch.zeros_like(p["w"])), ("nan", nan, p["w"])):
+        y, argmax = conv2d_forward(x, w, p["b"], p["geometry"], a, pool=pool, argmax=True)
+        ref_y, ref_arg = epilogue_forward(conv2d_forward(x, w, p["b"], p["geometry"]), None, None, a, None,
+                                          Act(), pool)
+        assert argmax.dtype == ref_arg.dtype == torch.int8
+        assert torch.equal(argmax, ref_arg), f"{name}: argmax"
+        torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5, equal_nan=True, msg=name)
+    assert torch.isnan(y).any()  # the last case reached some windows
+    with pytest.raises(ValueError, match=r"argmax=True needs max pooling, got pool=None"):
+        conv2d_forward(p["x"], p["w"], p["b"], p["geometry"], a, argmax=True)

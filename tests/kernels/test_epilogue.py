@@ -11,6 +11,7 @@ from cnndsl.kernels.epilogue import (
     BatchNormBackward,
     epilogue_backward,
     epilogue_forward,
+    pooled_backward,
 )
 from cnndsl.kernels.pool import pool_backward, pool_forward
 from cnndsl.specs import Act, Window
@@ -166,6 +167,30 @@ def test_pool_matches_unfused_kernels_and_torch(pool):
     # dresidual = act2'(v) du: relu passes du where u > 0
     _, dres, _, _ = epilogue_backward(dy, *args, window, argmax)
     assert torch.equal(dres, torch.where(u > 0, du, 0.0))
+
+
+@pytest.mark.parametrize("pool,act,dtype", [
+    (("max", 2, 2, 0), Act("relu"), torch.float32), (("max", 3, 3, 1), Act("leaky_relu", 0.1), torch.float32),
+    (("max", 2, 2, 0), Act("none"), torch.bfloat16), (("avg", 2, 2, 1), Act("none"), torch.float32),
+    (("max", 3, 3, 0), Act("relu"), torch.float16)])
+def test_pooled_backward(pool, act, dtype):
+    """The backward of a block that pooled in its GEMM and kept only y and the argmax: dz equals
+    float64 autograd of act -> pool from z, act's gradient taken from y's sign."""
+    mode, k, s, p = pool
+    z = torch.randn(2, 9, 7, 6).to(dtype)
+    window = Window(mode, (k, k), (s, s), (p, p), tuple((d + 2 * p - k) // s + 1 for d in (9, 7)))
+    y, argmax = epilogue_forward(z, None, None, act, None, Act(), window)
+    dy = torch.randn(y.shape).to(dtype)
+    dz = pooled_backward(dy, y, argmax, act, window, z.shape)
+    ref_z = _nchw(z).double().requires_grad_()
+    (F.max_pool2d if mode == "max" else F.avg_pool2d)(torch_act(act.kind, act.slope)(ref_z), k, s, p).backward(
+        _nchw(dy).double())
+    assert dz.dtype == dtype
+    assert_close(_nchw(dz).double(), ref_z.grad, dtype, reduction=4, name="dz")
+    with pytest.raises(ValueError, match=r"act1: expected one whose gradient follows from the pooled output"):
+        pooled_backward(dy, y, argmax, Act("gelu"), window, z.shape)
+    with pytest.raises(ValueError, match=r"dy: expected shape \(2, \d, \d, 6\), got \(2, 1, 1, 6\)"):
+        pooled_backward(dy[:, :1, :1].contiguous(), y[:, :1, :1].contiguous(), argmax, act, window, z.shape)
 
 
 def test_epilogue_empty_batch():
