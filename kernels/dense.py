@@ -29,13 +29,16 @@ from .dropout import check_dropout, dropout_keep
 from .layout import flatten
 from .softmax import softmax_backward
 
-_CONFIGS = [gemm_config(*c, GROUP_M=8) for c in ((128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 3, 8),
-                               (128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
-                               (64, 64, 64, 4, 4), (128, 32, 32, 4, 4), (32, 128, 64, 4, 4),
-                               (32, 64, 64, 4, 4), (64, 32, 64, 4, 4), (32, 32, 64, 4, 4),
-                               (16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (64, 16, 128, 4, 4),
-                               # wide rows for a fused softmax over up to MAX_SOFTMAX_UNITS classes
-                               (32, 256, 32, 3, 4), (16, 512, 32, 2, 4), (16, 1024, 16, 2, 8))]
+# Tiles of fewer than 64 rows (batches under 64) swap the product's operands (SWAP: c^T = b^T a^T), so
+# that the tile's columns take wgmma's 64-row side on Hopper, where 16 or 32 rows would fall back to
+# mma.sync; they need 64 columns or more.
+_CONFIGS = [gemm_config(*c, GROUP_M=8)
+            for c in ((128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 3, 8), (128, 128, 32, 4, 4),
+                      (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 4), (128, 32, 32, 4, 4),
+                      (32, 128, 64, 4, 4), (32, 64, 64, 4, 4), (64, 32, 64, 4, 4), (16, 64, 128, 4, 4),
+                      (16, 128, 64, 4, 4), (64, 16, 128, 4, 4),
+                      # wide rows for a fused softmax over up to MAX_SOFTMAX_UNITS classes
+                      (32, 256, 32, 3, 4), (16, 512, 64, 2, 4), (16, 1024, 16, 2, 8))]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -56,20 +59,39 @@ def _cols(args):
     return 2 * args["N"] - 1 if args["SOFTMAX"] else min(args["N"], 128)
 
 
-@autotune(_CONFIGS, key=["M", "N", "K", "stride_am", "stride_bn", "HAS_BIAS", "ACT", "DROP", "SOFTMAX"],
+@autotune(_CONFIGS, key=["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "HAS_BIAS", "ACT", "DROP",
+                      "SOFTMAX"],
           interpret={"BLOCK_M": ("M", 16, 512), "BLOCK_N": (_cols, 16, 1024), "BLOCK_K": ("K", 16, 128)},
           prune_configs_by={"early_config_prune": _prune})
+@triton.heuristics({"SWAP": lambda args: args["BLOCK_M"] < 64})
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, pre_ptr, M, N, K,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, slope, p, scale, seed,
                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr, DROP: tl.constexpr,
-                   SOFTMAX: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                   SOFTMAX: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                   A_KMAJOR: tl.constexpr, A_DIV: tl.constexpr, B_KMAJOR: tl.constexpr, B_DIV: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                   SWAP: tl.constexpr):
     # c (M, N) = softmax(dropout(act(a (M, K) @ b (K, N) + bias (N,)))), any strides; each epilogue
     # stage optional. SAVE_PRE also stores act's input (c's strides) for the backward pass;
     # DROP draws the mask of element m*N + n, as dropout.py does for a contiguous (M, N) tensor;
     # SOFTMAX needs the whole row in one tile (BLOCK_N >= N).
+    # Triton proves an integer's divisibility by 16 only. A_DIV (B_DIV), a power of two from the
+    # launcher, divides a's (b's) row stride and its bound along its contiguous axis (K where
+    # A_KMAJOR, else M): with it, the rows of a 1000-class dy (1000 = 8 * 125) are known 16-byte
+    # aligned and its tiles load by 16-byte cp.async. v // D * D is v, with D as its divisibility.
+    if A_KMAJOR:
+        stride_am = stride_am // A_DIV * A_DIV
+        K = K // A_DIV * A_DIV
+    else:
+        stride_ak = stride_ak // A_DIV * A_DIV
+        M = M // A_DIV * A_DIV
+    if B_KMAJOR:
+        stride_bn = stride_bn // B_DIV * B_DIV
+        K = K // B_DIV * B_DIV
+    else:
+        stride_bk = stride_bk // B_DIV * B_DIV
+        N = N // B_DIV * B_DIV
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -86,14 +108,19 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, pre_ptr, M, N, K,
     n_mask = offs_n < N
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(DOT_DTYPE)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0).to(DOT_DTYPE)
+        if SWAP:
+            acc = tl.dot(tl.trans(b), tl.trans(a), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    if SWAP:
+        acc = tl.trans(acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     c_offs = offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -142,6 +169,21 @@ def _epilogue_bwd_kernel(dy_ptr, pre_ptr, da_ptr, n, slope, p, scale, seed,
     tl.store(da_ptr + offs, d.to(da_ptr.dtype.element_ty), mask=mask)
 
 
+def _layout(name, strides, k, other):
+    """The {NAME}_KMAJOR, {NAME}_DIV constexprs of an operand read through `strides` (its
+    non-reduced axis, then the reduction's): whether it is contiguous along the reduction (of k)
+    or along its other axis (of `other` elements), and the largest power of two up to 16 that
+    divides both its row stride and that bound (Triton knows 16 alone)."""
+    kmajor = strides[1] == 1
+    row, bound = (strides[0], k) if kmajor else (strides[1], other)
+    return {f"{name}_KMAJOR": kmajor, f"{name}_DIV": min(16, _pow2(row), _pow2(bound))}
+
+
+def _pow2(v: int) -> int:
+    """The largest power of two dividing v (16 for 0)."""
+    return v & -v if v else 16
+
+
 def _matmul(a, a_strides, b, b_strides, c, k, bias=None, act=NONE, slope=0.01, pre=None, p=0.0, seed=0,
             softmax=False):
     """c (M, N) = act(a @ b + bias) (then dropout p, softmax) where a (M, K) and b (K, N) are read
@@ -154,7 +196,8 @@ def _matmul(a, a_strides, b, b_strides, c, k, bias=None, act=NONE, slope=0.01, p
                          *a_strides, *b_strides, *c.stride(), float(slope), float(p),
                          0.0 if p == 1 else 1.0 / (1.0 - p), int(seed), HAS_BIAS=bias is not None, ACT=act,
                          SAVE_PRE=pre is not None, DROP=bool(p > 0), SOFTMAX=softmax,
-                         DOT_DTYPE=dot_dtype(a.dtype), PRECISION=dot_precision(a.dtype))
+                         DOT_DTYPE=dot_dtype(a.dtype), PRECISION=dot_precision(a.dtype),
+                         **_layout("A", a_strides, k, m), **_layout("B", b_strides[::-1], k, n))
     return c
 
 
@@ -202,14 +245,14 @@ def dense_epilogue_backward(dy, pre, act: Act = NO_ACT, p=0.0, seed=0):
 
 
 def _padded_columns(t):
-    """t (M, N) row-major, or a copy with its columns padded with zeros to a multiple of 16. Triton
-    knows an integer's divisibility by 16 only: with 1000 classes, a tile of dy read along its
-    columns has neither 16-byte aligned rows nor a bound that whole 8-element vectors respect, and
-    the K loop loads it 2 bytes at a time, synchronously; the copy (M x N, one pass over the
-    logits' gradient) lets it use 16-byte cp.async."""
-    if t.shape[1] % 16 == 0:
+    """t (M, N) row-major, or a copy with its columns padded with zeros to a multiple of 8 (16
+    bytes of a 16-bit dtype). A tile of dy read along its columns (the weight gradient's) needs
+    16-byte aligned rows for 16-byte cp.async (the kernel's A_DIV tells Triton that 1000 classes
+    have them); 10 classes do not: there the copy (M x N, one pass over the logits' gradient)
+    saves loads of 2 or 4 bytes."""
+    if t.shape[1] % 8 == 0:
         return t
-    padded = t.new_zeros((t.shape[0], triton.cdiv(t.shape[1], 16) * 16))
+    padded = t.new_zeros((t.shape[0], triton.cdiv(t.shape[1], 8) * 8))
     padded[:, :t.shape[1]] = t
     return padded
 
