@@ -6,9 +6,9 @@ the order of their last node, so the shortcut of a residual add is ready before 
 adds it in its epilogue.
 
 Cross-layer fusion (fuse=True): a conv block with batch norm or an activation (and no shortcut
-or pool) whose output only the next conv reads defers its epilogue in training: it hands that
-conv its z and batch norm's per-channel scale and shift, and the conv normalises and activates
-each tile as it loads it, so the block's output is never written (`Group.output_note` says,
+or pool) whose output only the next conv (or a max pool alone) reads defers its epilogue in
+training: it hands that reader its z and batch norm's per-channel scale and shift, and the reader
+normalises and activates each tile as it loads it, so the block's output is never written (`Group.output_note` says,
 for every such block, whether and why); and in backward a block whose batch norm and activation
 (or batch norm and shortcut) have gradients its conv's kernels can apply as they load dy and z
 writes no dz (`Group.dz_on_load`, where that moves fewer bytes); a conv + relu + max pool
@@ -139,7 +139,8 @@ def _deferral(net: ir.Network, readers, groups: list[Group]) -> dict[int, tuple[
     """Group index -> (deferred, why) for each conv block with batch norm or an activation and no
     shortcut or pool. It defers where only the conv of another conv block reads its output, as
     that conv's input, with 16 or more channels per group or depthwise (fewer are padded with
-    zeros, which normalising on load would not keep zero)."""
+    zeros, which normalising on load would not keep zero), or only a max pool of its own (a stem's
+    3x3 stride 2 pool: its forward is the epilogue pass's code, its backward reads no input)."""
     first = {g.nodes[0].id: g for g in groups if g.rule == "conv_block"}
     notes = {}
     for i, g in enumerate(groups):
@@ -151,6 +152,8 @@ def _deferral(net: ir.Network, readers, groups: list[Group]) -> dict[int, tuple[
             notes[i] = False, "its output is written: it is the network's output"
         elif len(rd) > 1:
             notes[i] = False, f"its output is written: {len(rd)} layers read it ({', '.join(r.name for r in rd)})"
+        elif rd[0].op is Op.POOL and rd[0].attrs.mode == "max":  # a pool alone: the epilogue pass's code
+            notes[i] = True, f"its output is not written: {rd[0].name} {_does(ops)} z as it loads it"
         elif rd[0].id not in first or rd[0].inputs[0] != out.id:
             notes[i] = False, f"its output is written: {rd[0].name} ({rd[0].op.value}) reads it, not a conv's input"
         else:
@@ -160,10 +163,12 @@ def _deferral(net: ir.Network, readers, groups: list[Group]) -> dict[int, tuple[
                 notes[i] = False, (f"its output is written: {rd[0].name} reads {cin_g} channels per group, padded "
                                    f"to 16 with zeros that normalising on load would not keep zero")
             else:
-                does = " and ".join(w for w, o in (("normalises", Op.BATCHNORM), ("activates", Op.ACTIVATION))
-                                    if o in ops)
-                notes[i] = True, f"its output is not written: {rd[0].name} {does} z as it loads it"
+                notes[i] = True, f"its output is not written: {rd[0].name} {_does(ops)} z as it loads it"
     return notes
+
+
+def _does(ops) -> str:
+    return " and ".join(w for w, o in (("normalises", Op.BATCHNORM), ("activates", Op.ACTIVATION)) if o in ops)
 
 
 def _dz_on_load(g: Group) -> bool:
@@ -173,14 +178,17 @@ def _dz_on_load(g: Group) -> bool:
     or more output channels per group (fewer are padded with zeros, which dz on load would not
     keep); and where it moves fewer bytes: each of the input gradient's p stride phases reads dy
     and z where it read dz, so with batch norm (whose dz pass, 3 of z's size, and the write of da
-    or the read of dy and z go) it pays for p <= 2, with an activation alone (its pass of 3) for p = 1."""
+    or the read of dy and z go) it pays for p <= 2, with an activation alone (its pass of 3) for p = 1;
+    a conv reading the network's input (a stem) has no input gradient, so any stride pays."""
     ops = [n.op for n in g.nodes]
     if g.rule != "conv_block" or not set(ops) & {Op.BATCHNORM, Op.ACTIVATION} or Op.POOL in ops:
         return False
     if Op.ADD in ops and (Op.BATCHNORM not in ops or Op.ACTIVATION in ops[:ops.index(Op.ADD)]):
         return False
     conv = g.nodes[0].attrs
-    return conv.filters // conv.groups >= MIN_GEMM_K and input_grad_phases(conv) <= (2 if Op.BATCHNORM in ops else 1)
+    stem = g.nodes[0].inputs[0] == 0
+    return conv.filters // conv.groups >= MIN_GEMM_K and (
+        stem or input_grad_phases(conv) <= (2 if Op.BATCHNORM in ops else 1))
 
 
 def _gemm_pool(g: Group) -> bool:
@@ -221,9 +229,9 @@ def _cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:
             sums = ("epilogue_bwd+bn_sums",) if Op.ADD in ops else ("bn_bwd_reduce",) if Op.BATCHNORM in ops else ()
             backward = sums + (("bn_bwd_merge",) if Op.BATCHNORM in ops else ()) + tuple(
                 f"dz_on_load+{k}" for k in backward if k.startswith("conv_bwd"))
-        prologue = g.rule == "conv_block" and g.nodes[0].inputs[0] in deferred_outputs
+        prologue = g.rule in ("conv_block", "pool") and g.nodes[0].inputs[0] in deferred_outputs
         if prologue:
-            forward = tuple(f"prologue+{k}" if k.startswith("conv_fwd") else k for k in forward)
+            forward = tuple(f"prologue+{k}" if k.startswith(("conv_fwd", "pool_fwd")) else k for k in forward)
             backward = tuple(f"prologue+{k}" if k.endswith("conv_bwd_weight") else k for k in backward)
         out.append(replace(g, forward=forward, backward=backward, deferred=on, prologue=prologue,
                            dz_on_load=on_load, gemm_pool=gemm_pool, output_note=note))

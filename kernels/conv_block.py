@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..specs import NO_ACT, ConvBlock, decode
+from ..specs import NO_ACT, Act, ConvBlock, decode
 from ._common import absent, define, present
 from .batchnorm_backward import batchnorm_backward_on_load
 from .batchnorm_layer import update_running
@@ -43,13 +43,14 @@ from .window import argmax_dtype
 
 
 class Deferred(NamedTuple):
-    """A deferring block's output in training: z (N, H, W, K) and the per-channel fp32 scale and
-    shift of its batch norm (None without one); its reader computes y = act1(z scale + shift) as it
-    loads z."""
+    """A deferring block's output in training: z (N, H, W, K), the per-channel fp32 scale and
+    shift of its batch norm (None without one) and its act1; its reader (a conv, or a max pool)
+    computes y = act1(z scale + shift) as it loads z, and its backward returns y's gradient."""
 
     z: torch.Tensor
     scale: torch.Tensor | None
     shift: torch.Tensor | None
+    act: Act = NO_ACT
 
 
 def _prologue(s, pro, pro_scale, pro_shift):
@@ -223,7 +224,7 @@ def conv_block(x, residual, w, b, bn_w, bn_b, running_mean, running_var, num_bat
     bn = spec.bn
     pro, pro_scale, pro_shift = isinstance(x, Deferred), None, None
     if pro:  # the previous block's z: normalised and activated as the conv loads it
-        x, pro_scale, pro_shift = x
+        x, pro_scale, pro_shift = x.z, x.scale, x.shift
     if not state.grad and not (bn is not None and state.training):  # inference: one kernel
         if bn is not None:
             w, b = _folded(state.cache, w, b, bn_w, bn_b, running_mean, running_var, bn.eps)
@@ -233,4 +234,4 @@ def conv_block(x, residual, w, b, bn_w, bn_b, running_mean, running_var, num_bat
     if bn is not None and state.training:
         update_running(out[3], out[4], running_mean, running_var, num_batches_tracked, bn.momentum,
                        x.shape[0] * spec.geometry.out_hw[0] * spec.geometry.out_hw[1])
-    return Deferred(out[0], present(out[5]), present(out[6])) if spec.defer else out[0]
+    return Deferred(out[0], present(out[5]), present(out[6]), spec.act1) if spec.defer else out[0]

@@ -73,7 +73,9 @@ def _epilogue_fwd_kernel(z_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, arg_ptr,  
                          P, H, W, C, OH, OW, stride_h, stride_w, pad_h, pad_w, slope1, slope2,
                          KH: tl.constexpr, KW: tl.constexpr, POOL: tl.constexpr, ACT1: tl.constexpr,
                          ACT2: tl.constexpr, HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr,
-                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                         ROUND: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # ROUND: each tap's u is rounded to y's dtype before it is pooled, as if u had been written and
+    # then pooled (a max pool reading a deferred block's z: the same y and argmax as block-level fusion)
     offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # output pixels (n, oh, ow)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     p_mask = offs_p < P
@@ -100,6 +102,8 @@ def _epilogue_fwd_kernel(z_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, arg_ptr,  
                 off = (((n * H + ih) * W + iw) * C)[:, None] + offs_c[None, :]
                 _, _, _, u = _chain(z_ptr, res_ptr, off, mask, scale, shift, slope1, slope2, ACT1, ACT2,
                                     HAS_AFFINE, HAS_RES)
+                if ROUND:
+                    u = u.to(y_ptr.dtype.element_ty).to(tl.float32)
                 if POOL == 1:  # torch: the first valid tap, then strictly greater values or any NaN
                     take = mask & ((u > best) | (u != u) | (arg < 0))  # noqa: PLR0124
                     best = tl.where(take, u, best)
@@ -212,13 +216,14 @@ def _setup(z, scale, shift, act1: Act, residual, act2: Act, pool: Window | None)
     return out_shape, args, consts
 
 
-def epilogue_forward(z, scale, shift, act1: Act, residual, act2: Act, pool: Window | None):
+def epilogue_forward(z, scale, shift, act1: Act, residual, act2: Act, pool: Window | None, round_taps=False):
     """(y, argmax or None): y = pool(act2(act1(z scale + shift) + residual)) in z's dtype for z
     (N, H, W, C) (or (N, C) as (N, 1, 1, C)) contiguous; scale, shift fp32 (C,) or both None
     (the identity); residual z's shape and dtype or None; act1, act2 Acts (NO_ACT skips one);
     pool None (y = u, z's shape) or a Window over (H, W) as pool.py's pool_forward, giving y
     (N, OH, OW, C) and for "max" its argmax codes. One pass: reads z and residual once, writes
-    y (and argmax)."""
+    y (and argmax). round_taps: each pooled value is rounded to z's dtype first, as if u had been
+    written and pooled (pool.py's reader of a deferred z)."""
     out_shape, args, consts = _setup(z, scale, shift, act1, residual, act2, pool)
     y = torch.empty(out_shape, dtype=z.dtype, device=z.device)
     is_max = consts["POOL"] == POOL_MODES["max"]
@@ -228,7 +233,7 @@ def epilogue_forward(z, scale, shift, act1: Act, residual, act2: Act, pool: Wind
     if y.numel():
         _epilogue_fwd_kernel[lambda meta: (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))](
             z, z if scale is None else scale, z if shift is None else shift, z if residual is None else residual,
-            y, argmax if is_max else y, pixels, *args, **consts)
+            y, argmax if is_max else y, pixels, *args, **consts, ROUND=bool(round_taps))
     return y, argmax
 
 

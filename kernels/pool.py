@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..specs import NO_ACT, Window, decode
+from ..specs import NO_ACT, Act, Window, decode
 from ._common import (
     ELEMENTWISE_CONFIGS,
     absent,
@@ -23,6 +23,7 @@ from ._common import (
     elementwise_tiles,
     present,
 )
+from .conv_block import Deferred
 from .epilogue import epilogue_forward
 from .window import (
     CONFIGS,
@@ -213,9 +214,31 @@ def _argmax_or_absent(x, y, argmax):
     return y, absent(x, torch.int8) if argmax is None else argmax
 
 
+def _pool_pro_setup(ctx, inputs, output):
+    _pool_setup(ctx, (inputs[0], inputs[3]), output)
+
+
+def _pool_pro_backward(ctx, dy, _):
+    return _pool_backward(ctx, dy, _)[0], None, None, None, None, None
+
+
+# A max pool reading a deferring conv block's z (cross-layer fusion): y = max(act(z scale + shift))
+# as epilogue.py's pass computes it, each tap rounded as the written output would be (the same y
+# and argmax as pooling it), so the block's output is never written; backward returns the gradient
+# of the block's output, which the block's backward takes (plan.py).
+_pool_pro = define("pool_prologue", "(Tensor z, Tensor? scale, Tensor? shift, str spec, str act, float slope) -> "
+                   "(Tensor, Tensor)",
+                   lambda z, scale, shift, spec, act, slope: epilogue_forward(
+                       z, scale, shift, Act(act, slope), None, NO_ACT, decode(spec), round_taps=True),
+                   lambda z, scale, shift, spec, act, slope: _pool_fake(z, spec), _pool_pro_backward,
+                   _pool_pro_setup)
+
+
 def pool_layer(x, spec: Window, state):
     """A max or average pooling layer alone: keeps max pooling's int8 argmax for the gradient,
-    not its input."""
+    not its input; a deferred input (a max pool only) is normalised and activated as it loads."""
+    if isinstance(x, Deferred):
+        return _pool_pro(x.z, x.scale, x.shift, state.text, x.act.kind, float(x.act.slope))[0]
     return _pool(x, state.text)[0]
 
 

@@ -79,11 +79,11 @@ def _tap(value, slot):
     """_Tap on a tensor, or on the z of a block's deferred output (whose gradient is y's)."""
     from cnndsl.kernels.conv_block import Deferred
     if isinstance(value, Deferred):
-        return Deferred(_Tap.apply(value.z, slot), value.scale, value.shift)
+        return value._replace(z=_Tap.apply(value.z, slot))
     return _Tap.apply(value, slot)
 
 
-def _value(value, act):
+def _value(value):
     """What a step wrote, as a tensor: a deferred output is the y = act(z scale + shift) that its
     reading conv computes as it loads z, bit for bit: block-level fusion's epilogue pass computes
     it with the same code (the float64 reference then takes the same relu and pool decisions)."""
@@ -93,7 +93,7 @@ def _value(value, act):
     if not isinstance(value, Deferred):
         return value.detach()
     with torch.no_grad():
-        return epilogue_forward(value.z, value.scale, value.shift, act, None, NO_ACT, None)[0]
+        return epilogue_forward(value.z, value.scale, value.shift, value.act, None, NO_ACT, None)[0]
 
 
 class _Recorded:
@@ -110,9 +110,9 @@ class _Recorded:
         call.dx = [[] for a in args[:k] if a is not None]
         inputs = iter(_tap(a, slot) for a, slot in zip((a for a in args[:k] if a is not None), call.dx))
         args = [next(inputs) if a is not None else None for a in args[:k]] + list(args[k:])
-        call.inputs = [_value(a, getattr(step.spec, "prologue", None)) for a in args[:k] if a is not None]
+        call.inputs = [_value(a) for a in args[:k] if a is not None]
         out = _tap(self.runner(*args), call.dy)
-        call.output = _value(out, getattr(step.spec, "act1", None))
+        call.output = _value(out)
         self.calls.append(call)
         return out
 

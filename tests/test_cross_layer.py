@@ -195,4 +195,43 @@ def test_pool_in_the_gemm_in_training():
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pooled_blocks_train_as_the_reference_does(dtype):
-    run_both(POOLED, batch=2, dtype=dtype, train=True, fuse=True, steps=2 if dtype == torch.float32 else 1)
+    run_both(POOLED, batch=2, dtype=dtype, train=True, fuse=True)
+
+
+# Blocks that defer to a max pool of their own: a stem (stride 2, batch norm, relu; no input
+# gradient, so its backward computes dz on load at any stride) before an overlapping pool, and
+# a conv + relu before a ceil-mode pool.
+STEM = """network stem
+input 3x12x12
+conv 16 3 stride=2 pad=1 bias=false
+batchnorm
+relu
+maxpool 3 stride=2 pad=1
+conv 16 3 pad=1
+relu
+maxpool 3 stride=2 ceil_mode=true
+flatten
+dense 10
+"""
+
+
+def test_a_block_defers_to_a_max_pool():
+    net = cnndsl.parse(STEM)
+    cross, block = plan(net, True).groups, plan(net, "block").groups
+    assert _notes(STEM) == [
+        ("conv1..relu1", True, "its output is not written: maxpool1 normalises and activates z as it loads it"),
+        ("conv2..relu2", True, "its output is not written: maxpool2 activates z as it loads it")]
+    assert cross[1].forward == ("prologue+pool_fwd",) and cross[1].prologue
+    assert cross[0].dz_on_load and cross[2].dz_on_load  # the stem at stride 2: it has no input gradient
+    # the stem (batch 4, bf16, z 16x6x6): the epilogue pass that read z and wrote y (2z) is gone; backward's
+    # gather and batch norm dz passes (3z + 3z) become the sums (2z) and the weight gradient's extra read (z)
+    z = 4 * 2 * 16 * 6 * 6
+    moved = lambda g: traffic(net, g, 4, 2)["training"][0]
+    assert moved(block[0]) - moved(cross[0]) == 2 * z + (6 - 3) * z
+    assert moved(block[1]) == moved(cross[1])
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocks_deferring_to_a_pool_train_as_the_reference_does(dtype):
+    run_both(STEM, batch=2, dtype=dtype, train=True, fuse=True, steps=2 if dtype == torch.float32 else 1)

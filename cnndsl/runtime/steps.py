@@ -92,7 +92,7 @@ def run_steps(steps, x, layers: dict, runners: dict, training: bool, caches: dic
         trains = training and all(layers[p[0]].training for p in step.params if p is not None)
         state = StepState(trains, grad, caches, step.group, step.text)
         out = runners[step.runner](*inputs, *params, step.spec, state)
-        if isinstance(out, torch.Tensor):  # else a block's deferred output, read by one conv (plan.py)
+        if isinstance(out, torch.Tensor):  # else a block's deferred output, read by one conv or max pool (plan.py)
             out = out.contiguous()
         keep(step.output, out)
     return out.permute(0, 3, 1, 2).contiguous() if out.dim() == 4 else out

@@ -169,6 +169,22 @@ def test_pool_matches_unfused_kernels_and_torch(pool):
     assert torch.equal(dres, torch.where(u > 0, du, 0.0))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pool_of_a_deferred_z_is_the_pool_of_its_written_output(dtype):
+    """A max pool reading a deferring block's z (round_taps): the y and argmax of pooling the
+    block's written output, bit for bit, so cross-layer fusion decides every maximum as
+    block-level fusion does (an overlapping 3x3 stride 2 window, as a stem's). In channels 3-5 every
+    value rounds to 100: ties that only the written values make (the first tap wins them)."""
+    z = torch.randn(2, 9, 7, 6).to(dtype)
+    scale, shift = torch.cat([1 + torch.rand(3), torch.full((3,), 0.01)]), torch.cat([torch.randn(3),
+                                                                                      torch.full((3,), 100.0)])
+    window = Window("max", (3, 3), (2, 2), (1, 1), (5, 4))
+    written, _ = epilogue_forward(z, scale, shift, Act("relu"), None, Act(), None)
+    y, argmax = epilogue_forward(z, scale, shift, Act("relu"), None, Act(), window, round_taps=True)
+    ref_y, ref_arg = pool_forward(written, window)
+    assert torch.equal(y, ref_y) and torch.equal(argmax, ref_arg)
+
+
 @pytest.mark.parametrize("pool,act,dtype", [
     (("max", 2, 2, 0), Act("relu"), torch.float32), (("max", 3, 3, 1), Act("leaky_relu", 0.1), torch.float32),
     (("max", 2, 2, 0), Act("none"), torch.bfloat16), (("avg", 2, 2, 1), Act("none"), torch.float32),
