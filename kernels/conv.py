@@ -247,7 +247,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
         p_mask = (offs_p < M // TAPS)[:, None] & n_mask[None, :]
         tl.store(y_ptr + p_off, out.to(y_ptr.dtype.element_ty), mask=p_mask)
         if ARGMAX:  # training keeps no z: backward routes dy by the argmax, act's gradient from y
-            arg = pool_argmax(acc, m_mask, TAPS, BLOCK_M, BLOCK_N)
+            arg = pool_argmax(acc, out, m_mask, TAPS, BLOCK_M, BLOCK_N)
             tl.store(arg_ptr + p_off, arg.to(arg_ptr.dtype.element_ty), mask=p_mask)
     else:
         tl.store(y_ptr + y_row[:, None] + col[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -302,9 +302,9 @@ def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, res
     geometry.out_hw = (OH, OW)). residual (N, OH, OW, K) in x.dtype or None; pool None or a
     non-overlapping Window over (OH, OW) of at most specs.MAX_POOL_TAPS taps; y is (N, OH, OW, K),
     or (N, POH, POW, K) pooled, and argmax=True (max pooling) returns (y, argmax) with pool.py's
-    argmax codes, for a backward that keeps no z (epilogue.pooled_backward). stats=True (nothing else fused)
-    returns (y, mean (K,), var (K,)): the fp32 batch statistics (var biased) of the post-bias
-    value over the N*OH*OW pixels, from per-tile partials the epilogue writes. With a prologue,
+    argmax codes, for a backward that keeps no z (epilogue_backward.pooled_backward). stats=True
+    (nothing else fused) returns (y, mean (K,), var (K,)): the fp32 batch statistics (var biased)
+    of the post-bias value over the N*OH*OW pixels, from per-tile partials the epilogue writes. With a prologue,
     x is z and the conv reads act(z scale + shift) (prologue.py)."""
     check_tensor(x, "x", ndim=4)
     check_tensor(w, "w", ndim=4, dtype=x.dtype, device=x.device)

@@ -30,11 +30,11 @@ from ._common import absent, define, present
 from .batchnorm_backward import batchnorm_backward_on_load
 from .batchnorm_layer import update_running
 from .conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
-from .epilogue import (
+from .epilogue import epilogue_forward
+from .epilogue_backward import (
     BatchNormBackward,
     epilogue_backward,
     epilogue_backward_on_load,
-    epilogue_forward,
     pooled_backward,
 )
 from .fold import bn_scale_shift, fold_conv

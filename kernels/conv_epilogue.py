@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..specs import MAX_POOL_TAPS, NO_ACT, Act, Window
-from ._common import check, check_tensor, nan_max
+from ._common import check, check_tensor
 from .activation import act_code
 from .window import POOL_MODES, argmax_dtype, check_window
 
@@ -60,13 +60,28 @@ def pool_rows(offs_m, m_mask, GH, GW, OH, OW, PKH, PKW, pool_sh, pool_sw, pool_p
 
 
 @triton.jit
+def _flip(bits):
+    """An fp32 bit pattern <-> an int32 ordered as the floats (negative floats' magnitude bits
+    reversed): an involution."""
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _ordered_max(v):
+    """The max over axis 1 of fp32 v without NaN, as an integer max of order-preserving keys: a
+    float max would compile to a NaN-dropping max.f32 and a reduce with nan_max (whose NaN the
+    caller handles) costs Triton's interpreter ten times as much."""
+    return _flip(tl.max(_flip(v.to(tl.int32, bitcast=True)), axis=1)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def pool_reduce(acc, valid, WINDOW, POOL: tl.constexpr, TAPS: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr):
     """(BLOCK_M // TAPS, BLOCK_N): each pooled pixel's max (NaN if any tap is NaN), or its sum /
     WINDOW (PyTorch's count_include_pad=True), over its TAPS rows; invalid rows count as -inf or 0."""
     if POOL == _MAX:
-        acc = tl.where(valid[:, None], acc, float("-inf"))
-        out = tl.reduce(tl.reshape(acc, (BLOCK_M // TAPS, TAPS, BLOCK_N)), 1, nan_max)
+        v = tl.reshape(tl.where(valid[:, None], acc, float("-inf")), (BLOCK_M // TAPS, TAPS, BLOCK_N))
+        out = tl.where(tl.max((v != v).to(tl.int32), axis=1) > 0, float("nan"), _ordered_max(v))  # noqa: PLR0124
     else:
         acc = tl.where(valid[:, None], acc, 0.0)
         out = tl.sum(tl.reshape(acc, (BLOCK_M // TAPS, TAPS, BLOCK_N)), axis=1) / WINDOW
@@ -74,14 +89,14 @@ def pool_reduce(acc, valid, WINDOW, POOL: tl.constexpr, TAPS: tl.constexpr, BLOC
 
 
 @triton.jit
-def pool_argmax(acc, valid, TAPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def pool_argmax(acc, best, valid, TAPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(BLOCK_M // TAPS, BLOCK_N) int32: the tap t = r*PKW + s (pool.py's argmax code) that each pooled
-    pixel's maximum comes from, as torch and epilogue.py pick it: the first valid tap holding the
-    maximum, or the last NaN where there is one (their scan takes strictly greater values or NaNs)."""
+    pixel's maximum `best` (pool_reduce's) comes from, as torch and epilogue.py pick it: the first
+    valid tap holding it, or the last NaN where there is one (their scan takes strictly greater
+    values or NaNs)."""
     v = tl.reshape(acc, (BLOCK_M // TAPS, TAPS, BLOCK_N))
     ok = tl.reshape(tl.broadcast_to(valid[:, None], (BLOCK_M, BLOCK_N)), (BLOCK_M // TAPS, TAPS, BLOCK_N))
     t = tl.arange(0, TAPS)[None, :, None]
-    best = tl.reduce(tl.where(ok, v, float("-inf")), 1, nan_max)
     first = tl.min(tl.where(ok & (v == best[:, None, :]), t, TAPS), axis=1)
     last_nan = tl.max(tl.where(ok & (v != v), t, -1), axis=1)  # noqa: PLR0124 - v != v: v is NaN
     return tl.where(last_nan >= 0, last_nan, first)

@@ -81,6 +81,7 @@ def _launcher_extras(dtype):
         dense,
         dropout,
         epilogue,
+        epilogue_backward,
         softmax,
         stochastic_depth,
     )
@@ -100,12 +101,12 @@ def _launcher_extras(dtype):
         mean, var = torch.zeros(3), torch.ones(3)
         y, arg = epilogue.epilogue_forward(z, mean, var, Act("relu"), z, Act("tanh"), pool)
         for train in (True, False):  # batch norm's backward through batch or running statistics
-            bn = epilogue.BatchNormBackward(mean, var, 1e-5, torch.ones(3, dtype=dtype), True, True, train)
-            epilogue.epilogue_backward(y, z, mean, var, Act("relu"), z, Act("tanh"), pool, arg, bn)
+            bn = epilogue_backward.BatchNormBackward(mean, var, 1e-5, torch.ones(3, dtype=dtype), True, True, train)
+            epilogue_backward.epilogue_backward(y, z, mean, var, Act("relu"), z, Act("tanh"), pool, arg, bn)
         # dz on load: batch norm's sums through an activation, dz's coefficients, a shortcut's gather pass
         batchnorm_backward.batchnorm_backward_on_load(z.view(-1, 3), z.view(-1, 3), mean, var, 1e-5, None, False,
                                                       True, mean, var, Act("relu"))
-        epilogue.epilogue_backward_on_load(z, z, mean, var, z, Act("relu"), None, None, bn)
+        epilogue_backward.epilogue_backward_on_load(z, z, mean, var, z, Act("relu"), None, None, bn)
     wide = torch.randn(2, softmax._MAX_BLOCK + 3, dtype=dtype)
     y = softmax.softmax_forward(wide)
     softmax.softmax_backward(torch.randn_like(y), y)

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from cnndsl.kernels.batchnorm import batchnorm_stats
-from cnndsl.kernels.epilogue import (
+from cnndsl.kernels.epilogue import epilogue_forward
+from cnndsl.kernels.epilogue_backward import (
     BatchNormBackward,
     epilogue_backward,
-    epilogue_forward,
     pooled_backward,
 )
 from cnndsl.kernels.pool import pool_backward, pool_forward

@@ -134,7 +134,10 @@ def test_a_bad_grad_prologue_is_refused():
 def test_a_shortcut_block_computes_dz_on_load_from_the_shortcut_gradient(mode):
     """conv -> batch norm -> + shortcut -> relu: the gather pass writes da once, as the shortcut's
     gradient, with batch norm's sums; the gradient kernels turn it into dz as they load it."""
-    from cnndsl.kernels.epilogue import BatchNormBackward, epilogue_backward_on_load
+    from cnndsl.kernels.epilogue_backward import (
+        BatchNormBackward,
+        epilogue_backward_on_load,
+    )
     case = CASES["3x3"]
     x, z, dy, wt, geometry, bn, _ = _problem(case, mode, "none", torch.float32)
     res = torch.randn_like(z)
@@ -163,7 +166,7 @@ def test_a_shortcut_block_computes_dz_on_load_from_the_shortcut_gradient(mode):
 
 def test_without_batch_norm_a_shortcut_block_writes_dz_once():
     """conv -> + shortcut -> relu: dz is the shortcut's gradient, one tensor, written once."""
-    from cnndsl.kernels.epilogue import epilogue_backward
+    from cnndsl.kernels.epilogue_backward import epilogue_backward
     z, res, dy = torch.randn(2, 5, 5, 16), torch.randn(2, 5, 5, 16), torch.randn(2, 5, 5, 16)
     dz, dres, _, _ = epilogue_backward(dy, z, None, None, Act("none"), res, Act("relu"), None, None)
     assert dz is dres and torch.equal(dz, torch.where(z + res > 0, dy, 0.0))

@@ -1,0 +1,215 @@
+"""The backward of a fused conv block's epilogue pass (epilogue.py): it keeps only z, residual
+and argmax and recomputes a and v at each pre-pool pixel; one kernel gathers dy over the pool
+windows holding the pixel (no atomics), writes dresidual and da (dz itself when the affine is
+fixed) and, for training batch norm, batchnorm_backward.py's per-tile partials of sum(da),
+sum(da (z - mean)); batchnorm's merge and elementwise backward (`batchnorm_backward_from_partials`)
+then finish dz, dweight and dbias. A block that pooled in its GEMM and kept no z takes the same
+kernel with dy gathered through the argmax and act1's gradient from y (`pooled_backward`)."""
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..specs import NO_ACT, Act, Window
+from ._common import autotune, check, check_tensor
+from .activation import NONE, act_code, apply_act_grad
+from .batchnorm import _check_channels, _tiles
+from .batchnorm_backward import (
+    batchnorm_backward,
+    batchnorm_backward_from_partials,
+    batchnorm_eval_backward,
+    batchnorm_on_load_from_partials,
+)
+from .epilogue import _KEY, _PRUNE, _affine, _chain, _setup
+from .window import (
+    CONFIGS,
+    POOL_MODES,
+    check_argmax,
+    check_window,
+    gather_dy,
+)
+
+
+@autotune(CONFIGS, key=_KEY + ["BN", "WRITE_DZ", "ACT_Y"], prune_configs_by=_PRUNE,
+          interpret={"BLOCK_P": (lambda a: a["rows"] // 2 or a["P"], 16, 1024), "BLOCK_C": ("C", 4, 64)})
+@triton.jit
+def _epilogue_bwd_kernel(dy_ptr, arg_ptr, z_ptr, scale_ptr, shift_ptr, res_ptr, mean_ptr,  # dy (N, OH, OW, C)
+                         dz_ptr, dres_ptr, part_ptr,  # -> dz (da with BN), dres (N, H, W, C), part (2, n_tiles, C)
+                         P, H, W, C, OH, OW, stride_h, stride_w, pad_h, pad_w, slope1, slope2, rows, n_tiles,
+                         KH: tl.constexpr, KW: tl.constexpr, POOL: tl.constexpr, ACT1: tl.constexpr,
+                         ACT2: tl.constexpr, HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, BN: tl.constexpr,
+                         WRITE_DZ: tl.constexpr, LOAD_Z: tl.constexpr, ACT_Y: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Program (t, j) takes tile t of the P = N*H*W pre-pool pixels: `rows` of them with BN
+    # (batchnorm's tiling, whose partials it writes), else BLOCK_P. ACT_Y (a block that pooled in
+    # its GEMM, no z kept): z_ptr is the pooled y, and act1's gradient comes from it (gather_dy).
+    tile = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    scale, shift = _affine(scale_ptr, shift_ptr, offs_c, c_mask, HAS_AFFINE, BLOCK_C)
+    if BN:
+        row0 = tile * rows
+        row_end = tl.minimum(row0 + rows, P)
+        mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    else:
+        row0 = tile * BLOCK_P
+        row_end = tl.minimum(row0 + BLOCK_P, P)
+        mean = tl.zeros((BLOCK_C,), tl.float32)
+    sum_da = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    sum_dax = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    for start in range(row0, row_end, BLOCK_P):
+        offs_p = start + tl.arange(0, BLOCK_P)
+        mask = (offs_p < row_end)[:, None] & c_mask[None, :]
+        off = (offs_p * C)[:, None] + offs_c[None, :]
+        du = gather_dy(dy_ptr, arg_ptr, offs_p, offs_c, mask, H, W, C, OH, OW, stride_h, stride_w, pad_h,
+                        pad_w, KH, KW, POOL, BLOCK_P, BLOCK_C, y_ptr=z_ptr, slope=slope1, ACT_Y=ACT_Y)
+        if LOAD_Z:  # z (and the shortcut) feed only batch norm's and the activations' gradients
+            z, a, v, _ = _chain(z_ptr, res_ptr, off, mask, scale, shift, slope1, slope2, ACT1, ACT2,
+                                HAS_AFFINE, HAS_RES)
+            dv = apply_act_grad(v, du, ACT2, slope2)
+            da = tl.where(mask, apply_act_grad(a, dv, ACT1, slope1), 0.0)
+        else:
+            z, dv, da = du, du, tl.where(mask, du, 0.0)
+        if HAS_RES:
+            tl.store(dres_ptr + off, dv.to(dres_ptr.dtype.element_ty), mask=mask)
+        if BN:
+            sum_da += da
+            sum_dax += da * (z - mean[None, :])
+        elif HAS_AFFINE:
+            da = da * scale[None, :]  # a fixed affine: dz = da * scale
+        if WRITE_DZ:  # else da is dres (no act1: the add passes dv through), written once
+            tl.store(dz_ptr + off, da.to(dz_ptr.dtype.element_ty), mask=mask)
+    if BN:  # batchnorm's _bn_bwd_partial_kernel format: [sum(da), sum(da (z - mean))] per tile
+        tl.store(part_ptr + tile * C + offs_c, tl.sum(sum_da, axis=0), mask=c_mask)
+        tl.store(part_ptr + (n_tiles + tile) * C + offs_c, tl.sum(sum_dax, axis=0), mask=c_mask)
+
+
+@dataclass(frozen=True)
+class BatchNormBackward:
+    """What the backward pass of a conv block's batch norm needs: the statistics that normalised
+    z (fp32 (C,): the batch's, var biased, in training; else the running ones), eps, the affine
+    weight (or None), whether there is a bias, whether the parameters' gradients are wanted, and
+    whether the statistics were the batch's (train: the gradient flows through them)."""
+
+    mean: object
+    var: object
+    eps: float
+    weight: object
+    bias: bool
+    param_grads: bool
+    train: bool
+
+
+def _gather(dy, z, scale, shift, residual, argmax, bn, args, consts, write_dz: bool):
+    """The gather / activation-gradient pass (args and consts: _check's) -> (dz (da with bn) or None,
+    dresidual or None, batch norm's partials or None); without write_dz, da is dresidual (no act1),
+    written once."""
+    c = args[2]
+    m = z.numel() // max(c, 1)  # pre-pool pixels: batch-norm rows
+    rows, n_tiles = _tiles(m) if bn is not None else (0, 0)
+    dz = torch.empty_like(z) if write_dz else None
+    dres = None if residual is None else torch.empty_like(residual)
+    part = torch.empty((2, n_tiles, c), dtype=torch.float32, device=z.device)
+    if m and c:
+        # z is read only for batch norm or an activation's gradient, the shortcut only for act2's
+        # (the kernel's loads of them are dead code otherwise): dy stands in for what is not read
+        load_z = bn is not None or consts["ACT1"] != NONE or consts["ACT2"] != NONE
+        z_in = z if load_z else dy
+        res_in = residual if residual is not None and consts["ACT2"] != NONE else z_in
+        mean = z_in if bn is None else bn.mean
+        _epilogue_bwd_kernel[lambda meta: (n_tiles or triton.cdiv(m, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))](
+            dy, dy if argmax is None else argmax, z_in, z_in if scale is None else scale,
+            z_in if shift is None else shift, res_in, mean, dres if dz is None else dz, dz if dres is None else dres,
+            part, m, *args, rows, n_tiles, **consts, BN=bn is not None, WRITE_DZ=write_dz, LOAD_Z=load_z, ACT_Y=NONE)
+    return dz, dres, part if bn is not None else None
+
+
+def _check(dy, z, scale, shift, act1, residual, act2, pool, argmax, bn):
+    """Validate epilogue_backward's arguments -> _setup's kernel arguments and constexprs."""
+    out_shape, args, consts = _setup(z, scale, shift, act1, residual, act2, pool)
+    check_tensor(dy, "dy", dtype=z.dtype, device=z.device)
+    check(tuple(dy.shape) == out_shape, f"dy: expected shape {out_shape}, got {tuple(dy.shape)}")
+    check_argmax(argmax, pool.mode if pool else "none", consts["KH"] * consts["KW"], out_shape, z.device)
+    if bn is not None:
+        check(isinstance(bn, BatchNormBackward), f"bn: expected None or a BatchNormBackward, got {bn!r}")
+        check(scale is not None, "bn: expected scale and shift (the batch norm's affine), got None")
+        for t, name, opt in ((bn.mean, "mean", False), (bn.var, "var", False), (bn.weight, "weight", True)):
+            _check_channels(t, name, args[2], z.device, opt)
+    return args, consts
+
+
+def epilogue_backward(dy, z, scale, shift, act1: Act, residual, act2: Act, pool: Window | None, argmax,
+                      bn: BatchNormBackward | None = None):
+    """(dz, dresidual or None, dweight or None, dbias or None) for dy of epilogue_forward's y,
+    recomputing a, v, u from the saved z, residual and argmax. bn None: the affine (if any) is
+    fixed, dz = da * scale, one pass. With bn, a is batch norm of z (scale, shift its affine):
+    dz is the batch-norm backward (through the batch statistics with bn.train) and, with
+    bn.param_grads, dweight (bn.weight not None) and dbias (bn.bias) come in the weight's dtype
+    (z's without one). Passes: the gather / activation-gradient pass (writing da and
+    batchnorm's tile partials), then with bn batchnorm's merge and elementwise backward."""
+    args, consts = _check(dy, z, scale, shift, act1, residual, act2, pool, argmax, bn)
+    m, c = z.numel() // max(z.shape[-1], 1), z.shape[-1]
+    if bn is not None and consts["ACT1"] == consts["ACT2"] == NONE and not consts["HAS_RES"] and not consts["POOL"]:
+        # batch norm alone (a projection shortcut): da = dy, so its reduction reads dy and z directly,
+        # without a pass that writes da (one pass over z's size fewer)
+        backward = batchnorm_backward if bn.train else batchnorm_eval_backward
+        dz, dw, db = backward(dy.view(m, c), z.view(m, c), bn.mean, bn.var, bn.eps, bn.weight, bn.param_grads)
+        return dz.view(z.shape), None, None if bn.weight is None else dw, db if bn.bias else None
+    # a shortcut added after the conv itself (no act1, no affine): dz is dresidual, written once
+    same = bn is None and scale is None and consts["HAS_RES"] and consts["ACT1"] == NONE
+    dz, dres, part = _gather(dy, z, scale, shift, residual, argmax, bn, args, consts, not same)
+    if same:
+        return dres, dres, None, None
+    if bn is None:
+        return dz, dres, None, None
+    dz2, dw, db = batchnorm_backward_from_partials(part, dz.view(m, c), z.view(m, c), bn.mean, bn.var, bn.eps,
+                                                   bn.weight, bn.param_grads, bn.train)
+    return (dz2.view(z.shape), dres, None if bn.weight is None else dw, db if bn.bias else None)
+
+
+def epilogue_backward_on_load(dy, z, scale, shift, residual, act2: Act, pool: Window | None, argmax,
+                              bn: BatchNormBackward | None):
+    """The gather pass of a block whose batch norm's output is added to a shortcut (no act1), for
+    a caller that computes dz from da as it loads it (prologue.GradPrologue): da is dresidual, so
+    it is written once -> (dresidual, center (3, C) fp32 in training or None, dweight, dbias) with
+    center, dweight and dbias as batchnorm_backward_on_load's; bn None: the affine is fixed
+    (dz = da scale)."""
+    check(residual is not None, "epilogue_backward_on_load: expected a residual (a shortcut added after batch norm)")
+    check(scale is not None, "epilogue_backward_on_load: expected batch norm's scale and shift, got None")
+    args, consts = _check(dy, z, scale, shift, NO_ACT, residual, act2, pool, argmax, bn)
+    _, dres, part = _gather(dy, z, scale, shift, residual, argmax, bn, args, consts, False)
+    if bn is None:
+        return dres, None, None, None
+    k = z.shape[-1]
+    center, dw, db = batchnorm_on_load_from_partials(part, z.view(-1, k), bn.mean, bn.var, bn.eps, bn.weight,
+                                                     bn.param_grads, bn.train, scale)
+    return dres, center, None if bn.weight is None else dw, db if bn.bias else None
+
+
+def pooled_backward(dy, y, argmax, act1: Act, pool: Window, conv_shape):
+    """dz (conv_shape: the conv's output (N, H, W, C)) of a block that pooled in its GEMM and kept no
+    z (conv2d_forward with argmax=True): dy of the pooled y (N, OH, OW, C) gathered through the
+    argmax (max; act1's gradient from y, specs.Act.grad_from_output) or spread over each window
+    (avg, act1 none). One pass: reads dy, argmax and y (where a window's maximum is), writes dz."""
+    check_tensor(dy, "dy", ndim=4)
+    check_tensor(y, "y", dtype=dy.dtype, device=dy.device)
+    check(tuple(y.shape) == tuple(dy.shape), f"y: expected shape {tuple(dy.shape)}, got {tuple(y.shape)}")
+    n, h, w, c = conv_shape
+    check(isinstance(act1, Act) and act1.grad_from_output and (pool.mode == "max" or act1 == NO_ACT),
+          f"act1: expected one whose gradient follows from the pooled output (relu, leaky_relu, none; none for "
+          f"avg pooling), got {act1!r} with {pool.mode!r} pooling")
+    check_window(pool, (h, w), "pool")
+    out_shape = (n, *pool.out_hw, c)
+    check(tuple(dy.shape) == out_shape, f"dy: expected shape {out_shape}, got {tuple(dy.shape)}")
+    check_argmax(argmax, pool.mode, pool.taps, out_shape, dy.device)
+    dz = dy.new_empty(conv_shape)
+    m = n * h * w
+    if m and c:
+        _epilogue_bwd_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))](
+            dy, dy if argmax is None else argmax, y, y, y, y, y, dz, dz, dz, m, h, w, c, *pool.out_hw, *pool.stride,
+            *pool.padding, float(act1.slope), 0.0, 0, 0, KH=pool.kernel[0], KW=pool.kernel[1],
+            POOL=POOL_MODES[pool.mode], ACT1=NONE, ACT2=NONE, HAS_AFFINE=False, HAS_RES=False, BN=False,
+            WRITE_DZ=True, LOAD_Z=False, ACT_Y=act_code(act1, "act1"))
+    return dz
