@@ -141,7 +141,7 @@ DENSE_BLOCK = Rule(
     "dense_block",
     (Stage(Op.FLATTEN), Stage(Op.DENSE, True), Stage(Op.ACTIVATION), Stage(Op.DROPOUT),
      Stage(Op.SOFTMAX, fits=_softmax_fits)),
-    "dense.dense_block", _dense_step, _dense_kernels)
+    "dense_block.dense_block", _dense_step, _dense_kernels)
 
 RULES = (CONV_BLOCK, DENSE_BLOCK)
 BY_NAME = {r.name: r for r in RULES}

@@ -13,9 +13,9 @@ from cnndsl.kernels.activation import ACTIVATIONS
 from cnndsl.kernels.dense import (
     dense_backward_input,
     dense_backward_weight,
-    dense_block,
     dense_forward,
 )
+from cnndsl.kernels.dense_block import dense_block
 from cnndsl.specs import Act, DenseBlock
 
 from helpers import DTYPES, assert_close, torch_act
