@@ -157,10 +157,12 @@ def test_bf16_step_by_step():
     run_both(CHAIN, batch=2, dtype=torch.bfloat16, train=True, fuse=True, seed=1)
 
 
-# Conv blocks that pool in their GEMM in training (relu + max, conv + average, leaky_relu + a padded
-# max) and one that cannot (tanh: its gradient needs z).
+# Conv blocks that pool in their GEMM in training (relu + max, reading a deferred z through the
+# prologue; conv + average, leaky_relu + a padded max) and one that cannot (tanh: its gradient needs z).
 POOLED = """network pooled
 input 3x16x16
+conv 16 3 pad=1
+relu
 conv 16 3 pad=1
 relu
 maxpool 2
@@ -180,15 +182,15 @@ dense 10
 def test_pool_in_the_gemm_in_training():
     net = cnndsl.parse(POOLED)
     cross, block = plan(net, True).groups, plan(net, "block").groups
-    assert [g.gemm_pool for g in cross] == [True, True, False, True, False]
+    assert [g.gemm_pool for g in cross] == [False, True, True, False, True, False]
     assert not any(g.gemm_pool for g in block + plan(net, False).groups)
-    assert cross[0].forward == ("conv_fwd+pool",) and cross[0].backward[0] == "pool_bwd_from_y"
-    assert cross[2].forward == ("conv_fwd", "epilogue_fwd")
+    assert cross[1].forward == ("prologue+conv_fwd+pool",) and cross[1].backward[0] == "pool_bwd_from_y"
+    assert cross[3].forward == ("conv_fwd", "epilogue_fwd")
     # relu + 2x2 max (batch 4, bf16): the conv's z written, read by the epilogue pass and read back by
     # backward's (with a dz written either way: 3z), against y read once more for relu's gradient: y = z/4
     z = 4 * 2 * 16 * 16 * 16
     moved = lambda g: traffic(net, g, 4, 2)["training"][0]
-    assert moved(block[0]) - moved(cross[0]) == 3 * z - z // 4
+    assert moved(block[1]) - moved(cross[1]) == 3 * z - z // 4
     assert "its conv pools in the GEMM: no z written" in str(plan(net, True))
 
 
