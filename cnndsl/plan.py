@@ -7,9 +7,9 @@ adds it in its epilogue.
 
 Cross-layer fusion (fuse=True): a conv block with batch norm or an activation (and no shortcut
 or pool) whose output only the next conv (or a max pool alone) reads defers its epilogue in
-training: it hands that reader its z and batch norm's per-channel scale and shift, and the reader
-normalises and activates each tile as it loads it, so the block's output is never written (`Group.output_note` says,
-for every such block, whether and why); and in backward a block whose batch norm and activation
+training: it hands that reader its z and batch norm's per-channel scale and shift, and the
+reader normalises and activates each tile as it loads it, so the block's output is never
+written (`Group.output_note` says, for every such block, whether and why); and in backward a block whose batch norm and activation
 (or batch norm and shortcut) have gradients its conv's kernels can apply as they load dy and z
 writes no dz (`Group.dz_on_load`, where that moves fewer bytes); a conv + relu + max pool
 block pools in its GEMM in training as in inference, keeping y and the argmax but no z
@@ -49,8 +49,8 @@ class Group:
     forward: tuple[str, ...]  # kernels of a training forward pass
     backward: tuple[str, ...]
     reason: str | None = None  # why the next op did not join, where a rule could have taken it
-    deferred: bool = False  # in training, its output goes to the next conv as z, scale and shift
-    prologue: bool = False  # its conv's input is a deferred group's output (normalised on load)
+    deferred: bool = False  # in training, its output goes to the next conv (or max pool) as z, scale and shift
+    prologue: bool = False  # its conv's (or pool's) input is a deferred group's output (normalised on load)
     dz_on_load: bool = False  # in backward, its conv's gradient kernels apply its batch norm and act as they load dy
     gemm_pool: bool = False  # in training too its GEMM pools; no z is kept, backward reads y and the argmax
     output_note: str | None = None  # for a conv block that could defer: whether its output is written, why

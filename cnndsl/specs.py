@@ -171,7 +171,7 @@ class ConvBlock:
     batch norm, the shortcut and act2) has its conv's gradient kernels apply batch norm's and act1's
     backward as they load dy (da, with a shortcut), so dz is not written. A block with `gemm_pool`
     (conv, an act1 whose gradient follows from its output, a pool; nothing else) pools in its GEMM's
-    epilogue in training too, writing y and the argmax but no z; its backward scatters dy through
+    epilogue in training too, writing y and the argmax but no z; its backward gathers dy through
     the argmax and act1's gradient from y."""
 
     geometry: ConvGeometry
