@@ -280,11 +280,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        args.argv = list(sys.argv[1:] if argv is None else argv)
         if getattr(args, "config", None) is not None:  # train --config: its options, the command line's over them
             parser.train_parser.set_defaults(**runconfig.defaults(parser.train_parser, args.config))
             args = parser.parse_args(argv)
-            args.argv = list(sys.argv[1:] if argv is None else argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         return args.run(args)
     except CnnError as err:
         print(err.render(), file=sys.stderr)

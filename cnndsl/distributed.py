@@ -140,18 +140,20 @@ def launch(argv: list[str], nproc: int) -> int:
     machine, N processes each running the same command without --nproc; its exit status."""
     if nproc < 1:
         raise CnnInputError(f"--nproc must be at least 1, got {nproc}")
+    if "LOCAL_RANK" in os.environ:  # one of torchrun's processes (an abbreviated --nproc kept in argv, say)
+        raise CnnInputError("--nproc: this process is one of torchrun's already; under torchrun, run "
+                            "`cnndsl train` without --nproc")
     kept, skip = [], False
     for arg in argv:
-        if skip or arg.startswith("--nproc="):
+        if not skip and not arg.startswith("--nproc="):
+            skip = arg == "--nproc"
+            if not skip:
+                kept.append(arg)
+        else:
             skip = False
-            continue
-        skip = arg == "--nproc"
-        if not skip:
-            kept.append(arg)
-    argv = kept
     torchrun = shutil.which("torchrun")
     command = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    status = subprocess.call([*command, "--standalone", f"--nproc_per_node={nproc}", "--module", "cnndsl", *argv])
+    status = subprocess.call([*command, "--standalone", f"--nproc_per_node={nproc}", "--module", "cnndsl", *kept])
     if status:
         print(f"training error: the run's {nproc} processes stopped (torchrun's exit status {status}; its report "
               "above names the process that ended first); the last checkpoint in the output folder is intact: "

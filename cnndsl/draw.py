@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import ir
 from .errors import CnnInputError
+from .ops.base import fmt
 from .plan import Plan
 from .shapes import params
 from .summary import _op
@@ -25,16 +26,12 @@ def _quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def _shape(shape) -> str:
-    return "x".join(map(str, shape))
-
-
 def _label(net: ir.Network, node: ir.Node) -> str:
     if node.id == 0:
-        return f"input\n{_shape(node.shape)}"
+        return f"input\n{fmt(node.shape)}"
     count = params(net, node)
     extra = f"\n{count:,} params" if count else ""
-    return f"{node.name}\n{_op(net, node)}\n{_shape(node.shape)}{extra}"
+    return f"{node.name}\n{_op(net, node)}\n{fmt(node.shape)}{extra}"
 
 
 def dot(net: ir.Network, plan: Plan) -> str:

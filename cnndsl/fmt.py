@@ -25,7 +25,6 @@ _TOKEN = re.compile(r"(?:(\d+(?:x\d+)+)|(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:
                     r"([A-Za-z_]\w*)|([(){}=,:+\-*/]))")
 _REPEAT = re.compile(r"x(?=[0-9])|x(?=[ \t]+[A-Za-z_0-9])")  # grammar/cnn.lark's REPEAT
 _NO_REPEAT_AFTER = {"(", ",", "=", ":", "{", "+", "-", "*", "/"}  # where `x` is a name, not a repeat
-_OPERATORS = {"+", "-", "*", "/"}
 
 
 def _tokens(code: str, where: str) -> list[str]:

@@ -16,10 +16,11 @@ import re
 from lsprotocol import types as lsp
 from pygls.lsp.server import LanguageServer
 
-from . import api
+from . import __version__, api
 from .errors import CnnError
 from .highlight import STRUCTURE
 from .layers import LAYERS
+from .ops.base import fmt
 from .plan import plan
 from .shapes import macs, params
 
@@ -31,7 +32,7 @@ _WORD = re.compile(r"[A-Za-z_]\w*")
 
 class CnnLanguageServer(LanguageServer):
     def __init__(self):
-        super().__init__("cnndsl", "0.1.0", text_document_sync_kind=lsp.TextDocumentSyncKind.Full)
+        super().__init__("cnndsl", __version__, text_document_sync_kind=lsp.TextDocumentSyncKind.Full)
         self.networks = {}  # uri -> (Network, {node id: group index}, groups) of its last text that compiled
 
 
@@ -97,14 +98,14 @@ def hover_text(net, group_of, groups, line: int, column: int) -> str | None:
     if not hits and label:  # `stem: cbr(8)`: the layers the call made, named stem.*
         made = [n for n in net.nodes[1:] if n.name == label.group(1) or n.name.startswith(label.group(1) + ".")]
         if made:
-            shape = "x".join(map(str, made[-1].shape))
+            shape = fmt(made[-1].shape)
             return (f"**{label.group(1)}**: {len(made)} layers -> {shape}\n\nparameters "
                     f"{sum(params(net, n) for n in made):,}, multiply-adds {sum(macs(net, n) for n in made):,} "
                     "per sample")
     if not hits:
         return None
     node = hits[0]
-    shape = "x".join(map(str, node.shape))
+    shape = fmt(node.shape)
     i = group_of.get(node.id)
     group = groups[i] if i is not None else None
     lines = [f"**{node.name}**: `{node.keyword}` -> {shape}",

@@ -50,6 +50,6 @@ def saved_recipe(config: dict, path) -> tuple[str, dict]:
 
 
 def make(opts, params):
-    """opts settled (_settle)."""
+    """opts settled (settle)."""
     extra = {"momentum": opts.momentum} if opts.optimizer == "sgd" else {}
     return OPTIMIZERS[opts.optimizer](params, lr=opts.lr, weight_decay=opts.weight_decay, **extra)

@@ -109,7 +109,7 @@ def _setup(z, scale, shift, act1: Act, residual, act2: Act, pool: Window | None)
     """Validate the arguments both passes share -> (y shape, kernel args, constexprs)."""
     check_tensor(z, "z")
     check(z.dim() in (2, 4), f"z: expected (N, H, W, C) or (N, C), got shape {tuple(z.shape)}")
-    n, h, w, c = z.shape if z.dim() == 4 else (z.shape[0], 1, 1, z.shape[1])
+    c = z.shape[-1]
     check((scale is None) == (shift is None), f"scale, shift: expected both or neither, got "
           f"{type(scale).__name__} and {type(shift).__name__}")
     for t, name in ((scale, "scale"), (shift, "shift")):
@@ -119,10 +119,17 @@ def _setup(z, scale, shift, act1: Act, residual, act2: Act, pool: Window | None)
     if residual is not None:
         check_tensor(residual, "residual", dtype=z.dtype, device=z.device)
         check(residual.shape == z.shape, f"residual: expected shape {tuple(z.shape)}, got {tuple(residual.shape)}")
-    consts = {"ACT1": act_code(act1, "act1"), "ACT2": act_code(act2, "act2"),
-              "HAS_AFFINE": scale is not None, "HAS_RES": residual is not None}
+    out_shape, args, consts = window_args(tuple(z.shape), act1, act2, pool)
+    return out_shape, args, {**consts, "HAS_AFFINE": scale is not None, "HAS_RES": residual is not None}
+
+
+def window_args(shape, act1: Act, act2: Act, pool: Window | None):
+    """(y shape, kernel args, the activations' and window's constexprs) of both passes over a z of
+    `shape`, (N, H, W, C) or (N, C) as (N, 1, 1, C); the pool (None: y = u) is checked."""
+    n, h, w, c = shape if len(shape) == 4 else (shape[0], 1, 1, shape[1])
+    consts = {"ACT1": act_code(act1, "act1"), "ACT2": act_code(act2, "act2")}
     if pool is None:
-        geo, out_shape = (h, w, (1, 1), (0, 0)), tuple(z.shape)  # (oh, ow, stride, padding)
+        geo, out_shape = (h, w, (1, 1), (0, 0)), shape  # (oh, ow, stride, padding)
         consts.update(KH=1, KW=1, POOL=0)
     else:
         check_window(pool, (h, w), "pool")

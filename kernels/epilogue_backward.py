@@ -6,6 +6,7 @@ sum(da (z - mean)); batchnorm's merge and elementwise backward (`batchnorm_backw
 then finish dz, dweight and dbias. A block that pooled in its GEMM and kept no z takes the same
 kernel with dy gathered through the argmax and act1's gradient from y (`pooled_backward`)."""
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,12 +23,10 @@ from .batchnorm_backward import (
     batchnorm_eval_backward,
     batchnorm_on_load_from_partials,
 )
-from .epilogue import _KEY, _PRUNE, _affine, _chain, _setup
+from .epilogue import _KEY, _PRUNE, _affine, _chain, _setup, window_args
 from .window import (
     CONFIGS,
-    POOL_MODES,
     check_argmax,
-    check_window,
     gather_dy,
 )
 
@@ -102,27 +101,31 @@ class BatchNormBackward:
     train: bool
 
 
-def _gather(dy, z, scale, shift, residual, argmax, bn, args, consts, write_dz: bool):
+def _gather(dy, z, scale, shift, residual, argmax, bn, args, consts, write_dz: bool, act_y: int = NONE,
+            shape=None):
     """The gather / activation-gradient pass (args and consts: _check's) -> (dz (da with bn) or None,
     dresidual or None, batch norm's partials or None); without write_dz, da is dresidual (no act1),
-    written once."""
+    written once. act_y (pooled_backward): `z` is the pooled y, act1's gradient comes from it, and
+    dz has `shape` (the conv's output)."""
+    shape = tuple(z.shape) if shape is None else shape
     c = args[2]
-    m = z.numel() // max(c, 1)  # pre-pool pixels: batch-norm rows
+    m = math.prod(shape) // max(c, 1)  # pre-pool pixels: batch-norm rows
     rows, n_tiles = _tiles(m) if bn is not None else (0, 0)
-    dz = torch.empty_like(z) if write_dz else None
+    dz = z.new_empty(shape) if write_dz else None
     dres = None if residual is None else torch.empty_like(residual)
     part = torch.empty((2, n_tiles, c), dtype=torch.float32, device=z.device)
     if m and c:
         # z is read only for batch norm or an activation's gradient, the shortcut only for act2's
         # (the kernel's loads of them are dead code otherwise): dy stands in for what is not read
         load_z = bn is not None or consts["ACT1"] != NONE or consts["ACT2"] != NONE
-        z_in = z if load_z else dy
+        z_in = z if load_z or act_y != NONE else dy
         res_in = residual if residual is not None and consts["ACT2"] != NONE else z_in
         mean = z_in if bn is None else bn.mean
         _epilogue_bwd_kernel[lambda meta: (n_tiles or triton.cdiv(m, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))](
             dy, dy if argmax is None else argmax, z_in, z_in if scale is None else scale,
             z_in if shift is None else shift, res_in, mean, dres if dz is None else dz, dz if dres is None else dres,
-            part, m, *args, rows, n_tiles, **consts, BN=bn is not None, WRITE_DZ=write_dz, LOAD_Z=load_z, ACT_Y=NONE)
+            part, m, *args, rows, n_tiles, **consts, BN=bn is not None, WRITE_DZ=write_dz, LOAD_Z=load_z,
+            ACT_Y=act_y)
     return dz, dres, part if bn is not None else None
 
 
@@ -196,20 +199,13 @@ def pooled_backward(dy, y, argmax, act1: Act, pool: Window, conv_shape):
     check_tensor(dy, "dy", ndim=4)
     check_tensor(y, "y", dtype=dy.dtype, device=dy.device)
     check(tuple(y.shape) == tuple(dy.shape), f"y: expected shape {tuple(dy.shape)}, got {tuple(y.shape)}")
-    n, h, w, c = conv_shape
     check(isinstance(act1, Act) and act1.grad_from_output and (pool.mode == "max" or act1 == NO_ACT),
           f"act1: expected one whose gradient follows from the pooled output (relu, leaky_relu, none; none for "
           f"avg pooling), got {act1!r} with {pool.mode!r} pooling")
-    check_window(pool, (h, w), "pool")
-    out_shape = (n, *pool.out_hw, c)
+    out_shape, args, consts = window_args(tuple(conv_shape), act1, NO_ACT, pool)
     check(tuple(dy.shape) == out_shape, f"dy: expected shape {out_shape}, got {tuple(dy.shape)}")
     check_argmax(argmax, pool.mode, pool.taps, out_shape, dy.device)
-    dz = dy.new_empty(conv_shape)
-    m = n * h * w
-    if m and c:
-        _epilogue_bwd_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))](
-            dy, dy if argmax is None else argmax, y, y, y, y, y, dz, dz, dz, m, h, w, c, *pool.out_hw, *pool.stride,
-            *pool.padding, float(act1.slope), 0.0, 0, 0, KH=pool.kernel[0], KW=pool.kernel[1],
-            POOL=POOL_MODES[pool.mode], ACT1=NONE, ACT2=NONE, HAS_AFFINE=False, HAS_RES=False, BN=False,
-            WRITE_DZ=True, LOAD_Z=False, ACT_Y=act_code(act1, "act1"))
-    return dz
+    # act1's gradient is taken from y (ACT_Y), not recomputed from a z (ACT1)
+    consts.update(ACT1=NONE, HAS_AFFINE=False, HAS_RES=False)
+    return _gather(dy, y, None, None, None, argmax, None, args, consts, True, act_code(act1, "act1"),
+                   tuple(conv_shape))[0]

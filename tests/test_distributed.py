@@ -85,21 +85,20 @@ def _two_halves(net, data):
     torch.manual_seed(0)
     model = cnndsl.compile(net.read_text(), backend="triton", device="cpu").train()
     opt = torch.optim.Adam(model.parameters(), lr=0.003)
-    for epoch in (1,):
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(epoch))
-        for i in range(0, len(y), 16):
-            idx = order[i:i + 16]
-            buffers = {k: b.clone() for k, b in model.named_buffers()}
-            opt.zero_grad(set_to_none=True)
-            model.loss(x[idx[8:]], y[idx[8:]]).backward()  # rank 1: its running statistics are dropped
-            second = [p.grad.clone() for p in model.parameters()]
-            for k, b in model.named_buffers():
-                b.copy_(buffers[k])
-            opt.zero_grad(set_to_none=True)
-            model.loss(x[idx[:8]], y[idx[:8]]).backward()  # rank 0
-            for p, g in zip(model.parameters(), second):
-                p.grad = (p.grad + g) / 2
-            opt.step()
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))  # epoch 1
+    for i in range(0, len(y), 16):
+        idx = order[i:i + 16]
+        buffers = {k: b.clone() for k, b in model.named_buffers()}
+        opt.zero_grad(set_to_none=True)
+        model.loss(x[idx[8:]], y[idx[8:]]).backward()  # rank 1: its running statistics are dropped
+        second = [p.grad.clone() for p in model.parameters()]
+        for k, b in model.named_buffers():
+            b.copy_(buffers[k])
+        opt.zero_grad(set_to_none=True)
+        model.loss(x[idx[:8]], y[idx[:8]]).backward()  # rank 0
+        for p, g in zip(model.parameters(), second):
+            p.grad = (p.grad + g) / 2
+        opt.step()
     return model.state_dict()
 
 
@@ -127,3 +126,11 @@ def test_a_run_whose_process_ended_says_so(monkeypatch, capsys):
     assert distributed.launch(["train", "net.cnn", "--nproc", "2", "--epochs", "3"], 2) == 1
     assert calls[0][-4:] == ["train", "net.cnn", "--epochs", "3"] and "--nproc_per_node=2" in calls[0]
     assert "the last checkpoint in the output folder is intact: continue with --resume" in capsys.readouterr().err
+
+
+def test_a_process_of_torchrun_does_not_launch_torchrun_again(monkeypatch):
+    from cnndsl import distributed
+    monkeypatch.setattr(distributed.subprocess, "call", lambda cmd: pytest.fail(f"launched {cmd}"))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(CnnInputError, match="this process is one of torchrun's already"):
+        distributed.launch(["train", "net.cnn", "--npro", "2"], 2)

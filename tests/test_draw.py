@@ -21,8 +21,9 @@ EXAMPLES = [Path(__file__).resolve().parents[1] / "examples" / f"{name}.cnn"
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_every_group_is_one_cluster(path):
     net = cnndsl.parse(path)
-    groups = plan(net, True).groups
-    graph, = pydot.graph_from_dot_data(dot(net, plan(net, True)))
+    fused = plan(net, True)
+    groups = fused.groups
+    graph, = pydot.graph_from_dot_data(dot(net, fused))
     clusters = graph.get_subgraphs()
     assert len(clusters) == len(groups)
     for cluster, group in zip(clusters, groups):

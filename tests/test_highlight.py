@@ -74,4 +74,5 @@ def test_the_vscode_extension():
     assert set(layers[len("\\b("):-len(")\\b")].split("|")) == set(LAYERS)  # every layer word, a new one too
     for pattern in patterns:
         re.compile(pattern)  # Oniguruma's syntax, kept to what Python's re reads the same way
-    assert "cnndsl" in (ext / "extension.js").read_text() and "lsp" in (ext / "extension.js").read_text()
+    assert package["contributes"]["configuration"]["properties"]["cnndsl.command"]["default"] == ["cnndsl", "lsp"]
+    assert 'getConfiguration("cnndsl").get("command"' in (ext / "extension.js").read_text()  # it starts that command
