@@ -128,6 +128,18 @@ def check_batch(batch_size: int, w: World) -> None:
                             f"evenly among them (use a multiple of {w.size})")
 
 
+def agree(flag: bool, w: World) -> bool:
+    """Rank 0's `flag` on every process: a decision (stop early) that each rank would otherwise take
+    from its own numbers (validation with its own running statistics, without --sync-bn), where
+    ranks that disagree would wait on each other's next collective for ever."""
+    if w.size == 1:
+        return flag
+    import torch.distributed as dist
+    box = [bool(flag)]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def broken(err: Exception, w: World) -> CnnTrainError:
     """The message for a collective that failed: another process of the run stopped."""
     return CnnTrainError(f"rank {w.rank}: another process of the run stopped ({type(err).__name__}: "

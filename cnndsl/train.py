@@ -271,7 +271,7 @@ def _run(file, net, ckpt_path: Path, opts: Options, log, w: distributed.World) -
         best = metrics.best_epoch(history)
         if w.leader:
             _record(ckpt_path, net, epoch, model, optimizer, config, history, norm, scaler, best)
-        if best is not None and opts.early_stop and epoch - best >= opts.early_stop:
+        if distributed.agree(best is not None and bool(opts.early_stop) and epoch - best >= opts.early_stop, w):
             log(f"early stop: no better validation accuracy in {opts.early_stop} epochs (the best: epoch {best})")
             break
 

@@ -54,6 +54,12 @@ def _cols(args):
     return 2 * args["N"] - 1 if args["SOFTMAX"] else min(args["N"], 128)
 
 
+@triton.jit
+def _multiple(v, D: tl.constexpr):
+    """v, known to Triton as a multiple of D (a power of two that the launcher found dividing it)."""
+    return v // D * D
+
+
 @autotune(_CONFIGS, key=["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "HAS_BIAS", "ACT", "DROP",
                       "SOFTMAX"],
           interpret={"BLOCK_M": ("M", 16, 512), "BLOCK_N": (_cols, 16, 1024), "BLOCK_K": ("K", 16, 128)},
@@ -74,19 +80,15 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, pre_ptr, M, N, K,
     # Triton proves an integer's divisibility by 16 only. A_DIV (B_DIV), a power of two from the
     # launcher, divides a's (b's) row stride and its bound along its contiguous axis (K where
     # A_KMAJOR, else M): with it, the rows of a 1000-class dy (1000 = 8 * 125) are known 16-byte
-    # aligned and its tiles load by 16-byte cp.async. v // D * D is v, with D as its divisibility.
+    # aligned and its tiles load by 16-byte cp.async.
     if A_KMAJOR:
-        stride_am = stride_am // A_DIV * A_DIV
-        K = K // A_DIV * A_DIV
+        stride_am, K = _multiple(stride_am, A_DIV), _multiple(K, A_DIV)
     else:
-        stride_ak = stride_ak // A_DIV * A_DIV
-        M = M // A_DIV * A_DIV
+        stride_ak, M = _multiple(stride_ak, A_DIV), _multiple(M, A_DIV)
     if B_KMAJOR:
-        stride_bn = stride_bn // B_DIV * B_DIV
-        K = K // B_DIV * B_DIV
+        stride_bn, K = _multiple(stride_bn, B_DIV), _multiple(K, B_DIV)
     else:
-        stride_bk = stride_bk // B_DIV * B_DIV
-        N = N // B_DIV * B_DIV
+        stride_bk, N = _multiple(stride_bk, B_DIV), _multiple(N, B_DIV)
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
