@@ -47,8 +47,16 @@ def lower(net: ir.Network, plan: Plan) -> Program:
         else:
             op = REGISTRY[group.nodes[0].op.value]
             runner, (inputs, params, spec) = op.runner, op.step(net, group.nodes[0])
+        into = None
+        if group.into is not None:  # its output goes into its channel slice of the concat's (zero-copy)
+            join = net.nodes[group.into]
+            before = join.inputs[:join.inputs.index(group.output.id)]
+            into = (join.id, sum(net.nodes[i].shape[0] for i in before), join.shape[0])
+        elif any(group.in_place):  # a concat some of whose branches wrote into its output
+            spec = replace(spec, in_place=group.in_place)
+            into = (group.output.id, 0, group.output.shape[0])
         steps.append(Step(g, group.output.name, runner_of(runner), tuple(inputs), group.output.id,
-                          tuple(params), spec))
+                          tuple(params), spec, into))
     logits = steps
     if net.ends_in_softmax:  # leave the final softmax to the cross-entropy
         last = steps[-1]

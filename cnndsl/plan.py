@@ -22,6 +22,7 @@ from .ir import Op
 from .ops import REGISTRY
 from .ops.activation import act
 from .rules import BY_NAME, RULES, Rule
+from .slabs import in_place
 from .specs import H100, MIN_GEMM_K, Machine
 from .traffic import group_bytes, input_grad_phases
 
@@ -54,6 +55,9 @@ class Group:
     dz_on_load: bool = False  # in backward, its conv's gradient kernels apply its batch norm and act as they load dy
     gemm_pool: bool = False  # in training too its GEMM pools; no z is kept, backward reads y and the argmax
     output_note: str | None = None  # for a conv block that could defer: whether its output is written, why
+    into: int | None = None  # the concat whose output (slab) it writes its output into, zero-copy (slabs.py)
+    in_place: tuple[bool, ...] = ()  # for a concat: which of its inputs their groups write into its output
+    into_note: str | None = None  # for a concat: which branches write into its slab, why the others are copied
 
     @property
     def name(self) -> str:
@@ -83,7 +87,7 @@ class Plan:
     def __str__(self) -> str:
         lines = [f"plan for {self.network}: {len(self.groups)} groups ({self.level})"]
         for i, g in enumerate(self.groups):
-            kernels = ", ".join(g.inference) or "(view, no kernel)"
+            kernels = ", ".join(g.inference) or ("(no kernel: its branches wrote it)" if g.into_note else "(view, no kernel)")
             lines.append(f"  {i:>3}  {g.name:<28} {'+'.join(g.ops):<34} {kernels}")
             if g.reason:
                 lines.append(f"       not fused further: {g.reason}")
@@ -93,6 +97,8 @@ class Plan:
                 lines.append("       in backward: its conv's gradients compute dz as they load dy and z (no dz written)")
             if g.gemm_pool:
                 lines.append(f"       in training: {GEMM_POOL_NOTE}")
+            if g.into_note:
+                lines.append(f"       {g.into_note}")
         return "\n".join(lines)
 
 
@@ -238,6 +244,16 @@ def _cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:
     return out
 
 
+def _placed(g: Group, into: int | None, in_place: tuple[bool, ...], note: str | None) -> Group:
+    """A group with zero-copy concatenation applied (slabs.py): a concat whose branches all wrote into
+    its output launches nothing forward (backward still hands each its slice of dy, a copy)."""
+    if note is None:
+        return replace(g, into=into)
+    done = all(in_place)
+    return replace(g, in_place=in_place, into_note=note, reason=None, inference=() if done else g.inference,
+                   forward=() if done else g.forward)
+
+
 def plan(net: ir.Network, fuse: bool | str = True) -> Plan:
     """Group the network's ops: greedily, in node order, the longest chain a rule covers; with
     fuse=True, blocks then defer their epilogue to the next conv where they can (cross-layer)."""
@@ -261,6 +277,10 @@ def plan(net: ir.Network, fuse: bool | str = True) -> Plan:
     groups.sort(key=lambda g: g.output.id)
     if fuse is True:
         groups = _cross_layer(net, readers, groups)
+    if fuse:
+        into, flags, notes = in_place(net, readers, groups)
+        groups = [_placed(g, into.get(i), flags.get(g.output.id, ()), notes.get(g.output.id))
+                  for i, g in enumerate(groups)]
     return Plan(net.name, tuple(groups), fused=bool(fuse), cross_layer=fuse is True)
 
 
@@ -269,9 +289,10 @@ def traffic(net: ir.Network, group: Group, batch: int, itemsize: int,
     """The bytes a group moves through memory, {mode: (fused, unfused)} for "inference" and
     "training" (forward + backward): its kernels' (traffic.py's model of each kernel in its
     lists), and those of its ops run alone; `machine` sizes the conv weight gradient's split."""
-    fused = {"inference": group_bytes(net, group.nodes, group.inference, batch, itemsize, False, machine),
+    fused = {"inference": group_bytes(net, group.nodes, group.inference, batch, itemsize, False, machine,
+                                      group.in_place),
              "training": group_bytes(net, group.nodes, group.forward + group.backward, batch, itemsize, True,
-                                     machine)}
+                                     machine, group.in_place)}
     unfused = {"inference": 0, "training": 0}
     for n in group.nodes:
         inference, forward, backward = _kernels(_rule_of(n), (n.op,))

@@ -225,9 +225,11 @@ class StochasticDepth:
 
 @dataclass(frozen=True)
 class Concat:
-    """A concatenation along channels (kernels/concat.py): the channels of each input, in order."""
+    """A concatenation along channels (kernels/concat.py): the channels of each input, in order, and
+    which inputs their producers wrote straight into the output (zero-copy: plan.py's Group.into)."""
 
     channels: tuple[int, ...]
+    in_place: tuple[bool, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,9 @@ class Step:
     output: int
     params: tuple[tuple[str, str] | None, ...]
     spec: object = None
+    # (the concat's output id, the first channel, the concat's channels): the step writes its output
+    # there, into the slab the executor keeps for that concat (the concat's own step: offset 0)
+    into: tuple[int, int, int] | None = None
     text: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):

@@ -77,12 +77,17 @@ def plan_json(net: ir.Network, fused, unfused, batch: int, itemsize: int, train:
                        "kernels": list(g.forward + g.backward if train else g.inference),
                        "bytes": moved[0], "unfused_bytes": moved[1], "not_fused_further": g.reason,
                        "deferred": g.deferred, "training_output": g.output_note, "dz_on_load": g.dz_on_load,
-                       "gemm_pool": g.gemm_pool})
+                       "gemm_pool": g.gemm_pool, "into": None if g.into is None else net.nodes[g.into].name,
+                       "zero_copy": g.into_note})
     return {"network": net.name, "mode": mode, "fusion": fused.level, "batch": batch, "bytes_per_element": itemsize,
             "groups": groups, "fused_groups": len(fused.groups), "unfused_groups": len(unfused.groups),
             "fused_kernels": sum(len(g["kernels"]) for g in groups),
             "unfused_kernels": sum(len(g.forward + g.backward if train else g.inference) for g in unfused.groups),
             "bytes": sum(g["bytes"] for g in groups), "unfused_bytes": sum(g["unfused_bytes"] for g in groups)}
+
+
+def _none(group: dict) -> str:
+    return "(no kernel: its branches wrote it)" if group["zero_copy"] else "(view, no kernel)"
 
 
 def plan_table(net: ir.Network, fused, unfused, batch: int, itemsize: int, train: bool) -> str:
@@ -96,7 +101,7 @@ def plan_table(net: ir.Network, fused, unfused, batch: int, itemsize: int, train
              f"  {'#':>3}  {'group':<30} {'ops':<36} {'MB fused':>9} {'unfused':>9}  kernels"]
     for i, g in enumerate(j["groups"]):
         lines.append(f"  {i:>3}  {g['name'][:30]:<30} {'+'.join(g['ops'])[:36]:<36} {_mb(g['bytes']):>9} "
-                     f"{_mb(g['unfused_bytes']):>9}  {', '.join(g['kernels']) or '(view, no kernel)'}")
+                     f"{_mb(g['unfused_bytes']):>9}  {', '.join(g['kernels']) or _none(g)}")
         if g["not_fused_further"]:
             lines.append(f"       not fused further: {g['not_fused_further']}")
         if train and g["training_output"]:
@@ -105,6 +110,10 @@ def plan_table(net: ir.Network, fused, unfused, batch: int, itemsize: int, train
             lines.append("       its backward writes no dz: its conv's gradients compute it as they load dy and z")
         if train and g["gemm_pool"]:
             lines.append(f"       {GEMM_POOL_NOTE}")
+        if g["into"]:
+            lines.append(f"       zero-copy: writes its output into its channel slice of {g['into']}")
+        if g["zero_copy"]:
+            lines.append(f"       {g['zero_copy']}")
     lines.append(f"  total MB moved: {_mb(j['bytes'])} fused, {_mb(j['unfused_bytes'])} unfused "
                  f"({j['unfused_bytes'] / max(j['bytes'], 1):.2f}x); a model: each kernel reads its inputs "
                  "and writes its outputs once (docs/fusion.md)")

@@ -50,6 +50,7 @@ class Tensors:
     pre: bool = False
     z_bwd: bool = True
     res_bwd: bool = True
+    copied: int = 0
 
 
 _NONE = lambda t, training: 0
@@ -91,7 +92,8 @@ KERNEL_BYTES: dict[str, Callable[[Tensors, bool], int]] = {
     "global_avgpool_fwd": lambda t, training: t.x + t.y,
     "global_avgpool_bwd": lambda t, training: t.y + t.x,
     "add_fwd": lambda t, training: t.x + t.res + t.y,
-    "concat_fwd": lambda t, training: 2 * t.y,  # the inputs in (the output's size), the output out
+    "concat_fwd": lambda t, training: 2 * t.copied,  # the inputs not written in place in, copied out
+    # each input's slice of dy copied out (the in-place writers' too, as their backward takes it)
     "concat_bwd": lambda t, training: 2 * t.y,
     "gate_fwd": lambda t, training: t.x + t.y,  # x in, y out (the per-channel gate is small)
     "gate_bwd": lambda t, training: 3 * t.y,  # dy and x in, dx out
@@ -133,8 +135,10 @@ def _padded(size: int, channels: int) -> int:
     return size * MIN_GEMM_K // channels if channels < MIN_GEMM_K else size
 
 
-def tensors(net: ir.Network, nodes: tuple[ir.Node, ...], batch: int, itemsize: int, machine: Machine) -> Tensors:
-    """The tensor sizes of a group of `nodes` (a fused chain, or one op alone)."""
+def tensors(net: ir.Network, nodes: tuple[ir.Node, ...], batch: int, itemsize: int, machine: Machine,
+            in_place: tuple[bool, ...] = ()) -> Tensors:
+    """The tensor sizes of a group of `nodes` (a fused chain, or one op alone); in_place: a concat's
+    inputs that their groups wrote into its output."""
     size = lambda node: batch * numel(node.shape) * itemsize
     ids = {n.id for n in nodes}
     gemm = next((n for n in nodes if n.op in (Op.CONV, Op.DENSE)), nodes[0])
@@ -153,10 +157,13 @@ def tensors(net: ir.Network, nodes: tuple[ir.Node, ...], batch: int, itemsize: i
         split = _conv_split(net, gemm, batch, machine)
         phases = input_grad_phases(a)
     ops = [n.op for n in nodes]
-    return Tensors(x, params(net, gemm) * itemsize, z, size(nodes[-1]), x_read, z_read, res, argmax, split, phases,
+    last = nodes[-1]
+    copied = sum(size(net.nodes[i]) for i, placed in zip(last.inputs, in_place or (False,) * len(last.inputs))
+                 if not placed) if last.op is Op.CONCAT else 0
+    return Tensors(x, params(net, gemm) * itemsize, z, size(last), x_read, z_read, res, argmax, split, phases,
                    pre=gemm.op is Op.DENSE and Op.ACTIVATION in ops,
                    z_bwd=Op.BATCHNORM in ops or Op.ACTIVATION in ops,
-                   res_bwd=Op.ADD in ops and Op.ACTIVATION in ops[ops.index(Op.ADD):])
+                   res_bwd=Op.ADD in ops and Op.ACTIVATION in ops[ops.index(Op.ADD):], copied=copied)
 
 
 _READERS: dict[int, tuple[ir.Network, dict[int, int]]] = {}
@@ -177,12 +184,13 @@ def _readers(net: ir.Network) -> dict[int, int]:
 
 
 def group_bytes(net: ir.Network, nodes, kernels, batch: int, itemsize: int, training: bool,
-                machine: Machine = H100) -> int:
+                machine: Machine = H100, in_place: tuple[bool, ...] = ()) -> int:
     """The bytes `kernels` (a plan's list for the group of `nodes`) move; in training, with the
     additions of the gradients of its output where several layers read it. The network's input
-    takes no gradient: a conv or dense layer reading it launches no input-gradient kernel."""
+    takes no gradient: a conv or dense layer reading it launches no input-gradient kernel.
+    in_place: a concat's inputs written into its output by their own groups (zero-copy)."""
     nodes = tuple(nodes)
-    t = tensors(net, nodes, batch, itemsize, machine)
+    t = tensors(net, nodes, batch, itemsize, machine, in_place)
     if nodes[0].inputs[:1] == (0,):
         kernels = [k for k in kernels if not k.endswith(("conv_bwd_input", "dense_bwd_input"))]
     moved = sum(kernel_bytes(k, t, training) for k in kernels)

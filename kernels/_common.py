@@ -136,6 +136,21 @@ def check(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def check_out(out, shape, like: torch.Tensor) -> torch.Tensor:
+    """Validate `out`, where a launcher writes its (N, ..., C) result in like's dtype and device: a
+    tensor of that shape whose channels are contiguous and whose pixels are evenly strided (a
+    channel slice of a concatenation's NHWC output, kernels/concat.py) -> out."""
+    check(isinstance(out, torch.Tensor), f"out: expected a torch.Tensor, got {type(out).__name__}")
+    check(tuple(out.shape) == tuple(shape), f"out: expected shape {tuple(shape)}, got {tuple(out.shape)}")
+    check(out.dtype == like.dtype and out.device == like.device,
+          f"out: expected {like.dtype} on {like.device}, got {out.dtype} on {out.device}")
+    pixel = out.stride(-2) if out.dim() > 1 else 1
+    dense = all(out.stride(i) == out.stride(i + 1) * out.shape[i + 1] for i in range(out.dim() - 2))
+    check(out.stride(-1) == 1 and pixel >= out.shape[-1] and dense,
+          f"out: expected contiguous channels and evenly strided pixels, got strides {out.stride()}")
+    return out
+
+
 def check_tensor(t, name: str, ndim: int | None = None, dtype=None, device=None) -> None:
     """Validate a launcher argument: a contiguous floating tensor of the expected rank,
     dtype and device, with the expected and actual values in the message."""

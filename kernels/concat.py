@@ -1,7 +1,13 @@
 """Concatenation along channels, the join of a `concat` (torch.cat(dim=1) in NCHW): in NHWC each
 input's rows (pixels) land in a channel slice of the output's rows, so forward copies each input
 into its slice and backward copies each slice of dy out as its input's gradient, one strided 2-D
-copy per input. Each pass reads and writes the concatenated size once."""
+copy per input. Each pass reads and writes the concatenated size once.
+
+Zero-copy (the plan's `Group.into`): a branch whose last group is a conv block writes its output
+straight into its channel slice of the concat's output, the slab, which the executor allocates
+at the first such writer (StepState.into); the join then copies in only the other branches. In
+autograd each write is a function of the slab that marks it dirty (as an in-place copy into a
+slice does), so the slab's gradient passes back through every writer, each taking its slice."""
 
 import torch
 import triton
@@ -82,9 +88,65 @@ _concat = define("concat", "(Tensor[] xs) -> Tensor", concat_forward,
                  lambda ctx, dy: (_backward(dy.contiguous(), ctx.channels),), _setup)
 
 
+def _slice_impl(x, offset: int, channels: int):
+    flat = x.view(-1, x.shape[-1])
+    out = x.new_empty((*x.shape[:-1], channels))
+    _copy(flat[:, offset:offset + channels], out.view(-1, channels))
+    return out
+
+
+# channels [offset, offset + channels) of x (N, H, W, C) contiguous: a slab's gradient, taken by a writer
+take_slice = define("concat_slice", "(Tensor x, int offset, int channels) -> Tensor", _slice_impl,
+                    lambda x, offset, channels: x.new_empty((*x.shape[:-1], channels)))
+
+
+def _place_impl(x, slab, offset: int):
+    check_tensor(x, "concat: input", ndim=slab.dim(), dtype=slab.dtype, device=slab.device)
+    c = x.shape[-1]
+    _copy(x.view(-1, c), slab.view(-1, slab.shape[-1])[:, offset:offset + c])
+
+
+_place = define("concat_place", "(Tensor x, Tensor(a!) slab, int offset) -> ()", _place_impl,
+                lambda x, slab, offset: None, mutates=("slab",))
+
+
+class _Place(torch.autograd.Function):
+    """The slab with x copied into its channels from `offset` (a branch that cannot write there itself)."""
+
+    @staticmethod
+    def forward(ctx, slab, x, offset):
+        _place(x, slab, offset)
+        ctx.mark_dirty(slab)
+        ctx.offset, ctx.channels = offset, x.shape[-1]
+        return slab
+
+    @staticmethod
+    def backward(ctx, dslab):
+        return dslab, take_slice(dslab.contiguous(), ctx.offset, ctx.channels), None
+
+
+def slab_of(state, like: torch.Tensor, hw) -> torch.Tensor:
+    """The slab a step writes into (StepState.into: the slab or None, offset, channels), allocated
+    (N, *hw, channels) in like's dtype by its first writer."""
+    slab, _, channels = state.into
+    return like.new_empty((like.shape[0], *hw, channels)) if slab is None else slab
+
+
 def concat_layer(*args):
-    """The join of a concat's branches, called as `(*args, spec, state)` with the branches as args."""
-    *xs, spec, _state = args
+    """The join of a concat's branches, called as `(*args, spec, state)` with the branches as args;
+    the inputs spec.in_place marks are already in the slab."""
+    *xs, spec, state = args
     if not (isinstance(spec, Concat) and len(spec.channels) == len(xs)):  # formatted only on failure (traced)
         raise ValueError(f"concat: expected a Concat spec for {len(xs)} inputs, got {spec!r}")
-    return _concat([x.contiguous() for x in xs])
+    if not any(spec.in_place) or state.into is None:  # (None: a step run alone, as `bench --groups` does)
+        return _concat([x.contiguous() for x in xs])
+    slab, offset = slab_of(state, xs[0], ()), 0  # a writer has run: the slab exists
+    for x, c, placed in zip(xs, spec.channels, spec.in_place):
+        if not placed:
+            x = x.contiguous()
+            if torch.is_grad_enabled():
+                slab = _Place.apply(slab, x, offset)
+            else:
+                _place(x, slab, offset)
+        offset += c
+    return slab

@@ -27,6 +27,7 @@ from ._common import (
     _tile,
     autotune,
     check,
+    check_out,
     check_tensor,
     dot_dtype,
     dot_precision,
@@ -100,6 +101,7 @@ def _prune(configs, named_args, **kwargs):
 @triton.jit
 def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGMAX: arg (N, GH, GW, COUT)
                  M, H, W, CIN, OH, OW, COUT, CIN_G, COUT_G,  # src (N, H, W, CIN) -> dst (N, OH, OW, COUT)
+                 stride_yp,  # dst's pixel stride: COUT, or more for a channel slice of a concat's output
                  GH, GW, P0_H, P0_W, DST_SH, DST_SW,  # the dst pixels computed: P0 + i*DST_S, i < G
                  SRC_SH, SRC_SW, SRC_OH, SRC_OW,  # the src pixel dst pixel i reads at shift 0: i*SRC_S + SRC_O
                  R, S, R0, S0, RSTEP, SSTEP, RC, SC,  # taps visited: r = R0 + j*RSTEP, j < RC
@@ -235,22 +237,21 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
     if STATS:  # batch-norm partials of the post-bias value
         tile_stats(acc, m_mask, n_mask, part_ptr, col, M, COUT, BLOCK_M)
     acc = apply_act(acc, ACT, slope)
-    y_row = ((n * OH + oh) * OW + ow) * COUT
+    pix = (n * OH + oh) * OW + ow
     mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RES:  # residual (N, OH, OW, COUT)
-        acc += tl.load(res_ptr + y_row[:, None] + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(res_ptr + (pix * COUT)[:, None] + col[None, :], mask=mask, other=0.0).to(tl.float32)
     acc = apply_act(acc, ACT2, slope2)
     if POOL:
         out = pool_reduce(acc, m_mask, PKH * PKW, POOL, TAPS, BLOCK_M, BLOCK_N)
         offs_p = tl.program_id(0).to(tl.int64) * (BLOCK_M // TAPS) + tl.arange(0, BLOCK_M // TAPS)
-        p_off = (offs_p * COUT)[:, None] + col[None, :]
         p_mask = (offs_p < M // TAPS)[:, None] & n_mask[None, :]
-        tl.store(y_ptr + p_off, out.to(y_ptr.dtype.element_ty), mask=p_mask)
+        tl.store(y_ptr + (offs_p * stride_yp)[:, None] + col[None, :], out.to(y_ptr.dtype.element_ty), mask=p_mask)
         if ARGMAX:  # training keeps no z: backward routes dy by the argmax, act's gradient from y
             arg = pool_argmax(acc, out, m_mask, TAPS, BLOCK_M, BLOCK_N)
-            tl.store(arg_ptr + p_off, arg.to(arg_ptr.dtype.element_ty), mask=p_mask)
+            tl.store(arg_ptr + (offs_p * COUT)[:, None] + col[None, :], arg.to(arg_ptr.dtype.element_ty), mask=p_mask)
     else:
-        tl.store(y_ptr + y_row[:, None] + col[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + (pix * stride_yp)[:, None] + col[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, padding, dilation,
@@ -268,7 +269,8 @@ def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, paddin
         cin_g = MIN_GEMM_K
     n, h, w, cin = src.shape
     pooled, taps = ep.meta["POOL"] != 0, ep.meta["TAPS"]
-    int64 = max(t.numel() for t in (src, wt, dst, *(t for t in (ep.res,) if t is not None))) >= 2**31
+    # (dst's extent: a channel slice spans the whole of the tensor it is cut from)
+    int64 = max(src.numel(), wt.numel(), dst.shape[0] * dst.stride(0), 0 if ep.res is None else ep.res.numel()) >= 2**31
     check(r <= MAX_CONV_TAPS and s <= MAX_CONV_TAPS, f"w: at most {MAX_CONV_TAPS} taps a side, got a {r}x{s} kernel")
     for p0_h, gh, dst_sh, src_sh, src_oh, r0, rstep, rc, dh0, dh_step in stride_phases(
             oh, r, stride[0], padding[0], dilation[0], transposed):
@@ -287,7 +289,8 @@ def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, paddin
 
             _conv_kernel[grid](src, wt, dst if bias is None else bias, dst if ep.res is None else ep.res,
                                dst, dst if ep.part is None else ep.part, dst if ep.argmax is None else ep.argmax,
-                               m, h, w, cin, oh, ow, cout, cin_g, cout_g, gh, gw, p0_h, p0_w, dst_sh, dst_sw,
+                               m, h, w, cin, oh, ow, cout, cin_g, cout_g, dst.stride(2), gh, gw, p0_h, p0_w,
+                               dst_sh, dst_sw,
                                src_sh, src_sw, src_oh, src_ow, r, s, r0, s0, rstep, sstep, rc, sc,
                                dh0, dw0, dh_step, dw_step, *ep.slopes, *ep.window, **pro, DEPTHWISE=depthwise,
                                HAS_BIAS=bias is not None, INT64=int64, DOT_DTYPE=dot_dtype(src.dtype),
@@ -296,7 +299,7 @@ def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, paddin
 
 def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, residual=None, act2: Act = NO_ACT,
                    pool: Window | None = None, stats: bool = False, prologue: Prologue | None = None,
-                   argmax: bool = False):
+                   argmax: bool = False, out=None):
     """y = pool(act2(act(conv(x, w) + bias) + residual)) for x (N, H, W, C) NHWC and w (K, C/groups,
     R, S); geometry.padding is the top/left pad (more padding at the bottom/right falls out of
     geometry.out_hw = (OH, OW)). residual (N, OH, OW, K) in x.dtype or None; pool None or a
@@ -305,7 +308,8 @@ def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, res
     argmax codes, for a backward that keeps no z (epilogue_backward.pooled_backward). stats=True
     (nothing else fused) returns (y, mean (K,), var (K,)): the fp32 batch statistics (var biased)
     of the post-bias value over the N*OH*OW pixels, from per-tile partials the epilogue writes. With a prologue,
-    x is z and the conv reads act(z scale + shift) (prologue.py)."""
+    x is z and the conv reads act(z scale + shift) (prologue.py). out: y is written there, a
+    channel slice of a concatenation's output (_common.check_out), and returned."""
     check_tensor(x, "x", ndim=4)
     check_tensor(w, "w", ndim=4, dtype=x.dtype, device=x.device)
     n, _, _, c = x.shape
@@ -320,7 +324,7 @@ def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, res
         rows = _tile(m, _MIN_BLOCK_M, 512) if INTERPRET else min(c.kwargs["BLOCK_M"] for c in _CONV_CONFIGS)
         ep = replace(ep, part=torch.empty(2 * triton.cdiv(m, rows) * k, dtype=torch.float32,
                                           device=x.device))
-    y = torch.empty(y_shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(y_shape, dtype=x.dtype, device=x.device) if out is None else check_out(out, y_shape, x)
     groups = geometry.groups
     wt = w.view(groups, k // groups, cin_g, r, s).permute(0, 3, 4, 2, 1).contiguous()  # (G, R, S, C/g, K/g)
     _launch_conv(x, wt, bias, y, groups, cin_g, k // groups, r, s, stride, padding, dilation, False, (oh, ow), ep,

@@ -29,6 +29,7 @@ from ..specs import NO_ACT, Act, ConvBlock, decode
 from ._common import absent, define, present
 from .batchnorm_backward import batchnorm_backward_on_load
 from .batchnorm_layer import update_running
+from .concat import slab_of, take_slice
 from .conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
 from .epilogue import epilogue_forward
 from .epilogue_backward import (
@@ -73,9 +74,9 @@ _inference = define(
                                                                            w.shape[0])))
 
 
-def _inference_impl(x, w, b, residual, pro, pro_scale, pro_shift, s):
+def _inference_impl(x, w, b, residual, pro, pro_scale, pro_shift, s, out=None):
     return conv2d_forward(x, w, b, s.geometry, s.act1, residual=residual, act2=s.act2, pool=s.pool,
-                          prologue=_prologue(s, pro, pro_scale, pro_shift))
+                          prologue=_prologue(s, pro, pro_scale, pro_shift), out=out)
 
 
 _fold = define(
@@ -98,7 +99,7 @@ def _folded(cache, w, b, bn_w, bn_b, mean, var, eps):
 
 # --- training: the conv with batch statistics, one epilogue pass; its backward ----------------------
 
-def _train_impl(x, residual, w, b, bn_w, bn_b, mean, var, pro, pro_scale, pro_shift, spec, train):
+def _train_impl(x, residual, w, b, bn_w, bn_b, mean, var, pro, pro_scale, pro_shift, spec, train, out=None):
     s = decode(spec)
     batch_stats = s.bn is not None and train
     prologue = _prologue(s, pro, pro_scale, pro_shift)
@@ -108,15 +109,17 @@ def _train_impl(x, residual, w, b, bn_w, bn_b, mean, var, pro, pro_scale, pro_sh
         y, argmax = out if is_max else (out, None)
         return (y, absent(x), absent(x, torch.int8) if argmax is None else argmax,
                 *(absent(x, torch.float32) for _ in range(4)))
+    epilogue = s.epilogue and not s.defer  # a deferring block's y is computed by its reader
+    z_out = None if epilogue else out  # without an epilogue pass, the conv writes y
     if batch_stats:
-        z, mean, var = conv2d_forward(x, w, b, s.geometry, stats=True, prologue=prologue)
+        z, mean, var = conv2d_forward(x, w, b, s.geometry, stats=True, prologue=prologue, out=z_out)
     else:
-        z = conv2d_forward(x, w, b, s.geometry, prologue=prologue)
+        z = conv2d_forward(x, w, b, s.geometry, prologue=prologue, out=z_out)
     scale = shift = None
     if s.bn is not None:
         scale, shift = bn_scale_shift(mean, var, s.bn.eps, bn_w, bn_b)
-    epilogue = s.epilogue and not s.defer  # a deferring block's y is computed by its reader
-    y, argmax = epilogue_forward(z, scale, shift, s.act1, residual, s.act2, s.pool) if epilogue else (z, None)
+    y, argmax = epilogue_forward(z, scale, shift, s.act1, residual, s.act2, s.pool, out=out) if epilogue \
+        else (z, None)
     keep = lambda t, on: t if on and t is not None else absent(x, torch.float32)
     return (y, z if epilogue else absent(x), absent(x, torch.int8) if argmax is None else argmax,
             keep(mean, batch_stats), keep(var, batch_stats), keep(scale, True), keep(shift, True))
@@ -218,19 +221,79 @@ _block = define(
     _train_impl, _train_fake, _block_backward, _setup)
 
 
+# --- zero-copy concatenation: y written into its channel slice of a concat's output (concat.py) ----
+
+def _inference_into_impl(x, w, b, residual, pro, pro_scale, pro_shift, spec, slab, offset):
+    _inference_impl(x, w, b, residual, pro, pro_scale, pro_shift, decode(spec), slab.narrow(-1, offset, w.shape[0]))
+
+
+_inference_into = define(
+    "conv_block_inference_into", "(Tensor x, Tensor w, Tensor? b, Tensor? residual, bool pro, Tensor? pro_scale, "
+    "Tensor? pro_shift, str spec, Tensor(a!) slab, int offset) -> ()", _inference_into_impl,
+    lambda x, w, b, residual, pro, pro_scale, pro_shift, spec, slab, offset: None, mutates=("slab",))
+
+_TRAIN_ARGS = ("Tensor x, Tensor? residual, Tensor w, Tensor? b, Tensor? bn_w, Tensor? bn_b, Tensor? mean, Tensor? var, "
+               "bool pro, Tensor? pro_scale, Tensor? pro_shift, str spec, bool train")
+# the training pass's outputs but y: (z, argmax, mean, var, scale, shift)
+_block_into = define(
+    "conv_block_into", f"({_TRAIN_ARGS}, Tensor(a!) slab, int offset) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+    "Tensor)",
+    lambda *a: _train_impl(*a[:-2], out=a[-2].narrow(-1, a[-1], a[2].shape[0]))[1:],
+    lambda *a: _train_fake(*a[:-2])[1:], mutates=("slab",))
+
+
+class _BlockInto(torch.autograd.Function):
+    """The slab with the block's y written into its channels from `offset`; backward takes that
+    slice of the slab's gradient as dy and passes the slab's gradient on to the other writers."""
+
+    @staticmethod
+    def forward(ctx, slab, offset, x, residual, w, b, bn_w, bn_b, mean, var, pro, pro_scale, pro_shift, spec, train):
+        z, argmax, bmean, bvar, scale, shift = _block_into(x, residual, w, b, bn_w, bn_b, mean, var, pro, pro_scale,
+                                                          pro_shift, spec, train, slab, offset)
+        ctx.mark_dirty(slab)
+        ctx.mark_non_differentiable(bmean, bvar)
+        batch_stats = present(bmean) is not None
+        ctx.pro, ctx.spec, ctx.train, ctx.has_bias, ctx.offset = pro, spec, train, b is not None, offset
+        ctx.save_for_backward(x, w, z, residual, scale, shift, bmean if batch_stats else mean,
+                              bvar if batch_stats else var, bn_w, argmax, pro_scale, pro_shift)
+        return slab, bmean, bvar
+
+    @staticmethod
+    def backward(ctx, dslab, *_):
+        x, w, z, residual, scale, shift, mean, var, bn_w, argmax, pro_scale, pro_shift = ctx.saved_tensors
+        need = ctx.needs_input_grad[2:]
+        bn_grads = bn_w is not None and (need[4] or need[5])
+        dy = take_slice(dslab.contiguous(), ctx.offset, w.shape[0])
+        grads = _backward(dy, x, w, z, residual, scale, shift, mean, var, bn_w, argmax, ctx.pro, pro_scale, pro_shift,
+                          ctx.spec, ctx.train, bn_grads, need[0], need[2] or need[3], ctx.has_bias)
+        return (dslab, None, *map(present, grads), *(None,) * 7)
+
+
 def conv_block(x, residual, w, b, bn_w, bn_b, running_mean, running_var, num_batches_tracked, spec: ConvBlock,
                state):
-    """x (N, H, W, C) or a Deferred (N, H, W, C) -> (N, OH, OW, K), or pooled, or a Deferred."""
+    """x (N, H, W, C) or a Deferred (N, H, W, C) -> (N, OH, OW, K), or pooled, or a Deferred; with
+    state.into, the slab holding y in its channel slice."""
     bn = spec.bn
     pro, pro_scale, pro_shift = isinstance(x, Deferred), None, None
     if pro:  # the previous block's z: normalised and activated as the conv loads it
         x, pro_scale, pro_shift = x.z, x.scale, x.shift
+    slab = None if state.into is None else slab_of(state, x, _shape(x, spec, True)[1:])
     if not state.grad and not (bn is not None and state.training):  # inference: one kernel
         if bn is not None:
             w, b = _folded(state.cache, w, b, bn_w, bn_b, running_mean, running_var, bn.eps)
-        return _inference(x, w, b, residual, pro, pro_scale, pro_shift, state.text)
-    out = _block(x, residual, w, b, bn_w, bn_b, running_mean, running_var, pro, pro_scale, pro_shift, state.text,
-                 state.training)
+        if slab is None:
+            return _inference(x, w, b, residual, pro, pro_scale, pro_shift, state.text)
+        _inference_into(x, w, b, residual, pro, pro_scale, pro_shift, state.text, slab, state.into[1])
+        return slab
+    args = (x, residual, w, b, bn_w, bn_b, running_mean, running_var, pro, pro_scale, pro_shift, state.text,
+            state.training)
+    if slab is None:
+        out = _block(*args)
+    elif torch.is_grad_enabled():
+        out = _BlockInto.apply(slab, state.into[1], *args)
+        out = (out[0], None, None, out[1], out[2])
+    else:
+        out = (slab, *_block_into(*args, slab, state.into[1]))
     if bn is not None and state.training:
         update_running(out[3], out[4], running_mean, running_var, num_batches_tracked, bn.momentum,
                        x.shape[0] * spec.geometry.out_hw[0] * spec.geometry.out_hw[1])

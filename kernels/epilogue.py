@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..specs import Act, Window
-from ._common import autotune, check, check_tensor
+from ._common import autotune, check, check_out, check_tensor
 from .activation import act_code, apply_act
 from .window import (
     CONFIGS,
@@ -58,6 +58,7 @@ def _chain(z_ptr, res_ptr, off, mask, scale, shift, slope1, slope2, ACT1: tl.con
 @triton.jit
 def _epilogue_fwd_kernel(z_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, arg_ptr,  # z, res (N, H, W, C) -> y (N, OH, OW, C)
                          P, H, W, C, OH, OW, stride_h, stride_w, pad_h, pad_w, slope1, slope2,
+                         stride_yp,  # y's pixel stride: C, or more for a channel slice of a concat's output
                          KH: tl.constexpr, KW: tl.constexpr, POOL: tl.constexpr, ACT1: tl.constexpr,
                          ACT2: tl.constexpr, HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr,
                          ROUND: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -102,7 +103,7 @@ def _epilogue_fwd_kernel(z_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, arg_ptr,  
             y = best
         else:
             y = acc / (KH * KW)
-    tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(y_ptr + (offs_p * stride_yp)[:, None] + offs_c[None, :], y.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _setup(z, scale, shift, act1: Act, residual, act2: Act, pool: Window | None):
@@ -140,16 +141,18 @@ def window_args(shape, act1: Act, act2: Act, pool: Window | None):
     return out_shape, args, consts
 
 
-def epilogue_forward(z, scale, shift, act1: Act, residual, act2: Act, pool: Window | None, round_taps=False):
+def epilogue_forward(z, scale, shift, act1: Act, residual, act2: Act, pool: Window | None, round_taps=False,
+                     out=None):
     """(y, argmax or None): y = pool(act2(act1(z scale + shift) + residual)) in z's dtype for z
     (N, H, W, C) (or (N, C) as (N, 1, 1, C)) contiguous; scale, shift fp32 (C,) or both None
     (the identity); residual z's shape and dtype or None; act1, act2 Acts (NO_ACT skips one);
     pool None (y = u, z's shape) or a Window over (H, W) as pool.py's pool_forward, giving y
     (N, OH, OW, C) and for "max" its argmax codes. One pass: reads z and residual once, writes
     y (and argmax). round_taps: each pooled value is rounded to z's dtype first, as if u had been
-    written and pooled (pool.py's reader of a deferred z)."""
+    written and pooled (pool.py's reader of a deferred z). out: y is written there, a channel
+    slice of a concatenation's output (_common.check_out)."""
     out_shape, args, consts = _setup(z, scale, shift, act1, residual, act2, pool)
-    y = torch.empty(out_shape, dtype=z.dtype, device=z.device)
+    y = torch.empty(out_shape, dtype=z.dtype, device=z.device) if out is None else check_out(out, out_shape, z)
     is_max = consts["POOL"] == POOL_MODES["max"]
     argmax = torch.empty(out_shape, dtype=argmax_dtype(consts["KH"] * consts["KW"]), device=z.device) \
         if is_max else None
@@ -157,7 +160,8 @@ def epilogue_forward(z, scale, shift, act1: Act, residual, act2: Act, pool: Wind
     if y.numel():
         _epilogue_fwd_kernel[lambda meta: (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))](
             z, z if scale is None else scale, z if shift is None else shift, z if residual is None else residual,
-            y, argmax if is_max else y, pixels, *args, **consts, ROUND=bool(round_taps))
+            y, argmax if is_max else y, pixels, *args, y.stride(-2) if y.dim() > 1 else c, **consts,
+            ROUND=bool(round_taps))
     return y, argmax
 
 

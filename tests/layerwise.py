@@ -111,8 +111,14 @@ class _Recorded:
         inputs = iter(_tap(a, slot) for a, slot in zip((a for a in args[:k] if a is not None), call.dx))
         args = [next(inputs) if a is not None else None for a in args[:k]] + list(args[k:])
         call.inputs = [_value(a) for a in args[:k] if a is not None]
-        out = _tap(self.runner(*args), call.dy)
-        call.output = _value(out)
+        out = self.runner(*args)
+        if step.into is not None and step.runner != "concat_layer":
+            # it wrote into a concat's slab, which later writers change in place: a tap (a view) would
+            # break that; check_pass takes its slice of the slab, and of the concat's gradient
+            call.output = out.detach().clone()
+        else:
+            out = _tap(out, call.dy)
+            call.output = _value(out)
         self.calls.append(call)
         return out
 
@@ -187,8 +193,12 @@ def check_pass(calls, x, ref, tri, op, dtype, tol, close, loss=None, criterion=N
     from input `x`, `ref` the float64 reference module, `op` its op with the triton run's dropout
     masks, `close` helpers.assert_close; `loss` the triton value of `criterion` of the output."""
     written = {0: x.permute(0, 2, 3, 1)}  # what each step wrote: the network input NHWC
+    _slices(calls, tri.net)
     for call in calls:
+        placed = call.step.spec.in_place if call.step.runner == "concat_layer" and call.step.into else ()
         for i, (value, inp) in enumerate(zip([i for i in call.step.inputs if i is not None], call.inputs)):
+            if placed and placed[i]:
+                continue  # the concat's slab, which the step producing it wrote into
             assert torch.equal(inp, written[value]), f"{call.step.name}: input {i} is not what node {value} wrote"
         written[call.step.output] = call.output
         _check_call(call, ref, tri, op, dtype, tol, close)
@@ -198,6 +208,23 @@ def check_pass(calls, x, ref, tri, op, dtype, tol, close, loss=None, criterion=N
         close(loss.float().reshape(1), expected.reshape(1), tol=tol, name="loss")
         dout, = torch.autograd.grad(expected, out)
         close(nchw(calls[-1].dy[0]).float(), dout, tol=tol, name="loss gradient at the output")
+
+
+def _slices(calls, net):
+    """A step that wrote into a concat's slab (zero-copy): its output is its channel slice of the slab,
+    its gradient that slice of the concat's gradient."""
+    joins = {c.step.output: c for c in calls if c.step.runner == "concat_layer"}
+    for call in calls:
+        if call.step.into is not None and call.step.runner != "concat_layer":
+            off, c = call.step.into[1], net.nodes[call.step.output].shape[0]
+            join = joins[call.step.into[0]]
+            call.output = call.output[..., off:off + c]
+            call.dy = [join.dy[0][..., off:off + c]] if join.dy else []
+    for join in joins.values():  # its inputs written in place: as the slab holds them
+        if join.step.into is not None:
+            starts = [sum(join.step.spec.channels[:i]) for i in range(len(join.step.spec.channels))]
+            join.inputs = [join.output[..., off:off + c] if placed else x for x, off, c, placed in
+                           zip(join.inputs, starts, join.step.spec.channels, join.step.spec.in_place)]
 
 
 def _check_call(call, ref, tri, op, dtype, tol, close):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_architectures import densenet_text, fewer_layers
+from test_zero_copy import INCEPTION
 
 import cnndsl
 
@@ -65,7 +66,8 @@ def _step(loss_fn, model, x, target):
 
 
 # (unfused: every op's own custom op; EVERYTHING fused runs most of them as groups of one op)
-@pytest.mark.parametrize("src,fuse", [(EVERYTHING, True)], ids=["everything-fused"])
+# (INCEPTION: zero-copy concatenation, whose writers return the slab they write into, marked dirty)
+@pytest.mark.parametrize("src,fuse", [(EVERYTHING, True), (INCEPTION, True)], ids=["everything-fused", "inception-fused"])
 def test_a_compiled_model_trains_and_evaluates_as_the_eager_one(src, fuse):
     """fullgraph=True: one graph or an error. Two training steps (dropout's seeds drawn in the
     graph from the same generator state), then eval with and without autograd, bit for bit

@@ -27,7 +27,7 @@ CONCAT = OpDef(
     runner="concat.concat_layer",
     step=lambda net, node: (node.inputs, (), spec(net, node)),
     kernels=Kernels(("concat_fwd",), ("concat_bwd",)),
-    note="concat copies each branch's output into its channel slice (and back in backward): a pass over "
-         "its output's size, as torch.cat; the branches' kernels do not write into the slices",
+    note="a concat joins its branches in its output, where a branch's last conv block writes its own "
+         "channel slice (zero-copy, the plan's `into`) and the concat copies in the others",
     reference=_reference,
 )

@@ -22,6 +22,9 @@ class StepState:
     caches: dict  # every step's (a module's), by group
     group: int = 0
     text: str = ""  # the spec's, as the custom ops take it
+    # a step that writes into a concat's output (Step.into): (the slab so far, or None before its
+    # first writer, the first channel, the slab's channels)
+    into: tuple | None = None
 
     @property
     def cache(self) -> dict:
@@ -68,15 +71,17 @@ def _cast(value, dtype: torch.dtype):
 def run_steps(steps, x, layers: dict, runners: dict, training: bool, caches: dict) -> torch.Tensor:
     """The output of `steps` for x (N, C, H, W): `layers` maps layer names to the modules holding
     the parameters, `runners` runner names to the runners, `caches` a step's group to its cache.
-    A value read by k > 1 steps is handed out as k aliases whose gradients `fork` adds. Under
-    torch.autocast the steps run in compute_dtype(x), and so does the output."""
+    A value read by k > 1 steps is handed out as k aliases whose gradients `fork` adds. A step
+    with `into` writes into the slab of a concat's output, the one tensor that every writer of
+    that concat returns in turn (kernels/concat.py). Under torch.autocast the steps run in
+    compute_dtype(x), and so does the output."""
     readers = {0: 0}
     for step in steps:
         for i in step.inputs:
             if i is not None:
                 readers[i] = readers.get(i, 0) + 1
     grad = torch.is_grad_enabled()
-    values = {}
+    values, slabs = {}, {}
 
     def keep(i, value):
         k = readers.get(i, 0)
@@ -90,8 +95,11 @@ def run_steps(steps, x, layers: dict, runners: dict, training: bool, caches: dic
         params = [_cast(getattr(layers[p[0]], p[1]), dtype) if p is not None else None for p in step.params]
         # a step trains unless a layer of it is held in eval mode (a frozen batch norm)
         trains = training and all(layers[p[0]].training for p in step.params if p is not None)
-        state = StepState(trains, grad, caches, step.group, step.text)
+        into = None if step.into is None else (slabs.get(step.into[0]), *step.into[1:])
+        state = StepState(trains, grad, caches, step.group, step.text, into)
         out = runners[step.runner](*inputs, *params, step.spec, state)
+        if step.into is not None:
+            slabs[step.into[0]] = out
         if isinstance(out, torch.Tensor):  # else a block's deferred output, read by one conv or max pool (plan.py)
             out = out.contiguous()
         keep(step.output, out)

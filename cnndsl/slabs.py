@@ -1,0 +1,56 @@
+"""Zero-copy concatenation, planned: which branches of a concat write their output straight into
+their channel slice of its output (the slab, kernels/concat.py), and why the others are copied
+in by the concat's own step. A branch's last group writes in place when it is a conv block,
+whose conv or epilogue pass stores y with the slab's pixel stride, that writes y whole (it does
+not hand z on to a reader, nor pool in its GEMM in training, keeping y for backward) and whose
+output nothing but the concat reads (the slab is the only copy of it)."""
+
+from . import ir
+from .ir import Op
+
+
+def _copied(net: ir.Network, readers, group, value: int) -> str | None:
+    """Why the concat copies `value` (the output of `group`, None for the network's input) into its
+    slice, or None where the group writes it there itself."""
+    node = net.nodes[value]
+    if group is None:
+        return f"{node.name} is the network's input"
+    if len(readers[value]) > 1:
+        return f"{node.name} is also read by {', '.join(r.name for r in readers[value] if r.op is not Op.CONCAT)}" \
+            if any(r.op is not Op.CONCAT for r in readers[value]) else f"{node.name} is concatenated twice"
+    if group.rule != "conv_block":
+        return f"{node.name} comes from a {group.rule} step, not a conv block"
+    if group.gemm_pool:
+        return f"{node.name}'s conv pools in the GEMM in training, keeping y for backward"
+    if group.deferred:
+        return f"{node.name} is handed on as z"
+    return None
+
+
+def in_place(net: ir.Network, readers, groups) -> tuple[dict[int, int], dict[int, tuple[bool, ...]], dict[int, str]]:
+    """(group index -> the concat node whose slab it writes into; concat node id -> which of its
+    inputs are written in place, and what `cnndsl plan` says of it: why the others are copied)."""
+    index = {g.output.id: i for i, g in enumerate(groups)}
+    into, flags, notes = {}, {}, {}
+    for node in net.nodes:
+        if node.op is not Op.CONCAT:
+            continue
+        placed, copied = [], []
+        for value in node.inputs:
+            i = index.get(value)
+            why = _copied(net, readers, None if i is None else groups[i], value)
+            if why is None:
+                into[i] = node.id
+                placed.append(net.nodes[value].name)
+            else:
+                copied.append(why)
+        if not copied:
+            notes[node.id] = "zero-copy: every branch's last group writes into its channel slice, nothing is copied"
+        else:
+            done = f"{len(placed)} of {len(node.inputs)} branches write{'s' if len(placed) == 1 else ''} into " \
+                f"{'its' if len(placed) == 1 else 'their'} channel slice{'' if len(placed) == 1 else 's'} " \
+                f"({', '.join(placed)})" \
+                if placed else "no branch writes into its channel slice"
+            notes[node.id] = f"zero-copy: {done}; copied: {'; '.join(copied)}"
+        flags[node.id] = tuple(index.get(v) in into and into[index[v]] == node.id for v in node.inputs)
+    return into, flags, notes

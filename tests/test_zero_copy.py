@@ -1,0 +1,170 @@
+"""Zero-copy concatenation (cnndsl/slabs.py, kernels/concat.py): a branch whose last group is a
+conv block writes its output straight into its channel slice of the concat's NHWC output, so the
+concat copies nothing of it. Shown by the launches themselves: the writers' kernels store with
+the concat's pixel stride at their channel offsets of one tensor, and no copy kernel runs in
+forward for them; the values and gradients are the reference backend's (fp32 whole network,
+bf16 step by step), and the plan says which branches write in place and why the others do not."""
+
+import json
+
+import pytest
+import torch
+
+import cnndsl
+from cnndsl.cli import main
+from cnndsl.kernels._common import check_out
+from cnndsl.kernels.conv import conv2d_forward
+from cnndsl.kernels.epilogue import epilogue_forward
+from cnndsl.plan import plan
+from cnndsl.specs import NO_ACT, Act, ConvGeometry, Window
+
+from helpers import DTYPES, run_both
+from test_triton_backend import BRANCHES
+
+# An Inception module's four kinds of branch end: conv + batch norm + relu (1x1, and after a
+# 3x3), a plain conv after a max pool, a conv + relu; 4 + 6 + 2 + 5 = 17 channels.
+INCEPTION = """
+network inception
+input 8x6x6
+concat {
+    branch {
+        conv 4 1 bias=false
+        batchnorm
+        relu
+    }
+    branch {
+        conv 4 1 bias=false
+        batchnorm
+        relu
+        conv 6 3 pad=1 bias=false
+        batchnorm
+        relu
+    }
+    branch {
+        maxpool 3 stride=1 pad=1
+        conv 2 1
+    }
+    branch {
+        conv 5 3 pad=1
+        relu
+    }
+}
+global_avgpool
+flatten
+dense 3
+softmax
+"""
+
+
+def _stores(run) -> list[tuple[str, int, int]]:
+    """(kernel, y's data pointer, y's pixel stride) of every conv and epilogue launch of `run()`, and
+    the copy kernel's launches as ("copy", rows, cols)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    seen, original = [], InterpretedFunction.run
+
+    def record(self, *args, **kwargs):
+        values = {**dict(zip(self.arg_names, args)), **kwargs}
+        name = self.fn.__name__
+        if name in ("_conv_kernel", "_epilogue_fwd_kernel"):
+            seen.append((name, values["y_ptr"].data_ptr(), values["stride_yp"]))
+        elif name == "_slice_copy_kernel":
+            seen.append(("copy", values["rows"], values["cols"]))
+        return original(self, *args, **kwargs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(InterpretedFunction, "run", record)
+        run()
+    return seen
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_every_branch_writes_its_slice_of_one_tensor(train):
+    """Without autograd: inference, and training mode's batch statistics (the running ones updated)."""
+    model = cnndsl.compile(INCEPTION, device="cpu").train(train)
+    unfused = cnndsl.compile(INCEPTION, device="cpu", fuse=False).train(train)
+    unfused.load_state_dict(model.state_dict())
+    x = torch.randn(2, 8, 6, 6)
+    out = []
+    with torch.no_grad():
+        stores = _stores(lambda: out.append(model(x)))
+        torch.testing.assert_close(unfused(x), out[0], rtol=1e-4, atol=1e-5)
+    for name, value in unfused.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert not [s for s in stores if s[0] == "copy"], "the concat copied a branch"
+    # the four branch ends store with the concat's pixel stride, 17 channels, at offsets 0, 4, 10, 12
+    into = [(ptr, stride) for _, ptr, stride in stores if stride == 17]
+    assert len(into) == 4
+    base = min(ptr for ptr, _ in into)
+    assert sorted((ptr - base) // 4 for ptr, _ in into) == [0, 4, 10, 12]
+
+
+def test_a_branch_that_cannot_write_in_place_is_copied_alone():
+    """BRANCHES: the second branch of `mixed` is the concat's input, which the first branch also
+    reads; its later concat joins a max pool's 18 channels (3x3) and a conv's."""
+    model = cnndsl.compile(BRANCHES, device="cpu").eval()
+    with torch.no_grad():
+        stores = _stores(lambda: model(torch.randn(2, *model.net.input_shape)))
+    copies = [s for s in stores if s[0] == "copy"]
+    assert copies == [("copy", 2 * 9 * 9, 8), ("copy", 2 * 3 * 3, 18)]  # nothing of the conv branches
+
+
+@pytest.mark.parametrize("fuse", [True, "block"], ids=["fused", "block"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_zero_copy_matches_the_reference(train, fuse):
+    """Outputs, the input gradient, every parameter gradient and the running statistics; eval
+    after training, and without autograd."""
+    run_both(INCEPTION, batch=2, train=train, fuse=fuse)
+
+
+def test_zero_copy_in_bf16_step_by_step():
+    """Each writer's output is its slice of the slab, its gradient that slice of the concat's."""
+    run_both(INCEPTION, batch=2, dtype=torch.bfloat16, train=True, fuse=True)
+
+
+def test_the_plan_says_which_branches_write_in_place():
+    net = cnndsl.parse(BRANCHES)
+    groups = plan(net).groups
+    join = next(g for g in groups if g.ops == ("concat",))
+    assert join.in_place == (True, False, True)
+    assert join.into_note == ("zero-copy: 2 of 3 branches write into their channel slices (mixed.branch1.relu1, "
+                              "mixed.branch3.relu61); copied: relu1 is also read by mixed.branch1.conv1, "
+                              "mixed.branch3.maxpool1")
+    writers = [g for g in groups if g.into is not None]
+    assert sorted(net.nodes[g.into].name for g in writers) == ["concat1.concat", "mixed.concat", "mixed.concat"]
+    assert all(not g.into for g in plan(net, fuse=False).groups)  # unfused: every concat copies
+
+
+def test_plan_json_names_the_concat_each_writer_fills(tmp_path, capsys):
+    path = tmp_path / "inception.cnn"
+    path.write_text(INCEPTION)
+    assert main(["plan", str(path), "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    assert sum(g["into"] == "concat1.concat" for g in groups) == 4
+    join = next(g for g in groups if g["ops"] == ["concat"])
+    assert join["kernels"] == [] and join["bytes"] == 0
+    assert join["zero_copy"].startswith("zero-copy: every branch")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_kernels_write_a_channel_slice(dtype):
+    """conv2d_forward and epilogue_forward with `out`: the slice is written, the rest untouched."""
+    x = torch.randn(2, 5, 5, 16).to(dtype)
+    w = torch.randn(8, 16, 3, 3).to(dtype)
+    geo = ConvGeometry((1, 1), (1, 1), (1, 1), 1, (5, 5))
+    slab = torch.full((2, 5, 5, 20), 7.0).to(dtype)
+    y = conv2d_forward(x, w, None, geo, Act("relu"), out=slab[..., 3:11]).contiguous()
+    assert torch.equal(y, conv2d_forward(x, w, None, geo, Act("relu")))
+    assert torch.equal(slab[..., :3], torch.full((2, 5, 5, 3), 7.0).to(dtype)) and (slab[..., 11:] == 7).all()
+    pooled = torch.zeros(2, 2, 2, 12).to(dtype)
+    win = Window("max", (2, 2), (2, 2), (0, 0), (2, 2))
+    epilogue_forward(y, None, None, NO_ACT, None, NO_ACT, win, out=pooled[..., 4:])
+    assert torch.equal(pooled[..., 4:], epilogue_forward(y, None, None, NO_ACT, None, NO_ACT, win)[0])
+
+
+def test_out_is_checked():
+    like = torch.zeros(1, 2, 2, 4)
+    with pytest.raises(ValueError, match=r"out: expected shape \(1, 2, 2, 4\), got \(1, 2, 2, 3\)"):
+        check_out(torch.zeros(1, 2, 2, 6)[..., :3], (1, 2, 2, 4), like)
+    with pytest.raises(ValueError, match="expected contiguous channels"):
+        check_out(torch.zeros(1, 2, 4, 2).transpose(2, 3), (1, 2, 2, 4), like)
+    with pytest.raises(ValueError, match="expected torch.float32"):
+        check_out(torch.zeros(1, 2, 2, 4, dtype=torch.float16), (1, 2, 2, 4), like)
