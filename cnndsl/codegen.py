@@ -35,6 +35,7 @@ def lower(net: ir.Network, plan: Plan) -> Program:
     """The launch steps of a plan, one per group, in execution order, for forward and logits."""
     steps = []
     deferred = {g.output.id: g for g in plan.groups if g.deferred}
+    joins = {g.output.id: g.in_place for g in plan.groups if g.in_place}
     for g, group in enumerate(plan.groups):
         if group.rule in BY_NAME:
             rule = BY_NAME[group.rule]
@@ -50,11 +51,12 @@ def lower(net: ir.Network, plan: Plan) -> Program:
         into = None
         if group.into is not None:  # its output goes into its channel slice of the concat's (zero-copy)
             join = net.nodes[group.into]
-            before = join.inputs[:join.inputs.index(group.output.id)]
-            into = (join.id, sum(net.nodes[i].shape[0] for i in before), join.shape[0])
+            k = join.inputs.index(group.output.id)
+            into = (join.id, sum(net.nodes[i].shape[0] for i in join.inputs[:k]), join.shape[0],
+                    joins[join.id][k] == 2)
         elif any(group.in_place):  # a concat some of whose branches wrote into its output
-            spec = replace(spec, in_place=group.in_place)
-            into = (group.output.id, 0, group.output.shape[0])
+            spec = replace(spec, in_place=tuple(f > 0 for f in group.in_place))
+            into = (group.output.id, 0, group.output.shape[0], False)
         steps.append(Step(g, group.output.name, runner_of(runner), tuple(inputs), group.output.id,
                           tuple(params), spec, into))
     logits = steps

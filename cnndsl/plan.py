@@ -56,7 +56,9 @@ class Group:
     gemm_pool: bool = False  # in training too its GEMM pools; no z is kept, backward reads y and the argmax
     output_note: str | None = None  # for a conv block that could defer: whether its output is written, why
     into: int | None = None  # the concat whose output (slab) it writes its output into, zero-copy (slabs.py)
-    in_place: tuple[bool, ...] = ()  # for a concat: which of its inputs their groups write into its output
+    # for a concat, each input's state (slabs.py): 0 copied in, 1 written in place by its group, 2 and its
+    # gradient read in place in backward
+    in_place: tuple[int, ...] = ()
     into_note: str | None = None  # for a concat: which branches write into its slab, why the others are copied
 
     @property
@@ -244,14 +246,15 @@ def _cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:
     return out
 
 
-def _placed(g: Group, into: int | None, in_place: tuple[bool, ...], note: str | None) -> Group:
+def _placed(g: Group, into: int | None, in_place: tuple[int, ...], note: str | None) -> Group:
     """A group with zero-copy concatenation applied (slabs.py): a concat whose branches all wrote into
-    its output launches nothing forward (backward still hands each its slice of dy, a copy)."""
+    its output launches nothing forward, and nothing backward where they all read their slices of
+    its gradient in place."""
     if note is None:
         return replace(g, into=into)
-    done = all(in_place)
+    done = all(f > 0 for f in in_place)
     return replace(g, in_place=in_place, into_note=note, reason=None, inference=() if done else g.inference,
-                   forward=() if done else g.forward)
+                   forward=() if done else g.forward, backward=() if all(f == 2 for f in in_place) else g.backward)
 
 
 def plan(net: ir.Network, fuse: bool | str = True) -> Plan:

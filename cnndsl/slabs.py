@@ -27,9 +27,22 @@ def _copied(net: ir.Network, readers, group, value: int) -> str | None:
     return None
 
 
-def in_place(net: ir.Network, readers, groups) -> tuple[dict[int, int], dict[int, tuple[bool, ...]], dict[int, str]]:
-    """(group index -> the concat node whose slab it writes into; concat node id -> which of its
-    inputs are written in place, and what `cnndsl plan` says of it: why the others are copied)."""
+def reads_slice(group) -> bool:
+    """Whether a writer's backward reads its slice of the concat's gradient where it lies (rows a
+    concat's channels apart) rather than a copy: a conv alone, whose gradient GEMMs read dy, or one
+    whose batch norm and activation backward runs on load without a shortcut (dz_on_load: the
+    batch-norm sums pass and both GEMMs read dy), not depthwise. The others' passes read dy whole."""
+    ops = {n.op for n in group.nodes}
+    conv = group.nodes[0].attrs
+    if conv.groups > 1 and conv.groups == conv.filters:  # depthwise (one input channel a group)
+        return False
+    return ops == {Op.CONV} or (group.dz_on_load and Op.ADD not in ops)
+
+
+def in_place(net: ir.Network, readers, groups) -> tuple[dict[int, int], dict[int, tuple[int, ...]], dict[int, str]]:
+    """(group index -> the concat node whose slab it writes into; concat node id -> each input's
+    state, 0 copied in, 1 written in place, 2 written in place and its gradient read in place; and
+    what `cnndsl plan` says of the concat: why the others are copied)."""
     index = {g.output.id: i for i, g in enumerate(groups)}
     into, flags, notes = {}, {}, {}
     for node in net.nodes:
@@ -52,5 +65,12 @@ def in_place(net: ir.Network, readers, groups) -> tuple[dict[int, int], dict[int
                 f"({', '.join(placed)})" \
                 if placed else "no branch writes into its channel slice"
             notes[node.id] = f"zero-copy: {done}; copied: {'; '.join(copied)}"
-        flags[node.id] = tuple(index.get(v) in into and into[index[v]] == node.id for v in node.inputs)
+        flags[node.id] = tuple(0 if into.get(index.get(v)) != node.id else 1 + reads_slice(groups[index[v]])
+                               for v in node.inputs)
+        done = sum(f == 2 for f in flags[node.id])
+        notes[node.id] += "; in backward, every branch reads its slice of the gradient in place" \
+            if done == len(node.inputs) else \
+            f"; in backward, {done} of {len(node.inputs)} branches read{'s' if done == 1 else ''} " \
+            f"{'its slice' if done == 1 else 'their slices'} of the gradient in place" \
+            if done else "; in backward, each branch's slice of the gradient is copied out"
     return into, flags, notes

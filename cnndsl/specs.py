@@ -247,9 +247,10 @@ class Step:
     output: int
     params: tuple[tuple[str, str] | None, ...]
     spec: object = None
-    # (the concat's output id, the first channel, the concat's channels): the step writes its output
-    # there, into the slab the executor keeps for that concat (the concat's own step: offset 0)
-    into: tuple[int, int, int] | None = None
+    # (the concat's output id, the first channel, the concat's channels, whether its backward reads its
+    # slice of the concat's gradient in place): the step writes its output there, into the slab the
+    # executor keeps for that concat (the concat's own step: offset 0)
+    into: tuple[int, int, int, bool] | None = None
     text: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):

@@ -35,7 +35,9 @@ class Tensors:
     the conv input gradient's launches that read dz (one per stride phase that a tap reaches: each
     reads dz whole and writes its share of dx); pre: a dense block keeps its GEMM output for its
     activation's gradient in training; z_bwd and res_bwd: a conv block's backward gather pass reads
-    z (for batch norm or an activation) and the shortcut (for an activation after the add)."""
+    z (for batch norm or an activation) and the shortcut (for an activation after the add); copied:
+    a concat's inputs that it copies into its output (those no group wrote there: zero-copy), and
+    grad_copied those whose slices of its gradient are copied out in backward."""
 
     x: int
     w: int
@@ -51,6 +53,7 @@ class Tensors:
     z_bwd: bool = True
     res_bwd: bool = True
     copied: int = 0
+    grad_copied: int = 0
 
 
 _NONE = lambda t, training: 0
@@ -93,8 +96,8 @@ KERNEL_BYTES: dict[str, Callable[[Tensors, bool], int]] = {
     "global_avgpool_bwd": lambda t, training: t.y + t.x,
     "add_fwd": lambda t, training: t.x + t.res + t.y,
     "concat_fwd": lambda t, training: 2 * t.copied,  # the inputs not written in place in, copied out
-    # each input's slice of dy copied out (the in-place writers' too, as their backward takes it)
-    "concat_bwd": lambda t, training: 2 * t.y,
+    # the slices of dy copied out (all but those whose writers' backward reads them in place)
+    "concat_bwd": lambda t, training: 2 * t.grad_copied,
     "gate_fwd": lambda t, training: t.x + t.y,  # x in, y out (the per-channel gate is small)
     "gate_bwd": lambda t, training: 3 * t.y,  # dy and x in, dx out
     "dropout_fwd": lambda t, training: t.x + t.y,
@@ -136,9 +139,10 @@ def _padded(size: int, channels: int) -> int:
 
 
 def tensors(net: ir.Network, nodes: tuple[ir.Node, ...], batch: int, itemsize: int, machine: Machine,
-            in_place: tuple[bool, ...] = ()) -> Tensors:
+            in_place: tuple[int, ...] = ()) -> Tensors:
     """The tensor sizes of a group of `nodes` (a fused chain, or one op alone); in_place: a concat's
-    inputs that their groups wrote into its output."""
+    inputs' states (plan.Group.in_place: 1 written into its output by their groups, 2 and their
+    gradients read in place)."""
     size = lambda node: batch * numel(node.shape) * itemsize
     ids = {n.id for n in nodes}
     gemm = next((n for n in nodes if n.op in (Op.CONV, Op.DENSE)), nodes[0])
@@ -158,12 +162,14 @@ def tensors(net: ir.Network, nodes: tuple[ir.Node, ...], batch: int, itemsize: i
         phases = input_grad_phases(a)
     ops = [n.op for n in nodes]
     last = nodes[-1]
-    copied = sum(size(net.nodes[i]) for i, placed in zip(last.inputs, in_place or (False,) * len(last.inputs))
-                 if not placed) if last.op is Op.CONCAT else 0
+    states = list(zip(last.inputs, in_place or (0,) * len(last.inputs))) if last.op is Op.CONCAT else []
+    copied = sum(size(net.nodes[i]) for i, f in states if f == 0)
+    grad_copied = sum(size(net.nodes[i]) for i, f in states if f < 2)
     return Tensors(x, params(net, gemm) * itemsize, z, size(last), x_read, z_read, res, argmax, split, phases,
                    pre=gemm.op is Op.DENSE and Op.ACTIVATION in ops,
                    z_bwd=Op.BATCHNORM in ops or Op.ACTIVATION in ops,
-                   res_bwd=Op.ADD in ops and Op.ACTIVATION in ops[ops.index(Op.ADD):], copied=copied)
+                   res_bwd=Op.ADD in ops and Op.ACTIVATION in ops[ops.index(Op.ADD):], copied=copied,
+                   grad_copied=grad_copied)
 
 
 _READERS: dict[int, tuple[ir.Network, dict[int, int]]] = {}
@@ -184,11 +190,11 @@ def _readers(net: ir.Network) -> dict[int, int]:
 
 
 def group_bytes(net: ir.Network, nodes, kernels, batch: int, itemsize: int, training: bool,
-                machine: Machine = H100, in_place: tuple[bool, ...] = ()) -> int:
+                machine: Machine = H100, in_place: tuple[int, ...] = ()) -> int:
     """The bytes `kernels` (a plan's list for the group of `nodes`) move; in training, with the
     additions of the gradients of its output where several layers read it. The network's input
     takes no gradient: a conv or dense layer reading it launches no input-gradient kernel.
-    in_place: a concat's inputs written into its output by their own groups (zero-copy)."""
+    in_place: a concat's inputs' states (zero-copy, tensors())."""
     nodes = tuple(nodes)
     t = tensors(net, nodes, batch, itemsize, machine, in_place)
     if nodes[0].inputs[:1] == (0,):

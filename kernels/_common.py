@@ -144,16 +144,34 @@ def check_out(out, shape, like: torch.Tensor) -> torch.Tensor:
     check(tuple(out.shape) == tuple(shape), f"out: expected shape {tuple(shape)}, got {tuple(out.shape)}")
     check(out.dtype == like.dtype and out.device == like.device,
           f"out: expected {like.dtype} on {like.device}, got {out.dtype} on {out.device}")
-    pixel = out.stride(-2) if out.dim() > 1 else 1
-    dense = all(out.stride(i) == out.stride(i + 1) * out.shape[i + 1] for i in range(out.dim() - 2))
-    check(out.stride(-1) == 1 and pixel >= out.shape[-1] and dense,
-          f"out: expected contiguous channels and evenly strided pixels, got strides {out.stride()}")
+    check(even_rows(out), f"out: expected contiguous channels and evenly strided pixels, got strides {out.stride()}")
     return out
 
 
-def check_tensor(t, name: str, ndim: int | None = None, dtype=None, device=None) -> None:
+def even_rows(t: torch.Tensor) -> bool:
+    """Whether t (..., C) is rows of contiguous channels at one stride (>= C) from the next: a
+    contiguous tensor, or a channel slice of one (a concat's output, kernels/concat.py)."""
+    if t.is_contiguous():
+        return True
+    dense = all(t.stride(i) == t.stride(i + 1) * t.shape[i + 1] for i in range(t.dim() - 2))
+    return t.dim() >= 2 and t.stride(-1) == 1 and t.stride(-2) >= t.shape[-1] and dense
+
+
+def row_stride(t: torch.Tensor) -> int:
+    """The elements from one row (pixel) of t to the next, for a t that even_rows accepts (a
+    contiguous t's size-1 dimensions may carry any stride: C, not its stride, is its rows')."""
+    return t.shape[-1] if t.is_contiguous() else t.stride(-2)
+
+
+def extent(t: torch.Tensor) -> int:
+    """The elements t's rows span (its own, a channel slice's: the rows of the tensor it is cut from)."""
+    return t.numel() // max(t.shape[-1], 1) * row_stride(t) if t.dim() else t.numel()
+
+
+def check_tensor(t, name: str, ndim: int | None = None, dtype=None, device=None, rows: bool = False) -> None:
     """Validate a launcher argument: a contiguous floating tensor of the expected rank,
-    dtype and device, with the expected and actual values in the message."""
+    dtype and device, with the expected and actual values in the message; rows=True: or a
+    channel slice of one (even_rows), for a launcher that passes its pixel stride."""
     check(isinstance(t, torch.Tensor), f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if ndim is not None:
         check(t.dim() == ndim, f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
@@ -163,4 +181,8 @@ def check_tensor(t, name: str, ndim: int | None = None, dtype=None, device=None)
         check(t.dtype == dtype, f"{name}: expected dtype {dtype}, got {t.dtype}")
     if device is not None:
         check(t.device == device, f"{name}: expected device {device}, got {t.device}")
-    check(t.is_contiguous(), f"{name}: expected a contiguous tensor, got strides {t.stride()}")
+    if rows:
+        check(even_rows(t), f"{name}: expected contiguous channels and evenly strided pixels, got strides "
+                            f"{t.stride()}")
+    else:
+        check(t.is_contiguous(), f"{name}: expected a contiguous tensor, got strides {t.stride()}")

@@ -17,6 +17,7 @@ from ._common import (
     check,
     check_tensor,
     elementwise_tiles,
+    row_stride,
 )
 from .activation import NONE, act_code, apply_act_grad
 from .batchnorm import (
@@ -34,7 +35,8 @@ from .sync import sync_on, sync_sums, sync_total
 @triton.jit
 def _bn_bwd_partial_kernel(dy_ptr, x_ptr, mean_ptr, part_ptr,  # dy, x (M, C) -> part (2, n_tiles, C)
                            scale_ptr, shift_ptr, slope,  # ACT: g = dy act'(x scale + shift), (C,)
-                           M, C, rows, n_tiles, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                           M, C, rows, n_tiles, stride_dym,  # dy's row stride: C, or more for a channel slice
+                           ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     tile = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -50,7 +52,7 @@ def _bn_bwd_partial_kernel(dy_ptr, x_ptr, mean_ptr, part_ptr,  # dy, x (M, C) ->
         offs_m = start + tl.arange(0, BLOCK_M)
         mask = (offs_m < row_end)[:, None] & cmask[None, :]
         offs = offs_m[:, None] * C + cols[None, :]
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if ACT != 0:
             dy = tl.where(mask, apply_act_grad(x * scale[None, :] + shift[None, :], dy, ACT, slope), 0.0)
@@ -113,9 +115,9 @@ def _check_stats(x, mean, var, weight):
         _check_channels(t, name, x.shape[1], x.device, opt)
 
 
-def _check_backward(dy, x, mean, var, weight):
+def _check_backward(dy, x, mean, var, weight, rows=False):
     _check_stats(x, mean, var, weight)
-    check_tensor(dy, "dy", ndim=2, dtype=x.dtype, device=x.device)
+    check_tensor(dy, "dy", ndim=2, dtype=x.dtype, device=x.device, rows=rows)
     check(dy.shape == x.shape, f"dy: expected shape {tuple(x.shape)}, got {tuple(dy.shape)}")
 
 
@@ -128,7 +130,7 @@ def _partials(dy, x, mean, act: Act = NO_ACT, scale=None, shift=None):
     if n_tiles and C:
         _bn_bwd_partial_kernel[lambda meta: (n_tiles, triton.cdiv(C, meta["BLOCK_C"]))](
             dy, x, mean, part, x if code == NONE else scale, x if code == NONE else shift, float(act.slope),
-            M, C, rows, n_tiles, ACT=code)
+            M, C, rows, n_tiles, row_stride(dy), ACT=code)
     return part
 
 
@@ -237,8 +239,8 @@ def batchnorm_backward_on_load(dy, x, mean, var, eps, weight, need_param_grads, 
     without its elementwise pass -> (center, dweight, dbias). In training (batch statistics)
     center is (3, C) fp32 [beta, mean, gamma], dx = scale g + beta (x - mean) + gamma; in eval
     it is None, dx = scale g. dweight, dbias as batchnorm_backward's (computed only with
-    need_param_grads and a weight, or in training)."""
-    _check_backward(dy, x, mean, var, weight)
+    need_param_grads and a weight, or in training). dy may be a channel slice (_common.even_rows)."""
+    _check_backward(dy, x, mean, var, weight, rows=True)
     _check_affine(x, scale=scale, shift=shift)
     params = bool(need_param_grads) and weight is not None
     if not (train or params):

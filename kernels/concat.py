@@ -126,9 +126,9 @@ class _Place(torch.autograd.Function):
 
 
 def slab_of(state, like: torch.Tensor, hw) -> torch.Tensor:
-    """The slab a step writes into (StepState.into: the slab or None, offset, channels), allocated
+    """The slab a step writes into (StepState.into: the slab or None, offset, channels, ...), allocated
     (N, *hw, channels) in like's dtype by its first writer."""
-    slab, _, channels = state.into
+    slab, _, channels = state.into[:3]
     return like.new_empty((like.shape[0], *hw, channels)) if slab is None else slab
 
 

@@ -31,7 +31,9 @@ from ._common import (
     check_tensor,
     dot_dtype,
     dot_precision,
+    extent,
     gemm_config,
+    row_stride,
 )
 from .activation import apply_act
 from .batchnorm import batchnorm_merge_stats
@@ -101,7 +103,7 @@ def _prune(configs, named_args, **kwargs):
 @triton.jit
 def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGMAX: arg (N, GH, GW, COUT)
                  M, H, W, CIN, OH, OW, COUT, CIN_G, COUT_G,  # src (N, H, W, CIN) -> dst (N, OH, OW, COUT)
-                 stride_yp,  # dst's pixel stride: COUT, or more for a channel slice of a concat's output
+                 stride_xp, stride_yp,  # src's and dst's pixel strides: CIN and COUT, or more for channel slices
                  GH, GW, P0_H, P0_W, DST_SH, DST_SW,  # the dst pixels computed: P0 + i*DST_S, i < G
                  SRC_SH, SRC_SW, SRC_OH, SRC_OW,  # the src pixel dst pixel i reads at shift 0: i*SRC_S + SRC_O
                  R, S, R0, S0, RSTEP, SSTEP, RC, SC,  # taps visited: r = R0 + j*RSTEP, j < RC
@@ -111,6 +113,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
                  PROLOGUE: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
                  gp_z_ptr, gp_scale_ptr, gp_shift_ptr, gp_center_ptr, gp_slope,  # GRAD_PRO: x is dy, read as dz
                  GRAD_PRO: tl.constexpr, GP_AFFINE: tl.constexpr, GP_ACT: tl.constexpr, GP_CENTER: tl.constexpr,
+                 GP_SLICE: tl.constexpr,  # GRAD_PRO with dy a channel slice: z's rows (CIN apart) are not dy's
                  DEPTHWISE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
                  ACT2: tl.constexpr, POOL: tl.constexpr, TAPS: tl.constexpr, STATS: tl.constexpr, ARGMAX: tl.constexpr,
                  INT64: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
@@ -139,7 +142,8 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
     ow = P0_W + gw * DST_SW
     ih0 = gh * SRC_SH + SRC_OH
     iw0 = gw * SRC_SW + SRC_OW
-    row = ((n * H + ih0) * W + iw0) * CIN  # where each row's shift-0 source pixel starts
+    pix = (n * H + ih0) * W + iw0  # each row's shift-0 source pixel
+    row = pix * stride_xp  # where it starts
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if DEPTHWISE:  # one input channel per output channel: columns are channels, no dot
         col = offs_n
@@ -169,7 +173,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
             dh = DH0 + tr * DH_STEP
             dw = DW0 + ts * DW_STEP
             ok = ((rows_in >> tr) & (cols_in >> ts) & 1) != 0
-            a = tl.load(x_ptr + (row + (dh * W + dw) * CIN)[:, None] + col[None, :],
+            a = tl.load(x_ptr + (row + (dh * W + dw) * stride_xp)[:, None] + col[None, :],
                         mask=ok[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
             if PROLOGUE:
                 a = apply_prologue(a, ps, pt, n_mask, ok, PRO_AFFINE, PRO_ACT, pro_slope, False)
@@ -182,6 +186,8 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
             tr = tl.where(wrap, tr + 1, tr)
     else:  # one flat loop over (tap, channel block) so that the pipeline spans taps
         row += g * CIN_G
+        if GP_SLICE:
+            z_row = pix * CIN + g * CIN_G
         w_off = offs_k[:, None] * COUT_G + offs_n[None, :]
         NCB = tl.cdiv(CIN_G, BLOCK_K)
         cb = 0
@@ -199,7 +205,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
             dw = DW0 + ts * DW_STEP
             ok = ((rows_in >> tr) & (cols_in >> ts) & 1) != 0
             k0 = cb * BLOCK_K
-            a_off = (row + (dh * W + dw) * CIN + k0)[:, None] + offs_k[None, :]
+            a_off = (row + (dh * W + dw) * stride_xp + k0)[:, None] + offs_k[None, :]
             a_ptrs = x_ptr + a_off
             b_ptrs = w_ptr + (((R0 + tr * RSTEP) * S + S0 + ts * SSTEP) * CIN_G + k0) * COUT_G + w_off
             if EVEN_K:
@@ -217,7 +223,11 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
                 a = apply_prologue(a, ps, pt, ch < CIN_G, ok, PRO_AFFINE, PRO_ACT, pro_slope, EVEN_K)
             if GRAD_PRO:  # dz = the block's batch-norm and activation backward of dy, from z (prologue.py)
                 keep = ok[:, None] if EVEN_K else ok[:, None] & (ch < CIN_G)[None, :]
-                zt = tl.load(gp_z_ptr + a_off, mask=keep, other=0.0)
+                if GP_SLICE:
+                    zt = tl.load(gp_z_ptr + (z_row + (dh * W + dw) * CIN + k0)[:, None] + offs_k[None, :], mask=keep,
+                                 other=0.0)
+                else:
+                    zt = tl.load(gp_z_ptr + a_off, mask=keep, other=0.0)
                 if not ONE_CB:
                     s, t, beta, mu, gamma = grad_coefs(gp_scale_ptr + g * CIN_G, gp_shift_ptr + g * CIN_G,
                                                        gp_center_ptr + g * CIN_G, CIN, ch, ch < CIN_G, GP_AFFINE,
@@ -269,8 +279,7 @@ def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, paddin
         cin_g = MIN_GEMM_K
     n, h, w, cin = src.shape
     pooled, taps = ep.meta["POOL"] != 0, ep.meta["TAPS"]
-    # (dst's extent: a channel slice spans the whole of the tensor it is cut from)
-    int64 = max(src.numel(), wt.numel(), dst.shape[0] * dst.stride(0), 0 if ep.res is None else ep.res.numel()) >= 2**31
+    int64 = max(extent(src), wt.numel(), extent(dst), 0 if ep.res is None else ep.res.numel()) >= 2**31
     check(r <= MAX_CONV_TAPS and s <= MAX_CONV_TAPS, f"w: at most {MAX_CONV_TAPS} taps a side, got a {r}x{s} kernel")
     for p0_h, gh, dst_sh, src_sh, src_oh, r0, rstep, rc, dh0, dh_step in stride_phases(
             oh, r, stride[0], padding[0], dilation[0], transposed):
@@ -289,7 +298,8 @@ def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, paddin
 
             _conv_kernel[grid](src, wt, dst if bias is None else bias, dst if ep.res is None else ep.res,
                                dst, dst if ep.part is None else ep.part, dst if ep.argmax is None else ep.argmax,
-                               m, h, w, cin, oh, ow, cout, cin_g, cout_g, dst.stride(2), gh, gw, p0_h, p0_w,
+                               m, h, w, cin, oh, ow, cout, cin_g, cout_g, row_stride(src), row_stride(dst), gh, gw,
+                               p0_h, p0_w,
                                dst_sh, dst_sw,
                                src_sh, src_sw, src_oh, src_ow, r, s, r0, s0, rstep, sstep, rc, sc,
                                dh0, dw0, dh_step, dw_step, *ep.slopes, *ep.window, **pro, DEPTHWISE=depthwise,
@@ -340,8 +350,8 @@ def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, res
 def conv2d_backward_input(dy, w, geometry: ConvGeometry, in_hw, grad_prologue: GradPrologue | None = None):
     """dx (N, H, W, C) for dy (N, OH, OW, K), (OH, OW) = geometry.out_hw, and w (K, C/groups, R, S);
     (H, W) = in_hw. With a grad_prologue, dy is the gradient of the block's output, turned into the
-    conv output's as each tile is loaded (prologue.py)."""
-    check_tensor(dy, "dy", ndim=4)
+    conv output's as each tile is loaded (prologue.py). dy may be a channel slice (_common.even_rows)."""
+    check_tensor(dy, "dy", ndim=4, rows=True)
     check_tensor(w, "w", ndim=4, dtype=dy.dtype, device=dy.device)
     n, _, _, k = dy.shape
     _, cin_g, r, s = w.shape
@@ -361,7 +371,7 @@ def conv2d_backward_weight(x, dy, w_shape, geometry: ConvGeometry, need_bias_gra
     with a prologue, x is z and the input is act(z scale + shift), recomputed on load; with a
     grad_prologue, dy is read as dz (see conv2d_backward_input)."""
     check_tensor(x, "x", ndim=4)
-    check_tensor(dy, "dy", ndim=4, dtype=x.dtype, device=x.device)
+    check_tensor(dy, "dy", ndim=4, dtype=x.dtype, device=x.device, rows=True)
     w_shape = tuple(w_shape)
     n, _, _, c = x.shape
     k = dy.shape[3]

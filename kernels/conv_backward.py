@@ -18,7 +18,9 @@ from ._common import (
     dot_dtype,
     dot_precision,
     elementwise_tiles,
+    extent,
     gemm_config,
+    row_stride,
 )
 from .prologue import (
     apply_grad_prologue,
@@ -119,11 +121,13 @@ def _inside(i, size):
 @triton.jit
 def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, K) = (N*OH*OW, K)
                     P, H, W, C, OH, OW, K, CIN_G, COUT_G, S, RS, CHUNK,  # part (split, K, RS*CIN_G), dbp (split, K)
+                    stride_dyp,  # dy's row stride: K, or more for a channel slice of a concat's gradient
                     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                     pro_scale_ptr, pro_shift_ptr, pro_slope,  # PROLOGUE: x is z, read as act(z scale + shift), (C,)
                     PROLOGUE: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
                     gp_z_ptr, gp_scale_ptr, gp_shift_ptr, gp_center_ptr, gp_slope,  # GRAD_PRO: dy read as dz, (K,)
                     GRAD_PRO: tl.constexpr, GP_AFFINE: tl.constexpr, GP_ACT: tl.constexpr, GP_CENTER: tl.constexpr,
+                    GP_SLICE: tl.constexpr,  # dy a channel slice: z's rows (K apart) are not dy's
                     HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_DTYPE: tl.constexpr,
                     PRECISION: tl.constexpr, EVEN_P: tl.constexpr, EVEN_M: tl.constexpr,
                     EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -152,15 +156,15 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
     if GRAD_PRO:  # dz on load (prologue.py): dy^T x computed as (x^T dz)^T, so that dz, transformed in
         # registers, is the B operand (wgmma takes B from shared memory; an A operand transformed in
         # registers makes ptxas serialize the wgmma pipeline here); its coefficients are loaded once
-        a_off = p[:, None] * K + (g * COUT_G + offs_k)[None, :]  # (BLOCK_K, BLOCK_M)
-        z_ptrs = gp_z_ptr + a_off
+        a_off = p[:, None] * stride_dyp + (g * COUT_G + offs_k)[None, :]  # (BLOCK_K, BLOCK_M)
+        z_ptrs = gp_z_ptr + (p[:, None] * K + (g * COUT_G + offs_k)[None, :] if GP_SLICE else a_off)
         s, t, beta, mu, gamma = grad_coefs(gp_scale_ptr, gp_shift_ptr, gp_center_ptr, K, g * COUT_G + offs_k, k_mask,
                                            GP_AFFINE, GP_CENTER)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         db = tl.zeros((16, BLOCK_M), dtype=tl.float32)
         e0 = tl.broadcast_to((tl.arange(0, 16) == 0)[:, None], (16, BLOCK_K)).to(DOT_DTYPE)
     else:
-        a_off = p[None, :] * K + (g * COUT_G + offs_k)[:, None]  # (BLOCK_M, BLOCK_K)
+        a_off = p[None, :] * stride_dyp + (g * COUT_G + offs_k)[:, None]  # (BLOCK_M, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         db = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
         e0 = tl.broadcast_to((tl.arange(0, 16) == 0)[None, :], (BLOCK_K, 16)).to(DOT_DTYPE)
@@ -208,7 +212,7 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
             if HAS_BIAS:
                 db = tl.dot(a.to(DOT_DTYPE), e0, db, input_precision=PRECISION)
         p += BLOCK_K
-        a_ptrs += BLOCK_K * K
+        a_ptrs += BLOCK_K * stride_dyp
         nh, ih, iw = _advance_source_rows(nh, ih, iw, BLOCK_K, OH, OW, H, stride_h, stride_w, ih_off, iw_off)
     rows = split * K + g * COUT_G + offs_k
     cols = tap * CIN_G + offs_c
@@ -324,8 +328,9 @@ def weight_grad(x, dy, w_shape, stride, padding, dilation, groups, need_bias_gra
     split, chunk = _splits(rows, tiles, x.device)
     part = torch.empty((split, k, r * s * width), dtype=torch.float32, device=x.device)  # (split, K, R*S*width)
     dbp = torch.empty((split, k), dtype=torch.float32, device=x.device) if need_bias_grad else part
-    int64 = max(x.numel(), dy.numel(), part.numel()) >= 2**31
+    int64 = max(x.numel(), extent(dy), part.numel()) >= 2**31
     if depthwise:
+        dy = dy.contiguous()  # (its kernel reads rows K apart; the planner hands it no channel slice)
         grid = lambda meta: (triton.cdiv(k, meta["BLOCK_N"]), r * s, split)
         _depthwise_dw_kernel[grid](x, dy, part, dbp, rows, h, w, c, oh, ow, s, r * s, chunk, *geometry, **pro,
                                    HAS_BIAS=need_bias_grad, INT64=int64)
@@ -333,7 +338,7 @@ def weight_grad(x, dy, w_shape, stride, padding, dilation, groups, need_bias_gra
         grid = lambda meta: (groups * r * s * triton.cdiv(cout_g, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),
                              split)
         _conv_dw_kernel[grid](x, dy, part, dbp, rows, h, w, c, oh, ow, k, width, cout_g, s, r * s, chunk,
-                              *geometry, **pro, **gp, HAS_BIAS=need_bias_grad, INT64=int64,
+                              row_stride(dy), *geometry, **pro, **gp, HAS_BIAS=need_bias_grad, INT64=int64,
                               DOT_DTYPE=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype))
     dw = torch.empty((k, width, r, s), dtype=x.dtype, device=x.device)
     _sum_splits(part, dw, split, width, r * s)

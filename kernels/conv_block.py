@@ -244,16 +244,20 @@ _block_into = define(
 
 class _BlockInto(torch.autograd.Function):
     """The slab with the block's y written into its channels from `offset`; backward takes that
-    slice of the slab's gradient as dy and passes the slab's gradient on to the other writers."""
+    slice of the slab's gradient as dy (where it lies with `in_place`: its kernels read rows the
+    slab's channels apart, slabs.reads_slice; else a copy) and passes the slab's gradient on to
+    the other writers."""
 
     @staticmethod
-    def forward(ctx, slab, offset, x, residual, w, b, bn_w, bn_b, mean, var, pro, pro_scale, pro_shift, spec, train):
+    def forward(ctx, slab, offset, in_place, x, residual, w, b, bn_w, bn_b, mean, var, pro, pro_scale, pro_shift,
+                spec, train):
         z, argmax, bmean, bvar, scale, shift = _block_into(x, residual, w, b, bn_w, bn_b, mean, var, pro, pro_scale,
                                                           pro_shift, spec, train, slab, offset)
         ctx.mark_dirty(slab)
         ctx.mark_non_differentiable(bmean, bvar)
         batch_stats = present(bmean) is not None
-        ctx.pro, ctx.spec, ctx.train, ctx.has_bias, ctx.offset = pro, spec, train, b is not None, offset
+        ctx.pro, ctx.spec, ctx.train, ctx.has_bias = pro, spec, train, b is not None
+        ctx.offset, ctx.in_place = offset, in_place
         ctx.save_for_backward(x, w, z, residual, scale, shift, bmean if batch_stats else mean,
                               bvar if batch_stats else var, bn_w, argmax, pro_scale, pro_shift)
         return slab, bmean, bvar
@@ -261,12 +265,13 @@ class _BlockInto(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dslab, *_):
         x, w, z, residual, scale, shift, mean, var, bn_w, argmax, pro_scale, pro_shift = ctx.saved_tensors
-        need = ctx.needs_input_grad[2:]
+        need = ctx.needs_input_grad[3:]
         bn_grads = bn_w is not None and (need[4] or need[5])
-        dy = take_slice(dslab.contiguous(), ctx.offset, w.shape[0])
+        dslab = dslab.contiguous()
+        dy = dslab.narrow(-1, ctx.offset, w.shape[0]) if ctx.in_place else take_slice(dslab, ctx.offset, w.shape[0])
         grads = _backward(dy, x, w, z, residual, scale, shift, mean, var, bn_w, argmax, ctx.pro, pro_scale, pro_shift,
                           ctx.spec, ctx.train, bn_grads, need[0], need[2] or need[3], ctx.has_bias)
-        return (dslab, None, *map(present, grads), *(None,) * 7)
+        return (dslab, None, None, *map(present, grads), *(None,) * 7)
 
 
 def conv_block(x, residual, w, b, bn_w, bn_b, running_mean, running_var, num_batches_tracked, spec: ConvBlock,
@@ -290,7 +295,7 @@ def conv_block(x, residual, w, b, bn_w, bn_b, running_mean, running_var, num_bat
     if slab is None:
         out = _block(*args)
     elif torch.is_grad_enabled():
-        out = _BlockInto.apply(slab, state.into[1], *args)
+        out = _BlockInto.apply(slab, state.into[1], state.into[3], *args)
         out = (out[0], None, None, out[1], out[2])
     else:
         out = (slab, *_block_into(*args, slab, state.into[1]))

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..specs import Act, Window
-from ._common import autotune, check, check_out, check_tensor
+from ._common import autotune, check, check_out, check_tensor, row_stride
 from .activation import act_code, apply_act
 from .window import (
     CONFIGS,
@@ -160,7 +160,7 @@ def epilogue_forward(z, scale, shift, act1: Act, residual, act2: Act, pool: Wind
     if y.numel():
         _epilogue_fwd_kernel[lambda meta: (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))](
             z, z if scale is None else scale, z if shift is None else shift, z if residual is None else residual,
-            y, argmax if is_max else y, pixels, *args, y.stride(-2) if y.dim() > 1 else c, **consts,
+            y, argmax if is_max else y, pixels, *args, row_stride(y), **consts,
             ROUND=bool(round_taps))
     return y, argmax
 

@@ -114,11 +114,12 @@ class GradPrologue:
 
 def grad_prologue_args(gp: GradPrologue | None, dy: torch.Tensor, cols_g: int, depthwise: bool) -> dict:
     """The kernels' dz-on-load arguments (z, scale, shift, center pointers, slope, GRAD_PRO, GP_AFFINE,
-    GP_ACT, GP_CENTER), after checking gp against dy (N, OH, OW, K) whose groups hold cols_g channels
-    each: 16 or more, not depthwise (the planner asks for no other)."""
+    GP_ACT, GP_CENTER, GP_SLICE: dy is a channel slice, whose rows are not z's), after checking gp
+    against dy (N, OH, OW, K) whose groups hold cols_g channels each: 16 or more, not depthwise
+    (the planner asks for no other)."""
     if gp is None:
         return {"gp_z_ptr": dy, "gp_scale_ptr": dy, "gp_shift_ptr": dy, "gp_center_ptr": dy, "gp_slope": 0.0,
-                "GRAD_PRO": False, "GP_AFFINE": False, "GP_ACT": 0, "GP_CENTER": False}
+                "GRAD_PRO": False, "GP_AFFINE": False, "GP_ACT": 0, "GP_CENTER": False, "GP_SLICE": False}
     check(isinstance(gp, GradPrologue), f"grad prologue: expected a GradPrologue, got {gp!r}")
     check_tensor(gp.z, "grad prologue z", dtype=dy.dtype, device=dy.device)
     check(gp.z.shape == dy.shape and gp.z.is_contiguous(),
@@ -135,7 +136,8 @@ def grad_prologue_args(gp: GradPrologue | None, dy: torch.Tensor, cols_g: int, d
     affine, center = gp.scale is not None, gp.center is not None
     return {"gp_z_ptr": gp.z, "gp_scale_ptr": gp.scale if affine else dy, "gp_shift_ptr": gp.shift if affine else dy,
             "gp_center_ptr": gp.center if center else dy, "gp_slope": float(gp.act.slope), "GRAD_PRO": True,
-            "GP_AFFINE": affine, "GP_ACT": act_code(gp.act, "grad prologue act"), "GP_CENTER": center}
+            "GP_AFFINE": affine, "GP_ACT": act_code(gp.act, "grad prologue act"), "GP_CENTER": center,
+            "GP_SLICE": not dy.is_contiguous()}
 
 
 @triton.jit

@@ -11,7 +11,8 @@ backend or its ptxas is missing.
    ...), with the kernels skipped (no launch depends on what a kernel computed:
    test_hopper_speed.py checks it). The launches come from `_drive`: a training step (forward, loss, backward) and an
    eval forward of RESIDUAL and EVERYTHING (from test_triton_backend; EVERYTHING with its
-   dropout layer) in fp32 and bf16, unfused too where the unfused plan differs; one fp32
+   dropout layer) in fp32 and bf16, unfused too where the unfused plan differs; BRANCHES in bf16;
+   one fp32
    training step of examples/cifar_small.cnn at batch 2 (its eval forward repeats the same
    launches; bf16 would add 40 s of interpreter time and no kernel or constexpr value that
    the rest does not record); and direct
@@ -73,7 +74,8 @@ def _launcher_extras(dtype):
     """Launches that the networks do not make: the activation epilogues of dense (every one) and
     conv (gelu), the conv's residual and pool epilogue, the training epilogue with each pool and
     both batch-norm backwards, dz on load's batch-norm sums and shortcut gather pass, rows wider
-    than softmax's widest block, a dropout seed past int32, momentum=None, stochastic depth."""
+    than softmax's widest block, a dropout seed past int32, momentum=None, stochastic depth, and
+    (bf16) dz on load reading dy as a channel slice of a concat's gradient (zero-copy)."""
     from cnndsl.kernels import (
         batchnorm,
         batchnorm_backward,
@@ -107,6 +109,15 @@ def _launcher_extras(dtype):
         batchnorm_backward.batchnorm_backward_on_load(z.view(-1, 3), z.view(-1, 3), mean, var, 1e-5, None, False,
                                                       True, mean, var, Act("relu"))
         epilogue_backward.epilogue_backward_on_load(z, z, mean, var, z, Act("relu"), None, None, bn)
+    if dtype == torch.bfloat16:  # dy's rows 48 channels apart, z's 16: the GP_SLICE paths
+        from cnndsl.kernels.prologue import GradPrologue
+        dy, z16 = torch.randn(2, 4, 4, 48, dtype=dtype)[..., 16:32], torch.randn(2, 4, 4, 16, dtype=dtype)
+        w16, ones, zeros = torch.randn(16, 16, 1, 1, dtype=dtype), torch.ones(16), torch.zeros(16)
+        center, _, _ = batchnorm_backward.batchnorm_backward_on_load(dy.view(-1, 16), z16.view(-1, 16), zeros, ones,
+                                                                     1e-5, None, False, True, ones, zeros, Act("relu"))
+        gp, g1 = GradPrologue(z16, ones, zeros, Act("relu"), center), ConvGeometry((1, 1), (0, 0), (1, 1), 1, (4, 4))
+        conv.conv2d_backward_input(dy, w16, g1, (4, 4), grad_prologue=gp)
+        conv.conv2d_backward_weight(z16, dy, w16.shape, g1, False, grad_prologue=gp)
     wide = torch.randn(2, softmax._MAX_BLOCK + 3, dtype=dtype)
     y = softmax.softmax_forward(wide)
     softmax.softmax_backward(torch.randn_like(y), y)

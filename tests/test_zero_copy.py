@@ -13,8 +13,14 @@ import torch
 import cnndsl
 from cnndsl.cli import main
 from cnndsl.kernels._common import check_out
-from cnndsl.kernels.conv import conv2d_forward
+from cnndsl.kernels.batchnorm_backward import batchnorm_backward_on_load
+from cnndsl.kernels.conv import (
+    conv2d_backward_input,
+    conv2d_backward_weight,
+    conv2d_forward,
+)
 from cnndsl.kernels.epilogue import epilogue_forward
+from cnndsl.kernels.prologue import GradPrologue
 from cnndsl.plan import plan
 from cnndsl.specs import NO_ACT, Act, ConvGeometry, Window
 
@@ -46,6 +52,37 @@ concat {
     }
     branch {
         conv 5 3 pad=1
+        relu
+    }
+}
+global_avgpool
+flatten
+dense 3
+softmax
+"""
+
+
+# Branch ends of 16 channels, whose backward reads its slice of the concat's gradient in place.
+INCEPTION16 = """
+network inception16
+input 16x4x4
+concat {
+    branch {
+        conv 16 1 bias=false
+        batchnorm
+        relu
+    }
+    branch {
+        conv 16 1
+        relu
+    }
+    branch {
+        conv 16 3 pad=1 bias=false
+    }
+    branch {
+        maxpool 3 stride=1 pad=1
+        conv 16 1 bias=false
+        batchnorm
         relu
     }
 }
@@ -107,11 +144,12 @@ def test_a_branch_that_cannot_write_in_place_is_copied_alone():
     assert copies == [("copy", 2 * 9 * 9, 8), ("copy", 2 * 3 * 3, 18)]  # nothing of the conv branches
 
 
-@pytest.mark.parametrize("fuse", [True, "block"], ids=["fused", "block"])
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("train", "fuse"), [(True, True), (False, True), (True, "block")],
+                         ids=["train", "eval", "train-block"])
 def test_zero_copy_matches_the_reference(train, fuse):
     """Outputs, the input gradient, every parameter gradient and the running statistics; eval
-    after training, and without autograd."""
+    after training, and without autograd; at block level the writers' backward runs through their
+    epilogue pass (no dz on load)."""
     run_both(INCEPTION, batch=2, train=train, fuse=fuse)
 
 
@@ -124,10 +162,10 @@ def test_the_plan_says_which_branches_write_in_place():
     net = cnndsl.parse(BRANCHES)
     groups = plan(net).groups
     join = next(g for g in groups if g.ops == ("concat",))
-    assert join.in_place == (True, False, True)
+    assert join.in_place == (1, 0, 1)  # (their 6 and 4 channels: backward through an epilogue pass, a copy)
     assert join.into_note == ("zero-copy: 2 of 3 branches write into their channel slices (mixed.branch1.relu1, "
                               "mixed.branch3.relu61); copied: relu1 is also read by mixed.branch1.conv1, "
-                              "mixed.branch3.maxpool1")
+                              "mixed.branch3.maxpool1; in backward, each branch's slice of the gradient is copied out")
     writers = [g for g in groups if g.into is not None]
     assert sorted(net.nodes[g.into].name for g in writers) == ["concat1.concat", "mixed.concat", "mixed.concat"]
     assert all(not g.into for g in plan(net, fuse=False).groups)  # unfused: every concat copies
@@ -168,3 +206,40 @@ def test_out_is_checked():
         check_out(torch.zeros(1, 2, 4, 2).transpose(2, 3), (1, 2, 2, 4), like)
     with pytest.raises(ValueError, match="expected torch.float32"):
         check_out(torch.zeros(1, 2, 2, 4, dtype=torch.float16), (1, 2, 2, 4), like)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_gradient_kernels_read_a_channel_slice(dtype):
+    """What a writer's backward runs on its slice of the concat's gradient (rows 40 channels apart),
+    bit for bit as on a copy: the conv's input and weight gradients, and with dz on load batch
+    norm's sums pass and both GEMMs computing dz from dy and z as they load them."""
+    torch.manual_seed(0)
+    slab = torch.randn(2, 5, 5, 40).to(dtype)
+    dy, dense = slab[..., 8:24], slab[..., 8:24].contiguous()
+    x, z, w = torch.randn(2, 5, 5, 16).to(dtype), torch.randn(2, 5, 5, 16).to(dtype), torch.randn(16, 16, 3, 3).to(dtype)
+    geo = ConvGeometry((1, 1), (1, 1), (1, 1), 1, (5, 5))
+    zf = z.float().view(-1, 16)
+    mean, var = zf.mean(0), zf.var(0, unbiased=False)
+    scale, shift = torch.rand(16) + 0.5, torch.randn(16)
+    sums = [batchnorm_backward_on_load(d.view(-1, 16), z.view(-1, 16), mean, var, 1e-5, torch.ones(16).to(dtype),
+                                       True, True, scale, shift, Act("relu")) for d in (dy, dense)]
+    for a, b in zip(*sums):
+        assert torch.equal(a, b)
+    for gp in (None, GradPrologue(z, scale, shift, Act("relu"), sums[0][0])):
+        got, want = (conv2d_backward_input(d, w, geo, (5, 5), grad_prologue=gp) for d in (dy, dense))
+        assert torch.equal(got, want)
+        got, want = (conv2d_backward_weight(x, d, w.shape, geo, True, grad_prologue=gp) for d in (dy, dense))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_a_training_step_copies_no_slice_where_every_writer_reads_its_own():
+    """INCEPTION16's branch ends: conv + batch norm + relu and conv + relu (dz on load), a conv alone,
+    and a pool then conv + batch norm + relu: no copy kernel forward or backward, and the values
+    and gradients are the reference's."""
+    model = cnndsl.compile(INCEPTION16, device="cpu").train()
+    join = next(g for g in model.plan.groups if g.ops == ("concat",))
+    assert join.in_place == (2, 2, 2, 2) and join.forward == join.backward == ()
+    x = torch.randn(2, 16, 4, 4, requires_grad=True)
+    stores = _stores(lambda: model.loss(x, torch.tensor([0, 2])).backward())
+    assert not [s for s in stores if s[0] == "copy"]
+    run_both(INCEPTION16, batch=2, train=True, fuse=True)

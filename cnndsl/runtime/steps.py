@@ -23,7 +23,7 @@ class StepState:
     group: int = 0
     text: str = ""  # the spec's, as the custom ops take it
     # a step that writes into a concat's output (Step.into): (the slab so far, or None before its
-    # first writer, the first channel, the slab's channels)
+    # first writer, the first channel, the slab's channels, whether backward reads its slice in place)
     into: tuple | None = None
 
     @property
