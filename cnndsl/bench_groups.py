@@ -8,7 +8,9 @@ for the group's inputs (not the network's input, which needs none) and its param
 
 The three share weights, and each row says how far the fused and unfused outputs are from
 eager's (`err`, the larger relative difference; None for a group with dropout, whose masks
-differ), so a row whose wiring is wrong shows it. Bytes are plan.traffic's model."""
+differ), so a row whose wiring is wrong shows it. Bytes are plan.traffic's model. A group run
+alone writes its own output: a concat's zero-copy (its branches writing into its output, which
+the byte model counts) is not reproduced here, its row times a copy of every branch."""
 
 import torch
 

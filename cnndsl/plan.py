@@ -193,8 +193,8 @@ def _dz_on_load(g: Group) -> bool:
         return False
     if Op.ADD in ops and (Op.BATCHNORM not in ops or Op.ACTIVATION in ops[:ops.index(Op.ADD)]):
         return False
-    conv = g.nodes[0].attrs
-    stem = g.nodes[0].inputs[0] == 0
+    first = next(n for n in g.nodes if n.op is Op.CONV)
+    conv, stem = first.attrs, first.inputs[0] == 0
     return conv.filters // conv.groups >= MIN_GEMM_K and (
         stem or input_grad_phases(conv) <= (2 if Op.BATCHNORM in ops else 1))
 
@@ -236,7 +236,8 @@ def _cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:
             ops = {n.op for n in g.nodes}
             sums = ("epilogue_bwd+bn_sums",) if Op.ADD in ops else ("bn_bwd_reduce",) if Op.BATCHNORM in ops else ()
             backward = sums + (("bn_bwd_merge",) if Op.BATCHNORM in ops else ()) + tuple(
-                f"dz_on_load+{k}" for k in backward if k.startswith("conv_bwd"))
+                f"dz_on_load+{k}" for k in backward if k.startswith("conv_bwd")) + (
+                ("gate_bwd",) if Op.GATE in ops else ())  # (a gate's own pass, after its reader's)
         prologue = g.rule in ("conv_block", "pool") and g.nodes[0].inputs[0] in deferred_outputs
         if prologue:
             forward = tuple(f"prologue+{k}" if k.startswith(("conv_fwd", "pool_fwd")) else k for k in forward)

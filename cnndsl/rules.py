@@ -18,6 +18,7 @@ from .ops.pool import spec as window_spec
 from .specs import (
     MAX_POOL_TAPS,
     MAX_SOFTMAX_UNITS,
+    MIN_GEMM_K,
     NO_ACT,
     ConvBlock,
     ConvGeometry,
@@ -50,7 +51,7 @@ class Rule:
         return len([o for o in ops if o is not Op.FLATTEN]) > 1
 
 
-# --- conv block: conv -> [batchnorm] -> [act] -> [+ shortcut] -> [act] -> [pool] ----------------------
+# --- conv block: [gate] -> conv -> [batchnorm] -> [act] -> [+ shortcut] -> [act] -> [pool] -------------
 
 def _pool_fits(net: Network, node: Node) -> str | None:
     a = node.attrs
@@ -70,8 +71,25 @@ def _pool_fits(net: Network, node: Node) -> str | None:
     return None
 
 
+def _gate_fits(net: Network, node: Node) -> str | None:
+    """A gate joins the conv that reads its output (which then reads x * g as it loads x) when that
+    conv reads whole 16-channel groups: not a depthwise conv, nor one of fewer channels per group
+    (padded with zeros to 16 first)."""
+    reader = next((n for n in net.nodes if node.id in n.inputs), None)
+    if reader is not None and reader.op is Op.CONV:
+        cin_g = node.shape[0] // reader.attrs.groups
+        if cin_g < MIN_GEMM_K:
+            return (f"{reader.name} reads {cin_g} channel{'s' if cin_g > 1 else ''} per group; the conv applies "
+                    f"a gate as it loads whole groups of 16 or more")
+    return None
+
+
 def _conv_step(net: Network, nodes: tuple[Node, ...]):
-    """Inputs x and the shortcut (or None), the conv's and batch norm's parameters, the spec."""
+    """Inputs x, the shortcut (or None) and a gate's g (or None), the conv's and batch norm's
+    parameters, the spec."""
+    gate = nodes[0] if nodes[0].op is Op.GATE else None
+    if gate is not None:
+        nodes = nodes[1:]
     conv, chain, residual = nodes[0], {}, None
     for prev, n in itertools.pairwise(nodes):
         if n.op is Op.ADD:
@@ -86,7 +104,9 @@ def _conv_step(net: Network, nodes: tuple[Node, ...]):
                      pool and window_spec(pool))
     params = ((conv.name, "weight"), (conv.name, "bias"),
               *(((bn.name, p) for p in BN_PARAMS) if bn else (None,) * len(BN_PARAMS)))
-    return (conv.inputs[0], residual), params, spec
+    if gate is not None:  # the conv reads the gate's input x, scaled by g as it loads it
+        return (gate.inputs[0], residual, gate.inputs[1]), params, spec
+    return (conv.inputs[0], residual, None), params, spec
 
 
 def _bn_only(ops) -> bool:
@@ -95,6 +115,9 @@ def _bn_only(ops) -> bool:
 
 
 def _conv_kernels(ops):
+    if Op.GATE in ops:  # inference: the conv scales x by g on load; training: the gate's own pass first
+        inference, forward, backward = _conv_kernels(tuple(o for o in ops if o is not Op.GATE))
+        return (*inference[:-1], f"gate+{inference[-1]}"), ("gate_fwd", *forward), (*backward, "gate_bwd")
     bn = Op.BATCHNORM in ops
     train_fwd = ("conv_fwd+stats", "bn_merge_stats", "bn_update_running", "bn_scale_shift", "epilogue_fwd") if bn \
         else ("conv_fwd", "epilogue_fwd")
@@ -107,8 +130,8 @@ def _conv_kernels(ops):
 
 CONV_BLOCK = Rule(
     "conv_block",
-    (Stage(Op.CONV, True), Stage(Op.BATCHNORM), Stage(Op.ACTIVATION), Stage(Op.ADD), Stage(Op.ACTIVATION),
-     Stage(Op.POOL, fits=_pool_fits)),
+    (Stage(Op.GATE, fits=_gate_fits), Stage(Op.CONV, True), Stage(Op.BATCHNORM), Stage(Op.ACTIVATION),
+     Stage(Op.ADD), Stage(Op.ACTIVATION), Stage(Op.POOL, fits=_pool_fits)),
     "conv_block.conv_block", _conv_step, _conv_kernels)
 
 

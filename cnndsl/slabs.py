@@ -33,7 +33,7 @@ def reads_slice(group) -> bool:
     whose batch norm and activation backward runs on load without a shortcut (dz_on_load: the
     batch-norm sums pass and both GEMMs read dy), not depthwise. The others' passes read dy whole."""
     ops = {n.op for n in group.nodes}
-    conv = group.nodes[0].attrs
+    conv = next(n for n in group.nodes if n.op is Op.CONV).attrs
     if conv.groups > 1 and conv.groups == conv.filters:  # depthwise (one input channel a group)
         return False
     return ops == {Op.CONV} or (group.dz_on_load and Op.ADD not in ops)

@@ -98,8 +98,9 @@ KERNEL_BYTES: dict[str, Callable[[Tensors, bool], int]] = {
     "concat_fwd": lambda t, training: 2 * t.copied,  # the inputs not written in place in, copied out
     # the slices of dy copied out (all but those whose writers' backward reads them in place)
     "concat_bwd": lambda t, training: 2 * t.grad_copied,
-    "gate_fwd": lambda t, training: t.x + t.y,  # x in, y out (the per-channel gate is small)
-    "gate_bwd": lambda t, training: 3 * t.y,  # dy and x in, dx out
+    # (of a gate alone, or the first stage of a conv block: x is the gated value's size either way)
+    "gate_fwd": lambda t, training: 2 * t.x,  # x in, x * g out (the per-channel gate is small)
+    "gate_bwd": lambda t, training: 3 * t.x,  # dy and x in, dx out
     "dropout_fwd": lambda t, training: t.x + t.y,
     "dropout_bwd": lambda t, training: 2 * t.y,
     "stochastic_depth_fwd": lambda t, training: t.x + t.y,
@@ -110,8 +111,9 @@ KERNEL_BYTES: dict[str, Callable[[Tensors, bool], int]] = {
 
 def kernel_bytes(name: str, t: Tensors, training: bool) -> int:
     """The bytes of one kernel of the plan's lists; cross-layer fusion's prologue moves what the
-    kernel does without it (it reads z where it read y: the same size)."""
-    name = name.removeprefix("prologue+")
+    kernel does without it (it reads z where it read y: the same size), and so does a conv that
+    applies a gate as it loads x (the gate, one value per sample and channel, is small)."""
+    name = name.removeprefix("prologue+").removeprefix("gate+")
     key = "dense_fwd" if name.startswith("dense_fwd") else name
     return KERNEL_BYTES[key](t, training)
 

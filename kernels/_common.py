@@ -150,17 +150,27 @@ def check_out(out, shape, like: torch.Tensor) -> torch.Tensor:
 
 def even_rows(t: torch.Tensor) -> bool:
     """Whether t (..., C) is rows of contiguous channels at one stride (>= C) from the next: a
-    contiguous tensor, or a channel slice of one (a concat's output, kernels/concat.py)."""
+    contiguous tensor, or a channel slice of one (a concat's output, kernels/concat.py). The
+    strides of size-1 dimensions do not count (torch gives them any value: a gradient of an
+    (N, C, 1, 1) output permuted to NHWC is contiguous with strides (C, 1, 1, 1))."""
     if t.is_contiguous():
         return True
-    dense = all(t.stride(i) == t.stride(i + 1) * t.shape[i + 1] for i in range(t.dim() - 2))
-    return t.dim() >= 2 and t.stride(-1) == 1 and t.stride(-2) >= t.shape[-1] and dense
+    if t.dim() < 2 or (t.stride(-1) != 1 and t.shape[-1] > 1):
+        return False
+    rows, span = row_stride(t), 1
+    for i in range(t.dim() - 2, -1, -1):
+        if t.shape[i] > 1 and t.stride(i) != rows * span:
+            return False
+        span *= t.shape[i]
+    return rows >= t.shape[-1]
 
 
 def row_stride(t: torch.Tensor) -> int:
-    """The elements from one row (pixel) of t to the next, for a t that even_rows accepts (a
-    contiguous t's size-1 dimensions may carry any stride: C, not its stride, is its rows')."""
-    return t.shape[-1] if t.is_contiguous() else t.stride(-2)
+    """The elements from one row (pixel) of t to the next, for a t that even_rows accepts: C for a
+    contiguous t, else the stride of its innermost pixel dimension of more than one."""
+    if t.is_contiguous():
+        return t.shape[-1]
+    return next((t.stride(i) for i in range(t.dim() - 2, -1, -1) if t.shape[i] > 1), t.shape[-1])
 
 
 def extent(t: torch.Tensor) -> int:

@@ -122,7 +122,8 @@ class _Place(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dslab):
-        return dslab, take_slice(dslab.contiguous(), ctx.offset, ctx.channels), None
+        dx = take_slice(dslab.contiguous(), ctx.offset, ctx.channels) if ctx.needs_input_grad[1] else None
+        return dslab, dx, None
 
 
 def slab_of(state, like: torch.Tensor, hw) -> torch.Tensor:

@@ -110,6 +110,8 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
                  DH0, DW0, DH_STEP, DW_STEP,  # the src shift of tap j: DH0 + j*DH_STEP
                  slope, slope2, PKH, PKW, pool_sh, pool_sw, pool_ph, pool_pw,  # POOL: y (N, GH, GW, COUT)
                  pro_scale_ptr, pro_shift_ptr, pro_slope,  # PROLOGUE: x is z, read as act(z scale + shift), (CIN,)
+                 gate_ptr,  # GATE: x is read as x * gate[n, c], a channel gate (squeeze-and-excitation), (N, CIN)
+                 GATE: tl.constexpr,
                  PROLOGUE: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_ACT: tl.constexpr,
                  gp_z_ptr, gp_scale_ptr, gp_shift_ptr, gp_center_ptr, gp_slope,  # GRAD_PRO: x is dy, read as dz
                  GRAD_PRO: tl.constexpr, GP_AFFINE: tl.constexpr, GP_ACT: tl.constexpr, GP_CENTER: tl.constexpr,
@@ -221,6 +223,10 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
                     ps, pt = prologue_coefs(pro_scale_ptr + g * CIN_G, pro_shift_ptr + g * CIN_G, ch, ch < CIN_G,
                                             PRO_AFFINE, EVEN_K)
                 a = apply_prologue(a, ps, pt, ch < CIN_G, ok, PRO_AFFINE, PRO_ACT, pro_slope, EVEN_K)
+            if GATE:  # x * gate[n, c] in fp32, rounded to the dot's dtype as the gate's own pass stores it
+                gv = tl.load(gate_ptr + (n * CIN + g * CIN_G)[:, None] + ch[None, :],
+                             mask=m_mask[:, None] & (ch < CIN_G)[None, :], other=0.0)
+                a = a.to(tl.float32) * gv.to(tl.float32)
             if GRAD_PRO:  # dz = the block's batch-norm and activation backward of dy, from z (prologue.py)
                 keep = ok[:, None] if EVEN_K else ok[:, None] & (ch < CIN_G)[None, :]
                 if GP_SLICE:
@@ -266,12 +272,13 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
 
 def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, padding, dilation,
                  transposed, out_hw, ep: Epilogue = PLAIN_EPILOGUE, prologue: Prologue | None = None,
-                 grad_prologue: GradPrologue | None = None):
+                 grad_prologue: GradPrologue | None = None, gate=None):
     oh, ow = out_hw  # the conv's output; dst is (N, POH, POW, K) when the epilogue pools
     cout = dst.shape[3]
     depthwise = cin_g == 1 and cout_g == 1
     pro = prologue_args(prologue, src, cin_g, depthwise)
     pro.update(grad_prologue_args(grad_prologue, src, cin_g, depthwise))
+    pro.update(gate_ptr=dst if gate is None else gate, GATE=gate is not None)
     if dst.numel() == 0:
         return
     if not depthwise and cin_g < MIN_GEMM_K:
@@ -309,7 +316,7 @@ def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, paddin
 
 def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, residual=None, act2: Act = NO_ACT,
                    pool: Window | None = None, stats: bool = False, prologue: Prologue | None = None,
-                   argmax: bool = False, out=None):
+                   argmax: bool = False, out=None, gate=None):
     """y = pool(act2(act(conv(x, w) + bias) + residual)) for x (N, H, W, C) NHWC and w (K, C/groups,
     R, S); geometry.padding is the top/left pad (more padding at the bottom/right falls out of
     geometry.out_hw = (OH, OW)). residual (N, OH, OW, K) in x.dtype or None; pool None or a
@@ -319,7 +326,9 @@ def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, res
     (nothing else fused) returns (y, mean (K,), var (K,)): the fp32 batch statistics (var biased)
     of the post-bias value over the N*OH*OW pixels, from per-tile partials the epilogue writes. With a prologue,
     x is z and the conv reads act(z scale + shift) (prologue.py). out: y is written there, a
-    channel slice of a concatenation's output (_common.check_out), and returned."""
+    channel slice of a concatenation's output (_common.check_out), and returned. gate (N, C) in
+    x's dtype: the conv reads x * gate[n, c] (a channel gate, squeeze-and-excitation, applied as
+    its input is loaded; 16 or more channels per group, so not depthwise, and no prologue)."""
     check_tensor(x, "x", ndim=4)
     check_tensor(w, "w", ndim=4, dtype=x.dtype, device=x.device)
     n, _, _, c = x.shape
@@ -329,6 +338,11 @@ def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, res
         check_tensor(bias, "bias", ndim=1, dtype=x.dtype, device=x.device)
         check(bias.shape[0] == k, f"bias: expected shape ({k},), got {tuple(bias.shape)}")
     ep, y_shape = epilogue_args(x, (n, oh, ow, k), act, residual, act2, pool, stats, argmax)
+    if gate is not None:
+        check_tensor(gate, "gate", ndim=2, dtype=x.dtype, device=x.device)
+        check(tuple(gate.shape) == (n, c), f"gate: expected shape {(n, c)}, got {tuple(gate.shape)}")
+        check(prologue is None and cin_g >= MIN_GEMM_K, f"gate: needs 16 or more input channels per group (not "
+              f"a depthwise conv) and no prologue; got {cin_g} per group")
     m = n * oh * ow
     if stats:  # (2, n_tiles, K) tile means and M2s, sized for the smallest BLOCK_M a launch of m rows takes
         rows = _tile(m, _MIN_BLOCK_M, 512) if INTERPRET else min(c.kwargs["BLOCK_M"] for c in _CONV_CONFIGS)
@@ -338,7 +352,7 @@ def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, res
     groups = geometry.groups
     wt = w.view(groups, k // groups, cin_g, r, s).permute(0, 3, 4, 2, 1).contiguous()  # (G, R, S, C/g, K/g)
     _launch_conv(x, wt, bias, y, groups, cin_g, k // groups, r, s, stride, padding, dilation, False, (oh, ow), ep,
-                 prologue)
+                 prologue, gate=gate)
     if not stats:
         return (y, ep.argmax) if argmax else y
     rows = _conv_kernel.best_config.kwargs["BLOCK_M"] if m else _MIN_BLOCK_M  # the tiles the launch used

@@ -39,6 +39,7 @@ from .epilogue_backward import (
     pooled_backward,
 )
 from .fold import bn_scale_shift, fold_conv
+from .gate import gate_layer
 from .prologue import GradPrologue, Prologue
 from .window import argmax_dtype
 
@@ -67,16 +68,16 @@ def _shape(x, s, pooled: bool):
 
 _inference = define(
     "conv_block_inference", "(Tensor x, Tensor w, Tensor? b, Tensor? residual, bool pro, Tensor? pro_scale, "
-    "Tensor? pro_shift, str spec) -> Tensor",
-    lambda x, w, b, residual, pro, pro_scale, pro_shift, spec: _inference_impl(x, w, b, residual, pro, pro_scale,
-                                                                             pro_shift, decode(spec)),
-    lambda x, w, b, residual, pro, pro_scale, pro_shift, spec: x.new_empty((*_shape(x, decode(spec), True),
-                                                                           w.shape[0])))
+    "Tensor? pro_shift, Tensor? gate, str spec) -> Tensor",
+    lambda x, w, b, residual, pro, pro_scale, pro_shift, gate, spec: _inference_impl(
+        x, w, b, residual, pro, pro_scale, pro_shift, gate, decode(spec)),
+    lambda x, w, b, residual, pro, pro_scale, pro_shift, gate, spec: x.new_empty((*_shape(x, decode(spec), True),
+                                                                                 w.shape[0])))
 
 
-def _inference_impl(x, w, b, residual, pro, pro_scale, pro_shift, s, out=None):
+def _inference_impl(x, w, b, residual, pro, pro_scale, pro_shift, gate, s, out=None):
     return conv2d_forward(x, w, b, s.geometry, s.act1, residual=residual, act2=s.act2, pool=s.pool,
-                          prologue=_prologue(s, pro, pro_scale, pro_shift), out=out)
+                          prologue=_prologue(s, pro, pro_scale, pro_shift), out=out, gate=gate)
 
 
 _fold = define(
@@ -223,14 +224,15 @@ _block = define(
 
 # --- zero-copy concatenation: y written into its channel slice of a concat's output (concat.py) ----
 
-def _inference_into_impl(x, w, b, residual, pro, pro_scale, pro_shift, spec, slab, offset):
-    _inference_impl(x, w, b, residual, pro, pro_scale, pro_shift, decode(spec), slab.narrow(-1, offset, w.shape[0]))
+def _inference_into_impl(x, w, b, residual, pro, pro_scale, pro_shift, gate, spec, slab, offset):
+    _inference_impl(x, w, b, residual, pro, pro_scale, pro_shift, gate, decode(spec),
+                    slab.narrow(-1, offset, w.shape[0]))
 
 
 _inference_into = define(
     "conv_block_inference_into", "(Tensor x, Tensor w, Tensor? b, Tensor? residual, bool pro, Tensor? pro_scale, "
-    "Tensor? pro_shift, str spec, Tensor(a!) slab, int offset) -> ()", _inference_into_impl,
-    lambda x, w, b, residual, pro, pro_scale, pro_shift, spec, slab, offset: None, mutates=("slab",))
+    "Tensor? pro_shift, Tensor? gate, str spec, Tensor(a!) slab, int offset) -> ()", _inference_into_impl,
+    lambda x, w, b, residual, pro, pro_scale, pro_shift, gate, spec, slab, offset: None, mutates=("slab",))
 
 _TRAIN_ARGS = ("Tensor x, Tensor? residual, Tensor w, Tensor? b, Tensor? bn_w, Tensor? bn_b, Tensor? mean, Tensor? var, "
                "bool pro, Tensor? pro_scale, Tensor? pro_shift, str spec, bool train")
@@ -274,10 +276,12 @@ class _BlockInto(torch.autograd.Function):
         return (dslab, None, None, *map(present, grads), *(None,) * 7)
 
 
-def conv_block(x, residual, w, b, bn_w, bn_b, running_mean, running_var, num_batches_tracked, spec: ConvBlock,
-               state):
+def conv_block(x, residual, gate, w, b, bn_w, bn_b, running_mean, running_var, num_batches_tracked,
+               spec: ConvBlock, state):
     """x (N, H, W, C) or a Deferred (N, H, W, C) -> (N, OH, OW, K), or pooled, or a Deferred; with
-    state.into, the slab holding y in its channel slice."""
+    state.into, the slab holding y in its channel slice. gate: a channel gate's g (N, 1, 1, C) or
+    (N, C) that x is scaled by first: as the conv loads x in inference, by the gate's own pass
+    (gate.py) in training, whose backward needs x * g's gradient whole."""
     bn = spec.bn
     pro, pro_scale, pro_shift = isinstance(x, Deferred), None, None
     if pro:  # the previous block's z: normalised and activated as the conv loads it
@@ -286,10 +290,14 @@ def conv_block(x, residual, w, b, bn_w, bn_b, running_mean, running_var, num_bat
     if not state.grad and not (bn is not None and state.training):  # inference: one kernel
         if bn is not None:
             w, b = _folded(state.cache, w, b, bn_w, bn_b, running_mean, running_var, bn.eps)
+        if gate is not None:
+            gate = gate.reshape(x.shape[0], x.shape[3])
         if slab is None:
-            return _inference(x, w, b, residual, pro, pro_scale, pro_shift, state.text)
-        _inference_into(x, w, b, residual, pro, pro_scale, pro_shift, state.text, slab, state.into[1])
+            return _inference(x, w, b, residual, pro, pro_scale, pro_shift, gate, state.text)
+        _inference_into(x, w, b, residual, pro, pro_scale, pro_shift, gate, state.text, slab, state.into[1])
         return slab
+    if gate is not None:
+        x = gate_layer(x, gate, None, state)
     args = (x, residual, w, b, bn_w, bn_b, running_mean, running_var, pro, pro_scale, pro_shift, state.text,
             state.training)
     if slab is None:

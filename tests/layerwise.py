@@ -182,6 +182,8 @@ def _run_group(ref, op, group, call, ins, dtype):
             y = op(node, xs)
         if node.op is Op.CONV and fused_conv:
             z, y = y, _Store.apply(y, dtype, True)
+        elif node.op is Op.GATE and fused_conv:  # in training the gate's own pass writes x * g
+            y = _Store.apply(y, dtype, True)
         elif node.op is Op.DENSE and fused_dense and len(group.nodes) > 1:
             y = _Store.apply(y, dtype, False)  # the epilogue backward writes da
         values[node.id] = y

@@ -74,8 +74,9 @@ def _launcher_extras(dtype):
     """Launches that the networks do not make: the activation epilogues of dense (every one) and
     conv (gelu), the conv's residual and pool epilogue, the training epilogue with each pool and
     both batch-norm backwards, dz on load's batch-norm sums and shortcut gather pass, rows wider
-    than softmax's widest block, a dropout seed past int32, momentum=None, stochastic depth, and
-    (bf16) dz on load reading dy as a channel slice of a concat's gradient (zero-copy)."""
+    than softmax's widest block, a dropout seed past int32, momentum=None, stochastic depth, a
+    conv applying a channel gate as it loads x, and (bf16) dz on load reading dy as a channel
+    slice of a concat's gradient (zero-copy)."""
     from cnndsl.kernels import (
         batchnorm,
         batchnorm_backward,
@@ -109,6 +110,9 @@ def _launcher_extras(dtype):
         batchnorm_backward.batchnorm_backward_on_load(z.view(-1, 3), z.view(-1, 3), mean, var, 1e-5, None, False,
                                                       True, mean, var, Act("relu"))
         epilogue_backward.epilogue_backward_on_load(z, z, mean, var, z, Act("relu"), None, None, bn)
+    x16, g16 = torch.randn(2, 4, 4, 16, dtype=dtype), torch.rand(2, 16, dtype=dtype)  # a gate applied on load
+    conv.conv2d_forward(x16, torch.randn(8, 16, 1, 1, dtype=dtype), None, ConvGeometry((1, 1), (0, 0), (1, 1), 1, (4, 4)),
+                        gate=g16)
     if dtype == torch.bfloat16:  # dy's rows 48 channels apart, z's 16: the GP_SLICE paths
         from cnndsl.kernels.prologue import GradPrologue
         dy, z16 = torch.randn(2, 4, 4, 48, dtype=dtype)[..., 16:32], torch.randn(2, 4, 4, 16, dtype=dtype)

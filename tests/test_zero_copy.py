@@ -12,7 +12,7 @@ import torch
 
 import cnndsl
 from cnndsl.cli import main
-from cnndsl.kernels._common import check_out
+from cnndsl.kernels._common import check_out, even_rows, row_stride
 from cnndsl.kernels.batchnorm_backward import batchnorm_backward_on_load
 from cnndsl.kernels.conv import (
     conv2d_backward_input,
@@ -243,3 +243,25 @@ def test_a_training_step_copies_no_slice_where_every_writer_reads_its_own():
     stores = _stores(lambda: model.loss(x, torch.tensor([0, 2])).backward())
     assert not [s for s in stores if s[0] == "copy"]
     run_both(INCEPTION16, batch=2, train=True, fuse=True)
+
+
+def test_size_one_dimensions_do_not_count():
+    """The gradient of an (N, C, 1, 1) output permuted to NHWC is contiguous with strides (C, 1, 1, 1):
+    a writer's slice of it has rows C apart whatever its 1x1 dimensions' strides say."""
+    grad = torch.randn(2, 32, 1, 1).permute(0, 2, 3, 1)
+    assert grad.stride() == (32, 1, 1, 1) and even_rows(grad[..., 16:]) and row_stride(grad[..., 16:]) == 32
+    assert row_stride(grad) == 32 and not even_rows(torch.randn(2, 3, 8).transpose(1, 2)[..., :2])
+    src = """
+network endcat
+input 16x1x1
+concat {
+    branch {
+        conv 16 1
+    }
+    branch {
+        conv 16 1
+        relu
+    }
+}"""
+    assert next(g for g in plan(cnndsl.parse(src)).groups if g.in_place).in_place == (2, 2)
+    run_both(src, batch=2, train=True, fuse=True)

@@ -21,5 +21,8 @@ GATE = OpDef(
     "gate", lambda v: Gate(), same_shape,
     runner="gate.gate_layer",
     kernels=Kernels(("gate_fwd",), ("gate_bwd",)),
+    note="a gate joins the conv block of the conv that reads it, when that conv reads 16 or more channels "
+         "per group (not a depthwise conv) and nothing else reads the gate (the conv scales x by g as it loads "
+         "it); else it runs as its own pass",
     reference=_reference,
 )

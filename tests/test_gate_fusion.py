@@ -1,0 +1,118 @@
+"""A channel gate (squeeze-and-excitation) fused into the conv that reads it: the conv block's
+optional first stage (rules.py). In inference the conv scales each loaded tile of x by g[n, c]
+(kernels/conv.py, GATE), so x * g is never written; in training the gate's own pass runs first
+(its backward needs the gradient of x * g whole). Values and gradients are the reference's, and
+the plan and the launches say so."""
+
+import pytest
+import torch
+
+import cnndsl
+from cnndsl.kernels.conv import conv2d_forward
+from cnndsl.kernels.gate import gate_forward
+from cnndsl.kernels.prologue import Prologue
+from cnndsl.specs import Act, ConvGeometry, Window
+
+from helpers import DTYPES, run_both
+
+# An MBConv block as EfficientNet's: expand, depthwise, squeeze-and-excitation, project.
+MBCONV = """
+network mbconv
+input 16x8x8
+conv 32 1 bias=false
+batchnorm
+silu
+conv 32 3 pad=1 groups=32 bias=false
+batchnorm
+silu
+gate {
+    global_avgpool
+    conv 8 1
+    silu
+    conv 32 1
+    sigmoid
+}
+conv 16 1 bias=false
+batchnorm
+global_avgpool
+flatten
+dense 3
+softmax
+"""
+
+
+def _launched(run) -> list[str]:
+    from triton.runtime.interpreter import InterpretedFunction
+    names, original = [], InterpretedFunction.run
+
+    def record(self, *args, **kwargs):
+        names.append(self.fn.__name__)
+        return original(self, *args, **kwargs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(InterpretedFunction, "run", record)
+        run()
+    return names
+
+
+def test_the_plan_fuses_the_gate_into_its_reader():
+    model = cnndsl.compile(MBCONV)
+    group = next(g for g in model.plan.groups if g.ops[0] == "gate")
+    assert group.ops == ("gate", "conv", "batchnorm")
+    assert group.inference == ("bn_fold", "gate+conv_fwd+epilogue")
+    assert group.forward[0] == "gate_fwd" and group.backward[-1] == "gate_bwd"
+    assert all(g.ops[0] != "gate" for g in cnndsl.compile(MBCONV, fuse=False).plan.groups if len(g.ops) > 1)
+
+
+def test_inference_writes_no_gated_tensor():
+    model = cnndsl.compile(MBCONV).eval()
+    with torch.no_grad():
+        names = _launched(lambda: model(torch.randn(2, 16, 8, 8)))
+    assert "_gate_fwd_kernel" not in names and "_conv_kernel" in names
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_a_fused_gate_matches_the_reference(train):
+    """(Batch 4 at 8x8: the depthwise block's batch-norm parameter gradients cancel, and at batch 2
+    at 6x6 fp32's rounding alone, fused or not, exceeds the whole-network bound.)"""
+    run_both(MBCONV, batch=4, train=train, fuse=True)
+
+
+def test_a_fused_gate_in_bf16_step_by_step():
+    run_both(MBCONV, batch=2, dtype=torch.bfloat16, train=True, fuse=True)
+
+
+def test_a_gate_read_by_a_depthwise_conv_runs_alone():
+    src = MBCONV.replace("conv 16 1 bias=false", "conv 32 3 pad=1 groups=32 bias=false")
+    group = next(g for g in cnndsl.compile(src).plan.groups if "gate" in g.ops)
+    assert group.ops == ("gate",)
+    assert group.reason.startswith("a gate joins the conv block of the conv that reads it, when that conv reads 16 "
+                                   "or more channels per group (not a depthwise conv)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_conv_kernel_scales_its_input_by_the_gate(dtype):
+    """Against the gate's own pass then the conv: bit for bit in fp32; within one rounding of x * g
+    in 16 bits (the interpreter's dot keeps it in fp32, a GPU rounds it as the gate's pass does)."""
+    torch.manual_seed(0)
+    x, g = torch.randn(3, 5, 5, 32).to(dtype), torch.rand(3, 32).to(dtype)
+    w, b = torch.randn(24, 16, 3, 3).to(dtype), torch.randn(24).to(dtype)
+    geo = ConvGeometry((1, 1), (1, 1), (1, 1), 2, (5, 5))
+    pool = Window("max", (2, 2), (2, 2), (0, 0), (2, 2))
+    got = conv2d_forward(x, w, b, geo, gate=g, pool=pool)
+    want = conv2d_forward(gate_forward(x, g), w, b, geo, pool=pool)
+    if dtype == torch.float32:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-1)
+
+
+def test_the_gate_is_checked():
+    x, w = torch.randn(1, 4, 4, 16), torch.randn(8, 16, 1, 1)
+    geo = ConvGeometry((1, 1), (0, 0), (1, 1), 1, (4, 4))
+    with pytest.raises(ValueError, match=r"gate: expected shape \(1, 16\), got \(1, 8\)"):
+        conv2d_forward(x, w, None, geo, gate=torch.ones(1, 8))
+    with pytest.raises(ValueError, match="needs 16 or more input channels per group"):
+        conv2d_forward(x, torch.randn(8, 8, 1, 1), None, ConvGeometry((1, 1), (0, 0), (1, 1), 2, (4, 4)),
+                       gate=torch.ones(1, 16))
+    with pytest.raises(ValueError, match="and no prologue"):
+        conv2d_forward(x, w, None, geo, gate=torch.ones(1, 16), prologue=Prologue(None, None, Act("relu")))
