@@ -68,11 +68,14 @@ def prologue_args(p: Prologue | None, x: torch.Tensor, cin_g: int, depthwise: bo
 def prologue_coefs(scale_ptr, shift_ptr, ch, ch_ok, AFFINE: tl.constexpr, EVEN: tl.constexpr):
     """(scale, shift) fp32 of channels ch (1 and 0 without AFFINE); EVEN: every channel is real. Apart
     from apply_prologue so that a kernel whose tiles keep their channels loads them once."""
+    # every return fp32: Triton types each return of the function, a branch a constexpr leaves out
+    # too, and without AFFINE the pointers stand in for absent ones (the input, bf16 or fp16)
     if not AFFINE:
         return tl.full(ch.shape, 1.0, tl.float32), tl.zeros(ch.shape, tl.float32)
     if EVEN:
-        return tl.load(scale_ptr + ch), tl.load(shift_ptr + ch)
-    return tl.load(scale_ptr + ch, mask=ch_ok, other=0.0), tl.load(shift_ptr + ch, mask=ch_ok, other=0.0)
+        return tl.load(scale_ptr + ch).to(tl.float32), tl.load(shift_ptr + ch).to(tl.float32)
+    return (tl.load(scale_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32),
+            tl.load(shift_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32))
 
 
 @triton.jit

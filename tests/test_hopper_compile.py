@@ -75,8 +75,9 @@ def _launcher_extras(dtype):
     conv (gelu), the conv's residual and pool epilogue, the training epilogue with each pool and
     both batch-norm backwards, dz on load's batch-norm sums and shortcut gather pass, rows wider
     than softmax's widest block, a dropout seed past int32, momentum=None, stochastic depth, a
-    conv applying a channel gate as it loads x, and (bf16) dz on load reading dy as a channel
-    slice of a concat's gradient (zero-copy)."""
+    conv applying a channel gate as it loads x, a prologue without batch norm into a conv of one
+    channel block, and (bf16) dz on load reading dy as a channel slice of a concat's gradient
+    (zero-copy)."""
     from cnndsl.kernels import (
         batchnorm,
         batchnorm_backward,
@@ -110,7 +111,13 @@ def _launcher_extras(dtype):
         batchnorm_backward.batchnorm_backward_on_load(z.view(-1, 3), z.view(-1, 3), mean, var, 1e-5, None, False,
                                                       True, mean, var, Act("relu"))
         epilogue_backward.epilogue_backward_on_load(z, z, mean, var, z, Act("relu"), None, None, bn)
+    # a deferred block without batch norm (EfficientNet's squeeze conv + silu): the prologue's
+    # coefficients are constants, its stand-in pointers the input's dtype
+    from cnndsl.kernels.prologue import Prologue
     x16, g16 = torch.randn(2, 4, 4, 16, dtype=dtype), torch.rand(2, 16, dtype=dtype)  # a gate applied on load
+    w1 = torch.randn(8, 16, 1, 1, dtype=dtype)
+    conv.conv2d_forward(x16, w1, None, ConvGeometry((1, 1), (0, 0), (1, 1), 1, (4, 4)),
+                        prologue=Prologue(None, None, Act("silu")))
     conv.conv2d_forward(x16, torch.randn(8, 16, 1, 1, dtype=dtype), None, ConvGeometry((1, 1), (0, 0), (1, 1), 1, (4, 4)),
                         gate=g16)
     if dtype == torch.bfloat16:  # dy's rows 48 channels apart, z's 16: the GP_SLICE paths
