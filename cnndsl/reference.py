@@ -15,7 +15,7 @@ class ReferenceModule(NetworkModule):
         last, values = last_uses(self.net), {0: x}
         for node in nodes[1:]:
             values[node.id] = self._op(node, [values[i] for i in node.inputs])
-            for i in node.inputs:
+            for i in set(node.inputs):  # (a value may be read twice: `concat { branch { } branch { } }`)
                 if last[i] == node.id:
                     del values[i]
         return values[nodes[-1].id]

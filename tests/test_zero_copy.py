@@ -265,3 +265,20 @@ concat {
 }"""
     assert next(g for g in plan(cnndsl.parse(src)).groups if g.in_place).in_place == (2, 2)
     run_both(src, batch=2, train=True, fuse=True)
+
+
+def test_a_value_concatenated_twice():
+    """`branch { }` twice: the concat reads its input twice (copied both times), on both backends."""
+    src = """
+network twice
+input 4x3x3
+conv 4 1
+concat {
+    branch { }
+    branch { }
+}
+flatten
+dense 2
+"""
+    assert next(g for g in plan(cnndsl.parse(src)).groups if g.in_place).in_place == (0, 0)
+    run_both(src, batch=2, train=True, fuse=True)
