@@ -116,6 +116,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
                  gp_z_ptr, gp_scale_ptr, gp_shift_ptr, gp_center_ptr, gp_slope,  # GRAD_PRO: x is dy, read as dz
                  GRAD_PRO: tl.constexpr, GP_AFFINE: tl.constexpr, GP_ACT: tl.constexpr, GP_CENTER: tl.constexpr,
                  GP_SLICE: tl.constexpr,  # GRAD_PRO with dy a channel slice: z's rows (CIN apart) are not dy's
+                 X_SLICE: tl.constexpr, Y_SLICE: tl.constexpr,  # src, dst channel slices: rows stride_xp, stride_yp apart
                  DEPTHWISE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
                  ACT2: tl.constexpr, POOL: tl.constexpr, TAPS: tl.constexpr, STATS: tl.constexpr, ARGMAX: tl.constexpr,
                  INT64: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
@@ -145,7 +146,10 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
     ih0 = gh * SRC_SH + SRC_OH
     iw0 = gw * SRC_SW + SRC_OW
     pix = (n * H + ih0) * W + iw0  # each row's shift-0 source pixel
-    row = pix * stride_xp  # where it starts
+    x_rows = CIN  # the elements from one src pixel to the next: CIN, or stride_xp for a channel slice
+    if X_SLICE:
+        x_rows = stride_xp
+    row = pix * x_rows  # where it starts
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if DEPTHWISE:  # one input channel per output channel: columns are channels, no dot
         col = offs_n
@@ -175,7 +179,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
             dh = DH0 + tr * DH_STEP
             dw = DW0 + ts * DW_STEP
             ok = ((rows_in >> tr) & (cols_in >> ts) & 1) != 0
-            a = tl.load(x_ptr + (row + (dh * W + dw) * stride_xp)[:, None] + col[None, :],
+            a = tl.load(x_ptr + (row + (dh * W + dw) * x_rows)[:, None] + col[None, :],
                         mask=ok[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
             if PROLOGUE:
                 a = apply_prologue(a, ps, pt, n_mask, ok, PRO_AFFINE, PRO_ACT, pro_slope, False)
@@ -207,7 +211,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
             dw = DW0 + ts * DW_STEP
             ok = ((rows_in >> tr) & (cols_in >> ts) & 1) != 0
             k0 = cb * BLOCK_K
-            a_off = (row + (dh * W + dw) * stride_xp + k0)[:, None] + offs_k[None, :]
+            a_off = (row + (dh * W + dw) * x_rows + k0)[:, None] + offs_k[None, :]
             a_ptrs = x_ptr + a_off
             b_ptrs = w_ptr + (((R0 + tr * RSTEP) * S + S0 + ts * SSTEP) * CIN_G + k0) * COUT_G + w_off
             if EVEN_K:
@@ -253,21 +257,29 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
     if STATS:  # batch-norm partials of the post-bias value
         tile_stats(acc, m_mask, n_mask, part_ptr, col, M, COUT, BLOCK_M)
     acc = apply_act(acc, ACT, slope)
+    # Y_SLICE: dst is a channel slice of a concat's output, its rows stride_yp apart; else the rows'
+    # offsets are the residual's (one set of offsets: two would cost a 256-row tile its registers)
     pix = (n * OH + oh) * OW + ow
+    y_row = pix * COUT
     mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RES:  # residual (N, OH, OW, COUT)
-        acc += tl.load(res_ptr + (pix * COUT)[:, None] + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(res_ptr + y_row[:, None] + col[None, :], mask=mask, other=0.0).to(tl.float32)
     acc = apply_act(acc, ACT2, slope2)
     if POOL:
         out = pool_reduce(acc, m_mask, PKH * PKW, POOL, TAPS, BLOCK_M, BLOCK_N)
         offs_p = tl.program_id(0).to(tl.int64) * (BLOCK_M // TAPS) + tl.arange(0, BLOCK_M // TAPS)
         p_mask = (offs_p < M // TAPS)[:, None] & n_mask[None, :]
-        tl.store(y_ptr + (offs_p * stride_yp)[:, None] + col[None, :], out.to(y_ptr.dtype.element_ty), mask=p_mask)
+        p_row = offs_p * COUT
         if ARGMAX:  # training keeps no z: backward routes dy by the argmax, act's gradient from y
             arg = pool_argmax(acc, out, m_mask, TAPS, BLOCK_M, BLOCK_N)
-            tl.store(arg_ptr + (offs_p * COUT)[:, None] + col[None, :], arg.to(arg_ptr.dtype.element_ty), mask=p_mask)
+            tl.store(arg_ptr + p_row[:, None] + col[None, :], arg.to(arg_ptr.dtype.element_ty), mask=p_mask)
+        if Y_SLICE:
+            p_row = offs_p * stride_yp
+        tl.store(y_ptr + p_row[:, None] + col[None, :], out.to(y_ptr.dtype.element_ty), mask=p_mask)
     else:
-        tl.store(y_ptr + (pix * stride_yp)[:, None] + col[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+        if Y_SLICE:
+            y_row = pix * stride_yp
+        tl.store(y_ptr + y_row[:, None] + col[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, padding, dilation,
@@ -310,7 +322,9 @@ def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, paddin
                                dst_sh, dst_sw,
                                src_sh, src_sw, src_oh, src_ow, r, s, r0, s0, rstep, sstep, rc, sc,
                                dh0, dw0, dh_step, dw_step, *ep.slopes, *ep.window, **pro, DEPTHWISE=depthwise,
-                               HAS_BIAS=bias is not None, INT64=int64, DOT_DTYPE=dot_dtype(src.dtype),
+                               HAS_BIAS=bias is not None, INT64=int64, X_SLICE=row_stride(src) != cin,
+                               Y_SLICE=row_stride(dst) != cout,
+                               DOT_DTYPE=dot_dtype(src.dtype),
                                PRECISION=dot_precision(src.dtype), **ep.meta)
 
 
