@@ -144,13 +144,12 @@ def test_a_branch_that_cannot_write_in_place_is_copied_alone():
     assert copies == [("copy", 2 * 9 * 9, 8), ("copy", 2 * 3 * 3, 18)]  # nothing of the conv branches
 
 
-@pytest.mark.parametrize(("train", "fuse"), [(True, True), (False, True), (True, "block")],
-                         ids=["train", "eval", "train-block"])
-def test_zero_copy_matches_the_reference(train, fuse):
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_zero_copy_matches_the_reference(train):
     """Outputs, the input gradient, every parameter gradient and the running statistics; eval
-    after training, and without autograd; at block level the writers' backward runs through their
-    epilogue pass (no dz on load)."""
-    run_both(INCEPTION, batch=2, train=train, fuse=fuse)
+    after training, and without autograd. (Its writers of fewer than 16 channels take their
+    gradient through their epilogue pass, from a copy of their slice, as at block level.)"""
+    run_both(INCEPTION, batch=2, train=train, fuse=True)
 
 
 def test_zero_copy_in_bf16_step_by_step():
