@@ -39,6 +39,26 @@ def reads_slice(group) -> bool:
     return ops == {Op.CONV} or (group.dz_on_load and Op.ADD not in ops)
 
 
+def _note(placed: list[str], copied: list[str], sliced: int, branches: int) -> str:
+    """What `cnndsl plan` says of a concat: which branches write into its output, why the others are
+    copied, and how many read their slice of its gradient in place."""
+    one = len(placed) == 1
+    if not copied:
+        note = "zero-copy: every branch's last group writes into its channel slice, nothing is copied"
+    elif placed:
+        note = (f"zero-copy: {len(placed)} of {branches} branches write{'s' if one else ''} into "
+                f"{'its channel slice' if one else 'their channel slices'} ({', '.join(placed)}); "
+                f"copied: {'; '.join(copied)}")
+    else:
+        note = f"zero-copy: no branch writes into its channel slice; copied: {'; '.join(copied)}"
+    if sliced == branches:
+        return note + "; in backward, every branch reads its slice of the gradient in place"
+    if sliced:
+        return note + (f"; in backward, {sliced} of {branches} branches read{'s' if sliced == 1 else ''} "
+                       f"{'its slice' if sliced == 1 else 'their slices'} of the gradient in place")
+    return note + "; in backward, each branch's slice of the gradient is copied out"
+
+
 def in_place(net: ir.Network, readers, groups) -> tuple[dict[int, int], dict[int, tuple[int, ...]], dict[int, str]]:
     """(group index -> the concat node whose slab it writes into; concat node id -> each input's
     state, 0 copied in, 1 written in place, 2 written in place and its gradient read in place; and
@@ -48,29 +68,17 @@ def in_place(net: ir.Network, readers, groups) -> tuple[dict[int, int], dict[int
     for node in net.nodes:
         if node.op is not Op.CONCAT:
             continue
-        placed, copied = [], []
+        placed, copied, states = [], [], []
         for value in node.inputs:
             i = index.get(value)
             why = _copied(net, readers, None if i is None else groups[i], value)
             if why is None:
                 into[i] = node.id
                 placed.append(net.nodes[value].name)
+                states.append(1 + reads_slice(groups[i]))
             else:
                 copied.append(why)
-        if not copied:
-            notes[node.id] = "zero-copy: every branch's last group writes into its channel slice, nothing is copied"
-        else:
-            done = f"{len(placed)} of {len(node.inputs)} branches write{'s' if len(placed) == 1 else ''} into " \
-                f"{'its' if len(placed) == 1 else 'their'} channel slice{'' if len(placed) == 1 else 's'} " \
-                f"({', '.join(placed)})" \
-                if placed else "no branch writes into its channel slice"
-            notes[node.id] = f"zero-copy: {done}; copied: {'; '.join(copied)}"
-        flags[node.id] = tuple(0 if into.get(index.get(v)) != node.id else 1 + reads_slice(groups[index[v]])
-                               for v in node.inputs)
-        done = sum(f == 2 for f in flags[node.id])
-        notes[node.id] += "; in backward, every branch reads its slice of the gradient in place" \
-            if done == len(node.inputs) else \
-            f"; in backward, {done} of {len(node.inputs)} branches read{'s' if done == 1 else ''} " \
-            f"{'its slice' if done == 1 else 'their slices'} of the gradient in place" \
-            if done else "; in backward, each branch's slice of the gradient is copied out"
+                states.append(0)
+        flags[node.id] = tuple(states)
+        notes[node.id] = _note(placed, copied, states.count(2), len(node.inputs))
     return into, flags, notes

@@ -47,6 +47,26 @@ def _copy(src: torch.Tensor, dst: torch.Tensor) -> None:
         _slice_copy_kernel[grid](src, dst, rows, cols, src.stride(0), dst.stride(0))
 
 
+def _slice_impl(x, offset: int, channels: int):
+    """Channels [offset, offset + channels) of x (..., C) contiguous, copied out contiguous."""
+    flat = x.view(-1, x.shape[-1])
+    out = x.new_empty((*x.shape[:-1], channels))
+    _copy(flat[:, offset:offset + channels], out.view(-1, channels))
+    return out
+
+
+# channels [offset, offset + channels) of x (N, H, W, C) contiguous: a slab's gradient, taken by a writer
+take_slice = define("concat_slice", "(Tensor x, int offset, int channels) -> Tensor", _slice_impl,
+                    lambda x, offset, channels: x.new_empty((*x.shape[:-1], channels)))
+
+
+def _place_impl(x, slab, offset: int):
+    """slab[..., offset:offset + C] = x for x (..., C) and a contiguous slab."""
+    check_tensor(x, "concat: input", ndim=slab.dim(), dtype=slab.dtype, device=slab.device)
+    c = x.shape[-1]
+    _copy(x.view(-1, c), slab.view(-1, slab.shape[-1])[:, offset:offset + c])
+
+
 def concat_forward(xs: list[torch.Tensor]) -> torch.Tensor:
     """The inputs (N, H, W, C_i) (or (N, C_i)) side by side along their last dimension."""
     check(len(xs) >= 2, f"concat: expected at least two inputs, got {len(xs)}")
@@ -55,9 +75,9 @@ def concat_forward(xs: list[torch.Tensor]) -> torch.Tensor:
         check(x.shape[:-1] == xs[0].shape[:-1], f"concat: input {i} has shape {tuple(x.shape)}, input 0 "
               f"{tuple(xs[0].shape)}: all but the channels must agree")
     y = xs[0].new_empty((*xs[0].shape[:-1], sum(x.shape[-1] for x in xs)))
-    flat, start = y.view(-1, y.shape[-1]), 0
+    start = 0
     for x in xs:
-        _copy(x.view(-1, x.shape[-1]), flat[:, start:start + x.shape[-1]])
+        _place_impl(x, y, start)
         start += x.shape[-1]
     return y
 
@@ -66,13 +86,8 @@ def concat_backward(dy: torch.Tensor, channels: list[int]) -> list[torch.Tensor]
     """The gradient of each input: its channel slice of dy (N, H, W, sum(channels)), made contiguous."""
     check_tensor(dy, "concat: dy")
     check(sum(channels) == dy.shape[-1], f"concat: dy has {dy.shape[-1]} channels, the inputs {sum(channels)}")
-    flat, start, out = dy.view(-1, dy.shape[-1]), 0, []
-    for c in channels:
-        dx = dy.new_empty((*dy.shape[:-1], c))
-        _copy(flat[:, start:start + c], dx.view(-1, c))
-        out.append(dx)
-        start += c
-    return out
+    starts = [sum(channels[:i]) for i in range(len(channels))]
+    return [_slice_impl(dy, start, c) for start, c in zip(starts, channels)]
 
 
 _backward = define("concat_backward", "(Tensor dy, int[] channels) -> Tensor[]", concat_backward,
@@ -86,24 +101,6 @@ def _setup(ctx, inputs, output):
 _concat = define("concat", "(Tensor[] xs) -> Tensor", concat_forward,
                  lambda xs: xs[0].new_empty((*xs[0].shape[:-1], sum(x.shape[-1] for x in xs))),
                  lambda ctx, dy: (_backward(dy.contiguous(), ctx.channels),), _setup)
-
-
-def _slice_impl(x, offset: int, channels: int):
-    flat = x.view(-1, x.shape[-1])
-    out = x.new_empty((*x.shape[:-1], channels))
-    _copy(flat[:, offset:offset + channels], out.view(-1, channels))
-    return out
-
-
-# channels [offset, offset + channels) of x (N, H, W, C) contiguous: a slab's gradient, taken by a writer
-take_slice = define("concat_slice", "(Tensor x, int offset, int channels) -> Tensor", _slice_impl,
-                    lambda x, offset, channels: x.new_empty((*x.shape[:-1], channels)))
-
-
-def _place_impl(x, slab, offset: int):
-    check_tensor(x, "concat: input", ndim=slab.dim(), dtype=slab.dtype, device=slab.device)
-    c = x.shape[-1]
-    _copy(x.view(-1, c), slab.view(-1, slab.shape[-1])[:, offset:offset + c])
 
 
 _place = define("concat_place", "(Tensor x, Tensor(a!) slab, int offset) -> ()", _place_impl,
@@ -141,7 +138,7 @@ def concat_layer(*args):
         raise ValueError(f"concat: expected a Concat spec for {len(xs)} inputs, got {spec!r}")
     if not any(spec.in_place) or state.into is None:  # (None: a step run alone, as `bench --groups` does)
         return _concat([x.contiguous() for x in xs])
-    slab, offset = slab_of(state, xs[0], ()), 0  # a writer has run: the slab exists
+    slab, offset = state.into[0], 0  # a writer has run: the slab exists
     for x, c, placed in zip(xs, spec.channels, spec.in_place):
         if not placed:
             x = x.contiguous()

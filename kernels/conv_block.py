@@ -195,24 +195,33 @@ _backward = define(
     _backward_impl, _backward_fake)
 
 
-def _setup(ctx, inputs, output):
+def _save(ctx, inputs, kept, argmax, mean, var, scale, shift):
+    """What backward reads, saved by both training ops (`conv_block` and the slab writer's): the
+    inputs, `kept` (z, or y where no z was kept), and the statistics that normalised z."""
     x, residual, w, b, bn_w, _, mean_in, var_in, ctx.pro, pro_scale, pro_shift, ctx.spec, ctx.train = inputs
-    y, z, argmax, mean, var, scale, shift = output
-    ctx.mark_non_differentiable(z, argmax, mean, var, scale, shift)
     batch_stats = present(mean) is not None
     ctx.has_bias = b is not None
-    ctx.save_for_backward(x, w, y if present(z) is None else z, residual, scale, shift,
-                          mean if batch_stats else mean_in, var if batch_stats else var_in, bn_w, argmax, pro_scale,
-                          pro_shift)
+    ctx.save_for_backward(x, w, kept, residual, scale, shift, mean if batch_stats else mean_in,
+                          var if batch_stats else var_in, bn_w, argmax, pro_scale, pro_shift)
+
+
+def _grads(ctx, dy, need):
+    """The gradients of (x, residual, w, b, bn_w, bn_b) for dy; `need` their needs_input_grad."""
+    x, w, z, residual, scale, shift, mean, var, bn_w, argmax, pro_scale, pro_shift = ctx.saved_tensors
+    bn_grads = bn_w is not None and (need[4] or need[5])
+    return tuple(map(present, _backward(dy, x, w, z, residual, scale, shift, mean, var, bn_w, argmax, ctx.pro,
+                                        pro_scale, pro_shift, ctx.spec, ctx.train, bn_grads, need[0],
+                                        need[2] or need[3], ctx.has_bias)))
+
+
+def _setup(ctx, inputs, output):
+    y, z, argmax, mean, var, scale, shift = output
+    ctx.mark_non_differentiable(z, argmax, mean, var, scale, shift)
+    _save(ctx, inputs, y if present(z) is None else z, argmax, mean, var, scale, shift)
 
 
 def _block_backward(ctx, dy, *_):
-    x, w, z, residual, scale, shift, mean, var, bn_w, argmax, pro_scale, pro_shift = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    bn_grads = bn_w is not None and (need[4] or need[5])
-    grads = _backward(dy.contiguous(), x, w, z, residual, scale, shift, mean, var, bn_w, argmax, ctx.pro, pro_scale,
-                      pro_shift, ctx.spec, ctx.train, bn_grads, need[0], need[2] or need[3], ctx.has_bias)
-    return (*map(present, grads), None, None, None, None, None, None, None)
+    return (*_grads(ctx, dy.contiguous(), ctx.needs_input_grad), *(None,) * 7)
 
 
 _block = define(
@@ -251,29 +260,20 @@ class _BlockInto(torch.autograd.Function):
     the other writers."""
 
     @staticmethod
-    def forward(ctx, slab, offset, in_place, x, residual, w, b, bn_w, bn_b, mean, var, pro, pro_scale, pro_shift,
-                spec, train):
-        z, argmax, bmean, bvar, scale, shift = _block_into(x, residual, w, b, bn_w, bn_b, mean, var, pro, pro_scale,
-                                                          pro_shift, spec, train, slab, offset)
+    def forward(ctx, slab, offset, in_place, *inputs):
+        z, argmax, mean, var, scale, shift = _block_into(*inputs, slab, offset)
         ctx.mark_dirty(slab)
-        ctx.mark_non_differentiable(bmean, bvar)
-        batch_stats = present(bmean) is not None
-        ctx.pro, ctx.spec, ctx.train, ctx.has_bias = pro, spec, train, b is not None
+        ctx.mark_non_differentiable(mean, var)
         ctx.offset, ctx.in_place = offset, in_place
-        ctx.save_for_backward(x, w, z, residual, scale, shift, bmean if batch_stats else mean,
-                              bvar if batch_stats else var, bn_w, argmax, pro_scale, pro_shift)
-        return slab, bmean, bvar
+        _save(ctx, inputs, z, argmax, mean, var, scale, shift)
+        return slab, mean, var
 
     @staticmethod
     def backward(ctx, dslab, *_):
-        x, w, z, residual, scale, shift, mean, var, bn_w, argmax, pro_scale, pro_shift = ctx.saved_tensors
-        need = ctx.needs_input_grad[3:]
-        bn_grads = bn_w is not None and (need[4] or need[5])
+        k = ctx.saved_tensors[1].shape[0]  # w's output channels
         dslab = dslab.contiguous()
-        dy = dslab.narrow(-1, ctx.offset, w.shape[0]) if ctx.in_place else take_slice(dslab, ctx.offset, w.shape[0])
-        grads = _backward(dy, x, w, z, residual, scale, shift, mean, var, bn_w, argmax, ctx.pro, pro_scale, pro_shift,
-                          ctx.spec, ctx.train, bn_grads, need[0], need[2] or need[3], ctx.has_bias)
-        return (dslab, None, None, *map(present, grads), *(None,) * 7)
+        dy = dslab.narrow(-1, ctx.offset, k) if ctx.in_place else take_slice(dslab, ctx.offset, k)
+        return (dslab, None, None, *_grads(ctx, dy, ctx.needs_input_grad[3:]), *(None,) * 7)
 
 
 def conv_block(x, residual, gate, w, b, bn_w, bn_b, running_mean, running_var, num_batches_tracked,
