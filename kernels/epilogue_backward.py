@@ -136,7 +136,7 @@ def _check(dy, z, scale, shift, act1, residual, act2, pool, argmax, bn):
     check(tuple(dy.shape) == out_shape, f"dy: expected shape {out_shape}, got {tuple(dy.shape)}")
     check_argmax(argmax, pool.mode if pool else "none", consts["KH"] * consts["KW"], out_shape, z.device)
     if bn is not None:
-        check(isinstance(bn, BatchNormBackward), f"bn: expected None or a BatchNormBackward, got {bn!r}")
+        check(isinstance(bn, BatchNormBackward), f"bn: expected None or a BatchNormBackward, got {type(bn).__name__}")
         check(scale is not None, "bn: expected scale and shift (the batch norm's affine), got None")
         for t, name, opt in ((bn.mean, "mean", False), (bn.var, "var", False), (bn.weight, "weight", True)):
             _check_channels(t, name, args[2], z.device, opt)

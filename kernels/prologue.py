@@ -49,7 +49,7 @@ def prologue_args(p: Prologue | None, x: torch.Tensor, cin_g: int, depthwise: bo
     if p is None:
         return {"pro_scale_ptr": x, "pro_shift_ptr": x, "pro_slope": 0.0, "PROLOGUE": False, "PRO_AFFINE": False,
                 "PRO_ACT": 0}
-    check(isinstance(p, Prologue), f"prologue: expected a Prologue, got {p!r}")
+    check(isinstance(p, Prologue), f"prologue: expected a Prologue, got {type(p).__name__}")
     check((p.scale is None) == (p.shift is None), "prologue: scale and shift must be given together")
     c = x.shape[3]
     for name, t in (("prologue scale", p.scale), ("prologue shift", p.shift)):
@@ -123,7 +123,7 @@ def grad_prologue_args(gp: GradPrologue | None, dy: torch.Tensor, cols_g: int, d
     if gp is None:
         return {"gp_z_ptr": dy, "gp_scale_ptr": dy, "gp_shift_ptr": dy, "gp_center_ptr": dy, "gp_slope": 0.0,
                 "GRAD_PRO": False, "GP_AFFINE": False, "GP_ACT": 0, "GP_CENTER": False, "GP_SLICE": False}
-    check(isinstance(gp, GradPrologue), f"grad prologue: expected a GradPrologue, got {gp!r}")
+    check(isinstance(gp, GradPrologue), f"grad prologue: expected a GradPrologue, got {type(gp).__name__}")
     check_tensor(gp.z, "grad prologue z", dtype=dy.dtype, device=dy.device)
     check(gp.z.shape == dy.shape and gp.z.is_contiguous(),
           f"grad prologue z: expected a contiguous tensor of dy's shape {tuple(dy.shape)}, got {tuple(gp.z.shape)}")

@@ -1,7 +1,11 @@
 """A training step on the triton backend dispatches no aten compute op: only
 allocation, copy and view ops. Every convolution, batch norm, pooling, GEMM, softmax,
-activation, add, concatenation, gate and reduction runs as a Triton kernel."""
+activation, add, concatenation, gate and reduction runs as a Triton kernel. Nor does it format a
+tensor (an error message built eagerly with a tensor's repr: on a GPU that copies the tensor to the
+host, a synchronisation each launch, and the formatting hides from the dispatch mode)."""
 
+import contextlib
+import traceback
 from pathlib import Path
 
 import pytest
@@ -24,6 +28,22 @@ ALLOWED = {  # allocation, copy, view, and reading metadata
 }
 
 
+@contextlib.contextmanager
+def _no_tensor_formatted(monkeypatch):
+    """Fails the test with the stack of the first tensor formatted inside the block."""
+    stacks = []
+    format_tensor = torch._tensor_str._str
+
+    def recording(self, *args, **kwargs):
+        stacks.append("".join(traceback.format_stack(limit=6)[:-1]))
+        return format_tensor(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch._tensor_str, "_str", recording)
+    yield
+    monkeypatch.undo()
+    assert not stacks, f"{len(stacks)} tensors formatted on the hot path, the first at:\n{stacks[0]}"
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -37,11 +57,11 @@ class _Recorder(TorchDispatchMode):
 
 @pytest.mark.parametrize(("src", "fuse"), [(RESIDUAL, True), (RESIDUAL, False), (BRANCHES, True)],
                          ids=["residual-fused", "residual-unfused", "branches-fused"])
-def test_training_step_runs_no_aten_compute(src, fuse):
+def test_training_step_runs_no_aten_compute(src, fuse, monkeypatch):
     model = cnndsl.compile(src, backend="triton", fuse=fuse, device="cpu").train()
     x = torch.randn(2, *model.net.input_shape, requires_grad=True)
     target = torch.tensor([1, 3])
-    with _Recorder() as rec:
+    with _no_tensor_formatted(monkeypatch), _Recorder() as rec:
         model(x)
         loss = model.loss(x, target)
         loss.backward()
@@ -66,7 +86,7 @@ def test_the_examples_dispatch_no_aten_compute(name, monkeypatch):
     model = cnndsl.compile(EXAMPLES / f"{name}.cnn", backend="triton", device="cpu").train()
     x = torch.randn(2, *model.net.input_shape, requires_grad=True)
     target = torch.tensor([1, 3])
-    with _Recorder() as rec:
+    with _no_tensor_formatted(monkeypatch), _Recorder() as rec:
         model.loss(x, target).backward()
         with torch.no_grad():
             model.eval()(x)
