@@ -1,8 +1,14 @@
 """Test set-up: `gpu` tests skip without CUDA (cnndsl.kernels itself switches Triton to
-its interpreter there); every test starts from the same seed."""
+its interpreter there); every test starts from the same seed; under pytest-xdist each worker
+computes on one thread (the workers already fill the cores: more threads only contend)."""
+
+import os
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -34,16 +34,17 @@ backend or its ptxas is missing.
    (ptxas), two processes at a time; a kernel needing more shared memory than an sm_90 block
    has fails too.
 
-   What is compiled, to fit CI (under two minutes in all on two cores): every code path (a
+   What is compiled, to fit CI (a minute and a half of CPU on two cores): every code path (a
    kernel with one set of argument types, declared constexprs and options; launches that
-   differ only in int values, divisibility or ints equal to 1 compile once) with the
-   smallest GPU config, not the first (the largest tiles: up to 30 s each for an fp32 FMA
-   `tl.dot`); and every GPU config of each autotuned kernel for one code path per input
-   dtype (its first tensor's), with TF32 on where that is a choice (tensor-core tf32, which
-   stages the most shared memory; the GEMM kernels' 16-bit configs are test_hopper_speed.py's,
-   which compiles each of them). CNNDSL_HOPPER_ALL_CONFIGS=1 compiles every code path
-   with every GPU config instead (about a thousand compiles, 9 minutes on two cores;
-   CNNDSL_HOPPER_PROCESSES sets the pool size).
+   differ only in int values, divisibility or ints equal to 1 compile once) with the GPU's
+   defaults (fp32 `tl.dot` in ieee precision: torch's TF32 switch off) and the smallest GPU
+   config, not the first (the largest tiles: up to 30 s each for an fp32 FMA `tl.dot`); and
+   every GPU config of each autotuned kernel for one code path, in fp32 where the kernel runs in
+   it (4-byte elements: the most registers and shared memory a tile) with TF32 on where that is
+   a choice (tensor-core tf32, which stages the most shared memory; the GEMM kernels' 16-bit
+   configs are test_hopper_speed.py's, which compiles each of them). CNNDSL_HOPPER_ALL_CONFIGS=1
+   compiles every code path with every GPU config and both precisions instead (about a thousand
+   compiles, 9 minutes on two cores; CNNDSL_HOPPER_PROCESSES sets the pool size).
 
 A second test checks that the recording reaches every `_..._kernel` defined in kernels/*.py,
 so that a new kernel cannot escape the compile."""
@@ -175,7 +176,6 @@ os.environ["TRITON_INTERPRET"] = "0"
 from hopper_jit import MAX_SHARED, compile_spec, decode, exact_key, kernel, show, specialise, variants
 
 launches_path, out_path, mode, processes = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-SPEED_CHECKED = {"_conv_kernel", "_conv_dw_kernel", "_matmul_kernel"}  # the GEMMs of tests/test_hopper_speed.py
 # A float max or min that returns the other operand of a NaN (tl.maximum, tl.max); the NaN-propagating
 # forms are `max.NaN.f32` or a compare and select (kernels/_common.py nan_max).
 NAN_DROPPING = re.compile(r"\b(?:max|min)(?:\.ftz)?\.(?:f32|f16|bf16|f16x2|bf16x2)\b")
@@ -214,7 +214,8 @@ def expand(launches):
     for launch in launches:
         try:
             k = kernel(launch["module"], launch["kernel"])
-            for args in variants(launch["args"]):
+            every = list(variants(launch["args"]))
+            for args in every if mode == "all" else every[:1]:  # the GPU's defaults: TF32 off
                 if k.tuner is None:
                     spec = specialise(k.jit, args, {n: decode(v) for n, v in launch["options"].items()})
                     label = "launch options"
@@ -231,16 +232,16 @@ def expand(launches):
                         add(launch, k.with_config(args, cfg), f"GPU config {i}: {cfg}", "all")
                     continue
                 add(launch, spec, label, "path")
-                if k.tuner is not None:  # the launch's dtype: its first tensor's
+                if k.tuner is not None:  # one launch a kernel, in fp32 where it has one (its first tensor's dtype)
                     dtype = next((v["tensor"] for v in launch["args"].values()
                                   if isinstance(v, dict) and "tensor" in v), None)
-                    sweep.setdefault((launch["module"], launch["kernel"], dtype), (launch, k))
+                    name = (launch["module"], launch["kernel"])
+                    if name not in sweep or (dtype == "float32" and sweep[name][2] != "float32"):
+                        sweep[name] = (launch, k, dtype)
         except Exception:
             errors.append({"kernel": f"{launch['module']}.{launch['kernel']}", "stage": "specialise",
                            "launch": json.dumps(launch["args"]), "error": traceback.format_exc()})
-    for (_, name, dtype), (launch, k) in sweep.items():
-        if name in SPEED_CHECKED and "float16" in str(dtype):
-            continue  # tests/test_hopper_speed.py compiles each of their 16-bit configs
+    for launch, k, _ in sweep.values():
         args = list(variants(launch["args"]))[-1]  # GPU values last: TF32 on, where it is a choice
         for i, cfg in enumerate(k.pruned(args)):
             try:

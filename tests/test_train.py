@@ -49,13 +49,13 @@ def tiny(tmp_path):
     return tmp_path / "tiny.cnn", tmp_path / "rows.npz"
 
 
-def _opts(data, out, **kw):
-    return Options(data=str(data), out=str(out), device="cpu", batch_size=16, **kw)
+def _opts(data, out, batch_size=16, **kw):
+    return Options(data=str(data), out=str(out), device="cpu", batch_size=batch_size, **kw)
 
 
 def test_train_reports_and_learns(tiny, tmp_path, capsys):
     net, data = tiny
-    assert main(["train", str(net), "--data", str(data), "--epochs", "3", "--batch-size", "16",
+    assert main(["train", str(net), "--data", str(data), "--epochs", "3", "--batch-size", "30",
                  "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "Total params:" in out and "plan for tiny: 3 groups (fused)" in out
@@ -89,7 +89,7 @@ def test_kill_and_resume(tiny, tmp_path):
     uninterrupted run ends, and leaves no lock or temporary file behind (one is planted as if
     the kill had come mid-save)."""
     net, data = tiny
-    cli = ["train", str(net), "--data", str(data), "--epochs", "2", "--batch-size", "16", "--device", "cpu"]
+    cli = ["train", str(net), "--data", str(data), "--epochs", "2", "--batch-size", "40", "--device", "cpu"]
     args = [sys.executable, "-m", "cnndsl", *cli]
     killed = tmp_path / "killed" / "last.pt"
     proc = subprocess.Popen([*args, "--out", str(killed.parent)], stdout=subprocess.DEVNULL,
@@ -111,11 +111,11 @@ def test_kill_and_resume(tiny, tmp_path):
 
 def test_nan_loss_keeps_the_last_good_checkpoint(tiny, tmp_path):
     net, data = tiny
-    train(net, _opts(data, tmp_path, epochs=1), log=lambda *_: None)
+    train(net, _opts(data, tmp_path, epochs=1, batch_size=40), log=lambda *_: None)
     before = (tmp_path / "last.pt").read_bytes()
     with pytest.raises(CnnTrainError, match=r"the loss became (nan|inf) in epoch 2 .*try a lower --lr; "
                                             r"the last good checkpoint, .*last.pt, is kept"):
-        train(net, _opts(data, tmp_path, epochs=2, resume="", lr=1e38), log=lambda *_: None)
+        train(net, _opts(data, tmp_path, epochs=2, resume="", lr=1e38, batch_size=40), log=lambda *_: None)
     assert (tmp_path / "last.pt").read_bytes() == before
 
 
