@@ -235,8 +235,10 @@ def _cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:
         if on_load:
             ops = {n.op for n in g.nodes}
             sums = ("epilogue_bwd+bn_sums",) if Op.ADD in ops else ("bn_bwd_reduce",) if Op.BATCHNORM in ops else ()
+            dz_name = lambda k: f"gate+dz_on_load+{k.removeprefix('gate+')}" if k.startswith("gate+") \
+                else f"dz_on_load+{k}"
             backward = sums + (("bn_bwd_merge",) if Op.BATCHNORM in ops else ()) + tuple(
-                f"dz_on_load+{k}" for k in backward if k.startswith("conv_bwd")) + (
+                dz_name(k) for k in backward if k.removeprefix("gate+").startswith("conv_bwd")) + (
                 ("gate_bwd",) if Op.GATE in ops else ())  # (a gate's own pass, after its reader's)
         prologue = g.rule in ("conv_block", "pool") and g.nodes[0].inputs[0] in deferred_outputs
         if prologue:

@@ -115,9 +115,12 @@ def _bn_only(ops) -> bool:
 
 
 def _conv_kernels(ops):
-    if Op.GATE in ops:  # inference: the conv scales x by g on load; training: the gate's own pass first
+    if Op.GATE in ops:  # the conv scales x by g as it loads it, forward and weight gradient; the gradient of
+        # x * g (the input gradient's GEMM) goes through the gate's backward pass
         inference, forward, backward = _conv_kernels(tuple(o for o in ops if o is not Op.GATE))
-        return (*inference[:-1], f"gate+{inference[-1]}"), ("gate_fwd", *forward), (*backward, "gate_bwd")
+        gated = lambda k: f"gate+{k}" if k.startswith(("conv_fwd", "conv_bwd_weight")) else k
+        return (*inference[:-1], gated(inference[-1])), tuple(map(gated, forward)), (*map(gated, backward),
+                                                                                     "gate_bwd")
     bn = Op.BATCHNORM in ops
     train_fwd = ("conv_fwd+stats", "bn_merge_stats", "bn_update_running", "bn_scale_shift", "epilogue_fwd") if bn \
         else ("conv_fwd", "epilogue_fwd")

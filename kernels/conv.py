@@ -328,6 +328,15 @@ def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, paddin
                                PRECISION=dot_precision(src.dtype), **ep.meta)
 
 
+def _check_gate(gate, x, cin_g, prologue):
+    if gate is not None:
+        n, c = x.shape[0], x.shape[3]
+        check_tensor(gate, "gate", ndim=2, dtype=x.dtype, device=x.device)
+        check(tuple(gate.shape) == (n, c), f"gate: expected shape {(n, c)}, got {tuple(gate.shape)}")
+        check(prologue is None and cin_g >= MIN_GEMM_K, f"gate: needs 16 or more input channels per group (not "
+              f"a depthwise conv) and no prologue; got {cin_g} per group")
+
+
 def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, residual=None, act2: Act = NO_ACT,
                    pool: Window | None = None, stats: bool = False, prologue: Prologue | None = None,
                    argmax: bool = False, out=None, gate=None):
@@ -352,11 +361,7 @@ def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, res
         check_tensor(bias, "bias", ndim=1, dtype=x.dtype, device=x.device)
         check(bias.shape[0] == k, f"bias: expected shape ({k},), got {tuple(bias.shape)}")
     ep, y_shape = epilogue_args(x, (n, oh, ow, k), act, residual, act2, pool, stats, argmax)
-    if gate is not None:
-        check_tensor(gate, "gate", ndim=2, dtype=x.dtype, device=x.device)
-        check(tuple(gate.shape) == (n, c), f"gate: expected shape {(n, c)}, got {tuple(gate.shape)}")
-        check(prologue is None and cin_g >= MIN_GEMM_K, f"gate: needs 16 or more input channels per group (not "
-              f"a depthwise conv) and no prologue; got {cin_g} per group")
+    _check_gate(gate, x, cin_g, prologue)
     m = n * oh * ow
     if stats:  # (2, n_tiles, K) tile means and M2s, sized for the smallest BLOCK_M a launch of m rows takes
         rows = _tile(m, _MIN_BLOCK_M, 512) if INTERPRET else min(c.kwargs["BLOCK_M"] for c in _CONV_CONFIGS)
@@ -394,10 +399,11 @@ def conv2d_backward_input(dy, w, geometry: ConvGeometry, in_hw, grad_prologue: G
 
 
 def conv2d_backward_weight(x, dy, w_shape, geometry: ConvGeometry, need_bias_grad, prologue: Prologue | None = None,
-                           grad_prologue: GradPrologue | None = None):
+                           grad_prologue: GradPrologue | None = None, gate=None):
     """(dw with shape w_shape, db (K,) or None), both in x.dtype, for x (N, H, W, C), dy (N, OH, OW, K);
     with a prologue, x is z and the input is act(z scale + shift), recomputed on load; with a
-    grad_prologue, dy is read as dz (see conv2d_backward_input)."""
+    grad_prologue, dy is read as dz (see conv2d_backward_input); with a gate, the input is
+    x * gate[n, c] (see conv2d_forward)."""
     check_tensor(x, "x", ndim=4)
     check_tensor(dy, "dy", ndim=4, dtype=x.dtype, device=x.device, rows=True)
     w_shape = tuple(w_shape)
@@ -405,5 +411,6 @@ def conv2d_backward_weight(x, dy, w_shape, geometry: ConvGeometry, need_bias_gra
     k = dy.shape[3]
     check(dy.shape[0] == n, f"dy: expected batch {n}, got shape {tuple(dy.shape)}")
     stride, padding, dilation, _ = check_geometry(w_shape, c, k, geometry)
+    _check_gate(gate, x, w_shape[1], prologue)
     return weight_grad(x, dy, w_shape, stride, padding, dilation, geometry.groups, bool(need_bias_grad), prologue,
-                       grad_prologue)
+                       grad_prologue, gate)

@@ -55,7 +55,7 @@ def _prune(configs, named_args, **kwargs):
     mine = _CONFIGS_FP32 if named_args["x_ptr"].element_size() == 4 else _CONFIGS_16BIT
     configs = [c for c in configs if any(c is m for m in mine)]
     args = {**named_args, **kwargs}
-    pro, gp = bool(args.get("PROLOGUE")), bool(args.get("GRAD_PRO"))
+    pro, gp = bool(args.get("PROLOGUE") or args.get("GATE")), bool(args.get("GRAD_PRO"))  # (a gate: x * g on load)
 
     def fits(c):
         m, n, k, threads = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], 32 * c.num_warps
@@ -112,7 +112,7 @@ def _inside(i, size):
 
 
 @autotune(_CONFIGS_16BIT + _CONFIGS_FP32, key=["P", "CIN_G", "COUT_G", "RS", "HAS_BIAS", "INT64", "PROLOGUE",
-                                                    "GRAD_PRO"],
+                                                    "GRAD_PRO", "GATE"],
           interpret={"BLOCK_M": ("COUT_G", 16, 128), "BLOCK_N": ("CIN_G", 16, 128), "BLOCK_K": (_row_block, 16, 512)},
           prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics({"EVEN_P": lambda a: a["P"] % a["BLOCK_K"] == 0,
@@ -128,6 +128,7 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
                     gp_z_ptr, gp_scale_ptr, gp_shift_ptr, gp_center_ptr, gp_slope,  # GRAD_PRO: dy read as dz, (K,)
                     GRAD_PRO: tl.constexpr, GP_AFFINE: tl.constexpr, GP_ACT: tl.constexpr, GP_CENTER: tl.constexpr,
                     GP_SLICE: tl.constexpr,  # dy a channel slice: z's rows (K apart) are not dy's
+                    gate_ptr, GATE: tl.constexpr,  # GATE: x read as x * gate[n, c], a channel gate, (N, C)
                     HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_DTYPE: tl.constexpr,
                     PRECISION: tl.constexpr, EVEN_P: tl.constexpr, EVEN_M: tl.constexpr,
                     EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -173,6 +174,9 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
         ps, pt = prologue_coefs(pro_scale_ptr + g * CIN_G, pro_shift_ptr + g * CIN_G, offs_c, c_mask, PRO_AFFINE,
                                 EVEN_N)
     x_ptr += g * CIN_G + offs_c[None, :]
+    if GATE:  # the gate's row of each pixel's sample, n * C, advanced by a counter as nh is
+        gate_ptr += g * CIN_G + offs_c[None, :]
+        gn = p // (OH * OW) * C
     for _ in range(0, rows, BLOCK_K):  # EVEN_P: whole row blocks, every row real
         p_mask = p < p_end
         row_ok = _inside(ih, H) & _inside(iw, W)
@@ -203,6 +207,9 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
             b = tl.load(b_ptrs, mask=row_ok[:, None] & c_mask[None, :], other=0.0)
         if PROLOGUE:  # the input recomputed from z: act(z scale + shift), 0 in the padding
             b = apply_prologue(b, ps, pt, c_mask, row_ok, PRO_AFFINE, PRO_ACT, pro_slope, EVEN_N)
+        if GATE:  # x * gate[n, c] in fp32, rounded to the dot's dtype as the forward conv rounds it
+            gv = tl.load(gate_ptr + gn[:, None], mask=p_mask[:, None] & c_mask[None, :], other=0.0)
+            b = b.to(tl.float32) * gv.to(tl.float32)
         if GRAD_PRO:
             acc = tl.dot(tl.trans(b.to(DOT_DTYPE)), a.to(DOT_DTYPE), acc, input_precision=PRECISION)
             if HAS_BIAS:
@@ -213,7 +220,12 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
                 db = tl.dot(a.to(DOT_DTYPE), e0, db, input_precision=PRECISION)
         p += BLOCK_K
         a_ptrs += BLOCK_K * stride_dyp
+        if GATE:  # the sample advanced by STEP // (OH*OW) or one more where nh carried: so does gn
+            nh_was = nh
         nh, ih, iw = _advance_source_rows(nh, ih, iw, BLOCK_K, OH, OW, H, stride_h, stride_w, ih_off, iw_off)
+        if GATE:
+            samples = BLOCK_K // (OH * OW)
+            gn += tl.where(nh - nh_was > samples * H, samples * C + C, samples * C)
     rows = split * K + g * COUT_G + offs_k
     cols = tap * CIN_G + offs_c
     if GRAD_PRO:  # acc and db hold the transposes
@@ -307,9 +319,10 @@ def _pad_groups(x, groups, cin_g, width):
     return padded.view(n, h, w, groups * width)
 
 
-def weight_grad(x, dy, w_shape, stride, padding, dilation, groups, need_bias_grad, prologue=None, grad_prologue=None):
+def weight_grad(x, dy, w_shape, stride, padding, dilation, groups, need_bias_grad, prologue=None, grad_prologue=None,
+                gate=None):
     """(dw (K, C/g, R, S), db (K,) or None) in x.dtype; arguments already validated by conv.py (the
-    prologue here)."""
+    prologue here); gate (N, C): the input is x * gate[n, c] (16 or more channels a group)."""
     n, h, w, c = x.shape
     _, oh, ow, k = dy.shape
     _, cin_g, r, s = w_shape
@@ -338,7 +351,8 @@ def weight_grad(x, dy, w_shape, stride, padding, dilation, groups, need_bias_gra
         grid = lambda meta: (groups * r * s * triton.cdiv(cout_g, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),
                              split)
         _conv_dw_kernel[grid](x, dy, part, dbp, rows, h, w, c, oh, ow, k, width, cout_g, s, r * s, chunk,
-                              row_stride(dy), *geometry, **pro, **gp, HAS_BIAS=need_bias_grad, INT64=int64,
+                              row_stride(dy), *geometry, **pro, **gp, gate_ptr=part if gate is None else gate,
+                              GATE=gate is not None, HAS_BIAS=need_bias_grad, INT64=int64,
                               DOT_DTYPE=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype))
     dw = torch.empty((k, width, r, s), dtype=x.dtype, device=x.device)
     _sum_splits(part, dw, split, width, r * s)

@@ -39,7 +39,7 @@ from .epilogue_backward import (
     pooled_backward,
 )
 from .fold import bn_scale_shift, fold_conv
-from .gate import gate_layer
+from .gate import gate_backward
 from .prologue import GradPrologue, Prologue
 from .window import argmax_dtype
 
@@ -100,22 +100,22 @@ def _folded(cache, w, b, bn_w, bn_b, mean, var, eps):
 
 # --- training: the conv with batch statistics, one epilogue pass; its backward ----------------------
 
-def _train_impl(x, residual, w, b, bn_w, bn_b, mean, var, pro, pro_scale, pro_shift, spec, train, out=None):
+def _train_impl(x, residual, gate, w, b, bn_w, bn_b, mean, var, pro, pro_scale, pro_shift, spec, train, out=None):
     s = decode(spec)
     batch_stats = s.bn is not None and train
     prologue = _prologue(s, pro, pro_scale, pro_shift)
     if s.gemm_pool:  # the GEMM pools: y and the argmax from its accumulator, no z (pooled_backward)
         is_max = s.pool.mode == "max"
-        out = conv2d_forward(x, w, b, s.geometry, s.act1, pool=s.pool, prologue=prologue, argmax=is_max)
+        out = conv2d_forward(x, w, b, s.geometry, s.act1, pool=s.pool, prologue=prologue, argmax=is_max, gate=gate)
         y, argmax = out if is_max else (out, None)
         return (y, absent(x), absent(x, torch.int8) if argmax is None else argmax,
                 *(absent(x, torch.float32) for _ in range(4)))
     epilogue = s.epilogue and not s.defer  # a deferring block's y is computed by its reader
     z_out = None if epilogue else out  # without an epilogue pass, the conv writes y
     if batch_stats:
-        z, mean, var = conv2d_forward(x, w, b, s.geometry, stats=True, prologue=prologue, out=z_out)
+        z, mean, var = conv2d_forward(x, w, b, s.geometry, stats=True, prologue=prologue, out=z_out, gate=gate)
     else:
-        z = conv2d_forward(x, w, b, s.geometry, prologue=prologue, out=z_out)
+        z = conv2d_forward(x, w, b, s.geometry, prologue=prologue, out=z_out, gate=gate)
     scale = shift = None
     if s.bn is not None:
         scale, shift = bn_scale_shift(mean, var, s.bn.eps, bn_w, bn_b)
@@ -126,7 +126,7 @@ def _train_impl(x, residual, w, b, bn_w, bn_b, mean, var, pro, pro_scale, pro_sh
             keep(mean, batch_stats), keep(var, batch_stats), keep(scale, True), keep(shift, True))
 
 
-def _train_fake(x, residual, w, b, bn_w, bn_b, mean, var, pro, pro_scale, pro_shift, spec, train):
+def _train_fake(x, residual, gate, w, b, bn_w, bn_b, mean, var, pro, pro_scale, pro_shift, spec, train):
     s = decode(spec)
     k, stat = w.shape[0], s.bn is not None
     y = x.new_empty((*_shape(x, s, True), k))
@@ -155,10 +155,10 @@ def _grad_prologue(dy, z, residual, scale, shift, argmax, s, stats):
     return dy, None, GradPrologue(z, scale, shift, s.act1, center), dbn_w, dbn_b
 
 
-def _backward_impl(dy, x, w, z, residual, scale, shift, mean, var, bn_w, argmax, pro, pro_scale, pro_shift, spec,
-                   train, bn_grads, input_grad, weight_grad, has_bias):
+def _backward_impl(dy, x, w, z, residual, gate, scale, shift, mean, var, bn_w, argmax, pro, pro_scale, pro_shift,
+                   spec, train, bn_grads, input_grad, weight_grad, has_bias):
     s = decode(spec)
-    dres = dbn_w = dbn_b = gp = None
+    dres = dbn_w = dbn_b = gp = dgate = None
     dz = dy
     stats = None
     if s.bn is not None and (train or bn_grads):  # in eval, only for batch norm's parameter gradients
@@ -172,46 +172,48 @@ def _backward_impl(dy, x, w, z, residual, scale, shift, mean, var, bn_w, argmax,
         dz, dres, dbn_w, dbn_b = epilogue_backward(dy, z, present(scale), present(shift), s.act1, residual,
                                                    s.act2, s.pool, present(argmax), stats)
     dx = conv2d_backward_input(dz, w, s.geometry, tuple(x.shape[1:3]), grad_prologue=gp) if input_grad else None
+    if gate is not None and dx is not None:  # dx is x * gate's gradient: the gate's backward pass (gate.py)
+        dx, dgate = gate_backward(dx, x, gate)
     dw, db = conv2d_backward_weight(x, dz, tuple(w.shape), s.geometry, has_bias, _prologue(s, pro, pro_scale, pro_shift),
-                                    grad_prologue=gp) if weight_grad else (None, None)
-    return tuple(absent(x) if t is None else t for t in (dx, dres, dw, db, dbn_w, dbn_b))
+                                    grad_prologue=gp, gate=gate) if weight_grad else (None, None)
+    return tuple(absent(x) if t is None else t for t in (dx, dres, dgate, dw, db, dbn_w, dbn_b))
 
 
-def _backward_fake(dy, x, w, z, residual, scale, shift, mean, var, bn_w, argmax, pro, pro_scale, pro_shift, spec,
-                   train, bn_grads, input_grad, weight_grad, has_bias):
+def _backward_fake(dy, x, w, z, residual, gate, scale, shift, mean, var, bn_w, argmax, pro, pro_scale, pro_shift,
+                   spec, train, bn_grads, input_grad, weight_grad, has_bias):
     s = decode(spec)
     like = lambda t, on: torch.empty_like(t) if on else absent(x)
-    return (like(x, input_grad), like(residual, residual is not None and s.epilogue), like(w, weight_grad),
+    return (like(x, input_grad), like(residual, residual is not None and s.epilogue),
+            like(gate, gate is not None and input_grad), like(w, weight_grad),
             w.new_empty(w.shape[0]) if weight_grad and has_bias else absent(x), like(bn_w, bn_grads),
             like(bn_w, bn_grads))
 
 
 _backward = define(
-    "conv_block_backward", "(Tensor dy, Tensor x, Tensor w, Tensor z, Tensor? residual, Tensor scale, "
+    "conv_block_backward", "(Tensor dy, Tensor x, Tensor w, Tensor z, Tensor? residual, Tensor? gate, Tensor scale, "
     "Tensor shift, Tensor? mean, Tensor? var, Tensor? bn_w, Tensor argmax, bool pro, Tensor? pro_scale, "
-    "Tensor? pro_shift, "
-    "str spec, bool train, bool bn_grads, "
-    "bool input_grad, bool weight_grad, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "Tensor? pro_shift, str spec, bool train, bool bn_grads, bool input_grad, bool weight_grad, bool has_bias) -> "
+    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     _backward_impl, _backward_fake)
 
 
 def _save(ctx, inputs, kept, argmax, mean, var, scale, shift):
     """What backward reads, saved by both training ops (`conv_block` and the slab writer's): the
     inputs, `kept` (z, or y where no z was kept), and the statistics that normalised z."""
-    x, residual, w, b, bn_w, _, mean_in, var_in, ctx.pro, pro_scale, pro_shift, ctx.spec, ctx.train = inputs
+    x, residual, gate, w, b, bn_w, _, mean_in, var_in, ctx.pro, pro_scale, pro_shift, ctx.spec, ctx.train = inputs
     batch_stats = present(mean) is not None
     ctx.has_bias = b is not None
-    ctx.save_for_backward(x, w, kept, residual, scale, shift, mean if batch_stats else mean_in,
+    ctx.save_for_backward(x, w, kept, residual, gate, scale, shift, mean if batch_stats else mean_in,
                           var if batch_stats else var_in, bn_w, argmax, pro_scale, pro_shift)
 
 
 def _grads(ctx, dy, need):
-    """The gradients of (x, residual, w, b, bn_w, bn_b) for dy; `need` their needs_input_grad."""
-    x, w, z, residual, scale, shift, mean, var, bn_w, argmax, pro_scale, pro_shift = ctx.saved_tensors
-    bn_grads = bn_w is not None and (need[4] or need[5])
-    return tuple(map(present, _backward(dy, x, w, z, residual, scale, shift, mean, var, bn_w, argmax, ctx.pro,
-                                        pro_scale, pro_shift, ctx.spec, ctx.train, bn_grads, need[0],
-                                        need[2] or need[3], ctx.has_bias)))
+    """The gradients of (x, residual, gate, w, b, bn_w, bn_b) for dy; `need` their needs_input_grad."""
+    x, w, z, residual, gate, scale, shift, mean, var, bn_w, argmax, pro_scale, pro_shift = ctx.saved_tensors
+    bn_grads = bn_w is not None and (need[5] or need[6])
+    return tuple(map(present, _backward(dy, x, w, z, residual, gate, scale, shift, mean, var, bn_w, argmax, ctx.pro,
+                                        pro_scale, pro_shift, ctx.spec, ctx.train, bn_grads, need[0] or need[2],
+                                        need[3] or need[4], ctx.has_bias)))
 
 
 def _setup(ctx, inputs, output):
@@ -225,7 +227,8 @@ def _block_backward(ctx, dy, *_):
 
 
 _block = define(
-    "conv_block", "(Tensor x, Tensor? residual, Tensor w, Tensor? b, Tensor? bn_w, Tensor? bn_b, Tensor? mean, "
+    "conv_block", "(Tensor x, Tensor? residual, Tensor? gate, Tensor w, Tensor? b, Tensor? bn_w, Tensor? bn_b, "
+    "Tensor? mean, "
     "Tensor? var, bool pro, Tensor? pro_scale, Tensor? pro_shift, str spec, bool train) -> (Tensor, Tensor, Tensor, "
     "Tensor, Tensor, Tensor, Tensor)",
     _train_impl, _train_fake, _block_backward, _setup)
@@ -243,13 +246,13 @@ _inference_into = define(
     "Tensor? pro_shift, Tensor? gate, str spec, Tensor(a!) slab, int offset) -> ()", _inference_into_impl,
     lambda x, w, b, residual, pro, pro_scale, pro_shift, gate, spec, slab, offset: None, mutates=("slab",))
 
-_TRAIN_ARGS = ("Tensor x, Tensor? residual, Tensor w, Tensor? b, Tensor? bn_w, Tensor? bn_b, Tensor? mean, Tensor? var, "
+_TRAIN_ARGS = ("Tensor x, Tensor? residual, Tensor? gate, Tensor w, Tensor? b, Tensor? bn_w, Tensor? bn_b, Tensor? mean, Tensor? var, "
                "bool pro, Tensor? pro_scale, Tensor? pro_shift, str spec, bool train")
 # the training pass's outputs but y: (z, argmax, mean, var, scale, shift)
 _block_into = define(
     "conv_block_into", f"({_TRAIN_ARGS}, Tensor(a!) slab, int offset) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
     "Tensor)",
-    lambda *a: _train_impl(*a[:-2], out=a[-2].narrow(-1, a[-1], a[2].shape[0]))[1:],
+    lambda *a: _train_impl(*a[:-2], out=a[-2].narrow(-1, a[-1], a[3].shape[0]))[1:],
     lambda *a: _train_fake(*a[:-2])[1:], mutates=("slab",))
 
 
@@ -280,25 +283,23 @@ def conv_block(x, residual, gate, w, b, bn_w, bn_b, running_mean, running_var, n
                spec: ConvBlock, state):
     """x (N, H, W, C) or a Deferred (N, H, W, C) -> (N, OH, OW, K), or pooled, or a Deferred; with
     state.into, the slab holding y in its channel slice. gate: a channel gate's g (N, 1, 1, C) or
-    (N, C) that x is scaled by first: as the conv loads x in inference, by the gate's own pass
-    (gate.py) in training, whose backward needs x * g's gradient whole."""
+    (N, C) that x is scaled by as the conv loads it (forward and weight gradient); x * g's gradient
+    (the input gradient's GEMM) goes through the gate's backward pass (gate.py)."""
     bn = spec.bn
     pro, pro_scale, pro_shift = isinstance(x, Deferred), None, None
     if pro:  # the previous block's z: normalised and activated as the conv loads it
         x, pro_scale, pro_shift = x.z, x.scale, x.shift
     slab = None if state.into is None else slab_of(state, x, _shape(x, spec, True)[1:])
+    if gate is not None:
+        gate = gate.reshape(x.shape[0], x.shape[3])
     if not state.grad and not (bn is not None and state.training):  # inference: one kernel
         if bn is not None:
             w, b = _folded(state.cache, w, b, bn_w, bn_b, running_mean, running_var, bn.eps)
-        if gate is not None:
-            gate = gate.reshape(x.shape[0], x.shape[3])
         if slab is None:
             return _inference(x, w, b, residual, pro, pro_scale, pro_shift, gate, state.text)
         _inference_into(x, w, b, residual, pro, pro_scale, pro_shift, gate, state.text, slab, state.into[1])
         return slab
-    if gate is not None:
-        x = gate_layer(x, gate, None, state)
-    args = (x, residual, w, b, bn_w, bn_b, running_mean, running_var, pro, pro_scale, pro_shift, state.text,
+    args = (x, residual, gate, w, b, bn_w, bn_b, running_mean, running_var, pro, pro_scale, pro_shift, state.text,
             state.training)
     if slab is None:
         out = _block(*args)

@@ -1,14 +1,14 @@
 """A channel gate (squeeze-and-excitation) fused into the conv that reads it: the conv block's
-optional first stage (rules.py). In inference the conv scales each loaded tile of x by g[n, c]
-(kernels/conv.py, GATE), so x * g is never written; in training the gate's own pass runs first
-(its backward needs the gradient of x * g whole). Values and gradients are the reference's, and
-the plan and the launches say so."""
+optional first stage (rules.py). The conv scales each loaded tile of x by g[n, c] (kernels/conv.py
+and conv_backward.py, GATE), forward and weight gradient, so x * g is never written; the gradient
+of x * g (the input gradient's GEMM) goes through the gate's backward pass, which gives x's and
+g's. Values and gradients are the reference's, and the plan and the launches say so."""
 
 import pytest
 import torch
 
 import cnndsl
-from cnndsl.kernels.conv import conv2d_forward
+from cnndsl.kernels.conv import conv2d_backward_weight, conv2d_forward
 from cnndsl.kernels.gate import gate_forward
 from cnndsl.kernels.prologue import Prologue
 from cnndsl.specs import Act, ConvGeometry, Window
@@ -59,7 +59,8 @@ def test_the_plan_fuses_the_gate_into_its_reader():
     group = next(g for g in model.plan.groups if g.ops[0] == "gate")
     assert group.ops == ("gate", "conv", "batchnorm")
     assert group.inference == ("bn_fold", "gate+conv_fwd+epilogue")
-    assert group.forward[0] == "gate_fwd" and group.backward[-1] == "gate_bwd"
+    assert group.forward[0] == "gate+conv_fwd+stats" and "gate_fwd" not in group.forward
+    assert "gate+dz_on_load+conv_bwd_weight" in group.backward and group.backward[-1] == "gate_bwd"
     assert ("gate",) in [g.ops for g in cnndsl.compile(MBCONV, fuse=False).plan.groups]  # unfused: a pass alone
 
 
@@ -68,6 +69,12 @@ def test_inference_writes_no_gated_tensor():
     with torch.no_grad():
         names = _launched(lambda: model(torch.randn(2, 16, 8, 8)))
     assert "_gate_fwd_kernel" not in names and "_conv_kernel" in names
+
+
+def test_training_writes_no_gated_tensor():
+    model = cnndsl.compile(MBCONV).train()
+    names = _launched(lambda: model.loss(torch.randn(2, 16, 8, 8), torch.tensor([0, 2])).backward())
+    assert "_gate_fwd_kernel" not in names and names.count("_gate_bwd_kernel") == 1
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -106,6 +113,21 @@ def test_the_conv_kernel_scales_its_input_by_the_gate(dtype):
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-1)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 7, 32), (4, 16, 16, 16), (5, 15, 15, 32)],
+                         ids=["one-step", "two-samples-a-step", "samples-carried"])
+def test_the_weight_gradient_scales_its_input_by_the_gate(shape):
+    """Bit for bit against the gate's own pass then the weight gradient (fp32): the interpreter's row
+    blocks of up to 512 pixels span several samples, whose gate rows the kernel follows by a counter."""
+    torch.manual_seed(0)
+    n, h, w, c = shape
+    x, g = torch.randn(shape), torch.rand(n, c)
+    geo = ConvGeometry((1, 1), (1, 1), (1, 1), 1, (h, w))
+    dy = torch.randn(n, h, w, 24)
+    got = conv2d_backward_weight(x, dy, (24, c, 3, 3), geo, True, gate=g)
+    want = conv2d_backward_weight(gate_forward(x, g), dy, (24, c, 3, 3), geo, True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_the_gate_is_checked():
     x, w = torch.randn(1, 4, 4, 16), torch.randn(8, 16, 1, 1)
     geo = ConvGeometry((1, 1), (0, 0), (1, 1), 1, (4, 4))
@@ -116,3 +138,5 @@ def test_the_gate_is_checked():
                        gate=torch.ones(1, 16))
     with pytest.raises(ValueError, match="and no prologue"):
         conv2d_forward(x, w, None, geo, gate=torch.ones(1, 16), prologue=Prologue(None, None, Act("relu")))
+    with pytest.raises(ValueError, match=r"gate: expected shape \(1, 16\), got \(2, 16\)"):
+        conv2d_backward_weight(x, torch.randn(1, 4, 4, 8), (8, 16, 1, 1), geo, False, gate=torch.ones(2, 16))

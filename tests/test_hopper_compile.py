@@ -76,9 +76,9 @@ def _launcher_extras(dtype):
     conv (gelu), the conv's residual and pool epilogue, the training epilogue with each pool and
     both batch-norm backwards, dz on load's batch-norm sums and shortcut gather pass, rows wider
     than softmax's widest block, a dropout seed past int32, momentum=None, stochastic depth, a
-    conv applying a channel gate as it loads x, a prologue without batch norm into a conv of one
-    channel block, and (bf16) dz on load reading dy as a channel slice of a concat's gradient
-    (zero-copy)."""
+    conv applying a channel gate as it loads x (forward and weight gradient, with dz on load too),
+    a prologue without batch norm into a conv of one channel block, and (bf16) dz on load reading
+    dy as a channel slice of a concat's gradient (zero-copy)."""
     from cnndsl.kernels import (
         batchnorm,
         batchnorm_backward,
@@ -119,8 +119,10 @@ def _launcher_extras(dtype):
     w1 = torch.randn(8, 16, 1, 1, dtype=dtype)
     conv.conv2d_forward(x16, w1, None, ConvGeometry((1, 1), (0, 0), (1, 1), 1, (4, 4)),
                         prologue=Prologue(None, None, Act("silu")))
-    conv.conv2d_forward(x16, torch.randn(8, 16, 1, 1, dtype=dtype), None, ConvGeometry((1, 1), (0, 0), (1, 1), 1, (4, 4)),
-                        gate=g16)
+    one = ConvGeometry((1, 1), (0, 0), (1, 1), 1, (4, 4))
+    conv.conv2d_forward(x16, torch.randn(8, 16, 1, 1, dtype=dtype), None, one, gate=g16)
+    dy8 = torch.randn(2, 4, 4, 8, dtype=dtype)
+    conv.conv2d_backward_weight(x16, dy8, (8, 16, 1, 1), one, True, gate=g16)  # the gate in the weight gradient
     if dtype == torch.bfloat16:  # dy's rows 48 channels apart, z's 16: the GP_SLICE paths
         from cnndsl.kernels.prologue import GradPrologue
         dy, z16 = torch.randn(2, 4, 4, 48, dtype=dtype)[..., 16:32], torch.randn(2, 4, 4, 16, dtype=dtype)
@@ -130,6 +132,9 @@ def _launcher_extras(dtype):
         gp, g1 = GradPrologue(z16, ones, zeros, Act("relu"), center), ConvGeometry((1, 1), (0, 0), (1, 1), 1, (4, 4))
         conv.conv2d_backward_input(dy, w16, g1, (4, 4), grad_prologue=gp)
         conv.conv2d_backward_weight(z16, dy, w16.shape, g1, False, grad_prologue=gp)
+        dz16 = torch.randn(2, 4, 4, 16, dtype=dtype)  # dz on load beside a gate (EfficientNet's project conv)
+        gp = GradPrologue(z16, ones, zeros, Act("none"), center)
+        conv.conv2d_backward_weight(z16, dz16, w16.shape, g1, False, grad_prologue=gp, gate=g16)
     wide = torch.randn(2, softmax._MAX_BLOCK + 3, dtype=dtype)
     y = softmax.softmax_forward(wide)
     softmax.softmax_backward(torch.randn_like(y), y)
