@@ -140,7 +140,8 @@ def _match(net: ir.Network, readers, start: ir.Node, rule: Rule, taken: set) -> 
 
 def _rule_of(node: ir.Node) -> str:
     """The rule a group of this one op runs under: the one whose required stage it is."""
-    return next((r.name for r in RULES for s in r.stages if s.required and s.op is node.op), node.op.value)
+    return next((r.name for r in RULES if r.alone for s in r.stages if s.required and s.op is node.op),
+                node.op.value)
 
 
 def _deferral(net: ir.Network, readers, groups: list[Group]) -> dict[int, tuple[bool, str]]:

@@ -23,6 +23,7 @@ from .specs import (
     ConvBlock,
     ConvGeometry,
     DenseBlock,
+    NormAct,
 )
 
 
@@ -44,6 +45,7 @@ class Rule:
     runner: str  # the function of kernels/ that runs a group, "module.name"
     step: Callable  # (net, nodes) -> (inputs, params, spec)
     kernels: Callable  # ops of a fused group (more than its required op) -> (inference, forward, backward)
+    alone: bool = True  # a lone op of its required stage runs through it (else as the op's own step)
 
     def fuses(self, ops) -> bool:
         """Whether a group of these ops runs stages beyond the rule's required op (and a flatten,
@@ -169,5 +171,19 @@ DENSE_BLOCK = Rule(
      Stage(Op.SOFTMAX, fits=_softmax_fits)),
     "dense_block.dense_block", _dense_step, _dense_kernels)
 
-RULES = (CONV_BLOCK, DENSE_BLOCK)
+# --- batch norm and activation: batchnorm -> activation, with no conv before them -----------------------
+
+def _norm_act_step(net: Network, nodes: tuple[Node, ...]):
+    bn, activation = nodes
+    return bn.inputs, tuple((bn.name, p) for p in BN_PARAMS), NormAct(bn_spec(bn), act(activation))
+
+
+# the conv block's epilogue pass without the conv: y = act(x scale + shift) in one pass, its backward in
+# the gather pass and batch norm's elementwise pass (a lone batch norm is the batchnorm op's own step)
+NORM_ACT = Rule(
+    "norm_act", (Stage(Op.BATCHNORM, True), Stage(Op.ACTIVATION, True)), "norm_act.norm_act", _norm_act_step,
+    lambda ops: (("bn_scale_shift", "epilogue_fwd"), ("bn_stats", "bn_update_running", "bn_scale_shift", "epilogue_fwd"),
+                 ("epilogue_bwd+bn_reduce", "bn_bwd_merge", "bn_bwd_apply")), alone=False)
+
+RULES = (CONV_BLOCK, DENSE_BLOCK, NORM_ACT)
 BY_NAME = {r.name: r for r in RULES}

@@ -214,6 +214,14 @@ class DenseBlock:
 
 
 @dataclass(frozen=True)
+class NormAct:
+    """Batch norm and the activation after it, with no conv before them (kernels/norm_act.py)."""
+
+    bn: BatchNormSpec
+    act: Act
+
+
+@dataclass(frozen=True)
 class Dropout:
     p: float
 
@@ -257,8 +265,8 @@ class Step:
         object.__setattr__(self, "text", repr(self.spec))
 
 
-_SPECS = {c.__name__: c for c in (Act, Window, ConvGeometry, BatchNormSpec, ConvBlock, Flatten, DenseBlock, Dropout,
-                                     StochasticDepth, Concat)}
+_SPECS = {c.__name__: c for c in (Act, Window, ConvGeometry, BatchNormSpec, ConvBlock, Flatten, DenseBlock, NormAct,
+                                     Dropout, StochasticDepth, Concat)}
 
 
 @functools.lru_cache(maxsize=4096)

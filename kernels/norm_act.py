@@ -1,0 +1,123 @@
+"""Batch norm and the activation after it with no conv before them (DenseNet's pre-activation
+layers and transitions; a batch norm after a pool, a concatenation or a dense layer), as custom
+ops over the conv block's epilogue kernels without the conv. Training: the batch statistics (one
+pass over x), then y = act(x scale + shift) in one pass (epilogue.py); backward, the gather pass
+(dy and x in: the activation's gradient and batch norm's tile sums) and batch norm's elementwise
+pass (dx out). Eval: the running statistics' scale and shift, then the same pass. For x of t
+bytes: 3t forward (stats, x in and y out) and 6t backward, where batch norm then the activation
+each alone move 5t (stats, x in and out twice) and 8t (batch norm's 2t + 3t, the activation's 3t)."""
+
+import torch
+
+from ..specs import NO_ACT, decode
+from ._common import absent, define, present
+from .batchnorm import batchnorm_stats
+from .batchnorm_layer import update_running
+from .epilogue import epilogue_forward
+from .epilogue_backward import BatchNormBackward, epilogue_backward
+from .fold import bn_scale_shift
+
+
+def _nhwc(x):
+    """x (N, H, W, C), or (N, C) as (N, 1, 1, C): the epilogue kernels' layout."""
+    return x if x.dim() == 4 else x.view(x.shape[0], 1, 1, x.shape[-1])
+
+
+def _apply(x, mean, var, weight, bias, s):
+    scale, shift = bn_scale_shift(mean, var, s.bn.eps, weight, bias)
+    y, _ = epilogue_forward(_nhwc(x), scale, shift, s.act, None, NO_ACT, None)
+    return y.view(x.shape), scale, shift
+
+
+def _backward_impl(dy, x, scale, shift, mean, var, weight, has_bias, spec, train, params):
+    s = decode(spec)
+    bn = BatchNormBackward(mean, var, s.bn.eps, weight, has_bias, params, train)
+    dx, _, dw, db = epilogue_backward(_nhwc(dy), _nhwc(x), scale, shift, s.act, None, NO_ACT, None, None, bn)
+    return dx.view(x.shape), absent(x) if dw is None else dw, absent(x) if db is None else db
+
+
+def _backward_fake(dy, x, scale, shift, mean, var, weight, has_bias, spec, train, params):
+    grads = params and weight is not None
+    return torch.empty_like(x), weight.new_empty(weight.shape) if grads else absent(x), \
+        weight.new_empty(weight.shape) if grads and has_bias else absent(x)
+
+
+_backward = define("norm_act_backward", "(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor mean, Tensor var, "
+                   "Tensor? weight, bool has_bias, str spec, bool train, bool params) -> (Tensor, Tensor, Tensor)",
+                   _backward_impl, _backward_fake)
+
+
+def _grads(ctx, dy, need_weight, need_bias):
+    x, scale, shift, mean, var, weight = ctx.saved_tensors
+    params = weight is not None and (need_weight or need_bias)
+    dx, dw, db = _backward(dy.contiguous(), x, scale, shift, mean, var, weight, ctx.has_bias, ctx.spec, ctx.train,
+                           params)
+    return dx, present(dw), present(db)
+
+
+# --- training: the batch statistics normalise ----------------------------------------------------
+
+def _train_impl(x, weight, bias, spec):
+    mean, var = batchnorm_stats(x.view(-1, x.shape[-1]))
+    y, scale, shift = _apply(x, mean, var, weight, bias, decode(spec))
+    return y, mean, var, scale, shift
+
+
+def _train_fake(x, weight, bias, spec):
+    stat = x.new_empty(x.shape[-1], dtype=torch.float32)
+    return torch.empty_like(x), stat, torch.empty_like(stat), torch.empty_like(stat), torch.empty_like(stat)
+
+
+def _train_setup(ctx, inputs, output):
+    x, weight, bias, ctx.spec = inputs
+    _, mean, var, scale, shift = output
+    ctx.mark_non_differentiable(mean, var, scale, shift)
+    ctx.has_bias, ctx.train = bias is not None, True
+    ctx.save_for_backward(x, scale, shift, mean, var, weight)
+
+
+def _train_backward(ctx, dy, *_):
+    return (*_grads(ctx, dy, ctx.needs_input_grad[1], ctx.needs_input_grad[2]), None)
+
+
+_train = define("norm_act_train", "(Tensor x, Tensor? weight, Tensor? bias, str spec) -> (Tensor, Tensor, Tensor, "
+                "Tensor, Tensor)", _train_impl, _train_fake, _train_backward, _train_setup)
+
+
+# --- eval (or a frozen batch norm): the running statistics normalise -------------------------------
+
+def _eval_impl(x, mean, var, weight, bias, spec):
+    y, scale, shift = _apply(x, mean, var, weight, bias, decode(spec))
+    return y, scale, shift
+
+
+def _eval_fake(x, mean, var, weight, bias, spec):
+    stat = x.new_empty(x.shape[-1], dtype=torch.float32)
+    return torch.empty_like(x), stat, torch.empty_like(stat)
+
+
+def _eval_setup(ctx, inputs, output):
+    x, mean, var, weight, bias, ctx.spec = inputs
+    _, scale, shift = output
+    ctx.mark_non_differentiable(scale, shift)
+    ctx.has_bias, ctx.train = bias is not None, False
+    ctx.save_for_backward(x, scale, shift, mean, var, weight)
+
+
+def _eval_backward(ctx, dy, *_):
+    dx, dw, db = _grads(ctx, dy, ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+    return dx, None, None, dw, db, None
+
+
+_eval = define("norm_act_eval", "(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, str spec) -> "
+               "(Tensor, Tensor, Tensor)", _eval_impl, _eval_fake, _eval_backward, _eval_setup)
+
+
+def norm_act(x, weight, bias, running_mean, running_var, num_batches_tracked, spec, state):
+    """act(batch norm(x)) for x (N, H, W, C) or (N, C)."""
+    if state.training:
+        y, mean, var, _, _ = _train(x, weight, bias, state.text)
+        update_running(mean, var, running_mean, running_var, num_batches_tracked, spec.bn.momentum,
+                       x.numel() // max(x.shape[-1], 1))
+        return y
+    return _eval(x, running_mean, running_var, weight, bias, state.text)[0]
