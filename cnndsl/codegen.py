@@ -40,11 +40,12 @@ def lower(net: ir.Network, plan: Plan) -> Program:
         if group.rule in BY_NAME:
             rule = BY_NAME[group.rule]
             runner, (inputs, params, spec) = rule.runner, rule.step(net, group.nodes)
-            if group.deferred or group.dz_on_load or group.gemm_pool:  # conv blocks only
-                spec = replace(spec, defer=group.deferred, dz_on_load=group.dz_on_load, gemm_pool=group.gemm_pool)
+            flags = {"defer": group.deferred, "dz_on_load": group.dz_on_load, "gemm_pool": group.gemm_pool}
+            if any(flags.values()):  # conv blocks (norm_act groups defer, and that only)
+                spec = replace(spec, **{k: v for k, v in flags.items() if hasattr(spec, k)})
             if group.prologue:  # in training its input comes as the producer's z: the producer's act1 on load
-                producer = rule.step(net, deferred[group.nodes[0].inputs[0]].nodes)[2]
-                spec = replace(spec, prologue=producer.act1)
+                source = deferred[group.nodes[0].inputs[0]]
+                spec = replace(spec, prologue=BY_NAME[source.rule].step(net, source.nodes)[2].act1)
         else:
             op = REGISTRY[group.nodes[0].op.value]
             runner, (inputs, params, spec) = op.runner, op.step(net, group.nodes[0])

@@ -146,22 +146,24 @@ def _rule_of(node: ir.Node) -> str:
 
 def _deferral(net: ir.Network, readers, groups: list[Group]) -> dict[int, tuple[bool, str]]:
     """Group index -> (deferred, why) for each conv block with batch norm or an activation and no
-    shortcut or pool. It defers where only the conv of another conv block reads its output, as
+    shortcut or pool, and each norm_act group. It defers where only the conv of another conv block reads its output, as
     that conv's input, with 16 or more channels per group or depthwise (fewer are padded with
     zeros, which normalising on load would not keep zero), or only a max pool of its own (a stem's
-    3x3 stride 2 pool: its forward is the epilogue pass's code, its backward reads no input)."""
+    3x3 stride 2 pool: its forward is the epilogue pass's code, its backward reads no input; a
+    conv block's only)."""
     first = {g.nodes[0].id: g for g in groups if g.rule == "conv_block"}
     notes = {}
     for i, g in enumerate(groups):
         ops = {n.op for n in g.nodes}
-        if g.rule != "conv_block" or not ops & {Op.BATCHNORM, Op.ACTIVATION} or ops & {Op.ADD, Op.POOL}:
+        if g.rule not in ("conv_block", "norm_act") or not ops & {Op.BATCHNORM, Op.ACTIVATION} or ops & {Op.ADD,
+                                                                                                          Op.POOL}:
             continue
         out, rd = g.output, readers[g.output.id]
         if not rd:
             notes[i] = False, "its output is written: it is the network's output"
         elif len(rd) > 1:
             notes[i] = False, f"its output is written: {len(rd)} layers read it ({', '.join(r.name for r in rd)})"
-        elif rd[0].op is Op.POOL and rd[0].attrs.mode == "max":  # a pool alone: the epilogue pass's code
+        elif rd[0].op is Op.POOL and rd[0].attrs.mode == "max" and g.rule == "conv_block":  # the epilogue's code
             notes[i] = True, f"its output is not written: {rd[0].name} {_does(ops)} z as it loads it"
         elif rd[0].id not in first or rd[0].inputs[0] != out.id:
             notes[i] = False, f"its output is written: {rd[0].name} ({rd[0].op.value}) reads it, not a conv's input"

@@ -215,10 +215,13 @@ class DenseBlock:
 
 @dataclass(frozen=True)
 class NormAct:
-    """Batch norm and the activation after it, with no conv before them (kernels/norm_act.py)."""
+    """Batch norm and the activation after it (act1, as a conv block's), with no conv before them
+    (kernels/norm_act.py); with `defer` (cross-layer fusion, plan.py) its training pass hands x,
+    scale and shift to the conv that reads its output, which normalises and activates as it loads."""
 
     bn: BatchNormSpec
-    act: Act
+    act1: Act
+    defer: bool = False
 
 
 @dataclass(frozen=True)

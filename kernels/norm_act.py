@@ -13,6 +13,7 @@ from ..specs import NO_ACT, decode
 from ._common import absent, define, present
 from .batchnorm import batchnorm_stats
 from .batchnorm_layer import update_running
+from .conv_block import Deferred
 from .epilogue import epilogue_forward
 from .epilogue_backward import BatchNormBackward, epilogue_backward
 from .fold import bn_scale_shift
@@ -25,14 +26,14 @@ def _nhwc(x):
 
 def _apply(x, mean, var, weight, bias, s):
     scale, shift = bn_scale_shift(mean, var, s.bn.eps, weight, bias)
-    y, _ = epilogue_forward(_nhwc(x), scale, shift, s.act, None, NO_ACT, None)
+    y, _ = epilogue_forward(_nhwc(x), scale, shift, s.act1, None, NO_ACT, None)
     return y.view(x.shape), scale, shift
 
 
 def _backward_impl(dy, x, scale, shift, mean, var, weight, has_bias, spec, train, params):
     s = decode(spec)
     bn = BatchNormBackward(mean, var, s.bn.eps, weight, has_bias, params, train)
-    dx, _, dw, db = epilogue_backward(_nhwc(dy), _nhwc(x), scale, shift, s.act, None, NO_ACT, None, None, bn)
+    dx, _, dw, db = epilogue_backward(_nhwc(dy), _nhwc(x), scale, shift, s.act1, None, NO_ACT, None, None, bn)
     return dx.view(x.shape), absent(x) if dw is None else dw, absent(x) if db is None else db
 
 
@@ -113,11 +114,44 @@ _eval = define("norm_act_eval", "(Tensor x, Tensor mean, Tensor var, Tensor? wei
                "(Tensor, Tensor, Tensor)", _eval_impl, _eval_fake, _eval_backward, _eval_setup)
 
 
+# --- cross-layer fusion: y handed on unwritten (its reader conv normalises and activates on load) ------
+
+def _stats_impl(x, weight, bias, spec):
+    mean, var = batchnorm_stats(x.view(-1, x.shape[-1]))
+    return mean, var, *bn_scale_shift(mean, var, decode(spec).bn.eps, weight, bias)
+
+
+_stats = define("norm_act_stats", "(Tensor x, Tensor? weight, Tensor? bias, str spec) -> (Tensor, Tensor, Tensor, "
+                "Tensor)", _stats_impl, lambda x, weight, bias, spec: _train_fake(x, weight, bias, spec)[1:])
+
+
+class _Defer(torch.autograd.Function):
+    """x as the group's y, a view: the reader conv computes y from it as it loads (the Deferred's z,
+    scale and shift), and hands back y's gradient, which batch norm's and the activation's backward
+    turn into x's (the same pass as a written y's)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, scale, shift, spec):
+        ctx.has_bias, ctx.train, ctx.spec = bias is not None, True, spec
+        ctx.save_for_backward(x, scale, shift, mean, var, weight)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return (*_grads(ctx, dy, ctx.needs_input_grad[1], ctx.needs_input_grad[2]), *(None,) * 5)
+
+
 def norm_act(x, weight, bias, running_mean, running_var, num_batches_tracked, spec, state):
-    """act(batch norm(x)) for x (N, H, W, C) or (N, C)."""
-    if state.training:
+    """act(batch norm(x)) for x (N, H, W, C) or (N, C); with spec.defer, in training, a Deferred
+    (kernels/conv_block.py) of x and the scale and shift, for the conv that reads it."""
+    if not state.training:
+        return _eval(x, running_mean, running_var, weight, bias, state.text)[0]
+    if spec.defer:
+        detach = lambda t: None if t is None else t.detach()  # (the gradients go through _Defer)
+        mean, var, scale, shift = _stats(x.detach(), detach(weight), detach(bias), state.text)
+        y = _Defer.apply(x, weight, bias, mean, var, scale, shift, state.text)
+    else:
         y, mean, var, _, _ = _train(x, weight, bias, state.text)
-        update_running(mean, var, running_mean, running_var, num_batches_tracked, spec.bn.momentum,
-                       x.numel() // max(x.shape[-1], 1))
-        return y
-    return _eval(x, running_mean, running_var, weight, bias, state.text)[0]
+    update_running(mean, var, running_mean, running_var, num_batches_tracked, spec.bn.momentum,
+                   x.numel() // max(x.shape[-1], 1))
+    return Deferred(y, scale, shift, spec.act1) if spec.defer else y

@@ -14,9 +14,10 @@ networks run on the reference backend in tests/test_examples.py). Fused; DenseNe
 way in another (torch's own float32 is then off by percents, as often as the triton backend).
 Train mode's batch norm, every activation and dropout are compared layer by layer in
 tests/test_triton_backend.py and tests/kernels/, and these examples train on the reference
-backend in tests/test_examples.py. DenseNet unfused in train mode too: loss, gradients and
-running statistics after the training forward, then eval mode after one SGD step (train mode with
-concatenation, fused and unfused, in tests/test_triton_backend.py's BRANCHES)."""
+backend in tests/test_examples.py. DenseNet fused in train mode too (zero-copy concatenation,
+its pre-activation batch norms normalising on load in the conv that reads them): loss, gradients
+and running statistics after the training forward, then eval mode after one SGD step (train mode
+with concatenation unfused in tests/test_triton_backend.py's BRANCHES)."""
 
 import copy
 import re
@@ -99,7 +100,7 @@ def _run(model, x, target, torch_model, modes):
 # (AlexNet's layers, plain conv, relu, pool and dense, are every other network test's: its count and
 # torchvision's layout are tests/test_examples.py's)
 CASES = [("mobilenet_v2", True, ("eval",)),
-         ("densenet121", True, ("eval",)), ("densenet121", False, ("train", "eval")),
+         ("densenet121", True, ("train", "eval")), ("densenet121", False, ("eval",)),
          ("googlenet", True, ("eval",)), ("efficientnet_b0", True, ("eval",))]
 
 

@@ -12,8 +12,9 @@ import cnndsl
 
 from helpers import run_both
 
-# After a pool (NHWC), after a concatenation (DenseNet's layer), after a dense layer ((N, C)), one
-# without affine parameters. (No bias before a batch norm: its gradient is 0 up to rounding.)
+# After a pool (NHWC), after a concatenation (DenseNet's layer: deferred to the conv that reads it),
+# after a dense layer ((N, C)), one without affine parameters. (No bias before a batch norm: its
+# gradient is 0 up to rounding.)
 NET = """
 network norm_act
 input 3x8x8
@@ -24,7 +25,7 @@ relu6
 concat {
     branch { }
     branch {
-        conv 4 1 bias=false
+        conv 8 1 bias=false
     }
 }
 batchnorm momentum=0.3
@@ -55,6 +56,17 @@ def test_the_plan_groups_batch_norm_and_its_activation():
     assert group.forward == ("bn_stats", "bn_update_running", "bn_scale_shift", "epilogue_fwd")
     assert group.backward == ("epilogue_bwd+bn_reduce", "bn_bwd_merge", "bn_bwd_apply")
     assert ("norm_act", ("batchnorm", "activation")) not in _groups(NET, fuse=False)
+
+
+def test_the_conv_reading_it_normalises_and_activates_on_load():
+    """Cross-layer fusion: in training the group after the concatenation writes no y; the conv
+    reading it loads x through the prologue (its forward and weight gradient)."""
+    groups = cnndsl.compile(NET).plan.groups
+    i = next(i for i, g in enumerate(groups) if g.rule == "norm_act" and g.deferred)
+    assert groups[i].forward == ("bn_stats", "bn_update_running", "bn_scale_shift")
+    assert groups[i + 1].prologue and groups[i + 1].forward[0] == "prologue+conv_fwd+stats"
+    assert [g.deferred for g in groups if g.rule == "norm_act"] == [False, True, False]
+    assert not any(g.deferred for g in cnndsl.compile(NET, fuse="block").plan.groups)
 
 
 def test_a_lone_batch_norm_is_its_own_step():
