@@ -5,7 +5,10 @@ pass over x), then y = act(x scale + shift) in one pass (epilogue.py); backward,
 (dy and x in: the activation's gradient and batch norm's tile sums) and batch norm's elementwise
 pass (dx out). Eval: the running statistics' scale and shift, then the same pass. For x of t
 bytes: 3t forward (stats, x in and y out) and 6t backward, where batch norm then the activation
-each alone move 5t (stats, x in and out twice) and 8t (batch norm's 2t + 3t, the activation's 3t)."""
+each alone move 5t (stats, x in and out twice) and 8t (batch norm's 2t + 3t, the activation's 3t).
+Deferred (cross-layer fusion, spec.defer: only a conv reads y) the training forward is the
+statistics alone (t): the conv computes y from x, scale and shift as it loads (a Deferred, as a
+conv block's), and its input gradient, y's, comes back through the same backward."""
 
 import torch
 
