@@ -178,12 +178,13 @@ def _norm_act_step(net: Network, nodes: tuple[Node, ...]):
     return bn.inputs, tuple((bn.name, p) for p in BN_PARAMS), NormAct(bn_spec(bn), act(activation))
 
 
-# the conv block's epilogue pass without the conv: y = act(x scale + shift) in one pass, its backward in
-# the gather pass and batch norm's elementwise pass (a lone batch norm is the batchnorm op's own step)
+# the conv block's epilogue pass without the conv: y = act(x scale + shift) in one pass; backward, batch
+# norm's sums through the activation's gradient, then dx, recomputing it (a lone batch norm is the
+# batchnorm op's own step)
 NORM_ACT = Rule(
     "norm_act", (Stage(Op.BATCHNORM, True), Stage(Op.ACTIVATION, True)), "norm_act.norm_act", _norm_act_step,
     lambda ops: (("bn_scale_shift", "epilogue_fwd"), ("bn_stats", "bn_update_running", "bn_scale_shift", "epilogue_fwd"),
-                 ("epilogue_bwd+bn_reduce", "bn_bwd_merge", "bn_bwd_apply")), alone=False)
+                 ("bn_bwd_reduce", "bn_bwd_merge", "norm_act_bwd")), alone=False)
 
 RULES = (CONV_BLOCK, DENSE_BLOCK, NORM_ACT)
 BY_NAME = {r.name: r for r in RULES}
