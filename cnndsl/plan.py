@@ -188,9 +188,10 @@ def _dz_on_load(g: Group) -> bool:
     writes da once, as the shortcut's gradient); no pool (its scatter is a pass of its own); 16
     or more output channels per group (fewer are padded with zeros, which dz on load would not
     keep); and where it moves fewer bytes: each of the input gradient's p stride phases reads dy
-    and z where it read dz, so with batch norm (whose dz pass, 3 of z's size, and the write of da
-    or the read of dy and z go) it pays for p <= 2, with an activation alone (its pass of 3) for p = 1;
-    a conv reading the network's input (a stem) has no input gradient, so any stride pays."""
+    and z where it read dz, so with a shortcut (whose gather pass then writes da once, as the
+    shortcut's gradient, and batch norm's dz pass, 3 of z's size, goes) it pays for p <= 2; with
+    batch norm and act1, or either alone (a dz pass of 3 goes, the sums read dy and z either way),
+    for p = 1; a conv reading the network's input (a stem) has no input gradient, so any stride pays."""
     ops = [n.op for n in g.nodes]
     if g.rule != "conv_block" or not set(ops) & {Op.BATCHNORM, Op.ACTIVATION} or Op.POOL in ops:
         return False
@@ -199,7 +200,7 @@ def _dz_on_load(g: Group) -> bool:
     first = next(n for n in g.nodes if n.op is Op.CONV)
     conv, stem = first.attrs, first.inputs[0] == 0
     return conv.filters // conv.groups >= MIN_GEMM_K and (
-        stem or input_grad_phases(conv) <= (2 if Op.BATCHNORM in ops else 1))
+        stem or input_grad_phases(conv) <= (2 if Op.ADD in ops else 1))
 
 
 def _gemm_pool(g: Group) -> bool:

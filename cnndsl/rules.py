@@ -116,6 +116,14 @@ def _bn_only(ops) -> bool:
     return Op.BATCHNORM in ops and not set(ops) & {Op.ACTIVATION, Op.ADD, Op.POOL}
 
 
+def _bn_act_only(ops) -> bool:
+    """Batch norm and one activation are the block's only stages after the conv."""
+    return Op.BATCHNORM in ops and ops.count(Op.ACTIVATION) == 1 and not set(ops) & {Op.ADD, Op.POOL}
+
+
+BN_ACT_BACKWARD = ("bn_bwd_reduce", "bn_bwd_merge", "bn_act_bwd")
+
+
 def _conv_kernels(ops):
     if Op.GATE in ops:  # the conv scales x by g as it loads it, forward and weight gradient; the gradient of
         # x * g (the input gradient's GEMM) goes through the gate's backward pass
@@ -129,6 +137,8 @@ def _conv_kernels(ops):
     train_bwd = ("epilogue_bwd+bn_reduce", "bn_bwd_merge", "bn_bwd_apply") if bn else ("epilogue_bwd",)
     if _bn_only(ops):
         train_bwd = ("bn_bwd_reduce", "bn_bwd_merge", "bn_bwd_apply")
+    elif _bn_act_only(ops):  # batch norm's sums through act1's gradient, then dz: no pass writes da
+        train_bwd = BN_ACT_BACKWARD
     fold = ("bn_fold",) if bn else ()  # once per weight change, not per call
     return fold + ("conv_fwd+epilogue",), train_fwd, train_bwd + ("conv_bwd_input", "conv_bwd_weight")
 
@@ -184,7 +194,7 @@ def _norm_act_step(net: Network, nodes: tuple[Node, ...]):
 NORM_ACT = Rule(
     "norm_act", (Stage(Op.BATCHNORM, True), Stage(Op.ACTIVATION, True)), "norm_act.norm_act", _norm_act_step,
     lambda ops: (("bn_scale_shift", "epilogue_fwd"), ("bn_stats", "bn_update_running", "bn_scale_shift", "epilogue_fwd"),
-                 ("bn_bwd_reduce", "bn_bwd_merge", "norm_act_bwd")), alone=False)
+                 BN_ACT_BACKWARD), alone=False)
 
 RULES = (CONV_BLOCK, DENSE_BLOCK, NORM_ACT)
 BY_NAME = {r.name: r for r in RULES}

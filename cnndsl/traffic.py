@@ -81,7 +81,7 @@ KERNEL_BYTES: dict[str, Callable[[Tensors, bool], int]] = {
     "bn_apply": lambda t, training: t.x + t.y,
     "bn_bwd_reduce": lambda t, training: 2 * t.z,  # dy and x
     "bn_bwd_apply": lambda t, training: 3 * t.z,  # dy and x in, dx out
-    "norm_act_bwd": lambda t, training: 3 * t.z,  # dy and x in, dx out (the activation's gradient recomputed)
+    "bn_act_bwd": lambda t, training: 3 * t.z,  # dy and x in, dx out (the activation's gradient recomputed)
     "bn_fold": _NONE, "bn_scale_shift": _NONE, "bn_merge_stats": _NONE, "bn_update_running": _NONE,
     "bn_bwd_merge": _NONE,
     "dense_fwd": lambda t, training: t.x + t.w + t.y + (t.z if t.pre and training else 0),

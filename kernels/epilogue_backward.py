@@ -20,10 +20,12 @@ from .batchnorm import _check_channels, _tiles
 from .batchnorm_backward import (
     batchnorm_backward,
     batchnorm_backward_from_partials,
+    batchnorm_backward_on_load,
     batchnorm_eval_backward,
     batchnorm_on_load_from_partials,
 )
 from .epilogue import _KEY, _PRUNE, _affine, _chain, _setup, window_args
+from .prologue import apply_grad_prologue, grad_coefs
 from .window import (
     CONFIGS,
     check_argmax,
@@ -143,6 +145,48 @@ def _check(dy, z, scale, shift, act1, residual, act2, pool, argmax, bn):
     return args, consts
 
 
+_BN_ACT_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=w)
+            for m, c, w in ((64, 64, 4), (128, 32, 4), (32, 128, 4), (128, 64, 8))]
+
+
+@autotune(_BN_ACT_CONFIGS, key=["M", "C", "ACT", "CENTER"], interpret={"BLOCK_M": ("M", 16, 512), "BLOCK_C": ("C", 16, 128)})
+@triton.jit
+def _bn_act_bwd_kernel(dy_ptr, x_ptr, dx_ptr,  # (M, C); dy's rows stride_dym apart (a concat's gradient slice)
+                       scale_ptr, shift_ptr, center_ptr, slope,  # fp32 (C,), (C,), (3, C): [beta, mean, gamma]
+                       M, C, stride_dym, ACT: tl.constexpr, CENTER: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    # dx = scale g + beta (x - mean) + gamma with g = dy act'(x scale + shift): batch norm's backward
+    # through the batch statistics (CENTER; else through constants, dx = scale g), the activation's
+    # recomputed from x: what a conv's gradient kernels apply as they load dy (prologue.py), as a pass
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ch_ok = ch < C
+    keep = (rows < M)[:, None] & ch_ok[None, :]
+    offs = rows[:, None] * C + ch[None, :]
+    s, t, beta, mu, gamma = grad_coefs(scale_ptr, shift_ptr, center_ptr, C, ch, ch_ok, True, CENTER)
+    dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ch[None, :], mask=keep, other=0.0)
+    x = tl.load(x_ptr + offs, mask=keep, other=0.0)
+    dx = apply_grad_prologue(dy, x, s[None, :], t[None, :], beta[None, :], mu[None, :], gamma[None, :], keep, True,
+                             ACT, slope, CENTER)
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=keep)
+
+
+def _bn_act_backward(dy, z, scale, shift, act1: Act, bn):
+    """(dz, dweight, dbias) of batch norm then act1 alone: batch norm's sums of g = dy act1'(u)
+    (dy and z in, as dz on load's), then dz in one pass (dy and z in), act1's gradient recomputed:
+    5 passes over z's size where the gather pass writing da and batch norm's rereading it take 6."""
+    m, c = z.numel() // max(z.shape[-1], 1), z.shape[-1]
+    dy2, z2 = dy.reshape(m, c), z.view(m, c)  # (dy a channel slice: a view, its rows apart)
+    center, dw, db = batchnorm_backward_on_load(dy2, z2, bn.mean, bn.var, bn.eps, bn.weight, bn.param_grads, bn.train,
+                                                scale, shift, act1)
+    dz = torch.empty_like(z)
+    if dz.numel():
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
+        _bn_act_bwd_kernel[grid](dy2, z2, dz, scale, shift, scale if center is None else center, float(act1.slope),
+                                 m, c, dy2.stride(0), ACT=act_code(act1), CENTER=center is not None)
+    return dz, dw if bn.param_grads else None, db if bn.param_grads else None
+
+
 def epilogue_backward(dy, z, scale, shift, act1: Act, residual, act2: Act, pool: Window | None, argmax,
                       bn: BatchNormBackward | None = None):
     """(dz, dresidual or None, dweight or None, dbias or None) for dy of epilogue_forward's y,
@@ -160,6 +204,10 @@ def epilogue_backward(dy, z, scale, shift, act1: Act, residual, act2: Act, pool:
         backward = batchnorm_backward if bn.train else batchnorm_eval_backward
         dz, dw, db = backward(dy.view(m, c), z.view(m, c), bn.mean, bn.var, bn.eps, bn.weight, bn.param_grads)
         return dz.view(z.shape), None, None if bn.weight is None else dw, db if bn.bias else None
+    if bn is not None and consts["ACT1"] != NONE and consts["ACT2"] == NONE and not consts["HAS_RES"] \
+            and not consts["POOL"]:  # batch norm and act1 alone: two passes, none writing da
+        dz, dw, db = _bn_act_backward(dy, z, scale, shift, act1, bn)
+        return dz, None, None if bn.weight is None else dw, db if bn.bias else None
     # a shortcut added after the conv itself (no act1, no affine): dz is dresidual, written once
     same = bn is None and scale is None and consts["HAS_RES"] and consts["ACT1"] == NONE
     dz, dres, part = _gather(dy, z, scale, shift, residual, argmax, bn, args, consts, not same)

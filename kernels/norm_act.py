@@ -2,8 +2,8 @@
 layers and transitions; a batch norm after a pool, a concatenation or a dense layer), as custom
 ops over the conv block's epilogue kernels without the conv. Training: the batch statistics (one
 pass over x), then y = act(x scale + shift) in one pass (epilogue.py); backward, batch norm's sums
-of g = dy act'(x scale + shift) (dy and x in, batchnorm_backward.py) and one pass writing dx
-(_norm_act_bwd_kernel: dy and x in). Eval: the running statistics' scale and shift, then the same
+of g = dy act'(x scale + shift) (dy and x in) and one pass writing dx (dy and x in:
+epilogue_backward.py's batch norm and activation alone). Eval: the running statistics' scale and shift, then the same
 pass. For x of t bytes: 3t forward (stats, x in and y out) and 5t backward, where batch norm then
 the activation each alone move 5t (stats, x in and out twice) and 8t (batch norm's 2t + 3t, the
 activation's 3t).
@@ -12,43 +12,15 @@ statistics alone (t): the conv computes y from x, scale and shift as it loads (a
 conv block's), and its input gradient, y's, comes back through the same backward."""
 
 import torch
-import triton
-import triton.language as tl
 
 from ..specs import NO_ACT, decode
-from ._common import absent, autotune, define, present
-from .activation import act_code
+from ._common import absent, define, present
 from .batchnorm import batchnorm_stats
-from .batchnorm_backward import batchnorm_backward_on_load
 from .batchnorm_layer import update_running
 from .conv_block import Deferred
 from .epilogue import epilogue_forward
+from .epilogue_backward import BatchNormBackward, epilogue_backward
 from .fold import bn_scale_shift
-from .prologue import apply_grad_prologue, grad_coefs
-
-_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=w)
-            for m, c, w in ((64, 64, 4), (128, 32, 4), (32, 128, 4), (128, 64, 8))]
-
-
-@autotune(_CONFIGS, key=["M", "C", "ACT", "CENTER"], interpret={"BLOCK_M": ("M", 16, 512), "BLOCK_C": ("C", 16, 128)})
-@triton.jit
-def _norm_act_bwd_kernel(dy_ptr, x_ptr, dx_ptr,  # (M, C)
-                         scale_ptr, shift_ptr, center_ptr, slope,  # fp32 (C,), (C,), (3, C): [beta, mean, gamma]
-                         M, C, ACT: tl.constexpr, CENTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    # dx = scale g + beta (x - mean) + gamma with g = dy act'(x scale + shift): batch norm's backward
-    # through the batch statistics (CENTER; else through constants, dx = scale g), the activation's
-    # recomputed from x: what a conv's gradient kernels apply as they load dy (prologue.py), as a pass
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ch_ok = ch < C
-    keep = (rows < M)[:, None] & ch_ok[None, :]
-    offs = rows[:, None] * C + ch[None, :]
-    s, t, beta, mu, gamma = grad_coefs(scale_ptr, shift_ptr, center_ptr, C, ch, ch_ok, True, CENTER)
-    dy = tl.load(dy_ptr + offs, mask=keep, other=0.0)
-    x = tl.load(x_ptr + offs, mask=keep, other=0.0)
-    dx = apply_grad_prologue(dy, x, s[None, :], t[None, :], beta[None, :], mu[None, :], gamma[None, :], keep, True,
-                             ACT, slope, CENTER)
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=keep)
 
 
 def _nhwc(x):
@@ -63,19 +35,10 @@ def _apply(x, mean, var, weight, bias, s):
 
 
 def _backward_impl(dy, x, scale, shift, mean, var, weight, has_bias, spec, train, params):
-    """Two passes: batch norm's sums of g = dy act'(x scale + shift) (dy and x in), then dx (dy and
-    x in, dx out), the activation's gradient recomputed in each."""
     s = decode(spec)
-    m, c = x.numel() // max(x.shape[-1], 1), x.shape[-1]
-    dy2, x2 = dy.view(m, c), x.view(m, c)
-    center, dw, db = batchnorm_backward_on_load(dy2, x2, mean, var, s.bn.eps, weight, params, train, scale, shift,
-                                                s.act1)
-    dx = torch.empty_like(x)
-    if dx.numel():
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
-        _norm_act_bwd_kernel[grid](dy2, x2, dx, scale, shift, scale if center is None else center,
-                                   float(s.act1.slope), m, c, ACT=act_code(s.act1), CENTER=center is not None)
-    return dx, absent(x) if dw is None or not params else dw, absent(x) if db is None or not has_bias else db
+    bn = BatchNormBackward(mean, var, s.bn.eps, weight, has_bias, params, train)
+    dx, _, dw, db = epilogue_backward(_nhwc(dy), _nhwc(x), scale, shift, s.act1, None, NO_ACT, None, None, bn)
+    return dx.view(x.shape), absent(x) if dw is None else dw, absent(x) if db is None else db
 
 
 def _backward_fake(dy, x, scale, shift, mean, var, weight, has_bias, spec, train, params):

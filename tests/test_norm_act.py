@@ -54,7 +54,7 @@ def test_the_plan_groups_batch_norm_and_its_activation():
     group = next(g for g in cnndsl.compile(NET).plan.groups if g.rule == "norm_act")
     assert group.inference == ("bn_scale_shift", "epilogue_fwd")
     assert group.forward == ("bn_stats", "bn_update_running", "bn_scale_shift", "epilogue_fwd")
-    assert group.backward == ("bn_bwd_reduce", "bn_bwd_merge", "norm_act_bwd")
+    assert group.backward == ("bn_bwd_reduce", "bn_bwd_merge", "bn_act_bwd")
     assert ("norm_act", ("batchnorm", "activation")) not in _groups(NET, fuse=False)
 
 

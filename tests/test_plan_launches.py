@@ -41,7 +41,7 @@ BY_NAME = {
     "add_fwd": {"add._add_kernel"},
     "concat_fwd": {"concat._slice_copy_kernel"}, "concat_bwd": {"concat._slice_copy_kernel"},
     "gate_fwd": {"gate._gate_fwd_kernel"}, "gate_bwd": {"gate._gate_bwd_kernel"},
-    "norm_act_bwd": {"norm_act._norm_act_bwd_kernel"},
+    "bn_act_bwd": {"epilogue_backward._bn_act_bwd_kernel"},
     "stochastic_depth_fwd": {"stochastic_depth._stochastic_depth_kernel"},
     "stochastic_depth_bwd": {"stochastic_depth._stochastic_depth_kernel"},
 }
