@@ -174,7 +174,8 @@ def _deferral(net: ir.Network, readers, groups: list[Group]) -> dict[int, tuple[
                 notes[i] = False, (f"its output is written: {rd[0].name} reads {cin_g} channels per group, padded "
                                    f"to 16 with zeros that normalising on load would not keep zero")
             else:
-                notes[i] = True, f"its output is not written: {rd[0].name} {_does(ops)} z as it loads it"
+                loaded = "z" if g.rule == "conv_block" else "its input"  # (a norm_act group has no conv)
+                notes[i] = True, f"its output is not written: {rd[0].name} {_does(ops)} {loaded} as it loads it"
     return notes
 
 

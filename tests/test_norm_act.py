@@ -65,6 +65,8 @@ def test_the_conv_reading_it_normalises_and_activates_on_load():
     i = next(i for i, g in enumerate(groups) if g.rule == "norm_act" and g.deferred)
     assert groups[i].forward == ("bn_stats", "bn_update_running", "bn_scale_shift")
     assert groups[i + 1].prologue and groups[i + 1].forward[0] == "prologue+conv_fwd+stats"
+    assert groups[i].output_note == (f"its output is not written: {groups[i + 1].nodes[0].name} normalises and "
+                                     f"activates its input as it loads it")
     assert [g.deferred for g in groups if g.rule == "norm_act"] == [False, True, False]
     assert not any(g.deferred for g in cnndsl.compile(NET, fuse="block").plan.groups)
 
