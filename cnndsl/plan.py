@@ -89,7 +89,7 @@ class Plan:
     def __str__(self) -> str:
         lines = [f"plan for {self.network}: {len(self.groups)} groups ({self.level})"]
         for i, g in enumerate(self.groups):
-            kernels = ", ".join(g.inference) or ("(no kernel: its branches wrote it)" if g.into_note else "(view, no kernel)")
+            kernels = ", ".join(g.inference) or no_kernel(g.into_note)
             lines.append(f"  {i:>3}  {g.name:<28} {'+'.join(g.ops):<34} {kernels}")
             if g.reason:
                 lines.append(f"       not fused further: {g.reason}")
@@ -102,6 +102,12 @@ class Plan:
             if g.into_note:
                 lines.append(f"       {g.into_note}")
         return "\n".join(lines)
+
+
+def no_kernel(zero_copy) -> str:
+    """What a plan shows for a group that launches nothing: a concat whose branches wrote into its
+    output (zero-copy), or a view."""
+    return "(no kernel: its branches wrote it)" if zero_copy else "(view, no kernel)"
 
 
 def _readers(net: ir.Network) -> dict[int, list[ir.Node]]:

@@ -2,6 +2,7 @@
 parameters and multiply-adds, totals, BN buffers counted apart; and the same as JSON."""
 
 from . import ir
+from .plan import no_kernel
 from .shapes import buffers, macs, numel, params
 
 _BYTES_FP32 = 4
@@ -86,10 +87,6 @@ def plan_json(net: ir.Network, fused, unfused, batch: int, itemsize: int, train:
             "bytes": sum(g["bytes"] for g in groups), "unfused_bytes": sum(g["unfused_bytes"] for g in groups)}
 
 
-def _none(group: dict) -> str:
-    return "(no kernel: its branches wrote it)" if group["zero_copy"] else "(view, no kernel)"
-
-
 def plan_table(net: ir.Network, fused, unfused, batch: int, itemsize: int, train: bool) -> str:
     """`cnndsl plan`: one row per fused group with its ops, kernels and modelled MB moved."""
     from .plan import GEMM_POOL_NOTE
@@ -101,7 +98,7 @@ def plan_table(net: ir.Network, fused, unfused, batch: int, itemsize: int, train
              f"  {'#':>3}  {'group':<30} {'ops':<36} {'MB fused':>9} {'unfused':>9}  kernels"]
     for i, g in enumerate(j["groups"]):
         lines.append(f"  {i:>3}  {g['name'][:30]:<30} {'+'.join(g['ops'])[:36]:<36} {_mb(g['bytes']):>9} "
-                     f"{_mb(g['unfused_bytes']):>9}  {', '.join(g['kernels']) or _none(g)}")
+                     f"{_mb(g['unfused_bytes']):>9}  {', '.join(g['kernels']) or no_kernel(g['zero_copy'])}")
         if g["not_fused_further"]:
             lines.append(f"       not fused further: {g['not_fused_further']}")
         if train and g["training_output"]:
