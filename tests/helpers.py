@@ -227,3 +227,19 @@ def run_files(folder) -> list[str]:
     """The files a training run leaves in its folder, sorted; curves.png left out (drawn only where
     matplotlib is installed)."""
     return sorted(p.name for p in folder.iterdir() if p.name != "curves.png")
+
+
+def launches(run, see=lambda kernel, values: kernel.fn.__name__) -> list:
+    """`see(kernel, {argument: value})` of every Triton kernel launch `run()` makes (under the
+    interpreter), in order, leaving out what `see` returns as None; by default each kernel's name."""
+    from triton.runtime.interpreter import InterpretedFunction
+    seen, original = [], InterpretedFunction.run
+
+    def record(self, *args, **kwargs):
+        what = see(self, {**dict(zip(self.arg_names, args)), **kwargs})
+        if what is not None:
+            seen.append(what)
+        return original(self, *args, **kwargs)
+    with mock.patch.object(InterpretedFunction, "run", record):
+        run()
+    return seen

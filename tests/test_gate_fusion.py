@@ -13,7 +13,7 @@ from cnndsl.kernels.gate import gate_forward
 from cnndsl.kernels.prologue import Prologue
 from cnndsl.specs import Act, ConvGeometry, Window
 
-from helpers import DTYPES, run_both
+from helpers import DTYPES, launches, run_both
 
 # An MBConv block as EfficientNet's: expand, depthwise, squeeze-and-excitation, project.
 MBCONV = """
@@ -41,19 +41,6 @@ softmax
 """
 
 
-def _launched(run) -> list[str]:
-    from triton.runtime.interpreter import InterpretedFunction
-    names, original = [], InterpretedFunction.run
-
-    def record(self, *args, **kwargs):
-        names.append(self.fn.__name__)
-        return original(self, *args, **kwargs)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(InterpretedFunction, "run", record)
-        run()
-    return names
-
-
 def test_the_plan_fuses_the_gate_into_its_reader():
     model = cnndsl.compile(MBCONV)
     group = next(g for g in model.plan.groups if g.ops[0] == "gate")
@@ -67,13 +54,13 @@ def test_the_plan_fuses_the_gate_into_its_reader():
 def test_inference_writes_no_gated_tensor():
     model = cnndsl.compile(MBCONV).eval()
     with torch.no_grad():
-        names = _launched(lambda: model(torch.randn(2, 16, 8, 8)))
+        names = launches(lambda: model(torch.randn(2, 16, 8, 8)))
     assert "_gate_fwd_kernel" not in names and "_conv_kernel" in names
 
 
 def test_training_writes_no_gated_tensor():
     model = cnndsl.compile(MBCONV).train()
-    names = _launched(lambda: model.loss(torch.randn(2, 16, 8, 8), torch.tensor([0, 2])).backward())
+    names = launches(lambda: model.loss(torch.randn(2, 16, 8, 8), torch.tensor([0, 2])).backward())
     assert "_gate_fwd_kernel" not in names and names.count("_gate_bwd_kernel") == 1
 
 

@@ -11,6 +11,7 @@ import torch
 import cnndsl
 import cnndsl.kernels
 
+from helpers import launches
 from test_triton_backend import BRANCHES, EVERYTHING, RESIDUAL
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -58,18 +59,7 @@ def _kernels(name: str) -> set:
 
 def _launches(run) -> set:
     """module.function of every Triton kernel `run()` launches."""
-    from triton.runtime.interpreter import InterpretedFunction
-    launched, original = set(), InterpretedFunction.run
-
-    def record(self, *args, **kwargs):
-        launched.add(f"{self.fn.__module__.rsplit('.', 1)[-1]}.{self.fn.__name__}")
-        return original(self, *args, **kwargs)
-    InterpretedFunction.run = record
-    try:
-        run()
-    finally:
-        InterpretedFunction.run = original
-    return launched
+    return set(launches(run, lambda kernel, _: f"{kernel.fn.__module__.rsplit('.', 1)[-1]}.{kernel.fn.__name__}"))
 
 
 def _check(names: set, launched: set, extra: set, what: str) -> None:

@@ -24,7 +24,7 @@ from cnndsl.kernels.prologue import GradPrologue
 from cnndsl.plan import plan
 from cnndsl.specs import NO_ACT, Act, ConvGeometry, Window
 
-from helpers import DTYPES, run_both
+from helpers import DTYPES, launches, run_both
 from test_triton_backend import BRANCHES
 
 # An Inception module's four kinds of branch end: conv + batch norm + relu (1x1, and after a
@@ -96,21 +96,12 @@ softmax
 def _stores(run) -> list[tuple[str, int, int]]:
     """(kernel, y's data pointer, y's pixel stride) of every conv and epilogue launch of `run()`, and
     the copy kernel's launches as ("copy", rows, cols)."""
-    from triton.runtime.interpreter import InterpretedFunction
-    seen, original = [], InterpretedFunction.run
-
-    def record(self, *args, **kwargs):
-        values = {**dict(zip(self.arg_names, args)), **kwargs}
-        name = self.fn.__name__
+    def see(kernel, values):
+        name = kernel.fn.__name__
         if name in ("_conv_kernel", "_epilogue_fwd_kernel"):
-            seen.append((name, values["y_ptr"].data_ptr(), values["stride_yp"]))
-        elif name == "_slice_copy_kernel":
-            seen.append(("copy", values["rows"], values["cols"]))
-        return original(self, *args, **kwargs)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(InterpretedFunction, "run", record)
-        run()
-    return seen
+            return name, values["y_ptr"].data_ptr(), values["stride_yp"]
+        return ("copy", values["rows"], values["cols"]) if name == "_slice_copy_kernel" else None
+    return launches(run, see)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
