@@ -28,10 +28,22 @@ def _nhwc(x):
     return x if x.dim() == 4 else x.view(x.shape[0], 1, 1, x.shape[-1])
 
 
-def _apply(x, mean, var, weight, bias, s):
-    scale, shift = bn_scale_shift(mean, var, s.bn.eps, weight, bias)
+def _normalise(x, scale, shift, s):
+    """act1(x scale + shift) in one pass."""
     y, _ = epilogue_forward(_nhwc(x), scale, shift, s.act1, None, NO_ACT, None)
-    return y.view(x.shape), scale, shift
+    return y.view(x.shape)
+
+
+def _stats_impl(x, weight, bias, spec):
+    """(mean, var, scale, shift), fp32 (C,): the batch statistics and batch norm's affine with them."""
+    mean, var = batchnorm_stats(x.view(-1, x.shape[-1]))
+    return mean, var, *bn_scale_shift(mean, var, decode(spec).bn.eps, weight, bias)
+
+
+def _save(ctx, x, weight, bias, spec, train, mean, var, scale, shift):
+    """What backward reads, saved by the three ops (training, eval and the deferring one)."""
+    ctx.has_bias, ctx.train, ctx.spec = bias is not None, train, spec
+    ctx.save_for_backward(x, scale, shift, mean, var, weight)
 
 
 def _backward_impl(dy, x, scale, shift, mean, var, weight, has_bias, spec, train, params):
@@ -63,9 +75,8 @@ def _grads(ctx, dy, need_weight, need_bias):
 # --- training: the batch statistics normalise ----------------------------------------------------
 
 def _train_impl(x, weight, bias, spec):
-    mean, var = batchnorm_stats(x.view(-1, x.shape[-1]))
-    y, scale, shift = _apply(x, mean, var, weight, bias, decode(spec))
-    return y, mean, var, scale, shift
+    mean, var, scale, shift = _stats_impl(x, weight, bias, spec)
+    return _normalise(x, scale, shift, decode(spec)), mean, var, scale, shift
 
 
 def _train_fake(x, weight, bias, spec):
@@ -74,11 +85,8 @@ def _train_fake(x, weight, bias, spec):
 
 
 def _train_setup(ctx, inputs, output):
-    x, weight, bias, ctx.spec = inputs
-    _, mean, var, scale, shift = output
-    ctx.mark_non_differentiable(mean, var, scale, shift)
-    ctx.has_bias, ctx.train = bias is not None, True
-    ctx.save_for_backward(x, scale, shift, mean, var, weight)
+    ctx.mark_non_differentiable(*output[1:])
+    _save(ctx, *inputs, True, *output[1:])
 
 
 def _train_backward(ctx, dy, *_):
@@ -92,8 +100,9 @@ _train = define("norm_act_train", "(Tensor x, Tensor? weight, Tensor? bias, str 
 # --- eval (or a frozen batch norm): the running statistics normalise -------------------------------
 
 def _eval_impl(x, mean, var, weight, bias, spec):
-    y, scale, shift = _apply(x, mean, var, weight, bias, decode(spec))
-    return y, scale, shift
+    s = decode(spec)
+    scale, shift = bn_scale_shift(mean, var, s.bn.eps, weight, bias)
+    return _normalise(x, scale, shift, s), scale, shift
 
 
 def _eval_fake(x, mean, var, weight, bias, spec):
@@ -102,11 +111,9 @@ def _eval_fake(x, mean, var, weight, bias, spec):
 
 
 def _eval_setup(ctx, inputs, output):
-    x, mean, var, weight, bias, ctx.spec = inputs
-    _, scale, shift = output
-    ctx.mark_non_differentiable(scale, shift)
-    ctx.has_bias, ctx.train = bias is not None, False
-    ctx.save_for_backward(x, scale, shift, mean, var, weight)
+    x, mean, var, weight, bias, spec = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    _save(ctx, x, weight, bias, spec, False, mean, var, *output[1:])
 
 
 def _eval_backward(ctx, dy, *_):
@@ -120,11 +127,6 @@ _eval = define("norm_act_eval", "(Tensor x, Tensor mean, Tensor var, Tensor? wei
 
 # --- cross-layer fusion: y handed on unwritten (its reader conv normalises and activates on load) ------
 
-def _stats_impl(x, weight, bias, spec):
-    mean, var = batchnorm_stats(x.view(-1, x.shape[-1]))
-    return mean, var, *bn_scale_shift(mean, var, decode(spec).bn.eps, weight, bias)
-
-
 _stats = define("norm_act_stats", "(Tensor x, Tensor? weight, Tensor? bias, str spec) -> (Tensor, Tensor, Tensor, "
                 "Tensor)", _stats_impl, lambda x, weight, bias, spec: _train_fake(x, weight, bias, spec)[1:])
 
@@ -136,8 +138,7 @@ class _Defer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, scale, shift, spec):
-        ctx.has_bias, ctx.train, ctx.spec = bias is not None, True, spec
-        ctx.save_for_backward(x, scale, shift, mean, var, weight)
+        _save(ctx, x, weight, bias, spec, True, mean, var, scale, shift)
         return x.view_as(x)
 
     @staticmethod
