@@ -161,8 +161,8 @@ def _deferral(net: ir.Network, readers, groups: list[Group]) -> dict[int, tuple[
     notes = {}
     for i, g in enumerate(groups):
         ops = {n.op for n in g.nodes}
-        if g.rule not in ("conv_block", "norm_act") or not ops & {Op.BATCHNORM, Op.ACTIVATION} or ops & {Op.ADD,
-                                                                                                          Op.POOL}:
+        stages = ops & {Op.BATCHNORM, Op.ACTIVATION}
+        if g.rule not in ("conv_block", "norm_act") or not stages or ops & {Op.ADD, Op.POOL}:
             continue
         out, rd = g.output, readers[g.output.id]
         if not rd:

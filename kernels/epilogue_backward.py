@@ -16,7 +16,7 @@ import triton.language as tl
 from ..specs import NO_ACT, Act, Window
 from ._common import autotune, check, check_tensor
 from .activation import NONE, act_code, apply_act_grad
-from .batchnorm import _check_channels, _tiles
+from .batchnorm import _TILE_CONFIGS, _check_channels, _tiles
 from .batchnorm_backward import (
     batchnorm_backward,
     batchnorm_backward_from_partials,
@@ -145,19 +145,16 @@ def _check(dy, z, scale, shift, act1, residual, act2, pool, argmax, bn):
     return args, consts
 
 
-_BN_ACT_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=w)
-            for m, c, w in ((64, 64, 4), (128, 32, 4), (32, 128, 4), (128, 64, 8))]
-
-
-@autotune(_BN_ACT_CONFIGS, key=["M", "C", "ACT", "CENTER"], interpret={"BLOCK_M": ("M", 16, 512), "BLOCK_C": ("C", 16, 128)})
+# (batch norm's elementwise (M, C) tiles)
+@autotune(_TILE_CONFIGS, key=["M", "C", "ACT", "CENTER"], interpret={"BLOCK_M": ("M", 16, 512), "BLOCK_C": ("C", 16, 128)})
 @triton.jit
-def _bn_act_bwd_kernel(dy_ptr, x_ptr, dx_ptr,  # (M, C); dy's rows stride_dym apart (a concat's gradient slice)
+def _bn_act_bwd_kernel(dy_ptr, z_ptr, dz_ptr,  # (M, C); dy's rows stride_dym apart (a concat's gradient slice)
                        scale_ptr, shift_ptr, center_ptr, slope,  # fp32 (C,), (C,), (3, C): [beta, mean, gamma]
                        M, C, stride_dym, ACT: tl.constexpr, CENTER: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_C: tl.constexpr):
-    # dx = scale g + beta (x - mean) + gamma with g = dy act'(x scale + shift): batch norm's backward
-    # through the batch statistics (CENTER; else through constants, dx = scale g), the activation's
-    # recomputed from x: what a conv's gradient kernels apply as they load dy (prologue.py), as a pass
+    # dz = scale g + beta (z - mean) + gamma with g = dy act'(z scale + shift): batch norm's backward
+    # through the batch statistics (CENTER; else through constants, dz = scale g), the activation's
+    # recomputed from z: what a conv's gradient kernels apply as they load dy (prologue.py), as a pass
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ch_ok = ch < C
@@ -165,10 +162,10 @@ def _bn_act_bwd_kernel(dy_ptr, x_ptr, dx_ptr,  # (M, C); dy's rows stride_dym ap
     offs = rows[:, None] * C + ch[None, :]
     s, t, beta, mu, gamma = grad_coefs(scale_ptr, shift_ptr, center_ptr, C, ch, ch_ok, True, CENTER)
     dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ch[None, :], mask=keep, other=0.0)
-    x = tl.load(x_ptr + offs, mask=keep, other=0.0)
-    dx = apply_grad_prologue(dy, x, s[None, :], t[None, :], beta[None, :], mu[None, :], gamma[None, :], keep, True,
+    z = tl.load(z_ptr + offs, mask=keep, other=0.0)
+    dz = apply_grad_prologue(dy, z, s[None, :], t[None, :], beta[None, :], mu[None, :], gamma[None, :], keep, True,
                              ACT, slope, CENTER)
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=keep)
+    tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=keep)
 
 
 def _bn_act_backward(dy, z, scale, shift, act1: Act, bn):
