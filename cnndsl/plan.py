@@ -233,6 +233,9 @@ def _cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:
     backward writes no dz (its conv's gradient kernels compute it as they load dy and z)."""
     notes = _deferral(net, readers, groups)
     deferred_outputs = {groups[i].output.id for i, (on, _) in notes.items() if on}
+    # batch norm's sums of a deferred block come from its reader's input gradient (bn_sums_in_reader)
+    by_output = {g.output.id: g for g in groups}
+    summed = {o for o in deferred_outputs if any(n.op is Op.BATCHNORM for n in by_output[o].nodes)}
     out = []
     for i, g in enumerate(groups):
         on, note = notes.get(i, (False, None))
@@ -255,6 +258,8 @@ def _cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:
         if prologue:
             forward = tuple(f"prologue+{k}" if k.startswith(("conv_fwd", "pool_fwd")) else k for k in forward)
             backward = tuple(f"prologue+{k}" if k.endswith("conv_bwd_weight") else k for k in backward)
+        if g.output.id in summed:
+            backward = tuple("bn_sums_in_reader" if k == "bn_bwd_reduce" else k for k in backward)
         out.append(replace(g, forward=forward, backward=backward, deferred=on, prologue=prologue,
                            dz_on_load=on_load, gemm_pool=gemm_pool, output_note=note))
     return out

@@ -80,6 +80,8 @@ KERNEL_BYTES: dict[str, Callable[[Tensors, bool], int]] = {
     "bn_stats": lambda t, training: t.x,
     "bn_apply": lambda t, training: t.x + t.y,
     "bn_bwd_reduce": lambda t, training: 2 * t.z,  # dy and x
+    # a deferred block's sums, in its reader's input gradient (a conv's or max pool's epilogue): z read again
+    "bn_sums_in_reader": lambda t, training: t.z,
     "bn_bwd_apply": lambda t, training: 3 * t.z,  # dy and x in, dx out
     "bn_act_bwd": lambda t, training: 3 * t.z,  # dy and x in, dx out (the activation's gradient recomputed)
     "bn_fold": _NONE, "bn_scale_shift": _NONE, "bn_merge_stats": _NONE, "bn_update_running": _NONE,
@@ -115,6 +117,9 @@ def kernel_bytes(name: str, t: Tensors, training: bool) -> int:
     kernel does without it (it reads z where it read y: the same size), and so does a conv that
     applies a gate as it loads x (the gate, one value per sample and channel, is small)."""
     name = name.removeprefix("prologue+").removeprefix("gate+")
+    base = name.removesuffix("+bn_sums")
+    if base != name and base.endswith(("conv_bwd_input", "pool_bwd")):  # it reads z (x: the forward normalised
+        return KERNEL_BYTES[base](t, training) + t.x  # it on load) for the sums
     key = "dense_fwd" if name.startswith("dense_fwd") else name
     return KERNEL_BYTES[key](t, training)
 

@@ -63,11 +63,12 @@ def _bn_bwd_partial_kernel(dy_ptr, x_ptr, mean_ptr, part_ptr,  # dy, x (M, C) ->
 
 
 @triton.jit
-def _bn_bwd_merge_kernel(part_ptr, var_ptr, sums_ptr, dw_ptr, db_ptr, C, n_tiles, eps,
+def _bn_bwd_merge_kernel(part_ptr, part2_ptr, var_ptr, sums_ptr, dw_ptr, db_ptr, C, n_tiles, eps,
                          scale_ptr, mean_ptr, center_ptr, inv_m,  # CENTER: center (3, C)
-                         WRITE_PARAMS: tl.constexpr, CENTER: tl.constexpr, BLOCK_T: tl.constexpr,
+                         WRITE_PARAMS: tl.constexpr, CENTER: tl.constexpr, RAW: tl.constexpr, BLOCK_T: tl.constexpr,
                          BLOCK_C: tl.constexpr):
-    # sums (2, C) fp32: [sum(dy), sum(dy * xhat)] = [dbias, dweight]
+    # part, part2 (n_tiles, C): sum(dy), sum(dy (x - mean)) per tile (RAW: sum(dy x), centred here)
+    # -> sums (2, C) fp32: [sum(dy), sum(dy * xhat)] = [dbias, dweight]
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     sum_dy = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
@@ -76,10 +77,13 @@ def _bn_bwd_merge_kernel(part_ptr, var_ptr, sums_ptr, dw_ptr, db_ptr, C, n_tiles
         t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
         mask = (t < n_tiles)[:, None] & cmask[None, :]
         sum_dy += tl.load(part_ptr + t[:, None] * C + cols[None, :], mask=mask, other=0.0)
-        sum_dyx += tl.load(part_ptr + (n_tiles + t)[:, None] * C + cols[None, :], mask=mask, other=0.0)
+        sum_dyx += tl.load(part2_ptr + t[:, None] * C + cols[None, :], mask=mask, other=0.0)
     invstd = tl.math.rsqrt(tl.load(var_ptr + cols, mask=cmask, other=1.0).to(tl.float32) + eps)
     dbias = tl.sum(sum_dy, axis=0)
-    dweight = tl.sum(sum_dyx, axis=0) * invstd
+    dweight = tl.sum(sum_dyx, axis=0)
+    if RAW:
+        dweight -= tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * dbias
+    dweight *= invstd
     tl.store(sums_ptr + cols, dbias, mask=cmask)
     tl.store(sums_ptr + C + cols, dweight, mask=cmask)
     if WRITE_PARAMS:
@@ -121,8 +125,11 @@ def _check_backward(dy, x, mean, var, weight, rows=False):
     check(dy.shape == x.shape, f"dy: expected shape {tuple(x.shape)}, got {tuple(dy.shape)}")
 
 
-def _partials(dy, x, mean, act: Act = NO_ACT, scale=None, shift=None):
-    """The reduction pass: part (2, n_tiles, C) fp32 of g = dy act'(x scale + shift) (g = dy without an act)."""
+def _partials(dy, x, mean, act: Act = NO_ACT, scale=None, shift=None, grads=None):
+    """The reduction pass: part (2, n_tiles, C) fp32 of g = dy act'(x scale + shift) (g = dy without an act);
+    with `grads`, (dscale, dshift) of that scale and shift, which hold the sums (sum g x, sum g): no pass."""
+    if grads is not None:
+        return grads
     M, C = x.shape
     rows, n_tiles = _tiles(M)
     part = torch.empty((2, n_tiles, C), device=x.device, dtype=torch.float32)
@@ -141,17 +148,20 @@ def _merge(part, x, var, eps, weight, params, center=None, scale=None, mean=None
     center of every process's."""
     M = x.shape[0]
     if train and sync_on():
-        _, dw, db = _merge_kernel(part, x, var, eps, weight, params, None, None, None, M) if params else \
+        _, dw, db = _merge_kernel(part, x, var, eps, weight, params, None, None, mean, M) if params else \
             (None, None, None)
-        sums, _, _ = _merge_kernel(sync_sums(part.clone()), x, var, eps, weight, False, center, scale, mean,
-                                   sync_total(M))
+        synced = tuple(sync_sums(p.clone()) for p in part) if isinstance(part, tuple) else sync_sums(part.clone())
+        sums, _, _ = _merge_kernel(synced, x, var, eps, weight, False, center, scale, mean, sync_total(M))
         return sums, dw, db
     return _merge_kernel(part, x, var, eps, weight, params, center, scale, mean, M)
 
 
 def _merge_kernel(part, x, var, eps, weight, params, center, scale, mean, rows):
-    """_merge's one launch; `rows` the count behind the partials (every process's when synchronised)."""
+    """_merge's one launch; `rows` the count behind the partials (every process's when synchronised);
+    part (2, n_tiles, C), or (dscale, dshift) (_partials)."""
     C = x.shape[1]
+    raw = isinstance(part, tuple)
+    first, second = (part[1].view(1, C), part[0].view(1, C)) if raw else (part[0], part[1])
     sums = torch.empty((2, C), device=x.device, dtype=torch.float32)
     dw = db = None
     if params:
@@ -159,9 +169,10 @@ def _merge_kernel(part, x, var, eps, weight, params, center, scale, mean, rows):
         db = torch.empty_like(dw)
     if C:
         _bn_bwd_merge_kernel[(triton.cdiv(C, _MERGE["BLOCK_C"]),)](
-            part, var, sums, sums if dw is None else dw, sums if db is None else db, C, part.shape[1], float(eps),
-            sums if scale is None else scale, sums if mean is None else mean, sums if center is None else center,
-            1.0 / max(rows, 1), WRITE_PARAMS=params, CENTER=center is not None, **_MERGE)
+            first, second, var, sums, sums if dw is None else dw, sums if db is None else db, C, first.shape[0],
+            float(eps), sums if scale is None else scale, sums if mean is None else mean,
+            sums if center is None else center, 1.0 / max(rows, 1), WRITE_PARAMS=params, CENTER=center is not None,
+            RAW=raw, **_MERGE)
     return sums, dw, db
 
 
@@ -170,7 +181,8 @@ def _finish(part, dy, x, mean, var, eps, weight, params, train):
     gradients nor training, nothing to merge) into dbias, dweight, then the elementwise dx."""
     M, C = x.shape
     dx = torch.empty_like(x)
-    sums, dw, db = (dx, None, None) if part is None else _merge(part, x, var, eps, weight, params, train=train)
+    sums, dw, db = (dx, None, None) if part is None else _merge(part, x, var, eps, weight, params, mean=mean,
+                                                                train=train)
     rows = sync_total(M) if train else M  # the sums' rows: every process's when synchronised
     if x.numel():
         _bn_bwd_kernel[lambda meta: (triton.cdiv(x.numel(), meta["BLOCK"]),)](
@@ -179,19 +191,21 @@ def _finish(part, dy, x, mean, var, eps, weight, params, train):
     return dx, dw, db
 
 
-def _backward(dy, x, mean, var, eps, weight, need_param_grads, train):
+def _backward(dy, x, mean, var, eps, weight, need_param_grads, train, grads=None):
     _check_backward(dy, x, mean, var, weight)
     params = bool(need_param_grads) and weight is not None
-    part = _partials(dy, x, mean) if train or params else None
+    part = _partials(dy, x, mean, grads=_checked_grads(grads, x)) if train or params else None
     return _finish(part, dy, x, mean, var, eps, weight, params, train)
 
 
-def batchnorm_backward(dy, x, mean, var, eps, weight, need_param_grads):
+def batchnorm_backward(dy, x, mean, var, eps, weight, need_param_grads, grads=None):
     """Training backward (batch statistics mean, var): (dx in x.dtype, dweight, dbias in
     weight's dtype, or None when not needed or weight is None). A reduction pass (tile
     partials merged in a fixed order) gives dbias = sum(dy), dweight = sum(dy xhat); then
-    dx = weight invstd (dy - dbias/M - xhat dweight/M)."""
-    return _backward(dy, x, mean, var, eps, weight, need_param_grads, True)
+    dx = weight invstd (dy - dbias/M - xhat dweight/M). grads: (dscale, dshift) (C,) fp32,
+    the sums sum(dy x) and sum(dy) computed by the reader of y = x scale + shift (a conv that
+    normalised x on load: conv2d_backward_input's), in place of the reduction pass."""
+    return _backward(dy, x, mean, var, eps, weight, need_param_grads, True, grads)
 
 
 def batchnorm_eval_backward(dy, x, mean, var, eps, weight, need_param_grads):
@@ -226,26 +240,37 @@ def _on_load(part, x, mean, var, eps, weight, params, train, scale):
     return center, dw, db
 
 
+def _checked_grads(grads, x):
+    if grads is not None:
+        check(isinstance(grads, tuple) and len(grads) == 2, "grads: expected (dscale, dshift) or None")
+        _check_affine(x, dscale=grads[0], dshift=grads[1])
+    return grads
+
+
 def _check_affine(x, **tensors):
     for name, t in tensors.items():
         check_tensor(t, name, ndim=1, dtype=torch.float32, device=x.device)
         check(t.shape[0] == x.shape[1], f"{name}: expected shape ({x.shape[1]},), got {tuple(t.shape)}")
 
 
-def batchnorm_backward_on_load(dy, x, mean, var, eps, weight, need_param_grads, train, scale, shift, act: Act):
+def batchnorm_backward_on_load(dy, x, mean, var, eps, weight, need_param_grads, train, scale, shift, act: Act,
+                               grads=None):
     """For a consumer that computes dx as it loads its tiles (prologue.GradPrologue), where the
     gradient reaching the normalisation is g = dy act'(x scale + shift) (scale, shift (C,) fp32:
     the normalisation's; act NO_ACT: g = dy): the reduction and merge of the backward over g,
     without its elementwise pass -> (center, dweight, dbias). In training (batch statistics)
     center is (3, C) fp32 [beta, mean, gamma], dx = scale g + beta (x - mean) + gamma; in eval
     it is None, dx = scale g. dweight, dbias as batchnorm_backward's (computed only with
-    need_param_grads and a weight, or in training). dy may be a channel slice (_common.even_rows)."""
+    need_param_grads and a weight, or in training). dy may be a channel slice (_common.even_rows).
+    grads: (dscale, dshift) of scale and shift, the sums sum(g x) and sum(g), from y's reader
+    (batchnorm_backward's), in place of the reduction pass."""
     _check_backward(dy, x, mean, var, weight, rows=True)
     _check_affine(x, scale=scale, shift=shift)
     params = bool(need_param_grads) and weight is not None
     if not (train or params):
         return None, None, None
-    return _on_load(_partials(dy, x, mean, act, scale, shift), x, mean, var, eps, weight, params, train, scale)
+    return _on_load(_partials(dy, x, mean, act, scale, shift, _checked_grads(grads, x)), x, mean, var, eps, weight,
+                    params, train, scale)
 
 
 def batchnorm_on_load_from_partials(part, x, mean, var, eps, weight, need_param_grads, train, scale):

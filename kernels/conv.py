@@ -45,6 +45,8 @@ from .conv_epilogue import (
     pool_argmax,
     pool_reduce,
     pool_rows,
+    sum_tiles,
+    tile_prologue_grads,
     tile_stats,
 )
 from .conv_geometry import check_geometry, pad_channels, pair
@@ -93,7 +95,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 @autotune(_CONV_CONFIGS, key=["M", "CIN_G", "COUT_G", "RC", "SC", "DEPTHWISE", "ACT", "HAS_RES", "ACT2", "POOL",
-                             "TAPS", "STATS", "ARGMAX", "INT64", "PROLOGUE", "GRAD_PRO"],
+                             "TAPS", "STATS", "ARGMAX", "INT64", "PROLOGUE", "GRAD_PRO", "PRO_GRADS"],
           interpret={"BLOCK_M": ("M", _MIN_BLOCK_M, 512), "BLOCK_N": (_cols, 16, 256), "BLOCK_K": ("CIN_G", 16, 128)},
           prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics({"EVEN_K": lambda a: a["CIN_G"] % a["BLOCK_K"] == 0,
@@ -109,6 +111,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
                  R, S, R0, S0, RSTEP, SSTEP, RC, SC,  # taps visited: r = R0 + j*RSTEP, j < RC
                  DH0, DW0, DH_STEP, DW_STEP,  # the src shift of tap j: DH0 + j*DH_STEP
                  slope, slope2, PKH, PKW, pool_sh, pool_sw, pool_ph, pool_pw,  # POOL: y (N, GH, GW, COUT)
+                 tile0, t_max,  # PRO_GRADS: part (2, t_max, COUT), this launch's tiles from tile0; res is z
                  pro_scale_ptr, pro_shift_ptr, pro_slope,  # PROLOGUE: x is z, read as act(z scale + shift), (CIN,)
                  gate_ptr,  # GATE: x is read as x * gate[n, c], a channel gate (squeeze-and-excitation), (N, CIN)
                  GATE: tl.constexpr,
@@ -119,6 +122,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
                  X_SLICE: tl.constexpr, Y_SLICE: tl.constexpr,  # src, dst channel slices: rows stride_xp, stride_yp apart
                  DEPTHWISE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
                  ACT2: tl.constexpr, POOL: tl.constexpr, TAPS: tl.constexpr, STATS: tl.constexpr, ARGMAX: tl.constexpr,
+                 PRO_GRADS: tl.constexpr, NO_TAPS: tl.constexpr,  # NO_TAPS: an input gradient's phase no tap reaches
                  INT64: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
                  EVEN_N: tl.constexpr, ONE_CB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # y[n, P0 + i*DST_S, g*COUT_G + co] = sum over taps j, ci of
@@ -206,7 +210,10 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
             s, t, beta, mu, gamma = grad_coefs(gp_scale_ptr + g * CIN_G, gp_shift_ptr + g * CIN_G,
                                                gp_center_ptr + g * CIN_G, CIN, offs_k, offs_k < CIN_G, GP_AFFINE,
                                                GP_CENTER)
-        for _ in range(RC * SC * NCB):
+        if not NO_TAPS:  # (else the loop is left out: with a zero-trip path to the accumulator's last
+            # wgmma wait, ptxas serializes the wgmma pipeline, C7515, as an epilogue's loads made it do)
+            tl.assume(RC * SC * NCB > 0)
+        for _ in range(0 if NO_TAPS else RC * SC * NCB):
             dh = DH0 + tr * DH_STEP
             dw = DW0 + ts * DW_STEP
             ok = ((rows_in >> tr) & (cols_in >> ts) & 1) != 0
@@ -262,6 +269,9 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
     pix = (n * OH + oh) * OW + ow
     y_row = pix * COUT
     mask = m_mask[:, None] & n_mask[None, :]
+    if PRO_GRADS:  # an input gradient through a prologue: the gradients of its scale and shift, per tile
+        tile_prologue_grads(acc, res_ptr + y_row[:, None] + col[None, :], mask, pro_scale_ptr, pro_shift_ptr, col,
+                            n_mask, PRO_ACT, pro_slope, part_ptr, tile0 + pid_m, t_max, COUT)
     if HAS_RES:  # residual (N, OH, OW, COUT)
         acc += tl.load(res_ptr + y_row[:, None] + col[None, :], mask=mask, other=0.0).to(tl.float32)
     acc = apply_act(acc, ACT2, slope2)
@@ -282,17 +292,26 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
         tl.store(y_ptr + y_row[:, None] + col[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def _min_rows(m: int) -> int:
+    """The fewest rows a tile of a launch of m rows takes (the interpreter's size, or the configs' least)."""
+    return _tile(m, _MIN_BLOCK_M, 512) if INTERPRET else min(c.kwargs["BLOCK_M"] for c in _CONV_CONFIGS)
+
+
 def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, padding, dilation,
                  transposed, out_hw, ep: Epilogue = PLAIN_EPILOGUE, prologue: Prologue | None = None,
                  grad_prologue: GradPrologue | None = None, gate=None):
+    """Launch the conv kernel once per stride phase -> with PRO_GRADS (ep.part allocated here) the
+    partials (2, T, K) fp32 and how many of their tiles the launches wrote, else (None, 0)."""
     oh, ow = out_hw  # the conv's output; dst is (N, POH, POW, K) when the epilogue pools
     cout = dst.shape[3]
     depthwise = cin_g == 1 and cout_g == 1
-    pro = prologue_args(prologue, src, cin_g, depthwise)
-    pro.update(grad_prologue_args(grad_prologue, src, cin_g, depthwise))
+    pro_grads, tiles = ep.meta["PRO_GRADS"], 0
+    # (an input gradient's prologue is the forward's, on dst, the forward's input: its coefficients only)
+    pro = {**prologue_args(prologue, dst, cout_g, depthwise), "PROLOGUE": False} if pro_grads \
+        else prologue_args(prologue, src, cin_g, depthwise)
     pro.update(gate_ptr=dst if gate is None else gate, GATE=gate is not None)
-    if dst.numel() == 0:
-        return
+    no_taps = {**pro, **grad_prologue_args(None, src, cin_g, depthwise)}  # (a phase no tap reaches loads nothing)
+    pro.update(grad_prologue_args(grad_prologue, src, cin_g, depthwise))
     if not depthwise and cin_g < MIN_GEMM_K:
         src, wt = pad_channels(src, wt, groups, cin_g)
         cin_g = MIN_GEMM_K
@@ -300,32 +319,38 @@ def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, paddin
     pooled, taps = ep.meta["POOL"] != 0, ep.meta["TAPS"]
     int64 = max(extent(src), wt.numel(), extent(dst), 0 if ep.res is None else ep.res.numel()) >= 2**31
     check(r <= MAX_CONV_TAPS and s <= MAX_CONV_TAPS, f"w: at most {MAX_CONV_TAPS} taps a side, got a {r}x{s} kernel")
-    for p0_h, gh, dst_sh, src_sh, src_oh, r0, rstep, rc, dh0, dh_step in stride_phases(
-            oh, r, stride[0], padding[0], dilation[0], transposed):
-        for p0_w, gw, dst_sw, src_sw, src_ow, s0, sstep, sc, dw0, dw_step in stride_phases(
-                ow, s, stride[1], padding[1], dilation[1], transposed):
-            if pooled:  # rows: TAPS per pooled pixel
-                gh, gw = dst.shape[1:3]
-            m = n * gh * gw * taps
-            if m == 0:
-                continue
+    phases = [(ph, pw, n * (dst.shape[1] if pooled else ph[1]) * (dst.shape[2] if pooled else pw[1]) * taps)
+              for ph in stride_phases(oh, r, stride[0], padding[0], dilation[0], transposed)
+              for pw in stride_phases(ow, s, stride[1], padding[1], dilation[1], transposed)]  # m rows each
+    if pro_grads:  # every phase's tiles' partials, for the smallest tiles each launch may take
+        ep = replace(ep, part=torch.empty((2, sum(triton.cdiv(m, _min_rows(m)) for *_, m in phases), cout),
+                                          dtype=torch.float32, device=dst.device))
+    if dst.numel() == 0:
+        return ep.part, 0
+    for (p0_h, gh, dst_sh, src_sh, src_oh, r0, rstep, rc, dh0, dh_step), \
+            (p0_w, gw, dst_sw, src_sw, src_ow, s0, sstep, sc, dw0, dw_step), m in phases:
+        if m == 0:
+            continue
+        if pooled:  # rows: TAPS per pooled pixel
+            gh, gw = dst.shape[1:3]
 
-            def grid(meta, m=m):
-                cols = cout if depthwise else cout_g
-                return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]),
-                        1 if depthwise else groups)
+        def grid(meta, m=m):
+            cols = cout if depthwise else cout_g
+            return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]), 1 if depthwise else groups)
 
-            _conv_kernel[grid](src, wt, dst if bias is None else bias, dst if ep.res is None else ep.res,
-                               dst, dst if ep.part is None else ep.part, dst if ep.argmax is None else ep.argmax,
-                               m, h, w, cin, oh, ow, cout, cin_g, cout_g, row_stride(src), row_stride(dst), gh, gw,
-                               p0_h, p0_w,
-                               dst_sh, dst_sw,
-                               src_sh, src_sw, src_oh, src_ow, r, s, r0, s0, rstep, sstep, rc, sc,
-                               dh0, dw0, dh_step, dw_step, *ep.slopes, *ep.window, **pro, DEPTHWISE=depthwise,
-                               HAS_BIAS=bias is not None, INT64=int64, X_SLICE=row_stride(src) != cin,
-                               Y_SLICE=row_stride(dst) != cout,
-                               DOT_DTYPE=dot_dtype(src.dtype),
-                               PRECISION=dot_precision(src.dtype), **ep.meta)
+        _conv_kernel[grid](src, wt, dst if bias is None else bias, dst if ep.res is None else ep.res,
+                           dst, dst if ep.part is None else ep.part, dst if ep.argmax is None else ep.argmax,
+                           m, h, w, cin, oh, ow, cout, cin_g, cout_g, row_stride(src), row_stride(dst), gh, gw,
+                           p0_h, p0_w, dst_sh, dst_sw, src_sh, src_sw, src_oh, src_ow, r, s, r0, s0, rstep, sstep,
+                           rc, sc, dh0, dw0, dh_step, dw_step, *ep.slopes, *ep.window, tiles,
+                           ep.part.shape[1] if pro_grads else 0, **(pro if rc * sc else no_taps),
+                           NO_TAPS=rc * sc == 0, DEPTHWISE=depthwise,
+                           HAS_BIAS=bias is not None, INT64=int64, X_SLICE=row_stride(src) != cin,
+                           Y_SLICE=row_stride(dst) != cout, DOT_DTYPE=dot_dtype(src.dtype),
+                           PRECISION=dot_precision(src.dtype), **ep.meta)
+        if pro_grads:
+            tiles += triton.cdiv(m, _conv_kernel.best_config.kwargs["BLOCK_M"])
+    return ep.part if pro_grads else None, tiles
 
 
 def _check_gate(gate, x, cin_g, prologue):
@@ -364,8 +389,7 @@ def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, res
     _check_gate(gate, x, cin_g, prologue)
     m = n * oh * ow
     if stats:  # (2, n_tiles, K) tile means and M2s, sized for the smallest BLOCK_M a launch of m rows takes
-        rows = _tile(m, _MIN_BLOCK_M, 512) if INTERPRET else min(c.kwargs["BLOCK_M"] for c in _CONV_CONFIGS)
-        ep = replace(ep, part=torch.empty(2 * triton.cdiv(m, rows) * k, dtype=torch.float32,
+        ep = replace(ep, part=torch.empty(2 * triton.cdiv(m, _min_rows(m)) * k, dtype=torch.float32,
                                           device=x.device))
     y = torch.empty(y_shape, dtype=x.dtype, device=x.device) if out is None else check_out(out, y_shape, x)
     groups = geometry.groups
@@ -380,10 +404,14 @@ def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, res
     return y, mean, var
 
 
-def conv2d_backward_input(dy, w, geometry: ConvGeometry, in_hw, grad_prologue: GradPrologue | None = None):
+def conv2d_backward_input(dy, w, geometry: ConvGeometry, in_hw, grad_prologue: GradPrologue | None = None,
+                          prologue: Prologue | None = None, z=None):
     """dx (N, H, W, C) for dy (N, OH, OW, K), (OH, OW) = geometry.out_hw, and w (K, C/groups, R, S);
     (H, W) = in_hw. With a grad_prologue, dy is the gradient of the block's output, turned into the
-    conv output's as each tile is loaded (prologue.py). dy may be a channel slice (_common.even_rows)."""
+    conv output's as each tile is loaded (prologue.py). dy may be a channel slice (_common.even_rows).
+    With the forward's prologue (scale and shift given) and its z (N, H, W, C): (dx, dscale,
+    dshift), dx the gradient of y = act(z scale + shift) and dscale, dshift (C,) fp32 those of
+    the prologue's scale and shift, from the epilogue's per-tile partials."""
     check_tensor(dy, "dy", ndim=4, rows=True)
     check_tensor(w, "w", ndim=4, dtype=dy.dtype, device=dy.device)
     n, _, _, k = dy.shape
@@ -393,9 +421,17 @@ def conv2d_backward_input(dy, w, geometry: ConvGeometry, in_hw, grad_prologue: G
     h, wd = pair(in_hw, "in_hw", 0)
     dx = torch.empty((n, h, wd, cin_g * groups), dtype=dy.dtype, device=dy.device)
     wt = w.view(groups, k // groups, cin_g, r, s).permute(0, 3, 4, 1, 2).contiguous()  # (G, R, S, K/g, C/g)
-    _launch_conv(dy, wt, None, dx, groups, k // groups, cin_g, r, s, stride, padding, dilation, True,
-                 (h, wd), grad_prologue=grad_prologue)
-    return dx
+    ep = PLAIN_EPILOGUE
+    if prologue is not None:
+        check(isinstance(prologue, Prologue) and prologue.scale is not None,
+              "prologue: expected a Prologue with a scale and shift (the gradients are theirs)")
+        check_tensor(z, "z", ndim=4, dtype=dy.dtype, device=dy.device)
+        check(tuple(z.shape) == tuple(dx.shape) and z.is_contiguous(),
+              f"z: expected a contiguous tensor of shape {tuple(dx.shape)}, got {tuple(z.shape)}")
+        ep = replace(ep, res=z, meta={**ep.meta, "PRO_GRADS": True})
+    part, tiles = _launch_conv(dy, wt, None, dx, groups, k // groups, cin_g, r, s, stride, padding, dilation, True,
+                               (h, wd), ep, prologue, grad_prologue)
+    return dx if prologue is None else (dx, *sum_tiles(part, tiles))
 
 
 def conv2d_backward_weight(x, dy, w_shape, geometry: ConvGeometry, need_bias_grad, prologue: Prologue | None = None,

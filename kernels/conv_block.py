@@ -151,18 +151,20 @@ def _grad_prologue(dy, z, residual, scale, shift, argmax, s, stats):
         k = z.shape[-1]
         center, dbn_w, dbn_b = batchnorm_backward_on_load(
             dy.view(-1, k), z.view(-1, k), stats.mean, stats.var, stats.eps, stats.weight, stats.param_grads,
-            stats.train, scale, shift, s.act1)
+            stats.train, scale, shift, s.act1, stats.grads)
     return dy, None, GradPrologue(z, scale, shift, s.act1, center), dbn_w, dbn_b
 
 
 def _backward_impl(dy, x, w, z, residual, gate, scale, shift, mean, var, bn_w, argmax, pro, pro_scale, pro_shift,
-                   spec, train, bn_grads, input_grad, weight_grad, has_bias):
+                   dscale, dshift, spec, train, bn_grads, input_grad, weight_grad, has_bias, pro_grads):
     s = decode(spec)
-    dres = dbn_w = dbn_b = gp = dgate = None
+    dres = dbn_w = dbn_b = gp = dgate = dpro_scale = dpro_shift = None
     dz = dy
     stats = None
     if s.bn is not None and (train or bn_grads):  # in eval, only for batch norm's parameter gradients
-        stats = BatchNormBackward(mean, var, s.bn.eps, bn_w, bn_w is not None, bn_grads, train)
+        # dscale, dshift: batch norm's sums, from the conv that read this deferring block's z
+        stats = BatchNormBackward(mean, var, s.bn.eps, bn_w, bn_w is not None, bn_grads, train,
+                                  None if dscale is None or dshift is None else (dscale, dshift))
     if s.dz_on_load:  # the gradient kernels compute dz as they load
         dz, dres, gp, dbn_w, dbn_b = _grad_prologue(dy, z, residual, present(scale), present(shift), present(argmax),
                                                     s, stats)
@@ -171,29 +173,36 @@ def _backward_impl(dy, x, w, z, residual, gate, scale, shift, mean, var, bn_w, a
     elif s.epilogue:
         dz, dres, dbn_w, dbn_b = epilogue_backward(dy, z, present(scale), present(shift), s.act1, residual,
                                                    s.act2, s.pool, present(argmax), stats)
-    dx = conv2d_backward_input(dz, w, s.geometry, tuple(x.shape[1:3]), grad_prologue=gp) if input_grad else None
+    dx = None
+    if input_grad and pro_grads:  # with the gradients of the prologue's scale and shift (the sums above)
+        dx, dpro_scale, dpro_shift = conv2d_backward_input(dz, w, s.geometry, tuple(x.shape[1:3]), gp,
+                                                           _prologue(s, pro, pro_scale, pro_shift), x)
+    elif input_grad:
+        dx = conv2d_backward_input(dz, w, s.geometry, tuple(x.shape[1:3]), grad_prologue=gp)
     if gate is not None and dx is not None:  # dx is x * gate's gradient: the gate's backward pass (gate.py)
         dx, dgate = gate_backward(dx, x, gate)
     dw, db = conv2d_backward_weight(x, dz, tuple(w.shape), s.geometry, has_bias, _prologue(s, pro, pro_scale, pro_shift),
                                     grad_prologue=gp, gate=gate) if weight_grad else (None, None)
-    return tuple(absent(x) if t is None else t for t in (dx, dres, dgate, dw, db, dbn_w, dbn_b))
+    return tuple(absent(x) if t is None else t for t in (dx, dres, dgate, dw, db, dbn_w, dbn_b, dpro_scale,
+                                                         dpro_shift))
 
 
 def _backward_fake(dy, x, w, z, residual, gate, scale, shift, mean, var, bn_w, argmax, pro, pro_scale, pro_shift,
-                   spec, train, bn_grads, input_grad, weight_grad, has_bias):
+                   dscale, dshift, spec, train, bn_grads, input_grad, weight_grad, has_bias, pro_grads):
     s = decode(spec)
     like = lambda t, on: torch.empty_like(t) if on else absent(x)
     return (like(x, input_grad), like(residual, residual is not None and s.epilogue),
             like(gate, gate is not None and input_grad), like(w, weight_grad),
             w.new_empty(w.shape[0]) if weight_grad and has_bias else absent(x), like(bn_w, bn_grads),
-            like(bn_w, bn_grads))
+            like(bn_w, bn_grads), like(pro_scale, input_grad and pro_grads), like(pro_shift, input_grad and pro_grads))
 
 
 _backward = define(
     "conv_block_backward", "(Tensor dy, Tensor x, Tensor w, Tensor z, Tensor? residual, Tensor? gate, Tensor scale, "
     "Tensor shift, Tensor? mean, Tensor? var, Tensor? bn_w, Tensor argmax, bool pro, Tensor? pro_scale, "
-    "Tensor? pro_shift, str spec, bool train, bool bn_grads, bool input_grad, bool weight_grad, bool has_bias) -> "
-    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "Tensor? pro_shift, Tensor? dscale, Tensor? dshift, str spec, bool train, bool bn_grads, bool input_grad, "
+    "bool weight_grad, bool has_bias, bool pro_grads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+    "Tensor, Tensor)",
     _backward_impl, _backward_fake)
 
 
@@ -207,23 +216,34 @@ def _save(ctx, inputs, kept, argmax, mean, var, scale, shift):
                           var if batch_stats else var_in, bn_w, argmax, pro_scale, pro_shift)
 
 
-def _grads(ctx, dy, need):
-    """The gradients of (x, residual, gate, w, b, bn_w, bn_b) for dy; `need` their needs_input_grad."""
+def _grads(ctx, dy, need, dscale=None, dshift=None):
+    """The gradients of (x, residual, gate, w, b, bn_w, bn_b, pro_scale, pro_shift) for dy (and the
+    gradients of a deferring block's scale and shift); `need` the inputs' needs_input_grad."""
     x, w, z, residual, gate, scale, shift, mean, var, bn_w, argmax, pro_scale, pro_shift = ctx.saved_tensors
     bn_grads = bn_w is not None and (need[5] or need[6])
+    pro_grads = pro_scale is not None and (need[10] or need[11])  # the deferring block's batch norm's sums
     return tuple(map(present, _backward(dy, x, w, z, residual, gate, scale, shift, mean, var, bn_w, argmax, ctx.pro,
-                                        pro_scale, pro_shift, ctx.spec, ctx.train, bn_grads, need[0] or need[2],
-                                        need[3] or need[4], ctx.has_bias)))
+                                        pro_scale, pro_shift, dscale, dshift, ctx.spec, ctx.train, bn_grads,
+                                        need[0] or need[2], need[3] or need[4], ctx.has_bias, pro_grads)))
 
 
 def _setup(ctx, inputs, output):
     y, z, argmax, mean, var, scale, shift = output
-    ctx.mark_non_differentiable(z, argmax, mean, var, scale, shift)
+    s = decode(inputs[12])
+    # a deferring block's scale and shift take gradients: the sums its batch norm's backward needs,
+    # which its reader's input gradient computes (conv.conv2d_backward_input); unused, they stay None
+    deferred = s.defer and s.bn is not None and inputs[13]
+    ctx.mark_non_differentiable(z, argmax, mean, var, *(() if deferred else (scale, shift)))
+    ctx.set_materialize_grads(False)
     _save(ctx, inputs, y if present(z) is None else z, argmax, mean, var, scale, shift)
 
 
-def _block_backward(ctx, dy, *_):
-    return (*_grads(ctx, dy.contiguous(), ctx.needs_input_grad), *(None,) * 7)
+def _block_backward(ctx, dy, _z, _argmax, _mean, _var, dscale, dshift):
+    if dy is None:  # (y unused: nothing reaches the block)
+        return (None,) * 14
+    dx, dres, dgate, dw, db, dbn_w, dbn_b, dpro_scale, dpro_shift = _grads(ctx, dy.contiguous(),
+                                                                           ctx.needs_input_grad, dscale, dshift)
+    return dx, dres, dgate, dw, db, dbn_w, dbn_b, None, None, None, dpro_scale, dpro_shift, None, None
 
 
 _block = define(
@@ -276,7 +296,9 @@ class _BlockInto(torch.autograd.Function):
         k = ctx.saved_tensors[1].shape[0]  # w's output channels
         dslab = dslab.contiguous()
         dy = dslab.narrow(-1, ctx.offset, k) if ctx.in_place else take_slice(dslab, ctx.offset, k)
-        return (dslab, None, None, *_grads(ctx, dy, ctx.needs_input_grad[3:]), *(None,) * 7)
+        dx, dres, dgate, dw, db, dbn_w, dbn_b, dpro_scale, dpro_shift = _grads(ctx, dy, ctx.needs_input_grad[3:])
+        return dslab, None, None, dx, dres, dgate, dw, db, dbn_w, dbn_b, None, None, None, dpro_scale, dpro_shift, \
+            None, None
 
 
 def conv_block(x, residual, gate, w, b, bn_w, bn_b, running_mean, running_var, num_batches_tracked,

@@ -1,6 +1,7 @@
 """The fused epilogue of the convolution forward kernel (conv.py): its `@triton.jit`
 helpers (per-tile batch-norm statistics of the post-bias value; a non-overlapping pooling
-window reduced in registers) and the launcher-side checks of its arguments. For pooling the
+window reduced in registers; in the input gradient, a prologue's scale and shift gradients) and
+the launcher-side checks of its arguments. For pooling the
 kernel's GEMM rows enumerate (pooled pixel, window tap) pairs, TAPS (the window's taps
 rounded up to a power of two, at most 16) rows per pooled pixel, so that a tile of BLOCK_M
 rows (a multiple of TAPS) holds whole windows (specs.MAX_POOL_TAPS at most); `pool_rows` maps rows to the conv pixels
@@ -8,15 +9,17 @@ they compute and `pool_reduce` folds each window's rows."""
 
 from dataclasses import dataclass, field
 
+import torch
 import triton
 import triton.language as tl
 
 from ..specs import MAX_POOL_TAPS, NO_ACT, Act, Window
-from ._common import check, check_tensor
-from .activation import act_code
+from ._common import INTERPRET, check, check_tensor
+from .activation import act_code, apply_act_grad
 from .window import POOL_MODES, argmax_dtype, check_window
 
 _MAX = tl.constexpr(1)  # globals read inside @triton.jit code must be tl.constexpr
+_SUM_TILES = {"BLOCK_T": 8, "BLOCK_C": 128} if INTERPRET else {"BLOCK_T": 64, "BLOCK_C": 32}
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class Epilogue:
     slopes: tuple = (0.01, 0.01)
     window: tuple = (1, 1, 1, 1, 0, 0)  # kh, kw, sh, sw, ph, pw
     meta: dict = field(default_factory=lambda: {"ACT": 0, "HAS_RES": False, "ACT2": 0, "POOL": 0, "TAPS": 1,
-                                                "STATS": False, "ARGMAX": False})
+                                                "STATS": False, "ARGMAX": False, "PRO_GRADS": False})
 
 
 PLAIN_EPILOGUE = Epilogue()
@@ -118,13 +121,57 @@ def tile_stats(acc, m_mask, n_mask, part_ptr, col, M, COUT, BLOCK_M: tl.constexp
     tl.store(part_ptr + (n_tiles + tile) * COUT + col, m2, mask=n_mask)
 
 
+@triton.jit
+def tile_prologue_grads(dx, z_ptrs, mask, scale_ptr, shift_ptr, col, n_mask, ACT: tl.constexpr, slope, part_ptr,
+                        tile, T_MAX, C):
+    """Per-tile partials of the gradients of a prologue's scale and shift (prologue.py), from dx
+    (fp32, rows x columns col), the input gradient of the conv that read y = act(z scale + shift):
+    with g = dx act'(z scale + shift), dshift = sum g and dscale = sum g z over the rows; they are
+    the sums batch norm's backward takes (its pass over dy and z: 2 reads of z's size, against
+    the one read of z here). part (2, T_MAX, C) fp32: part[0, tile, col], part[1, tile, col]."""
+    z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + col, mask=n_mask, other=0.0)
+    shift = tl.load(shift_ptr + col, mask=n_mask, other=0.0)
+    g = tl.where(mask, apply_act_grad(z * scale[None, :] + shift[None, :], dx, ACT, slope), 0.0)
+    tl.store(part_ptr + tile * C + col, tl.sum(g, axis=0), mask=n_mask)
+    tl.store(part_ptr + (T_MAX + tile) * C + col, tl.sum(g * z, axis=0), mask=n_mask)
+
+
+@triton.jit
+def _sum_tiles_kernel(part_ptr, dshift_ptr, dscale_ptr, T, T_MAX, C,  # part (2, T_MAX, C): its first T tiles
+                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    sum_g = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    sum_gz = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    for t0 in range(0, T, BLOCK_T):  # a fixed order: deterministic
+        t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        mask = (t < T)[:, None] & cmask[None, :]
+        sum_g += tl.load(part_ptr + t[:, None] * C + cols[None, :], mask=mask, other=0.0)
+        sum_gz += tl.load(part_ptr + (T_MAX + t)[:, None] * C + cols[None, :], mask=mask, other=0.0)
+    tl.store(dshift_ptr + cols, tl.sum(sum_g, axis=0), mask=cmask)
+    tl.store(dscale_ptr + cols, tl.sum(sum_gz, axis=0), mask=cmask)
+
+
+def sum_tiles(part, tiles: int):
+    """(dscale, dshift), each (C,) fp32: tile_prologue_grads' partials (part (2, T_MAX, C)) of the
+    first `tiles` tiles summed in a fixed order."""
+    c = part.shape[2]
+    dshift = torch.empty(c, dtype=torch.float32, device=part.device)
+    dscale = torch.empty_like(dshift)
+    if c:
+        _sum_tiles_kernel[(triton.cdiv(c, _SUM_TILES["BLOCK_C"]),)](part, dshift, dscale, tiles, part.shape[1], c,
+                                                                    **_SUM_TILES)
+    return dscale, dshift
+
+
 def epilogue_args(x, conv_shape, act: Act, residual, act2: Act, pool: Window | None, stats: bool,
                   argmax: bool = False):
     """Validate the fused epilogue's arguments: (its Epilogue, the output shape); `argmax`: a max
     pool also writes its argmax (Epilogue.argmax, allocated here) for a backward."""
     n, oh, ow, k = conv_shape
     meta = {"ACT": act_code(act, "act"), "HAS_RES": residual is not None, "ACT2": act_code(act2, "act2"),
-            "POOL": 0, "TAPS": 1, "STATS": stats, "ARGMAX": argmax}
+            "POOL": 0, "TAPS": 1, "STATS": stats, "ARGMAX": argmax, "PRO_GRADS": False}
     if residual is not None:
         check_tensor(residual, "residual", ndim=4, dtype=x.dtype, device=x.device)
         check(tuple(residual.shape) == conv_shape,

@@ -92,7 +92,9 @@ class BatchNormBackward:
     """What the backward pass of a conv block's batch norm needs: the statistics that normalised
     z (fp32 (C,): the batch's, var biased, in training; else the running ones), eps, the affine
     weight (or None), whether there is a bias, whether the parameters' gradients are wanted, and
-    whether the statistics were the batch's (train: the gradient flows through them)."""
+    whether the statistics were the batch's (train: the gradient flows through them); and `grads`,
+    (dscale, dshift) of its scale and shift where the reader of a deferred y computed them
+    (batch norm's sums, then: batchnorm_backward's), or None."""
 
     mean: object
     var: object
@@ -101,6 +103,7 @@ class BatchNormBackward:
     bias: bool
     param_grads: bool
     train: bool
+    grads: tuple | None = None
 
 
 def _gather(dy, z, scale, shift, residual, argmax, bn, args, consts, write_dz: bool, act_y: int = NONE,
@@ -175,7 +178,7 @@ def _bn_act_backward(dy, z, scale, shift, act1: Act, bn):
     m, c = z.numel() // max(z.shape[-1], 1), z.shape[-1]
     dy2, z2 = dy.reshape(m, c), z.view(m, c)  # (dy a channel slice: a view, its rows apart)
     center, dw, db = batchnorm_backward_on_load(dy2, z2, bn.mean, bn.var, bn.eps, bn.weight, bn.param_grads, bn.train,
-                                                scale, shift, act1)
+                                                scale, shift, act1, bn.grads)
     dz = torch.empty_like(z)
     if dz.numel():
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
@@ -198,8 +201,8 @@ def epilogue_backward(dy, z, scale, shift, act1: Act, residual, act2: Act, pool:
     if bn is not None and consts["ACT1"] == consts["ACT2"] == NONE and not consts["HAS_RES"] and not consts["POOL"]:
         # batch norm alone (a projection shortcut): da = dy, so its reduction reads dy and z directly,
         # without a pass that writes da (one pass over z's size fewer)
-        backward = batchnorm_backward if bn.train else batchnorm_eval_backward
-        dz, dw, db = backward(dy.view(m, c), z.view(m, c), bn.mean, bn.var, bn.eps, bn.weight, bn.param_grads)
+        args = (dy.view(m, c), z.view(m, c), bn.mean, bn.var, bn.eps, bn.weight, bn.param_grads)
+        dz, dw, db = batchnorm_backward(*args, bn.grads) if bn.train else batchnorm_eval_backward(*args)
         return dz.view(z.shape), None, None if bn.weight is None else dw, db if bn.bias else None
     if bn is not None and consts["ACT1"] != NONE and consts["ACT2"] == NONE and not consts["HAS_RES"] \
             and not consts["POOL"]:  # batch norm and act1 alone: two passes, none writing da

@@ -46,29 +46,32 @@ def _save(ctx, x, weight, bias, spec, train, mean, var, scale, shift):
     ctx.save_for_backward(x, scale, shift, mean, var, weight)
 
 
-def _backward_impl(dy, x, scale, shift, mean, var, weight, has_bias, spec, train, params):
+def _backward_impl(dy, x, scale, shift, mean, var, weight, dscale, dshift, has_bias, spec, train, params):
     s = decode(spec)
-    bn = BatchNormBackward(mean, var, s.bn.eps, weight, has_bias, params, train)
+    bn = BatchNormBackward(mean, var, s.bn.eps, weight, has_bias, params, train,
+                           None if dscale is None or dshift is None else (dscale, dshift))
     dx, _, dw, db = epilogue_backward(_nhwc(dy), _nhwc(x), scale, shift, s.act1, None, NO_ACT, None, None, bn)
     return dx.view(x.shape), absent(x) if dw is None else dw, absent(x) if db is None else db
 
 
-def _backward_fake(dy, x, scale, shift, mean, var, weight, has_bias, spec, train, params):
+def _backward_fake(dy, x, scale, shift, mean, var, weight, dscale, dshift, has_bias, spec, train, params):
     grads = params and weight is not None
     return torch.empty_like(x), weight.new_empty(weight.shape) if grads else absent(x), \
         weight.new_empty(weight.shape) if grads and has_bias else absent(x)
 
 
 _backward = define("norm_act_backward", "(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor mean, Tensor var, "
-                   "Tensor? weight, bool has_bias, str spec, bool train, bool params) -> (Tensor, Tensor, Tensor)",
+                   "Tensor? weight, Tensor? dscale, Tensor? dshift, bool has_bias, str spec, bool train, bool params) -> "
+                   "(Tensor, Tensor, Tensor)",
                    _backward_impl, _backward_fake)
 
 
-def _grads(ctx, dy, need_weight, need_bias):
+def _grads(ctx, dy, need_weight, need_bias, dscale=None, dshift=None):
+    """(dx, dweight, dbias) for dy; dscale, dshift: the sums of a deferred y's reader (_Defer)."""
     x, scale, shift, mean, var, weight = ctx.saved_tensors
     params = weight is not None and (need_weight or need_bias)
-    dx, dw, db = _backward(dy.contiguous(), x, scale, shift, mean, var, weight, ctx.has_bias, ctx.spec, ctx.train,
-                           params)
+    dx, dw, db = _backward(dy.contiguous(), x, scale, shift, mean, var, weight, dscale, dshift, ctx.has_bias,
+                           ctx.spec, ctx.train, params)
     return dx, present(dw), present(db)
 
 
@@ -132,18 +135,22 @@ _stats = define("norm_act_stats", "(Tensor x, Tensor? weight, Tensor? bias, str 
 
 
 class _Defer(torch.autograd.Function):
-    """x as the group's y, a view: the reader conv computes y from it as it loads (the Deferred's z,
-    scale and shift), and hands back y's gradient, which batch norm's and the activation's backward
-    turn into x's (the same pass as a written y's)."""
+    """x, scale and shift as the group's y, views: the reader conv computes y from them as it loads
+    (the Deferred's z, scale and shift), and hands back y's gradient and those of scale and shift
+    (batch norm's sums: conv.conv2d_backward_input), which batch norm's and the activation's
+    backward turn into x's (the same pass as a written y's, less the sums')."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, scale, shift, spec):
         _save(ctx, x, weight, bias, spec, True, mean, var, scale, shift)
-        return x.view_as(x)
+        ctx.set_materialize_grads(False)  # scale's and shift's: None where the reader computed none
+        return x.view_as(x), scale.view_as(scale), shift.view_as(shift)
 
     @staticmethod
-    def backward(ctx, dy):
-        return (*_grads(ctx, dy, ctx.needs_input_grad[1], ctx.needs_input_grad[2]), *(None,) * 5)
+    def backward(ctx, dy, dscale, dshift):
+        if dy is None:
+            return (None,) * 8
+        return (*_grads(ctx, dy, ctx.needs_input_grad[1], ctx.needs_input_grad[2], dscale, dshift), *(None,) * 5)
 
 
 def norm_act(x, weight, bias, running_mean, running_var, num_batches_tracked, spec, state):
@@ -154,7 +161,7 @@ def norm_act(x, weight, bias, running_mean, running_var, num_batches_tracked, sp
     if spec.defer:
         detach = lambda t: None if t is None else t.detach()  # (the gradients go through _Defer)
         mean, var, scale, shift = _stats(x.detach(), detach(weight), detach(bias), state.text)
-        y = _Defer.apply(x, weight, bias, mean, var, scale, shift, state.text)
+        y, scale, shift = _Defer.apply(x, weight, bias, mean, var, scale, shift, state.text)
     else:
         y, mean, var, _, _ = _train(x, weight, bias, state.text)
     update_running(mean, var, running_mean, running_var, num_batches_tracked, spec.bn.momentum,

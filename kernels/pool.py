@@ -15,6 +15,8 @@ import triton.language as tl
 from ..specs import NO_ACT, Act, Window, decode
 from ._common import (
     ELEMENTWISE_CONFIGS,
+    INTERPRET,
+    _tile,
     absent,
     autotune,
     check,
@@ -23,8 +25,11 @@ from ._common import (
     elementwise_tiles,
     present,
 )
+from .activation import act_code
 from .conv_block import Deferred
+from .conv_epilogue import sum_tiles, tile_prologue_grads
 from .epilogue import epilogue_forward
+from .prologue import Prologue
 from .window import (
     CONFIGS,
     POOL_MODES,
@@ -38,6 +43,7 @@ from .window import (
     window_count,
 )
 
+_MIN_BLOCK_P = min(c.kwargs["BLOCK_P"] for c in CONFIGS)
 _TUNE = {"interpret": {"BLOCK_P": ("P", 16, 1024), "BLOCK_C": ("C", 4, 64)},
          "prune_configs_by": {"early_config_prune": prune}}
 
@@ -73,8 +79,10 @@ def _avg_pool_fwd_kernel(x_ptr, y_ptr, P, H, W, C, OH, OW,  # x (N, H, W, C) -> 
 @autotune(CONFIGS, key=["P", "C", "KH", "KW", "POOL", "AVG_DIV"], **_TUNE)
 @triton.jit
 def _pool_bwd_kernel(dy_ptr, arg_ptr, dx_ptr, P, H, W, C, OH, OW,  # dy, arg (N, OH, OW, C) -> dx (N, H, W, C)
-                     stride_h, stride_w, pad_h, pad_w, KH: tl.constexpr, KW: tl.constexpr,
-                     POOL: tl.constexpr, AVG_DIV: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                     stride_h, stride_w, pad_h, pad_w,
+                     z_ptr, scale_ptr, shift_ptr, slope, part_ptr, T_MAX,  # PRO_GRADS: z (N, H, W, C), part (2, T_MAX, C)
+                     KH: tl.constexpr, KW: tl.constexpr, POOL: tl.constexpr, AVG_DIV: tl.constexpr,
+                     PRO_GRADS: tl.constexpr, ACT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # dx[n, ih, iw, c] = sum over windows (oh, ow) holding (ih, iw) at tap (r, s) of dy[n, oh, ow, c]
     #     (max: only where arg[n, oh, ow, c] == r*KW + s; avg: divided by KH*KW, or with AVG_DIV by
     #     each window's count): window.gather_dy
@@ -83,6 +91,9 @@ def _pool_bwd_kernel(dy_ptr, arg_ptr, dx_ptr, P, H, W, C, OH, OW,  # dy, arg (N,
     mask = (offs_p < P)[:, None] & (offs_c < C)[None, :]
     dx = gather_dy(dy_ptr, arg_ptr, offs_p, offs_c, mask, H, W, C, OH, OW, stride_h, stride_w, pad_h, pad_w,
                    KH, KW, POOL, BLOCK_P, BLOCK_C, AVG_DIV)
+    if PRO_GRADS:  # the input was y = act(z scale + shift) of a deferred block: its scale's and shift's gradients
+        tile_prologue_grads(dx, z_ptr + (offs_p * C)[:, None] + offs_c[None, :], mask, scale_ptr, shift_ptr, offs_c,
+                            offs_c < C, ACT, slope, part_ptr, tl.program_id(0), T_MAX, C)
     tl.store(dx_ptr + (offs_p * C)[:, None] + offs_c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -140,8 +151,10 @@ def pool_forward(x, window: Window):
     return y, None
 
 
-def pool_backward(dy, window: Window, argmax, in_hw):
-    """dx (N, H, W, C), (H, W) = in_hw, for dy (N, OH, OW, C) and pool_forward's argmax (None for avg)."""
+def pool_backward(dy, window: Window, argmax, in_hw, prologue: Prologue | None = None, z=None):
+    """dx (N, H, W, C), (H, W) = in_hw, for dy (N, OH, OW, C) and pool_forward's argmax (None for avg).
+    With the prologue its input was read through (y = act(z scale + shift): a deferred block's, scale
+    and shift given) and z (N, H, W, C): (dx, dscale, dshift), as conv2d_backward_input's."""
     check_tensor(dy, "dy", ndim=4)
     n, oh, ow, c = dy.shape
     in_hw = pair(in_hw, "in_hw", 0)
@@ -152,13 +165,28 @@ def pool_backward(dy, window: Window, argmax, in_hw):
     check_argmax(argmax, window.mode, window.taps, dy.shape, dy.device)
     h, w = in_hw
     dx = torch.empty((n, h, w, c), dtype=dy.dtype, device=dy.device)
+    pixels = n * h * w
+    part, pro = dx, {"z_ptr": dx, "scale_ptr": dx, "shift_ptr": dx, "slope": 0.0, "PRO_GRADS": False, "ACT": 0}
+    if prologue is not None:
+        check(isinstance(prologue, Prologue) and prologue.scale is not None,
+              "prologue: expected a Prologue with a scale and shift (the gradients are theirs)")
+        check_tensor(z, "z", ndim=4, dtype=dy.dtype, device=dy.device)
+        check(tuple(z.shape) == tuple(dx.shape) and z.is_contiguous(),
+              f"z: expected a contiguous tensor of shape {tuple(dx.shape)}, got {tuple(z.shape)}")
+        pro = {"z_ptr": z, "scale_ptr": prologue.scale, "shift_ptr": prologue.shift, "slope": float(prologue.act.slope),
+               "PRO_GRADS": True, "ACT": act_code(prologue.act)}
+        rows = _tile(pixels, 16, 1024) if INTERPRET else _MIN_BLOCK_P  # the fewest pixels a tile takes
+        part = torch.empty((2, triton.cdiv(pixels, rows), c), dtype=torch.float32, device=dy.device)
     if dx.numel():
-        pixels = n * h * w
         _pool_bwd_kernel[_grid(pixels, c)](dy, argmax if is_max else dy, dx, pixels, h, w, c, oh, ow,
-                                           *window.stride, *window.padding, KH=window.kernel[0],
-                                           KW=window.kernel[1], POOL=POOL_MODES[window.mode],
+                                           *window.stride, *window.padding, part_ptr=part,
+                                           T_MAX=part.shape[1] if prologue is not None else 0, **pro,
+                                           KH=window.kernel[0], KW=window.kernel[1], POOL=POOL_MODES[window.mode],
                                            AVG_DIV=avg_divisor(window, in_hw))
-    return dx
+    if prologue is None:
+        return dx
+    tiles = triton.cdiv(pixels, _pool_bwd_kernel.best_config.kwargs["BLOCK_P"]) if dx.numel() else 0
+    return (dx, *sum_tiles(part, tiles))
 
 
 def global_avgpool_forward(x):
@@ -215,11 +243,26 @@ def _argmax_or_absent(x, y, argmax):
 
 
 def _pool_pro_setup(ctx, inputs, output):
-    _pool_setup(ctx, (inputs[0], inputs[3]), output)
+    z, scale, shift, ctx.spec, ctx.act, ctx.slope = inputs
+    ctx.in_hw = (z.shape[1], z.shape[2])
+    ctx.save_for_backward(output[1], z, scale, shift)
 
 
 def _pool_pro_backward(ctx, dy, _):
-    return _pool_backward(ctx, dy, _)[0], None, None, None, None, None
+    argmax, z, scale, shift = ctx.saved_tensors
+    if scale is None or not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+        return _pool_bwd(dy.contiguous(), argmax, ctx.spec, *ctx.in_hw), None, None, None, None, None
+    # with the gradients of scale and shift: the deferred block's batch norm's sums (conv_block.py)
+    return (*_pool_pro_bwd(dy.contiguous(), argmax, z, scale, shift, ctx.spec, ctx.act, ctx.slope), None, None, None)
+
+
+_pool_pro_bwd = define(
+    "pool_prologue_backward", "(Tensor dy, Tensor argmax, Tensor z, Tensor scale, Tensor shift, str spec, str act, "
+    "float slope) -> (Tensor, Tensor, Tensor)",
+    lambda dy, argmax, z, scale, shift, spec, act, slope: pool_backward(
+        dy, decode(spec), argmax, tuple(z.shape[1:3]), Prologue(scale, shift, Act(act, slope)), z),
+    lambda dy, argmax, z, scale, shift, spec, act, slope: (torch.empty_like(z), torch.empty_like(scale),
+                                                           torch.empty_like(shift)))
 
 
 # A max pool reading a deferring conv block's z (cross-layer fusion): y = max(act(z scale + shift))

@@ -78,7 +78,10 @@ def test_fusion_levels():
     assert second.forward[0] == "prologue+conv_fwd+stats" and second.backward[-1] == "prologue+conv_bwd_weight"
     assert (first.deferred, first.prologue, second.deferred, second.prologue) == (True, False, True, True)
     third = cross.groups[2]
+    # batch norm's sums of a deferred block: from its reader's input gradient, not a pass over dy and z
     assert third.backward == ("dz_on_load+conv_bwd_input", "prologue+dz_on_load+conv_bwd_weight")
+    assert first.backward[0] == second.backward[0] == "bn_sums_in_reader"
+    assert block.groups[0].backward[0] == "bn_bwd_reduce"
     assert first.dz_on_load and third.dz_on_load and not any(g.dz_on_load for g in block.groups + unfused.groups)
     with pytest.raises(ValueError, match='fuse: expected True'):
         plan(net, "cross")
@@ -226,10 +229,12 @@ def test_a_block_defers_to_a_max_pool():
     assert cross[1].forward == ("prologue+pool_fwd",) and cross[1].prologue
     assert cross[0].dz_on_load and cross[2].dz_on_load  # the stem at stride 2: it has no input gradient
     # the stem (batch 4, bf16, z 16x6x6): the epilogue pass that read z and wrote y (2z) is gone; backward's
-    # sums and dz pass (2z + 3z) become the sums (2z) and the weight gradient's extra read (z)
+    # sums and dz pass (2z + 3z) become the pool's backward reading z for the sums (z) and the weight
+    # gradient's extra read (z)
     z = 4 * 2 * 16 * 6 * 6
     moved = lambda g: traffic(net, g, 4, 2)["training"][0]
-    assert moved(block[0]) - moved(cross[0]) == 2 * z + (5 - 3) * z
+    assert cross[0].backward[0] == "bn_sums_in_reader"
+    assert moved(block[0]) - moved(cross[0]) == 2 * z + (5 - 2) * z
     assert moved(block[1]) == moved(cross[1])
 
 

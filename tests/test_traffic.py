@@ -5,7 +5,8 @@ what a kernel computed), and the sizes of the tensors each launch reads and writ
 the plan's figure within 10%, fused (cross-layer), block-level and unfused. A tensor a launch
 takes counts once per launch (an argument standing in for an absent one aliases another and
 counts once), except where a launch touches part of it: a conv input gradient's stride phase
-writes its own pixels of dx, reads only its taps of w, and reads nothing of dy without a tap."""
+writes its own pixels of dx (and reads z there, for a deferred batch norm's sums), reads only its
+taps of w, and reads nothing of dy without a tap."""
 
 import collections
 from pathlib import Path
@@ -30,6 +31,7 @@ def _launch_bytes(kernel, args, kwargs) -> int:
         share = {"y_ptr": 1.0 if values["POOL"] else values["GH"] * values["GW"] / (values["OH"] * values["OW"]),
                  "w_ptr": values["RC"] * values["SC"] / (values["R"] * values["S"]),
                  "x_ptr": float(values["RC"] * values["SC"] > 0), "gp_z_ptr": float(values["RC"] * values["SC"] > 0)}
+        share["res_ptr"] = share["y_ptr"]  # read at dst's pixels: the residual, or z (PRO_GRADS)
     seen = {}
     for name, value in values.items():
         if isinstance(value, torch.Tensor) and value.numel():

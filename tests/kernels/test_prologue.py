@@ -1,16 +1,22 @@
 """Cross-layer fusion's prologue (kernels/prologue.py): the conv forward and weight gradient
 reading z and applying y = act(z scale + shift) on load equal the same kernels reading the y that
 block-level fusion's epilogue pass writes, and torch on that y, with the conv's zero padding
-applied to y (not to z)."""
+applied to y (not to z); the input gradient (a conv's, a max pool's) through a prologue also
+gives the gradients of its scale and shift, as torch's autograd does."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cnndsl.kernels.conv import conv2d_backward_weight, conv2d_forward
+from cnndsl.kernels.conv import (
+    conv2d_backward_input,
+    conv2d_backward_weight,
+    conv2d_forward,
+)
 from cnndsl.kernels.epilogue import epilogue_forward
+from cnndsl.kernels.pool import pool_backward
 from cnndsl.kernels.prologue import Prologue
-from cnndsl.specs import NO_ACT, Act, ConvGeometry
+from cnndsl.specs import NO_ACT, Act, ConvGeometry, Window
 
 from helpers import assert_close
 
@@ -74,6 +80,44 @@ def test_without_batch_norm_the_prologue_only_activates(name):
     dy = torch.randn(conv2d_forward(y, wt, None, geometry).shape)
     dw, _ = conv2d_backward_weight(z, dy, wt.shape, geometry, False, pro)
     assert_close(dw, conv2d_backward_weight(y, dy, wt.shape, geometry, False)[0], tol=1e-5, name="dw")
+
+
+def _torch_act(v, act):
+    return {"relu": F.relu, "sigmoid": torch.sigmoid, "none": lambda t: t,
+            "leaky_relu": lambda t: F.leaky_relu(t, act.slope)}[act.kind](v)
+
+
+# every case (stride-2 phases, a 1x1 stride-2 conv whose phases no tap reaches, groups, depthwise)
+@pytest.mark.parametrize("name", [*CASES, "1x1_s2"])
+def test_the_input_gradient_gives_the_prologues_gradients(name):
+    case = CASES.get(name, (2, 16, 7, 6, 16, (1, 1), 2, 0, 1, 1))
+    z, _, wt, geometry, pro = _problem(case, ACTS.get(name, "relu"), torch.float32)
+    dy = torch.randn(conv2d_forward(z, wt, None, geometry, prologue=pro).shape)
+    dx, dscale, dshift = conv2d_backward_input(dy, wt, geometry, z.shape[1:3], prologue=pro, z=z)
+    assert torch.equal(dx, conv2d_backward_input(dy, wt, geometry, z.shape[1:3]))  # y's gradient, as without
+    # torch: y = act(z scale + shift) (the conv's padding is y's), conv, <dy, out>
+    scale, shift = pro.scale.double().requires_grad_(), pro.shift.double().requires_grad_()
+    y = _torch_act(z.double() * scale + shift, pro.act).permute(0, 3, 1, 2)
+    stride, pad, dil, groups = case[6:]
+    out = F.conv2d(y, wt.double(), None, stride, pad, dil, groups)
+    ref_scale, ref_shift = torch.autograd.grad((out * dy.double().permute(0, 3, 1, 2)).sum(), (scale, shift))
+    assert_close(dscale.double(), ref_scale, tol=1e-5, name=f"{name} dscale")
+    assert_close(dshift.double(), ref_shift, tol=1e-5, name=f"{name} dshift")
+
+
+def test_a_max_pools_gradient_gives_the_prologues_gradients():
+    z, _, _, _, pro = _problem(CASES["1x1_c48"], "relu", torch.float32)
+    window = Window("max", (3, 3), (2, 2), (1, 1), tuple((d - 1) // 2 + 1 for d in z.shape[1:3]))
+    y, argmax = epilogue_forward(z, pro.scale, pro.shift, pro.act, None, NO_ACT, window, round_taps=True)
+    dy = torch.randn_like(y)
+    dx, dscale, dshift = pool_backward(dy, window, argmax, z.shape[1:3], pro, z)
+    assert torch.equal(dx, pool_backward(dy, window, argmax, z.shape[1:3]))
+    scale, shift = pro.scale.double().requires_grad_(), pro.shift.double().requires_grad_()
+    v = _torch_act(z.double() * scale + shift, pro.act).permute(0, 3, 1, 2)
+    out = F.max_pool2d(v, 3, 2, 1)
+    ref_scale, ref_shift = torch.autograd.grad((out * dy.double().permute(0, 3, 1, 2)).sum(), (scale, shift))
+    assert_close(dscale.double(), ref_scale, tol=1e-5, name="dscale")
+    assert_close(dshift.double(), ref_shift, tol=1e-5, name="dshift")
 
 
 def test_statistics_and_bias_with_a_prologue():
