@@ -58,8 +58,9 @@ def lower(net: ir.Network, plan: Plan) -> Program:
         elif any(group.in_place):  # a concat some of whose branches wrote into its output
             spec = replace(spec, in_place=tuple(f > 0 for f in group.in_place))
             into = (group.output.id, 0, group.output.shape[0], False)
+        redirected = None if group.redirects is None else tuple(inputs).index(group.redirects)
         steps.append(Step(g, group.output.name, runner_of(runner), tuple(inputs), group.output.id,
-                          tuple(params), spec, into))
+                          tuple(params), spec, into, group.token, redirected))
     logits = steps
     if net.ends_in_softmax:  # leave the final softmax to the cross-entropy
         last = steps[-1]

@@ -23,7 +23,7 @@ from .plan import plan as make_plan
 from .runtime.triton_module import RUNNERS
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*\Z")
-_ALWAYS = ("fork", "cross_entropy")  # the executor's and the loss's
+_ALWAYS = ("fork", "redirect", "cross_entropy")  # the executor's and the loss's
 
 
 def _source(key: str) -> str:

@@ -60,6 +60,11 @@ class Group:
     # gradient read in place in backward
     in_place: tuple[int, ...] = ()
     into_note: str | None = None  # for a concat: which branches write into its slab, why the others are copied
+    # where a value forks to a conv and a shortcut (cross-layer): the conv's group returns a gradient token
+    # for its input (token), the shortcut's group sends that input's gradient there (redirects: its id), and
+    # the conv's input gradient adds it (the value's group lists fork_sum_in_reader, not a sum of the two)
+    token: bool = False
+    redirects: int | None = None
 
     @property
     def name(self) -> str:
@@ -265,6 +270,28 @@ def _cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:
     return out
 
 
+def _redirected(readers, groups: list[Group]) -> list[Group]:
+    """The groups with the two gradients of each value that two conv blocks read, one as its conv's
+    input and the other as its shortcut (its add's) or its conv's input too, summed in the first
+    one's input gradient (Group.token, .redirects)."""
+    first = {g.nodes[0].id: i for i, g in enumerate(groups) if g.rule == "conv_block"}
+    adds = {n.id: i for i, g in enumerate(groups) if g.rule == "conv_block" for n in g.nodes if n.op is Op.ADD}
+    out = list(groups)
+    for p, g in enumerate(groups):
+        v = g.output.id
+        rd = readers.get(v, [])
+        at = sorted({first[n.id] if n.op is Op.CONV and n.inputs[0] == v and n.id in first else adds.get(n.id, -1)
+                     for n in rd})
+        if len(rd) != 2 or len(at) != 2 or at[0] < 0 or groups[at[0]].nodes[0].inputs[0] != v:
+            continue
+        a, b = at  # (a conv block adding v to a conv of its own that reads v too has one index)
+        if groups[a].into is not None or any(n.op is Op.GATE for n in groups[a].nodes):
+            continue
+        out[a], out[b] = replace(out[a], token=True), replace(out[b], redirects=v)
+        out[p] = replace(out[p], backward=out[p].backward + ("fork_sum_in_reader",))
+    return out
+
+
 def _placed(g: Group, into: int | None, in_place: tuple[int, ...], note: str | None) -> Group:
     """A group with zero-copy concatenation applied (slabs.py): a concat whose branches all wrote into
     its output launches nothing forward, and nothing backward where they all read their slices of
@@ -303,6 +330,8 @@ def plan(net: ir.Network, fuse: bool | str = True) -> Plan:
         into, flags, notes = in_place(net, readers, groups)
         groups = [_placed(g, into.get(i), flags.get(g.output.id, ()), notes.get(g.output.id))
                   for i, g in enumerate(groups)]
+    if fuse is True:
+        groups = _redirected(readers, groups)
     return Plan(net.name, tuple(groups), fused=bool(fuse), cross_layer=fuse is True)
 
 

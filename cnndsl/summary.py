@@ -72,6 +72,7 @@ def plan_json(net: ir.Network, fused, unfused, batch: int, itemsize: int, train:
     from .plan import traffic
     mode = "training" if train else "inference"
     groups = []
+    redirecting = {h.redirects: h.name for h in fused.groups if h.redirects is not None}
     for g in fused.groups:
         moved = traffic(net, g, batch, itemsize)[mode]
         groups.append({"name": g.name, "rule": g.rule, "ops": list(g.ops),
@@ -79,7 +80,9 @@ def plan_json(net: ir.Network, fused, unfused, batch: int, itemsize: int, train:
                        "bytes": moved[0], "unfused_bytes": moved[1], "not_fused_further": g.reason,
                        "deferred": g.deferred, "training_output": g.output_note, "dz_on_load": g.dz_on_load,
                        "gemm_pool": g.gemm_pool, "into": None if g.into is None else net.nodes[g.into].name,
-                       "zero_copy": g.into_note})
+                       "zero_copy": g.into_note,
+                       # (training) the reader whose gradient of the same input its input gradient adds
+                       "adds_gradient_of": redirecting.get(g.nodes[0].inputs[0]) if g.token else None})
     return {"network": net.name, "mode": mode, "fusion": fused.level, "batch": batch, "bytes_per_element": itemsize,
             "groups": groups, "fused_groups": len(fused.groups), "unfused_groups": len(unfused.groups),
             "fused_kernels": sum(len(g["kernels"]) for g in groups),
@@ -105,6 +108,9 @@ def plan_table(net: ir.Network, fused, unfused, batch: int, itemsize: int, train
             lines.append(f"       {g['training_output']}")
         if train and g["dz_on_load"]:
             lines.append("       its backward writes no dz: its conv's gradients compute it as they load dy and z")
+        if train and g["adds_gradient_of"]:
+            lines.append(f"       its input gradient adds {g['adds_gradient_of']}'s gradient of the same input: "
+                         "no pass sums the two")
         if train and g["gemm_pool"]:
             lines.append(f"       {GEMM_POOL_NOTE}")
         if g["into"]:

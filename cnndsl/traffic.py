@@ -82,6 +82,8 @@ KERNEL_BYTES: dict[str, Callable[[Tensors, bool], int]] = {
     "bn_bwd_reduce": lambda t, training: 2 * t.z,  # dy and x
     # a deferred block's sums, in its reader's input gradient (a conv's or max pool's epilogue): z read again
     "bn_sums_in_reader": lambda t, training: t.z,
+    # a value's gradients from a conv and a shortcut: the shortcut's read in the conv's input gradient
+    "fork_sum_in_reader": lambda t, training: t.y,
     "bn_bwd_apply": lambda t, training: 3 * t.z,  # dy and x in, dx out
     "bn_act_bwd": lambda t, training: 3 * t.z,  # dy and x in, dx out (the activation's gradient recomputed)
     "bn_fold": _NONE, "bn_scale_shift": _NONE, "bn_merge_stats": _NONE, "bn_update_running": _NONE,
@@ -209,6 +211,6 @@ def group_bytes(net: ir.Network, nodes, kernels, batch: int, itemsize: int, trai
         kernels = [k for k in kernels if not k.endswith(("conv_bwd_input", "dense_bwd_input"))]
     moved = sum(kernel_bytes(k, t, training) for k in kernels)
     readers = _readers(net)[nodes[-1].id]
-    if training and readers > 1:
+    if training and readers > 1 and "fork_sum_in_reader" not in kernels:
         moved += 3 * (readers - 1) * batch * numel(nodes[-1].shape) * itemsize
     return moved

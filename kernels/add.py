@@ -1,5 +1,7 @@
 """Elementwise add: the residual join in the unfused plan (add_layer), and the sum of the
-gradients that meet where a value forks to several readers (fork)."""
+gradients that meet where a value forks to several readers (fork); or, where a value's two
+readers are a conv and a shortcut (cross-layer fusion), the shortcut's gradient routed to the
+conv's input gradient, which adds it in its epilogue (redirect)."""
 
 import torch
 import triton
@@ -64,3 +66,20 @@ def fork(x, k: int) -> tuple:
     """One value handed to k readers as k aliases, their gradients summed with the add kernel
     (so that autograd's engine never accumulates with a torch op)."""
     return _Fork.apply(x, k)
+
+
+class _Redirect(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, token):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
+
+
+def redirect(x, token):
+    """x as its shortcut reads it, that reader's gradient sent to `token` (x's conv reader's output of
+    x's shape, conv_block.py's) instead of to x: the conv adds it to x's gradient as its input
+    gradient's GEMM writes that, and no pass sums x's two gradients (2 reads and a write fewer)."""
+    return _Redirect.apply(x, token)

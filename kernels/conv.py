@@ -405,13 +405,15 @@ def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, res
 
 
 def conv2d_backward_input(dy, w, geometry: ConvGeometry, in_hw, grad_prologue: GradPrologue | None = None,
-                          prologue: Prologue | None = None, z=None):
+                          prologue: Prologue | None = None, z=None, add=None):
     """dx (N, H, W, C) for dy (N, OH, OW, K), (OH, OW) = geometry.out_hw, and w (K, C/groups, R, S);
     (H, W) = in_hw. With a grad_prologue, dy is the gradient of the block's output, turned into the
     conv output's as each tile is loaded (prologue.py). dy may be a channel slice (_common.even_rows).
     With the forward's prologue (scale and shift given) and its z (N, H, W, C): (dx, dscale,
     dshift), dx the gradient of y = act(z scale + shift) and dscale, dshift (C,) fp32 those of
-    the prologue's scale and shift, from the epilogue's per-tile partials."""
+    the prologue's scale and shift, from the epilogue's per-tile partials. add (N, H, W, C), x's
+    gradient from its other reader where x forks (a residual block's shortcut), is added to dx in
+    the epilogue: the sum is written once, where summing the two apart reads both and writes it."""
     check_tensor(dy, "dy", ndim=4, rows=True)
     check_tensor(w, "w", ndim=4, dtype=dy.dtype, device=dy.device)
     n, _, _, k = dy.shape
@@ -429,6 +431,12 @@ def conv2d_backward_input(dy, w, geometry: ConvGeometry, in_hw, grad_prologue: G
         check(tuple(z.shape) == tuple(dx.shape) and z.is_contiguous(),
               f"z: expected a contiguous tensor of shape {tuple(dx.shape)}, got {tuple(z.shape)}")
         ep = replace(ep, res=z, meta={**ep.meta, "PRO_GRADS": True})
+    if add is not None:
+        check(prologue is None, "add: not with a prologue (an input read by two layers is not normalised on load)")
+        check_tensor(add, "add", ndim=4, dtype=dy.dtype, device=dy.device)
+        check(tuple(add.shape) == tuple(dx.shape) and add.is_contiguous(),
+              f"add: expected a contiguous tensor of shape {tuple(dx.shape)}, got {tuple(add.shape)}")
+        ep = replace(ep, res=add, meta={**ep.meta, "HAS_RES": True})
     part, tiles = _launch_conv(dy, wt, None, dx, groups, k // groups, cin_g, r, s, stride, padding, dilation, True,
                                (h, wd), ep, prologue, grad_prologue)
     return dx if prologue is None else (dx, *sum_tiles(part, tiles))

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from ..specs import NO_ACT, Act, ConvBlock, decode
-from ._common import absent, define, present
+from ._common import absent, check, define, present
 from .batchnorm_backward import batchnorm_backward_on_load
 from .batchnorm_layer import update_running
 from .concat import slab_of, take_slice
@@ -156,7 +156,7 @@ def _grad_prologue(dy, z, residual, scale, shift, argmax, s, stats):
 
 
 def _backward_impl(dy, x, w, z, residual, gate, scale, shift, mean, var, bn_w, argmax, pro, pro_scale, pro_shift,
-                   dscale, dshift, spec, train, bn_grads, input_grad, weight_grad, has_bias, pro_grads):
+                   dscale, dshift, add, spec, train, bn_grads, input_grad, weight_grad, has_bias, pro_grads):
     s = decode(spec)
     dres = dbn_w = dbn_b = gp = dgate = dpro_scale = dpro_shift = None
     dz = dy
@@ -173,12 +173,14 @@ def _backward_impl(dy, x, w, z, residual, gate, scale, shift, mean, var, bn_w, a
     elif s.epilogue:
         dz, dres, dbn_w, dbn_b = epilogue_backward(dy, z, present(scale), present(shift), s.act1, residual,
                                                    s.act2, s.pool, present(argmax), stats)
+    check(add is None or (gate is None and not pro_grads), "add: x's other gradient is added only to an ungated input "
+          "gradient without a prologue")
     dx = None
     if input_grad and pro_grads:  # with the gradients of the prologue's scale and shift (the sums above)
         dx, dpro_scale, dpro_shift = conv2d_backward_input(dz, w, s.geometry, tuple(x.shape[1:3]), gp,
                                                            _prologue(s, pro, pro_scale, pro_shift), x)
     elif input_grad:
-        dx = conv2d_backward_input(dz, w, s.geometry, tuple(x.shape[1:3]), grad_prologue=gp)
+        dx = conv2d_backward_input(dz, w, s.geometry, tuple(x.shape[1:3]), grad_prologue=gp, add=add)
     if gate is not None and dx is not None:  # dx is x * gate's gradient: the gate's backward pass (gate.py)
         dx, dgate = gate_backward(dx, x, gate)
     dw, db = conv2d_backward_weight(x, dz, tuple(w.shape), s.geometry, has_bias, _prologue(s, pro, pro_scale, pro_shift),
@@ -188,7 +190,7 @@ def _backward_impl(dy, x, w, z, residual, gate, scale, shift, mean, var, bn_w, a
 
 
 def _backward_fake(dy, x, w, z, residual, gate, scale, shift, mean, var, bn_w, argmax, pro, pro_scale, pro_shift,
-                   dscale, dshift, spec, train, bn_grads, input_grad, weight_grad, has_bias, pro_grads):
+                   dscale, dshift, add, spec, train, bn_grads, input_grad, weight_grad, has_bias, pro_grads):
     s = decode(spec)
     like = lambda t, on: torch.empty_like(t) if on else absent(x)
     return (like(x, input_grad), like(residual, residual is not None and s.epilogue),
@@ -200,7 +202,8 @@ def _backward_fake(dy, x, w, z, residual, gate, scale, shift, mean, var, bn_w, a
 _backward = define(
     "conv_block_backward", "(Tensor dy, Tensor x, Tensor w, Tensor z, Tensor? residual, Tensor? gate, Tensor scale, "
     "Tensor shift, Tensor? mean, Tensor? var, Tensor? bn_w, Tensor argmax, bool pro, Tensor? pro_scale, "
-    "Tensor? pro_shift, Tensor? dscale, Tensor? dshift, str spec, bool train, bool bn_grads, bool input_grad, "
+    "Tensor? pro_shift, Tensor? dscale, Tensor? dshift, Tensor? add, str spec, bool train, bool bn_grads, "
+    "bool input_grad, "
     "bool weight_grad, bool has_bias, bool pro_grads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
     "Tensor, Tensor)",
     _backward_impl, _backward_fake)
@@ -216,42 +219,51 @@ def _save(ctx, inputs, kept, argmax, mean, var, scale, shift):
                           var if batch_stats else var_in, bn_w, argmax, pro_scale, pro_shift)
 
 
-def _grads(ctx, dy, need, dscale=None, dshift=None):
+def _grads(ctx, dy, need, dscale=None, dshift=None, add=None):
     """The gradients of (x, residual, gate, w, b, bn_w, bn_b, pro_scale, pro_shift) for dy (and the
-    gradients of a deferring block's scale and shift); `need` the inputs' needs_input_grad."""
+    gradients of a deferring block's scale and shift; `add`, x's gradient token's, is added to x's);
+    `need` the inputs' needs_input_grad."""
     x, w, z, residual, gate, scale, shift, mean, var, bn_w, argmax, pro_scale, pro_shift = ctx.saved_tensors
     bn_grads = bn_w is not None and (need[5] or need[6])
     pro_grads = pro_scale is not None and (need[10] or need[11])  # the deferring block's batch norm's sums
     return tuple(map(present, _backward(dy, x, w, z, residual, gate, scale, shift, mean, var, bn_w, argmax, ctx.pro,
-                                        pro_scale, pro_shift, dscale, dshift, ctx.spec, ctx.train, bn_grads,
+                                        pro_scale, pro_shift, dscale, dshift, add, ctx.spec, ctx.train, bn_grads,
                                         need[0] or need[2], need[3] or need[4], ctx.has_bias, pro_grads)))
 
 
 def _setup(ctx, inputs, output):
-    y, z, argmax, mean, var, scale, shift = output
+    y, z, argmax, mean, var, scale, shift, token = output
     s = decode(inputs[12])
     # a deferring block's scale and shift take gradients: the sums its batch norm's backward needs,
     # which its reader's input gradient computes (conv.conv2d_backward_input); unused, they stay None
     deferred = s.defer and s.bn is not None and inputs[13]
-    ctx.mark_non_differentiable(z, argmax, mean, var, *(() if deferred else (scale, shift)))
+    ctx.mark_non_differentiable(z, argmax, mean, var, *(() if deferred else (scale, shift)),
+                                *(() if inputs[14] else (token,)))
     ctx.set_materialize_grads(False)
-    _save(ctx, inputs, y if present(z) is None else z, argmax, mean, var, scale, shift)
+    _save(ctx, inputs[:14], y if present(z) is None else z, argmax, mean, var, scale, shift)
 
 
-def _block_backward(ctx, dy, _z, _argmax, _mean, _var, dscale, dshift):
+def _block_backward(ctx, dy, _z, _argmax, _mean, _var, dscale, dshift, dtoken):
     if dy is None:  # (y unused: nothing reaches the block)
-        return (None,) * 14
-    dx, dres, dgate, dw, db, dbn_w, dbn_b, dpro_scale, dpro_shift = _grads(ctx, dy.contiguous(),
-                                                                           ctx.needs_input_grad, dscale, dshift)
-    return dx, dres, dgate, dw, db, dbn_w, dbn_b, None, None, None, dpro_scale, dpro_shift, None, None
+        return (None,) * 15
+    dx, dres, dgate, dw, db, dbn_w, dbn_b, dpro_scale, dpro_shift = _grads(
+        ctx, dy.contiguous(), ctx.needs_input_grad, dscale, dshift, None if dtoken is None else dtoken.contiguous())
+    return dx, dres, dgate, dw, db, dbn_w, dbn_b, None, None, None, dpro_scale, dpro_shift, None, None, None
+
+
+def _token(x, token: bool):
+    """With `token`, x's gradient token: x's shape (an expanded element, never read), the output
+    whose gradient is that of x's other reader (kernels/add.py's redirect), added to dx in the input
+    gradient's epilogue (conv.conv2d_backward_input's `add`)."""
+    return x.new_empty(1).expand(x.shape) if token else absent(x)
 
 
 _block = define(
     "conv_block", "(Tensor x, Tensor? residual, Tensor? gate, Tensor w, Tensor? b, Tensor? bn_w, Tensor? bn_b, "
-    "Tensor? mean, "
-    "Tensor? var, bool pro, Tensor? pro_scale, Tensor? pro_shift, str spec, bool train) -> (Tensor, Tensor, Tensor, "
-    "Tensor, Tensor, Tensor, Tensor)",
-    _train_impl, _train_fake, _block_backward, _setup)
+    "Tensor? mean, Tensor? var, bool pro, Tensor? pro_scale, Tensor? pro_shift, str spec, bool train, bool token) -> "
+    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    lambda *a: (*_train_impl(*a[:-1]), _token(a[0], a[-1])), lambda *a: (*_train_fake(*a[:-1]), _token(a[0], a[-1])),
+    _block_backward, _setup)
 
 
 # --- zero-copy concatenation: y written into its channel slice of a concat's output (concat.py) ----
@@ -324,7 +336,7 @@ def conv_block(x, residual, gate, w, b, bn_w, bn_b, running_mean, running_var, n
     args = (x, residual, gate, w, b, bn_w, bn_b, running_mean, running_var, pro, pro_scale, pro_shift, state.text,
             state.training)
     if slab is None:
-        out = _block(*args)
+        out = _block(*args, state.token)
     elif torch.is_grad_enabled():
         out = _BlockInto.apply(slab, state.into[1], state.into[3], *args)
         out = (out[0], None, None, out[1], out[2])
@@ -333,4 +345,5 @@ def conv_block(x, residual, gate, w, b, bn_w, bn_b, running_mean, running_var, n
     if bn is not None and state.training:
         update_running(out[3], out[4], running_mean, running_var, num_batches_tracked, bn.momentum,
                        x.shape[0] * spec.geometry.out_hw[0] * spec.geometry.out_hw[1])
-    return Deferred(out[0], present(out[5]), present(out[6]), spec.act1) if spec.defer else out[0]
+    y = Deferred(out[0], present(out[5]), present(out[6]), spec.act1) if spec.defer else out[0]
+    return (y, out[7]) if state.token else y

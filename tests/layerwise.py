@@ -73,6 +73,7 @@ class Call:
     logits: bool
     dx: list = field(default_factory=list)
     dy: list = field(default_factory=list)
+    dtoken: list = field(default_factory=list)  # (Step.token) the shortcut's gradient it adds to input 0's
 
 
 def _tap(value, slot):
@@ -112,6 +113,10 @@ class _Recorded:
         args = [next(inputs) if a is not None else None for a in args[:k]] + list(args[k:])
         call.inputs = [_value(a) for a in args[:k] if a is not None]
         out = self.runner(*args)
+        token = None
+        if args[-1].token:  # (y, the gradient token of its input)
+            out, token = out
+            token = _Tap.apply(token, call.dtoken)
         if step.into is not None and step.runner != "concat_layer":
             # it wrote into a concat's slab, which later writers change in place: a tap (a view) would
             # break that; check_pass takes its slice of the slab, and of the concat's gradient
@@ -120,7 +125,7 @@ class _Recorded:
             out = _tap(out, call.dy)
             call.output = _value(out)
         self.calls.append(call)
-        return out
+        return out if token is None else (out, token)
 
 
 def record(calls: list) -> ExitStack:
@@ -137,7 +142,7 @@ def record(calls: list) -> ExitStack:
     stack = ExitStack()
     stack.enter_context(mock.patch.object(tm.TritonModule, "_run", traced))
     stack.enter_context(mock.patch.dict(tm.RUNNERS, {k: _Recorded(v, calls, current) for k, v in tm.RUNNERS.items()
-                                                      if k not in ("fork", "cross_entropy")}))
+                                                      if k not in ("fork", "redirect", "cross_entropy")}))
     return stack
 
 
@@ -243,6 +248,8 @@ def _check_call(call, ref, tri, op, dtype, tol, close):
     grads = torch.autograd.grad(y, ins + [q for _, q, _ in params], nchw(call.dy[0]).double(), allow_unused=True)
     for i, (slot, g) in enumerate(zip(call.dx, grads)):
         if slot:
+            if i == 0 and call.dtoken:  # its input gradient adds the shortcut's, which its token received
+                g = g + nchw(call.dtoken[0]).double()
             close(nchw(slot[0]).float(), g, tol=tol, name=f"{name} input {i} gradient")
     for (pname, _, p), g in zip(params, grads[len(ins):]):
         close(p.grad.float(), g, tol=tol, name=f"{name} gradient of {pname}")

@@ -11,7 +11,7 @@ from cnndsl.errors import CnnInputError
 from cnndsl.plan import plan, traffic
 from cnndsl.traffic import group_bytes
 
-from helpers import run_both
+from helpers import launches, run_both
 
 # Every reason a block's output is written (no conv bias before a batch norm: its gradient is 0),
 # and deferral with and without batch norm or an activation, strided, grouped and depthwise readers.
@@ -98,10 +98,12 @@ def test_cross_layer_fusion_saves_the_epilogue_pass_and_dz():
     assert moved(block[0], block[0].forward) - moved(cross[0], cross[0].forward) == 2 * z
     # backward of conv6..relu3 (stride 1, 16x4x4): batch norm's sums (2z), the pass that read dy and z and
     # wrote dz (3z), and the GEMMs' two reads of dz (2z), against the sums (2z) and the GEMMs reading dy and z
-    # where they read dz (4z)
+    # where they read dz (4z); and its output's two gradients (residual1.conv1's and the shortcut's) summed
+    # apart (3z) against the shortcut's read in residual1.conv1's input gradient (z)
     assert block[5].name == "conv6..relu3" and cross[5].dz_on_load and not cross[5].deferred
+    assert cross[5].backward[-1] == "fork_sum_in_reader" and cross[6].token and cross[7].redirects == cross[5].output.id
     z5 = 4 * 2 * 16 * 4 * 4
-    assert moved(block[5], block[5].backward) - moved(cross[5], cross[5].backward) == (2 + 3 + 2 - 2 - 4) * z5
+    assert moved(block[5], block[5].backward) - moved(cross[5], cross[5].backward) == (2 + 3 + 2 - 2 - 4 + 2) * z5
     assert traffic(net, block[0], 4, 2)["inference"] == traffic(net, cross[0], 4, 2)["inference"]
 
 
@@ -117,6 +119,17 @@ def test_dz_on_load_only_where_it_moves_fewer_bytes():
     # shortcut's gradient
     last = next(g for g in plan(net, True).groups if g.name.startswith("residual1.conv2"))
     assert last.dz_on_load and last.backward[0] == "epilogue_bwd+bn_sums"
+
+
+def test_a_shortcuts_gradient_is_added_in_the_convs_input_gradient():
+    # conv6..relu3's output forks to residual1.conv1 and the add: fused, residual1.conv1's input gradient
+    # adds the shortcut's gradient (no add kernel); block-level, a pass sums the two
+    counts = []
+    for fuse in (True, "block"):
+        model = cnndsl.compile(CHAIN, backend="triton", fuse=fuse, device="cpu")
+        x = torch.randn(2, 3, 8, 8, requires_grad=True)
+        counts.append(launches(lambda: model(x).sum().backward()).count("_add_kernel"))
+    assert counts == [0, 1]
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")

@@ -28,6 +28,7 @@ BY_NAME = {
     "bn_update_running": {"batchnorm._bn_update_running_kernel"}, "bn_apply": {"batchnorm._bn_fwd_kernel"},
     "bn_bwd_reduce": {"batchnorm_backward._bn_bwd_partial_kernel", "batchnorm_backward._bn_bwd_merge_kernel"},
     "bn_sums_in_reader": {"conv_epilogue._sum_tiles_kernel"},  # (the tiles' sums from the reader's kernel)
+    "fork_sum_in_reader": CONV,  # (the reader's input gradient adds the shortcut's gradient)
     "bn_bwd_merge": {"batchnorm_backward._bn_bwd_merge_kernel"}, "bn_bwd_apply": {"batchnorm_backward._bn_bwd_kernel"},
     "epilogue_fwd": {"epilogue._epilogue_fwd_kernel"}, "epilogue_bwd": {"epilogue_backward._epilogue_bwd_kernel"},
     "pool_bwd_from_y": {"epilogue_backward._epilogue_bwd_kernel"},

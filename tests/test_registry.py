@@ -67,7 +67,7 @@ def test_tables_are_derived_from_the_registry():
 
 def test_every_runner_takes_inputs_then_spec_and_state():
     for name, runner in RUNNERS.items():
-        if name not in ("fork", "cross_entropy"):
+        if name not in ("fork", "redirect", "cross_entropy"):  # the executor's and the loss's
             params = inspect.signature(runner).parameters
             if [p.kind for p in params.values()] == [inspect.Parameter.VAR_POSITIONAL]:  # a join of any arity
                 assert f"(*{next(iter(params))}, spec, state)" in runner.__doc__, name

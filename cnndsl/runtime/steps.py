@@ -25,6 +25,7 @@ class StepState:
     # a step that writes into a concat's output (Step.into): (the slab so far, or None before its
     # first writer, the first channel, the slab's channels, whether backward reads its slice in place)
     into: tuple | None = None
+    token: bool = False  # (Step.token, with autograd recording) return (output, the input's gradient token)
 
     @property
     def cache(self) -> dict:
@@ -71,33 +72,42 @@ def _cast(value, dtype: torch.dtype):
 def run_steps(steps, x, layers: dict, runners: dict, training: bool, caches: dict) -> torch.Tensor:
     """The output of `steps` for x (N, C, H, W): `layers` maps layer names to the modules holding
     the parameters, `runners` runner names to the runners, `caches` a step's group to its cache.
-    A value read by k > 1 steps is handed out as k aliases whose gradients `fork` adds. A step
-    with `into` writes into the slab of a concat's output, the one tensor that every writer of
-    that concat returns in turn (kernels/concat.py). Under torch.autocast the steps run in
-    compute_dtype(x), and so does the output."""
+    A value read by k > 1 steps is handed out as k aliases whose gradients `fork` adds, except
+    where its readers are a conv whose step returns a gradient token (Step.token) and a shortcut
+    whose step `redirects` it: there the shortcut reads it through `redirect`, which sends its gradient
+    to the token, and the conv's input gradient adds it. A step with `into` writes into the slab
+    of a concat's output, the one tensor that every writer of that concat returns in turn
+    (kernels/concat.py). Under torch.autocast the steps run in compute_dtype(x), and so does the
+    output."""
     readers = {0: 0}
     for step in steps:
         for i in step.inputs:
             if i is not None:
                 readers[i] = readers.get(i, 0) + 1
     grad = torch.is_grad_enabled()
-    values, slabs = {}, {}
+    redirected = {step.inputs[0] for step in steps if step.token} if grad else set()
+    values, slabs, tokens = {}, {}, {}
 
     def keep(i, value):
         k = readers.get(i, 0)
-        values[i] = list(runners["fork"](value, k)) if k > 1 else [value]
+        values[i] = list(runners["fork"](value, k)) if k > 1 and i not in redirected else [value] * max(k, 1)
 
     dtype = compute_dtype(x)
     keep(0, x.permute(0, 2, 3, 1).to(dtype).contiguous())  # (N, H, W, C)
     out = values[0][0]
     for step in steps:
         inputs = [values[i].pop() if i is not None else None for i in step.inputs]
+        if step.redirects is not None and grad:  # its shortcut's gradient goes to the conv that also reads it
+            j = step.redirects
+            inputs[j] = runners["redirect"](inputs[j], tokens.pop(step.inputs[j]))
         params = [_cast(getattr(layers[p[0]], p[1]), dtype) if p is not None else None for p in step.params]
         # a step trains unless a layer of it is held in eval mode (a frozen batch norm)
         trains = training and all(layers[p[0]].training for p in step.params if p is not None)
         into = None if step.into is None else (slabs.get(step.into[0]), *step.into[1:])
-        state = StepState(trains, grad, caches, step.group, step.text, into)
+        state = StepState(trains, grad, caches, step.group, step.text, into, step.token and grad)
         out = runners[step.runner](*inputs, *params, step.spec, state)
+        if state.token:
+            out, tokens[step.inputs[0]] = out
         if step.into is not None:
             slabs[step.into[0]] = out
         if isinstance(out, torch.Tensor):  # else a block's deferred output, read by one conv or max pool (plan.py)

@@ -13,7 +13,7 @@ from .module import NetworkModule
 from .steps import run_steps
 
 # The executor's own (forking a value to several readers) and the loss's, with every op's and rule's.
-_QUALIFIED = ("add.fork", "softmax.cross_entropy", *(d.runner for d in REGISTRY.values() if d.runner),
+_QUALIFIED = ("add.fork", "add.redirect", "softmax.cross_entropy", *(d.runner for d in REGISTRY.values() if d.runner),
               *(r.runner for r in RULES))
 RUNNERS = {runner_of(q): getattr(importlib.import_module(f"..kernels.{q.rsplit('.', 1)[0]}", __package__),
                                  runner_of(q)) for q in _QUALIFIED}
