@@ -210,8 +210,8 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
             s, t, beta, mu, gamma = grad_coefs(gp_scale_ptr + g * CIN_G, gp_shift_ptr + g * CIN_G,
                                                gp_center_ptr + g * CIN_G, CIN, offs_k, offs_k < CIN_G, GP_AFFINE,
                                                GP_CENTER)
-        if not NO_TAPS:  # (else the loop is left out: with a zero-trip path to the accumulator's last
-            # wgmma wait, ptxas serializes the wgmma pipeline, C7515, as an epilogue's loads made it do)
+        if GRAD_PRO and not NO_TAPS:  # (else the loop is left out) with a zero-trip path to the accumulator's
+            # last wgmma wait, ptxas serializes dz on load's wgmma pipeline (C7515) behind an epilogue's loads
             tl.assume(RC * SC * NCB > 0)
         for _ in range(0 if NO_TAPS else RC * SC * NCB):
             dh = DH0 + tr * DH_STEP
