@@ -19,7 +19,11 @@ gradient of the deferring block's y. In backward, a block with `dz_on_load` (bat
 nothing else; or batch norm, the shortcut and act2) writes no dz: its conv's gradient kernels
 read dy (da, the shortcut's gradient, with a shortcut) and z and apply the batch norm's and
 activation's backward as they load them (prologue.GradPrologue), after one pass over dy and z
-for batch norm's per-channel sums (the gather pass, with a shortcut)."""
+for batch norm's per-channel sums (the gather pass, with a shortcut); a deferring block takes
+those sums from its reader instead, as the gradients of the Deferred's scale and shift, which
+the reader's input gradient computes (conv.conv2d_backward_input). Where x forks to this conv
+and a shortcut, the block returns a gradient token of x's shape (Step.token), whose gradient,
+the shortcut's, the input gradient adds to dx (kernels/add.py's redirect)."""
 
 from typing import NamedTuple
 
@@ -203,9 +207,8 @@ _backward = define(
     "conv_block_backward", "(Tensor dy, Tensor x, Tensor w, Tensor z, Tensor? residual, Tensor? gate, Tensor scale, "
     "Tensor shift, Tensor? mean, Tensor? var, Tensor? bn_w, Tensor argmax, bool pro, Tensor? pro_scale, "
     "Tensor? pro_shift, Tensor? dscale, Tensor? dshift, Tensor? add, str spec, bool train, bool bn_grads, "
-    "bool input_grad, "
-    "bool weight_grad, bool has_bias, bool pro_grads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-    "Tensor, Tensor)",
+    "bool input_grad, bool weight_grad, bool has_bias, bool pro_grads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+    "Tensor, Tensor, Tensor, Tensor)",
     _backward_impl, _backward_fake)
 
 

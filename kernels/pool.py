@@ -76,7 +76,7 @@ def _avg_pool_fwd_kernel(x_ptr, y_ptr, P, H, W, C, OH, OW,  # x (N, H, W, C) -> 
              mask=p_mask[:, None] & c_mask[None, :])
 
 
-@autotune(CONFIGS, key=["P", "C", "KH", "KW", "POOL", "AVG_DIV"], **_TUNE)
+@autotune(CONFIGS, key=["P", "C", "KH", "KW", "POOL", "AVG_DIV", "PRO_GRADS"], **_TUNE)
 @triton.jit
 def _pool_bwd_kernel(dy_ptr, arg_ptr, dx_ptr, P, H, W, C, OH, OW,  # dy, arg (N, OH, OW, C) -> dx (N, H, W, C)
                      stride_h, stride_w, pad_h, pad_w,
