@@ -59,6 +59,7 @@ from .prologue import (
     grad_prologue_args,
     prologue_args,
     prologue_coefs,
+    prologue_grads_args,
 )
 
 _MIN_BLOCK_M = 16  # the smallest BLOCK_M the interpreter sizes a launch to
@@ -425,11 +426,7 @@ def conv2d_backward_input(dy, w, geometry: ConvGeometry, in_hw, grad_prologue: G
     wt = w.view(groups, k // groups, cin_g, r, s).permute(0, 3, 4, 1, 2).contiguous()  # (G, R, S, K/g, C/g)
     ep = PLAIN_EPILOGUE
     if prologue is not None:
-        check(isinstance(prologue, Prologue) and prologue.scale is not None,
-              "prologue: expected a Prologue with a scale and shift (the gradients are theirs)")
-        check_tensor(z, "z", ndim=4, dtype=dy.dtype, device=dy.device)
-        check(tuple(z.shape) == tuple(dx.shape) and z.is_contiguous(),
-              f"z: expected a contiguous tensor of shape {tuple(dx.shape)}, got {tuple(z.shape)}")
+        prologue_grads_args(prologue, z, dx)
         ep = replace(ep, res=z, meta={**ep.meta, "PRO_GRADS": True})
     if add is not None:
         check(prologue is None, "add: not with a prologue (an input read by two layers is not normalised on load)")

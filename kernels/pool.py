@@ -25,11 +25,10 @@ from ._common import (
     elementwise_tiles,
     present,
 )
-from .activation import act_code
 from .conv_block import Deferred
 from .conv_epilogue import sum_tiles, tile_prologue_grads
 from .epilogue import epilogue_forward
-from .prologue import Prologue
+from .prologue import Prologue, prologue_grads_args
 from .window import (
     CONFIGS,
     POOL_MODES,
@@ -168,13 +167,9 @@ def pool_backward(dy, window: Window, argmax, in_hw, prologue: Prologue | None =
     pixels = n * h * w
     part, pro = dx, {"z_ptr": dx, "scale_ptr": dx, "shift_ptr": dx, "slope": 0.0, "PRO_GRADS": False, "ACT": 0}
     if prologue is not None:
-        check(isinstance(prologue, Prologue) and prologue.scale is not None,
-              "prologue: expected a Prologue with a scale and shift (the gradients are theirs)")
-        check_tensor(z, "z", ndim=4, dtype=dy.dtype, device=dy.device)
-        check(tuple(z.shape) == tuple(dx.shape) and z.is_contiguous(),
-              f"z: expected a contiguous tensor of shape {tuple(dx.shape)}, got {tuple(z.shape)}")
-        pro = {"z_ptr": z, "scale_ptr": prologue.scale, "shift_ptr": prologue.shift, "slope": float(prologue.act.slope),
-               "PRO_GRADS": True, "ACT": act_code(prologue.act)}
+        a = prologue_grads_args(prologue, z, dx)
+        pro = {"z_ptr": z, "scale_ptr": a["pro_scale_ptr"], "shift_ptr": a["pro_shift_ptr"], "slope": a["pro_slope"],
+               "PRO_GRADS": True, "ACT": a["PRO_ACT"]}
         rows = _tile(pixels, 16, 1024) if INTERPRET else _MIN_BLOCK_P  # the fewest pixels a tile takes
         part = torch.empty((2, triton.cdiv(pixels, rows), c), dtype=torch.float32, device=dy.device)
     if dx.numel():

@@ -64,6 +64,18 @@ def prologue_args(p: Prologue | None, x: torch.Tensor, cin_g: int, depthwise: bo
             "PRO_ACT": act_code(p.act, "prologue act")}
 
 
+def prologue_grads_args(p: Prologue | None, z: torch.Tensor, like: torch.Tensor) -> dict:
+    """prologue_args of a Prologue whose scale and shift take gradients (an input gradient's: the
+    conv's or max pool's that read y = act(z scale + shift)), after checking that it has them and
+    that z is contiguous, of like's shape, dtype and device (the input gradient's)."""
+    check(isinstance(p, Prologue) and p.scale is not None,
+          "prologue: expected a Prologue with a scale and shift (the gradients are theirs)")
+    check_tensor(z, "z", ndim=4, dtype=like.dtype, device=like.device)
+    check(tuple(z.shape) == tuple(like.shape) and z.is_contiguous(),
+          f"z: expected a contiguous tensor of shape {tuple(like.shape)}, got {tuple(z.shape)}")
+    return prologue_args(p, z, z.shape[3], True)
+
+
 @triton.jit
 def prologue_coefs(scale_ptr, shift_ptr, ch, ch_ok, AFFINE: tl.constexpr, EVEN: tl.constexpr):
     """(scale, shift) fp32 of channels ch (1 and 0 without AFFINE); EVEN: every channel is real. Apart

@@ -136,6 +136,11 @@ def test_a_bad_prologue_is_refused():
         conv2d_forward(z, wt, None, geometry, prologue=Prologue(pro.scale[:8], pro.shift, pro.act))
     with pytest.raises(ValueError, match="prologue shift: dtype torch.float64 is not supported"):
         conv2d_forward(z, wt, None, geometry, prologue=Prologue(pro.scale, pro.shift.double(), pro.act))
+    dy = torch.randn(conv2d_forward(z, wt, None, geometry, prologue=pro).shape)
+    with pytest.raises(ValueError, match="expected a Prologue with a scale and shift"):
+        conv2d_backward_input(dy, wt, geometry, z.shape[1:3], prologue=Prologue(None, None, pro.act), z=z)
+    with pytest.raises(ValueError, match=r"z: expected a contiguous tensor of shape \(2, 7, 9, 16\)"):
+        conv2d_backward_input(dy, wt, geometry, z.shape[1:3], prologue=pro, z=z[:1])
     z8, _, wt8, geometry8, pro8 = _problem((1, 8, 5, 5, 8, (3, 3), 1, 1, 1, 1), "relu", torch.float32)
     with pytest.raises(ValueError, match="needs 16 or more channels per group"):
         conv2d_backward_weight(z8, torch.randn(1, 5, 5, 8), wt8.shape, geometry8, False, pro8)
