@@ -4,9 +4,9 @@ recorded under the interpreter with the kernels skipped (tests/hopper.py: no lau
 what a kernel computed), and the sizes of the tensors each launch reads and writes add up to
 the plan's figure within 10%, fused (cross-layer), block-level and unfused. A tensor a launch
 takes counts once per launch (an argument standing in for an absent one aliases another and
-counts once), except where a launch touches part of it: a conv input gradient's stride phase
-writes its own pixels of dx (and reads z there, for a deferred batch norm's sums), reads only its
-taps of w, and reads nothing of dy without a tap."""
+counts once, at that one's share), except where a launch touches part of it: a conv input
+gradient's stride phase writes its own pixels of dx (and reads z there, for a deferred batch
+norm's sums), reads only its taps of w, and reads nothing of dy without a tap."""
 
 import collections
 from pathlib import Path
@@ -36,7 +36,10 @@ def _launch_bytes(kernel, args, kwargs) -> int:
     for name, value in values.items():
         if isinstance(value, torch.Tensor) and value.numel():
             size = value.numel() * value.element_size() * share.get(name, 1.0)
-            seen[value.data_ptr()] = max(seen.get(value.data_ptr(), 0), size)
+            # an argument standing in for an absent one (dst for the bias, the gate, ...) takes the share
+            # of the one it aliases
+            pick = min if share and value.data_ptr() in seen else max
+            seen[value.data_ptr()] = pick(seen.get(value.data_ptr(), 0), size)
     return sum(seen.values())
 
 
