@@ -17,12 +17,14 @@ from cnndsl import checkpoint as ckpt
 from cnndsl.errors import CnnInputError
 from cnndsl.train import Options, train
 
+# (16 channels: the first block defers to the second conv, whose input gradient computes its batch
+# norm's sums, synchronised as a pair of vectors)
 BN = """network tiny_bn
 input 1x6x6
-conv 4 3 pad=1 bias=false
+conv 16 3 pad=1 bias=false
 batchnorm
 relu
-conv 4 3 pad=1 bias=false
+conv 16 3 pad=1 bias=false
 batchnorm
 relu
 flatten
