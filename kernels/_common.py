@@ -136,6 +136,14 @@ def check(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def check_like(t, name: str, like: torch.Tensor) -> None:
+    """Validate a launcher argument read at another's elements: a contiguous tensor of like's
+    shape, dtype and device."""
+    check_tensor(t, name, ndim=like.dim(), dtype=like.dtype, device=like.device)
+    check(tuple(t.shape) == tuple(like.shape),
+          f"{name}: expected a contiguous tensor of shape {tuple(like.shape)}, got {tuple(t.shape)}")
+
+
 def check_out(out, shape, like: torch.Tensor) -> torch.Tensor:
     """Validate `out`, where a launcher writes its (N, ..., C) result in like's dtype and device: a
     tensor of that shape whose channels are contiguous and whose pixels are evenly strided (a

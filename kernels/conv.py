@@ -27,6 +27,7 @@ from ._common import (
     _tile,
     autotune,
     check,
+    check_like,
     check_out,
     check_tensor,
     dot_dtype,
@@ -430,9 +431,7 @@ def conv2d_backward_input(dy, w, geometry: ConvGeometry, in_hw, grad_prologue: G
         ep = replace(ep, res=z, meta={**ep.meta, "PRO_GRADS": True})
     if add is not None:
         check(prologue is None, "add: not with a prologue (an input read by two layers is not normalised on load)")
-        check_tensor(add, "add", ndim=4, dtype=dy.dtype, device=dy.device)
-        check(tuple(add.shape) == tuple(dx.shape) and add.is_contiguous(),
-              f"add: expected a contiguous tensor of shape {tuple(dx.shape)}, got {tuple(add.shape)}")
+        check_like(add, "add", dx)
         ep = replace(ep, res=add, meta={**ep.meta, "HAS_RES": True})
     part, tiles = _launch_conv(dy, wt, None, dx, groups, k // groups, cin_g, r, s, stride, padding, dilation, True,
                                (h, wd), ep, prologue, grad_prologue)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..specs import MIN_GEMM_K, Act
-from ._common import check, check_tensor
+from ._common import check, check_like, check_tensor
 from .activation import (
     _HARDSIGMOID,
     _RELU,
@@ -70,9 +70,7 @@ def prologue_grads_args(p: Prologue | None, z: torch.Tensor, like: torch.Tensor)
     that z is contiguous, of like's shape, dtype and device (the input gradient's)."""
     check(isinstance(p, Prologue) and p.scale is not None,
           "prologue: expected a Prologue with a scale and shift (the gradients are theirs)")
-    check_tensor(z, "z", ndim=4, dtype=like.dtype, device=like.device)
-    check(tuple(z.shape) == tuple(like.shape) and z.is_contiguous(),
-          f"z: expected a contiguous tensor of shape {tuple(like.shape)}, got {tuple(z.shape)}")
+    check_like(z, "z", like)
     return prologue_args(p, z, z.shape[3], True)
 
 
