@@ -1,7 +1,7 @@
 """Cross-layer fusion's planning (plan.py calls it with fuse=True): which blocks defer their
 epilogue to their reader (`Group.deferred`, the reader's `prologue`) and say why in
 `Group.output_note`; which compute dz on load in backward (`dz_on_load`) or pool in their GEMM
-(`gemm_pool`); where a deferred block's batch-norm sums come from its reader's input gradient
+(`gemm_pool`, and then whether its gradients route the pooled dy to dz on load); where a deferred block's batch-norm sums come from its reader's input gradient
 (`bn_sums_in_reader`); and where a value's two gradients, from two conv blocks, are summed in
 the first one's input gradient (`token`, `redirects`: `fork_sum_in_reader`)."""
 
@@ -97,6 +97,15 @@ def _gemm_pool(g: Group) -> bool:
     return not acts or acts[0].grad_from_output
 
 
+def _pooled_dz_on_load(g: Group) -> bool:
+    """Whether a block that pools in its GEMM computes dz on load too: its conv's gradient kernels read
+    the pooled dy, the argmax and y (a quarter of dz's size each, or less, for a 2x2 window) where they
+    read dz, and the pass that wrote dz goes; 16 or more output channels per group (fewer are padded:
+    no GEMM reads their dz on load), which a depthwise conv has not."""
+    conv = next(n for n in g.nodes if n.op is Op.CONV).attrs
+    return conv.filters // conv.groups >= MIN_GEMM_K
+
+
 def cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:
     """The groups with cross-layer fusion applied: a deferred block's training forward launches no
     epilogue pass, its reader's conv kernels load through the prologue, and a dz-on-load block's
@@ -114,9 +123,10 @@ def cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:
             forward = tuple(k for k in forward if k != "epilogue_fwd")
         on_load, gemm_pool = _dz_on_load(g), _gemm_pool(g)
         if gemm_pool:
-            forward = ("conv_fwd+pool",)
-            backward = ("pool_bwd_from_y",) + tuple(k for k in backward if k.startswith("conv_bwd"))
-        if on_load:
+            forward, on_load = ("conv_fwd+pool",), _pooled_dz_on_load(g)
+            convs = tuple(k for k in backward if k.startswith("conv_bwd"))
+            backward = tuple(f"pooled_dz_on_load+{k}" for k in convs) if on_load else ("pool_bwd_from_y",) + convs
+        elif on_load:
             ops = {n.op for n in g.nodes}
             sums = ("epilogue_bwd+bn_sums",) if Op.ADD in ops else ("bn_bwd_reduce",) if Op.BATCHNORM in ops else ()
             dz_name = lambda k: f"gate+dz_on_load+{k.removeprefix('gate+')}" if k.startswith("gate+") \

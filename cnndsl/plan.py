@@ -13,7 +13,8 @@ written (`Group.output_note` says, for every such block, whether and why); and i
 (or batch norm and shortcut) have gradients its conv's kernels can apply as they load dy and z
 writes no dz (`Group.dz_on_load`, where that moves fewer bytes); a conv + relu + max pool
 block pools in its GEMM in training as in inference, keeping y and the argmax but no z
-(`Group.gemm_pool`); a deferred block's batch-norm sums come from its reader's input gradient,
+(`Group.gemm_pool`), and its conv's gradient kernels route the pooled dy to dz as they load it
+(`dz_on_load` too: no dz written); a deferred block's batch-norm sums come from its reader's input gradient,
 and a value two conv blocks read has its two gradients summed in the first one's (cross_layer.py
 decides each)."""
 
@@ -42,6 +43,14 @@ def _kernels(rule: str, ops: tuple[Op, ...]) -> tuple[tuple[str, ...], tuple[str
 
 
 GEMM_POOL_NOTE = "its conv pools in the GEMM: no z written; backward reads y and the argmax"
+DZ_ON_LOAD_NOTE = "its backward writes no dz: its conv's gradients compute it as they load dy and z"
+POOLED_DZ_ON_LOAD_NOTE = ("its backward writes no dz: its conv's gradients compute it as they load the pooled dy, "
+                          "argmax and y")
+
+
+def dz_note(gemm_pool: bool) -> str:
+    """What `cnndsl plan` says of a dz-on-load group's dz in training: from what its kernels compute it."""
+    return POOLED_DZ_ON_LOAD_NOTE if gemm_pool else DZ_ON_LOAD_NOTE
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,7 @@ class Group:
     reason: str | None = None  # why the next op did not join, where a rule could have taken it
     deferred: bool = False  # in training, its output goes to the next conv (or max pool) as z, scale and shift
     prologue: bool = False  # its conv's (or pool's) input is a deferred group's output (normalised on load)
-    dz_on_load: bool = False  # in backward, its conv's gradient kernels apply its batch norm and act as they load dy
+    dz_on_load: bool = False  # in backward, its conv's gradient kernels compute dz as they load dy (z, or y, argmax)
     gemm_pool: bool = False  # in training too its GEMM pools; no z is kept, backward reads y and the argmax
     output_note: str | None = None  # for a conv block that could defer: whether its output is written, why
     into: int | None = None  # the concat whose output (slab) it writes its output into, zero-copy (slabs.py)
@@ -102,10 +111,10 @@ class Plan:
                 lines.append(f"       not fused further: {g.reason}")
             if g.output_note:
                 lines.append(f"       in training: {g.output_note}")
-            if g.dz_on_load:
-                lines.append("       in backward: its conv's gradients compute dz as they load dy and z (no dz written)")
             if g.gemm_pool:
                 lines.append(f"       in training: {GEMM_POOL_NOTE}")
+            if g.dz_on_load:
+                lines.append(f"       in training: {dz_note(g.gemm_pool)}")
             if g.into_note:
                 lines.append(f"       {g.into_note}")
         return "\n".join(lines)

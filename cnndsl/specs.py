@@ -172,7 +172,8 @@ class ConvBlock:
     backward as they load dy (da, with a shortcut), so dz is not written. A block with `gemm_pool`
     (conv, an act1 whose gradient follows from its output, a pool; nothing else) pools in its GEMM's
     epilogue in training too, writing y and the argmax but no z; its backward gathers dy through
-    the argmax and act1's gradient from y."""
+    the argmax and act1's gradient from y, in a pass that writes dz or, with `dz_on_load` too, as
+    its conv's gradient kernels load dy, y and the argmax."""
 
     geometry: ConvGeometry
     bn: BatchNormSpec | None = None

@@ -92,7 +92,7 @@ def plan_json(net: ir.Network, fused, unfused, batch: int, itemsize: int, train:
 
 def plan_table(net: ir.Network, fused, unfused, batch: int, itemsize: int, train: bool) -> str:
     """`cnndsl plan`: one row per fused group with its ops, kernels and modelled MB moved."""
-    from .plan import GEMM_POOL_NOTE
+    from .plan import GEMM_POOL_NOTE, dz_note
     j = plan_json(net, fused, unfused, batch, itemsize, train)
     level = "" if j["fusion"] == "fused" else ", block-level fusion"  # the default level goes unsaid
     lines = [(f"plan for {net.name} ({j['mode']}{level}, batch {batch}, {itemsize}-byte elements): "
@@ -106,13 +106,13 @@ def plan_table(net: ir.Network, fused, unfused, batch: int, itemsize: int, train
             lines.append(f"       not fused further: {g['not_fused_further']}")
         if train and g["training_output"]:
             lines.append(f"       {g['training_output']}")
+        if train and g["gemm_pool"]:
+            lines.append(f"       {GEMM_POOL_NOTE}")
         if train and g["dz_on_load"]:
-            lines.append("       its backward writes no dz: its conv's gradients compute it as they load dy and z")
+            lines.append(f"       {dz_note(g['gemm_pool'])}")
         if train and g["adds_gradient_of"]:
             lines.append(f"       its input gradient adds {g['adds_gradient_of']}'s gradient of the same input: "
                          "no pass sums the two")
-        if train and g["gemm_pool"]:
-            lines.append(f"       {GEMM_POOL_NOTE}")
         if g["into"]:
             lines.append(f"       zero-copy: writes its output into its channel slice of {g['into']}")
         if g["zero_copy"]:

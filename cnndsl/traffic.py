@@ -59,6 +59,7 @@ class Tensors:
 _NONE = lambda t, training: 0
 _CONV_DX = lambda t: t.phases * t.z_read + t.w + t.x  # dz (per phase) and w in, dx out
 _CONV_DW = lambda t: t.x_read + t.z + t.w + t.split  # x and dz in, the partials, dw out
+_POOLED_DZ = lambda t: (1 + t.z_bwd) * t.y + t.argmax  # dy, y (for an activation's gradient), the argmax
 KERNEL_BYTES: dict[str, Callable[[Tensors, bool], int]] = {
     "conv_fwd": lambda t, training: t.x_read + t.w + t.z,
     "conv_fwd+stats": lambda t, training: t.x_read + t.w + t.z,
@@ -69,6 +70,9 @@ KERNEL_BYTES: dict[str, Callable[[Tensors, bool], int]] = {
     # dz on load: the gradient kernels read dy and z where they read dz
     "dz_on_load+conv_bwd_input": lambda t, training: _CONV_DX(t) + t.phases * t.y,
     "dz_on_load+conv_bwd_weight": lambda t, training: _CONV_DW(t) + t.y,
+    # ... from a pooled dy: dy, the argmax and (for act1's gradient) y, all pooled, where they read dz
+    "pooled_dz_on_load+conv_bwd_input": lambda t, training: t.phases * _POOLED_DZ(t) + t.w + t.x,
+    "pooled_dz_on_load+conv_bwd_weight": lambda t, training: t.x_read + _POOLED_DZ(t) + t.w + t.split,
     "epilogue_fwd": lambda t, training: t.z + t.res + t.y + t.argmax,
     # dy, argmax, z and the shortcut (where read) in; dz (da with batch norm) and its gradient out
     "epilogue_bwd": lambda t, training: t.y + t.argmax + (1 + t.z_bwd) * t.z + (1 + t.res_bwd) * t.res,

@@ -58,6 +58,7 @@ from .prologue import (
     apply_prologue,
     grad_coefs,
     grad_prologue_args,
+    pooled_grad,
     prologue_args,
     prologue_coefs,
     prologue_grads_args,
@@ -97,7 +98,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 @autotune(_CONV_CONFIGS, key=["M", "CIN_G", "COUT_G", "RC", "SC", "DEPTHWISE", "ACT", "HAS_RES", "ACT2", "POOL",
-                             "TAPS", "STATS", "ARGMAX", "INT64", "PROLOGUE", "GRAD_PRO", "PRO_GRADS"],
+                             "TAPS", "STATS", "ARGMAX", "INT64", "PROLOGUE", "GRAD_PRO", "GP_POOL", "PRO_GRADS"],
           interpret={"BLOCK_M": ("M", _MIN_BLOCK_M, 512), "BLOCK_N": (_cols, 16, 256), "BLOCK_K": ("CIN_G", 16, 128)},
           prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics({"EVEN_K": lambda a: a["CIN_G"] % a["BLOCK_K"] == 0,
@@ -121,6 +122,9 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
                  gp_z_ptr, gp_scale_ptr, gp_shift_ptr, gp_center_ptr, gp_slope,  # GRAD_PRO: x is dy, read as dz
                  GRAD_PRO: tl.constexpr, GP_AFFINE: tl.constexpr, GP_ACT: tl.constexpr, GP_CENTER: tl.constexpr,
                  GP_SLICE: tl.constexpr,  # GRAD_PRO with dy a channel slice: z's rows (CIN apart) are not dy's
+                 gp_arg_ptr, gp_pool_oh, gp_pool_ow, gp_pool_ph, gp_pool_pw,  # GP_POOL: x is the pooled dy, z the
+                 GP_POOL: tl.constexpr, GP_KH: tl.constexpr, GP_KW: tl.constexpr,  # pooled y, arg the argmax
+                 GP_SH: tl.constexpr, GP_SW: tl.constexpr,  # (N, POH, POW, CIN); the window's sizes and stride
                  X_SLICE: tl.constexpr, Y_SLICE: tl.constexpr,  # src, dst channel slices: rows stride_xp, stride_yp apart
                  DEPTHWISE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
                  ACT2: tl.constexpr, POOL: tl.constexpr, TAPS: tl.constexpr, STATS: tl.constexpr, ARGMAX: tl.constexpr,
@@ -208,7 +212,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
         if PROLOGUE and ONE_CB:
             ps, pt = prologue_coefs(pro_scale_ptr + g * CIN_G, pro_shift_ptr + g * CIN_G, offs_k, offs_k < CIN_G,
                                     PRO_AFFINE, EVEN_K)
-        if GRAD_PRO and ONE_CB:
+        if GRAD_PRO and ONE_CB and GP_POOL == 0:
             s, t, beta, mu, gamma = grad_coefs(gp_scale_ptr + g * CIN_G, gp_shift_ptr + g * CIN_G,
                                                gp_center_ptr + g * CIN_G, CIN, offs_k, offs_k < CIN_G, GP_AFFINE,
                                                GP_CENTER)
@@ -223,12 +227,14 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
             a_off = (row + (dh * W + dw) * x_rows + k0)[:, None] + offs_k[None, :]
             a_ptrs = x_ptr + a_off
             b_ptrs = w_ptr + (((R0 + tr * RSTEP) * S + S0 + ts * SSTEP) * CIN_G + k0) * COUT_G + w_off
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=ok[:, None], other=0.0)
+            if EVEN_K:  # (a pooled dy is not dz's tile: GP_POOL computes it below)
+                if GP_POOL == 0:
+                    a = tl.load(a_ptrs, mask=ok[:, None], other=0.0)
                 b = tl.load(b_ptrs) if EVEN_N else tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
             else:
                 k_mask = k0 + offs_k < CIN_G
-                a = tl.load(a_ptrs, mask=ok[:, None] & k_mask[None, :], other=0.0)
+                if GP_POOL == 0:
+                    a = tl.load(a_ptrs, mask=ok[:, None] & k_mask[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             ch = k0 + offs_k
             if PROLOGUE:  # y = act(z scale + shift) of the tile's channels; the padding stays 0
@@ -242,17 +248,22 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
                 a = a.to(tl.float32) * gv.to(tl.float32)
             if GRAD_PRO:  # dz = the block's batch-norm and activation backward of dy, from z (prologue.py)
                 keep = ok[:, None] if EVEN_K else ok[:, None] & (ch < CIN_G)[None, :]
-                if GP_SLICE:
-                    zt = tl.load(gp_z_ptr + (z_row + (dh * W + dw) * CIN + k0)[:, None] + offs_k[None, :], mask=keep,
-                                 other=0.0)
+                if GP_POOL != 0:  # from the pooled dy, argmax and y at the tap's pixels (prologue.pooled_grad)
+                    a = pooled_grad(x_ptr, gp_arg_ptr, gp_z_ptr, n, ih0 + dh, iw0 + dw, g * CIN_G + ch, keep,
+                                    gp_pool_oh, gp_pool_ow, CIN, gp_pool_ph, gp_pool_pw, GP_POOL, GP_KH, GP_KW,
+                                    GP_SH, GP_SW, GP_ACT, gp_slope)
                 else:
-                    zt = tl.load(gp_z_ptr + a_off, mask=keep, other=0.0)
-                if not ONE_CB:
-                    s, t, beta, mu, gamma = grad_coefs(gp_scale_ptr + g * CIN_G, gp_shift_ptr + g * CIN_G,
-                                                       gp_center_ptr + g * CIN_G, CIN, ch, ch < CIN_G, GP_AFFINE,
-                                                       GP_CENTER)
-                a = apply_grad_prologue(a, zt, s[None, :], t[None, :], beta[None, :], mu[None, :], gamma[None, :],
-                                        keep, GP_AFFINE, GP_ACT, gp_slope, GP_CENTER)
+                    if GP_SLICE:
+                        zt = tl.load(gp_z_ptr + (z_row + (dh * W + dw) * CIN + k0)[:, None] + offs_k[None, :],
+                                     mask=keep, other=0.0)
+                    else:
+                        zt = tl.load(gp_z_ptr + a_off, mask=keep, other=0.0)
+                    if not ONE_CB:
+                        s, t, beta, mu, gamma = grad_coefs(gp_scale_ptr + g * CIN_G, gp_shift_ptr + g * CIN_G,
+                                                           gp_center_ptr + g * CIN_G, CIN, ch, ch < CIN_G, GP_AFFINE,
+                                                           GP_CENTER)
+                    a = apply_grad_prologue(a, zt, s[None, :], t[None, :], beta[None, :], mu[None, :],
+                                            gamma[None, :], keep, GP_AFFINE, GP_ACT, gp_slope, GP_CENTER)
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
             cb += 1
             wrap = cb == NCB
@@ -301,9 +312,10 @@ def _min_rows(m: int) -> int:
 
 def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, padding, dilation,
                  transposed, out_hw, ep: Epilogue = PLAIN_EPILOGUE, prologue: Prologue | None = None,
-                 grad_prologue: GradPrologue | None = None, gate=None):
+                 grad_prologue: GradPrologue | None = None, gate=None, src_hw=None):
     """Launch the conv kernel once per stride phase -> with PRO_GRADS (ep.part allocated here) the
-    partials (2, T, K) fp32 and how many of their tiles the launches wrote, else (None, 0)."""
+    partials (2, T, K) fp32 and how many of their tiles the launches wrote, else (None, 0). src_hw:
+    the (H, W) that src's rows walk where src is a pooled dy (the conv's output, dz's)."""
     oh, ow = out_hw  # the conv's output; dst is (N, POH, POW, K) when the epilogue pools
     cout = dst.shape[3]
     depthwise = cin_g == 1 and cout_g == 1
@@ -313,13 +325,15 @@ def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, paddin
         else prologue_args(prologue, src, cin_g, depthwise)
     pro.update(gate_ptr=dst if gate is None else gate, GATE=gate is not None)
     no_taps = {**pro, **grad_prologue_args(None, src, cin_g, depthwise)}  # (a phase no tap reaches loads nothing)
-    pro.update(grad_prologue_args(grad_prologue, src, cin_g, depthwise))
+    pro.update(grad_prologue_args(grad_prologue, src, cin_g, depthwise, src_hw))
     if not depthwise and cin_g < MIN_GEMM_K:
         src, wt = pad_channels(src, wt, groups, cin_g)
         cin_g = MIN_GEMM_K
     n, h, w, cin = src.shape
+    if src_hw is not None:
+        h, w = src_hw
     pooled, taps = ep.meta["POOL"] != 0, ep.meta["TAPS"]
-    int64 = max(extent(src), wt.numel(), extent(dst), 0 if ep.res is None else ep.res.numel()) >= 2**31
+    int64 = max(extent(src), n * h * w * cin, wt.numel(), extent(dst), 0 if ep.res is None else ep.res.numel()) >= 2**31
     check(r <= MAX_CONV_TAPS and s <= MAX_CONV_TAPS, f"w: at most {MAX_CONV_TAPS} taps a side, got a {r}x{s} kernel")
     phases = [(ph, pw, n * (dst.shape[1] if pooled else ph[1]) * (dst.shape[2] if pooled else pw[1]) * taps)
               for ph in stride_phases(oh, r, stride[0], padding[0], dilation[0], transposed)
@@ -410,8 +424,8 @@ def conv2d_backward_input(dy, w, geometry: ConvGeometry, in_hw, grad_prologue: G
                           prologue: Prologue | None = None, z=None, add=None):
     """dx (N, H, W, C) for dy (N, OH, OW, K), (OH, OW) = geometry.out_hw, and w (K, C/groups, R, S);
     (H, W) = in_hw. With a grad_prologue, dy is the gradient of the block's output, turned into the
-    conv output's as each tile is loaded (prologue.py). dy may be a channel slice (_common.even_rows).
-    With the forward's prologue (scale and shift given) and its z (N, H, W, C): (dx, dscale,
+    conv output's as each tile is loaded (prologue.py); with its pool, dy is the pooled output's
+    (N, POH, POW, K). dy may be a channel slice (_common.even_rows). With the forward's prologue (scale and shift given) and its z (N, H, W, C): (dx, dscale,
     dshift), dx the gradient of y = act(z scale + shift) and dscale, dshift (C,) fp32 those of
     the prologue's scale and shift, from the epilogue's per-tile partials. add (N, H, W, C), x's
     gradient from its other reader where x forks (a residual block's shortcut), is added to dx in
@@ -433,8 +447,9 @@ def conv2d_backward_input(dy, w, geometry: ConvGeometry, in_hw, grad_prologue: G
         check(prologue is None, "add: not with a prologue (an input read by two layers is not normalised on load)")
         check_like(add, "add", dx)
         ep = replace(ep, res=add, meta={**ep.meta, "HAS_RES": True})
+    pooled = getattr(grad_prologue, "pool", None) is not None  # dy is the pooled y's: dz's rows are the conv's
     part, tiles = _launch_conv(dy, wt, None, dx, groups, k // groups, cin_g, r, s, stride, padding, dilation, True,
-                               (h, wd), ep, prologue, grad_prologue)
+                               (h, wd), ep, prologue, grad_prologue, src_hw=geometry.out_hw if pooled else None)
     return dx if prologue is None else (dx, *sum_tiles(part, tiles))
 
 
@@ -452,5 +467,6 @@ def conv2d_backward_weight(x, dy, w_shape, geometry: ConvGeometry, need_bias_gra
     check(dy.shape[0] == n, f"dy: expected batch {n}, got shape {tuple(dy.shape)}")
     stride, padding, dilation, _ = check_geometry(w_shape, c, k, geometry)
     _check_gate(gate, x, w_shape[1], prologue)
+    pooled = getattr(grad_prologue, "pool", None) is not None  # dy is the pooled y's: dz's rows are the conv's
     return weight_grad(x, dy, w_shape, stride, padding, dilation, geometry.groups, bool(need_bias_grad), prologue,
-                       grad_prologue, gate)
+                       grad_prologue, gate, geometry.out_hw if pooled else None)

@@ -27,6 +27,7 @@ from .prologue import (
     apply_prologue,
     grad_coefs,
     grad_prologue_args,
+    pooled_grad,
     prologue_args,
     prologue_coefs,
 )
@@ -112,7 +113,7 @@ def _inside(i, size):
 
 
 @autotune(_CONFIGS_16BIT + _CONFIGS_FP32, key=["P", "CIN_G", "COUT_G", "RS", "HAS_BIAS", "INT64", "PROLOGUE",
-                                                    "GRAD_PRO", "GATE"],
+                                                    "GRAD_PRO", "GP_POOL", "GATE"],
           interpret={"BLOCK_M": ("COUT_G", 16, 128), "BLOCK_N": ("CIN_G", 16, 128), "BLOCK_K": (_row_block, 16, 512)},
           prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics({"EVEN_P": lambda a: a["P"] % a["BLOCK_K"] == 0,
@@ -128,6 +129,9 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
                     gp_z_ptr, gp_scale_ptr, gp_shift_ptr, gp_center_ptr, gp_slope,  # GRAD_PRO: dy read as dz, (K,)
                     GRAD_PRO: tl.constexpr, GP_AFFINE: tl.constexpr, GP_ACT: tl.constexpr, GP_CENTER: tl.constexpr,
                     GP_SLICE: tl.constexpr,  # dy a channel slice: z's rows (K apart) are not dy's
+                    gp_arg_ptr, gp_pool_oh, gp_pool_ow, gp_pool_ph, gp_pool_pw,  # GP_POOL: dy the pooled dy, z the
+                    GP_POOL: tl.constexpr, GP_KH: tl.constexpr, GP_KW: tl.constexpr,  # pooled y, arg the argmax
+                    GP_SH: tl.constexpr, GP_SW: tl.constexpr,  # (N, POH, POW, K); the window's sizes and stride
                     gate_ptr, GATE: tl.constexpr,  # GATE: x read as x * gate[n, c], a channel gate, (N, C)
                     HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_DTYPE: tl.constexpr,
                     PRECISION: tl.constexpr, EVEN_P: tl.constexpr, EVEN_M: tl.constexpr,
@@ -173,6 +177,10 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
     if PROLOGUE:  # a program's input channels are fixed: their coefficients loaded once
         ps, pt = prologue_coefs(pro_scale_ptr + g * CIN_G, pro_shift_ptr + g * CIN_G, offs_c, c_mask, PRO_AFFINE,
                                 EVEN_N)
+    if GP_POOL != 0:  # each row's conv pixel (n, oh, ow): dz's, read from the pooled dy; advanced as nh
+        pn = p // (OH * OW)
+        poh = p // OW % OH
+        pow_ = p % OW
     x_ptr += g * CIN_G + offs_c[None, :]
     if GATE:  # the gate's row of each pixel's sample, n * C, advanced by a counter as nh is
         gate_ptr += g * CIN_G + offs_c[None, :]
@@ -183,7 +191,11 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
         if not EVEN_P:
             row_ok &= p_mask
         b_ptrs = x_ptr + (((nh + ih) * W + iw) * C)[:, None]  # (BLOCK_K, BLOCK_N)
-        if GRAD_PRO and EVEN_P and EVEN_M:  # every row and channel real: no mask
+        if GP_POOL != 0:  # dz from the pooled dy, argmax and y (prologue.pooled_grad)
+            a = pooled_grad(dy_ptr, gp_arg_ptr, gp_z_ptr, pn, poh, pow_, g * COUT_G + offs_k,
+                            p_mask[:, None] & k_mask[None, :], gp_pool_oh, gp_pool_ow, K, gp_pool_ph, gp_pool_pw,
+                            GP_POOL, GP_KH, GP_KW, GP_SH, GP_SW, GP_ACT, gp_slope)
+        elif GRAD_PRO and EVEN_P and EVEN_M:  # every row and channel real: no mask
             a = apply_grad_prologue(tl.load(a_ptrs), tl.load(z_ptrs), s[None, :], t[None, :], beta[None, :],
                                     mu[None, :], gamma[None, :], p_mask, GP_AFFINE, GP_ACT, gp_slope, GP_CENTER,
                                     MASKED=False)
@@ -223,6 +235,8 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
         if GATE:  # the sample advanced by STEP // (OH*OW) or one more where nh carried: so does gn
             nh_was = nh
         nh, ih, iw = _advance_source_rows(nh, ih, iw, BLOCK_K, OH, OW, H, stride_h, stride_w, ih_off, iw_off)
+        if GP_POOL != 0:  # (n, oh, ow): the source rows' walk at stride 1, no offset, H = 1
+            pn, poh, pow_ = _advance_source_rows(pn, poh, pow_, BLOCK_K, OH, OW, 1, 1, 1, 0, 0)
         if GATE:
             samples = BLOCK_K // (OH * OW)
             gn += tl.where(nh - nh_was > samples * H, samples * C + C, samples * C)
@@ -320,11 +334,14 @@ def _pad_groups(x, groups, cin_g, width):
 
 
 def weight_grad(x, dy, w_shape, stride, padding, dilation, groups, need_bias_grad, prologue=None, grad_prologue=None,
-                gate=None):
+                gate=None, out_hw=None):
     """(dw (K, C/g, R, S), db (K,) or None) in x.dtype; arguments already validated by conv.py (the
-    prologue here); gate (N, C): the input is x * gate[n, c] (16 or more channels a group)."""
+    prologue here); gate (N, C): the input is x * gate[n, c] (16 or more channels a group); out_hw:
+    the conv's output (OH, OW), where dy is a pooled output's gradient (grad_prologue.pool)."""
     n, h, w, c = x.shape
     _, oh, ow, k = dy.shape
+    if out_hw is not None:
+        oh, ow = out_hw
     _, cin_g, r, s = w_shape
     rows, cout_g = n * oh * ow, k // groups
     if rows == 0:  # no rows: the gradients are empty sums
@@ -333,7 +350,7 @@ def weight_grad(x, dy, w_shape, stride, padding, dilation, groups, need_bias_gra
     geometry = (*stride, *padding, *dilation)
     depthwise = cin_g == 1 and cout_g == 1
     pro = prologue_args(prologue, x, cin_g, depthwise)
-    gp = grad_prologue_args(grad_prologue, dy, cout_g, depthwise)
+    gp = grad_prologue_args(grad_prologue, dy, cout_g, depthwise, out_hw)
     width, tiles = weight_grad_tiles(k, groups, cin_g, r * s)  # the channels a tap's tile covers
     if width != cin_g:
         x = _pad_groups(x, groups, cin_g, width)
@@ -341,7 +358,7 @@ def weight_grad(x, dy, w_shape, stride, padding, dilation, groups, need_bias_gra
     split, chunk = _splits(rows, tiles, x.device)
     part = torch.empty((split, k, r * s * width), dtype=torch.float32, device=x.device)  # (split, K, R*S*width)
     dbp = torch.empty((split, k), dtype=torch.float32, device=x.device) if need_bias_grad else part
-    int64 = max(x.numel(), extent(dy), part.numel()) >= 2**31
+    int64 = max(x.numel(), extent(dy), rows * k, part.numel()) >= 2**31
     if depthwise:
         dy = dy.contiguous()  # (its kernel reads rows K apart; the planner hands it no channel slice)
         grid = lambda meta: (triton.cdiv(k, meta["BLOCK_N"]), r * s, split)

@@ -19,7 +19,8 @@ gradient of the deferring block's y. In backward, a block with `dz_on_load` (bat
 nothing else; or batch norm, the shortcut and act2) writes no dz: its conv's gradient kernels
 read dy (da, the shortcut's gradient, with a shortcut) and z and apply the batch norm's and
 activation's backward as they load them (prologue.GradPrologue), after one pass over dy and z
-for batch norm's per-channel sums (the gather pass, with a shortcut); a deferring block takes
+for batch norm's per-channel sums (the gather pass, with a shortcut); one that pools in its GEMM
+(`gemm_pool`, no z kept) and computes dz on load reads the pooled dy, y and the argmax; a deferring block takes
 those sums from its reader instead, as the gradients of the Deferred's scale and shift, which
 the reader's input gradient computes (conv.conv2d_backward_input). Where x forks to this conv
 and a shortcut, the block returns a gradient token of x's shape (Step.token), whose gradient,
@@ -169,7 +170,9 @@ def _backward_impl(dy, x, w, z, residual, gate, scale, shift, mean, var, bn_w, a
         # dscale, dshift: batch norm's sums, from the conv that read this deferring block's z
         stats = BatchNormBackward(mean, var, s.bn.eps, bn_w, bn_w is not None, bn_grads, train,
                                   None if dscale is None or dshift is None else (dscale, dshift))
-    if s.dz_on_load:  # the gradient kernels compute dz as they load
+    if s.gemm_pool and s.dz_on_load:  # z is y here: the gradient kernels compute dz from dy, y and the argmax
+        gp = GradPrologue(z, None, None, s.act1, pool=s.pool, argmax=present(argmax))
+    elif s.dz_on_load:  # the gradient kernels compute dz as they load
         dz, dres, gp, dbn_w, dbn_b = _grad_prologue(dy, z, residual, present(scale), present(shift), present(argmax),
                                                     s, stats)
     elif s.gemm_pool:  # z is y here (saved in its place): the pooled output

@@ -12,7 +12,9 @@ weight, read dy and z and apply the block's activation and batch-norm backward t
 they load it, dz = scale act'(z scale + shift) dy + beta (z - mean) + gamma, so dz is never
 written: a pass that read dy and z and wrote dz, and the two reads of dz, become two reads of
 dy and z (batch norm's two per-channel sums still take one pass over dy and z, which
-batchnorm_backward_on_load turns into beta and gamma)."""
+batchnorm_backward_on_load turns into beta and gamma). A block that pools in its GEMM and keeps
+no z (conv, act1, a non-overlapping pool) computes its dz on load from the pooled dy, the argmax
+and the pooled y (`GradPrologue.pool`, `pooled_grad`): its backward writes no dz either."""
 
 from dataclasses import dataclass
 
@@ -20,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..specs import MIN_GEMM_K, Act
+from ..specs import MIN_GEMM_K, Act, Window
 from ._common import check, check_like, check_tensor
 from .activation import (
     _HARDSIGMOID,
@@ -29,7 +31,9 @@ from .activation import (
     act_code,
     apply_act,
     apply_act_grad,
+    apply_act_grad_from_output,
 )
+from .window import POOL_MODES, check_argmax
 
 
 @dataclass(frozen=True)
@@ -116,23 +120,54 @@ class GradPrologue:
     """dz on load: dz = scale act'(z scale + shift) dy + beta (z - mean) + gamma per channel, for
     z (N, OH, OW, K) the block's conv output (dy's shape and dtype); scale, shift (K,) fp32 or both
     None (no batch norm: dz = act'(z) dy); center (3, K) fp32 [beta, mean, gamma] (training batch
-    norm) or None."""
+    norm) or None. With a `pool` (a non-overlapping Window over the conv's output, the block's GEMM
+    pooled), dy and z are the pooled y's gradient and y itself (N, POH, POW, K), act's gradient
+    comes from y (specs.Act.grad_from_output) and dz at a conv pixel is its window's dy where the
+    `argmax` (max pooling's codes; None for an average) names its tap, or dy / taps (avg)."""
 
     z: torch.Tensor
     scale: torch.Tensor | None
     shift: torch.Tensor | None
     act: Act
     center: torch.Tensor | None = None
+    pool: Window | None = None
+    argmax: torch.Tensor | None = None
 
 
-def grad_prologue_args(gp: GradPrologue | None, dy: torch.Tensor, cols_g: int, depthwise: bool) -> dict:
+_NO_POOL = {"gp_arg_ptr": None, "gp_pool_oh": 0, "gp_pool_ow": 0, "gp_pool_ph": 0, "gp_pool_pw": 0, "GP_POOL": 0,
+            "GP_KH": 1, "GP_KW": 1, "GP_SH": 1, "GP_SW": 1}
+
+
+def _pool_args(gp: GradPrologue, dy: torch.Tensor, conv_hw) -> dict:
+    """The pooled dz on load's arguments (argmax pointer, pooled size, padding; POOL and the window's
+    sizes as constexprs: the row's window is a division by a constant, no `//` by a variable)."""
+    p = gp.pool
+    check(isinstance(p, Window) and not p.overlaps, f"grad prologue pool: expected a non-overlapping Window, got {p!r}")
+    check(gp.scale is None and gp.center is None, "grad prologue pool: no batch norm before a pool in the GEMM")
+    check(gp.act.grad_from_output and (p.mode == "max" or gp.act.kind == "none"),
+          f"grad prologue pool: expected an act whose gradient follows from the pooled output (relu, leaky_relu, "
+          f"none; none for avg pooling), got {gp.act!r} with {p.mode!r} pooling")
+    check(dy.is_contiguous(), "grad prologue pool: dy must be contiguous")
+    n, k = dy.shape[0], dy.shape[3]
+    check(tuple(dy.shape[1:3]) == tuple(p.out_hw) and all(d > 0 for d in conv_hw),
+          f"grad prologue pool: dy of shape {tuple(dy.shape)} is not the pooled output {tuple(p.out_hw)} of a "
+          f"{tuple(conv_hw)} conv output")
+    check_argmax(gp.argmax, p.mode, p.taps, (n, *p.out_hw, k), dy.device)
+    return {"gp_arg_ptr": gp.argmax, "gp_pool_oh": p.out_hw[0], "gp_pool_ow": p.out_hw[1], "gp_pool_ph": p.padding[0],
+            "gp_pool_pw": p.padding[1], "GP_POOL": POOL_MODES[p.mode], "GP_KH": p.kernel[0], "GP_KW": p.kernel[1],
+            "GP_SH": p.stride[0], "GP_SW": p.stride[1]}
+
+
+def grad_prologue_args(gp: GradPrologue | None, dy: torch.Tensor, cols_g: int, depthwise: bool, conv_hw=None) -> dict:
     """The kernels' dz-on-load arguments (z, scale, shift, center pointers, slope, GRAD_PRO, GP_AFFINE,
-    GP_ACT, GP_CENTER, GP_SLICE: dy is a channel slice, whose rows are not z's), after checking gp
-    against dy (N, OH, OW, K) whose groups hold cols_g channels each: 16 or more, not depthwise
-    (the planner asks for no other)."""
+    GP_ACT, GP_CENTER, GP_SLICE: dy is a channel slice, whose rows are not z's; with a pool, _pool_args'),
+    after checking gp against dy (N, OH, OW, K) whose groups hold cols_g channels each: 16 or more,
+    not depthwise (the planner asks for no other); conv_hw: the conv's output (OH, OW), which a pooled
+    dy is not. An absent pointer is dy (the argmax where there is none)."""
     if gp is None:
         return {"gp_z_ptr": dy, "gp_scale_ptr": dy, "gp_shift_ptr": dy, "gp_center_ptr": dy, "gp_slope": 0.0,
-                "GRAD_PRO": False, "GP_AFFINE": False, "GP_ACT": 0, "GP_CENTER": False, "GP_SLICE": False}
+                "GRAD_PRO": False, "GP_AFFINE": False, "GP_ACT": 0, "GP_CENTER": False, "GP_SLICE": False,
+                **_NO_POOL, "gp_arg_ptr": dy}
     check(isinstance(gp, GradPrologue), f"grad prologue: expected a GradPrologue, got {type(gp).__name__}")
     check_tensor(gp.z, "grad prologue z", dtype=dy.dtype, device=dy.device)
     check(gp.z.shape == dy.shape and gp.z.is_contiguous(),
@@ -146,11 +181,15 @@ def grad_prologue_args(gp: GradPrologue | None, dy: torch.Tensor, cols_g: int, d
                   f"grad prologue {name}: expected shape {shape}, got {tuple(t.shape)}")
     check(gp.center is None or gp.scale is not None, "grad prologue: center needs scale and shift")
     check(not depthwise and cols_g >= MIN_GEMM_K, f"grad prologue: needs 16 or more channels per group, got {cols_g}")
+    pool = _NO_POOL if gp.pool is None else _pool_args(gp, dy, tuple(dy.shape[1:3]) if conv_hw is None else conv_hw)
+    check(gp.pool is not None or gp.argmax is None, "grad prologue: an argmax needs a pool")
     affine, center = gp.scale is not None, gp.center is not None
-    return {"gp_z_ptr": gp.z, "gp_scale_ptr": gp.scale if affine else dy, "gp_shift_ptr": gp.shift if affine else dy,
+    # y is read for act's gradient only: without one, dy stands in (no pointer to read)
+    z = dy if gp.pool is not None and gp.act.kind == "none" else gp.z
+    return {"gp_z_ptr": z, "gp_scale_ptr": gp.scale if affine else dy, "gp_shift_ptr": gp.shift if affine else dy,
             "gp_center_ptr": gp.center if center else dy, "gp_slope": float(gp.act.slope), "GRAD_PRO": True,
             "GP_AFFINE": affine, "GP_ACT": act_code(gp.act, "grad prologue act"), "GP_CENTER": center,
-            "GP_SLICE": not dy.is_contiguous()}
+            "GP_SLICE": not dy.is_contiguous(), **pool, "gp_arg_ptr": dy if pool["gp_arg_ptr"] is None else gp.argmax}
 
 
 @triton.jit
@@ -190,3 +229,38 @@ def apply_grad_prologue(dy, z, scale, shift, beta, mean, gamma, keep, AFFINE: tl
         g += (beta * (zf - mean) + gamma) * keep.to(tl.float32)
         return g
     return tl.where(keep, g, 0.0)
+
+
+@triton.jit
+def pooled_grad(dy_ptr, arg_ptr, y_ptr, n, h, w, ch, keep, POH, POW, C, ph, pw, POOL: tl.constexpr, KH: tl.constexpr,
+                KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, ACT: tl.constexpr, slope):
+    """dz in fp32 at conv output pixels (n, h, w) (the tile's rows, h and w >= 0 where `keep`) and
+    channels ch (offsets within a pixel's C), for a non-overlapping pool (stride >= kernel): the
+    pixel is tap (a, b) of window (i, j), i = (h + ph) // SH, a = h + ph - i SH, in it where a < KH
+    and i < POH. Max pooling (POOL 1) passes the window's dy where the argmax is a KW + b, through
+    act's gradient from the pooled y; an average (2) passes dy / (KH KW). The division by the
+    constexpr stride compiles to a multiply and shifts; what a window whose stride is its size
+    cannot need (a < KH) is left out."""
+    i = (h + ph) // SH
+    j = (w + pw) // SW
+    inside = (i < POH) & (j < POW)
+    if POOL == 1 or KH < SH:
+        a = h + ph - i * SH
+        if KH < SH:
+            inside &= a < KH
+    if POOL == 1 or KW < SW:
+        b = w + pw - j * SW
+        if KW < SW:
+            inside &= b < KW
+    m = keep & inside[:, None]
+    off = (((n * POH + i) * POW + j) * C)[:, None] + ch[None, :]
+    d = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
+    if POOL == 2:  # (one return, not one in a branch: the compiler would go on to the code after it)
+        d = d / (KH * KW)
+    else:  # (the argmax of a row outside loads as -1: no tap)
+        hit = tl.load(arg_ptr + off, mask=m, other=-1).to(tl.int32) == (a * KW + b)[:, None]
+        if ACT != 0:  # (masked as dy is, not by the argmax: a load whose mask is data waits for it, and
+            # the compiler cannot make it an asynchronous copy ahead of the loop's iteration)
+            d = apply_act_grad_from_output(tl.load(y_ptr + off, mask=m, other=0.0).to(tl.float32), d, ACT, slope)
+        d = tl.where(hit, d, 0.0)
+    return d

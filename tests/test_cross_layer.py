@@ -174,7 +174,9 @@ def test_bf16_step_by_step():
 
 
 # Conv blocks that pool in their GEMM in training (relu + max, reading a deferred z through the
-# prologue; conv + average, leaky_relu + a padded max) and one that cannot (tanh: its gradient needs z).
+# prologue; conv + average, leaky_relu + a padded max) and one that cannot (tanh: its gradient needs
+# z); NARROW's has too few channels to compute dz on load (fewer than 16 are padded), so its dz is
+# written by a pass of its own.
 POOLED = """network pooled
 input 3x16x16
 conv 16 3 pad=1
@@ -193,6 +195,14 @@ maxpool 3 stride=3 pad=1
 flatten
 dense 10
 """
+NARROW = """network narrow
+input 3x12x12
+conv 8 3 pad=1
+leaky_relu 0.1
+maxpool 3 stride=3 pad=1
+flatten
+dense 10
+"""
 
 
 def test_pool_in_the_gemm_in_training():
@@ -200,20 +210,29 @@ def test_pool_in_the_gemm_in_training():
     cross, block = plan(net, True).groups, plan(net, "block").groups
     assert [g.gemm_pool for g in cross] == [False, True, True, False, True, False]
     assert not any(g.gemm_pool for g in block + plan(net, False).groups)
-    assert cross[1].forward == ("prologue+conv_fwd+pool",) and cross[1].backward[0] == "pool_bwd_from_y"
+    assert cross[1].forward == ("prologue+conv_fwd+pool",)
+    assert cross[1].backward == ("pooled_dz_on_load+conv_bwd_input", "prologue+pooled_dz_on_load+conv_bwd_weight")
+    assert [g.dz_on_load for g in cross] == [True, True, True, False, True, False]
     assert cross[3].forward == ("conv_fwd", "epilogue_fwd")
-    # relu + 2x2 max (batch 4, bf16): the conv's z written, read by the epilogue pass and read back by
-    # backward's (with a dz written either way: 3z), against y read once more for relu's gradient: y = z/4
-    z = 4 * 2 * 16 * 16 * 16
+    narrow = plan(cnndsl.parse(NARROW), True).groups[0]
+    assert narrow.gemm_pool and not narrow.dz_on_load and narrow.backward[0] == "pool_bwd_from_y"
+    # relu + 2x2 max (batch 4, bf16), beside x and w: block-level, z is written, read by the epilogue
+    # pass and by backward's, which writes dz, which both gradient GEMMs read (6z), and y and the
+    # argmax are written and read back (2y + 2a); across layers, y and the argmax are written and both
+    # GEMMs read the pooled dy, y and argmax (5y + 3a), with y = z/4 and a = z/8 (one byte each)
+    z, y, a = 4 * 2 * 16 * 16 * 16, 4 * 2 * 16 * 8 * 8, 4 * 16 * 8 * 8
     moved = lambda g: traffic(net, g, 4, 2)["training"][0]
-    assert moved(block[1]) - moved(cross[1]) == 3 * z - z // 4
-    assert "its conv pools in the GEMM: no z written" in str(plan(net, True))
+    assert moved(block[1]) - moved(cross[1]) == 6 * z - 3 * y - a
+    text = str(plan(net, True))
+    assert "its conv pools in the GEMM: no z written" in text
+    assert "its conv's gradients compute it as they load the pooled dy, argmax and y" in text
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pooled_blocks_train_as_the_reference_does(dtype):
     run_both(POOLED, batch=2, dtype=dtype, train=True, fuse=True)
+    run_both(NARROW, batch=2, dtype=dtype, train=True, fuse=True)
 
 
 # Blocks that defer to a max pool of their own: a stem (stride 2, batch norm, relu; no input

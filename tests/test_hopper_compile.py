@@ -77,8 +77,8 @@ def _launcher_extras(dtype):
     both batch-norm backwards, dz on load's batch-norm sums and shortcut gather pass, rows wider
     than softmax's widest block, a dropout seed past int32, momentum=None, stochastic depth, a
     conv applying a channel gate as it loads x (forward and weight gradient, with dz on load too),
-    a prologue without batch norm into a conv of one channel block, and (bf16) dz on load reading
-    dy as a channel slice of a concat's gradient (zero-copy)."""
+    a prologue without batch norm into a conv of one channel block, dz on load from an average
+    pool's dy, and (bf16) dz on load reading dy as a channel slice of a concat's gradient (zero-copy)."""
     from cnndsl.kernels import (
         batchnorm,
         batchnorm_backward,
@@ -123,8 +123,13 @@ def _launcher_extras(dtype):
     conv.conv2d_forward(x16, torch.randn(8, 16, 1, 1, dtype=dtype), None, one, gate=g16)
     dy8 = torch.randn(2, 4, 4, 8, dtype=dtype)
     conv.conv2d_backward_weight(x16, dy8, (8, 16, 1, 1), one, True, gate=g16)  # the gate in the weight gradient
+    # dz on load from an average pool's dy (a conv + average pool block, DenseNet's transitions)
+    from cnndsl.kernels.prologue import GradPrologue
+    dy_avg, w16 = torch.randn(2, 2, 2, 16, dtype=dtype), torch.randn(16, 16, 1, 1, dtype=dtype)
+    gp = GradPrologue(dy_avg, None, None, Act("none"), pool=Window("avg", (2, 2), (2, 2), (0, 0), (2, 2)))
+    conv.conv2d_backward_input(dy_avg, w16, one, (4, 4), grad_prologue=gp)
+    conv.conv2d_backward_weight(x16, dy_avg, w16.shape, one, True, grad_prologue=gp)
     if dtype == torch.bfloat16:  # dy's rows 48 channels apart, z's 16: the GP_SLICE paths
-        from cnndsl.kernels.prologue import GradPrologue
         dy, z16 = torch.randn(2, 4, 4, 48, dtype=dtype)[..., 16:32], torch.randn(2, 4, 4, 16, dtype=dtype)
         w16, ones, zeros = torch.randn(16, 16, 1, 1, dtype=dtype), torch.ones(16), torch.zeros(16)
         center, _, _ = batchnorm_backward.batchnorm_backward_on_load(dy.view(-1, 16), z16.view(-1, 16), zeros, ones,

@@ -55,7 +55,8 @@ EXTRA = {"add._add_kernel", "softmax._ce_fwd_kernel", "softmax._mean_kernel", "s
 def _kernels(name: str) -> set:
     # cross-layer fusion: the same kernels, loading through the prologue or computing dz on load (or
     # scaling x by a gate)
-    name = name.removeprefix("gate+").removeprefix("prologue+").removeprefix("dz_on_load+")
+    name = name.removeprefix("gate+").removeprefix("prologue+").removeprefix("dz_on_load+").removeprefix(
+        "pooled_dz_on_load+")
     return BY_NAME.get(name) or ({"dense._matmul_kernel"} if name.startswith("dense_fwd") else set())
 
 

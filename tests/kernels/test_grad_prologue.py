@@ -170,3 +170,70 @@ def test_without_batch_norm_a_shortcut_block_writes_dz_once():
     z, res, dy = torch.randn(2, 5, 5, 16), torch.randn(2, 5, 5, 16), torch.randn(2, 5, 5, 16)
     dz, dres, _, _ = epilogue_backward(dy, z, None, None, Act("none"), res, Act("relu"), None, None)
     assert dz is dres and torch.equal(dz, torch.where(z + res > 0, dy, 0.0))
+
+
+# A block that pools in its GEMM (conv -> act -> a non-overlapping pool, no z kept): dz on load from
+# the pooled dy, the argmax and y. (case, pool (mode, kernel, stride, padding, ceil_mode), act)
+POOLED = [
+    ("3x3", ("max", 2, 2, 0, False), "relu"),
+    ("3x3_s2_k32", ("max", 2, 2, 1, True), "leaky_relu"),
+    ("1x1_k48", ("max", 2, 3, 0, False), "none"),  # stride past the kernel: pixels no window reads
+    ("3x3_dil2", ("avg", 2, 2, 1, False), "none"),
+    ("groups2_kg16", ("max", 3, 3, 1, True), "relu"),
+]
+
+
+@pytest.mark.parametrize(("name", "pool", "act", "dtype"), [
+    pytest.param(*case, dtype, id=f"{case[0]}-{case[1][0]}{case[1][1]}s{case[1][2]}-{case[2]}-{str(dtype)[6:]}")
+    for i, case in enumerate(POOLED) for dtype in (torch.float32, torch.bfloat16)[:1 + (i < 2)]])
+def test_pooled_dz_on_load_equals_the_pooled_backward_pass(name, pool, act, dtype):
+    """The gradients computed from the pooled dy, argmax and y as the kernels load them equal those
+    of dz written by the pooled backward pass (epilogue_backward.pooled_backward): the input
+    gradient bit for bit in fp32, the weight gradient to rounding."""
+    from cnndsl.kernels.epilogue import epilogue_forward
+    from cnndsl.kernels.epilogue_backward import pooled_backward
+    from cnndsl.specs import Window, window_out
+
+    case = CASES[name]
+    x, z, _, wt, geometry, _, act = _problem(case, "none", act, dtype)
+    act = act if act.kind == "leaky_relu" else Act(act.kind)
+    mode, k, s, p, ceil = pool
+    out = tuple(window_out(d, k, s, 2 * p, 1, ceil) for d in z.shape[1:3])
+    window = Window(mode, (k, k), (s, s), (p, p), out, ceil)
+    y, argmax = epilogue_forward(z, None, None, act, None, Act(), window)
+    dy = torch.randn(y.shape).to(dtype)
+    dz = pooled_backward(dy, y, argmax, act, window, z.shape)
+    gp = GradPrologue(y, None, None, act, pool=window, argmax=argmax)
+    in_hw = tuple(x.shape[1:3])
+    dx, want_dx = (conv2d_backward_input(d, wt, geometry, in_hw, grad_prologue=g) for d, g in ((dy, gp), (dz, None)))
+    rows = z[..., 0].numel()
+    if dtype == torch.float32:
+        assert torch.equal(dx, want_dx)
+    else:  # (a 16-bit dz computed in registers and one stored may round apart in the last bit)
+        assert_close(dx.double(), want_dx.double(), dtype, rows, name="dx")
+    # (the weight gradient with dz on load multiplies dz as its B operand, in another order of sums)
+    got, want = (conv2d_backward_weight(x, d, wt.shape, geometry, True, grad_prologue=g)
+                 for d, g in ((dy, gp), (dz, None)))
+    assert_close(got[0].double(), want[0].double(), dtype, rows, name="dw")
+    assert_close(got[1].double(), want[1].double(), dtype, rows, name="db")
+
+
+def test_a_bad_pooled_grad_prologue_is_refused():
+    from cnndsl.specs import Window
+    x, _, _, wt, geometry, _, act = _problem(CASES["3x3"], "none", "relu", torch.float32)
+    window = Window("max", (2, 2), (2, 2), (0, 0), (3, 4))
+    y, dy = torch.randn(2, 3, 4, 16), torch.randn(2, 3, 4, 16)
+    argmax = torch.zeros(2, 3, 4, 16, dtype=torch.int8)
+    in_hw = tuple(x.shape[1:3])
+    bad = [(GradPrologue(y, None, None, Act("gelu"), pool=window, argmax=argmax), "expected an act whose gradient"),
+           (GradPrologue(y, None, None, act, pool=window), "argmax: expected a tensor for max pooling"),
+           (GradPrologue(y, None, None, act, pool=Window("max", (3, 3), (2, 2), (1, 1), (3, 4)), argmax=argmax),
+            "expected a non-overlapping Window"),
+           (GradPrologue(y, None, None, act, argmax=argmax), "an argmax needs a pool")]
+    for gp, message in bad:
+        with pytest.raises(ValueError, match=message):
+            conv2d_backward_input(dy, wt, geometry, in_hw, grad_prologue=gp)
+    with pytest.raises(ValueError, match=r"is not the pooled output \(3, 4\)"):
+        conv2d_backward_weight(x, dy[:, :2].contiguous(), wt.shape, geometry, False,
+                               grad_prologue=GradPrologue(y[:, :2].contiguous(), None, None, act, pool=window,
+                                                          argmax=argmax[:, :2].contiguous()))
