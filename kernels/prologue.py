@@ -134,12 +134,12 @@ class GradPrologue:
     argmax: torch.Tensor | None = None
 
 
-_NO_POOL = {"gp_arg_ptr": None, "gp_pool_oh": 0, "gp_pool_ow": 0, "gp_pool_ph": 0, "gp_pool_pw": 0, "GP_POOL": 0,
+_NO_POOL = {"gp_pool_oh": 0, "gp_pool_ow": 0, "gp_pool_ph": 0, "gp_pool_pw": 0, "GP_POOL": 0,
             "GP_KH": 1, "GP_KW": 1, "GP_SH": 1, "GP_SW": 1}
 
 
 def _pool_args(gp: GradPrologue, dy: torch.Tensor, conv_hw) -> dict:
-    """The pooled dz on load's arguments (argmax pointer, pooled size, padding; POOL and the window's
+    """The pooled dz on load's arguments (pooled size, padding; POOL and the window's
     sizes as constexprs: the row's window is a division by a constant, no `//` by a variable)."""
     p = gp.pool
     check(isinstance(p, Window) and not p.overlaps, f"grad prologue pool: expected a non-overlapping Window, got {p!r}")
@@ -153,7 +153,7 @@ def _pool_args(gp: GradPrologue, dy: torch.Tensor, conv_hw) -> dict:
           f"grad prologue pool: dy of shape {tuple(dy.shape)} is not the pooled output {tuple(p.out_hw)} of a "
           f"{tuple(conv_hw)} conv output")
     check_argmax(gp.argmax, p.mode, p.taps, (n, *p.out_hw, k), dy.device)
-    return {"gp_arg_ptr": gp.argmax, "gp_pool_oh": p.out_hw[0], "gp_pool_ow": p.out_hw[1], "gp_pool_ph": p.padding[0],
+    return {"gp_pool_oh": p.out_hw[0], "gp_pool_ow": p.out_hw[1], "gp_pool_ph": p.padding[0],
             "gp_pool_pw": p.padding[1], "GP_POOL": POOL_MODES[p.mode], "GP_KH": p.kernel[0], "GP_KW": p.kernel[1],
             "GP_SH": p.stride[0], "GP_SW": p.stride[1]}
 
@@ -189,7 +189,7 @@ def grad_prologue_args(gp: GradPrologue | None, dy: torch.Tensor, cols_g: int, d
     return {"gp_z_ptr": z, "gp_scale_ptr": gp.scale if affine else dy, "gp_shift_ptr": gp.shift if affine else dy,
             "gp_center_ptr": gp.center if center else dy, "gp_slope": float(gp.act.slope), "GRAD_PRO": True,
             "GP_AFFINE": affine, "GP_ACT": act_code(gp.act, "grad prologue act"), "GP_CENTER": center,
-            "GP_SLICE": not dy.is_contiguous(), **pool, "gp_arg_ptr": dy if pool["gp_arg_ptr"] is None else gp.argmax}
+            "GP_SLICE": not dy.is_contiguous(), **pool, "gp_arg_ptr": dy if gp.argmax is None else gp.argmax}
 
 
 @triton.jit
