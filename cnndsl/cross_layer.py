@@ -1,9 +1,10 @@
-"""Cross-layer fusion's planning (plan.py calls it with fuse=True): which blocks defer their
-epilogue to their reader (`Group.deferred`, the reader's `prologue`) and say why in
-`Group.output_note`; which compute dz on load in backward (`dz_on_load`) or pool in their GEMM
-(`gemm_pool`, and then whether its gradients route the pooled dy to dz on load); where a deferred block's batch-norm sums come from its reader's input gradient
-(`bn_sums_in_reader`); and where a value's two gradients, from two conv blocks, are summed in
-the first one's input gradient (`token`, `redirects`: `fork_sum_in_reader`)."""
+"""Cross-layer fusion's planning (plan.py calls it with fuse=True): which blocks defer their epilogue
+to their reader (`Group.deferred`, the reader's `prologue`) and say why in `Group.output_note`;
+which compute dz on load in backward (`dz_on_load`) or pool in their GEMM (`gemm_pool`, and then
+whether their gradients route the pooled dy to dz on load too); where a deferred block's batch-norm
+sums come from its reader's input gradient (`bn_sums_in_reader`); and where a value's two gradients,
+from two conv blocks, are summed in the first one's input gradient (`token`, `redirects`:
+`fork_sum_in_reader`)."""
 
 from __future__ import annotations  # (Group: plan.py's, which imports this module)
 

@@ -9,14 +9,14 @@ Cross-layer fusion (fuse=True): a conv block with batch norm or an activation (a
 or pool) whose output only the next conv (or a max pool alone) reads defers its epilogue in
 training: it hands that reader its z and batch norm's per-channel scale and shift, and the
 reader normalises and activates each tile as it loads it, so the block's output is never
-written (`Group.output_note` says, for every such block, whether and why); and in backward a block whose batch norm and activation
-(or batch norm and shortcut) have gradients its conv's kernels can apply as they load dy and z
-writes no dz (`Group.dz_on_load`, where that moves fewer bytes); a conv + relu + max pool
-block pools in its GEMM in training as in inference, keeping y and the argmax but no z
-(`Group.gemm_pool`), and its conv's gradient kernels route the pooled dy to dz as they load it
-(`dz_on_load` too: no dz written); a deferred block's batch-norm sums come from its reader's input gradient,
-and a value two conv blocks read has its two gradients summed in the first one's (cross_layer.py
-decides each)."""
+written (`Group.output_note` says, for every such block, whether and why); and in backward a
+block whose batch norm and activation (or batch norm and shortcut) have gradients its conv's
+kernels can apply as they load dy and z writes no dz (`Group.dz_on_load`, where that moves
+fewer bytes); a conv + relu + max pool block pools in its GEMM in training as in inference,
+keeping y and the argmax but no z (`Group.gemm_pool`), and its conv's gradient kernels route
+the pooled dy to dz as they load it (`dz_on_load` too: no dz written); a deferred block's
+batch-norm sums come from its reader's input gradient, and a value two conv blocks read has its
+two gradients summed in the first one's (cross_layer.py decides each)."""
 
 from dataclasses import dataclass, replace
 
