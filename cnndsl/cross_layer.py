@@ -76,9 +76,14 @@ def _dz_on_load(g: Group) -> bool:
     if Op.ADD in ops and (Op.BATCHNORM not in ops or Op.ACTIVATION in ops[:ops.index(Op.ADD)]):
         return False
     first = next(n for n in g.nodes if n.op is Op.CONV)
-    conv, stem = first.attrs, first.inputs[0] == 0
-    return conv.filters // conv.groups >= MIN_GEMM_K and (
-        stem or input_grad_phases(conv) <= (2 if Op.ADD in ops else 1))
+    return _wide(g) and (first.inputs[0] == 0 or input_grad_phases(first.attrs) <= (2 if Op.ADD in ops else 1))
+
+
+def _wide(g: Group) -> bool:
+    """Whether a block's conv has 16 or more output channels per group, as dz on load needs (fewer
+    are padded with zeros, which no GEMM reads as dz on load; a depthwise conv has one)."""
+    conv = next(n for n in g.nodes if n.op is Op.CONV).attrs
+    return conv.filters // conv.groups >= MIN_GEMM_K
 
 
 def _gemm_pool(g: Group) -> bool:
@@ -98,15 +103,6 @@ def _gemm_pool(g: Group) -> bool:
     return not acts or acts[0].grad_from_output
 
 
-def _pooled_dz_on_load(g: Group) -> bool:
-    """Whether a block that pools in its GEMM computes dz on load too: its conv's gradient kernels read
-    the pooled dy, the argmax and y (a quarter of dz's size each, or less, for a 2x2 window) where they
-    read dz, and the pass that wrote dz goes; 16 or more output channels per group (fewer are padded:
-    no GEMM reads their dz on load), which a depthwise conv has not."""
-    conv = next(n for n in g.nodes if n.op is Op.CONV).attrs
-    return conv.filters // conv.groups >= MIN_GEMM_K
-
-
 def cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:
     """The groups with cross-layer fusion applied: a deferred block's training forward launches no
     epilogue pass, its reader's conv kernels load through the prologue, and a dz-on-load block's
@@ -124,7 +120,9 @@ def cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:
             forward = tuple(k for k in forward if k != "epilogue_fwd")
         on_load, gemm_pool = _dz_on_load(g), _gemm_pool(g)
         if gemm_pool:
-            forward, on_load = ("conv_fwd+pool",), _pooled_dz_on_load(g)
+            # with 16+ channels its gradient GEMMs read the pooled dy, argmax and y (each a quarter of
+            # dz or less for a 2x2 window) where they read dz, and the pass that wrote dz goes
+            forward, on_load = ("conv_fwd+pool",), _wide(g)
             convs = tuple(k for k in backward if k.startswith("conv_bwd"))
             backward = tuple(f"pooled_dz_on_load+{k}" for k in convs) if on_load else ("pool_bwd_from_y",) + convs
         elif on_load:

@@ -56,6 +56,7 @@ from .prologue import (
     Prologue,
     apply_grad_prologue,
     apply_prologue,
+    dz_hw,
     grad_coefs,
     grad_prologue_args,
     pooled_grad,
@@ -447,9 +448,8 @@ def conv2d_backward_input(dy, w, geometry: ConvGeometry, in_hw, grad_prologue: G
         check(prologue is None, "add: not with a prologue (an input read by two layers is not normalised on load)")
         check_like(add, "add", dx)
         ep = replace(ep, res=add, meta={**ep.meta, "HAS_RES": True})
-    pooled = getattr(grad_prologue, "pool", None) is not None  # dy is the pooled y's: dz's rows are the conv's
     part, tiles = _launch_conv(dy, wt, None, dx, groups, k // groups, cin_g, r, s, stride, padding, dilation, True,
-                               (h, wd), ep, prologue, grad_prologue, src_hw=geometry.out_hw if pooled else None)
+                               (h, wd), ep, prologue, grad_prologue, src_hw=dz_hw(grad_prologue, geometry.out_hw))
     return dx if prologue is None else (dx, *sum_tiles(part, tiles))
 
 
@@ -467,6 +467,5 @@ def conv2d_backward_weight(x, dy, w_shape, geometry: ConvGeometry, need_bias_gra
     check(dy.shape[0] == n, f"dy: expected batch {n}, got shape {tuple(dy.shape)}")
     stride, padding, dilation, _ = check_geometry(w_shape, c, k, geometry)
     _check_gate(gate, x, w_shape[1], prologue)
-    pooled = getattr(grad_prologue, "pool", None) is not None  # dy is the pooled y's: dz's rows are the conv's
     return weight_grad(x, dy, w_shape, stride, padding, dilation, geometry.groups, bool(need_bias_grad), prologue,
-                       grad_prologue, gate, geometry.out_hw if pooled else None)
+                       grad_prologue, gate, dz_hw(grad_prologue, geometry.out_hw))

@@ -158,6 +158,12 @@ def _pool_args(gp: GradPrologue, dy: torch.Tensor, conv_hw) -> dict:
             "GP_SH": p.stride[0], "GP_SW": p.stride[1]}
 
 
+def dz_hw(gp: GradPrologue | None, conv_hw):
+    """The (H, W) that dz's rows walk where dy is a pooled output's gradient (the conv's output,
+    conv_hw), else None: dy's own."""
+    return conv_hw if getattr(gp, "pool", None) is not None else None
+
+
 def grad_prologue_args(gp: GradPrologue | None, dy: torch.Tensor, cols_g: int, depthwise: bool, conv_hw=None) -> dict:
     """The kernels' dz-on-load arguments (z, scale, shift, center pointers, slope, GRAD_PRO, GP_AFFINE,
     GP_ACT, GP_CENTER, GP_SLICE: dy is a channel slice, whose rows are not z's; with a pool, _pool_args'),
