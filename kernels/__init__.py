@@ -5,8 +5,15 @@ TRITON_INTERPRET=1 so that the same kernels run on CPU tensors in Triton's inter
 and says so once. Triton reads the variable when `triton.jit` wraps a function, its own
 library functions included, so a Triton imported earlier (torch.optim imports it) is
 dropped from sys.modules (all but its compiled extension) and imported afresh: without a
-GPU it had nothing to run on."""
+GPU it had nothing to run on.
 
+In the interpreter, Triton's int32 overflow checks follow TRITON_DEBUG as on a GPU: the
+interpreter computes a check for every integer add, sub and mul (an int64 copy and two
+compares each: half its time in a conv kernel) and then drops it, its device_assert asserting
+only under its own debug flag, which TRITON_DEBUG does not set. Here both are on under
+TRITON_DEBUG=1 and off otherwise."""
+
+import dataclasses
 import os
 import sys
 import warnings
@@ -24,3 +31,10 @@ if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
         del sys.modules[name]
     warnings.warn("cnndsl: no CUDA device found; Triton kernels run in Triton's interpreter on the CPU "
                   "(TRITON_INTERPRET=1), correct but slow", InterpreterWarning, stacklevel=2)
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import triton
+    from triton.runtime import interpreter
+
+    interpreter.interpreter_builder.options = dataclasses.replace(
+        interpreter.interpreter_builder.options, debug=triton.knobs.runtime.debug,
+        sanitize_overflow=triton.knobs.runtime.debug)

@@ -229,9 +229,11 @@ def run_files(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name != "curves.png")
 
 
-def launches(run, see=lambda kernel, values: kernel.fn.__name__) -> list:
+def launches(run, see=lambda kernel, values: kernel.fn.__name__, execute=True) -> list:
     """`see(kernel, {argument: value})` of every Triton kernel launch `run()` makes (under the
-    interpreter), in order, leaving out what `see` returns as None; by default each kernel's name."""
+    interpreter), in order, leaving out what `see` returns as None; by default each kernel's name.
+    execute=False skips the kernels: no launch depends on what one computed (test_hopper_speed.py
+    checks it), so a test of what is launched need not wait for the interpreter."""
     from triton.runtime.interpreter import InterpretedFunction
     seen, original = [], InterpretedFunction.run
 
@@ -239,7 +241,7 @@ def launches(run, see=lambda kernel, values: kernel.fn.__name__) -> list:
         what = see(self, {**dict(zip(self.arg_names, args)), **kwargs})
         if what is not None:
             seen.append(what)
-        return original(self, *args, **kwargs)
+        return original(self, *args, **kwargs) if execute else None
     with mock.patch.object(InterpretedFunction, "run", record):
         run()
     return seen

@@ -200,6 +200,30 @@ def test_triton_imported_before_cnndsl():
     assert out.returncode == 0 and "trained" in out.stdout, out.stderr[-2000:]
 
 
+_OVERFLOW = """
+import torch, cnndsl.kernels, triton, triton.language as tl
+@triton.jit
+def square(x_ptr):
+    x = tl.load(x_ptr)
+    tl.store(x_ptr, x * x)
+try:
+    square[(1,)](torch.tensor([65536], dtype=torch.int32))
+    print("unchecked")
+except Exception as e:
+    print("checked" if "overflow" in str(e) else repr(e))
+"""
+
+
+def test_the_interpreter_checks_integer_overflow_as_a_gpu_does():
+    """A GPU compiles Triton's int32 overflow checks away unless TRITON_DEBUG=1; cnndsl's interpreter
+    runs likewise (the kernel tests turn the checks on: tests/kernels/conftest.py)."""
+    for debug, want in (("0", "unchecked"), ("1", "checked")):
+        env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEBUG=debug)
+        out = subprocess.run([sys.executable, "-c", _OVERFLOW], capture_output=True, text=True, env=env, timeout=300,
+                             check=False)
+        assert out.stdout.strip() == want, f"TRITON_DEBUG={debug}: {out.stdout} {out.stderr[-2000:]}"
+
+
 def test_inference_folds_batch_norm_once_per_weight_change(monkeypatch):
     """Eval without autograd folds batch norm into the conv weights on the first call, reuses
     them while no tensor changes, and folds again after an in-place update (an optimizer step)."""

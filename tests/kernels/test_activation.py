@@ -52,7 +52,9 @@ def test_activation_at_its_corners(kind):
     torch.testing.assert_close(dx[finite].double(), ref_x.grad[finite], rtol=1e-6, atol=1e-7)
 
 
-def test_every_activation_in_a_network():
+@pytest.mark.network
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_every_activation_in_a_network(train):
     """Each activation in a conv block (before and after a residual add) and a dense block, fused,
     trained and evaluated against the reference backend (unfused, an activation is its own kernel,
     tested above)."""
@@ -65,5 +67,4 @@ def test_every_activation_in_a_network():
                   kinds[(i + 2) % len(kinds)]]
     lines += ["flatten", "dense 8", "hardswish", "dense 3", "softmax"]
     src = "\n".join(lines) + "\n"
-    run_both(src, batch=2, train=True, fuse=True)
-    run_both(src, batch=2, train=False, fuse=True)
+    run_both(src, batch=2, train=train, fuse=True)

@@ -140,6 +140,7 @@ dense 5
 """
 
 
+@pytest.mark.network
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 def test_network_with_ceil_mode_and_count_include_pad(fuse):
     """Pools that do not fit the conv epilogue (rules._pool_fits) run alone, trained, against the
