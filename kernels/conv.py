@@ -23,8 +23,6 @@ from ..specs import (
     stride_phases,
 )
 from ._common import (
-    INTERPRET,
-    _tile,
     autotune,
     check,
     check_like,
@@ -33,7 +31,6 @@ from ._common import (
     dot_dtype,
     dot_precision,
     extent,
-    gemm_config,
     row_stride,
 )
 from .activation import apply_act
@@ -51,6 +48,7 @@ from .conv_epilogue import (
     tile_stats,
 )
 from .conv_geometry import check_geometry, pad_channels, pair
+from .conv_tiles import CONV_CONFIGS, MIN_BLOCK_M, conv_cols, min_rows, prune_conv
 from .prologue import (
     GradPrologue,
     Prologue,
@@ -65,43 +63,11 @@ from .prologue import (
     prologue_grads_args,
 )
 
-_MIN_BLOCK_M = 16  # the smallest BLOCK_M the interpreter sizes a launch to
-# 8-warp BLOCK_K=64 tiles at BLOCK_N=64 are for 64-channel layers (the prune keeps BLOCK_N <= 64 there).
-_CONV_CONFIGS = [gemm_config(*c) for c in ((128, 128, 32, 3, 8), (128, 128, 64, 3, 8), (128, 64, 32, 4, 4),
-                                    (64, 128, 32, 4, 4), (64, 64, 64, 4, 4), (256, 64, 32, 3, 8),
-                                    (256, 64, 64, 3, 8), (128, 64, 64, 3, 8), (256, 128, 32, 3, 8),
-                                    (128, 32, 32, 4, 4), (64, 32, 64, 4, 4))]
 
-
-def _cols(args):
-    """The output columns of one group's GEMM (every channel for a depthwise layer)."""
-    return args["COUT"] if args["DEPTHWISE"] else args["COUT_G"]
-
-
-# Cross-layer fusion's loads (the prologue, dz on load) transform the A tile in registers and hand it
-# to wgmma from there: at the other tiles ptxas serializes the wgmma pipeline (C7515), measured on sm_90
-# (dz on load of a 1x1 conv also at 64x128x32 and 128x32x32).
-_ON_LOAD_TILES = {(128, 128, 64, 8), (64, 128, 32, 4), (64, 64, 64, 4), (128, 32, 32, 4)}
-_DZ_ON_LOAD_TILES = {(128, 128, 64, 8), (64, 64, 64, 4)}
-
-
-def _prune(configs, named_args, **kwargs):
-    """Drop N tiles far wider than the group's output channels (e.g. depthwise layers), and with a
-    transform on load the tiles at which it serializes wgmma."""
-    args = {**named_args, **kwargs}
-    width = max(32, triton.next_power_of_2(_cols(args)))
-    configs = [c for c in configs if c.kwargs["BLOCK_N"] <= width] or configs
-    if args.get("PROLOGUE") or args.get("GRAD_PRO"):
-        tile = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
-        tiles = _DZ_ON_LOAD_TILES if args.get("GRAD_PRO") else _ON_LOAD_TILES
-        configs = [c for c in configs if tile(c) in tiles] or configs
-    return configs
-
-
-@autotune(_CONV_CONFIGS, key=["M", "CIN_G", "COUT_G", "RC", "SC", "DEPTHWISE", "ACT", "HAS_RES", "ACT2", "POOL",
+@autotune(CONV_CONFIGS, key=["M", "CIN_G", "COUT_G", "RC", "SC", "DEPTHWISE", "ACT", "HAS_RES", "ACT2", "POOL",
                              "TAPS", "STATS", "ARGMAX", "INT64", "PROLOGUE", "GRAD_PRO", "GP_POOL", "PRO_GRADS"],
-          interpret={"BLOCK_M": ("M", _MIN_BLOCK_M, 512), "BLOCK_N": (_cols, 16, 256), "BLOCK_K": ("CIN_G", 16, 128)},
-          prune_configs_by={"early_config_prune": _prune})
+          interpret={"BLOCK_M": ("M", MIN_BLOCK_M, 512), "BLOCK_N": (conv_cols, 16, 256), "BLOCK_K": ("CIN_G", 16, 128)},
+          prune_configs_by={"early_config_prune": prune_conv})
 @triton.heuristics({"EVEN_K": lambda a: a["CIN_G"] % a["BLOCK_K"] == 0,
                     "EVEN_N": lambda a: a["COUT_G"] % a["BLOCK_N"] == 0,
                     # (only where an on-load transform has coefficients to hoist: no other path compiles twice)
@@ -306,11 +272,6 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
         tl.store(y_ptr + y_row[:, None] + col[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _min_rows(m: int) -> int:
-    """The fewest rows a tile of a launch of m rows takes (the interpreter's size, or the configs' least)."""
-    return _tile(m, _MIN_BLOCK_M, 512) if INTERPRET else min(c.kwargs["BLOCK_M"] for c in _CONV_CONFIGS)
-
-
 def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, padding, dilation,
                  transposed, out_hw, ep: Epilogue = PLAIN_EPILOGUE, prologue: Prologue | None = None,
                  grad_prologue: GradPrologue | None = None, gate=None, src_hw=None):
@@ -340,7 +301,7 @@ def _launch_conv(src, wt, bias, dst, groups, cin_g, cout_g, r, s, stride, paddin
               for ph in stride_phases(oh, r, stride[0], padding[0], dilation[0], transposed)
               for pw in stride_phases(ow, s, stride[1], padding[1], dilation[1], transposed)]  # m rows each
     if pro_grads:  # every phase's tiles' partials, for the smallest tiles each launch may take
-        ep = replace(ep, part=torch.empty((2, sum(triton.cdiv(m, _min_rows(m)) for *_, m in phases), cout),
+        ep = replace(ep, part=torch.empty((2, sum(triton.cdiv(m, min_rows(m)) for *_, m in phases), cout),
                                           dtype=torch.float32, device=dst.device))
     if dst.numel() == 0:
         return ep.part, 0
@@ -406,7 +367,7 @@ def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, res
     _check_gate(gate, x, cin_g, prologue)
     m = n * oh * ow
     if stats:  # (2, n_tiles, K) tile means and M2s, sized for the smallest BLOCK_M a launch of m rows takes
-        ep = replace(ep, part=torch.empty(2 * triton.cdiv(m, _min_rows(m)) * k, dtype=torch.float32,
+        ep = replace(ep, part=torch.empty(2 * triton.cdiv(m, min_rows(m)) * k, dtype=torch.float32,
                                           device=x.device))
     y = torch.empty(y_shape, dtype=x.dtype, device=x.device) if out is None else check_out(out, y_shape, x)
     groups = geometry.groups
@@ -415,7 +376,7 @@ def conv2d_forward(x, w, bias, geometry: ConvGeometry, act: Act = NO_ACT, *, res
                  prologue, gate=gate)
     if not stats:
         return (y, ep.argmax) if argmax else y
-    rows = _conv_kernel.best_config.kwargs["BLOCK_M"] if m else _MIN_BLOCK_M  # the tiles the launch used
+    rows = _conv_kernel.best_config.kwargs["BLOCK_M"] if m else MIN_BLOCK_M  # the tiles the launch used
     n_tiles = triton.cdiv(m, rows)
     mean, var = batchnorm_merge_stats(ep.part[:2 * n_tiles * k].view(2, n_tiles, k), rows, m)
     return y, mean, var

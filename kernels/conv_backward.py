@@ -19,8 +19,14 @@ from ._common import (
     dot_precision,
     elementwise_tiles,
     extent,
-    gemm_config,
     row_stride,
+)
+from .conv_tiles import (
+    DEPTHWISE_CONFIGS,
+    WEIGHT_GRAD_CONFIGS_16BIT,
+    WEIGHT_GRAD_CONFIGS_FP32,
+    prune_weight_grad,
+    row_block,
 )
 from .prologue import (
     apply_grad_prologue,
@@ -31,48 +37,6 @@ from .prologue import (
     prologue_args,
     prologue_coefs,
 )
-
-# BLOCK_M output channels x BLOCK_N input channels of one tap, BLOCK_K rows per step. No 128x128
-# tile on 8 warps for 16-bit types: ptxas serializes its wgmma (C7515) with this kernel's row
-# bookkeeping. TF32 takes its A tile (M-contiguous, which wgmma reads only for 16-bit types) through
-# registers: its tiles are smaller, so that none spills.
-_CONFIGS_16BIT = [gemm_config(*c) for c in ((256, 128, 64, 3, 8), (128, 256, 64, 3, 8), (256, 128, 32, 4, 8),
-                                     (256, 64, 64, 3, 8), (128, 128, 64, 3, 4), (128, 128, 32, 4, 4),
-                                     (128, 64, 64, 3, 4), (64, 64, 64, 3, 4), (128, 32, 64, 4, 4),
-                                     (128, 16, 64, 4, 4), (64, 16, 64, 4, 4))]
-_CONFIGS_FP32 = [gemm_config(*c) for c in ((128, 128, 32, 3, 8), (256, 64, 32, 3, 8), (256, 128, 16, 4, 8),
-                                    (128, 64, 32, 3, 4), (64, 128, 32, 3, 4), (64, 64, 64, 3, 4),
-                                    (128, 32, 32, 4, 4), (64, 16, 64, 4, 4))]
-# Depthwise: BLOCK_M rows (pixels) x BLOCK_N channels, no dot.
-_DEPTHWISE_CONFIGS = [gemm_config(*c) for c in ((128, 32, 16, 3, 4), (64, 64, 16, 3, 4), (128, 64, 16, 3, 4),
-                                         (32, 128, 16, 3, 4), (64, 128, 16, 3, 8), (256, 64, 16, 3, 8))]
-
-
-def _prune(configs, named_args, **kwargs):
-    """The configs of the operands' dtype, less tiles far wider than a group's channels (the padded
-    stem's 16). The prologue (x normalised on load) and dz on load hold their tiles in registers
-    beside the accumulator, to transform them before they go to shared memory for wgmma: larger
-    tiles spill."""
-    mine = _CONFIGS_FP32 if named_args["x_ptr"].element_size() == 4 else _CONFIGS_16BIT
-    configs = [c for c in configs if any(c is m for m in mine)]
-    args = {**named_args, **kwargs}
-    pro, gp = bool(args.get("PROLOGUE") or args.get("GATE")), bool(args.get("GRAD_PRO"))  # (a gate: x * g on load)
-
-    def fits(c):
-        m, n, k, threads = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], 32 * c.num_warps
-        if gp:  # dz (k x m) and x (k x n) in registers beside the accumulator (n x m, transposed: its n rows
-            # are the MMA's M, 64 or more for wgmma): spill-free on sm_90 up to 32 values a thread each (measured)
-            return n >= 64 and max(k * m, k * n, m * n) <= 32 * threads
-        return not pro or (m + 2 * k) * n <= 192 * threads
-    configs = [c for c in configs if fits(c)] or configs
-    rows = max(64, triton.next_power_of_2(named_args["COUT_G"]))
-    cols = max(16, triton.next_power_of_2(named_args["CIN_G"]))
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_N"] <= cols] or configs
-
-
-def _row_block(args):
-    """Row blocks must tile a split's CHUNK rows exactly: its largest power-of-two divisor."""
-    return args["CHUNK"] & -args["CHUNK"]
 
 
 @triton.jit
@@ -112,10 +76,10 @@ def _inside(i, size):
     return i.to(tl.uint32, bitcast=True) < tl.cast(size, tl.uint32)
 
 
-@autotune(_CONFIGS_16BIT + _CONFIGS_FP32, key=["P", "CIN_G", "COUT_G", "RS", "HAS_BIAS", "INT64", "PROLOGUE",
+@autotune(WEIGHT_GRAD_CONFIGS_16BIT + WEIGHT_GRAD_CONFIGS_FP32, key=["P", "CIN_G", "COUT_G", "RS", "HAS_BIAS", "INT64", "PROLOGUE",
                                                     "GRAD_PRO", "GP_POOL", "GATE"],
-          interpret={"BLOCK_M": ("COUT_G", 16, 128), "BLOCK_N": ("CIN_G", 16, 128), "BLOCK_K": (_row_block, 16, 512)},
-          prune_configs_by={"early_config_prune": _prune})
+          interpret={"BLOCK_M": ("COUT_G", 16, 128), "BLOCK_N": ("CIN_G", 16, 128), "BLOCK_K": (row_block, 16, 512)},
+          prune_configs_by={"early_config_prune": prune_weight_grad})
 @triton.heuristics({"EVEN_P": lambda a: a["P"] % a["BLOCK_K"] == 0,
                     "EVEN_M": lambda a: a["COUT_G"] % a["BLOCK_M"] == 0,
                     "EVEN_N": lambda a: a["CIN_G"] % a["BLOCK_N"] == 0})
@@ -254,8 +218,8 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
             tl.store(dbp_ptr + rows, tl.sum(db, axis=1), mask=k_mask)
 
 
-@autotune(_DEPTHWISE_CONFIGS, key=["P", "C", "RS", "HAS_BIAS", "INT64", "PROLOGUE"],
-          interpret={"BLOCK_M": (_row_block, 16, 512), "BLOCK_N": ("C", 16, 256)})
+@autotune(DEPTHWISE_CONFIGS, key=["P", "C", "RS", "HAS_BIAS", "INT64", "PROLOGUE"],
+          interpret={"BLOCK_M": (row_block, 16, 512), "BLOCK_N": ("C", 16, 256)})
 @triton.jit
 def _depthwise_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, C): part (split, C, RS)
                          P, H, W, C, OH, OW, S, RS, CHUNK, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -314,7 +278,7 @@ def _sum_splits_kernel(part_ptr, out_ptr, total, SPLIT, CIN_G, RS, BLOCK: tl.con
 def _splits(rows, tiles, device):
     """Split the N*OH*OW rows so that about four waves of `tiles`-wide programs run (under the
     interpreter into chunks of a power of two rows, so that one large row block tiles each; see
-    _row_block)."""
+    row_block)."""
     machine = INTERPRETER if INTERPRET else replace(H100, sms=torch.cuda.get_device_properties(device).multi_processor_count)
     return weight_grad_split(rows, tiles, machine)
 
