@@ -76,8 +76,8 @@ def _inside(i, size):
     return i.to(tl.uint32, bitcast=True) < tl.cast(size, tl.uint32)
 
 
-@autotune(WEIGHT_GRAD_CONFIGS_16BIT + WEIGHT_GRAD_CONFIGS_FP32, key=["P", "CIN_G", "COUT_G", "RS", "HAS_BIAS", "INT64", "PROLOGUE",
-                                                    "GRAD_PRO", "GP_POOL", "GATE"],
+@autotune(WEIGHT_GRAD_CONFIGS_16BIT + WEIGHT_GRAD_CONFIGS_FP32,
+          key=["P", "CIN_G", "COUT_G", "RS", "HAS_BIAS", "INT64", "PROLOGUE", "GRAD_PRO", "GP_POOL", "GATE"],
           interpret={"BLOCK_M": ("COUT_G", 16, 128), "BLOCK_N": ("CIN_G", 16, 128), "BLOCK_K": (row_block, 16, 512)},
           prune_configs_by={"early_config_prune": prune_weight_grad})
 @triton.heuristics({"EVEN_P": lambda a: a["P"] % a["BLOCK_K"] == 0,
