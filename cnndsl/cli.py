@@ -44,10 +44,6 @@ def _train(args) -> int:
     from .train import Options, train
     if args.file is None:
         raise CnnInputError("train needs the .cnn file, or --config with a config.json that names it")
-    if args.nproc is not None:  # torchrun runs this command again in each process
-        from .distributed import launch
-        return launch(args.argv, args.nproc)
-    _quiet_interpreter_warning()
     opts = Options(data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
                    seed=args.seed, device=args.device, dtype=args.dtype, fuse=_fuse(args),
@@ -56,6 +52,13 @@ def _train(args) -> int:
                    val_split=args.val_split, early_stop=args.early_stop, sched=args.sched,
                    warmup_epochs=args.warmup_epochs, augment=args.augment, normalize=args.normalize,
                    sync_bn=args.sync_bn)
+    if args.nproc is not None:  # torchrun runs this command again in each process: its input checked once first
+        from .distributed import check_batch, launch
+        api.parse(Path(args.file))
+        opts.validate()
+        check_batch(opts.batch_size, max(args.nproc, 1))
+        return launch(args.argv, args.nproc)
+    _quiet_interpreter_warning()
     train(args.file, opts)
     return 0
 
@@ -196,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "accuracy on the held-out split. One run at a time may use an OUT folder.")
     _model_options(tr, 64, replay=True, dtype_help="what the kernels compute in: bf16 and fp16 train in mixed "
                    "precision, on fp32 weights and optimizer state (fp16 with loss scaling); default: fp32")
-    tr.add_argument("--epochs", type=int, default=4, help="epochs in all, a resumed run's included (default: 4)")
     resumed = "the checkpoint's when resuming, else"
+    tr.add_argument("--epochs", type=int, default=4, help=f"epochs in all, a resumed run's included (default: "
+                    f"{resumed} 4)")
     tr.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
                     help=f"default: {resumed} adam (a resumed run cannot change it)")
     tr.add_argument("--lr", type=float, help=f"learning rate (default: {resumed} 0.003 for adam and adamw, 0.05 "
@@ -207,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0, help="seeds the weights, the shuffle and dropout (default: 0)")
     tr.add_argument("--out", help="checkpoint folder (default: runs/NETWORK)")
     tr.add_argument("--resume", nargs="?", const="", metavar="CKPT",
-                    help="continue from a checkpoint (default: OUT/last.pt) up to --epochs")
+                    help="continue from a checkpoint (default: OUT/last.pt) up to --epochs, with the options it "
+                         "was trained with but --out and --device, unless given again")
     tr.add_argument("--init", metavar="FILE", help="start from these weights: a torch state dict (.pt, .pth), "
                     ".safetensors or a cnndsl checkpoint, matched by name, else in declaration order")
     _fine_tune_options(tr)
@@ -282,6 +287,9 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         if getattr(args, "config", None) is not None:  # train --config: its options, the command line's over them
             parser.train_parser.set_defaults(**runconfig.defaults(parser.train_parser, args.config))
+            args = parser.parse_args(argv)
+        elif getattr(args, "resume", None) is not None and args.file is not None:  # train --resume: likewise
+            parser.train_parser.set_defaults(**runconfig.resumed(parser.train_parser, args))
             args = parser.parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)
         return args.run(args)

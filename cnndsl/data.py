@@ -65,6 +65,8 @@ def _digits() -> tuple[Dataset, Dataset]:
     path = Path(str(resources.files("cnndsl").joinpath("datasets", "digits.csv.gz")))
     try:
         table = np.loadtxt(io.BytesIO(read_maybe_gz(path)), delimiter=",", dtype=np.int64, ndmin=2)
+    except CnnDataError:
+        raise  # the data limit's, naming the file
     except (OSError, ValueError) as err:
         raise fail(path, f"cannot read the bundled digits ({err}); reinstall cnndsl") from None
     x = np.divide(table[:, :-1].reshape(-1, 1, 8, 8), 16, dtype=np.float32)

@@ -122,10 +122,10 @@ def part(idx: torch.Tensor, w: World) -> torch.Tensor:
     return idx[w.rank * n:(w.rank + 1) * n]
 
 
-def check_batch(batch_size: int, w: World) -> None:
-    if batch_size % w.size:
-        raise CnnInputError(f"--batch-size {batch_size} is the global batch of {w.size} processes: it must divide "
-                            f"evenly among them (use a multiple of {w.size})")
+def check_batch(batch_size: int, processes: int) -> None:
+    if batch_size % processes:
+        raise CnnInputError(f"--batch-size {batch_size} is the global batch of {processes} processes: it must divide "
+                            f"evenly among them (use a multiple of {processes})")
 
 
 def agree(flag: bool, w: World) -> bool:

@@ -76,7 +76,8 @@ def coerce(option: Option, value, span: Span, names=()):
     accept, expected = _KINDS[option.kind]
     out = accept(value)
     if option.kind in _SIZES and isinstance(out, (int, tuple)) and (max(out) if isinstance(out, tuple) else out) > MAX_SIZE:
-        raise CnnArgumentError(f"option {option.name!r} is {show(out)}, more than the largest size, {MAX_SIZE:,}",
+        shown = f"{out:,}" if isinstance(out, int) else show(out)
+        raise CnnArgumentError(f"option {option.name!r} is {shown}, more than the largest size, {MAX_SIZE:,}",
                                span, expected=expected)
     if out is not None:
         return out

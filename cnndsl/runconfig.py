@@ -1,6 +1,7 @@
 """A run's options on disk: `cnndsl train` writes OUT/config.json (the network file and every
 option, settled) and `cnndsl train --config FILE` replays it, each option checked against the
-command line's (its type and choices); options given on the command line win."""
+command line's (its type and choices); options given on the command line win. `--resume` takes
+the options its checkpoint records in the same way."""
 
 import argparse
 import json
@@ -17,6 +18,11 @@ def write(path: Path, file, config: dict) -> None:
         raise CnnTrainError(f"cannot write {path}: {err.strerror or err}") from None
 
 
+# What a resumed run does not take from its checkpoint: where it writes, and the device (another
+# machine may resume it).
+NOT_RESUMED = ("out", "device")
+
+
 def defaults(parser, path) -> dict:
     """The options a config.json records, checked against `parser`'s, as its defaults."""
     try:
@@ -27,6 +33,23 @@ def defaults(parser, path) -> dict:
         raise CnnInputError(f"--config {path}: not a JSON file ({err})") from None
     if not isinstance(config, dict):
         raise CnnInputError(f"--config {path}: expected a JSON object of options, as OUT/config.json holds")
+    return _checked(parser, config, f"--config {path}")
+
+
+def resumed(parser, args) -> dict:
+    """The options the checkpoint that `train --resume` continues (the one given, else OUT/last.pt)
+    was trained with (its config, checked against `parser`'s), as the defaults of the run that
+    resumes it, but for NOT_RESUMED."""
+    from . import api, checkpoint
+    from .train import CHECKPOINT
+    path = Path(args.resume) if args.resume else \
+        (Path(args.out) if args.out else Path("runs") / api.parse(Path(args.file)).name) / CHECKPOINT
+    config = checkpoint.load(path)["config"]
+    return _checked(parser, {k: v for k, v in config.items() if k not in NOT_RESUMED}, str(path))
+
+
+def _checked(parser, config: dict, where: str) -> dict:
+    """`config`'s options as `parser`'s defaults, each checked against its option's type and choices."""
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "resume")}
     out = {}
     for key, value in config.items():
@@ -35,7 +58,7 @@ def defaults(parser, path) -> dict:
             continue
         action = actions.get(key)
         if action is None:
-            raise CnnInputError(f"--config {path}: unknown option {key!r}", hint=did_you_mean(key, [*actions, "fuse"]))
+            raise CnnInputError(f"{where}: unknown option {key!r}", hint=did_you_mean(key, [*actions, "fuse"]))
         if isinstance(action, argparse._StoreTrueAction):
             ok = isinstance(value, bool)
         elif value is None or isinstance(value, bool):
@@ -47,7 +70,7 @@ def defaults(parser, path) -> dict:
         else:
             ok = isinstance(value, str) and (not action.choices or value in action.choices)
         if not ok:
-            raise CnnInputError(f"--config {path}: {key} is {value!r:.60}, not a value --{key.replace('_', '-')} "
+            raise CnnInputError(f"{where}: {key} is {value!r:.60}, not a value --{key.replace('_', '-')} "
                                 f"takes" + (f" ({', '.join(action.choices)})" if action.choices else ""))
         out[key] = value
     return out

@@ -179,7 +179,7 @@ def train(file: str | Path, opts: Options = Options(), log=print) -> dict:
     net = api.parse(Path(file))
     out = Path(opts.out) if opts.out else Path("runs") / net.name
     w = distributed.world()
-    distributed.check_batch(opts.batch_size, w)
+    distributed.check_batch(opts.batch_size, w.size)
     opts = replace(opts, device=distributed.join(w, opts.device, opts.sync_bn))
     try:
         if not w.leader:  # rank 0 prints and writes; the others train
@@ -223,14 +223,19 @@ def _run(file, net, ckpt_path: Path, opts: Options, log, w: distributed.World) -
     if opts.init is not None and ckpt is None:
         finetune.init(model, opts.init, opts.classes is not None, log)
     if opts.freeze:
-        frozen = finetune.freeze(model, opts.freeze.split(","), opts.freeze_bn)
-        log(f"frozen: {len(frozen)} layers ({frozen[0]} .. {frozen[-1]}), their parameters take no gradient"
-            + (" and their batch norms run on running statistics" if opts.freeze_bn else ""))
+        labels = opts.freeze.split(",")
+        frozen = finetune.freeze(model, labels, opts.freeze_bn)
+        names = f"{frozen[0]} .. {frozen[-1]}" if len(labels) == 1 and len(frozen) > 2 else ", ".join(frozen)
+        bns = f" and their {len(model.frozen_bn)} batch norms run on running statistics" if model.frozen_bn else ""
+        log(f"frozen: {len(frozen)} layers ({names}), their parameters take no gradient{bns}")
     optimizer = recipe.make(opts, finetune.trainable(model))
     done, history = 0, []
     if ckpt is not None:
         done, history = _resume(ckpt, resume_from, net, file, model, optimizer, opts.optimizer)
         log(f"resumed from {resume_from} after epoch {done} ({opts.optimizer}, lr {opts.lr:g})")
+        if done >= opts.epochs:
+            log(f"note: it has trained its {done} epochs of --epochs {opts.epochs}, so none is left; give "
+                f"--epochs {done + 1} or more to train on")
     config = {k: v for k, v in asdict(opts).items() if k != "resume"}
     if w.leader:
         runconfig.write(ckpt_path.parent / CONFIG, file, config)
@@ -259,7 +264,7 @@ def _run(file, net, ckpt_path: Path, opts: Options, log, w: distributed.World) -
         except CnnTrainError as err:
             kept = f"the last good checkpoint, {ckpt_path}, is kept" if ckpt_path.exists() else \
                 "no checkpoint was written"
-            raise CnnTrainError(f"{err}; {kept}") from None
+            raise CnnTrainError(f"{err.message}; {kept}") from None
         if xv is not None:
             with loop.autocast(model, opts.dtype):
                 stats.update(metrics.validate(model, xv, yv, opts.batch_size))

@@ -42,7 +42,7 @@ def read(path: str | os.PathLike) -> Weights:
         try:
             ckpt = checkpoint.verify(path, payload, size)
         except CnnError as err:
-            raise CnnWeightsError(str(err)) from None
+            raise CnnWeightsError(err.message) from None
         return Weights(dict(ckpt["model"]), True, ckpt)
     return Weights(_state_dict(payload, path), True)
 

@@ -45,3 +45,31 @@ def test_bad_config_files_are_refused(tmp_path, capsys):
     (tmp_path / "nofile.json").write_text('{"epochs": 1}')
     assert main(["train", "--config", str(tmp_path / "nofile.json")]) == 1
     assert "train needs the .cnn file" in capsys.readouterr().err
+
+
+def test_a_resumed_run_takes_its_checkpoints_options(tmp_path, capsys):
+    """`--resume` goes on with the options its checkpoint's run was trained with (but --out and
+    --device), bit for bit as the uninterrupted run; options given again win; a run that has
+    trained its epochs says how to train on."""
+    options = ["--backend", "torch", "--augment", "--val-split", "0.2", "--seed", "3", "--batch-size", "32"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main(["train", DIGITS, *options, "--epochs", "2", "--out", str(whole)]) == 0
+    assert main(["train", DIGITS, *options, "--epochs", "1", "--out", str(parts)]) == 0
+    capsys.readouterr()
+    assert main(["train", DIGITS, "--resume", "--epochs", "2", "--out", str(parts)]) == 0
+    recorded = json.loads((parts / "config.json").read_text())
+    assert {k: recorded[k] for k in ("augment", "val_split", "seed", "batch_size", "backend")} == \
+        {"augment": "crop,flip", "val_split": 0.2, "seed": 3, "batch_size": 32, "backend": "torch"}
+    a, b = read(whole / "last.pt").tensors, read(parts / "last.pt").tensors
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert main(["train", DIGITS, "--resume", "--out", str(parts)]) == 0  # --epochs 2 from the checkpoint
+    assert "note: it has trained its 2 epochs of --epochs 2, so none is left; give --epochs 3 or more to train " \
+           "on" in capsys.readouterr().out
+    assert main(["train", DIGITS, "--resume", "--out", str(parts), "--epochs", "3", "--val-split", "0.1",
+                 "--sched", "cosine"]) == 0
+    recorded = json.loads((parts / "config.json").read_text())
+    assert (recorded["epochs"], recorded["val_split"], recorded["augment"], recorded["sched"]) == \
+        (3, 0.1, "crop,flip", "cosine")
+    assert main(["train", DIGITS, "--resume", str(tmp_path / "none.pt")]) == 1
+    assert f"training error: no checkpoint at {tmp_path / 'none.pt'}" in capsys.readouterr().err

@@ -121,6 +121,24 @@ def test_a_batch_the_processes_cannot_share_is_refused(paths, monkeypatch):
         train(net, Options(data=str(data), batch_size=15))
 
 
+def test_nproc_checks_the_command_before_starting_torchrun(paths, monkeypatch, capsys):
+    """A batch the processes cannot share, --sync-bn on the torch backend or a bad file: one clear
+    message from the command, not one from every process and torchrun's traceback."""
+    from cnndsl import distributed
+    from cnndsl.cli import main
+    net, data = paths
+    monkeypatch.setattr(distributed.subprocess, "call", lambda cmd: pytest.fail(f"launched {cmd}"))
+    bad = net.parent / "bad.cnn"
+    bad.write_text("network bad\ninput 1x4x4\nconvv 2 3\n")
+    for args, message in ((["--batch-size", "15"], "input error: --batch-size 15 is the global batch of 2 processes"),
+                          (["--sync-bn", "--backend", "torch"], "input error: --sync-bn synchronises the triton"),
+                          ([], "")):
+        file = str(bad) if not args else str(net)
+        assert main(["train", file, "--data", str(data), "--nproc", "2", *args]) == 1
+        err = capsys.readouterr().err
+        assert (message or "name error: unknown layer 'convv'") in err and "Traceback" not in err, err
+
+
 def test_a_run_whose_process_ended_says_so(monkeypatch, capsys):
     from cnndsl import distributed
     calls = []

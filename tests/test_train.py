@@ -114,8 +114,9 @@ def test_nan_loss_keeps_the_last_good_checkpoint(tiny, tmp_path):
     train(net, _opts(data, tmp_path, epochs=1, batch_size=40), log=lambda *_: None)
     before = (tmp_path / "last.pt").read_bytes()
     with pytest.raises(CnnTrainError, match=r"the loss became (nan|inf) in epoch 2 .*try a lower --lr; "
-                                            r"the last good checkpoint, .*last.pt, is kept"):
+                                            r"the last good checkpoint, .*last.pt, is kept") as caught:
         train(net, _opts(data, tmp_path, epochs=2, resume="", lr=1e38, batch_size=40), log=lambda *_: None)
+    assert caught.value.render().count("training error") == 1, caught.value.render()
     assert (tmp_path / "last.pt").read_bytes() == before
 
 
