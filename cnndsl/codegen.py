@@ -11,6 +11,7 @@ from . import ir
 from .ops import REGISTRY
 from .plan import Plan
 from .rules import BY_NAME
+from .slabs import SUMMED, WRITTEN, WRITTEN_READ
 from .specs import Step
 
 
@@ -54,9 +55,10 @@ def lower(net: ir.Network, plan: Plan) -> Program:
             join = net.nodes[group.into]
             k = join.inputs.index(group.output.id)
             into = (join.id, sum(net.nodes[i].shape[0] for i in join.inputs[:k]), join.shape[0],
-                    joins[join.id][k] == 2)
+                    joins[join.id][k] == WRITTEN_READ)
         elif any(group.in_place):  # a concat some of whose branches wrote into its output
-            spec = replace(spec, in_place=tuple(f > 0 for f in group.in_place))
+            spec = replace(spec, in_place=tuple(f in (WRITTEN, WRITTEN_READ) for f in group.in_place),
+                           grad_view=tuple(f == SUMMED for f in group.in_place))
             into = (group.output.id, 0, group.output.shape[0], False)
         redirected = None if group.redirects is None else tuple(inputs).index(group.redirects)
         steps.append(Step(g, group.output.name, runner_of(runner), tuple(inputs), group.output.id,

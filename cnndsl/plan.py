@@ -25,7 +25,7 @@ from .cross_layer import cross_layer, redirected
 from .ir import Op
 from .ops import REGISTRY
 from .rules import BY_NAME, RULES, Rule
-from .slabs import in_place
+from .slabs import SUMMED, WRITTEN, WRITTEN_READ, in_place
 from .specs import H100, Machine
 from .traffic import group_bytes
 
@@ -172,9 +172,10 @@ def _placed(g: Group, into: int | None, in_place: tuple[int, ...], note: str | N
     its gradient in place."""
     if note is None:
         return replace(g, into=into)
-    done = all(f > 0 for f in in_place)
+    done = all(f in (WRITTEN, WRITTEN_READ) for f in in_place)
+    read = all(f in (WRITTEN_READ, SUMMED) for f in in_place)
     return replace(g, in_place=in_place, into_note=note, reason=None, inference=() if done else g.inference,
-                   forward=() if done else g.forward, backward=() if all(f == 2 for f in in_place) else g.backward)
+                   forward=() if done else g.forward, backward=() if read else g.backward)
 
 
 def plan(net: ir.Network, fuse: bool | str = True) -> Plan:

@@ -3,7 +3,16 @@ their channel slice of its output (the slab, kernels/concat.py), and why the oth
 in by the concat's own step. A branch's last group writes in place when it is a conv block,
 whose conv or epilogue pass stores y with the slab's pixel stride, that writes y whole (it does
 not hand z on to a reader, nor pool in its GEMM in training, keeping y for backward) and whose
-output nothing but the concat reads (the slab is the only copy of it)."""
+output nothing but the concat reads (the slab is the only copy of it).
+
+An input that is copied in because other layers read it too (DenseNet's: each layer's input is
+concatenated with its new channels and read by the layer) gets its gradient summed from its
+readers' by the fork's add kernel: that add reads its slice of the concat's gradient where it
+lies, so backward copies nothing out for it. Each input's state (plan.Group.in_place): COPIED,
+WRITTEN (by its group, its gradient copied out), WRITTEN_READ (and its gradient read in place) or
+SUMMED (copied in, its gradient's slice read in place by the fork's sum)."""
+
+COPIED, WRITTEN, WRITTEN_READ, SUMMED = 0, 1, 2, 3
 
 from . import ir
 from .ir import Op
@@ -39,9 +48,9 @@ def reads_slice(group) -> bool:
     return ops == {Op.CONV} or (group.dz_on_load and Op.ADD not in ops)
 
 
-def _note(placed: list[str], copied: list[str], sliced: int, branches: int) -> str:
+def _note(placed: list[str], copied: list[str], sliced: int, branches: int, summed: list[str]) -> str:
     """What `cnndsl plan` says of a concat: which branches write into its output, why the others are
-    copied, and how many read their slice of its gradient in place."""
+    copied, and how many read their slice of its gradient in place (SUMMED ones: their fork's sum)."""
     one = len(placed) == 1
     if not copied:
         note = "zero-copy: every branch's last group writes into its channel slice, nothing is copied"
@@ -51,18 +60,19 @@ def _note(placed: list[str], copied: list[str], sliced: int, branches: int) -> s
                 f"copied: {'; '.join(copied)}")
     else:
         note = f"zero-copy: no branch writes into its channel slice; copied: {'; '.join(copied)}"
+    summed = "".join(f"; the sum of {name}'s gradients reads its slice there" for name in summed)
     if sliced == branches:
-        return note + "; in backward, every branch reads its slice of the gradient in place"
+        return note + f"; in backward, every branch reads its slice of the gradient in place{summed}"
     if sliced:
         return note + (f"; in backward, {sliced} of {branches} branches read{'s' if sliced == 1 else ''} "
-                       f"{'its slice' if sliced == 1 else 'their slices'} of the gradient in place")
+                       f"{'its slice' if sliced == 1 else 'their slices'} of the gradient in place{summed}")
     return note + "; in backward, each branch's slice of the gradient is copied out"
 
 
 def in_place(net: ir.Network, readers, groups) -> tuple[dict[int, int], dict[int, tuple[int, ...]], dict[int, str]]:
     """(group index -> the concat node whose slab it writes into; concat node id -> each input's
-    state, 0 copied in, 1 written in place, 2 written in place and its gradient read in place; and
-    what `cnndsl plan` says of the concat: why the others are copied)."""
+    state (COPIED, WRITTEN, WRITTEN_READ, SUMMED); and what `cnndsl plan` says of the concat: why
+    the others are copied)."""
     index = {g.output.id: i for i, g in enumerate(groups)}
     into, flags, notes = {}, {}, {}
     for node in net.nodes:
@@ -75,10 +85,14 @@ def in_place(net: ir.Network, readers, groups) -> tuple[dict[int, int], dict[int
             if why is None:
                 into[i] = node.id
                 placed.append(net.nodes[value].name)
-                states.append(1 + reads_slice(groups[i]))
+                states.append(WRITTEN_READ if reads_slice(groups[i]) else WRITTEN)
             else:
                 copied.append(why)
-                states.append(0)
+                states.append(SUMMED if len(readers[value]) > 1 else COPIED)
+        if not placed:  # no slab (kernels/concat.py copies every input into a new tensor and out again)
+            states = [COPIED] * len(states)
         flags[node.id] = tuple(states)
-        notes[node.id] = _note(placed, copied, states.count(2), len(node.inputs))
+        summed = [net.nodes[v].name for v, s in zip(node.inputs, states) if s == SUMMED]
+        notes[node.id] = _note(placed, copied, sum(s in (WRITTEN_READ, SUMMED) for s in states), len(node.inputs),
+                               summed)
     return into, flags, notes

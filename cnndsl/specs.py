@@ -237,11 +237,13 @@ class StochasticDepth:
 
 @dataclass(frozen=True)
 class Concat:
-    """A concatenation along channels (kernels/concat.py): the channels of each input, in order, and
-    which inputs their producers wrote straight into the output (zero-copy: plan.py's Group.into)."""
+    """A concatenation along channels (kernels/concat.py): the channels of each input, in order,
+    which inputs their producers wrote straight into the output (zero-copy: plan.py's Group.into),
+    and which of the others take their gradient as a view of their slice (slabs.SUMMED)."""
 
     channels: tuple[int, ...]
     in_place: tuple[bool, ...] = ()
+    grad_view: tuple[bool, ...] = ()
 
 
 @dataclass(frozen=True)

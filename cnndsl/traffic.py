@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from . import ir
 from .ir import Op
 from .shapes import numel, params
+from .slabs import COPIED, SUMMED, WRITTEN
 from .specs import (
     H100,
     MIN_GEMM_K,
@@ -155,8 +156,7 @@ def _padded(size: int, channels: int) -> int:
 def tensors(net: ir.Network, nodes: tuple[ir.Node, ...], batch: int, itemsize: int, machine: Machine,
             in_place: tuple[int, ...] = ()) -> Tensors:
     """The tensor sizes of a group of `nodes` (a fused chain, or one op alone); in_place: a concat's
-    inputs' states (plan.Group.in_place: 1 written into its output by their groups, 2 and their
-    gradients read in place)."""
+    inputs' states (plan.Group.in_place, slabs.py's)."""
     size = lambda node: batch * numel(node.shape) * itemsize
     ids = {n.id for n in nodes}
     gemm = next((n for n in nodes if n.op in (Op.CONV, Op.DENSE)), nodes[0])
@@ -177,8 +177,8 @@ def tensors(net: ir.Network, nodes: tuple[ir.Node, ...], batch: int, itemsize: i
     ops = [n.op for n in nodes]
     last = nodes[-1]
     states = list(zip(last.inputs, in_place or (0,) * len(last.inputs))) if last.op is Op.CONCAT else []
-    copied = sum(size(net.nodes[i]) for i, f in states if f == 0)
-    grad_copied = sum(size(net.nodes[i]) for i, f in states if f < 2)
+    copied = sum(size(net.nodes[i]) for i, f in states if f in (COPIED, SUMMED))
+    grad_copied = sum(size(net.nodes[i]) for i, f in states if f in (COPIED, WRITTEN))
     return Tensors(x, params(net, gemm) * itemsize, z, size(last), x_read, z_read, res, argmax, split, phases,
                    pre=gemm.op is Op.DENSE and Op.ACTIVATION in ops,
                    z_bwd=Op.BATCHNORM in ops or Op.ACTIVATION in ops,

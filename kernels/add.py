@@ -14,7 +14,12 @@ from ._common import (
     check_tensor,
     define,
     elementwise_tiles,
+    row_stride,
 )
+
+# (rows, cols) tiles of a channel slice: cols as wide as a slice's 16-byte rows allow
+_ROW_CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
+                for p, c, w in ((256, 16, 4), (128, 32, 4), (64, 64, 4), (32, 128, 4))]
 
 
 @autotune(ELEMENTWISE_CONFIGS, key=["n"], interpret=elementwise_tiles())
@@ -27,19 +32,42 @@ def _add_kernel(a_ptr, b_ptr, y_ptr, n, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, (a + b).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@autotune(_ROW_CONFIGS, key=["cols", "stride_a", "stride_b"],
+          interpret={"BLOCK_P": ("rows", 16, 256), "BLOCK_C": ("cols", 4, 128)})
+@triton.jit
+def _add_rows_kernel(a_ptr, b_ptr, y_ptr, rows, cols, stride_a, stride_b,
+                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # a_ptr, b_ptr: (rows, cols) with row strides stride_a, stride_b (a channel slice: a concat's
+    # gradient); y_ptr: (rows, cols) contiguous
+    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (p < rows)[:, None] & (c < cols)[None, :]
+    a = tl.load(a_ptr + p[:, None] * stride_a + c[None, :], mask=mask).to(tl.float32)
+    b = tl.load(b_ptr + p[:, None] * stride_b + c[None, :], mask=mask).to(tl.float32)
+    tl.store(y_ptr + p[:, None] * cols + c[None, :], (a + b).to(y_ptr.dtype.element_ty), mask=mask)
+
+
 def add_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a + b for two contiguous tensors of one shape and dtype: reads 2n, writes n elements."""
-    check_tensor(a, "a")
-    check_tensor(b, "b", dtype=a.dtype, device=a.device)
+    """a + b, contiguous, for two tensors of one shape and dtype, each contiguous or a channel
+    slice of one (_common.even_rows: a concat's gradient, read where it lies): reads 2n, writes n."""
+    check_tensor(a, "a", rows=True)
+    check_tensor(b, "b", dtype=a.dtype, device=a.device, rows=True)
     check(a.shape == b.shape, f"add: shapes differ, {tuple(a.shape)} and {tuple(b.shape)}")
-    y = torch.empty_like(a)
+    y = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     n = a.numel()
-    if n:
+    if not n:
+        return y
+    if a.is_contiguous() and b.is_contiguous():
         _add_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](a, b, y, n)
+    else:
+        cols = a.shape[-1]
+        rows = n // cols
+        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_P"]), triton.cdiv(cols, meta["BLOCK_C"]))
+        _add_rows_kernel[grid](a, b, y, rows, cols, row_stride(a), row_stride(b))
     return y
 
 
-_add = define("add", "(Tensor a, Tensor b) -> Tensor", add_forward, lambda a, b: torch.empty_like(a),
+_add = define("add", "(Tensor a, Tensor b) -> Tensor", add_forward, lambda a, b: a.new_empty(a.shape),
               lambda ctx, dy: (dy, dy), lambda ctx, inputs, output: None)
 
 
@@ -55,11 +83,12 @@ class _Fork(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        # (a gradient may be a channel slice of a concat's, slabs.SUMMED: the add reads it in place)
         total = None
         for g in grads:
             if g is not None:
-                total = g.contiguous() if total is None else _add(total, g.contiguous())
-        return total, None
+                total = g if total is None else _add(total, g)
+        return None if total is None else total.contiguous(), None
 
 
 def fork(x, k: int) -> tuple:

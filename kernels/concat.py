@@ -7,7 +7,9 @@ Zero-copy (the plan's `Group.into`): a branch whose last group is a conv block w
 straight into its channel slice of the concat's output, the slab, which the executor allocates
 at the first such writer (StepState.into); the join then copies in only the other branches. In
 autograd each write is a function of the slab that marks it dirty (as an in-place copy into a
-slice does), so the slab's gradient passes back through every writer, each taking its slice."""
+slice does), so the slab's gradient passes back through every writer, each taking its slice.
+A copied-in input that other layers read too takes its slice of the slab's gradient as a view:
+the fork's add reads it there (slabs.SUMMED)."""
 
 import torch
 import triton
@@ -108,19 +110,25 @@ _place = define("concat_place", "(Tensor x, Tensor(a!) slab, int offset) -> ()",
 
 
 class _Place(torch.autograd.Function):
-    """The slab with x copied into its channels from `offset` (a branch that cannot write there itself)."""
+    """The slab with x copied into its channels from `offset` (a branch that cannot write there
+    itself). x's gradient is its slice of the slab's, copied out, or with view=True that slice where
+    it lies: x forks to other readers, and the sum of its gradients (add.fork) reads it in place."""
 
     @staticmethod
-    def forward(ctx, slab, x, offset):
+    def forward(ctx, slab, x, offset, view):
         _place(x, slab, offset)
         ctx.mark_dirty(slab)
-        ctx.offset, ctx.channels = offset, x.shape[-1]
+        ctx.offset, ctx.channels, ctx.view = offset, x.shape[-1], view
         return slab
 
     @staticmethod
     def backward(ctx, dslab):
-        dx = take_slice(dslab.contiguous(), ctx.offset, ctx.channels) if ctx.needs_input_grad[1] else None
-        return dslab, dx, None
+        dx = None
+        if ctx.needs_input_grad[1]:
+            dslab = dslab.contiguous()
+            dx = dslab[..., ctx.offset:ctx.offset + ctx.channels] if ctx.view else \
+                take_slice(dslab, ctx.offset, ctx.channels)
+        return dslab, dx, None, None
 
 
 def slab_of(state, like: torch.Tensor, hw) -> torch.Tensor:
@@ -139,11 +147,11 @@ def concat_layer(*args):
     if not any(spec.in_place) or state.into is None:  # (None: a step run alone, as `bench --groups` does)
         return _concat([x.contiguous() for x in xs])
     slab, offset = state.into[0], 0  # a writer has run: the slab exists
-    for x, c, placed in zip(xs, spec.channels, spec.in_place):
+    for x, c, placed, view in zip(xs, spec.channels, spec.in_place, spec.grad_view or (False,) * len(xs)):
         if not placed:
             x = x.contiguous()
             if torch.is_grad_enabled():
-                slab = _Place.apply(slab, x, offset)
+                slab = _Place.apply(slab, x, offset, view)
             else:
                 _place(x, slab, offset)
         offset += c

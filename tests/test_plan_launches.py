@@ -48,8 +48,10 @@ BY_NAME = {
     "stochastic_depth_fwd": {"stochastic_depth._stochastic_depth_kernel"},
     "stochastic_depth_bwd": {"stochastic_depth._stochastic_depth_kernel"},
 }
-# What the executor and the loss launch besides the groups: ForkFn's sum of gradients, the cross-entropy.
-EXTRA = {"add._add_kernel", "softmax._ce_fwd_kernel", "softmax._mean_kernel", "softmax._ce_bwd_kernel"}
+# What the executor and the loss launch besides the groups: ForkFn's sum of gradients (reading a concat's
+# gradient's slice in place, _add_rows_kernel, where the value forks), the cross-entropy.
+EXTRA = {"add._add_kernel", "add._add_rows_kernel", "softmax._ce_fwd_kernel", "softmax._mean_kernel",
+         "softmax._ce_bwd_kernel"}
 
 
 def _kernels(name: str) -> set:

@@ -152,10 +152,13 @@ def test_the_plan_says_which_branches_write_in_place():
     net = cnndsl.parse(BRANCHES)
     groups = plan(net).groups
     join = next(g for g in groups if g.ops == ("concat",))
-    assert join.in_place == (1, 0, 1)  # (their 6 and 4 channels: backward through an epilogue pass, a copy)
+    # (the writers' 6 and 4 channels: backward through an epilogue pass, a copy; relu1 forks, and the sum
+    # of its gradients reads its slice)
+    assert join.in_place == (1, 3, 1)
     assert join.into_note == ("zero-copy: 2 of 3 branches write into their channel slices (mixed.branch1.relu1, "
                               "mixed.branch3.relu61); copied: relu1 is also read by mixed.branch1.conv1, "
-                              "mixed.branch3.maxpool1; in backward, each branch's slice of the gradient is copied out")
+                              "mixed.branch3.maxpool1; in backward, 1 of 3 branches reads its slice of the gradient "
+                              "in place; the sum of relu1's gradients reads its slice there")
     writers = [g for g in groups if g.into is not None]
     assert sorted(net.nodes[g.into].name for g in writers) == ["concat1.concat", "mixed.concat", "mixed.concat"]
     assert all(not g.into for g in plan(net, fuse=False).groups)  # unfused: every concat copies
@@ -233,6 +236,50 @@ def test_a_training_step_copies_no_slice_where_every_writer_reads_its_own():
     stores = _stores(lambda: model.loss(x, torch.tensor([0, 2])).backward())
     assert not [s for s in stores if s[0] == "copy"]
     run_both(INCEPTION16, batch=2, train=True, fuse=True)
+
+
+# DenseNet's layer: its input, concatenated with the channels computed from it, is read by the layer
+# too (the input forks); the 3x3 conv writes its channels into the concat's output.
+DENSE = """
+network dense
+input 16x5x5
+block layer {
+    concat {
+        branch { }
+        branch {
+            batchnorm
+            relu
+            conv 16 3 pad=1 bias=false
+        }
+    }
+}
+layer x2
+global_avgpool
+flatten
+dense 3
+"""
+
+
+def test_a_forked_input_takes_its_gradient_where_it_lies():
+    """Each dense layer copies its input into the concat's output in forward; in backward nothing is
+    copied out: the input's gradient from the concat is its slice of the concat's, which the fork's
+    add reads in place beside the layer's own gradient of it (slabs.SUMMED)."""
+    model = cnndsl.compile(DENSE, device="cpu").train()
+    joins = [g for g in model.plan.groups if g.ops == ("concat",)]
+    assert [g.in_place for g in joins] == [(3, 2), (3, 2)] and all(g.backward == () for g in joins)
+    assert joins[1].into_note.endswith("the sum of layer1.concat1.concat's gradients reads its slice there")
+    x = torch.randn(2, 16, 5, 5, requires_grad=True)
+    see = lambda kernel, values: ("copy", values["cols"], values["stride_dst"]) if kernel.fn.__name__ == \
+        "_slice_copy_kernel" else ("sum", values["stride_a"], values["stride_b"]) if kernel.fn.__name__ == \
+        "_add_rows_kernel" else None
+    loss = []
+    forward = launches(lambda: loss.append(model.loss(x, torch.tensor([0, 2]))), see, execute=False)
+    backward = launches(lambda: loss[0].backward(), see, execute=False)
+    assert forward == [("copy", 16, 32), ("copy", 32, 48)]  # each input into its concat's slab
+    # each input's slice (rows 32 and 48 apart) summed with the layer's gradient of it (16 and 32 channels)
+    assert sorted(backward) == [("sum", 32, 16), ("sum", 48, 32)]
+    run_both(DENSE, batch=2, train=True, fuse=True, steps=2)
+    run_both(DENSE, batch=2, train=False, fuse=True)
 
 
 def test_size_one_dimensions_do_not_count():
