@@ -12,10 +12,10 @@ lies, so backward copies nothing out for it. Each input's state (plan.Group.in_p
 WRITTEN (by its group, its gradient copied out), WRITTEN_READ (and its gradient read in place) or
 SUMMED (copied in, its gradient's slice read in place by the fork's sum)."""
 
-COPIED, WRITTEN, WRITTEN_READ, SUMMED = 0, 1, 2, 3
-
 from . import ir
 from .ir import Op
+
+COPIED, WRITTEN, WRITTEN_READ, SUMMED = 0, 1, 2, 3
 
 
 def _copied(net: ir.Network, readers, group, value: int) -> str | None:
