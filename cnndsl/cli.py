@@ -49,7 +49,7 @@ def _train(args) -> int:
                    seed=args.seed, device=args.device, dtype=args.dtype, fuse=_fuse(args),
                    backend=args.backend, out=args.out, resume=args.resume, init=args.init, classes=args.classes,
                    freeze=args.freeze, freeze_bn=args.freeze_bn, only_classes=args.only_classes,
-                   val_split=args.val_split, early_stop=args.early_stop, sched=args.sched,
+                   val_split=args.val_split, early_stop=args.early_stop or None, sched=args.sched,
                    warmup_epochs=args.warmup_epochs, augment=args.augment, normalize=args.normalize,
                    sync_bn=args.sync_bn)
     if args.nproc is not None:  # torchrun runs this command again in each process: its input checked once first
@@ -212,19 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", help="checkpoint folder (default: runs/NETWORK)")
     tr.add_argument("--resume", nargs="?", const="", metavar="CKPT",
                     help="continue from a checkpoint (default: OUT/last.pt) up to --epochs, with the options it "
-                         "was trained with but --out and --device, unless given again")
+                         "was trained with (not --out, --device, the fusion level, --sync-bn) unless "
+                         "given again")
     tr.add_argument("--init", metavar="FILE", help="start from these weights: a torch state dict (.pt, .pth), "
                     ".safetensors or a cnndsl checkpoint, matched by name, else in declaration order")
     _fine_tune_options(tr)
     tr.add_argument("--freeze", metavar="LABELS", help="train no parameter of these layers: one label freezes "
                     "every layer up to and including it; several (comma-separated) freeze those")
-    tr.add_argument("--freeze-bn", action="store_true", help="keep the frozen layers' batch norms in eval mode "
-                    "(their running statistics, not updated)")
+    tr.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=False, help="keep the frozen "
+                    "layers' batch norms in eval mode (their running statistics, not updated)")
     tr.add_argument("--val-split", type=float, default=0.1, metavar="FRACTION", help="the fraction of the "
                     "training data held out to validate after every epoch; OUT/best.pt keeps the best epoch "
                     "(default: 0.1; 0 for none)")
     tr.add_argument("--early-stop", type=int, metavar="N", help="stop after N epochs without a better validation "
-                    "accuracy")
+                    "accuracy (0: never, as by default)")
     tr.add_argument("--sched", choices=["none", "step", "cosine", "onecycle"], default="none",
                     help="the learning-rate schedule over the run, stepped every batch: step (a tenth at a third, "
                     "a hundredth at two thirds), cosine (to 0), onecycle (up to --lr over 30%%, then down); "

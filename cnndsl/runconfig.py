@@ -18,9 +18,9 @@ def write(path: Path, file, config: dict) -> None:
         raise CnnTrainError(f"cannot write {path}: {err.strerror or err}") from None
 
 
-# What a resumed run does not take from its checkpoint: where it writes, and the device (another
-# machine may resume it).
-NOT_RESUMED = ("out", "device")
+# What a resumed run does not take from its checkpoint: where it writes and runs, its fusion level
+# (a flag with no way back to the default) and --sync-bn (how its processes share batch norms).
+NOT_RESUMED = ("out", "device", "fuse", "sync_bn")
 
 
 def defaults(parser, path) -> dict:
@@ -59,7 +59,7 @@ def _checked(parser, config: dict, where: str) -> dict:
         action = actions.get(key)
         if action is None:
             raise CnnInputError(f"{where}: unknown option {key!r}", hint=did_you_mean(key, [*actions, "fuse"]))
-        if isinstance(action, argparse._StoreTrueAction):
+        if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
             ok = isinstance(value, bool)
         elif value is None or isinstance(value, bool):
             ok = value is None  # true and false are only a flag's

@@ -237,6 +237,9 @@ def _run(file, net, ckpt_path: Path, opts: Options, log, w: distributed.World) -
             log(f"note: it has trained its {done} epochs of --epochs {opts.epochs}, so none is left; give "
                 f"--epochs {done + 1} or more to train on")
     config = {k: v for k, v in asdict(opts).items() if k != "resume"}
+    for key in ("data", "init"):  # absolute: a resumed or replayed run may start in another folder
+        if config[key] is not None:
+            config[key] = str(Path(config[key]).resolve())
     if w.leader:
         runconfig.write(ckpt_path.parent / CONFIG, file, config)
     norm = _normalization(opts, ckpt, torch.from_numpy(train_set.x), log)  # every split by the training split's

@@ -73,3 +73,27 @@ def test_a_resumed_run_takes_its_checkpoints_options(tmp_path, capsys):
         (3, 0.1, "crop,flip", "cosine")
     assert main(["train", DIGITS, "--resume", str(tmp_path / "none.pt")]) == 1
     assert f"training error: no checkpoint at {tmp_path / 'none.pt'}" in capsys.readouterr().err
+
+
+def test_a_resumed_run_finds_its_data_and_turns_options_off(tmp_path, monkeypatch, capsys):
+    """--data is recorded as an absolute path (the run may be resumed from another folder); the
+    fusion level is not resumed; --early-stop 0 and --no-freeze-bn turn a recorded option off."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "mine.npz", x=rng.random((60, 1, 8, 8), dtype=np.float32), y=rng.integers(0, 10, 60))
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train", DIGITS, "--backend", "torch", "--epochs", "1", "--data", "mine.npz", "--early-stop", "3",
+                 "--no-fuse", "--freeze", "conv1", "--freeze-bn", "--out", "run"]) == 0
+    recorded = json.loads((run / "config.json").read_text())
+    assert (recorded["data"], recorded["early_stop"], recorded["fuse"]) == (str(tmp_path / "mine.npz"), 3, False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", DIGITS, "--resume", str(run / "last.pt"), "--epochs", "2", "--early-stop", "0",
+                 "--no-freeze-bn", "--out", str(run)]) == 0
+    assert "training error" not in capsys.readouterr().err
+    recorded = json.loads((run / "config.json").read_text())
+    assert recorded["data"] == str(tmp_path / "mine.npz") and recorded["early_stop"] is None
+    assert recorded["fuse"] is True and recorded["freeze_bn"] is False and recorded["freeze"] == "conv1"
