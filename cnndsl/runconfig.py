@@ -41,9 +41,8 @@ def resumed(parser, args) -> dict:
     was trained with (its config, checked against `parser`'s), as the defaults of the run that
     resumes it, but for NOT_RESUMED."""
     from . import api, checkpoint
-    from .train import CHECKPOINT
-    path = Path(args.resume) if args.resume else \
-        (Path(args.out) if args.out else Path("runs") / api.parse(Path(args.file)).name) / CHECKPOINT
+    from .train import CHECKPOINT, out_folder
+    path = Path(args.resume) if args.resume else out_folder(args.out, api.parse(Path(args.file)).name) / CHECKPOINT
     config = checkpoint.load(path)["config"]
     return _checked(parser, {k: v for k, v in config.items() if k not in NOT_RESUMED}, str(path))
 

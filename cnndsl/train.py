@@ -102,6 +102,11 @@ class Options:
             raise CnnInputError("--freeze-bn needs --freeze: it keeps the frozen layers' batch norms in eval mode")
 
 
+def out_folder(out: str | None, network: str) -> Path:
+    """The run's folder: --out, else runs/NETWORK."""
+    return Path(out) if out else Path("runs") / network
+
+
 def tensors_of(ds: data.Dataset, model, norm: augment.Normalize | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The images (normalised by `norm`, in fp32) and labels on the model's device, in its dtype."""
     x = torch.from_numpy(ds.x).to(model.device)
@@ -177,7 +182,7 @@ def train(file: str | Path, opts: Options = Options(), log=print) -> dict:
     torchrun, each process trains its part of every batch (distributed.py)."""
     opts.validate()
     net = api.parse(Path(file))
-    out = Path(opts.out) if opts.out else Path("runs") / net.name
+    out = out_folder(opts.out, net.name)
     w = distributed.world()
     distributed.check_batch(opts.batch_size, w.size)
     opts = replace(opts, device=distributed.join(w, opts.device, opts.sync_bn))

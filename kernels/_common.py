@@ -67,6 +67,18 @@ def _tile(dim: int, lo: int, hi: int) -> int:
     return min(hi, max(lo, 1 << max(int(dim), 1).bit_length() - 1))
 
 
+# Row-strided kernels (a channel slice: a concat's rows, read or written where they lie): BLOCK_P rows
+# x BLOCK_C channels per program.
+ROW_CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
+               for p, c, w in ((256, 16, 4), (128, 32, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8))]
+
+
+def prune_rows(configs, named_args, **kwargs):
+    """Channel blocks no wider than the slice (but at least 16: 16-byte rows of bf16)."""
+    c = max(16, triton.next_power_of_2(named_args["cols"]))
+    return [cf for cf in configs if cf.kwargs["BLOCK_C"] <= c] or configs[:1]
+
+
 # Elementwise kernels: one BLOCK of contiguous elements per program.
 ELEMENTWISE_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))]
 

@@ -9,17 +9,15 @@ import triton.language as tl
 
 from ._common import (
     ELEMENTWISE_CONFIGS,
+    ROW_CONFIGS,
     autotune,
     check,
     check_tensor,
     define,
     elementwise_tiles,
+    prune_rows,
     row_stride,
 )
-
-# (rows, cols) tiles of a channel slice: cols as wide as a slice's 16-byte rows allow
-_ROW_CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
-                for p, c, w in ((256, 16, 4), (128, 32, 4), (64, 64, 4), (32, 128, 4))]
 
 
 @autotune(ELEMENTWISE_CONFIGS, key=["n"], interpret=elementwise_tiles())
@@ -32,7 +30,7 @@ def _add_kernel(a_ptr, b_ptr, y_ptr, n, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, (a + b).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@autotune(_ROW_CONFIGS, key=["cols", "stride_a", "stride_b"],
+@autotune(ROW_CONFIGS, key=["cols", "stride_a", "stride_b"], prune_configs_by={"early_config_prune": prune_rows},
           interpret={"BLOCK_P": ("rows", 16, 256), "BLOCK_C": ("cols", 4, 128)})
 @triton.jit
 def _add_rows_kernel(a_ptr, b_ptr, y_ptr, rows, cols, stride_a, stride_b,

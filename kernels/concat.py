@@ -16,19 +16,10 @@ import triton
 import triton.language as tl
 
 from ..specs import Concat
-from ._common import autotune, check, check_tensor, define
-
-_CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
-            for p, c, w in ((256, 16, 4), (128, 32, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8))]
+from ._common import ROW_CONFIGS, autotune, check, check_tensor, define, prune_rows
 
 
-def _prune(configs, named_args, **kwargs):
-    """Channel blocks no wider than the slice (but at least 16: 16-byte rows of bf16)."""
-    c = max(16, triton.next_power_of_2(named_args["cols"]))
-    return [cf for cf in configs if cf.kwargs["BLOCK_C"] <= c] or configs[:1]
-
-
-@autotune(_CONFIGS, key=["cols", "stride_src", "stride_dst"], prune_configs_by={"early_config_prune": _prune},
+@autotune(ROW_CONFIGS, key=["cols", "stride_src", "stride_dst"], prune_configs_by={"early_config_prune": prune_rows},
           interpret={"BLOCK_P": ("rows", 16, 256), "BLOCK_C": ("cols", 4, 128)})
 @triton.jit
 def _slice_copy_kernel(src_ptr, dst_ptr, rows, cols, stride_src, stride_dst,
