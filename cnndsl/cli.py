@@ -286,14 +286,21 @@ def main(argv=None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        taken, where = {}, None
         if getattr(args, "config", None) is not None:  # train --config: its options, the command line's over them
-            parser.train_parser.set_defaults(**runconfig.defaults(parser.train_parser, args.config))
-            args = parser.parse_args(argv)
+            taken, where = runconfig.defaults(parser.train_parser, args.config), f"--config {args.config}"
         elif getattr(args, "resume", None) is not None and args.file is not None:  # train --resume: likewise
-            parser.train_parser.set_defaults(**runconfig.resumed(parser.train_parser, args))
+            taken, where = runconfig.resumed(parser.train_parser, args)
+            where = f"the checkpoint {where}"
+        if taken:
+            parser.train_parser.set_defaults(**taken)
             args = parser.parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)
-        return args.run(args)
+        try:
+            return args.run(args)
+        except CnnError as err:
+            runconfig.name_origin(err, parser.train_parser, args, taken, where)
+            raise
     except CnnError as err:
         print(err.render(), file=sys.stderr)
         return 1

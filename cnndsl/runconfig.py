@@ -5,6 +5,7 @@ the options its checkpoint records in the same way."""
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from .errors import CnnInputError, CnnTrainError, did_you_mean
@@ -36,15 +37,26 @@ def defaults(parser, path) -> dict:
     return _checked(parser, config, f"--config {path}")
 
 
-def resumed(parser, args) -> dict:
+def resumed(parser, args) -> tuple[dict, Path]:
     """The options the checkpoint that `train --resume` continues (the one given, else OUT/last.pt)
     was trained with (its config, checked against `parser`'s), as the defaults of the run that
-    resumes it, but for NOT_RESUMED."""
+    resumes it, but for NOT_RESUMED; and the checkpoint's path."""
     from . import api, checkpoint
     from .train import CHECKPOINT, out_folder
     path = Path(args.resume) if args.resume else out_folder(args.out, api.parse(Path(args.file)).name) / CHECKPOINT
     config = checkpoint.load(path)["config"]
-    return _checked(parser, {k: v for k, v in config.items() if k not in NOT_RESUMED}, str(path))
+    return _checked(parser, {k: v for k, v in config.items() if k not in NOT_RESUMED}, str(path)), path
+
+
+def name_origin(err, parser, args, taken: dict, where: str | None) -> None:
+    """A note on `err` for each option it names whose value came from `where` (a config.json or
+    a checkpoint) rather than the command line: the user did not type it, so say where it is from."""
+    for action in parser._actions:
+        flag = next((o for o in action.option_strings if o.startswith("--")), None)
+        if flag is None or action.dest not in taken or getattr(args, action.dest, None) != taken[action.dest]:
+            continue
+        if re.search(re.escape(flag) + r"(?![\w-])", f"{err.message} {err.hint or ''}"):
+            err.notes.append(f"{flag} {_shown(taken[action.dest])} came from {where}; give {flag} to change it")
 
 
 def _checked(parser, config: dict, where: str) -> dict:
@@ -73,3 +85,9 @@ def _checked(parser, config: dict, where: str) -> dict:
                                 f"takes" + (f" ({', '.join(action.choices)})" if action.choices else ""))
         out[key] = value
     return out
+
+
+def _shown(value) -> str:
+    """An option's value as the command line would give it (a flag's as on or off)."""
+    return {True: "on", False: "off", None: "unset"}.get(value, str(value)) if not isinstance(value, (int, float)) \
+        or isinstance(value, bool) else str(value)

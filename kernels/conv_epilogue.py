@@ -1,4 +1,4 @@
-"""The fused epilogue of the convolution forward kernel (conv.py): its `@triton.jit`
+"""The fused epilogue of the convolution forward kernel (conv_kernel.py): its `@triton.jit`
 helpers (per-tile batch-norm statistics of the post-bias value; a non-overlapping pooling
 window reduced in registers; in the input gradient, a prologue's scale and shift gradients) and
 the launcher-side checks of its arguments. For pooling the

@@ -1,5 +1,5 @@
 """The tiles the two convolution GEMMs tune over on a GPU, and why: the forward and input-gradient
-kernel's (conv.py) and the weight gradient's (conv_backward.py), each with the prune that drops
+kernel's (conv_kernel.py) and the weight gradient's (conv_backward.py), each with the prune that drops
 tiles too wide for a layer or at which a transform on load spills or serializes wgmma, and the
 sizes the interpreter takes instead (_common.autotune)."""
 

@@ -1,6 +1,6 @@
 """Cross-layer fusion's load-side stage: a conv whose input is the previous block's batch-norm
 input z (not its output y = act(z scale + shift)) normalises and activates each tile of z as it
-loads it, in the forward GEMM's A operand (conv.py) and the weight gradient's input operand
+loads it, in the forward GEMM's A operand (conv_kernel.py) and the weight gradient's input operand
 (conv_backward.py). y is then never written: per block, a training forward saves the epilogue
 pass that read z and wrote y, and the next conv reads z where it read y (the same bytes).
 

@@ -120,6 +120,23 @@ def test_a_resumed_run_keeps_its_checkpoints_optimizer(files, tmp_path, capsys):
     assert saved["optimizer"]["param_groups"][0]["momentum"] == 0.5
 
 
+
+def test_an_error_about_an_option_the_checkpoint_set_says_where_it_came_from(files, tmp_path, capsys):
+    """--batch-size 16, recorded in the checkpoint, does not divide among 3 processes: the user did
+    not type it, so the error says it came from the checkpoint; typed, the note is not there."""
+    net, data = files
+    train(net, _opts(data, tmp_path / "run", epochs=1), **QUIET)
+    last = tmp_path / "run" / "last.pt"
+    base = ["train", str(net), "--data", str(data), "--out", str(last.parent), "--epochs", "2", "--resume",
+            "--nproc", "3"]
+    assert main(base) == 1
+    err = capsys.readouterr().err
+    assert "--batch-size 16 is the global batch of 3 processes" in err
+    assert f"note: --batch-size 16 came from the checkpoint {last}; give --batch-size to change it" in err
+    assert main([*base, "--batch-size", "20"]) == 1
+    err = capsys.readouterr().err
+    assert "--batch-size 20 is the global batch" in err and "came from" not in err
+
 def _edit(path, change) -> None:
     """Rewrite a real checkpoint with `change` applied, through save (a valid checksum)."""
     fields = {k: v for k, v in ckpt.load(path).items() if k not in ("format", "checksum")}

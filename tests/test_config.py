@@ -40,6 +40,10 @@ def test_bad_config_files_are_refused(tmp_path, capsys):
         path.write_text(text)
         assert main(["train", DIGITS, "--config", str(path)]) == 1
         assert message in capsys.readouterr().err, text
+    (tmp_path / "zero.json").write_text('{"epochs": 0}')  # a valid type, a bad value: the note says whose
+    assert main(["train", DIGITS, "--config", str(tmp_path / "zero.json")]) == 1
+    assert f"--epochs must be at least 1, got 0\n  note: --epochs 0 came from --config {tmp_path / 'zero.json'}; " \
+           "give --epochs to change it" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "missing.json")]) == 1
     assert "cannot read it" in capsys.readouterr().err
     (tmp_path / "nofile.json").write_text('{"epochs": 1}')

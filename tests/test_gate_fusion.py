@@ -1,5 +1,5 @@
 """A channel gate (squeeze-and-excitation) fused into the conv that reads it: the conv block's
-optional first stage (rules.py). The conv scales each loaded tile of x by g[n, c] (kernels/conv.py
+optional first stage (rules.py). The conv scales each loaded tile of x by g[n, c] (kernels/conv_kernel.py
 and conv_backward.py, GATE), forward and weight gradient, so x * g is never written; the gradient
 of x * g (the input gradient's GEMM) goes through the gate's backward pass, which gives x's and
 g's. Values and gradients are the reference's, and the plan and the launches say so."""

@@ -17,7 +17,7 @@ from test_triton_backend import BRANCHES, EVERYTHING, RESIDUAL
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 # The plan's name of a kernel -> the Triton kernels (module.function) that carry it out.
-CONV = {"conv._conv_kernel"}
+CONV = {"conv_kernel._conv_kernel"}
 BY_NAME = {
     "conv_fwd": CONV, "conv_fwd+stats": CONV, "conv_fwd+epilogue": CONV, "conv_fwd+pool": CONV, "conv_bwd_input": CONV,
     "conv_bwd_weight": {"conv_backward._conv_dw_kernel", "conv_backward._depthwise_dw_kernel",
