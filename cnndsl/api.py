@@ -24,7 +24,7 @@ def _is_path(src) -> bool:
                                          and not _SOURCE_START.match(src))
 
 
-def _read_file(path: Path) -> str:
+def read_file(path: Path) -> str:
     """A .cnn file's text: a regular file (never a FIFO or device that blocks or never ends),
     refused from its size before reading when it cannot be a network's source."""
     # O_NONBLOCK: opening a FIFO must not wait for a writer; it has no effect on a regular file.
@@ -40,12 +40,12 @@ def _read_file(path: Path) -> str:
         return f.read(_MAX_BYTES + 1).decode("utf-8-sig")
 
 
-def _read(src: str | PathLike) -> tuple[str, str | None]:
+def read_source(src: str | PathLike) -> tuple[str, str | None]:
     """Decide whether `src` is a path or .cnn text, and read it."""
     if _is_path(src):
         path = Path(src)
         try:
-            return _read_file(path), str(path)
+            return read_file(path), str(path)
         except CnnInputError:
             raise
         except FileNotFoundError:
@@ -68,8 +68,14 @@ def parse(src: str | PathLike | Network, filename: str | None = None) -> Network
     with `#` or `network `) or source text into a Network; a Network is returned as it is."""
     if isinstance(src, Network):
         return src
-    text, path = _read(src)
-    filename = filename or path
+    text, path = read_source(src)
+    return parse_text(text, filename or path)
+
+
+def parse_text(text: str, filename: str | None = None) -> Network:
+    """.cnn source text into a Network, always as text, never as a path (a file or an editor's
+    document whose whole text is `other.cnn` must not make fmt or the language server read and
+    quote another file)."""
     try:
         return elaborate(parse_program(text, filename), text, filename)
     except CnnError as err:

@@ -34,7 +34,7 @@ class BinOp:
     left: "Expr"
     right: "Expr"
     span: Span
-    depth: int = 1  # operators on the longest path to a leaf
+    operators: int = 1  # in the whole expression (so also its nesting depth's bound)
 
 
 Expr = Number | Dims | Ref | BinOp

@@ -67,7 +67,7 @@ def save(path: str | os.PathLike, *, network: dict, source: str, epoch: int, mod
             Path(tmp).unlink(missing_ok=True)
             raise
     except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
-        raise CnnTrainError(f"cannot write the checkpoint {path}: {_reason(err)}; "
+        raise CnnTrainError(f"cannot write the checkpoint {path}: {reason(err)}; "
                             "the previous checkpoint, if any, is unchanged") from None
     _sync_folder(path.parent)
     return path
@@ -84,7 +84,7 @@ def _sync_folder(folder: Path) -> None:
             os.close(fd)
 
 
-def _reason(err: BaseException) -> str:
+def reason(err: BaseException) -> str:
     """The OSError behind err (torch wraps a failed write in a RuntimeError), else its first line."""
     seen = err
     while seen is not None and not isinstance(seen, OSError):
@@ -126,7 +126,7 @@ def read_torch(path: Path, error, missing: str, readable: str) -> tuple[object, 
                     f"load it ({first[:200]})") from None
     except Exception as err:  # noqa: BLE001 - a damaged archive makes torch raise almost any type
         raise error(f"{path} is not a readable {readable} (corrupt or truncated: "
-                    f"{type(err).__name__}: {_reason(err)})") from None
+                    f"{type(err).__name__}: {reason(err)})") from None
 
 
 def check_archive(f) -> int:

@@ -28,10 +28,7 @@ def _fmt(args) -> int:
     changed = []
     for name in args.files:
         path = Path(name)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise CnnInputError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+        text, _ = api.read_source(path)  # a regular file, bounded: a FIFO or /dev/zero is refused unread
         formatted = format_source(text, str(path))
         if formatted != text:
             changed.append(path)

@@ -16,9 +16,11 @@ raises `CnnDataError` naming the file and the problem.
   Unpickler: it builds plain values and inert records of numpy arrays, refuses every other
   global, callable or opcode, and counts what it builds against the data limit. 'data' must
   be a uint8 (N, 3072) array (or N*3072 raw bytes); 'labels' a flat list (or 1-D array) of N
-  integers below the number of label_names; dict keys UTF-8. Pixels /255, images 3x32x32.
+  integers below the number of label_names; dict keys UTF-8 strings (str or bytes), integers
+  at most 8 bytes long. Pixels /255, images 3x32x32.
 - an `.npz` file with `x` and `y`, optionally `x_test`, `y_test` and `classes` (a 1-D array
-  of names, at least one per label value). x is (N, H, W) (one channel), (N, C, H, W), or
+  of names, at least one per label value; without it the classes are "0".."top label", their
+  names counted against the data limit). x is (N, H, W) (one channel), (N, C, H, W), or
   (N, H, W, C) when the last dim is 1..4 and the second is larger than 4. uint8 pixels are
   divided by 255; float pixels are kept as they are (cast to float32; assumed already
   scaled); other dtypes are refused. Each member's .npy header is read first: object arrays
@@ -34,6 +36,10 @@ The data limit (dataset.py): a reader holds at most CNNDSL_MAX_DATA_BYTES bytes 
 MAX_DATA_BYTES, 2 GiB) of raw arrays and float32 images; a .gz, .npz member, pickle or image
 set that would need more is refused, naming the limit, before it is allocated. Pixels are
 converted to float32 directly, never through float64.
+
+Labels are whole numbers (integers, or whole floats) from 0 to 2,147,483,646: no network has
+more than MAX_SIZE (2,147,483,647) classes. A label outside that range, NaN or infinite is
+refused before it is cast to int64.
 
 Sets without their own test part (the default, npz without x_test, a folder without
 train/test) hold out a fixed 20%: the examples at the first round(N / 5) positions of

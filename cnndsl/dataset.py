@@ -21,12 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CnnDataError
+from .limits import MAX_SIZE
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 MAX_DATA_BYTES = 2 * 2**30
 DATA_LIMIT_ENV = "CNNDSL_MAX_DATA_BYTES"
 READ_CHUNK = 2**20  # bytes per read of a stream whose length is not known in advance
+MAX_CLASSES = MAX_SIZE  # a dense head has at most MAX_SIZE units, so no larger label fits any network
 
 
 @dataclass(frozen=True)
@@ -95,16 +97,28 @@ def make(name: str, x, y, classes, where) -> Dataset:
         raise fail(where, f"{len(x)} images but {len(y)} labels")
     if len(y) == 0:
         raise fail(where, "no examples")
-    if y.dtype.kind == "f":
-        fractional = y[np.mod(y, 1) != 0]  # NaN lands here too
+    if y.dtype.kind == "f":  # whole-number float labels are common in .npz exports
+        finite = np.isfinite(y)  # first: np.mod of inf or NaN warns
+        fractional = y[~finite] if not finite.all() else y[np.mod(y, 1) != 0]
         if fractional.size:
             raise fail(where, f"labels must be integers, found {fractional[0]}")
-        y = y.astype(np.int64)  # whole-number float labels are common in .npz exports
-    if y.dtype.kind not in "iu":
+    elif y.dtype.kind not in "iu":
         raise fail(where, f"labels must be integers, found dtype {y.dtype}")
+    # The range is checked before the cast to int64, which would wrap 1e300 or 2**64 - 1
+    # around to a negative label and so misname the problem.
     if y.min() < 0:
-        raise fail(where, f"label {y.min()} is negative")
+        raise fail(where, f"label {_label(y.min())} is negative")
+    if y.max() >= MAX_CLASSES:
+        raise fail(where, f"label {_label(y.max())} is more than a network can have: at most "
+                          f"{MAX_CLASSES:,} classes (labels 0..{MAX_CLASSES - 1:,})")
     return Dataset(name, np.ascontiguousarray(x, np.float32), y.astype(np.int64), tuple(classes))
+
+
+def _label(value) -> str:
+    """A label for a message: a whole float as an integer unless that would be a wall of digits."""
+    if isinstance(value, np.floating):
+        return str(int(value)) if abs(value) < 1e15 else f"{value:.6g}"
+    return str(value)
 
 
 def split(name: str, x, y, classes, where) -> tuple[Dataset, Dataset]:

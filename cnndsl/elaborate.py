@@ -6,6 +6,7 @@ import math
 from functools import cache
 
 from . import ast, ir
+from .arith import Arithmetic
 from .errors import (
     CnnArgumentError,
     CnnError,
@@ -15,8 +16,15 @@ from .errors import (
     did_you_mean,
 )
 from .ir import Op
-from .layers import KERNEL, LAYERS, REQUIRED, WORDS, Symbol, coerce, show
-from .limits import MAX_DEPTH, MAX_EXPANSIONS, MAX_INT, MAX_NESTING, MAX_NODES, MAX_SIZE
+from .layers import KERNEL, LAYERS, REQUIRED, WORDS, Symbol, coerce
+from .limits import (
+    MAX_DEPTH,
+    MAX_EXPANSIONS,
+    MAX_NESTING,
+    MAX_NODES,
+    MAX_SIZE,
+    MAX_VALUES,
+)
 from .names import Scope
 from .ops import REGISTRY
 from .shapes import infer
@@ -38,6 +46,8 @@ class _Builder:
         self.blocks: dict[str, ast.Block] = {}
         self.expanded = 0  # statements expanded so far, against MAX_EXPANSIONS
         self.checked: dict = {}  # (statement, arguments, input shape) -> (attrs, shape), see layer()
+        self.bound: dict = {}  # (block call, arguments) -> its parameters' values, see call()
+        self.arith = Arithmetic()
         for stmt in program.stmts:
             if isinstance(stmt, ast.Block):
                 self._define(stmt)
@@ -75,50 +85,9 @@ class _Builder:
         if len(self.nodes) > MAX_NODES:  # nodes[0] is the input, not a layer
             raise CnnArgumentError(f"the network expands to more than {MAX_NODES:,} layers", span,
                                    hint="check the repetition counts")
+        _check_values(shape, keyword, span)
         self.nodes.append(ir.Node(len(self.nodes), op, attrs, tuple(inputs), shape, name, span, keyword))
         return len(self.nodes) - 1
-
-    # --- expressions ---------------------------------------------------------------------------
-    def eval(self, e: ast.Expr, env: dict):
-        if isinstance(e, ast.Number):
-            return e.value
-        if isinstance(e, ast.Dims):
-            return e.values
-        if isinstance(e, ast.Ref):
-            if e.name in env:
-                return env[e.name]
-            return {"true": True, "false": False}.get(e.name, Symbol(e.name, e.span))
-        left, right = self.eval(e.left, env), self.eval(e.right, env)
-        for side, value in ((e.left, left), (e.right, right)):
-            if isinstance(value, Symbol) and value.name not in WORDS:
-                raise CnnNameError(f"undefined name {value.name!r}", value.span, hint=did_you_mean(value.name, env))
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise CnnArgumentError(f"cannot use {show(value)} in arithmetic", side.span, expected="a number")
-        if e.op == "/":
-            if right == 0:
-                raise CnnArgumentError("division by zero", e.span)
-            if isinstance(left, int) and isinstance(right, int):
-                if left % right:
-                    raise CnnArgumentError(f"{left} / {right} is not a whole number", e.span)
-                return left // right
-            return left / right
-        out = {"+": left + right, "-": left - right, "*": left * right}[e.op]
-        if isinstance(out, int) and abs(out) >= MAX_INT or isinstance(out, float) and not math.isfinite(out):
-            raise CnnArgumentError("value too large", e.span)
-        return out
-
-    def count(self, rep: ast.Repeat | None, env: dict) -> int:
-        if rep is None:
-            return 1
-        n = self.eval(rep.count, env)
-        if isinstance(n, Symbol) and n.name not in WORDS:
-            raise CnnNameError(f"undefined name {n.name!r} in repetition", rep.span, hint=did_you_mean(n.name, env))
-        if isinstance(n, int) and n > MAX_NODES:
-            raise CnnArgumentError(f"repetition count {n:,} is more than the {MAX_NODES:,} layers a network may have",
-                                   rep.span)
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise CnnArgumentError(f"repetition count must be a positive integer, got {show(n)}", rep.span)
-        return n
 
     # --- statements ----------------------------------------------------------------------------
     def stmts(self, stmts, cur: int, env: dict, scope: Scope, stack: tuple, nesting: int = 0) -> int:
@@ -130,7 +99,7 @@ class _Builder:
                     raise CnnNameError(f"block {stmt.name!r} is defined inside another block or branch",
                                        stmt.name_span, hint="define blocks at the top level of the file")
                 continue
-            reps = self.count(stmt.repeat, env)
+            reps = self.arith.count(stmt.repeat, env)
             for i in range(reps):
                 self.expanded += 1
                 if self.expanded > MAX_EXPANSIONS:  # empty blocks make no layers but still cost work
@@ -168,7 +137,7 @@ class _Builder:
                                    + (" then name=value options" if what == "option" and len(names) > positional
                                       else ""))
         for p, a in zip(params, given):
-            out[p.name], where[p.name] = self.eval(a.value, env), a.value.span
+            out[p.name], where[p.name] = self.arith.eval(a.value, env), a.value.span
         for a in args:
             if a.name is None:
                 continue
@@ -177,7 +146,7 @@ class _Builder:
                                    expected=", ".join(names) or f"no {what}s", hint=did_you_mean(a.name, names))
             if a.name in out:
                 raise CnnArgumentError(f"{owner}: {a.name!r} is given twice", a.span)
-            out[a.name], where[a.name] = self.eval(a.value, env), a.value.span
+            out[a.name], where[a.name] = self.arith.eval(a.value, env), a.value.span
         return out, where
 
     def layer(self, stmt: ast.Layer, cur: int, env: dict, name: str) -> int:
@@ -214,6 +183,17 @@ class _Builder:
                                hint="blocks cannot be recursive; use repetition `x N`")
         if len(stack) >= MAX_DEPTH:
             raise CnnNameError(f"block calls are nested more than {MAX_DEPTH} deep", stmt.name_span)
+        # The same call with the same arguments (a repeated block) binds once: its values depend on nothing else.
+        key = (id(stmt), tuple(env.items()))
+        if key not in self.bound:
+            self.bound[key] = self._bind_call(stmt, block, env)
+        try:
+            return self.stmts(block.body, cur, dict(self.bound[key]), Scope(name), (*stack, block.name), nesting)
+        except CnnError as err:
+            err.notes.append(f"in block {block.name!r} called at line {stmt.span.line}")
+            raise
+
+    def _bind_call(self, stmt: ast.Layer, block: ast.Block, env: dict) -> dict:
         inner, where = self.bind(block.params, stmt.args, env, block.name, "parameter", len(block.params))
         for param, value in inner.items():
             if isinstance(value, Symbol) and value.name not in WORDS:
@@ -224,17 +204,13 @@ class _Builder:
                 if p.default is None:
                     raise CnnArgumentError(f"block {block.name!r} needs argument {p.name!r}", stmt.span,
                                            expected=f"{block.name}(" + ", ".join(q.name for q in block.params) + ")")
-                value = self.eval(p.default, inner)
+                value = self.arith.eval(p.default, inner)
                 if isinstance(value, Symbol) and value.name not in WORDS:
                     raise CnnNameError(f"the default of {p.name!r} uses {value.name!r}, which is not an earlier "
                                        f"parameter of block {block.name!r}", value.span,
                                        hint=did_you_mean(value.name, inner))
                 inner[p.name] = value
-        try:
-            return self.stmts(block.body, cur, inner, Scope(name), (*stack, block.name), nesting)
-        except CnnError as err:
-            err.notes.append(f"in block {block.name!r} called at line {stmt.span.line}")
-            raise
+        return inner
 
     def residual(self, stmt: ast.Residual, cur: int, env: dict, name: str, stack: tuple, nesting: int) -> int:
         if not stmt.body:
@@ -304,6 +280,15 @@ def _check_nesting(stmt, nesting: int) -> None:
     """Residual, concat and gate branches (through block calls too) nest at most MAX_NESTING deep."""
     if nesting >= MAX_NESTING:
         raise CnnSyntaxError(f"residual and concat branches are nested more than {MAX_NESTING} deep", stmt.span)
+
+
+def _check_values(shape: tuple, keyword: str, span) -> None:
+    """One image's tensor at a layer: every size and the number of values bounded (a concat of
+    concats doubles its channels at each repetition; padding grows a map without parameters)."""
+    values = math.prod(shape)
+    if max(shape, default=0) > MAX_SIZE or values > MAX_VALUES:
+        raise CnnShapeError(f"{keyword} makes a {'x'.join(map(str, shape))} tensor per image, {values:,} values, "
+                            f"more than the {MAX_VALUES:,} a layer may hold", span)
 
 
 def _check_input(dims: ast.Dims):

@@ -43,13 +43,16 @@ class CnnError(Exception):
         return self
 
     def render(self) -> str:
-        where = _printable(self.filename or ("<string>" if self.span else ""))
+        # Every part that can quote a file (its name, a line, a pickle global, a tensor key, a
+        # folder name) goes through printable, so no file can move the cursor or retitle a terminal.
+        where = printable(self.filename or ("<string>" if self.span else ""))
         if self.span:
             where += f":{self.span.line}:{self.span.column}"
-        out = [f"{where}: {self.kind}: {self.message}" if where else f"{self.kind}: {self.message}"]
+        message = printable(self.message)
+        out = [f"{where}: {self.kind}: {message}" if where else f"{self.kind}: {message}"]
         lines = self.source.split("\n") if self.source else []  # Lark counts only \n
         if self.span and 0 < self.span.line <= len(lines):
-            text = _printable(lines[self.span.line - 1].rstrip().expandtabs(1))
+            text = printable(lines[self.span.line - 1].rstrip().expandtabs(1))
             end = self.span.end_column if self.span.end_line == self.span.line else len(text) + 1
             width = max(1, min(end, len(text) + 1) - self.span.column)
             column = self.span.column
@@ -61,10 +64,10 @@ class CnnError(Exception):
             gutter = f"{self.span.line:>5} | "
             out += [gutter + text, " " * (len(gutter) - 2) + "| " + " " * (column - 1) + "^" * width]
         if self.expected:
-            out.append(f"  expected: {self.expected}")
-        out += [f"  note: {n}" for n in self.notes]
+            out.append(f"  expected: {printable(self.expected)}")
+        out += [f"  note: {printable(n)}" for n in self.notes]
         if self.hint:
-            out.append(f"  hint: {self.hint}")
+            out.append(f"  hint: {printable(self.hint)}")
         return "\n".join(out)
 
     def __str__(self) -> str:
@@ -74,9 +77,13 @@ class CnnError(Exception):
 _SHOWN = 120  # characters of a source line an error shows
 
 
-def _printable(text: str) -> str:
+def printable(text) -> str:
     """Control and other non-printable characters as `?`, one for one (so carets stay aligned),
-    so that a hostile file cannot send terminal escape sequences through an error message."""
+    so that a hostile file cannot send terminal escape sequences through an error message.
+    Newlines and tabs too: cnndsl writes every message, hint and note on one line (where one quotes
+    a library's multi-line exception, it quotes the first line), so a line break in one comes
+    from a file or a stray exception text, and could forge a line of the error (a fake `hint:`)."""
+    text = str(text)
     return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from . import api, data, finetune, metrics, resume
 from .augment import Normalize
-from .errors import CnnInputError
+from .errors import CnnError, CnnInputError, CnnWeightsError
+from .runtime import check_batch_memory
 from .train import DTYPES, classes_of, tensors_of
 from .weights import load_weights
 from .weights import read as read_weights
@@ -26,7 +27,12 @@ def evaluate(file: str | Path, weights: str | Path, data_spec: str | None = None
     w = read_weights(weights)
     config = w.checkpoint["config"] if w.checkpoint else {}
     classes = classes if classes is not None else config.get("classes")
-    only_classes = only_classes if only_classes is not None else config.get("only_classes")
+    if only_classes is None:
+        only_classes = config.get("only_classes")
+        if not isinstance(only_classes, (str, type(None))):  # a checksum is no signature: anyone can forge one
+            raise CnnWeightsError(f"{weights} is not a valid cnndsl checkpoint: only_classes in its config is "
+                                  f"{only_classes!r:.60} ({type(only_classes).__name__}); expected labels and "
+                                  "ranges such as '0-4' or '5,7,9'")
     if classes is not None:
         net = finetune.with_classes(net, classes)
     _, test_set = data.load(data_spec)
@@ -34,9 +40,13 @@ def evaluate(file: str | Path, weights: str | Path, data_spec: str | None = None
         test_set = finetune.only_classes(test_set, only_classes)
     data.check(test_set, net.input_shape, classes_of(net), "test set")
     model = api.compile(net, backend=backend, fuse=fuse, device=device, dtype=DTYPES[dtype])
+    check_batch_memory(net, batch_size, model.device, DTYPES[dtype].itemsize, training=False)
     if w.checkpoint is not None:
-        resume.check_model(w.checkpoint, model.state_dict(), weights, cast=True)
-        resume.check_network(w.checkpoint, net, weights, file)
+        try:  # (resume's checks speak of training; here the file is the weights to evaluate)
+            resume.check_model(w.checkpoint, model.state_dict(), weights, cast=True)
+            resume.check_network(w.checkpoint, net, weights, file)
+        except CnnError as err:
+            raise CnnWeightsError(err.message, hint=err.hint) from None
         model.load_state_dict(w.checkpoint["model"])
     else:
         load_weights(model, w)

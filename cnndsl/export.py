@@ -11,14 +11,17 @@ a weights file cannot hold that step: .safetensors records the statistics in its
 (`normalize_mean`, `normalize_std`, JSON lists), and `cnndsl export` says what to apply."""
 
 import json
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from . import api, finetune
+from . import api, finetune, resume
 from .augment import Normalize
-from .errors import CnnInputError
+from .checkpoint import reason
+from .errors import CnnError, CnnInputError, CnnWeightsError
 from .weights import load_weights, read, write_safetensors
 
 FORMATS = (".onnx", ".safetensors", ".pt", ".pth")
@@ -43,14 +46,24 @@ def export(file, weights, output, classes: int | None = None, opset: int = MIN_O
     output = Path(output)
     if output.suffix not in FORMATS:
         raise CnnInputError(f"export: cannot tell the format of {output}; name it *.onnx, *.safetensors or *.pt")
-    if output.suffix == ".onnx" and opset < MIN_OPSET:
-        raise CnnInputError(f"export: --opset must be {MIN_OPSET} or newer, got {opset}")
+    top = _max_opset()
+    if output.suffix == ".onnx" and not MIN_OPSET <= opset <= top:
+        raise CnnInputError(f"export: --opset must be from {MIN_OPSET} to {top} (the newest this torch's ONNX "
+                            f"exporter writes), got {opset}")
+    if output.is_dir():
+        raise CnnInputError(f"export: {output} is a directory; name the file to write, e.g. {output / 'model'}"
+                            f"{output.suffix}")
     net = api.parse(Path(file))
     w = read(weights)
     if classes is None and w.checkpoint is not None:  # a fine-tuning run's own head
         classes = w.checkpoint["config"].get("classes")
     if classes is not None:
         net = finetune.with_classes(net, classes)
+    if w.checkpoint is not None:  # a checkpoint knows its network (its head too): another one's weights are refused
+        try:
+            resume.check_network(w.checkpoint, net, weights, file)
+        except CnnError as err:
+            raise CnnWeightsError(err.message, hint=err.hint) from None
     model = api.compile(net, backend="torch", device="cpu").eval()
     load_weights(model, w)
     norm = Normalize.from_record(w.checkpoint.get("normalize")) if w.checkpoint is not None else None
@@ -60,18 +73,39 @@ def export(file, weights, output, classes: int | None = None, opset: int = MIN_O
         log(f"note: the run normalised its images: feed the model (x - mean) / std per channel, mean "
             f"{stats['normalize_mean']}, std {stats['normalize_std']}"
             + (" (also in the file's metadata)" if output.suffix == ".safetensors" else ""))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if output.suffix == ".safetensors":
-        write_safetensors(model.state_dict(), output, stats)
-    elif output.suffix in (".pt", ".pth"):
-        torch.save(model.state_dict(), output)
-    else:
+    if output.suffix == ".onnx":
         import importlib.util
         if importlib.util.find_spec("onnx") is None:
             raise CnnInputError("export to ONNX needs the onnx package: pip install onnx (or cnndsl[export])")
+    try:  # written whole beside the output, then renamed over it: a failed export leaves no torn file
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=output.name + ".", suffix=".tmp", dir=output.parent)
+        os.close(fd)
+        try:
+            _write(model, net, norm, stats, output.suffix, tmp, opset)
+            os.replace(tmp, output)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    except (OSError, RuntimeError) as err:  # torch.save and the exporter report a failed write as RuntimeError
+        raise CnnInputError(f"export: cannot write {output}: {reason(err)}") from None
+    return output
+
+
+def _write(model, net, norm, stats: dict, suffix: str, path: str, opset: int) -> None:
+    if suffix == ".safetensors":
+        write_safetensors(model.state_dict(), path, stats)
+    elif suffix in (".pt", ".pth"):
+        torch.save(model.state_dict(), path)
+    else:
         x = torch.zeros(1, *net.input_shape)
         with warnings.catch_warnings():  # the legacy exporter's deprecation note and tracer warnings
             warnings.simplefilter("ignore")
-            torch.onnx.export(_Normalized(model, norm) if norm is not None else model, (x,), output, dynamo=False, opset_version=opset, input_names=["input"],
-                              output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
-    return output
+            torch.onnx.export(_Normalized(model, norm) if norm is not None else model, (x,), path, dynamo=False,
+                              opset_version=opset, input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+
+
+def _max_opset() -> int:
+    """The newest opset the TorchScript exporter (dynamo=False, which export uses) writes."""
+    from torch.onnx import _constants
+    return getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", MIN_OPSET)

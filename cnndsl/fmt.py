@@ -16,7 +16,7 @@ idempotent: a formatted file formats to itself."""
 
 import re
 
-from .api import parse
+from .api import parse_text
 from .errors import CnnInputError
 from .resume import network_identity
 
@@ -85,7 +85,7 @@ def _comments(text: str) -> list[str]:
 
 def format_source(text: str, filename: str = "<text>") -> str:
     """The canonical layout of `text` (a .cnn file that compiles)."""
-    before = parse(text, filename=filename)
+    before = parse_text(text, filename=filename)
     rows, depth = [], 0  # (indent, code, comment)
     for number, (code, comment) in enumerate(_logical_lines(text), 1):
         tokens = _tokens(code, f"{filename} line {number}")
@@ -100,7 +100,7 @@ def format_source(text: str, filename: str = "<text>") -> str:
         rows.pop()
     out = _align(rows)
     result = "\n".join(out) + "\n"
-    after = parse(result, filename=filename)
+    after = parse_text(result, filename=filename)
     if network_identity(after) != network_identity(before) or _comments(result) != _comments(text) or \
             after.name != before.name:
         raise CnnInputError(f"fmt: the layout of {filename} could not be made canonical without changing it; "

@@ -77,6 +77,7 @@ def _load_idx(root: Path) -> tuple[Dataset, Dataset]:
 # --- .npz -----------------------------------------------------------------------------
 
 _NPZ_KEYS = ("x", "y", "x_test", "y_test", "classes")
+_NAME_BYTES = 80  # one numbered class name: a short str (about 60 bytes, allocated in 64) and its tuple slot
 _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
@@ -114,8 +115,12 @@ def _npz_images(x: np.ndarray, path: Path, key: str, budget: Budget) -> np.ndarr
     raise fail(path, f"{key} has dtype {x.dtype}; store uint8 pixels (0..255) or floats")
 
 
-def _npz_classes(names: np.ndarray | None, path: Path, top: int) -> tuple[str, ...]:
+def _npz_classes(names: np.ndarray | None, path: Path, top: int, budget: Budget) -> tuple[str, ...]:
+    """The class names, "0".."top" where the archive has none. make() has bounded top by
+    the most classes a network can have, but a 1 KB file can still claim a label in the
+    billions, so the names are counted against the data limit before they are built."""
     if names is None:
+        budget.take(path, (top + 1) * _NAME_BYTES, f"{top + 1:,} class names (the labels go up to {top:,})")
         return tuple(str(c) for c in range(top + 1))
     if names.ndim != 1 or names.dtype.kind not in "USiu":
         raise fail(path, f"classes must be a 1-D array of class names, found shape {names.shape} dtype {names.dtype}")
@@ -145,7 +150,7 @@ def _load_npz(path: Path) -> tuple[Dataset, Dataset]:
         raise fail(path, ".npz has only one of x_test and y_test")
     else:
         train, test = split(str(path), x, arrays["y"], (), path)
-    classes = _npz_classes(arrays.get("classes"), path, int(max(train.y.max(), test.y.max())))
+    classes = _npz_classes(arrays.get("classes"), path, int(max(train.y.max(), test.y.max())), budget)
     return tuple(replace(d, classes=classes) for d in (train, test))  # type: ignore[return-value]
 
 

@@ -9,17 +9,24 @@ editor shows as the user types:
 - completion: layer words, structure words, block names, and after a layer word its options;
 - document symbols: the network, its blocks and its labelled layers.
 
-Everything is computed from the text the editor sends: nothing is written, nothing is run."""
+Everything is computed from the text the editor sends: nothing is written, nothing is run, no
+file is read (a request about a document the editor has not opened gets an empty answer), and
+standard input is read one checked message at a time (MessageReader)."""
 
+import logging
 import re
+import sys
+from urllib.parse import unquote
 
 from lsprotocol import types as lsp
 from pygls.lsp.server import LanguageServer
 
-from . import __version__, api
-from .errors import CnnError
+from . import __version__
+from .api import parse_text
+from .errors import CnnError, CnnInputError, printable
 from .highlight import STRUCTURE
 from .layers import LAYERS
+from .lsp_stream import MessageReader, OneLine
 from .ops.base import fmt
 from .plan import plan
 from .shapes import macs, params
@@ -39,11 +46,20 @@ class CnnLanguageServer(LanguageServer):
 server = CnnLanguageServer()
 
 
+def _opened(ls: CnnLanguageServer, uri: str):
+    """The editor's document at `uri`, None unless the editor opened it. pygls' get_text_document
+    reads any other URI from disk: file:///etc/passwd would be answered with its lines, a FIFO
+    would block the server, /dev/zero would fill its memory."""
+    return ls.workspace.text_documents.get(unquote(uri))  # pygls keys its documents so
+
+
 def _analyse(ls: CnnLanguageServer, uri: str) -> None:
-    doc = ls.workspace.get_text_document(uri)
+    doc = _opened(ls, uri)
+    if doc is None:
+        return
     diagnostics = []
-    try:
-        net = api.parse(doc.source, filename=doc.filename or uri)
+    try:  # the text as text: api.parse would take a one-line `other.cnn` for a path and read that file
+        net = parse_text(doc.source, filename=doc.filename or uri)
         groups = plan(net, True).groups
         ls.networks[uri] = (net, {node.id: i for i, g in enumerate(groups) for node in g.nodes}, groups)
     except CnnError as err:
@@ -58,8 +74,11 @@ def _diagnostic(err: CnnError) -> lsp.Diagnostic:
     else:
         start = lsp.Position(span.line - 1, span.column - 1)
         end = lsp.Position(span.end_line - 1, max(span.end_column - 1, span.column)) if span.end_line else start
-    message = err.message + (f"\nexpected: {err.expected}" if err.expected else "") + \
-        "".join(f"\nnote: {n}" for n in err.notes) + (f"\nhint: {err.hint}" if err.hint else "")
+    # Each part cleaned as CnnError.render cleans it (a name from the file can hold escape codes);
+    # the line breaks between the parts are the server's own.
+    message = printable(err.message) + (f"\nexpected: {printable(err.expected)}" if err.expected else "") + \
+        "".join(f"\nnote: {printable(n)}" for n in err.notes) + \
+        (f"\nhint: {printable(err.hint)}" if err.hint else "")
     return lsp.Diagnostic(range=lsp.Range(start, end), message=message, severity=lsp.DiagnosticSeverity.Error,
                           source="cnndsl", code=err.kind)
 
@@ -144,7 +163,9 @@ def _position(source: str, offset: int) -> lsp.Position:
 
 @server.feature(lsp.TEXT_DOCUMENT_DEFINITION)
 def _definition(ls: CnnLanguageServer, params: lsp.DefinitionParams):
-    doc = ls.workspace.get_text_document(params.text_document.uri)
+    doc = _opened(ls, params.text_document.uri)
+    if doc is None:
+        return None
     word = _word_at(doc.source, params.position.line, params.position.character)
     for m in _BLOCK.finditer(doc.source):
         if m.group(1) == word:
@@ -156,7 +177,9 @@ def _definition(ls: CnnLanguageServer, params: lsp.DefinitionParams):
 
 @server.feature(lsp.TEXT_DOCUMENT_COMPLETION, lsp.CompletionOptions(trigger_characters=[" ", "("]))
 def _completion(ls: CnnLanguageServer, params: lsp.CompletionParams):
-    doc = ls.workspace.get_text_document(params.text_document.uri)
+    doc = _opened(ls, params.text_document.uri)
+    if doc is None:
+        return lsp.CompletionList(is_incomplete=False, items=[])
     line = doc.source.split("\n")[params.position.line][:params.position.character] \
         if params.position.line < doc.source.count("\n") + 1 else ""
     return lsp.CompletionList(is_incomplete=False, items=completions(doc.source, line))
@@ -180,7 +203,8 @@ def completions(source: str, line: str) -> list[lsp.CompletionItem]:
 
 @server.feature(lsp.TEXT_DOCUMENT_DOCUMENT_SYMBOL)
 def _symbols(ls: CnnLanguageServer, params: lsp.DocumentSymbolParams):
-    return symbols(ls.workspace.get_text_document(params.text_document.uri).source)
+    doc = _opened(ls, params.text_document.uri)
+    return [] if doc is None else symbols(doc.source)
 
 
 def symbols(source: str) -> list[lsp.DocumentSymbol]:
@@ -196,4 +220,10 @@ def symbols(source: str) -> list[lsp.DocumentSymbol]:
 
 
 def main() -> None:
-    server.start_io()
+    log = logging.StreamHandler(sys.stderr)
+    log.setFormatter(OneLine())
+    logging.getLogger("pygls").addHandler(log)
+    reader = MessageReader(sys.stdin.buffer)
+    server.start_io(stdin=reader)
+    if reader.error:  # after pygls' shutdown; the command line prints it as one line and exits 1
+        raise CnnInputError(reader.error)

@@ -4,6 +4,7 @@ per epoch, rewritten from the checkpoint's history so that a resumed run's file 
 best epoch by validation accuracy (OUT/best.pt)."""
 
 import csv
+import io
 import os
 import shutil
 import tempfile
@@ -14,6 +15,7 @@ import torch
 
 from .dataset import Dataset, hold_out
 from .errors import CnnDataError, CnnTrainError
+from .rundir import write_file
 
 VAL_SEED = 1  # the carve's permutation (the test split's is dataset.SPLIT_SEED)
 COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "images_per_second", "seconds")
@@ -56,12 +58,13 @@ def best_epoch(history: list) -> int | None:
 
 def write_csv(path: Path, history: list) -> None:
     """OUT/metrics.csv, one row per epoch of the history (empty cells where a value is absent)."""
+    text = io.StringIO(newline="")
+    out = csv.writer(text)
+    out.writerow(COLUMNS)
+    for h in history:
+        out.writerow(["" if h.get(c) is None else h[c] for c in COLUMNS])
     try:
-        with open(path, "w", newline="") as f:
-            out = csv.writer(f)
-            out.writerow(COLUMNS)
-            for h in history:
-                out.writerow(["" if h.get(c) is None else h[c] for c in COLUMNS])
+        write_file(path, text.getvalue())
     except OSError as err:
         raise CnnTrainError(f"cannot write {path}: {err.strerror or err}") from None
 

@@ -115,10 +115,10 @@ class _ToAst(Transformer_NonRecursive):
     def _binop(op):
         def build(self, meta, children):
             left, right = children
-            depth = 1 + max(getattr(left, "depth", 0), getattr(right, "depth", 0))
-            if depth > MAX_OPERATORS:
+            operators = 1 + getattr(left, "operators", 0) + getattr(right, "operators", 0)
+            if operators > MAX_OPERATORS:
                 raise CnnSyntaxError(f"expression too long: more than {MAX_OPERATORS} operators", _span(meta))
-            return ast.BinOp(op, left, right, _span(meta), depth)
+            return ast.BinOp(op, left, right, _span(meta), operators)
         return build
 
     add, sub, mul, div = _binop("+"), _binop("-"), _binop("*"), _binop("/")

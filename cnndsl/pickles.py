@@ -2,9 +2,9 @@
 opcodes itself and never hands the file to pickle's Unpickler, so nothing in a file can
 call code, build a numpy object or make numpy allocate. numpy only.
 
-It builds plain values (dict, list, tuple, bytes, bytearray, str, int, float, bool, None)
-and, for numpy's pickling idioms, inert records that the caller validates
-(pickled_numpy.py):
+It builds plain values (dict, list, tuple, bytes, bytearray, str, int, float, bool, None;
+dict keys only str and bytes, integers at most 8 bytes long) and, for numpy's pickling
+idioms, inert records that the caller validates (pickled_numpy.py):
 
 - `Array` from `numpy[._]core.multiarray._reconstruct(numpy.ndarray, (0,), b"b")` + BUILD
   `([1,] shape, dtype, fortran, raw)` (Python 2 and protocols 2-4), or from
@@ -34,7 +34,11 @@ from .dataset import DATA_LIMIT_ENV, fail
 OBJECT_BYTES = 64  # a generous size of one Python object, list slot, memo entry or mark
 _LINE = 256  # the longest module or name a GLOBAL opcode may name
 _NAMES = {op.code.encode("latin1")[0]: op.name for op in pickletools.opcodes}
-_KEY_TYPES = (str, bytes, int, float, bool, type(None))  # hashable without recursion
+# A CIFAR batch's keys are all names. Only str and bytes keys are kept: their hashes are
+# seeded per process, while ints (and floats, which hash as ints) that all hash alike are
+# easy to forge, and a dict of them takes quadratic time to build.
+_KEY_TYPES = (str, bytes)
+_LONG_BYTES = 8  # the longest LONG1/LONG4 integer: every number in a CIFAR batch fits in 64 bits
 
 
 class _Reader:
@@ -204,6 +208,17 @@ def _setitems(r: _Reader) -> None:
     r.setitems(r.top(dict), items)
 
 
+def _long(length_bytes: int, signed: bool):
+    """LONG1 or LONG4, at most _LONG_BYTES long: a longer integer is no CIFAR label or size,
+    and one of thousands of digits cannot even be written into an error message."""
+    def push(r: _Reader) -> None:
+        raw = r.payload(length_bytes, signed)
+        if len(raw) > _LONG_BYTES:
+            raise r.error(f"refusing an integer of {len(raw):,} bytes: a CIFAR batch's numbers fit in {_LONG_BYTES}")
+        r.push(int.from_bytes(raw, "little", signed=True))
+    return push
+
+
 def _stack_global(r: _Reader) -> None:
     name, module = r.pop(), r.pop()
     if not (isinstance(module, str) and isinstance(name, str)):
@@ -225,8 +240,7 @@ _OPS = {  # opcode byte -> handler; the names are pickletools'
     0x80: _proto, 0x95: lambda r: r.take(8),  # PROTO; FRAME (protocol 4 framing: a read-ahead hint)
     ord("("): _mark, ord("N"): lambda r: r.push(None), 0x88: lambda r: r.push(True), 0x89: lambda r: r.push(False),
     ord("J"): lambda r: r.push(r.sint(4)), ord("K"): lambda r: r.push(r.uint(1)), ord("M"): lambda r: r.push(r.uint(2)),
-    0x8a: lambda r: r.push(int.from_bytes(r.payload(1), "little", signed=True)),  # LONG1
-    0x8b: lambda r: r.push(int.from_bytes(r.payload(4, signed=True), "little", signed=True)),  # LONG4
+    0x8a: _long(1, signed=False), 0x8b: _long(4, signed=True),  # LONG1, LONG4
     ord("G"): lambda r: r.push(struct.unpack(">d", r.take(8))[0]),  # BINFLOAT
     ord("U"): lambda r: r.push(bytes(r.payload(1))), ord("T"): lambda r: r.push(bytes(r.payload(4, signed=True))),
     ord("C"): lambda r: r.push(bytes(r.payload(1))), ord("B"): lambda r: r.push(bytes(r.payload(4))),

@@ -5,10 +5,13 @@ optional extra (`pip install -e ".[plot]"`); without it nothing is drawn and a o
 
 import csv
 import importlib.util
+import io
 from pathlib import Path
 
 from .errors import CnnInputError
+from .rundir import write_file
 
+MAX_METRICS_BYTES = 64 * 2**20  # a row an epoch, ~150 bytes: far more epochs than any run trains
 MISSING = "matplotlib is not installed, so no curves are drawn: pip install matplotlib (or cnndsl[plot])"
 
 
@@ -20,11 +23,17 @@ def read_metrics(run: Path) -> list[dict]:
     """The rows of RUN/metrics.csv, numbers as floats (None where empty)."""
     path = Path(run) / "metrics.csv"
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        if not path.is_file():  # (a pipe or a device would block or never end)
+            raise FileNotFoundError(2, "no such file" if not path.exists() else "not a regular file")
+        if path.stat().st_size > MAX_METRICS_BYTES:
+            raise CnnInputError(f"{path}: {path.stat().st_size:,} bytes, more than the {MAX_METRICS_BYTES:,} a "
+                                "metrics.csv of a training run holds")
+        rows = list(csv.DictReader(io.StringIO(path.read_bytes().decode("utf-8"), newline="")))
     except OSError as err:
         raise CnnInputError(f"{path}: cannot read it ({err.strerror or err}); is {run} a training run's folder?") \
             from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise CnnInputError(f"{path}: not the metrics.csv of a training run ({str(err)[:120]})") from None
     try:
         return [{k: float(v) if v else None for k, v in row.items()} for row in rows]
     except (TypeError, ValueError):
@@ -54,7 +63,15 @@ def draw(runs, output) -> Path:
         ax.grid(alpha=0.3)
     acc_ax.legend(fontsize="small")
     fig.tight_layout()
-    output = Path(output)
-    fig.savefig(output, dpi=100)
-    plt.close(fig)
+    output, image = Path(output), io.BytesIO()
+    try:
+        fig.savefig(image, dpi=100, format=output.suffix.lstrip(".").lower() or "png")
+    except ValueError as err:  # an extension matplotlib draws no format for
+        raise CnnInputError(f"cannot draw {output}: {str(err)[:200]}") from None
+    finally:
+        plt.close(fig)
+    try:
+        write_file(output, image.getvalue())
+    except OSError as err:
+        raise CnnInputError(f"cannot write {output}: {err.strerror or err}") from None
     return output

@@ -9,15 +9,18 @@ import re
 from pathlib import Path
 
 from .errors import CnnInputError, CnnTrainError, did_you_mean
+from .rundir import write_file
 
 
 def write(path: Path, file, config: dict) -> None:
     """OUT/config.json: the network file and every option, settled (what `--config` replays)."""
     try:
-        path.write_text(json.dumps({"file": str(file), **config}, indent=2) + "\n")
+        write_file(path, json.dumps({"file": str(file), **config}, indent=2) + "\n")
     except OSError as err:
         raise CnnTrainError(f"cannot write {path}: {err.strerror or err}") from None
 
+
+MAX_CONFIG_BYTES = 2**20  # a config.json holds some 30 options: ~1 KB
 
 # What a resumed run does not take from its checkpoint: where it writes and runs, its fusion level
 # (a flag with no way back to the default) and --sync-bn (how its processes share batch norms).
@@ -27,11 +30,17 @@ NOT_RESUMED = ("out", "device", "fuse", "sync_bn")
 def defaults(parser, path) -> dict:
     """The options a config.json records, checked against `parser`'s, as its defaults."""
     try:
-        config = json.loads(Path(path).read_text())
+        file = Path(path)
+        if file.exists() and not file.is_file():  # a pipe would block for ever, /dev/zero never end
+            raise CnnInputError(f"--config {path}: not a regular file")
+        if file.exists() and file.stat().st_size > MAX_CONFIG_BYTES:
+            raise CnnInputError(f"--config {path}: {file.stat().st_size:,} bytes, more than the {MAX_CONFIG_BYTES:,} "
+                                "a config.json of options holds")
+        config = json.loads(file.read_bytes())
     except OSError as err:
         raise CnnInputError(f"--config {path}: cannot read it ({err.strerror or err})") from None
-    except ValueError as err:
-        raise CnnInputError(f"--config {path}: not a JSON file ({err})") from None
+    except (ValueError, RecursionError) as err:  # (json refuses deep nesting with RecursionError)
+        raise CnnInputError(f"--config {path}: not a JSON file ({str(err)[:200] or 'nested too deeply'})") from None
     if not isinstance(config, dict):
         raise CnnInputError(f"--config {path}: expected a JSON object of options, as OUT/config.json holds")
     return _checked(parser, config, f"--config {path}")

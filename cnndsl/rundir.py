@@ -10,8 +10,11 @@ path still names the file it locked, and tries again if not (the usual lock-file
 POSIX only (fcntl), as is Triton."""
 
 import contextlib
+import errno
 import fcntl
 import os
+import stat
+import tempfile
 from pathlib import Path
 
 from .errors import CnnTrainError
@@ -43,11 +46,20 @@ def _lock(out: Path) -> int:
     for _ in range(LOCK_TRIES):
         try:
             out.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # never through a link: a planted OUT/.lock -> ~/.ssh/authorized_keys would be truncated
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except FileNotFoundError:  # the folder was removed by a run that just left it empty
             continue
         except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise CnnTrainError(f"{path} is a symbolic link; a run's lock file must be a file of its own: "
+                                    "remove the link, or give this run another --out") from None
             raise CnnTrainError(f"cannot use {out} as the output folder: {err.strerror or err}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # a FIFO, a device, another file's hard link
+            os.close(fd)
+            raise CnnTrainError(f"{path} is not a plain file of its own (a device, a pipe or a second name of "
+                                "another file); remove it, or give this run another --out")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -98,3 +110,24 @@ def _remove_stale(out: Path, patterns: tuple[str, ...]) -> list[str]:
                                     f"{err.strerror or err}") from None
             removed.append(path.name)
     return removed
+
+
+def write_file(path: Path, data: bytes | str) -> None:
+    """Write `data` to `path` as a new file renamed over the old one: a link planted at the path
+    (OUT/config.json -> a file elsewhere) is replaced, not written through, and a reader never
+    sees half a file. OSError as the write raised it."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

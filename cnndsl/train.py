@@ -33,9 +33,12 @@ from . import (
     schedule,
 )
 from .errors import CnnInputError, CnnTrainError
+from .limits import MAX_SIZE
 from .loop import DTYPES
+from .runtime import check_batch_memory
 
 CHECKPOINT = "last.pt"  # in the output folder
+MAX_EPOCHS = 1_000_000  # --epochs and the options counted in epochs: far beyond any run
 CONFIG = "config.json"  # every option of the run, in the output folder (`cnndsl train --config`)
 METRICS, BEST = "metrics.csv", "best.pt"  # one row per epoch; the checkpoint of the best validation accuracy
 CURVES = "curves.png"  # loss and accuracy against epochs (with matplotlib)
@@ -73,9 +76,17 @@ class Options:
     normalize: bool = False  # per-channel normalisation by the training split's statistics
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size"):
+        for name, top in (("epochs", MAX_EPOCHS), ("batch_size", MAX_SIZE)):
             if getattr(self, name) < 1:
                 raise CnnInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+            if getattr(self, name) > top:
+                raise CnnInputError(f"--{name.replace('_', '-')} must be at most {top:,}, got {getattr(self, name):,}")
+        for name in ("warmup_epochs", "early_stop"):
+            if (getattr(self, name) or 0) > MAX_EPOCHS:
+                raise CnnInputError(f"--{name.replace('_', '-')} must be at most {MAX_EPOCHS:,}, got "
+                                    f"{getattr(self, name):,}")
+        if not -2**63 <= self.seed < 2**63:  # torch's generator takes a 64-bit seed
+            raise CnnInputError(f"--seed must be a 64-bit integer (-2^63 to 2^63 - 1), got {self.seed}")
         if self.optimizer is not None and self.optimizer not in recipe.OPTIMIZERS:
             raise CnnInputError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(recipe.OPTIMIZERS)}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
@@ -189,7 +200,7 @@ def train(file: str | Path, opts: Options = Options(), log=print) -> dict:
     try:
         if not w.leader:  # rank 0 prints and writes; the others train
             return _run(file, net, out / CHECKPOINT, opts, lambda *_: None, w)
-        with rundir.claim(out, (f"{CHECKPOINT}.*.tmp", f"{BEST}.*.tmp")) as stale:
+        with rundir.claim(out, tuple(f"{f}.*.tmp" for f in (CHECKPOINT, BEST, CONFIG, METRICS, CURVES))) as stale:
             if stale:
                 log(f"removed {len(stale)} temporary file(s) an interrupted run left in {out}: {', '.join(stale)}")
             return _run(file, net, out / CHECKPOINT, opts, log, w)
@@ -220,6 +231,7 @@ def _run(file, net, ckpt_path: Path, opts: Options, log, w: distributed.World) -
         f"{len(test_set)} test images, {len(train_set.classes)} classes")
     torch.manual_seed(opts.seed)
     model = api.compile(net, backend=opts.backend, fuse=opts.fuse, device=opts.device)  # fp32 master weights
+    check_batch_memory(net, opts.batch_size // w.size, model.device, DTYPES[opts.dtype].itemsize, training=True)
     if opts.backend == "triton":
         log(f"backend: triton ({model.plan.level}), {_where(model)}")
         log(str(model.plan))

@@ -81,7 +81,9 @@ def test_weights_of_another_network_with_the_same_shapes_are_refused(files, tmp_
                "differ")
     assert main(["eval", str(other), "--weights", str(weights), "--data", str(data), "--backend", "torch"]) == 1
     err = capsys.readouterr().err
-    assert re.search("training error: " + message, err) and "Traceback" not in err
+    assert re.search("weights error: " + message, err) and "Traceback" not in err
+    assert main(["export", str(other), "--weights", str(weights), "-o", str(tmp_path / "other.pt")]) == 1
+    assert re.search("weights error: " + message, capsys.readouterr().err) and not (tmp_path / "other.pt").exists()
     with pytest.raises(CnnTrainError, match=message):
         train(other, _opts(data, tmp_path / "run", epochs=2, resume=""), **QUIET)
     same = _variant(tmp_path, *SAME_NETWORK[0])

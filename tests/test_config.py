@@ -3,6 +3,7 @@
 with the option named."""
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -44,6 +45,15 @@ def test_bad_config_files_are_refused(tmp_path, capsys):
     assert main(["train", DIGITS, "--config", str(tmp_path / "zero.json")]) == 1
     assert f"--epochs must be at least 1, got 0\n  note: --epochs 0 came from --config {tmp_path / 'zero.json'}; " \
            "give --epochs to change it" in capsys.readouterr().err
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    assert main(["train", DIGITS, "--config", str(tmp_path / "deep.json")]) == 1
+    assert "not a JSON file" in capsys.readouterr().err
+    (tmp_path / "big.json").write_text(" " * 2**20 + "{}")
+    assert main(["train", DIGITS, "--config", str(tmp_path / "big.json")]) == 1
+    assert "1,048,578 bytes, more than the 1,048,576 a config.json of options holds" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "fifo.json")  # would block a reader for ever
+    assert main(["train", DIGITS, "--config", str(tmp_path / "fifo.json")]) == 1
+    assert "fifo.json: not a regular file" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "missing.json")]) == 1
     assert "cannot read it" in capsys.readouterr().err
     (tmp_path / "nofile.json").write_text('{"epochs": 1}')

@@ -190,6 +190,46 @@ def test_crafted_batches_are_refused(tmp_path, content, message):
         load(root)
 
 
+M61 = 2**61 - 1  # Python hashes an int modulo this prime: every multiple of it hashes to 0
+
+
+@pytest.mark.parametrize("key, kind", [(M61, "int"), (2 * M61, "int"), (float(M61), "float"), (None, "NoneType"),
+                                       (True, "bool")])
+def test_dict_keys_are_only_strings(tmp_path, key, kind):
+    """Ints (and floats, which hash as ints) whose hashes collide make a dict of N of them
+    take N**2 time to build; a CIFAR batch's keys are all names."""
+    root = with_batch(write_cifar(tmp_path / "c"), batch(*VALID, ops(key), b"N"))
+    with data_error(rf"refusing a dict key that is a {kind} \(opcode SETITEMS at byte \d+\)"):
+        load(root)
+
+
+def test_a_hash_flood_is_refused_at_once(tmp_path):
+    """The review's 519 KB batch: 50,000 int keys (i + 1) * M61, all hashing to 0 (28 s)."""
+    keys = b"".join(ops((i + 1) * M61) + b"N" for i in range(50_000))
+    root = with_batch(write_cifar(tmp_path / "c"), batch(*VALID, keys))
+    with data_error(r"data_batch_1: data error: refusing an integer of 9 bytes: a CIFAR batch's numbers fit in 8 "
+                    r"\(opcode LONG1 at byte \d+\)"):
+        load(root)
+
+
+@pytest.mark.parametrize("label, shown", [
+    (b"\x8b" + struct.pack("<i", 5000) + b"\x01" * 5000, "5,000 bytes"),  # 12,000 digits: str() refused them
+    (ops(2**63), "9 bytes"),
+    (ops(-(2**63) - 1), "9 bytes"),
+], ids=["5000-byte LONG4", "2**63", "-2**63-1"])
+def test_integers_longer_than_8_bytes_are_refused(tmp_path, label, shown):
+    root = with_batch(write_cifar(tmp_path / "c"), batch(ops(b"data"), ops(np.zeros((1, 3072), np.uint8)),
+                                                         ops(b"labels"), b"](" + label + b"e"))
+    with data_error(rf"data_batch_1: data error: refusing an integer of {shown}: a CIFAR batch's numbers fit in 8 "
+                    r"\(opcode LONG[14] at byte \d+\)"):
+        load(root)
+
+
+def test_8_byte_integers_are_read(tmp_path):
+    root = with_batch(write_cifar(tmp_path / "c"), batch(*VALID, ops(b"extra"), ops([2**63 - 1, -(2**63)])))
+    assert len(load(root)[0]) == 14
+
+
 def peak_bytes(run, refused: str | None = None) -> int:
     """The most memory Python and numpy held while run() ran; with `refused`, run() must
     raise a CnnDataError matching it."""

@@ -7,6 +7,7 @@ import gzip
 import io
 import os
 import tracemalloc
+import warnings
 import zipfile
 
 import numpy as np
@@ -157,6 +158,38 @@ def test_npz_over_a_lowered_limit(tmp_path, monkeypatch):
     path = write_npz(tmp_path / "d.npz", x=np.zeros((10, 4, 4), np.uint8), y=np.arange(10))
     monkeypatch.setenv(LIMIT, "500")  # the members (160 + 80 bytes) fit; their float32 images do not
     with data_error(r"d.npz: data error: 10x1x4x4 float32 images: 640 bytes, " + OVER.format("500")):
+        load(path)
+
+
+TOO_MANY = r"is more than a network can have: at most 2,147,483,647 classes \(labels 0..2,147,483,646\)"
+
+
+@pytest.mark.parametrize("y, message", [
+    ([2**62, 0, 1, 0, 1], f"label 4611686018427387904 {TOO_MANY}"),  # once built 2**62 class names
+    ([2**31 - 1, 0, 1, 0, 1], f"label 2147483647 {TOO_MANY}"),
+    (np.array([2**64 - 1, 0, 1, 0, 1], np.uint64), f"label 18446744073709551615 {TOO_MANY}"),  # int64: -1
+    ([1e300, 0, 1, 0, 1], rf"label 1e\+300 {TOO_MANY}"),  # was a cast warning, then "label -9223... is negative"
+    ([-1e300, 0, 1, 0, 1], r"label -1e\+300 is negative"),
+    ([3e9, 0, 1, 0, 1], f"label 3000000000 {TOO_MANY}"),
+    ([np.inf, 0, 1, 0, 1], "labels must be integers, found inf"),
+    ([0, np.nan, 1, 0, 1], "labels must be integers, found nan"),
+    # the largest label a network can have still asks for 2**31 names: the data limit refuses them
+    ([2**31 - 2, 0, 1, 0, 1], r"2,147,483,647 class names \(the labels go up to 2,147,483,646\): "
+                              r"171,798,691,760 bytes, " + OVER.format("2,147,483,648")),
+])
+def test_huge_labels_are_refused_before_anything_is_built(tmp_path, y, message):
+    path = write_npz(tmp_path / "d.npz", x=np.zeros((5, 2, 2), np.uint8), y=y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's cast warning must not come first
+        assert peak_bytes(lambda: load(path), f"d.npz: data error: {message}") < MiB
+
+
+def test_numbered_class_names_count_against_the_limit(tmp_path, monkeypatch):
+    path = write_npz(tmp_path / "d.npz", x=np.zeros((5, 2, 2), np.uint8), y=[10**6, 0, 1, 0, 1])
+    assert len(load(path)[0].classes) == 10**6 + 1  # within the default limit: "0".."1000000"
+    monkeypatch.setenv(LIMIT, str(10 * MiB))
+    with data_error(r"d.npz: data error: 1,000,001 class names \(the labels go up to 1,000,000\): 80,000,080 bytes, "
+                    + OVER.format("10,485,760")):
         load(path)
 
 

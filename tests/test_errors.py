@@ -685,3 +685,37 @@ def test_render_shows_the_right_line_after_an_odd_line_break_in_a_comment(odd):
 def test_word_as_a_repetition_count(src):
     err = error_of(H + src, CnnArgumentError)
     assert "repetition count must be a positive integer" in err.message
+
+
+# --- hostile text in messages (security review, finding 11) -------------------------------------
+
+ESCAPES = "\x1b]0;PWNED-TITLE\x07\x1b[2J\x1b[31m"  # retitle the terminal, clear it, turn red
+SHOWN = "?]0;PWNED-TITLE??[2J?[31m"
+
+
+def test_render_cleans_every_part_of_an_error():
+    err = CnnInputError(f"bad {ESCAPES}key\tx", Span(1, 1, 1, 2), expected=f"e{ESCAPES}",
+                        hint="h\x9b1A\nhint: forged", source="relu\n", filename=f"f{ESCAPES}.cnn")
+    err.notes.append(f"in block {ESCAPES}")
+    assert err.render().split("\n") == [
+        f"f{SHOWN}.cnn:1:1: input error: bad {SHOWN}key?x", "    1 | relu", "      | ^", f"  expected: e{SHOWN}",
+        f"  note: in block {SHOWN}", "  hint: h?1A?hint: forged"]  # a line break in a hint forges no line
+
+
+def test_a_pickle_global_name_cannot_reach_the_terminal():
+    from pathlib import Path
+
+    from cnndsl.pickles import read_pickle
+    with pytest.raises(CnnError) as info:
+        read_pickle(Path("data_batch_1"), b"\x80\x02c" + ESCAPES.encode() + b"evil\nsystem\n.", 1 << 20)
+    assert f"refusing to unpickle {SHOWN}evil.system" in str(info.value)
+
+
+def test_a_state_dict_key_cannot_reach_the_terminal():
+    torch = pytest.importorskip("torch")
+    model = cnndsl.compile("network n\ninput 1x4x4\nconv 2 3\nflatten\ndense 2\n", backend="torch", device="cpu")
+    state = {ESCAPES + name: tensor for name, tensor in model.state_dict().items()}
+    state[ESCAPES + "conv1.weight"] = torch.zeros(5)
+    with pytest.raises(CnnError) as info:
+        cnndsl.load_weights(model, state)
+    assert "\x1b" not in str(info.value) and f"{SHOWN}conv1.weight" in str(info.value)

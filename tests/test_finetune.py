@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import cnndsl
-from cnndsl import data, finetune
+from cnndsl import checkpoint, data, finetune
 from cnndsl.cli import main
-from cnndsl.errors import CnnInputError
+from cnndsl.errors import CnnInputError, CnnWeightsError
+from cnndsl.evaluate import evaluate
 from cnndsl.weights import load_weights, read
 
 import torch_models as tm
@@ -73,6 +74,28 @@ def test_exports_load_elsewhere_and_agree(runs, tmp_path):
     assert got.shape == (4, 5) and abs(torch.from_numpy(got) - want).max() < 1e-4
 
 
+def test_export_refuses_outputs_it_cannot_write_and_leaves_the_old_file(tmp_path, capsys):
+    model = cnndsl.compile(EXAMPLES / "cifar_small.cnn", backend="torch", device="cpu")
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    (tmp_path / "dir.pt").mkdir()
+    (tmp_path / "old.pt").write_bytes(b"the previous export")
+    cases = [("dir.pt", [], f"export: {tmp_path / 'dir.pt'} is a directory; name the file to write"),
+             ("missing/x.pt", [], None), ("x.onnx", ["--opset", "99"], "export: --opset must be from 17 to ")]
+    (tmp_path / "missing").write_text("a file where a folder should be")
+    for name, flags, message in cases:
+        assert main(["export", str(EXAMPLES / "cifar_small.cnn"), "--weights", str(tmp_path / "w.pt"),
+                     "-o", str(tmp_path / name), *flags]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and (message or f"export: cannot write {tmp_path / name}") in err, err
+    real = torch.save
+    with pytest.MonkeyPatch.context() as mp:  # a write that fails part-way (a full disk)
+        mp.setattr(torch, "save", lambda obj, f: (real(obj, f), (_ for _ in ()).throw(OSError(28, "No space"))))
+        assert main(["export", str(EXAMPLES / "cifar_small.cnn"), "--weights", str(tmp_path / "w.pt"),
+                     "-o", str(tmp_path / "old.pt")]) == 1
+    assert "cannot write" in capsys.readouterr().err and (tmp_path / "old.pt").read_bytes() == b"the previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.pt", "missing", "old.pt", "w.pt"]
+
+
 def test_an_exported_state_dict_loads_into_the_torch_model(tmp_path):
     model = cnndsl.compile(EXAMPLES / "cifar_small.cnn", backend="torch", device="cpu").eval()
     torch.save(model.state_dict(), tmp_path / "w.pt")
@@ -128,3 +151,42 @@ def test_fine_tuning_errors_are_clear():
     with pytest.raises(CnnInputError, match="distinct labels in 0..9"):
         finetune.only_classes(data.load(None)[0], "8-12")
     assert main(["train", DIGITS, "--freeze-bn"]) == 1
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("0-10000000000", r"--only-classes 0-10000000000: expected distinct labels in 0..9"),  # was a MemoryError
+    ("0-4,2", "distinct labels in 0..9"),
+    ("5-3", "distinct labels in 0..9"),
+    ("1" * 5000, "expected labels and ranges"),  # more digits than int() reads
+    (5, r"expected labels and ranges such as 0-4 or 5,7,9, got 5 \(int\)"),  # was an AttributeError
+    (["0-4"], r"got \['0-4'\] \(list\)"),
+])
+def test_only_classes_are_bounded_before_they_are_built(spec, message):
+    with pytest.raises(CnnInputError, match=message):
+        finetune.only_classes(data.load(None)[0], spec)
+
+
+def test_only_classes_keep_the_order_given():
+    ds = finetune.only_classes(data.load(None)[1], "7,0-1")
+    assert ds.classes == ("7", "0", "1") and set(ds.y.tolist()) == {0, 1, 2}
+
+
+def forged(source, path, **config):
+    """source with its config changed and a checksum that matches: a checksum is no signature."""
+    payload = torch.load(source, weights_only=True)
+    payload["config"].update(config)
+    payload["checksum"] = checkpoint.digest(payload, checkpoint._hashed(payload))
+    torch.save(payload, path)
+    return path
+
+
+def test_only_classes_from_a_checkpoint_are_checked(runs, tmp_path, capsys):
+    wrong_type = forged(runs[0], tmp_path / "int.pt", only_classes=5)
+    with pytest.raises(CnnWeightsError, match=r"int.pt is not a valid cnndsl checkpoint: only_classes in its config "
+                                              r"is 5 \(int\); expected labels and ranges"):
+        evaluate(DIGITS, wrong_type, backend="torch")
+    assert main(["eval", DIGITS, "--backend", "torch", "--weights", str(wrong_type)]) == 1
+    assert "weights error" in capsys.readouterr().err
+    huge = forged(runs[0], tmp_path / "huge.pt", only_classes="0-10000000000")
+    with pytest.raises(CnnInputError, match="expected distinct labels in 0..9"):
+        evaluate(DIGITS, huge, backend="torch")

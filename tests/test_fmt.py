@@ -2,6 +2,7 @@
 that compiles, the network unchanged (its identity) and every comment kept; a file that does not
 compile is refused and left alone; --check changes nothing."""
 
+import os
 import re
 from pathlib import Path
 
@@ -114,3 +115,25 @@ def test_the_command_line(tmp_path, capsys):
     assert main(["fmt", "--check", str(good)]) == 0
     assert main(["fmt", str(bad)]) == 1 and "flaten" in capsys.readouterr().err
     assert bad.read_text().endswith("flaten\n")  # left alone
+
+
+def test_a_text_that_names_a_file_is_text(tmp_path, monkeypatch, capsys):
+    # Security review, finding 10: fmt parsed its input with api.parse, which takes a one-line
+    # `other.cnn` for a path, so `fmt pointer.cnn` quoted another file's contents in its error.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "target.cnn").write_text("network secret_leak\ninput 1x8x8\nsecretword_abc 1\n")
+    (tmp_path / "pointer.cnn").write_text("target.cnn")
+    with pytest.raises(CnnError) as info:
+        format_source("target.cnn", "pointer.cnn")
+    assert info.value.kind == "syntax error" and "secret" not in str(info.value)
+    assert str(info.value).startswith("pointer.cnn:1:1: syntax error: unexpected 'target'")
+    assert main(["fmt", "pointer.cnn"]) == 1
+    err = capsys.readouterr().err
+    assert "pointer.cnn:1:1: syntax error" in err and "secret" not in err
+
+
+def test_fmt_refuses_what_is_not_a_regular_file_unread(tmp_path, capsys):
+    os.mkfifo(tmp_path / "pipe.cnn")  # would block a reader for ever; /dev/zero would never end
+    for path in (tmp_path / "pipe.cnn", "/dev/zero"):
+        assert main(["fmt", str(path)]) == 1
+        assert f"{path}: input error: not a regular file (a pipe, socket or device)" in capsys.readouterr().err

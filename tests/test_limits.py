@@ -16,10 +16,13 @@ import cnndsl
 from cnndsl import CnnError
 from cnndsl.limits import (
     MAX_DEPTH,
+    MAX_EVALUATIONS,
     MAX_EXPANSIONS,
     MAX_LINE_CHARS,
     MAX_NESTING,
     MAX_NODES,
+    MAX_OPERATORS,
+    MAX_POOL_WINDOW,
     MAX_SIZE,
     MAX_SOURCE_CHARS,
 )
@@ -188,6 +191,48 @@ def test_huge_repetition_count_does_not_hang(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "repetition count 100,000,000 is more than" in result.stderr
 
+
+
+def test_an_expression_counts_every_operator_not_its_depth():
+    """95 sums of 95-term products nest under 200 deep but hold 9,000 operators."""
+    expr = " + \\\n".join(" * ".join(["1"] * 95) for _ in range(95))  # a product a line
+    err = error(H + "block b(p) {\nrelu\n}\nb(" + expr + ") x 100000\n", cnndsl.CnnSyntaxError)
+    assert err.message == f"expression too long: more than {MAX_OPERATORS} operators"
+
+
+def test_a_repeated_block_call_binds_its_arguments_once():
+    net = parse_fast(H + "block b(p) {\nrelu\n}\nb(" + " + ".join(["1"] * 200) + ") x 100000\n", seconds=4)
+    assert len(net.nodes) == 100_001
+
+
+def test_arithmetic_that_block_calls_multiply_is_bounded():
+    """A tree of calls, each with other arguments (so nothing is bound twice), evaluates each
+    call's 190 operators at each of its 2^15 calls: the evaluation bound trips, quickly."""
+    pad = " + 0" * 190
+    lines = [H, "block l0(a) {\nrelu\n}\n"]
+    for k in range(1, 15):
+        lines.append(f"block l{k}(a) {{\nl{k - 1}(a * 2{pad})\nl{k - 1}(a * 2 + 1{pad})\n}}\n")
+    lines.append("l14(1)\n")
+    err = error("".join(lines), cnndsl.CnnArgumentError, seconds=6)
+    assert err.message == f"expanding the network evaluates more than {MAX_EVALUATIONS:,} arithmetic operators"
+
+
+@pytest.mark.parametrize("src, message", [
+    ("network a\ninput 1x1x1\nconcat {\n" + "branch { }\n" * 16 + "} x 100000\n",
+     ("concat makes a 4294967296x1x1 tensor per image, 4,294,967,296 values, more than the 2,147,483,647 a layer "
+     "may hold")),
+    (H + "conv 1 1 pad=100000\n", ("conv makes a 1x200008x200008 tensor per image, 40,003,200,064 values, more "
+     "than the 2,147,483,647 a layer may hold")),
+    ("network a\ninput 3x30000x30000\nrelu\n", ("input makes a 3x30000x30000 tensor per image, 2,700,000,000 "
+     "values, more than the 2,147,483,647 a layer may hold"))])
+def test_a_layers_output_is_bounded_however_it_grows(src, message):
+    assert error(src, cnndsl.CnnShapeError).message == message
+
+
+def test_a_pooling_window_is_bounded():
+    err = error("network a\ninput 1x4x4\nmaxpool 2147483647 pad=1073741823\n", cnndsl.CnnArgumentError)
+    assert err.message == f"maxpool window 2147483647x2147483647 has more than {MAX_POOL_WINDOW:,} taps"
+    assert parse_fast("network a\ninput 1x256x256\navgpool 256\n").output_shape == (1, 1, 1)
 
 # --- odd bytes ----------------------------------------------------------------------------------
 

@@ -5,11 +5,17 @@ a block call to its block; completion offers layer words, block names and a laye
 the outline lists the network, blocks and labels."""
 
 import asyncio
+import io
+import os
+import subprocess
 import sys
 
 import pytest
 from lsprotocol import types as lsp
 from pygls.lsp.client import LanguageClient
+
+from cnndsl.lsp import _diagnostic
+from cnndsl.lsp_stream import MAX_MESSAGE_BYTES, MAX_SKIP_BYTES, MessageReader
 
 URI = "file:///tmp/net.cnn"
 BAD = "network n\ninput 3x8x8\nconv 8 3 pad=1\nflaten\ndense 4\n"
@@ -93,3 +99,144 @@ def test_hover_definition_completion_and_outline(answers):
     assert {"conv", "maxpool", "residual", "cbr"} <= labels
     assert {"stride", "pad", "groups"} <= {i.label for i in options.items}
     assert [(s.name, s.detail) for s in outline] == [("n", "network"), ("cbr", "block"), ("stem", "label")]
+
+
+# Security review, finding 10: the server answers only from the text the editor sent, never from
+# a file, and a malformed message cannot crash or silence it with a traceback.
+SECRET = "network secret_leak\ninput 1x8x8\nsecretword_abc 1\n"
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    """One session in a folder (the server's working folder) that holds a .cnn file, a
+    passwd-like file and a FIFO, none of which the editor opened."""
+    folder = tmp_path_factory.mktemp("guarded")
+    (folder / "target.cnn").write_text(SECRET)
+    (folder / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/usr/sbin:/bin/sh\n")
+    os.mkfifo(folder / "pipe.cnn")
+    doc = lsp.TextDocumentIdentifier((folder / "doc.cnn").as_uri())
+    passwd = lsp.TextDocumentIdentifier((folder / "passwd").as_uri())
+
+    async def session():
+        client = LanguageClient("test", "1")
+        published = []
+        client.feature(lsp.TEXT_DOCUMENT_PUBLISH_DIAGNOSTICS)(lambda params: published.append(params))
+        await client.start_io(sys.executable, "-m", "cnndsl", "lsp", cwd=folder)
+        await client.initialize_async(lsp.InitializeParams(capabilities=lsp.ClientCapabilities()))
+        client.initialized(lsp.InitializedParams())
+        client.text_document_did_open(lsp.DidOpenTextDocumentParams(
+            lsp.TextDocumentItem(uri=doc.uri, language_id="cnn", version=1, text="target.cnn")))
+        found = {"outline": await client.text_document_document_symbol_async(lsp.DocumentSymbolParams(passwd)),
+                 "definition": await client.text_document_definition_async(lsp.DefinitionParams(
+                     passwd, lsp.Position(0, 1))),
+                 "completion": await client.text_document_completion_async(lsp.CompletionParams(
+                     passwd, lsp.Position(0, 0)))}
+        client.text_document_did_save(lsp.DidSaveTextDocumentParams(
+            lsp.TextDocumentIdentifier((folder / "pipe.cnn").as_uri())))  # read, it would block the server
+        try:
+            found["after the FIFO"] = await asyncio.wait_for(
+                client.text_document_document_symbol_async(lsp.DocumentSymbolParams(doc)), 30)
+        except TimeoutError:
+            client._server.kill()  # it hangs: stop() would wait for it for ever
+        else:
+            await client.shutdown_async(None)
+            client.exit(None)
+        await client.stop()
+        found["diagnostics"] = [p for p in published if p.uri == doc.uri]
+        return found
+
+    return asyncio.run(asyncio.wait_for(session(), 120))
+
+
+def test_a_document_whose_text_names_a_file_is_analysed_as_text(guarded):
+    [published] = guarded["diagnostics"]
+    [d] = published.diagnostics
+    assert d.code == "syntax error" and d.range.start.line == 0 and "unexpected 'target'" in d.message
+    assert "secret" not in d.message
+
+
+def test_a_file_the_editor_did_not_open_is_never_read(guarded):
+    assert guarded["outline"] == [] and guarded["definition"] is None and not guarded["completion"].items
+
+
+def test_saving_an_unopened_fifo_does_not_hang_the_server(guarded):
+    assert guarded.get("after the FIFO") == []
+
+
+def _lsp_run(data: bytes):
+    return subprocess.run([sys.executable, "-m", "cnndsl", "lsp"], input=data, capture_output=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize("length", [b"100000000000", b"9223372036854775807", b"99999999999999999999", b"-5", b"abc"])
+def test_a_malformed_content_length_closes_the_connection_with_one_line(length):
+    done = _lsp_run(b"Content-Length: " + length + b"\r\n\r\n{}")
+    err = done.stderr.decode()
+    assert done.returncode == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "malformed message header: Content-Length" in err and "the connection is closed" in err
+
+
+def test_a_message_that_is_not_json_is_one_line_on_stderr():
+    done = _lsp_run(b"Content-Length: 5\r\n\r\n{abc}")
+    err = done.stderr.decode()
+    assert done.returncode == 0 and "Traceback" not in err
+    assert err.strip().splitlines() == [("cnndsl lsp: Unable to handle message: JSONDecodeError: Expecting property "
+                                         "name enclosed in double quotes: line 1 column 2 (char 1)")]
+
+
+def _frames(data: bytes):
+    """(the bodies pygls' loop would read through a MessageReader, the reader's error)."""
+    reader, bodies = MessageReader(io.BytesIO(data)), []
+    while header := reader.readline():
+        assert header.startswith(b"Content-Length: ") and reader.readline() == b"\r\n"
+        body = reader.read(int(header[16:]))
+        if not body:  # as pygls: the end of the input
+            break
+        bodies.append(body)
+    return bodies, reader.error
+
+
+def _message(body: bytes, headers: bytes = b"") -> bytes:
+    return headers + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def test_the_reader_hands_on_well_formed_messages():
+    assert _frames(_message(b"{}") + b"\r\n" + _message(b"[1]", b"Content-Type: x\r\n")) == ([b"{}", b"[1]"], None)
+    assert _frames(b"content-length: 2\n\n{}") == ([b"{}"], None)  # any case, bare \n
+    assert _frames(b"Content-Length: 0\r\n\r\n" + _message(b"{}")) == ([b"{}"], None)  # no body, no message
+    assert _frames(b"Content-Length: 9\r\n\r\n{}") == ([], None)  # cut short: the client left
+
+
+def test_a_message_longer_than_any_cnn_text_is_skipped_and_the_next_one_read(capsys):
+    big = b"x" * (MAX_MESSAGE_BYTES + 1)
+    assert _frames(_message(big) + _message(b"{}")) == ([b"{}"], None)
+    assert f"skipped a message of {len(big):,} bytes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("data, why", [
+    (b"Content-Length: %d\r\n\r\n" % (MAX_SKIP_BYTES + 1), "is larger than any message"),
+    (b"Content-Length: 1e3\r\n\r\n", "'1e3' is not a number of bytes"),
+    (b"Content-Length: +5\r\n\r\n{}", "'+5' is not a number of bytes"),
+    (b"Content-Type: x\r\n\r\n{}", "a message without a Content-Length header"),
+    (b"{}\r\n", "'{}' is not a header"),
+    (b"X-Pad: " + b"a" * 2000 + b"\r\n", "a header line longer than 1,024 bytes"),
+])
+def test_a_malformed_header_ends_the_connection(data, why):
+    bodies, error = _frames(_message(b"{}") + data + _message(b"{}"))
+    assert bodies == [b"{}"] and why in error
+
+
+def test_a_diagnostic_carries_no_escape_sequence():
+    from cnndsl.errors import CnnDataError
+    err = CnnDataError("refusing to unpickle \x1b]0;PWNED\x07\x1b[2Jevil.system", expected="\x1b[31mx",
+                       hint="h\x1b[1A\nhint: forged")
+    err.notes.append("n\x9b2J")
+    message = _diagnostic(err).message
+    assert not any(c in message for c in "\x1b\x07\x9b")
+    assert message.split("\n") == ["refusing to unpickle ?]0;PWNED??[2Jevil.system", "expected: ?[31mx", "note: n?2J",
+                                   "hint: h?[1A?hint: forged"]
+
+
+def test_the_reliability_page_states_the_message_limit():
+    from pathlib import Path
+    page = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
+    assert f"{MAX_MESSAGE_BYTES:,} bytes" in page and "1 GiB" in page and MAX_SKIP_BYTES == 1 << 30

@@ -2,6 +2,7 @@
 or several runs when matplotlib is installed; a one-line note, and a clear error from `cnndsl
 plot`, when it is not; a folder that is not a run refused."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,12 @@ def test_curves_of_a_run_and_of_two(tmp_path, capsys):
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 1
     assert "metrics.csv: cannot read it" in capsys.readouterr().err
-    (tmp_path / "metrics.csv").write_text("epoch,loss\n1,abc\n")
+    for text in (b"epoch,loss\n1,abc\n", b"epoch,loss\n1,\xff\xfe\n", b"epoch,loss\n1," + b"9" * 200_000 + b"\n"):
+        (tmp_path / "metrics.csv").write_bytes(text)  # not a number, not UTF-8, a field past csv's limit
+        assert main(["plot", str(tmp_path)]) == 1
+        err = capsys.readouterr().err
+        assert "not the metrics.csv of a training run" in err and "Traceback" not in err
+    (tmp_path / "metrics.csv").unlink()
+    os.mkfifo(tmp_path / "metrics.csv")  # would block a reader for ever
     assert main(["plot", str(tmp_path)]) == 1
-    assert "not the metrics.csv of a training run" in capsys.readouterr().err
+    assert "metrics.csv: cannot read it (not a regular file)" in capsys.readouterr().err

@@ -5,6 +5,7 @@ digits recipe reaching 0.95 with the reference backend; examples/train.py."""
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -144,6 +145,13 @@ def test_bad_options_and_checkpoints(tiny, tmp_path, capsys):
     assert "--epochs must be at least 1, got 0" in capsys.readouterr().err
     assert main(["train", str(net), "--data", str(data), "--lr", "-1"]) == 1
     assert "--lr must be a positive number, got -1.0" in capsys.readouterr().err
+    for flags, message in ((["--seed", "9" * 23], f"--seed must be a 64-bit integer (-2^63 to 2^63 - 1), got {'9' * 23}"),
+                           (["--epochs", "9" * 20], "--epochs must be at most 1,000,000, got 99,999,"),
+                           (["--warmup-epochs", "5000000"], "--warmup-epochs must be at most 1,000,000, got 5,000,000"),
+                           (["--batch-size", "3000000000"], "--batch-size must be at most 2,147,483,647")):
+        assert main(["train", str(net), "--data", str(data), *flags]) == 1  # before a first epoch, not after it
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
     assert main(["eval", str(net), "--weights", str(tmp_path / "none.pt"), "--data", str(data)]) == 1
     assert "no weights file at" in capsys.readouterr().err
     (tmp_path / "torn.pt").write_bytes(b"PK\x03\x04 not a whole zip")
@@ -156,6 +164,19 @@ def test_bad_options_and_checkpoints(tiny, tmp_path, capsys):
     with pytest.raises(CnnTrainError, match="holds objects other than tensors and plain data"):
         ckpt.load(tmp_path / "evil.pt")
 
+
+
+def test_a_batch_that_surely_cannot_fit_is_refused_before_it_allocates(tiny, tmp_path, capsys):
+    """A map padded to 40004x40004 (6.4 GB an image in fp32) at batch 64: no machine here holds it."""
+    _, data = tiny
+    net = tmp_path / "wide.cnn"
+    net.write_text("network wide\ninput 1x4x4\nconv 1 1 pad=20000\nglobal_avgpool\nflatten\ndense 3\n")
+    assert main(["train", str(net), "--data", str(data), "--backend", "torch", "--device", "cpu", "--out",
+                 str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"input error: wide: a batch of 64 needs at least [\d,.]+ GiB \(every layer's output, kept for "
+                     r"the backward pass, .*\), more than the [\d,.]+ GiB of memory on cpu; use a smaller "
+                     r"--batch-size", err) and "Traceback" not in err, err
 
 def test_resume_refuses_another_network(tiny, tmp_path):
     net, data = tiny

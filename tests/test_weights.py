@@ -3,8 +3,11 @@ declaration order, state dicts and checkpoints by name, safetensors read and wri
 and every bad file refused with the model left as it was."""
 
 import io
+import json
 import pickle
+import re
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -133,7 +136,131 @@ def test_a_shape_mismatch_names_both_sides():
 def test_read_returns_a_checkpoint_s_model(tmp_path):
     from cnndsl.train import Options, train
     result = train(EXAMPLES / "digits.cnn", Options(epochs=1, backend="torch", out=str(tmp_path)), log=lambda s: None)
-    tensors, ordered, ckpt = read(result["checkpoint"])
+    tensors, ordered, ckpt, where = read(result["checkpoint"])
+    assert where == str(result["checkpoint"])
     assert ckpt is not None and ckpt["epoch"] == 1
     model = cnndsl.compile(EXAMPLES / "digits.cnn", backend="torch", device="cpu")
     assert ordered and list(tensors) == list(model.state_dict())
+
+
+def _safetensors(path: Path, header, data: bytes = b"") -> Path:
+    """A safetensors file of `header` (a dict, or raw bytes for a header that is not one) and `data`."""
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+def test_safetensors_ranges_that_overlap_or_leave_gaps_are_refused(tmp_path):
+    """Many entries naming the same bytes made a 1.27 MB file cost 3.3 GB (each range was copied,
+    only the largest end checked): the ranges must tile the data section, so the tensors are views
+    of the one buffer read."""
+    model = cnndsl.compile(EXAMPLES / "digits.cnn", backend="torch", device="cpu")
+    before = _snapshot(model)
+    size = 4096
+    overlap = {f"t{i}": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]} for i in range(50)}
+    gap = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+           "b": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}}
+    cases = {"overlap": (overlap, b"\0" * size, r"tensor 't1' \(data offsets 0..4096\) overlaps 't0'"),
+             "gap": (gap, b"\0" * 24, r"tensor 'b' \(data offsets 16..24\) leaves bytes 8..16 unused")}
+    for name, (header, data, message) in cases.items():
+        path = _safetensors(tmp_path / f"{name}.safetensors", header, data)
+        with pytest.raises(CnnWeightsError, match=rf"{name}.safetensors: {message}; the tensors' data must follow"):
+            load_weights(model, path)
+        assert _unchanged(model, before), name
+
+
+def test_safetensors_in_any_order_and_unaligned_still_read(tmp_path):
+    """The header's order need not be the data's (the safetensors package sorts names, not
+    offsets), zero-size tensors sit between others, and an unaligned range is copied, not viewed."""
+    x = torch.tensor([1.5, -2.25])
+    header = {"f": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]},
+              "e": {"dtype": "F32", "shape": [0, 4], "data_offsets": [3, 3]},
+              "u": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]}}
+    path = _safetensors(tmp_path / "t.safetensors", header, b"\1\2\3" + x.numpy().tobytes())
+    back, ordered = read_safetensors(path)
+    assert not ordered and list(back) == ["f", "e", "u"]
+    assert torch.equal(back["f"], x) and back["e"].shape == (0, 4) and back["u"].tolist() == [1, 2, 3]
+
+
+def test_hostile_safetensors_headers_give_one_clear_error(tmp_path):
+    """A deeply nested header raised RecursionError, a zero-size shape with a dimension of 10**30
+    a TypeError with a C++ dump from reshape."""
+    cases = {"deep": (b"[" * 200_000 + b"]" * 200_000, "its safetensors header nests too deeply"),
+             "deepobj": (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "its safetensors header nests too deeply"),
+             "hugezero": ({"a": {"dtype": "F32", "shape": [0, 10**30], "data_offsets": [0, 0]}},
+                          (r"tensor 'a' has shape \[0, 1000000000000000000000000000000\], whose dimensions "
+                           r"multiply \(zeros left out\) to 2\*\*63 or more")),
+             "hugezero2": ({"a": {"dtype": "F32", "shape": [0, 2**62, 8], "data_offsets": [0, 0]}},
+                           r"tensor 'a' has shape \[0, 4611686018427387904, 8\], whose dimensions multiply"),
+             "nested_entry": ({"a": {"dtype": "F32", "shape": [[[[[[1]]]]]], "data_offsets": [0, 4]}},
+                              r"tensor 'a' has a malformed entry in the header: .*\[\[\[\.\.\.\]\]\]")}
+    for name, (header, message) in cases.items():
+        path = _safetensors(tmp_path / f"{name}.safetensors", header)
+        with pytest.raises(CnnWeightsError, match=rf"{name}.safetensors: {message}"):
+            read(path)
+    assert read_safetensors(_safetensors(tmp_path / "zero.safetensors", {
+        "a": {"dtype": "F32", "shape": [0, 2**62], "data_offsets": [0, 0]}}))[0]["a"].shape == (0, 2**62)
+
+
+def _sevens(model) -> dict:
+    """The model's state dict with every value 7: a partial load would show."""
+    return {k: torch.full_like(v, 7) for k, v in model.state_dict().items()}
+
+
+def _bad_tensors() -> dict:
+    """{what: (name in digits.cnn, the tensor put there, the message)}, each the last of its kind,
+    so that a load checking as it copies would have copied everything before it."""
+    dense = r"; only dense \(strided\) tensors load; nothing was loaded"
+    floating = r"which loads only from a floating tensor \(float16, bfloat16, float32 or float64\); nothing was loaded"
+    count = r"which loads only from an integer tensor \(int8, int16, int32, int64 or uint8\); nothing was loaded"
+    bias, nbt = "dense2.bias", "batchnorm2.num_batches_tracked"
+    return {
+        "sparse": (bias, torch.full((10,), 7.0).to_sparse(), f"{bias} is a torch.sparse_coo tensor" + dense),
+        "meta": (bias, torch.empty(10, device="meta"), f"{bias} is a meta tensor, which holds no data"),
+        "complex count": (nbt, torch.tensor(1 + 2j), f"{nbt} is torch.complex64, the model's {nbt} torch.int64, "
+                          + count),
+        "float count": (nbt, torch.tensor(3.0), f"{nbt} is torch.float32, .* " + count),
+        "bool count": (nbt, torch.tensor(True), f"{nbt} is torch.bool, .* " + count),
+        "bool weight": (bias, torch.ones(10, dtype=torch.bool), f"{bias} is torch.bool, .* " + floating),
+        "complex weight": (bias, torch.ones(10, dtype=torch.complex64), f"{bias} is torch.complex64, .* " + floating),
+        "float8 weight": (bias, torch.ones(10).to(torch.float8_e4m3fn), f"{bias} is torch.float8_e4m3fn, .* "
+                          + floating),
+        "quantized weight": (bias, _quantized(), f"{bias} is torch.qint8, .* " + floating),
+    }
+
+
+def _quantized() -> torch.Tensor:
+    with warnings.catch_warnings():  # torch deprecates making quantized tensors; files may still hold them
+        warnings.simplefilter("ignore")
+        return torch.quantize_per_tensor(torch.ones(10), 0.1, 0, torch.qint8)
+
+
+@pytest.mark.parametrize("what", list(_bad_tensors()))
+def test_a_tensor_that_cannot_be_copied_loads_nothing(tmp_path, what):
+    """A state dict with the right names and shapes and its last tensor sparse overwrote 15 of
+    16 tensors, then raised RuntimeError from copy_ (a meta tensor NotImplementedError); a complex
+    tensor loaded silently into the integer num_batches_tracked. Every tensor is checked first."""
+    model = cnndsl.compile(EXAMPLES / "digits.cnn", backend="torch", device="cpu")
+    name, bad, message = _bad_tensors()[what]
+    state = _sevens(model)
+    state[name] = bad
+    before = _snapshot(model)
+    path = tmp_path / "w.pt"
+    torch.save(state, path)  # read back by torch.load(weights_only=True) as it was
+    # a state dict, a path, and what read() gives (as `eval --weights` passes it): the file is named
+    for source, where in ((state, "the state dict"), (path, str(path)), (read(path), str(path))):
+        with pytest.raises(CnnWeightsError, match=re.escape(where) + ": " + message):
+            load_weights(model, source)
+        assert _unchanged(model, before), where
+
+
+def test_counts_load_from_any_integer_dtype():
+    """num_batches_tracked is int64 in torchvision's, timm's and cnndsl's files; a narrower
+    integer converts exactly, so it loads too."""
+    model = cnndsl.compile(EXAMPLES / "digits.cnn", backend="torch", device="cpu")
+    state = _sevens(model)
+    state["batchnorm1.num_batches_tracked"] = torch.tensor(5, dtype=torch.int32)
+    state["dense2.bias"] = state["dense2.bias"].double()
+    load_weights(model, state)
+    assert int(model.state_dict()["batchnorm1.num_batches_tracked"]) == 5
+    assert torch.equal(model.state_dict()["dense2.bias"], torch.full((10,), 7.0))

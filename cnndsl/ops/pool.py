@@ -5,6 +5,7 @@ count_include_pad=false (an avgpool option: maxpool refuses it)."""
 from dataclasses import dataclass
 
 from ..errors import CnnArgumentError, CnnShapeError
+from ..limits import MAX_POOL_WINDOW
 from ..options import KERNEL, Option
 from ..specs import Window, window_out
 from .base import Kernels, Keyword, OpDef, spatial, window
@@ -37,6 +38,10 @@ def _shape(a: Pool, shape, span):
     if a.mode == "max" and not a.count_include_pad:
         raise CnnArgumentError("count_include_pad=false is for avgpool only: maxpool never counts padding", span,
                                hint="remove count_include_pad=false, or use avgpool")
+    if a.kernel[0] * a.kernel[1] > MAX_POOL_WINDOW:  # every output reads every tap of its window
+        raise CnnArgumentError(f"{a.mode}pool window {a.kernel[0]}x{a.kernel[1]} has more than {MAX_POOL_WINDOW:,} "
+                               "taps", span, hint="to average a whole feature map use global_avgpool" if a.mode == "avg" else
+                               None)
     for k, p in zip(a.kernel, a.padding):
         if 2 * p > k:
             raise CnnShapeError(f"{a.mode}pool padding {p} is more than half its kernel {k}", span,

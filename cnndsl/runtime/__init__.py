@@ -6,7 +6,7 @@ import torch
 
 from .. import ir
 from ..errors import CnnInputError
-from ..shapes import buffers, params
+from ..shapes import buffers, numel, params
 
 BACKENDS = ("triton", "torch")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -54,3 +54,25 @@ def _check_memory(net: ir.Network, device: torch.device, dtype: torch.dtype) -> 
     if have is not None and need > have:
         raise CnnInputError(f"{net.name}: its {count:,} parameters and buffers need {need / 2**30:,.1f} GiB in "
                             f"{dtype}, more than the {have / 2**30:,.1f} GiB of memory on {device}")
+
+
+def check_batch_memory(net: ir.Network, batch: int, device: torch.device, itemsize: int, training: bool,
+                       what: str = "--batch-size") -> None:
+    """Refuse, before the first batch allocates, a batch that surely cannot fit the device: in
+    training every layer's output kept for backward plus the fp32 weights four times (themselves,
+    their gradients, two optimizer moments); in inference the largest layer's input and output."""
+    have = _memory(device)
+    if have is None:
+        return
+    if training:
+        weights = 4 * 4 * sum(params(net, n) + buffers(net, n) for n in net.nodes[1:])
+        need = batch * sum(numel(n.shape) for n in net.nodes) * itemsize + weights
+        kept = "every layer's output, kept for the backward pass, and the weights with their gradients and " \
+               "optimizer state"
+    else:
+        need = batch * max(numel(n.shape) + sum(numel(net.nodes[i].shape) for i in n.inputs)
+                           for n in net.nodes) * itemsize
+        kept = "the largest layer's input and output"
+    if need > have:
+        raise CnnInputError(f"{net.name}: a batch of {batch:,} needs at least {need / 2**30:,.1f} GiB ({kept}), more "
+                            f"than the {have / 2**30:,.1f} GiB of memory on {device}; use a smaller {what}")

@@ -1,0 +1,50 @@
+"""Hostile files in a run's output folder (cnndsl/rundir.py): a link or a second name planted at
+OUT/.lock is refused, not written through, and a link planted at a file the run writes
+(config.json, metrics.csv) is replaced by the run's file; the file it pointed to is untouched."""
+
+import os
+
+import numpy as np
+import pytest
+
+from cnndsl.cli import main
+
+NET = "network tiny\ninput 1x4x4\nconv 4 3 pad=1\nrelu\nflatten\ndense 3\nsoftmax\n"
+SECRET = "ssh-ed25519 AAAA... the user's key\n"
+
+
+@pytest.fixture
+def run(tmp_path):
+    """The command line of a one-epoch run on 30 4x4 images into tmp_path/out, and a victim file."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(30, 1, 4, 4)).astype(np.float32), y=rng.integers(0, 3, 30))
+    (tmp_path / "tiny.cnn").write_text(NET)
+    (tmp_path / "out").mkdir()
+    victim = tmp_path / "authorized_keys"
+    victim.write_text(SECRET)
+    argv = ["train", str(tmp_path / "tiny.cnn"), "--data", str(tmp_path / "d.npz"), "--out", str(tmp_path / "out"),
+            "--backend", "torch", "--epochs", "1", "--batch-size", "10"]
+    return argv, tmp_path / "out", victim
+
+
+@pytest.mark.parametrize("plant, message", [
+    (os.symlink, "is a symbolic link; a run's lock file must be a file of its own"),
+    (os.link, "is not a plain file of its own (a device, a pipe or a second name of another file)")])
+def test_a_lock_file_planted_as_a_link_is_refused(run, plant, message, capsys):
+    argv, out, victim = run
+    plant(victim, out / ".lock")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"training error: {out / '.lock'} {message}" in err and "Traceback" not in err
+    assert victim.read_text() == SECRET
+
+
+def test_links_planted_at_the_runs_files_are_replaced_not_written_through(run, capsys):
+    argv, out, victim = run
+    for name in ("config.json", "metrics.csv"):
+        (out / name).symlink_to(victim)
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert victim.read_text() == SECRET
+    assert not (out / "config.json").is_symlink() and '"epochs": 1' in (out / "config.json").read_text()
+    assert not (out / "metrics.csv").is_symlink() and (out / "metrics.csv").read_text().startswith("epoch,")
