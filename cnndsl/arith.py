@@ -1,4 +1,4 @@
-"""The arithmetic of .cnn arguments: `+ - * /` over integers and numbers, evaluated in a block
+"""The arithmetic of .cnn arguments: `+ - * / //` over integers and numbers, evaluated in a block
 call's bindings, and repetition counts; each operator evaluated counts against MAX_EVALUATIONS,
 so that repetitions and block calls cannot multiply a file's arithmetic without bound."""
 
@@ -34,6 +34,14 @@ class Arithmetic:
                 raise CnnNameError(f"undefined name {value.name!r}", value.span, hint=did_you_mean(value.name, env))
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise CnnArgumentError(f"cannot use {show(value)} in arithmetic", side.span, expected="a number")
+        if e.op == "//":
+            if not (isinstance(left, int) and isinstance(right, int)):
+                side, value = (e.left, left) if not isinstance(left, int) else (e.right, right)
+                raise CnnArgumentError(f"`//` divides integers and rounds down; {show(value)} is not an integer",
+                                       side.span, expected="an integer")
+            if right == 0:
+                raise CnnArgumentError("division by zero", e.span)
+            return left // right
         if e.op == "/":
             if right == 0:
                 raise CnnArgumentError("division by zero", e.span)

@@ -30,7 +30,7 @@ class Ref:
 
 @dataclass(frozen=True)
 class BinOp:
-    op: str  # one of + - * /
+    op: str  # one of + - * / //
     left: "Expr"
     right: "Expr"
     span: Span

@@ -81,6 +81,9 @@ def write_csv(path, rows: list[dict]) -> None:
             writer.writerows(rows)
     except OSError as err:
         raise CnnInputError(f"cannot write {path}: {err.strerror}") from None
+    except (UnicodeDecodeError, csv.Error) as err:  # not a CSV of rows: bytes, or a field past csv's limit
+        raise CnnInputError(f"--csv {path}: not a CSV file of benchmark rows ({str(err)[:120]}); write to another "
+                            "file") from None
 
 
 def _pyplot():

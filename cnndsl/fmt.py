@@ -2,7 +2,8 @@
 
 - four spaces of indentation per open `{`; a line starting with `}` one level less;
 - one space between words; none inside parentheses or before `,` `)` and a label's `:`; one
-  after `,`; none around an option's `=`; one around `+ - * /`; a repeat as `x2` or `x n`;
+  after `,`; none around an option's `=`; one around `+ - * / //`; a repeat as `x2`, `x n` or
+  `x (n - 1)`;
 - a line continued with `\\` joined into one; at most one blank line in a row, none at the
   start or the end, one newline at the end;
 - every comment kept as written: a comment alone on its line indented with the code around it;
@@ -22,9 +23,9 @@ from .resume import network_identity
 
 INDENT = "    "
 _TOKEN = re.compile(r"(?:(\d+(?:x\d+)+)|(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|"
-                    r"([A-Za-z_]\w*)|([(){}=,:+\-*/]))")
-_REPEAT = re.compile(r"x(?=[0-9])|x(?=[ \t]+[A-Za-z_0-9])")  # grammar/cnn.lark's REPEAT
-_NO_REPEAT_AFTER = {"(", ",", "=", ":", "{", "+", "-", "*", "/"}  # where `x` is a name, not a repeat
+                    r"([A-Za-z_]\w*)|(//|[(){}=,:+\-*/]))")
+_REPEAT = re.compile(r"x(?=[0-9(])|x(?=[ \t]+[A-Za-z_0-9(])")  # grammar/cnn.lark's REPEAT
+_NO_REPEAT_AFTER = {"(", ",", "=", ":", "{", "+", "-", "*", "/", "//"}  # where `x` is a name, not a repeat
 
 
 def _tokens(code: str, where: str) -> list[str]:

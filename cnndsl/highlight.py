@@ -38,7 +38,7 @@ class CnnLexer(RegexLexer):
             (r"([A-Za-z_]\w*)(\s*)(=)", bygroups(Name.Attribute, Whitespace, Operator)),  # an option
             (words(STRUCTURE, suffix=r"\b"), Keyword),
             (words(LAYERS, suffix=r"\b"), Name.Builtin),
-            (r"(?<=[\w)\s])x(?=\d)|(?<=[\w)\s])x(?=[ \t]+\w)", Keyword.Pseudo),  # `x2`, `x n`: repeat
+            (r"(?<=[\w)\s])x(?=[\d(])|(?<=[\w)\s])x(?=[ \t]+[\w(])", Keyword.Pseudo),  # `x2`, `x n`, `x (n)`
             (r"\d+(x\d+)+\b", Number.Integer),  # dimensions: 3x3, 1x28x28
             (r"(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?", Number),
             (r"[A-Za-z_]\w*", Name),

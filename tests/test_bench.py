@@ -148,6 +148,10 @@ def test_a_csv_of_other_columns_is_refused(tmp_path):
     args = _cli(tmp_path, "--providers", "eager", "--csv", tmp_path / "b.csv")
     with pytest.raises(cnndsl.CnnInputError, match=r"--csv .*b\.csv: the file has 3 columns \(network, group, name"):
         bench.main(args, setup=SETUP)
+    for text in (b"network,\xff\xfe\n", b"x" * 200_000 + b"\n"):  # not UTF-8; a field past csv's limit
+        (tmp_path / "b.csv").write_bytes(text)
+        with pytest.raises(cnndsl.CnnInputError, match=r"--csv .*b\.csv: not a CSV file of benchmark rows"):
+            bench.main(args, setup=SETUP)
 
 
 def test_the_plot_is_a_png(tmp_path):

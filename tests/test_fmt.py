@@ -105,6 +105,13 @@ def test_the_layout():
     assert format_source(MESSY) == CANONICAL
 
 
+def test_parentheses_and_floor_division_keep_their_grouping():
+    text = ("network p\ninput 3x9x9\nblock b(k,d=1) {\nconv 8 k pad=( k-1 )//2*d dilation=d\nrelu x(k-2)\n}\n"
+            "b(3)\nconv(8,(3 - 1) // 2 + 1,pad=(1))\n")
+    assert format_source(text) == ("network p\ninput 3x9x9\nblock b(k, d=1) {\n    conv 8 k pad=(k - 1) // 2 * d "
+                                   "dilation=d\n    relu x (k - 2)\n}\nb(3)\nconv(8, (3 - 1) // 2 + 1, pad=(1))\n")
+
+
 def test_the_command_line(tmp_path, capsys):
     good, bad = tmp_path / "good.cnn", tmp_path / "bad.cnn"
     good.write_text(MESSY)

@@ -53,6 +53,8 @@ def test_the_kinds_of_token():
     assert (Number.Integer, "3x3") in tokens and (Name.Attribute, "stride") in tokens
     assert (Keyword, "residual") in tokens and (Name.Builtin, "relu") in tokens
     assert [v for t, v in tokens if t is Keyword.Pseudo] == ["x", "x"]  # the two repeats
+    tokens = [(t, v) for t, v in CnnLexer().get_tokens("relu x (n - 1)\nrelu x(2)\n") if v.strip()]
+    assert [v for t, v in tokens if t is Keyword.Pseudo] == ["x", "x"]
 
 
 def test_the_plugin_is_registered():

@@ -657,10 +657,33 @@ def test_repetition_with_expressions_inside_a_block():
 @pytest.mark.parametrize("expr, filters", [
     ("c*4", 32), ("c * 4", 32), ("c/2", 4), ("c / 2", 4), ("c+1", 9), ("c - 1", 7),
     ("c / 2 + 1", 5), ("1 + c * 2", 17), ("c * 3 / 4", 6), ("c - 2 - 2", 4), ("c/4*2", 4),
+    ("c // 3", 2), ("c//3*3", 6), ("(c + 1) // 2", 4), ("(c - (2 + 1)) * 2", 10), ("((c))", 8),
+    ("c - (0 - 7) // 2", 12),  # rounds down, as Python: -7 // 2 is -4
 ])
 def test_arithmetic(expr, filters):
-    net = net_of(f"block b(c) {{\n  conv {expr} 1\n}}\nb(8)\n")
-    assert node(net, "b1.conv1").attrs.filters == filters
+    net = net_of(f"block b(c) {{\n  conv({expr}, 1)\n  conv {expr} 1 x 1\n}}\nb(8)\n" if expr[0] != "("
+                 else f"block b(c) {{\n  conv({expr}, 1)\n  conv filters={expr} kernel=1\n}}\nb(8)\n")
+    assert node(net, "b1.conv1").attrs.filters == node(net, "b1.conv2").attrs.filters == filters
+
+
+def test_parentheses_group_and_floor_division_binds_as_division():
+    block = stmt("block b(k, d) {\n  conv 8 k pad=(k - 1) // 2 * d\n  conv((k - 1) // 2, 3)\n  relu x (k - 1)\n}\n")
+    pad = next(a for a in block.body[0].args if a.name == "pad")
+    assert value(pad.value) == ("*", ("//", ("-", ("ref", "k"), 1), 2), ("ref", "d"))
+    assert value(block.body[1].args[0].value) == ("//", ("-", ("ref", "k"), 1), 2)
+    assert value(block.body[2].repeat.count) == ("-", ("ref", "k"), 1)
+    net = net_of("block b(k, d) {\n  conv 8 k pad=(k - 1) // 2 * d dilation=d\n  relu x (k - 1)\n}\nb(5, 2)\n", "3x9x9")
+    assert node(net, "b1.conv1").shape == (8, 9, 9) and len(net.nodes) == 1 + 1 + 4
+
+
+@pytest.mark.parametrize("src, message", [
+    ("conv 8 3 pad=2.5 // 2", "`//` divides integers and rounds down; 2.5 is not an integer"),
+    ("conv 8 3 pad=2 // (1 - 1)", "division by zero"),
+    ("conv (2 + 6) 3", "unexpected '3'"), ("conv 8 3 pad=(1", "unexpected end of line")])
+def test_floor_division_and_parentheses_errors(src, message):
+    with pytest.raises(cnndsl.CnnError) as err:
+        net_of(src + "\n", "3x8x8")
+    assert err.value.message == message
 
 
 def test_float_arithmetic():
