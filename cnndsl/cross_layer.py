@@ -3,8 +3,8 @@ to their reader (`Group.deferred`, the reader's `prologue`) and say why in `Grou
 which compute dz on load in backward (`dz_on_load`) or pool in their GEMM (`gemm_pool`, and then
 whether their gradients route the pooled dy to dz on load too); where a deferred block's batch-norm
 sums come from its reader's input gradient (`bn_sums_in_reader`); and where a value's two gradients,
-from two conv blocks, are summed in the first one's input gradient (`token`, `redirects`:
-`fork_sum_in_reader`)."""
+from two conv blocks (or a deferring batch norm and a concat), are summed in the first one's
+backward (`token`, `redirects`: `fork_sum_in_reader`)."""
 
 from __future__ import annotations  # (Group: plan.py's, which imports this module)
 
@@ -145,21 +145,28 @@ def cross_layer(net: ir.Network, readers, groups: list[Group]) -> list[Group]:
 
 
 def redirected(readers, groups: list[Group]) -> list[Group]:
-    """The groups with the two gradients of each value that two conv blocks read, one as its conv's
-    input and the other as its shortcut (its add's) or its conv's input too, summed in the first
-    one's input gradient (Group.token, .redirects)."""
+    """The groups with the two gradients of each value that two layers read summed in the first
+    one's backward (Group.token, .redirects): two conv blocks, one reading it as its conv's input
+    and the other as its shortcut (its add's) or its conv's input too, summed in the first one's
+    input gradient; or a deferring batch norm and activation (DenseNet's) and a concat that copies
+    it, whose gradient slice the batch norm's backward pass adds as it writes its own (bn_act_bwd)."""
     first = {g.nodes[0].id: i for i, g in enumerate(groups) if g.rule == "conv_block"}
+    first.update({g.nodes[0].id: i for i, g in enumerate(groups) if g.rule == "norm_act" and g.deferred
+                  and "bn_act_bwd" in g.backward})
     adds = {n.id: i for i, g in enumerate(groups) if g.rule == "conv_block" for n in g.nodes if n.op is Op.ADD}
+    adds.update({g.output.id: i for i, g in enumerate(groups) if g.output.op is Op.CONCAT})
     out = list(groups)
     for p, g in enumerate(groups):
         v = g.output.id
         rd = readers.get(v, [])
-        at = sorted({first[n.id] if n.op is Op.CONV and n.inputs[0] == v and n.id in first else adds.get(n.id, -1)
-                     for n in rd})
+        at = sorted({first[n.id] if n.op in (Op.CONV, Op.BATCHNORM) and n.inputs[0] == v and n.id in first
+                     else adds.get(n.id, -1) for n in rd})
         if len(rd) != 2 or len(at) != 2 or at[0] < 0 or groups[at[0]].nodes[0].inputs[0] != v:
             continue
         a, b = at  # (a conv block adding v to a conv of its own that reads v too has one index)
         if groups[a].into is not None or any(n.op is Op.GATE for n in groups[a].nodes):
+            continue
+        if groups[a].rule == "norm_act" and groups[b].output.op is not Op.CONCAT:  # (its kernel adds a slice only)
             continue
         out[a], out[b] = replace(out[a], token=True), replace(out[b], redirects=v)
         out[p] = replace(out[p], backward=out[p].backward + ("fork_sum_in_reader",))

@@ -7,8 +7,9 @@ output nothing but the concat reads (the slab is the only copy of it).
 
 An input that is copied in because other layers read it too (DenseNet's: each layer's input is
 concatenated with its new channels and read by the layer) gets its gradient summed from its
-readers' by the fork's add kernel: that add reads its slice of the concat's gradient where it
-lies, so backward copies nothing out for it. Each input's state (plan.Group.in_place): COPIED,
+readers' by the fork's add kernel, or with cross-layer fusion by the layer's batch norm backward
+as it writes its own (cross_layer.redirected): either reads its slice of the concat's gradient
+where it lies, so backward copies nothing out for it. Each input's state (plan.Group.in_place): COPIED,
 WRITTEN (by its group, its gradient copied out), WRITTEN_READ (and its gradient read in place) or
 SUMMED (copied in, its gradient's slice read in place by the fork's sum)."""
 

@@ -265,9 +265,10 @@ class Step:
     # slice of the concat's gradient in place): the step writes its output there, into the slab the
     # executor keeps for that concat (the concat's own step: offset 0)
     into: tuple[int, int, int, bool] | None = None
-    # where a value forks to a conv and a shortcut (cross-layer fusion): the conv's step returns its
-    # input's gradient token (token), and the shortcut's step sends its input `redirects`' gradient there
-    # (kernels/add.py's redirect), which the conv's input gradient adds: no pass sums the two
+    # where a value forks to a conv and a shortcut, or to a deferring batch norm and a concat (cross-layer
+    # fusion): the first's step returns its input's gradient token (token), and the other's step sends its
+    # input `redirects`' gradient there (kernels/add.py's redirect), which the first's backward adds (the
+    # conv's input gradient, the batch norm's bn_act_bwd pass): no pass sums the two
     token: bool = False
     redirects: int | None = None
     text: str = field(init=False, repr=False, compare=False)

@@ -111,7 +111,8 @@ def plan_table(net: ir.Network, fused, unfused, batch: int, itemsize: int, train
         if train and g["dz_on_load"]:
             lines.append(f"       {dz_note(g['gemm_pool'])}")
         if train and g["adds_gradient_of"]:
-            lines.append(f"       its input gradient adds {g['adds_gradient_of']}'s gradient of the same input: "
+            where = "input gradient" if "conv" in g["ops"] else "backward pass"  # (a norm_act group's: bn_act_bwd)
+            lines.append(f"       its {where} adds {g['adds_gradient_of']}'s gradient of the same input: "
                          "no pass sums the two")
         if g["into"]:
             lines.append(f"       zero-copy: writes its output into its channel slice of {g['into']}")

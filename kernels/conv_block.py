@@ -257,7 +257,7 @@ def _block_backward(ctx, dy, _z, _argmax, _mean, _var, dscale, dshift, dtoken):
     return dx, dres, dgate, dw, db, dbn_w, dbn_b, None, None, None, dpro_scale, dpro_shift, None, None, None
 
 
-def _token(x, token: bool):
+def grad_token(x, token: bool):
     """With `token`, x's gradient token: x's shape (an expanded element, never read), the output
     whose gradient is that of x's other reader (kernels/add.py's redirect), added to dx in the input
     gradient's epilogue (conv.conv2d_backward_input's `add`)."""
@@ -268,7 +268,7 @@ _block = define(
     "conv_block", "(Tensor x, Tensor? residual, Tensor? gate, Tensor w, Tensor? b, Tensor? bn_w, Tensor? bn_b, "
     "Tensor? mean, Tensor? var, bool pro, Tensor? pro_scale, Tensor? pro_shift, str spec, bool train, bool token) -> "
     "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    lambda *a: (*_train_impl(*a[:-1]), _token(a[0], a[-1])), lambda *a: (*_train_fake(*a[:-1]), _token(a[0], a[-1])),
+    lambda *a: (*_train_impl(*a[:-1]), grad_token(a[0], a[-1])), lambda *a: (*_train_fake(*a[:-1]), grad_token(a[0], a[-1])),
     _block_backward, _setup)
 
 

@@ -149,15 +149,19 @@ def _check(dy, z, scale, shift, act1, residual, act2, pool, argmax, bn):
 
 
 # (batch norm's elementwise (M, C) tiles)
-@autotune(_TILE_CONFIGS, key=["M", "C", "ACT", "CENTER"], interpret={"BLOCK_M": ("M", 16, 512), "BLOCK_C": ("C", 16, 128)})
+@autotune(_TILE_CONFIGS, key=["M", "C", "ACT", "CENTER", "HAS_ADD"],
+          interpret={"BLOCK_M": ("M", 16, 512), "BLOCK_C": ("C", 16, 128)})
 @triton.jit
 def _bn_act_bwd_kernel(dy_ptr, z_ptr, dz_ptr,  # (M, C); dy's rows stride_dym apart (a concat's gradient slice)
                        scale_ptr, shift_ptr, center_ptr, slope,  # fp32 (C,), (C,), (3, C): [beta, mean, gamma]
-                       M, C, stride_dym, ACT: tl.constexpr, CENTER: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
+                       add_ptr,  # HAS_ADD: (M, C), rows stride_addm apart: z's gradient from its other reader
+                       M, C, stride_dym, stride_addm, ACT: tl.constexpr, CENTER: tl.constexpr,
+                       HAS_ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     # dz = scale g + beta (z - mean) + gamma with g = dy act'(z scale + shift): batch norm's backward
     # through the batch statistics (CENTER; else through constants, dz = scale g), the activation's
-    # recomputed from z: what a conv's gradient kernels apply as they load dy (prologue.py), as a pass
+    # recomputed from z: what a conv's gradient kernels apply as they load dy (prologue.py), as a pass.
+    # HAS_ADD: z forks (DenseNet: the concat copies it too) and its other gradient is added here, so
+    # the sum is written once: 1 read more where a separate sum would read dz and it and write again
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ch_ok = ch < C
@@ -168,29 +172,36 @@ def _bn_act_bwd_kernel(dy_ptr, z_ptr, dz_ptr,  # (M, C); dy's rows stride_dym ap
     z = tl.load(z_ptr + offs, mask=keep, other=0.0)
     dz = apply_grad_prologue(dy, z, s[None, :], t[None, :], beta[None, :], mu[None, :], gamma[None, :], keep, True,
                              ACT, slope, CENTER)
+    if HAS_ADD:
+        dz += tl.load(add_ptr + rows[:, None] * stride_addm + ch[None, :], mask=keep, other=0.0).to(tl.float32)
     tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=keep)
 
 
-def _bn_act_backward(dy, z, scale, shift, act1: Act, bn):
+def _bn_act_backward(dy, z, scale, shift, act1: Act, bn, add=None):
     """(dz, dweight, dbias) of batch norm then act1 alone: batch norm's sums of g = dy act1'(u)
     (dy and z in, as dz on load's), then dz in one pass (dy and z in), act1's gradient recomputed:
-    5 passes over z's size where the gather pass writing da and batch norm's rereading it take 6."""
+    5 passes over z's size where the gather pass writing da and batch norm's rereading it take 6.
+    add (z's shape, or a channel slice of a concat's gradient): added to dz as it is written."""
     m, c = z.numel() // max(z.shape[-1], 1), z.shape[-1]
     dy2, z2 = dy.reshape(m, c), z.view(m, c)  # (dy a channel slice: a view, its rows apart)
     center, dw, db = batchnorm_backward_on_load(dy2, z2, bn.mean, bn.var, bn.eps, bn.weight, bn.param_grads, bn.train,
                                                 scale, shift, act1, bn.grads)
+    add2 = None if add is None else add.reshape(m, c)  # (a channel slice stays a view)
     dz = torch.empty_like(z)
     if dz.numel():
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
         _bn_act_bwd_kernel[grid](dy2, z2, dz, scale, shift, scale if center is None else center, float(act1.slope),
-                                 m, c, dy2.stride(0), ACT=act_code(act1), CENTER=center is not None)
+                                 dz if add2 is None else add2, m, c, dy2.stride(0),
+                                 c if add2 is None else add2.stride(0), ACT=act_code(act1), CENTER=center is not None,
+                                 HAS_ADD=add2 is not None)
     return dz, dw if bn.param_grads else None, db if bn.param_grads else None
 
 
 def epilogue_backward(dy, z, scale, shift, act1: Act, residual, act2: Act, pool: Window | None, argmax,
-                      bn: BatchNormBackward | None = None):
+                      bn: BatchNormBackward | None = None, add=None):
     """(dz, dresidual or None, dweight or None, dbias or None) for dy of epilogue_forward's y,
-    recomputing a, v, u from the saved z, residual and argmax. bn None: the affine (if any) is
+    recomputing a, v, u from the saved z, residual and argmax; add (batch norm and act1 alone: z's
+    gradient from its other reader, _bn_act_backward) is added to dz. bn None: the affine (if any) is
     fixed, dz = da * scale, one pass. With bn, a is batch norm of z (scale, shift its affine):
     dz is the batch-norm backward (through the batch statistics with bn.train) and, with
     bn.param_grads, dweight (bn.weight not None) and dbias (bn.bias) come in the weight's dtype
@@ -198,15 +209,20 @@ def epilogue_backward(dy, z, scale, shift, act1: Act, residual, act2: Act, pool:
     batchnorm's tile partials), then with bn batchnorm's merge and elementwise backward."""
     args, consts = _check(dy, z, scale, shift, act1, residual, act2, pool, argmax, bn)
     m, c = z.numel() // max(z.shape[-1], 1), z.shape[-1]
+    alone = bn is not None and consts["ACT1"] != NONE and consts["ACT2"] == NONE and not consts["HAS_RES"] \
+        and not consts["POOL"]
+    if add is not None:
+        check(alone, "add: only with batch norm and act1 alone (no shortcut, second activation or pool)")
+        check_tensor(add, "add", dtype=z.dtype, device=z.device, rows=True)
+        check(tuple(add.shape) == tuple(z.shape), f"add: expected shape {tuple(z.shape)}, got {tuple(add.shape)}")
     if bn is not None and consts["ACT1"] == consts["ACT2"] == NONE and not consts["HAS_RES"] and not consts["POOL"]:
         # batch norm alone (a projection shortcut): da = dy, so its reduction reads dy and z directly,
         # without a pass that writes da (one pass over z's size fewer)
         args = (dy.view(m, c), z.view(m, c), bn.mean, bn.var, bn.eps, bn.weight, bn.param_grads)
         dz, dw, db = batchnorm_backward(*args, bn.grads) if bn.train else batchnorm_eval_backward(*args)
         return dz.view(z.shape), None, None if bn.weight is None else dw, db if bn.bias else None
-    if bn is not None and consts["ACT1"] != NONE and consts["ACT2"] == NONE and not consts["HAS_RES"] \
-            and not consts["POOL"]:  # batch norm and act1 alone: two passes, none writing da
-        dz, dw, db = _bn_act_backward(dy, z, scale, shift, act1, bn)
+    if alone:  # batch norm and act1 alone: two passes, none writing da
+        dz, dw, db = _bn_act_backward(dy, z, scale, shift, act1, bn, add)
         return dz, None, None if bn.weight is None else dw, db if bn.bias else None
     # a shortcut added after the conv itself (no act1, no affine): dz is dresidual, written once
     same = bn is None and scale is None and consts["HAS_RES"] and consts["ACT1"] == NONE

@@ -17,7 +17,7 @@ from ..specs import NO_ACT, decode
 from ._common import absent, define, present
 from .batchnorm import batchnorm_stats
 from .batchnorm_layer import update_running
-from .conv_block import Deferred
+from .conv_block import Deferred, grad_token
 from .epilogue import epilogue_forward
 from .epilogue_backward import BatchNormBackward, epilogue_backward
 from .fold import bn_scale_shift
@@ -46,31 +46,33 @@ def _save(ctx, x, weight, bias, spec, train, mean, var, scale, shift):
     ctx.save_for_backward(x, scale, shift, mean, var, weight)
 
 
-def _backward_impl(dy, x, scale, shift, mean, var, weight, dscale, dshift, has_bias, spec, train, params):
+def _backward_impl(dy, x, scale, shift, mean, var, weight, dscale, dshift, add, has_bias, spec, train, params):
     s = decode(spec)
     bn = BatchNormBackward(mean, var, s.bn.eps, weight, has_bias, params, train,
                            None if dscale is None or dshift is None else (dscale, dshift))
-    dx, _, dw, db = epilogue_backward(_nhwc(dy), _nhwc(x), scale, shift, s.act1, None, NO_ACT, None, None, bn)
+    dx, _, dw, db = epilogue_backward(_nhwc(dy), _nhwc(x), scale, shift, s.act1, None, NO_ACT, None, None, bn,
+                                      None if add is None else _nhwc(add))
     return dx.view(x.shape), absent(x) if dw is None else dw, absent(x) if db is None else db
 
 
-def _backward_fake(dy, x, scale, shift, mean, var, weight, dscale, dshift, has_bias, spec, train, params):
+def _backward_fake(dy, x, scale, shift, mean, var, weight, dscale, dshift, add, has_bias, spec, train, params):
     grads = params and weight is not None
     return torch.empty_like(x), weight.new_empty(weight.shape) if grads else absent(x), \
         weight.new_empty(weight.shape) if grads and has_bias else absent(x)
 
 
 _backward = define("norm_act_backward", "(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor mean, Tensor var, "
-                   "Tensor? weight, Tensor? dscale, Tensor? dshift, bool has_bias, str spec, bool train, bool params) -> "
-                   "(Tensor, Tensor, Tensor)",
+                   "Tensor? weight, Tensor? dscale, Tensor? dshift, Tensor? add, bool has_bias, str spec, bool train, "
+                   "bool params) -> (Tensor, Tensor, Tensor)",
                    _backward_impl, _backward_fake)
 
 
-def _grads(ctx, dy, need_weight, need_bias, dscale=None, dshift=None):
-    """(dx, dweight, dbias) for dy; dscale, dshift: the sums of a deferred y's reader (_Defer)."""
+def _grads(ctx, dy, need_weight, need_bias, dscale=None, dshift=None, add=None):
+    """(dx, dweight, dbias) for dy; dscale, dshift: the sums of a deferred y's reader (_Defer); add:
+    x's gradient token's (x's gradient from its other reader), added to dx as it is written."""
     x, scale, shift, mean, var, weight = ctx.saved_tensors
     params = weight is not None and (need_weight or need_bias)
-    dx, dw, db = _backward(dy.contiguous(), x, scale, shift, mean, var, weight, dscale, dshift, ctx.has_bias,
+    dx, dw, db = _backward(dy.contiguous(), x, scale, shift, mean, var, weight, dscale, dshift, add, ctx.has_bias,
                            ctx.spec, ctx.train, params)
     return dx, present(dw), present(db)
 
@@ -102,30 +104,34 @@ _train = define("norm_act_train", "(Tensor x, Tensor? weight, Tensor? bias, str 
 
 # --- eval (or a frozen batch norm): the running statistics normalise -------------------------------
 
-def _eval_impl(x, mean, var, weight, bias, spec):
+def _eval_impl(x, mean, var, weight, bias, spec, token):
     s = decode(spec)
     scale, shift = bn_scale_shift(mean, var, s.bn.eps, weight, bias)
-    return _normalise(x, scale, shift, s), scale, shift
+    return _normalise(x, scale, shift, s), scale, shift, grad_token(x, token)
 
 
-def _eval_fake(x, mean, var, weight, bias, spec):
+def _eval_fake(x, mean, var, weight, bias, spec, token):
     stat = x.new_empty(x.shape[-1], dtype=torch.float32)
-    return torch.empty_like(x), stat, torch.empty_like(stat)
+    return torch.empty_like(x), stat, torch.empty_like(stat), grad_token(x, token)
 
 
 def _eval_setup(ctx, inputs, output):
-    x, mean, var, weight, bias, spec = inputs
-    ctx.mark_non_differentiable(*output[1:])
-    _save(ctx, x, weight, bias, spec, False, mean, var, *output[1:])
+    x, mean, var, weight, bias, spec, token = inputs
+    ctx.mark_non_differentiable(*output[1:3], *(() if token else output[3:]))
+    ctx.set_materialize_grads(False)
+    _save(ctx, x, weight, bias, spec, False, mean, var, *output[1:3])
 
 
-def _eval_backward(ctx, dy, *_):
-    dx, dw, db = _grads(ctx, dy, ctx.needs_input_grad[3], ctx.needs_input_grad[4])
-    return dx, None, None, dw, db, None
+def _eval_backward(ctx, dy, _scale, _shift, dtoken):
+    if dy is None:
+        return (None,) * 7
+    dx, dw, db = _grads(ctx, dy, ctx.needs_input_grad[3], ctx.needs_input_grad[4], add=dtoken)
+    return dx, None, None, dw, db, None, None
 
 
-_eval = define("norm_act_eval", "(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, str spec) -> "
-               "(Tensor, Tensor, Tensor)", _eval_impl, _eval_fake, _eval_backward, _eval_setup)
+# (token: also x's gradient token, as in training, where a frozen batch norm's layer forks)
+_eval = define("norm_act_eval", "(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, str spec, "
+               "bool token) -> (Tensor, Tensor, Tensor, Tensor)", _eval_impl, _eval_fake, _eval_backward, _eval_setup)
 
 
 # --- cross-layer fusion: y handed on unwritten (its reader conv normalises and activates on load) ------
@@ -138,32 +144,44 @@ class _Defer(torch.autograd.Function):
     """x, scale and shift as the group's y, views: the reader conv computes y from them as it loads
     (the Deferred's z, scale and shift), and hands back y's gradient and those of scale and shift
     (batch norm's sums: conv.conv2d_backward_input), which batch norm's and the activation's
-    backward turn into x's (the same pass as a written y's, less the sums')."""
+    backward turn into x's (the same pass as a written y's, less the sums'). With `token`, also
+    x's gradient token (conv_block.grad_token): the gradient of x's other reader (a concat that copies
+    x, kernels/add.py's redirect) arrives there and is added to dx in that pass, where lies (a
+    channel slice of the concat's gradient)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, scale, shift, spec):
+    def forward(ctx, x, weight, bias, mean, var, scale, shift, spec, token):
         _save(ctx, x, weight, bias, spec, True, mean, var, scale, shift)
         ctx.set_materialize_grads(False)  # scale's and shift's: None where the reader computed none
-        return x.view_as(x), scale.view_as(scale), shift.view_as(shift)
+        tok = grad_token(x, token)
+        if not token:
+            ctx.mark_non_differentiable(tok)
+        return x.view_as(x), scale.view_as(scale), shift.view_as(shift), tok
 
     @staticmethod
-    def backward(ctx, dy, dscale, dshift):
-        if dy is None:
-            return (None,) * 8
-        return (*_grads(ctx, dy, ctx.needs_input_grad[1], ctx.needs_input_grad[2], dscale, dshift), *(None,) * 5)
+    def backward(ctx, dy, dscale, dshift, dtoken):
+        if dy is None:  # (y unused; then so is the token, read only where y is)
+            return (None,) * 9
+        return (*_grads(ctx, dy, ctx.needs_input_grad[1], ctx.needs_input_grad[2], dscale, dshift, dtoken),
+                *(None,) * 6)
 
 
 def norm_act(x, weight, bias, running_mean, running_var, num_batches_tracked, spec, state):
     """act(batch norm(x)) for x (N, H, W, C) or (N, C); with spec.defer, in training, a Deferred
-    (kernels/conv_block.py) of x and the scale and shift, for the conv that reads it."""
+    (kernels/conv_block.py) of x and the scale and shift, for the conv that reads it, and with
+    state.token (the plan's Group.token) x's gradient token besides (_Defer)."""
     if not state.training:
-        return _eval(x, running_mean, running_var, weight, bias, state.text)[0]
+        y, _, _, token = _eval(x, running_mean, running_var, weight, bias, state.text, state.token)
+        return (y, token) if state.token else y
     if spec.defer:
         detach = lambda t: None if t is None else t.detach()  # (the gradients go through _Defer)
         mean, var, scale, shift = _stats(x.detach(), detach(weight), detach(bias), state.text)
-        y, scale, shift = _Defer.apply(x, weight, bias, mean, var, scale, shift, state.text)
+        y, scale, shift, token = _Defer.apply(x, weight, bias, mean, var, scale, shift, state.text, state.token)
     else:
         y, mean, var, _, _ = _train(x, weight, bias, state.text)
     update_running(mean, var, running_mean, running_var, num_batches_tracked, spec.bn.momentum,
                    x.numel() // max(x.shape[-1], 1))
-    return Deferred(y, scale, shift, spec.act1) if spec.defer else y
+    if not spec.defer:
+        return y
+    y = Deferred(y, scale, shift, spec.act1)
+    return (y, token) if state.token else y

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_examples import SHRUNK
+from test_zero_copy import DENSE
 
 import cnndsl
 from cnndsl.emit import emit
@@ -44,7 +45,7 @@ def _emitted(tmp_path, net, fuse):
     return module, classes[-1]()
 
 
-NETWORKS = {"residual": RESIDUAL, "everything": EVERYTHING, "branches": BRANCHES}
+NETWORKS = {"residual": RESIDUAL, "everything": EVERYTHING, "branches": BRANCHES, "dense": DENSE}
 FUSE = pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 
 
@@ -66,13 +67,14 @@ def test_emitted_module_runs_the_compiled_models_steps(tmp_path, name, fuse):
 
 
 @pytest.mark.parametrize(("name", "fuse"), [("digits", True), ("digits", False), ("residual", True),
-                                            ("everything", False)],
-                         ids=["digits-fused", "digits-unfused", "residual-fused", "everything-unfused"])
+                                            ("everything", False), ("dense", True)],
+                         ids=["digits-fused", "digits-unfused", "residual-fused", "everything-unfused", "dense-fused"])
 def test_emitted_module_computes_what_the_compiled_model_does(tmp_path, name, fuse):
     """A training step (dropout's masks from the same seeds; the optimizer updates the weights),
     then eval with and without autograd: outputs, losses, every gradient and the running
     statistics, bit for bit. The networks cover pools, batch norm, residuals with and without
-    projections, dropout, cross-layer fusion, and flatten after a spatial map and after a 1x1 one."""
+    projections, dropout, cross-layer fusion, a gradient token (a dense layer's batch norm), and flatten
+    after a spatial map and after a 1x1 one."""
     net = cnndsl.parse(_source(name))
     _, emitted = _emitted(tmp_path, net, fuse)
     compiled = cnndsl.compile(net, backend="triton", fuse=fuse, device="cpu")

@@ -56,6 +56,7 @@ import pytest
 import torch
 from hopper import ROOT, nvidia_backend_or_skip, record, run_worker, train_and_eval
 from hopper_gpu import KERNELS
+from test_zero_copy import DENSE
 
 import cnndsl
 
@@ -159,6 +160,7 @@ def _drive():
         _both_plans(EVERYTHING, dtype)
         _launcher_extras(dtype)
     _both_plans(BRANCHES, torch.bfloat16)  # concat, gate, uneven pools, 1x1 maps: the same kernels in fp32
+    train_and_eval(DENSE, torch.bfloat16)  # a dense layer's batch norm adding its input's other gradient
     train_and_eval(ROOT / "examples" / "cifar_small.cnn", torch.float32, evaluate=False)
 
 

@@ -262,25 +262,55 @@ dense 3
 
 def test_a_forked_input_takes_its_gradient_where_it_lies():
     """Each dense layer copies its input into the concat's output in forward; in backward nothing is
-    copied out: the input's gradient from the concat is its slice of the concat's, which the fork's
-    add reads in place beside the layer's own gradient of it (slabs.SUMMED)."""
+    copied out: the input's gradient from the concat is its slice of the concat's, read in place
+    (slabs.SUMMED) beside the layer's own gradient of it: by the fork's add for the network's input,
+    and for a layer's output by the next layer's batch norm backward, which adds it as it writes its
+    own (cross_layer.redirected: no pass sums the two)."""
     model = cnndsl.compile(DENSE, device="cpu").train()
     joins = [g for g in model.plan.groups if g.ops == ("concat",)]
-    assert [g.in_place for g in joins] == [(3, 2), (3, 2)] and all(g.backward == () for g in joins)
+    assert [g.in_place for g in joins] == [(3, 2), (3, 2)]
+    assert [g.backward for g in joins] == [("fork_sum_in_reader",), ()]
+    norms = [g for g in model.plan.groups if g.rule == "norm_act"]
+    assert [(g.token, g.nodes[0].inputs[0]) for g in norms] == [(False, 0), (True, joins[0].output.id)]
+    assert [g.redirects for g in joins] == [None, joins[0].output.id]
     assert joins[1].into_note.endswith("the sum of layer1.concat1.concat's gradients reads its slice there")
     x = torch.randn(2, 16, 5, 5, requires_grad=True)
     see = lambda kernel, values: ("copy", values["cols"], values["stride_dst"]) if kernel.fn.__name__ == \
         "_slice_copy_kernel" else ("sum", values["stride_a"], values["stride_b"]) if kernel.fn.__name__ == \
-        "_add_rows_kernel" else None
+        "_add_rows_kernel" else ("bn_act_bwd+add", values["stride_addm"]) if kernel.fn.__name__ == \
+        "_bn_act_bwd_kernel" and values["HAS_ADD"] else None
     loss = []
     forward = launches(lambda: loss.append(model.loss(x, torch.tensor([0, 2]))), see, execute=False)
     backward = launches(lambda: loss[0].backward(), see, execute=False)
     assert forward == [("copy", 16, 32), ("copy", 32, 48)]  # each input into its concat's slab
-    # each input's slice (rows 32 and 48 apart) summed with the layer's gradient of it (16 and 32 channels)
-    assert sorted(backward) == [("sum", 32, 16), ("sum", 48, 32)]
+    # the network input's slice (rows 32 apart) summed with the layer's gradient of it (16 channels);
+    # the first concat's (rows 48 apart) added by the second layer's batch norm backward
+    assert sorted(backward) == [("bn_act_bwd+add", 48), ("sum", 32, 16)]
     run_both(DENSE, batch=2, train=True, fuse=True, steps=2)
     run_both(DENSE, batch=2, train=False, fuse=True)
 
+
+
+def test_the_gradient_token_holds_in_eval_mode_with_gradients():
+    """A dense layer's batch norm in eval mode (a frozen one, or the input gradient of a trained
+    model) still takes its input's other gradient by the token: input and weight gradients as the
+    reference backend's."""
+    torch.manual_seed(0)
+    ours = cnndsl.compile(DENSE, device="cpu")
+    ref = cnndsl.compile(DENSE, backend="torch", device="cpu")
+    ref.load_state_dict(ours.state_dict())
+    grads = []
+    for model in (ours, ref):
+        model.train()
+        batch = torch.randn(4, 16, 5, 5, generator=torch.Generator().manual_seed(3))
+        model.loss(batch, torch.tensor([0, 1, 2, 0])).backward()  # the running statistics move
+        model.zero_grad()
+        model.eval()
+        x = torch.randn(2, 16, 5, 5, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        model.loss(x, torch.tensor([0, 2])).backward()
+        grads.append([x.grad, *(p.grad for p in model.parameters())])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 def test_size_one_dimensions_do_not_count():
     """The gradient of an (N, C, 1, 1) output permuted to NHWC is contiguous with strides (C, 1, 1, 1):

@@ -259,3 +259,28 @@ def test_epilogue_rejects_bad_input():
                           BatchNormBackward(torch.zeros(2), c, EPS, None, False, True, True))
     with pytest.raises(ValueError, match="bn: expected None or a BatchNormBackward, got"):
         epilogue_backward(z, z, c, c, Act("relu", 0.0), None, Act("none", 0.0), None, None, (c, c))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_and_act_backward_adds_the_other_gradient_where_it_lies(dtype, train):
+    """add (z's gradient from its other reader: a channel slice of a concat's gradient, rows 20 apart)
+    is added to dz as it is written: the same dz as without it, plus add."""
+    torch.manual_seed(0)
+    z = (0.5 + 2 * torch.randn(2, 3, 5, 12)).to(dtype)
+    w, b = (1 + 0.5 * torch.randn(12)).to(dtype), torch.randn(12).to(dtype)
+    mean, var = batchnorm_stats(z.reshape(-1, 12)) if train else (torch.randn(12), 0.5 + torch.rand(12))
+    sd = w.double() * (var.double() + EPS).rsqrt()
+    scale, shift = sd.float(), (b.double() - mean.double() * sd).float()
+    dy = torch.randn(z.shape).to(dtype)
+    slab = torch.randn(2, 3, 5, 20).to(dtype)
+    add = slab[..., 4:16]  # rows 20 apart
+    act = Act("relu", 0.0)
+    bn = lambda: BatchNormBackward(mean, var, EPS, w, True, True, train)
+    plain = epilogue_backward(dy, z, scale, shift, act, None, Act("none", 0.0), None, None, bn())
+    summed = epilogue_backward(dy, z, scale, shift, act, None, Act("none", 0.0), None, None, bn(), add)
+    assert_close(summed[0].float(), plain[0].double() + add.double(), dtype, reduction=z.numel() // 12, depth=3,
+                 name="dz + add")
+    assert torch.equal(summed[2], plain[2]) and torch.equal(summed[3], plain[3])  # the parameters' unchanged
+    with pytest.raises(ValueError, match="add: only with batch norm and act1 alone"):
+        epilogue_backward(dy, z, scale, shift, Act("none", 0.0), None, Act("none", 0.0), None, None, bn(), add)
