@@ -36,7 +36,7 @@ def _plan(args) -> int:
 
 
 def _quiet_interpreter_warning() -> None:
-    """train and eval say where kernels run in their own report."""
+    """train and eval say where kernels run in their own report; emit and bench run none here."""
     warnings.filterwarnings("ignore", message="cnndsl: no CUDA device found")
 
 
@@ -121,11 +121,13 @@ def _fuse(args) -> bool | str:
 
 
 def _bench(args) -> int:
+    _quiet_interpreter_warning()  # (before the import that warns: bench needs a GPU, and says so)
     from .bench import main
     return main(args)
 
 
 def _emit(args) -> int:
+    _quiet_interpreter_warning()  # (before the import that warns: emit writes code, nothing runs)
     from .emit import emit
     text = emit(api.parse(Path(args.file)), fuse=_fuse(args))
     if args.output in (None, "-"):

@@ -118,7 +118,7 @@ def hover_text(net, group_of, groups, line: int, column: int) -> str | None:
         made = [n for n in net.nodes[1:] if n.name == label.group(1) or n.name.startswith(label.group(1) + ".")]
         if made:
             shape = fmt(made[-1].shape)
-            return (f"**{label.group(1)}**: {len(made)} layers -> {shape}\n\nparameters "
+            return (f"**{label.group(1)}**: {len(made)} layer{'' if len(made) == 1 else 's'} -> {shape}\n\nparameters "
                     f"{sum(params(net, n) for n in made):,}, multiply-adds {sum(macs(net, n) for n in made):,} "
                     "per sample")
     if not hits:

@@ -107,6 +107,7 @@ def test_emit_cli_writes_a_module_without_cnndsl(tmp_path):
     run = subprocess.run([sys.executable, "-m", "cnndsl", "emit", str(EXAMPLES / "lenet5.cnn"), "-o", str(out)],
                          capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr
+    assert run.stderr == f"wrote {out}\n"  # no interpreter warning: emit runs no kernel
     text = out.read_text()
     assert "cnndsl" not in text.split('"""')[2], "the emitted module must not import cnndsl"
     check = (f"import sys, torch; sys.modules['cnndsl'] = None; sys.path.insert(0, {str(tmp_path)!r}); import lenet; "
