@@ -29,6 +29,7 @@ def _fmt(args) -> int:
     for name in args.files:
         path = Path(name)
         text, _ = api.read_source(path)  # a regular file, bounded: a FIFO or /dev/zero is refused unread
+        text = text.replace("\r\n", "\n")  # (CRLF line ends are the same layout; fmt writes LF)
         formatted = format_source(text, str(path))
         if formatted != text:
             changed.append(path)

@@ -166,7 +166,9 @@ def redirected(readers, groups: list[Group]) -> list[Group]:
         a, b = at  # (a conv block adding v to a conv of its own that reads v too has one index)
         if groups[a].into is not None or any(n.op is Op.GATE for n in groups[a].nodes):
             continue
-        if groups[a].rule == "norm_act" and groups[b].output.op is not Op.CONCAT:  # (its kernel adds a slice only)
+        # a concat's gradient slice goes to a norm_act's bn_act_bwd only (a conv block's epilogue would copy
+        # it whole first), and the concat must come second: it sends, it holds no token
+        if groups[a].output.op is Op.CONCAT or (groups[a].rule == "norm_act") != (groups[b].output.op is Op.CONCAT):
             continue
         out[a], out[b] = replace(out[a], token=True), replace(out[b], redirects=v)
         out[p] = replace(out[p], backward=out[p].backward + ("fork_sum_in_reader",))

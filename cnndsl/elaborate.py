@@ -152,7 +152,7 @@ class _Builder:
     def layer(self, stmt: ast.Layer, cur: int, env: dict, name: str) -> int:
         # The same statement with the same arguments on the same input (a repeated block) is
         # checked once: attributes and shape depend on nothing else.
-        key = (id(stmt), tuple(env.items()), self.nodes[cur].shape)
+        key = (id(stmt), _typed(env), self.nodes[cur].shape)
         if key not in self.checked:
             self.checked[key] = self._check_layer(stmt, env, self.nodes[cur].shape)
         attrs, shape = self.checked[key]
@@ -184,7 +184,7 @@ class _Builder:
         if len(stack) >= MAX_DEPTH:
             raise CnnNameError(f"block calls are nested more than {MAX_DEPTH} deep", stmt.name_span)
         # The same call with the same arguments (a repeated block) binds once: its values depend on nothing else.
-        key = (id(stmt), tuple(env.items()))
+        key = (id(stmt), _typed(env))
         if key not in self.bound:
             self.bound[key] = self._bind_call(stmt, block, env)
         try:
@@ -280,6 +280,12 @@ def _check_nesting(stmt, nesting: int) -> None:
     """Residual, concat and gate branches (through block calls too) nest at most MAX_NESTING deep."""
     if nesting >= MAX_NESTING:
         raise CnnSyntaxError(f"residual and concat branches are nested more than {MAX_NESTING} deep", stmt.span)
+
+
+def _typed(env: dict) -> tuple:
+    """A block's bindings as a cache key: with each value's type, since 8, 8.0 and true are equal
+    keys to Python but not the same argument (8.0 is no filter count)."""
+    return tuple((k, type(v), v) for k, v in env.items())
 
 
 def _check_values(shape: tuple, keyword: str, span) -> None:

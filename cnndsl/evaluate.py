@@ -40,7 +40,8 @@ def evaluate(file: str | Path, weights: str | Path, data_spec: str | None = None
         test_set = finetune.only_classes(test_set, only_classes)
     data.check(test_set, net.input_shape, classes_of(net), "test set")
     model = api.compile(net, backend=backend, fuse=fuse, device=device, dtype=DTYPES[dtype])
-    check_batch_memory(net, batch_size, model.device, DTYPES[dtype].itemsize, training=False)
+    check_batch_memory(net, max(min(batch_size, len(test_set)), 1), model.device, DTYPES[dtype].itemsize,
+                       training=False)
     if w.checkpoint is not None:
         try:  # (resume's checks speak of training; here the file is the weights to evaluate)
             resume.check_model(w.checkpoint, model.state_dict(), weights, cast=True)

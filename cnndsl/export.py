@@ -12,7 +12,6 @@ a weights file cannot hold that step: .safetensors records the statistics in its
 
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from . import api, finetune, resume
 from .augment import Normalize
 from .checkpoint import reason
 from .errors import CnnError, CnnInputError, CnnWeightsError
+from .rundir import new_file_beside
 from .weights import load_weights, read, write_safetensors
 
 FORMATS = (".onnx", ".safetensors", ".pt", ".pth")
@@ -79,7 +79,7 @@ def export(file, weights, output, classes: int | None = None, opset: int = MIN_O
             raise CnnInputError("export to ONNX needs the onnx package: pip install onnx (or cnndsl[export])")
     try:  # written whole beside the output, then renamed over it: a failed export leaves no torn file
         output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=output.name + ".", suffix=".tmp", dir=output.parent)
+        fd, tmp = new_file_beside(output)
         os.close(fd)
         try:
             _write(model, net, norm, stats, output.suffix, tmp, opset)

@@ -41,10 +41,12 @@ MISTAKES = {
         "network a\ninput 1x8x8\nb(64\n", "network a\ninput 1x8x8\nb(64, 2\n"],
     "one layer per line": [
         "network a\ninput 1x8x8\nconv 8 3, relu\n", "network a\ninput 1x8x8\nrelu; relu\n"],
-    "`(` right after a layer's name opens its argument list, so a bare argument cannot begin with `(`: write "
-    "`conv(8, (k - 1) // 2)`, or name the option (`pad=(k - 1) // 2`)": [
+    "a layer's arguments are all bare or all in one parenthesised list, which `(` right after its name "
+    "opens; so a bare argument cannot begin with `(`: write `conv(8, (k - 1) // 2)`, or name the option "
+    "(`pad=(k - 1) // 2`)": [
         "network a\ninput 1x8x8\nconv (2) 3\n", "network a\ninput 1x8x8\nconv (1 + 1) k\n",
-        "network a\ninput 1x8x8\nconv (8) stride=2\n"],
+        "network a\ninput 1x8x8\nconv (8) stride=2\n", "network a\ninput 1x8x8\nconv 8 (2)\n",
+        "network a\ninput 1x8x8\nconv 8 3 (1)\n"],
     "there is no unary minus: write `0 - x`, or a positive value": [
         "network a\ninput 1x8x8\nleaky_relu -0.1\n", "network a\ninput 1x8x8\nleaky_relu slope=-1\n",
         "network a\ninput 1x8x8\nleaky_relu(-0.1)\n", "network a\ninput 1x8x8\nrelu x 0 - -1\n",

@@ -13,8 +13,8 @@ import contextlib
 import errno
 import fcntl
 import os
+import secrets
 import stat
-import tempfile
 from pathlib import Path
 
 from .errors import CnnTrainError
@@ -56,7 +56,10 @@ def _lock(out: Path) -> int:
                                     "remove the link, or give this run another --out") from None
             raise CnnTrainError(f"cannot use {out} as the output folder: {err.strerror or err}") from None
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # a FIFO, a device, another file's hard link
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 0:  # removed since we opened it: the protocol's retry
+            os.close(fd)
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:  # a FIFO, a device, another file's hard link
             os.close(fd)
             raise CnnTrainError(f"{path} is not a plain file of its own (a device, a pipe or a second name of "
                                 "another file); remove it, or give this run another --out")
@@ -116,18 +119,32 @@ def write_file(path: Path, data: bytes | str) -> None:
     """Write `data` to `path` as a new file renamed over the old one: a link planted at the path
     (OUT/config.json -> a file elsewhere) is replaced, not written through, and a reader never
     sees half a file. OSError as the write raised it."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = new_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def new_file_beside(path: Path) -> tuple[int, str]:
+    """(fd, name) of a new, empty temporary file in path's folder, to be renamed over `path`: with
+    the mode of the regular file it will replace, else the one a new file gets (0666 less the
+    umask; mkstemp's 0600 would make every replaced file private)."""
+    try:
+        old = os.stat(path, follow_symlinks=False)
+        mode = stat.S_IMODE(old.st_mode) if stat.S_ISREG(old.st_mode) else 0o666
+    except FileNotFoundError:
+        mode = 0o666
+    for _ in range(100):
+        tmp = str(path.parent / f"{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+        except FileExistsError:
+            continue
+        if mode != 0o666:  # (os.open applied the umask; a replaced file keeps its own mode exactly)
+            os.fchmod(fd, mode)
+        return fd, tmp
+    raise FileExistsError(17, f"no free temporary name beside {path}")

@@ -39,6 +39,7 @@ from .runtime import check_batch_memory
 
 CHECKPOINT = "last.pt"  # in the output folder
 MAX_EPOCHS = 1_000_000  # --epochs and the options counted in epochs: far beyond any run
+MAX_SEED = 2**40
 CONFIG = "config.json"  # every option of the run, in the output folder (`cnndsl train --config`)
 METRICS, BEST = "metrics.csv", "best.pt"  # one row per epoch; the checkpoint of the best validation accuracy
 CURVES = "curves.png"  # loss and accuracy against epochs (with matplotlib)
@@ -85,8 +86,9 @@ class Options:
             if (getattr(self, name) or 0) > MAX_EPOCHS:
                 raise CnnInputError(f"--{name.replace('_', '-')} must be at most {MAX_EPOCHS:,}, got "
                                     f"{getattr(self, name):,}")
-        if not -2**63 <= self.seed < 2**63:  # torch's generator takes a 64-bit seed
-            raise CnnInputError(f"--seed must be a 64-bit integer (-2^63 to 2^63 - 1), got {self.seed}")
+        if abs(self.seed) > MAX_SEED:  # (each epoch's generators take seed * 100,003 + epoch: 64 bits)
+            raise CnnInputError(f"--seed must be a whole number from -{MAX_SEED:,} to {MAX_SEED:,} (2^40), got "
+                                f"{self.seed}")
         if self.optimizer is not None and self.optimizer not in recipe.OPTIMIZERS:
             raise CnnInputError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(recipe.OPTIMIZERS)}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
@@ -231,7 +233,8 @@ def _run(file, net, ckpt_path: Path, opts: Options, log, w: distributed.World) -
         f"{len(test_set)} test images, {len(train_set.classes)} classes")
     torch.manual_seed(opts.seed)
     model = api.compile(net, backend=opts.backend, fuse=opts.fuse, device=opts.device)  # fp32 master weights
-    check_batch_memory(net, opts.batch_size // w.size, model.device, DTYPES[opts.dtype].itemsize, training=True)
+    batch = min(opts.batch_size, len(train_set)) // w.size  # (no batch is larger than the data)
+    check_batch_memory(net, max(batch, 1), model.device, DTYPES[opts.dtype].itemsize, training=True)
     if opts.backend == "triton":
         log(f"backend: triton ({model.plan.level}), {_where(model)}")
         log(str(model.plan))

@@ -103,7 +103,7 @@ _SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxlong, _SHOW.maxother = 3, 60, 40, 60
 def _entry(path, name, info, data_size: int) -> tuple:
     """(dtype, shape, begin, stop) of a header entry, checked: its shape fits a tensor and its
     byte range fits both the shape and the data section."""
-    ok = isinstance(info, dict) and info.get("dtype") in DTYPES and isinstance(info.get("shape"), list) and all(
+    ok = isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] in DTYPES and isinstance(info.get("shape"), list) and all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"]) and isinstance(
         info.get("data_offsets"), list) and len(info["data_offsets"]) == 2 and all(
         isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"])

@@ -139,6 +139,12 @@ def test_a_text_that_names_a_file_is_text(tmp_path, monkeypatch, capsys):
     assert "pointer.cnn:1:1: syntax error" in err and "secret" not in err
 
 
+def test_a_canonical_file_with_crlf_line_ends_is_canonical(tmp_path, capsys):
+    (tmp_path / "crlf.cnn").write_bytes(b"network a\r\ninput 1x8x8\r\nrelu\r\n")
+    assert main(["fmt", "--check", str(tmp_path / "crlf.cnn")]) == 0
+    assert "0 of 1 file(s) would reformat" in capsys.readouterr().err
+
+
 def test_fmt_refuses_what_is_not_a_regular_file_unread(tmp_path, capsys):
     os.mkfifo(tmp_path / "pipe.cnn")  # would block a reader for ever; /dev/zero would never end
     for path in (tmp_path / "pipe.cnn", "/dev/zero"):

@@ -205,6 +205,14 @@ def test_a_repeated_block_call_binds_its_arguments_once():
     assert len(net.nodes) == 100_001
 
 
+def test_a_cached_call_or_layer_tells_8_from_8_0():
+    """8, 8.0 and true are equal dict keys: the caches of bound calls and checked layers key on the
+    values' types too, so a non-integer filter count reusing an earlier call's is still an error."""
+    src = H + "block inner(c) {\nconv c 3 pad=1\n}\nblock outer(c) {\ninner(c)\n}\nouter(8)\nouter(8.0)\n"
+    err = error(src, cnndsl.CnnArgumentError)
+    assert err.message == "option 'filters' cannot be 8.0" and err.notes[-1] == "in block 'outer' called at line 10"
+
+
 def test_arithmetic_that_block_calls_multiply_is_bounded():
     """A tree of calls, each with other arguments (so nothing is bound twice), evaluates each
     call's 190 operators at each of its 2^15 calls: the evaluation bound trips, quickly."""

@@ -48,3 +48,36 @@ def test_links_planted_at_the_runs_files_are_replaced_not_written_through(run, c
     assert victim.read_text() == SECRET
     assert not (out / "config.json").is_symlink() and '"epochs": 1' in (out / "config.json").read_text()
     assert not (out / "metrics.csv").is_symlink() and (out / "metrics.csv").read_text().startswith("epoch,")
+
+
+
+def test_a_lock_file_removed_as_it_is_opened_is_locked_afresh(tmp_path, monkeypatch):
+    """The lock-file protocol's retry: a file the previous run removed just after our open has no
+    name left (st_nlink 0), which is not a planted second name."""
+    from cnndsl import rundir
+    real, calls = os.open, []
+
+    def opener(path, flags, mode=0o777, **kw):
+        fd = real(path, flags, mode, **kw)
+        if str(path).endswith(".lock") and not calls:
+            calls.append(path)
+            os.unlink(path)
+        return fd
+    monkeypatch.setattr(rundir.os, "open", opener)
+    with rundir.claim(tmp_path / "out", ("last.pt.*.tmp",)):
+        assert len(calls) == 1 and (tmp_path / "out" / ".lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_a_replaced_file_keeps_its_mode_and_a_new_one_gets_the_usual(tmp_path):
+    from cnndsl.rundir import write_file
+    mask = os.umask(0o022)
+    try:
+        write_file(tmp_path / "new.json", "{}")
+        (tmp_path / "private.json").write_text("old")
+        os.chmod(tmp_path / "private.json", 0o600)
+        write_file(tmp_path / "private.json", "new")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "private.json").read_text() == "new"

@@ -145,7 +145,9 @@ def test_bad_options_and_checkpoints(tiny, tmp_path, capsys):
     assert "--epochs must be at least 1, got 0" in capsys.readouterr().err
     assert main(["train", str(net), "--data", str(data), "--lr", "-1"]) == 1
     assert "--lr must be a positive number, got -1.0" in capsys.readouterr().err
-    for flags, message in ((["--seed", "9" * 23], f"--seed must be a 64-bit integer (-2^63 to 2^63 - 1), got {'9' * 23}"),
+    seed_range = "--seed must be a whole number from -1,099,511,627,776 to 1,099,511,627,776 (2^40), got"
+    for flags, message in ((["--seed", "9" * 23], f"{seed_range} {'9' * 23}"),
+                           (["--seed", str(2**62)], f"{seed_range} {2**62}"),  # (seed * 100,003 overflowed)
                            (["--epochs", "9" * 20], "--epochs must be at most 1,000,000, got 99,999,"),
                            (["--warmup-epochs", "5000000"], "--warmup-epochs must be at most 1,000,000, got 5,000,000"),
                            (["--batch-size", "3000000000"], "--batch-size must be at most 2,147,483,647")):
@@ -174,9 +176,13 @@ def test_a_batch_that_surely_cannot_fit_is_refused_before_it_allocates(tiny, tmp
     assert main(["train", str(net), "--data", str(data), "--backend", "torch", "--device", "cpu", "--out",
                  str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
+    assert main(["train", str(tiny[0]), "--data", str(data), "--backend", "torch", "--device", "cpu", "--epochs", "1",
+                 "--batch-size", "100000000", "--out", str(tmp_path / "full")]) == 0  # full-batch: the data's size
+    err += capsys.readouterr().err
     assert re.search(r"input error: wide: a batch of 64 needs at least [\d,.]+ GiB \(every layer's output, kept for "
                      r"the backward pass, .*\), more than the [\d,.]+ GiB of memory on cpu; use a smaller "
                      r"--batch-size", err) and "Traceback" not in err, err
+
 
 def test_resume_refuses_another_network(tiny, tmp_path):
     net, data = tiny

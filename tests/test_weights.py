@@ -187,6 +187,8 @@ def test_hostile_safetensors_headers_give_one_clear_error(tmp_path):
     a TypeError with a C++ dump from reshape."""
     cases = {"deep": (b"[" * 200_000 + b"]" * 200_000, "its safetensors header nests too deeply"),
              "deepobj": (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "its safetensors header nests too deeply"),
+             "listdtype": ({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}},
+                           "tensor 'a' has a malformed entry in the header"),  # (unhashable: a TypeError)
              "hugezero": ({"a": {"dtype": "F32", "shape": [0, 10**30], "data_offsets": [0, 0]}},
                           (r"tensor 'a' has shape \[0, 1000000000000000000000000000000\], whose dimensions "
                            r"multiply \(zeros left out\) to 2\*\*63 or more")),
