@@ -47,9 +47,10 @@ def export(file, weights, output, classes: int | None = None, opset: int = MIN_O
     if output.suffix not in FORMATS:
         raise CnnInputError(f"export: cannot tell the format of {output}; name it *.onnx, *.safetensors or *.pt")
     top = _max_opset()
-    if output.suffix == ".onnx" and not MIN_OPSET <= opset <= top:
+    if output.suffix == ".onnx" and not MIN_OPSET <= opset <= (top or opset):
         raise CnnInputError(f"export: --opset must be from {MIN_OPSET} to {top} (the newest this torch's ONNX "
-                            f"exporter writes), got {opset}")
+                            f"exporter writes), got {opset}" if top else f"export: --opset must be {MIN_OPSET} or "
+                            f"newer, got {opset}")
     if output.is_dir():
         raise CnnInputError(f"export: {output} is a directory; name the file to write, e.g. {output / 'model'}"
                             f"{output.suffix}")
@@ -105,7 +106,11 @@ def _write(model, net, norm, stats: dict, suffix: str, path: str, opset: int) ->
                               dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
 
 
-def _max_opset() -> int:
-    """The newest opset the TorchScript exporter (dynamo=False, which export uses) writes."""
-    from torch.onnx import _constants
-    return getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", MIN_OPSET)
+def _max_opset() -> int | None:
+    """The newest opset the TorchScript exporter (dynamo=False, which export uses) writes, where this
+    torch says (a private constant: None where it is gone, and the exporter's own error stands)."""
+    try:
+        from torch.onnx import _constants
+    except ImportError:
+        return None
+    return getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", None)

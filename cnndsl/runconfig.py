@@ -98,5 +98,6 @@ def _checked(parser, config: dict, where: str) -> dict:
 
 def _shown(value) -> str:
     """An option's value as the command line would give it (a flag's as on or off)."""
-    return {True: "on", False: "off", None: "unset"}.get(value, str(value)) if not isinstance(value, (int, float)) \
-        or isinstance(value, bool) else str(value)
+    if isinstance(value, bool) or value is None:
+        return {True: "on", False: "off", None: "unset"}[value]
+    return str(value)
