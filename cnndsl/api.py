@@ -1,14 +1,13 @@
 """The Python API: `parse` (path or text -> Network), `compile` (-> torch.nn.Module),
 and `emit`. Torch is imported only when a model is compiled."""
 
-import os
 import re
-import stat
 from os import PathLike
 from pathlib import Path
 
 from .elaborate import elaborate
 from .errors import CnnError, CnnInputError, CnnSyntaxError
+from .files import FileTooLarge, NotRegularFile, read_regular
 from .ir import Network
 from .limits import MAX_SOURCE_CHARS
 from .parse import parse_program
@@ -27,17 +26,13 @@ def _is_path(src) -> bool:
 def read_file(path: Path) -> str:
     """A .cnn file's text: a regular file (never a FIFO or device that blocks or never ends),
     refused from its size before reading when it cannot be a network's source."""
-    # O_NONBLOCK: opening a FIFO must not wait for a writer; it has no effect on a regular file.
-    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-        info = os.fstat(f.fileno())
-        if stat.S_ISDIR(info.st_mode):
-            raise IsADirectoryError
-        if not stat.S_ISREG(info.st_mode):
-            raise CnnInputError("not a regular file (a pipe, socket or device)", filename=str(path))
-        if info.st_size > _MAX_BYTES:
-            raise CnnInputError(f"too large for a .cnn file: {info.st_size:,} bytes, at most {MAX_SOURCE_CHARS:,} "
-                                "characters", filename=str(path))
-        return f.read(_MAX_BYTES + 1).decode("utf-8-sig")
+    try:
+        return read_regular(path, _MAX_BYTES).decode("utf-8-sig")
+    except NotRegularFile:
+        raise CnnInputError("not a regular file (a pipe, socket or device)", filename=str(path)) from None
+    except FileTooLarge as err:
+        raise CnnInputError(f"too large for a .cnn file: {err.size:,} bytes, at most {MAX_SOURCE_CHARS:,} "
+                            "characters", filename=str(path)) from None
 
 
 def read_source(src: str | PathLike) -> tuple[str, str | None]:

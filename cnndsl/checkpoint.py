@@ -27,13 +27,13 @@ field's type are checked before anything is used."""
 import contextlib
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
 from .errors import CnnTrainError
+from .files import write_file
 from .payload import Invalid, digest, expect, is_hex, validate
 
 FORMAT = "cnndsl-checkpoint-2"
@@ -56,16 +56,7 @@ def save(path: str | os.PathLike, *, network: dict, source: str, epoch: int, mod
     payload["checksum"] = digest(payload, _hashed(payload))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_file(path, lambda f: torch.save(payload, f), sync=True)
     except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
         raise CnnTrainError(f"cannot write the checkpoint {path}: {reason(err)}; "
                             "the previous checkpoint, if any, is unchanged") from None

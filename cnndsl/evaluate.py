@@ -6,7 +6,7 @@ from pathlib import Path
 
 from . import api, data, finetune, metrics, resume
 from .augment import Normalize
-from .errors import CnnError, CnnInputError, CnnWeightsError
+from .errors import CnnInputError, CnnWeightsError
 from .runtime import check_batch_memory
 from .train import DTYPES, classes_of, tensors_of
 from .weights import load_weights
@@ -43,11 +43,8 @@ def evaluate(file: str | Path, weights: str | Path, data_spec: str | None = None
     check_batch_memory(net, max(min(batch_size, len(test_set)), 1), model.device, DTYPES[dtype].itemsize,
                        training=False)
     if w.checkpoint is not None:
-        try:  # (resume's checks speak of training; here the file is the weights to evaluate)
-            resume.check_model(w.checkpoint, model.state_dict(), weights, cast=True)
-            resume.check_network(w.checkpoint, net, weights, file)
-        except CnnError as err:
-            raise CnnWeightsError(err.message, hint=err.hint) from None
+        resume.check_model(w.checkpoint, model.state_dict(), weights, cast=True, error=CnnWeightsError)
+        resume.check_network(w.checkpoint, net, weights, file, error=CnnWeightsError)
         model.load_state_dict(w.checkpoint["model"])
     else:
         load_weights(model, w)

@@ -20,8 +20,8 @@ import torch
 from . import api, finetune, resume
 from .augment import Normalize
 from .checkpoint import reason
-from .errors import CnnError, CnnInputError, CnnWeightsError
-from .rundir import new_file_beside
+from .errors import CnnInputError, CnnWeightsError
+from .files import new_file_beside
 from .weights import load_weights, read, write_safetensors
 
 FORMATS = (".onnx", ".safetensors", ".pt", ".pth")
@@ -61,10 +61,7 @@ def export(file, weights, output, classes: int | None = None, opset: int = MIN_O
     if classes is not None:
         net = finetune.with_classes(net, classes)
     if w.checkpoint is not None:  # a checkpoint knows its network (its head too): another one's weights are refused
-        try:
-            resume.check_network(w.checkpoint, net, weights, file)
-        except CnnError as err:
-            raise CnnWeightsError(err.message, hint=err.hint) from None
+        resume.check_network(w.checkpoint, net, weights, file, error=CnnWeightsError)
     model = api.compile(net, backend="torch", device="cpu").eval()
     load_weights(model, w)
     norm = Normalize.from_record(w.checkpoint.get("normalize")) if w.checkpoint is not None else None

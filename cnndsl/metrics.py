@@ -5,9 +5,7 @@ best epoch by validation accuracy (OUT/best.pt)."""
 
 import csv
 import io
-import os
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import torch
 
 from .dataset import Dataset, hold_out
 from .errors import CnnDataError, CnnTrainError
-from .rundir import write_file
+from .files import write_file
 
 VAL_SEED = 1  # the carve's permutation (the test split's is dataset.SPLIT_SEED)
 COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "images_per_second", "seconds")
@@ -71,11 +69,10 @@ def write_csv(path: Path, history: list) -> None:
 
 def keep_best(last: Path, best: Path) -> None:
     """Copy the checkpoint just written to OUT/best.pt, atomically (a temporary file renamed over it)."""
-    fd, tmp = tempfile.mkstemp(prefix=best.name + ".", suffix=".tmp", dir=best.parent)
-    os.close(fd)
+    def copy(f):
+        with open(last, "rb") as src:
+            shutil.copyfileobj(src, f)
     try:
-        shutil.copyfile(last, tmp)
-        os.replace(tmp, best)
+        write_file(best, copy)
     except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
         raise CnnTrainError(f"cannot write {best}: {err.strerror or err}") from None

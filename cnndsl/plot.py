@@ -9,7 +9,7 @@ import io
 from pathlib import Path
 
 from .errors import CnnInputError
-from .rundir import write_file
+from .files import FileTooLarge, read_regular, write_file
 
 MAX_METRICS_BYTES = 64 * 2**20  # a row an epoch, ~150 bytes: far more epochs than any run trains
 MISSING = "matplotlib is not installed, so no curves are drawn: pip install matplotlib (or cnndsl[plot])"
@@ -23,12 +23,10 @@ def read_metrics(run: Path) -> list[dict]:
     """The rows of RUN/metrics.csv, numbers as floats (None where empty)."""
     path = Path(run) / "metrics.csv"
     try:
-        if not path.is_file():  # (a pipe or a device would block or never end)
-            raise FileNotFoundError(2, "no such file" if not path.exists() else "not a regular file")
-        if path.stat().st_size > MAX_METRICS_BYTES:
-            raise CnnInputError(f"{path}: {path.stat().st_size:,} bytes, more than the {MAX_METRICS_BYTES:,} a "
-                                "metrics.csv of a training run holds")
-        rows = list(csv.DictReader(io.StringIO(path.read_bytes().decode("utf-8"), newline="")))
+        rows = list(csv.DictReader(io.StringIO(read_regular(path, MAX_METRICS_BYTES).decode("utf-8"), newline="")))
+    except FileTooLarge as err:
+        raise CnnInputError(f"{path}: {err.size:,} bytes, more than the {MAX_METRICS_BYTES:,} a metrics.csv of a "
+                            "training run holds") from None
     except OSError as err:
         raise CnnInputError(f"{path}: cannot read it ({err.strerror or err}); is {run} a training run's folder?") \
             from None

@@ -1,8 +1,9 @@
 """Whether a verified checkpoint (checkpoint.load) fits what it is about to be loaded into:
 the network (its identity), the compiled model (names, shapes and dtypes of the weights)
-and the optimizer (parameter groups and per-parameter state). `cnndsl eval` and
-`cnndsl train --resume` call these before any load_state_dict, so a mismatch is a
-CnnTrainError naming the file and both sides, never a torch error or a silent change.
+and the optimizer (parameter groups and per-parameter state). `cnndsl train --resume`, `eval`
+and `export` call these before any load_state_dict, so a mismatch is a CnnTrainError (a
+CnnWeightsError from eval and export) naming the file and both sides, never a torch error or a
+silent change.
 
 No torch import: the tensors are read through their .shape and .dtype."""
 
@@ -46,27 +47,29 @@ def network_record(net: ir.Network) -> dict:
     return {"name": net.name, "identity": network_identity(net)}
 
 
-def check_network(ckpt: dict, net: ir.Network, path, file) -> None:
+def check_network(ckpt: dict, net: ir.Network, path, file, error=CnnTrainError) -> None:
     """Refuse weights trained for another network, even one whose every weight has the same
-    shape (tanh for relu, another dropout p): the two identities must agree."""
+    shape (tanh for relu, another dropout p): the two identities must agree. `error`: the kind
+    the reader reports (a training error on --resume, a weights error from eval and export)."""
     mine, theirs = network_identity(net), ckpt["network"]["identity"]
     if mine != theirs:
-        raise CnnTrainError(f"{path} holds weights for another network: {ckpt['network']['name'][:80]!r} (identity "
+        raise error(f"{path} holds weights for another network: {ckpt['network']['name'][:80]!r} (identity "
                             f"{theirs[:12]}) there, {net.name!r} (identity {mine[:12]}) in {file}; the layers or "
                             "their options differ (an activation, a dropout p, a pooling, ...) even where every "
                             "weight's shape matches. Use the .cnn file it was trained from (the checkpoint's "
                             "`source` holds its text)")
 
 
-def check_model(ckpt: dict, expected: dict, path, *, cast: bool) -> None:
+def check_model(ckpt: dict, expected: dict, path, *, cast: bool, error=CnnTrainError) -> None:
     """The checkpoint's weights fit `expected` (the model's state dict): the same names, shapes
     and dtypes. cast=True (eval) lets floating-point weights load into another floating-point
-    dtype, as load_state_dict would convert them; a resumed run needs them exact."""
+    dtype, as load_state_dict would convert them; a resumed run needs them exact. `error` as
+    check_network's."""
     theirs = ckpt["model"]
     for key in list(expected) + [k for k in theirs if k not in expected]:
         a, b = theirs.get(key), expected.get(key)
         if a is None or b is None or tuple(a.shape) != tuple(b.shape):
-            raise CnnTrainError(f"{path} holds weights for a different network: {key[:80]} is "
+            raise error(f"{path} holds weights for a different network: {key[:80]} is "
                                 f"{_shape(a)} there and {_shape(b)} here")
         if a.dtype != b.dtype and not (cast and a.dtype.is_floating_point and b.dtype.is_floating_point):
             trained = ckpt["config"].get("dtype")
@@ -74,7 +77,7 @@ def check_model(ckpt: dict, expected: dict, path, *, cast: bool) -> None:
             if not cast and str(b.dtype) == "torch.float32" and str(a.dtype) in ("torch.bfloat16", "torch.float16"):
                 hint = ("; an older cnndsl trained 16-bit weights, where training now keeps fp32 weights (mixed "
                         "precision): start a new run from them with --init")
-            raise CnnTrainError(f"{path} holds {key[:80]} as {a.dtype} but this model keeps it as {b.dtype}{hint}")
+            raise error(f"{path} holds {key[:80]} as {a.dtype} but this model keeps it as {b.dtype}{hint}")
 
 
 def _shape(t) -> str:

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from .errors import CnnInputError, CnnTrainError, did_you_mean
-from .rundir import write_file
+from .files import FileTooLarge, NotRegularFile, read_regular, write_file
 
 
 def write(path: Path, file, config: dict) -> None:
@@ -30,13 +30,12 @@ NOT_RESUMED = ("out", "device", "fuse", "sync_bn")
 def defaults(parser, path) -> dict:
     """The options a config.json records, checked against `parser`'s, as its defaults."""
     try:
-        file = Path(path)
-        if file.exists() and not file.is_file():  # a pipe would block for ever, /dev/zero never end
-            raise CnnInputError(f"--config {path}: not a regular file")
-        if file.exists() and file.stat().st_size > MAX_CONFIG_BYTES:
-            raise CnnInputError(f"--config {path}: {file.stat().st_size:,} bytes, more than the {MAX_CONFIG_BYTES:,} "
-                                "a config.json of options holds")
-        config = json.loads(file.read_bytes())
+        config = json.loads(read_regular(Path(path), MAX_CONFIG_BYTES))
+    except NotRegularFile:
+        raise CnnInputError(f"--config {path}: not a regular file") from None
+    except FileTooLarge as err:
+        raise CnnInputError(f"--config {path}: {err.size:,} bytes, more than the {MAX_CONFIG_BYTES:,} a config.json "
+                            "of options holds") from None
     except OSError as err:
         raise CnnInputError(f"--config {path}: cannot read it ({err.strerror or err})") from None
     except (ValueError, RecursionError) as err:  # (json refuses deep nesting with RecursionError)

@@ -13,7 +13,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import secrets
 import stat
 from pathlib import Path
 
@@ -114,37 +113,3 @@ def _remove_stale(out: Path, patterns: tuple[str, ...]) -> list[str]:
             removed.append(path.name)
     return removed
 
-
-def write_file(path: Path, data: bytes | str) -> None:
-    """Write `data` to `path` as a new file renamed over the old one: a link planted at the path
-    (OUT/config.json -> a file elsewhere) is replaced, not written through, and a reader never
-    sees half a file. OSError as the write raised it."""
-    fd, tmp = new_file_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def new_file_beside(path: Path) -> tuple[int, str]:
-    """(fd, name) of a new, empty temporary file in path's folder, to be renamed over `path`: with
-    the mode of the regular file it will replace, else the one a new file gets (0666 less the
-    umask; mkstemp's 0600 would make every replaced file private)."""
-    try:
-        old = os.stat(path, follow_symlinks=False)
-        mode = stat.S_IMODE(old.st_mode) if stat.S_ISREG(old.st_mode) else 0o666
-    except FileNotFoundError:
-        mode = 0o666
-    for _ in range(100):
-        tmp = str(path.parent / f"{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
-        except FileExistsError:
-            continue
-        if mode != 0o666:  # (os.open applied the umask; a replaced file keeps its own mode exactly)
-            os.fchmod(fd, mode)
-        return fd, tmp
-    raise FileExistsError(17, f"no free temporary name beside {path}")

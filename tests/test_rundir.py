@@ -69,7 +69,7 @@ def test_a_lock_file_removed_as_it_is_opened_is_locked_afresh(tmp_path, monkeypa
 
 
 def test_a_replaced_file_keeps_its_mode_and_a_new_one_gets_the_usual(tmp_path):
-    from cnndsl.rundir import write_file
+    from cnndsl.files import write_file
     mask = os.umask(0o022)
     try:
         write_file(tmp_path / "new.json", "{}")
