@@ -9,7 +9,8 @@ at the first such writer (StepState.into); the join then copies in only the othe
 autograd each write is a function of the slab that marks it dirty (as an in-place copy into a
 slice does), so the slab's gradient passes back through every writer, each taking its slice.
 A copied-in input that other layers read too takes its slice of the slab's gradient as a view:
-the fork's add reads it there (slabs.SUMMED)."""
+the fork's add, or the reading batch norm's backward (a gradient token), reads it there
+(slabs.SUMMED)."""
 
 import torch
 import triton

@@ -146,7 +146,7 @@ class _Defer(torch.autograd.Function):
     (batch norm's sums: conv.conv2d_backward_input), which batch norm's and the activation's
     backward turn into x's (the same pass as a written y's, less the sums'). With `token`, also
     x's gradient token (conv_block.grad_token): the gradient of x's other reader (a concat that copies
-    x, kernels/add.py's redirect) arrives there and is added to dx in that pass, where lies (a
+    x, kernels/add.py's redirect) arrives there and is added to dx in that pass, where it lies (a
     channel slice of the concat's gradient)."""
 
     @staticmethod
