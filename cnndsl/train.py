@@ -77,15 +77,14 @@ class Options:
     normalize: bool = False  # per-channel normalisation by the training split's statistics
 
     def validate(self) -> None:
-        for name, top in (("epochs", MAX_EPOCHS), ("batch_size", MAX_SIZE)):
-            if getattr(self, name) < 1:
-                raise CnnInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-            if getattr(self, name) > top:
-                raise CnnInputError(f"--{name.replace('_', '-')} must be at most {top:,}, got {getattr(self, name):,}")
-        for name in ("warmup_epochs", "early_stop"):
-            if (getattr(self, name) or 0) > MAX_EPOCHS:
-                raise CnnInputError(f"--{name.replace('_', '-')} must be at most {MAX_EPOCHS:,}, got "
-                                    f"{getattr(self, name):,}")
+        # (the lower bounds of --warmup-epochs and --early-stop, which need other options, are below)
+        for name, low, top in (("epochs", 1, MAX_EPOCHS), ("batch_size", 1, MAX_SIZE),
+                               ("warmup_epochs", None, MAX_EPOCHS), ("early_stop", None, MAX_EPOCHS)):
+            value, flag = getattr(self, name), "--" + name.replace("_", "-")
+            if low is not None and value < low:
+                raise CnnInputError(f"{flag} must be at least {low}, got {value}")
+            if value is not None and value > top:
+                raise CnnInputError(f"{flag} must be at most {top:,}, got {value:,}")
         if abs(self.seed) > MAX_SEED:  # (each epoch's generators take seed * 100,003 + epoch: 64 bits)
             raise CnnInputError(f"--seed must be a whole number from -{MAX_SEED:,} to {MAX_SEED:,} (2^40), got "
                                 f"{self.seed}")
