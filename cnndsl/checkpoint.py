@@ -27,13 +27,14 @@ field's type are checked before anything is used."""
 import contextlib
 import os
 import pickle
-import zipfile
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
+from . import files
+from .archive import Refused, check_archive
 from .errors import CnnTrainError
-from .files import write_file
 from .payload import Invalid, digest, expect, is_hex, validate
 
 FORMAT = "cnndsl-checkpoint-2"
@@ -56,7 +57,7 @@ def save(path: str | os.PathLike, *, network: dict, source: str, epoch: int, mod
     payload["checksum"] = digest(payload, _hashed(payload))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_file(path, lambda f: torch.save(payload, f), sync=True)
+        files.write_file(path, lambda f: torch.save(payload, f), sync=True)
     except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
         raise CnnTrainError(f"cannot write the checkpoint {path}: {reason(err)}; "
                             "the previous checkpoint, if any, is unchanged") from None
@@ -94,59 +95,53 @@ def load(path: str | os.PathLike) -> dict:
     return verify(path, *read_torch(path, CnnTrainError, "checkpoint", "checkpoint"))
 
 
-def require_file(path: Path, error, what: str) -> None:
-    """`error` ("no {what} at PATH", and why) unless path is a regular file."""
-    if not path.is_file():
-        kind = " (a directory)" if path.is_dir() else " (not a regular file)" if path.exists() else ""
-        raise error(f"no {what} at {path}{kind}")
+def open_file(path: Path, error, what: str) -> BinaryIO:
+    """The regular file at path, open for reading; `error` ("no {what} at PATH", and why) if
+    there is none, or "cannot read PATH" and the reason."""
+    try:
+        return files.open_regular(path)
+    except FileNotFoundError:
+        raise error(f"no {what} at {path}") from None
+    except IsADirectoryError:
+        raise error(f"no {what} at {path} (a directory)") from None
+    except files.NotRegularFile:
+        raise error(f"no {what} at {path} (not a regular file)") from None
+    except OSError as err:
+        raise error(f"cannot read {path}: {err.strerror or err}") from None
 
 
 def read_torch(path: Path, error, missing: str, readable: str) -> tuple[object, int]:
     """(payload, file size) of a torch.save archive, loaded with weights_only=True after
     check_archive; `error` (a CnnError class) if the file is missing ("no {missing} at ..."),
     holds anything but tensors and plain data, or is damaged ("not a readable {readable}")."""
-    require_file(path, error, missing)
-    try:
-        with open(path, "rb") as f:  # one open file for the check and the load: no swap in between
+    with open_file(path, error, missing) as f:  # one open file for the check and the load: no swap in between
+        try:
             size = check_archive(f)
             f.seek(0)
             return torch.load(f, map_location="cpu", weights_only=True), size
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unpickling failed"
-        raise error(f"{path} holds objects other than tensors and plain data, or is corrupt; refusing to "
-                    f"load it ({first[:200]})") from None
-    except Exception as err:  # noqa: BLE001 - a damaged archive makes torch raise almost any type
-        raise error(f"{path} is not a readable {readable} (corrupt or truncated: "
-                    f"{type(err).__name__}: {reason(err)})") from None
+        except Refused as err:
+            raise error(f"{path} is not a readable {readable}: {err}") from None
+        except pickle.UnpicklingError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else "unpickling failed"
+            raise error(f"{path} holds objects other than tensors and plain data, or is corrupt; refusing to "
+                        f"load it ({first[:200]})") from None
+        except Exception as err:  # noqa: BLE001 - a damaged archive makes torch raise almost any type
+            raise error(f"{path} is not a readable {readable} (corrupt or truncated: "
+                        f"{type(err).__name__}: {reason(err)})") from None
 
 
-def check_archive(f) -> int:
-    """The file's size, after checking that loading it allocates no more than that: torch.save
-    stores every record uncompressed, and a compressed one could inflate without bound."""
-    size = os.fstat(f.fileno()).st_size
-    declared = 0
-    with zipfile.ZipFile(f) as archive:
-        for info in archive.infolist():
-            if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
-                raise ValueError(f"record {info.filename[:100]!r} is compressed ({info.compress_size} bytes for "
-                                 f"{info.file_size}), which torch.save never does")
-            declared += info.file_size
-    if declared > size:
-        raise ValueError(f"its records declare {declared} bytes, more than the file's {size}")
-    return size
-
-
-def verify(path: Path, payload, size: int) -> dict:
+def verify(path: Path, payload, size: int, error=CnnTrainError) -> dict:
+    """payload, checked to be a whole, uncorrupted checkpoint of this format; else `error`."""
     fmt = payload.get("format") if isinstance(payload, dict) else None
     if isinstance(fmt, str) and fmt in OLD_FORMATS:
-        raise CnnTrainError(f"{path} was written by an older cnndsl (format {fmt!r}): it has no checksum and no "
-                            f"network identity, so it cannot be verified; train again to write a {FORMAT!r} "
-                            "checkpoint")
+        raise error(f"{path} was written by an older cnndsl (format {fmt!r}): it has no checksum and no "
+                    f"network identity, so it cannot be verified; train again to write a {FORMAT!r} "
+                    "checkpoint")
     if not (isinstance(fmt, str) and fmt == FORMAT):
-        raise CnnTrainError(f"{path} is not a cnndsl checkpoint (expected format {FORMAT!r})")
+        raise error(f"{path} is not a cnndsl checkpoint (expected format {FORMAT!r})")
     missing = [k for k in FIELDS if k not in payload]
     if missing:
-        raise CnnTrainError(f"{path} is an incomplete checkpoint: it lacks {', '.join(missing)}")
+        raise error(f"{path} is an incomplete checkpoint: it lacks {', '.join(missing)}")
     try:
         extra = [str(k)[:40] for k in payload if k not in FIELDS + OPTIONAL]
         if extra:
@@ -155,12 +150,12 @@ def verify(path: Path, payload, size: int) -> dict:
         expect(is_hex(stored), "checksum", stored, "a sha256, 64 hex digits")
         computed = digest(payload, _hashed(payload), file_size=size)
         if computed != stored:
-            raise CnnTrainError(f"{path} is corrupt: its contents do not match its sha256 checksum (stored "
-                                f"{stored[:16]}..., computed {computed[:16]}...); it was changed after it was "
-                                "written")
+            raise error(f"{path} is corrupt: its contents do not match its sha256 checksum (stored "
+                        f"{stored[:16]}..., computed {computed[:16]}...); it was changed after it was "
+                        "written")
         validate(payload, torch.get_rng_state().numel())
     except Invalid as err:
-        raise CnnTrainError(f"{path} is not a valid cnndsl checkpoint: {err}") from None
+        raise error(f"{path} is not a valid cnndsl checkpoint: {err}") from None
     return payload
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import api, cli_tools, runconfig
 from .errors import CnnError, CnnInputError
+from .files import write_file
 
 
 def _check(args) -> int:
@@ -134,8 +135,7 @@ def _emit(args) -> int:
         print(text, end="")
         return 0
     try:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text)
+        write_file(Path(args.output), text)  # (a new file renamed over the old: no half-written module)
     except OSError as err:
         raise CnnInputError(f"cannot write {args.output}: {err.strerror}") from None
     print(f"wrote {args.output}", file=sys.stderr)

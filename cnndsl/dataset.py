@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CnnDataError
+from .files import open_regular
 from .limits import MAX_SIZE
 
 TEST_FRACTION = 0.2
@@ -142,7 +143,7 @@ def open_maybe_gz(path: Path):
     """The file as a binary stream, inflated when its name ends in .gz; gzip damage met
     while reading it (inside the `with`) becomes a CnnDataError."""
     try:
-        with (gzip.open(path) if path.suffix == ".gz" else path.open("rb")) as f:
+        with open_regular(path) as raw, (gzip.GzipFile(fileobj=raw) if path.suffix == ".gz" else raw) as f:
             yield f
     except EOFError:
         raise fail(path, "truncated gzip file (it ends before its end-of-stream marker)") from None

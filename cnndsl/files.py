@@ -9,6 +9,7 @@ import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
 class NotRegularFile(OSError):
@@ -26,18 +27,31 @@ class FileTooLarge(OSError):
         self.size = size
 
 
-def read_regular(path: Path, limit: int) -> bytes:
-    """The bytes of the regular file at `path`, at most `limit` of them: IsADirectoryError,
-    NotRegularFile, FileTooLarge, or any OSError of the open or the read."""
+def open_regular(path: Path) -> BinaryIO:
+    """The regular file at `path` (or at the end of its links), open for binary reading:
+    FileNotFoundError, IsADirectoryError, NotRegularFile, or any OSError of the open. The type
+    is checked on the open file, so the file cannot be swapped between a check and the open."""
     # O_NONBLOCK: opening a FIFO must not wait for a writer; it has no effect on a regular file.
-    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-        info = os.fstat(f.fileno())
-        if stat.S_ISDIR(info.st_mode):
+    f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb")
+    try:
+        mode = os.fstat(f.fileno()).st_mode
+        if stat.S_ISDIR(mode):
             raise IsADirectoryError(21, "is a directory", str(path))
-        if not stat.S_ISREG(info.st_mode):
+        if not stat.S_ISREG(mode):
             raise NotRegularFile(path)
-        if info.st_size > limit:
-            raise FileTooLarge(path, info.st_size)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file at `path`, at most `limit` of them: what open_regular
+    raises, FileTooLarge, or any OSError of the read."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise FileTooLarge(path, size)
         data = f.read(limit + 1)  # (a file that grew since fstat is still bounded)
     if len(data) > limit:
         raise FileTooLarge(path, len(data))

@@ -24,6 +24,7 @@ from .dataset import (
     split,
 )
 from .errors import CnnDataError
+from .files import open_regular
 
 # --- MNIST IDX ------------------------------------------------------------------------
 
@@ -130,8 +131,13 @@ def _npz_classes(names: np.ndarray | None, path: Path, top: int, budget: Budget)
 
 
 def _load_npz(path: Path) -> tuple[Dataset, Dataset]:
+    with open_regular(path) as f:
+        return _read_npz(f, path)
+
+
+def _read_npz(f, path: Path) -> tuple[Dataset, Dataset]:
     try:
-        archive = np.load(path, allow_pickle=False)
+        archive = np.load(f, allow_pickle=False)
     except Exception as err:  # noqa: BLE001 - zip, zlib and .npy header parsing fail with assorted types
         raise fail(path, f"not a readable .npz archive ({err})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -198,7 +204,7 @@ def _with_image(image_module, path: Path, use):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", image_module.DecompressionBombWarning)
-            with image_module.open(path) as im:
+            with open_regular(path) as f, image_module.open(f) as im:
                 return use(im)
     except bombs as err:
         raise fail(path, f"image too large for Pillow (Image.MAX_IMAGE_PIXELS): {err}") from None

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from . import checkpoint, payload
-from .errors import CnnError, CnnWeightsError
+from .errors import CnnWeightsError
 from .limits import MAX_INT
 
 # safetensors' dtype names <-> torch's
@@ -37,15 +37,11 @@ class Weights(NamedTuple):
 def read(path: str | os.PathLike) -> Weights:
     """The tensors of a weights file (a state dict, safetensors or a cnndsl checkpoint)."""
     path = Path(path)
-    checkpoint.require_file(path, CnnWeightsError, "weights file")
     if path.suffix == ".safetensors":
         return Weights(*read_safetensors(path), where=str(path))
     payload, size = checkpoint.read_torch(path, CnnWeightsError, "weights file", "torch file")
     if isinstance(payload, dict) and payload.get("format") == checkpoint.FORMAT:
-        try:
-            ckpt = checkpoint.verify(path, payload, size)
-        except CnnError as err:
-            raise CnnWeightsError(err.message) from None
+        ckpt = checkpoint.verify(path, payload, size, CnnWeightsError)
         return Weights(dict(ckpt["model"]), True, ckpt, str(path))
     return Weights(_state_dict(payload, path), True, where=str(path))
 
@@ -69,8 +65,8 @@ def read_safetensors(path: Path) -> tuple[dict, bool]:
     The header is checked whole before any tensor is made: every entry well formed, and their data
     ranges together tiling the data section (the format's rule), so the tensors are views of the
     one buffer read and take no more memory than the file."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with checkpoint.open_file(path, CnnWeightsError, "weights file") as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise CnnWeightsError(f"{path} is not a safetensors file: {size} bytes, less than its 8-byte header size")
@@ -165,7 +161,7 @@ def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | N
         offset += len(raw)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
+    with open(path, "wb") as f:  # (export writes to a new temporary file, renamed over the target)
         f.write(struct.pack("<Q", len(text)) + text)
         for raw in blobs:
             f.write(raw)

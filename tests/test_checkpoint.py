@@ -183,8 +183,8 @@ def test_a_compressed_record_is_refused_before_it_is_inflated(saved, tmp_path):
     with zipfile.ZipFile(saved) as src, zipfile.ZipFile(tmp_path / "zipped.pt", "w", zipfile.ZIP_DEFLATED) as dst:
         for info in src.infolist():
             dst.writestr(info.filename, src.read(info))
-    with pytest.raises(CnnTrainError, match=r"zipped.pt is not a readable checkpoint \(corrupt or truncated: "
-                                            r"ValueError: record 'archive/data.pkl' is compressed"):
+    with pytest.raises(CnnTrainError, match=r"zipped.pt is not a readable checkpoint: record 'archive/data.pkl' is "
+                                            r"compressed"):
         ckpt.load(tmp_path / "zipped.pt")
 
 

@@ -116,3 +116,14 @@ def test_emit_cli_writes_a_module_without_cnndsl(tmp_path):
                          env={"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"}, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().endswith("(1, 10)")
+
+
+def test_emit_replaces_a_link_at_its_output_instead_of_writing_through_it(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    (tmp_path / "out.py").symlink_to(victim)
+    run = subprocess.run([sys.executable, "-m", "cnndsl", "emit", str(EXAMPLES / "lenet5.cnn"), "-o",
+                          str(tmp_path / "out.py")], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    assert victim.read_text() == "keep me\n"
+    assert not (tmp_path / "out.py").is_symlink() and "class Lenet5" in (tmp_path / "out.py").read_text()

@@ -4,6 +4,7 @@ and every bad file refused with the model left as it was."""
 
 import io
 import json
+import os
 import pickle
 import re
 import struct
@@ -110,7 +111,20 @@ def _bad_files(tmp_path: Path) -> dict:
             "a pickle with code in": ("code.pt", "holds objects other than tensors and plain data"),
             "a short safetensors": ("short.safetensors", "do not fit it or the file's 16 bytes"),
             "a bad header in a": ("huge.safetensors", "its header claims 1,099,511,627,776 bytes"),
-            "a missing": ("missing.pt", "no weights file at")}
+            "a missing": ("missing.pt", "no weights file at"),
+            "a directory as": ("folder.pt", r"no weights file at .*folder.pt \(a directory\)"),
+            **_fifos(tmp_path)}
+
+
+def _fifos(tmp_path) -> dict:
+    """FIFOs named as weights files: refused from the open file's type (the open must not wait
+    for a writer, and a check before the open could be raced)."""
+    (tmp_path / "folder.pt").mkdir()
+    if not hasattr(os, "mkfifo"):
+        return {}
+    for name in ("pipe.pt", "pipe.safetensors"):
+        os.mkfifo(tmp_path / name)
+    return {f"a FIFO as a {kind}": (f"pipe.{kind}", r"pipe\.\w+ \(not a regular file\)") for kind in ("pt", "safetensors")}
 
 
 def test_bad_files_change_nothing(tmp_path):

@@ -1,0 +1,105 @@
+"""A torch.save archive checked before torch.load reads it (checkpoint.read_torch): what
+loading it allocates, and how deep its pickle nests. torch.load(weights_only=True) runs no
+code, but it trusts the archive's sizes, and builds whatever nesting the pickle describes:
+a dict key that is a tuple nested a million deep crashes the interpreter when it is hashed
+(CPython's tuple hash recurses with no RecursionError)."""
+
+import os
+import pickletools
+import zipfile
+
+MAX_PICKLE_BYTES = 64 * 2**20  # a checkpoint's pickle (tensors are records of their own) is KBs
+MAX_PICKLE_DEPTH = 64  # torch nests a tensor 4 deep, a checkpoint's payload 6 more
+_MARK = None  # a MARK on the simulated stack
+_MUTATORS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}  # change their first input
+_CONTAINERS = (pickletools.pytuple, pickletools.pylist, pickletools.pydict, pickletools.pyset,
+               pickletools.pyfrozenset)
+_GETS = {"GET", "BINGET", "LONG_BINGET"}
+_PUTS = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
+
+
+class Refused(ValueError):
+    """An archive torch.load would read unsafely; the message says what is wrong."""
+
+
+def check_archive(f) -> int:
+    """The file's size, after checking that loading it allocates no more than that (torch.save
+    stores every record uncompressed, and a compressed one could inflate without bound) and
+    that its pickle nests no deeper than MAX_PICKLE_DEPTH; else Refused."""
+    size = os.fstat(f.fileno()).st_size
+    declared, pickles = 0, []
+    with zipfile.ZipFile(f) as archive:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+                raise Refused(f"record {info.filename[:100]!r} is compressed ({info.compress_size} bytes for "
+                                 f"{info.file_size}), which torch.save never does")
+            declared += info.file_size
+            if info.filename.endswith(".pkl"):
+                pickles.append(info)
+        if declared > size:
+            raise Refused(f"its records declare {declared} bytes, more than the file's {size}")
+        for info in pickles:
+            if info.file_size > MAX_PICKLE_BYTES:
+                raise Refused(f"its pickle {info.filename[:100]!r} is {info.file_size:,} bytes, more than the "
+                                 f"{MAX_PICKLE_BYTES:,} a file of weights needs")
+            depth = pickle_depth(archive.read(info))
+            if depth > MAX_PICKLE_DEPTH:
+                raise Refused(f"its pickle nests containers {depth} deep, more than {MAX_PICKLE_DEPTH}")
+    return size
+
+
+def pickle_depth(data: bytes, stop: int = MAX_PICKLE_DEPTH) -> int:
+    """How deep the values a pickle builds nest (a scalar 0, an empty list or a tuple of
+    scalars 1, ...), found from each opcode's declared stack effect without building anything;
+    the scan ends at the first value deeper than `stop`. Each object on the simulated stack and
+    in the memo is tracked by identity, so a container filled after it was memoized (as pickle
+    writes every list and dict) is as deep as its deepest item plus one. Exact for tuples, whose
+    items are complete when they are built, and so for what hashing walks; a crafted pickle can
+    fill a list after placing it in another and nest lists deeper than counted, which costs a
+    RecursionError at worst. A pickle whose stack does not add up is left for the unpickler."""
+    stack, memo, depths = [], {}, []
+
+    def new(depth: int) -> int:
+        depths.append(depth)
+        return len(depths) - 1
+
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in _PUTS:
+            memo[len(memo) if op.name == "MEMOIZE" else arg] = stack[-1] if stack and stack[-1] is not _MARK else new(0)
+            continue
+        if op.name in _GETS:
+            stack.append(memo[arg] if arg in memo else new(0))
+            continue
+        if op.name == "DUP":
+            stack.append(stack[-1] if stack else new(0))
+            continue
+        popped = _pop(stack, op.stack_before)
+        if not op.stack_after:  # (POP, STOP: nothing is built)
+            continue
+        if op.name in _MUTATORS and popped:
+            obj = popped[0]
+            depths[obj] = max([depths[obj], *(depths[i] + 1 for i in popped[1:])])
+        else:
+            items = [depths[i] for i in popped]
+            obj = new(1 + max(items) if items else int(op.stack_after[0] in _CONTAINERS))  # (EMPTY_LIST: 1)
+        stack.append(_MARK if op.stack_after[0] is pickletools.markobject else obj)
+        if depths[obj] > stop:
+            break
+    return max(depths, default=0)
+
+
+def _pop(stack: list, before: list) -> list[int]:
+    """The objects an opcode consumes, in stack order: back to the MARK where it takes a
+    stack slice, and the fixed items below it."""
+    popped = []
+    fixed = before
+    if pickletools.stackslice in before:
+        while stack and stack[-1] is not _MARK:
+            popped.append(stack.pop())
+        if stack:
+            stack.pop()
+        popped.reverse()
+        fixed = before[:before.index(pickletools.markobject)]
+    below = [stack.pop() for _ in fixed if stack]
+    below.reverse()
+    return [o for o in below + popped if o is not _MARK]
