@@ -58,7 +58,7 @@ def _train(args) -> int:
         api.parse(Path(args.file))
         opts.validate()
         check_batch(opts.batch_size, max(args.nproc, 1))
-        return launch(args.argv, args.nproc)
+        return launch(args.argv, args.nproc, args.device)
     _quiet_interpreter_warning()
     train(args.file, opts)
     return 0

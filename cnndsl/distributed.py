@@ -147,11 +147,18 @@ def broken(err: Exception, w: World) -> CnnTrainError:
                          "the last checkpoint rank 0 wrote is intact: resume with --resume")
 
 
-def launch(argv: list[str], nproc: int) -> int:
+def launch(argv: list[str], nproc: int, device: str | None = None) -> int:
     """`cnndsl train --nproc N ...` (argv: the command line after `cnndsl`): torchrun on this
-    machine, N processes each running the same command without --nproc; its exit status."""
+    machine, N processes each running the same command without --nproc; its exit status. N is
+    at most one process per GPU (per CPU core on a CPU)."""
     if nproc < 1:
         raise CnnInputError(f"--nproc must be at least 1, got {nproc}")
+    on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    most, units = (torch.cuda.device_count(), "GPUs") if on_gpu else (os.cpu_count() or 1, "CPU cores")
+    if nproc > most:
+        raise CnnInputError(f"--nproc {nproc}: more processes than this machine's {most} {units}",
+                            hint="one process per GPU (on a CPU, at most one per core); for several machines, "
+                                 "run torchrun on each with its multi-node options")
     if "LOCAL_RANK" in os.environ:  # one of torchrun's processes (an abbreviated --nproc kept in argv, say)
         raise CnnInputError("--nproc: this process is one of torchrun's already; under torchrun, run "
                             "`cnndsl train` without --nproc")

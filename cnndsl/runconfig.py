@@ -72,6 +72,8 @@ def _checked(parser, config: dict, where: str) -> dict:
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "resume")}
     out = {}
     for key, value in config.items():
+        if key == "nproc":  # (a file that says how many processes to start is not one cnndsl writes)
+            raise CnnInputError(f"{where}: nproc is not an option a file sets: give --nproc on the command line")
         if key == "fuse" and value in (True, False, "block"):
             out["no_fuse"], out["block_fusion"] = value is False, value == "block"
             continue

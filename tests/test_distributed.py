@@ -154,3 +154,26 @@ def test_a_process_of_torchrun_does_not_launch_torchrun_again(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(CnnInputError, match="this process is one of torchrun's already"):
         distributed.launch(["train", "net.cnn", "--npro", "2"], 2)
+
+
+def test_nproc_is_bounded_by_the_machine(monkeypatch):
+    from cnndsl import distributed
+    monkeypatch.setattr(distributed.subprocess, "call", lambda cmd: pytest.fail(f"launched {cmd}"))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(distributed.os, "cpu_count", lambda: 2)
+    with pytest.raises(CnnInputError, match=r"--nproc 2147483647: more processes than this machine's 2 CPU cores"):
+        distributed.launch(["train", "net.cnn", "--nproc", "2147483647"], 2147483647, "cpu")
+
+
+def test_a_file_cannot_set_nproc(paths, tmp_path, capsys, monkeypatch):
+    """How many processes to start is the command line's to say, never a config.json's or a
+    checkpoint's (a file that says 50,000 would start 50,000)."""
+    from cnndsl import distributed
+    from cnndsl.cli import main
+    monkeypatch.setattr(distributed.subprocess, "call", lambda cmd: pytest.fail(f"launched {cmd}"))
+    net, _ = paths
+    config = tmp_path / "config.json"
+    config.write_text(f'{{"file": "{net}", "nproc": 50000, "batch_size": 100000}}')
+    assert main(["train", "--config", str(config)]) == 1
+    assert (f"input error: --config {config}: nproc is not an option a file sets: give --nproc on the command line"
+            in capsys.readouterr().err)
