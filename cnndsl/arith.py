@@ -23,11 +23,7 @@ class Arithmetic:
             if e.name in env:
                 return env[e.name]
             return {"true": True, "false": False}.get(e.name, Symbol(e.name, e.span))
-        self.evaluated += 1
-        if self.evaluated > MAX_EVALUATIONS:
-            raise CnnArgumentError(f"expanding the network evaluates more than {MAX_EVALUATIONS:,} arithmetic "
-                                   "operators", e.span, hint="check the repetition counts and the block calls' "
-                                   "arguments")
+        self.spend(1, e.span)
         left, right = self.eval(e.left, env), self.eval(e.right, env)
         for side, value in ((e.left, left), (e.right, right)):
             if isinstance(value, Symbol) and value.name not in WORDS:
@@ -54,6 +50,14 @@ class Arithmetic:
         if isinstance(out, int) and abs(out) >= MAX_INT or isinstance(out, float) and not math.isfinite(out):
             raise CnnArgumentError("value too large", e.span)
         return out
+
+    def spend(self, n: int, span) -> None:
+        """Count n operators evaluated (a call's bound parameters count one each)."""
+        self.evaluated += n
+        if self.evaluated > MAX_EVALUATIONS:
+            raise CnnArgumentError(f"expanding the network evaluates more than {MAX_EVALUATIONS:,} arithmetic "
+                                   "operators", span, hint="check the repetition counts and the block calls' "
+                                   "arguments")
 
     def count(self, rep: ast.Repeat | None, env: dict) -> int:
         if rep is None:

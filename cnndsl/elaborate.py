@@ -39,6 +39,14 @@ def _default(option):
 RESERVED = {"network", "input", "block", "residual", "shortcut", "concat", "branch", "gate", "x"} | WORDS
 
 
+class Bindings(dict):
+    """A block's parameters' values (never changed once bound), and `key`: a small int, equal
+    for equal bindings, that the caches use; a key of the bindings themselves would cost their
+    length in every lookup (a block of thousands of parameters repeated thousands of times)."""
+
+    __slots__ = ("key",)
+
+
 class _Builder:
     def __init__(self, program: ast.Program):
         self.program = program
@@ -47,6 +55,7 @@ class _Builder:
         self.expanded = 0  # statements expanded so far, against MAX_EXPANSIONS
         self.checked: dict = {}  # (statement, arguments, input shape) -> (attrs, shape), see layer()
         self.bound: dict = {}  # (block call, arguments) -> its parameters' values, see call()
+        self.keys: dict = {}  # typed bindings -> Bindings.key
         self.arith = Arithmetic()
         for stmt in program.stmts:
             if isinstance(stmt, ast.Block):
@@ -149,10 +158,15 @@ class _Builder:
             out[a.name], where[a.name] = self.arith.eval(a.value, env), a.value.span
         return out, where
 
-    def layer(self, stmt: ast.Layer, cur: int, env: dict, name: str) -> int:
+    def bindings(self, values: dict) -> Bindings:
+        env = Bindings(values)
+        env.key = self.keys.setdefault(_typed(values), len(self.keys))
+        return env
+
+    def layer(self, stmt: ast.Layer, cur: int, env: Bindings, name: str) -> int:
         # The same statement with the same arguments on the same input (a repeated block) is
         # checked once: attributes and shape depend on nothing else.
-        key = (id(stmt), _typed(env), self.nodes[cur].shape)
+        key = (id(stmt), env.key, self.nodes[cur].shape)
         if key not in self.checked:
             self.checked[key] = self._check_layer(stmt, env, self.nodes[cur].shape)
         attrs, shape = self.checked[key]
@@ -175,7 +189,7 @@ class _Builder:
         attrs = REGISTRY[spec.op].build({**dict(spec.preset), **values})
         return attrs, infer(Op(spec.op), attrs, in_shape, stmt.span)
 
-    def call(self, stmt: ast.Layer, cur: int, env: dict, name: str, stack: tuple, nesting: int) -> int:
+    def call(self, stmt: ast.Layer, cur: int, env: Bindings, name: str, stack: tuple, nesting: int) -> int:
         block = self.blocks[stmt.name]
         if block.name in stack:
             chain = " -> ".join((*stack, block.name))
@@ -184,11 +198,12 @@ class _Builder:
         if len(stack) >= MAX_DEPTH:
             raise CnnNameError(f"block calls are nested more than {MAX_DEPTH} deep", stmt.name_span)
         # The same call with the same arguments (a repeated block) binds once: its values depend on nothing else.
-        key = (id(stmt), _typed(env))
+        key = (id(stmt), env.key)
         if key not in self.bound:
-            self.bound[key] = self._bind_call(stmt, block, env)
+            self.arith.spend(len(block.params), stmt.span)  # (binding work grows with the parameters too)
+            self.bound[key] = self.bindings(self._bind_call(stmt, block, env))
         try:
-            return self.stmts(block.body, cur, dict(self.bound[key]), Scope(name), (*stack, block.name), nesting)
+            return self.stmts(block.body, cur, self.bound[key], Scope(name), (*stack, block.name), nesting)
         except CnnError as err:
             err.notes.append(f"in block {block.name!r} called at line {stmt.span.line}")
             raise
@@ -311,7 +326,7 @@ def elaborate(program: ast.Program, source: str = "", filename: str | None = Non
     _check_input(program.input)
     b = _Builder(program)
     b.add(Op.INPUT, REGISTRY["input"].build({}), [], program.input.values, "input", program.input.span, "input")
-    b.stmts(program.stmts, 0, {}, Scope("", {"input"}), ())
+    b.stmts(program.stmts, 0, b.bindings({}), Scope("", {"input"}), ())
     if len(b.nodes) == 1:
         raise CnnShapeError("the network has no layers", program.input.span,
                             expected="at least one layer after `input`")

@@ -225,6 +225,30 @@ def test_arithmetic_that_block_calls_multiply_is_bounded():
     assert err.message == f"expanding the network evaluates more than {MAX_EVALUATIONS:,} arithmetic operators"
 
 
+def _many_parameters(n: int) -> str:
+    """A block header with n defaulted parameters, 100 to a line."""
+    rows = [", ".join(f"p{i}=1" for i in range(j, min(j + 100, n))) for j in range(0, n, 100)]
+    return "block big(" + ", \\\n".join(rows) + ")"
+
+
+def test_a_block_of_many_parameters_repeated_costs_its_layers_not_its_parameters():
+    """Each repetition of a layer looks its bindings up by a small key, not by the bindings
+    themselves: 3,000 parameters and 33,000 repetitions cost what the repetitions cost."""
+    net = parse_fast(H + _many_parameters(3000) + " {\nrelu x 33000\n}\nbig\n", seconds=4.0)
+    assert len(net.nodes) == 33_001
+
+
+def test_binding_many_parameters_counts_against_the_evaluation_bound():
+    """A tree of calls binds a 2,000-parameter block with 2^10 different arguments: each
+    parameter bound counts as one evaluation, so the bound trips."""
+    lines = [H, _many_parameters(2000), " {\nrelu\n}\n", "block l0(a) {\nbig(a)\n}\n"]
+    for k in range(1, 11):
+        lines.append(f"block l{k}(a) {{\nl{k - 1}(a * 2)\nl{k - 1}(a * 2 + 1)\n}}\n")
+    lines.append("l10(1)\n")
+    err = error("".join(lines), cnndsl.CnnArgumentError, seconds=6)
+    assert err.message == f"expanding the network evaluates more than {MAX_EVALUATIONS:,} arithmetic operators"
+
+
 @pytest.mark.parametrize("src, message", [
     ("network a\ninput 1x1x1\nconcat {\n" + "branch { }\n" * 16 + "} x 100000\n",
      ("concat makes a 4294967296x1x1 tensor per image, 4,294,967,296 values, more than the 2,147,483,647 a layer "
