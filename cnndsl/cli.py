@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from . import api, cli_tools, runconfig
-from .errors import CnnError, CnnInputError
+from .errors import CnnError, CnnInputError, printable
 from .files import write_file
 
 
@@ -77,13 +77,13 @@ def _plot(args) -> int:
     from .plot import draw
     runs = [Path(r) for r in args.runs]
     output = args.output or (runs[0] / "curves.png" if len(runs) == 1 else Path("runs.png"))
-    print(f"wrote {draw(runs, output)}")
+    print(f"wrote {printable(draw(runs, output))}")
     return 0
 
 
 def _export(args) -> int:
     from .export import export
-    print(f"wrote {export(args.file, args.weights, args.output, args.classes, args.opset)}")
+    print(f"wrote {printable(export(args.file, args.weights, args.output, args.classes, args.opset))}")
     return 0
 
 
@@ -138,7 +138,7 @@ def _emit(args) -> int:
         write_file(Path(args.output), text)  # (a new file renamed over the old: no half-written module)
     except OSError as err:
         raise CnnInputError(f"cannot write {args.output}: {err.strerror}") from None
-    print(f"wrote {args.output}", file=sys.stderr)
+    print(f"wrote {printable(args.output)}", file=sys.stderr)
     return 0
 
 

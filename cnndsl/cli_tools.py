@@ -1,11 +1,13 @@
 """The command line's editor and picture tools: `cnndsl draw` (draw.py), `cnndsl fmt` (fmt.py)
 and `cnndsl lsp` (lsp.py), registered by cli.py."""
 
+import os
 import sys
 from pathlib import Path
 
 from . import api
-from .errors import CnnInputError
+from .errors import CnnInputError, printable
+from .files import write_file
 
 
 def _draw(args) -> int:
@@ -17,7 +19,7 @@ def _draw(args) -> int:
         print(text, end="")
         return 0
     try:
-        print(f"wrote {write(text, args.output)}", file=sys.stderr)
+        print(f"wrote {printable(write(text, args.output))}", file=sys.stderr)
     except OSError as err:
         raise CnnInputError(f"cannot write {args.output}: {err.strerror}") from None
     return 0
@@ -34,12 +36,21 @@ def _fmt(args) -> int:
         if formatted != text:
             changed.append(path)
             if not args.check:
-                path.write_text(formatted, encoding="utf-8")
+                _rewrite(path, formatted)
     verb = "would reformat" if args.check else "reformatted"
     for path in changed:
-        print(f"{verb} {path}", file=sys.stderr)
+        print(f"{verb} {printable(path)}", file=sys.stderr)
     print(f"{len(changed)} of {len(args.files)} file(s) {verb}", file=sys.stderr)
     return 1 if args.check and changed else 0
+
+
+def _rewrite(path: Path, text: str) -> None:
+    """The file at path (through its links: a linked source stays linked) replaced by text as a
+    new file renamed over it: a failed write (a full disk, a file-size limit) leaves it whole."""
+    try:
+        write_file(Path(os.path.realpath(path)), text)
+    except OSError as err:
+        raise CnnInputError(f"cannot write {path}: {err.strerror or err}; it is unchanged") from None
 
 
 def _lsp(args) -> int:

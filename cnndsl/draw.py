@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import ir
 from .errors import CnnInputError
+from .files import write_file
 from .ops.base import fmt
 from .plan import Plan
 from .shapes import params
@@ -58,7 +59,7 @@ def write(text: str, output: str | Path) -> Path:
     if output.suffix not in FORMATS:
         raise CnnInputError(f"draw: cannot tell the format of {output}; name it *.dot, *.svg or *.png")
     if output.suffix in (".dot", ".gv"):
-        output.write_text(text)
+        write_file(output, text)
         return output
     program = shutil.which("dot")
     if program is None:
@@ -66,10 +67,11 @@ def write(text: str, output: str | Path) -> Path:
                             "install graphviz, brew install graphviz or conda install graphviz); -o net.dot writes "
                             "the graph without it")
     try:
-        run = subprocess.run([program, f"-T{output.suffix[1:]}", "-o", str(output)], input=text.encode(),
+        run = subprocess.run([program, f"-T{output.suffix[1:]}"], input=text.encode(),
                              capture_output=True, timeout=DOT_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         raise CnnInputError(f"draw: Graphviz's dot took more than {DOT_TIMEOUT_S} s; write -o net.dot") from None
     if run.returncode != 0:
         raise CnnInputError(f"draw: Graphviz's dot failed: {run.stderr.decode(errors='replace').strip()[:300]}")
+    write_file(output, run.stdout)  # (renamed over the target: a link planted there is replaced)
     return output

@@ -87,6 +87,13 @@ def printable(text) -> str:
     return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
 
 
+def terminal_safe(text) -> str:
+    """A report of several lines (a summary, a progress line naming a path) made printable line
+    by line: the line breaks kept, anything else non-printable `?`. For output that is not an
+    error message, which names files and folders a user or a file chose."""
+    return "\n".join(printable(line) for line in str(text).split("\n"))
+
+
 class CnnSyntaxError(CnnError):
     """The text does not follow the grammar."""
 

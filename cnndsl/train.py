@@ -32,7 +32,7 @@ from . import (
     rundir,
     schedule,
 )
-from .errors import CnnInputError, CnnTrainError
+from .errors import CnnInputError, CnnTrainError, printable, terminal_safe
 from .limits import MAX_SIZE
 from .loop import DTYPES
 from .runtime import check_batch_memory
@@ -175,7 +175,7 @@ def _resume(ckpt: dict, path: Path, net, file, model, optimizer, kind: str) -> t
     resume.check_network(ckpt, net, path, file)
     resume.check_optimizer(ckpt, optimizer, recipe.STATE_KEYS[kind], path)
     if ckpt["source"] != net.source:
-        print(f"note: {path} was written from a different version of the network file; the network is the "
+        print(f"note: {printable(path)} was written from a different version of the network file; the network is the "
               "same, continuing", file=sys.stderr)
     model.load_state_dict(ckpt["model"])
     saved = ckpt["optimizer"]
@@ -189,9 +189,15 @@ def _resume(ckpt: dict, path: Path, net, file, model, optimizer, kind: str) -> t
     return ckpt["epoch"], list(ckpt["history"])
 
 
+def _terminal_safe(log):
+    """log, each report made printable (the lines name files and folders a user or a file chose)."""
+    return lambda text="": log(terminal_safe(text))
+
+
 def train(file: str | Path, opts: Options = Options(), log=print) -> dict:
     """Train the network in `file`; returns {"test_accuracy", "history", "checkpoint"}. Under
     torchrun, each process trains its part of every batch (distributed.py)."""
+    log = _terminal_safe(log)
     opts.validate()
     net = api.parse(Path(file))
     out = out_folder(opts.out, net.name)

@@ -4,6 +4,8 @@ compile is refused and left alone; --check changes nothing."""
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,3 +152,28 @@ def test_fmt_refuses_what_is_not_a_regular_file_unread(tmp_path, capsys):
     for path in (tmp_path / "pipe.cnn", "/dev/zero"):
         assert main(["fmt", str(path)]) == 1
         assert f"{path}: input error: not a regular file (a pipe, socket or device)" in capsys.readouterr().err
+
+
+def test_fmt_writes_through_a_link_and_never_leaves_half_a_file(tmp_path, capsys):
+    """The formatted text replaces the file whole (a new file renamed over it), through a link
+    to it; a write that fails (here a file-size limit smaller than the result) leaves it as it was."""
+    messy = "network a\ninput 1x8x8\n" + "".join(f"relu    # comment {i} padding padding padding\n" for i in range(60))
+    (tmp_path / "real.cnn").write_text(messy)
+    (tmp_path / "link.cnn").symlink_to(tmp_path / "real.cnn")
+    assert main(["fmt", str(tmp_path / "link.cnn")]) == 0
+    assert (tmp_path / "link.cnn").is_symlink() and (tmp_path / "real.cnn").read_text() != messy
+    (tmp_path / "real.cnn").write_text(messy)
+    script = "import resource, sys; from cnndsl.cli import main; "
+    script += "resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048)); sys.exit(main(['fmt', sys.argv[1]]))"
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "real.cnn")], capture_output=True, text=True,
+                         check=False)
+    assert run.returncode == 1 and "input error: cannot write" in run.stderr and "it is unchanged" in run.stderr, run.stderr
+    assert (tmp_path / "real.cnn").read_text() == messy and not list(tmp_path.glob("*.tmp"))
+
+
+def test_fmt_names_files_without_terminal_escapes(tmp_path, capsys):
+    name = tmp_path / "x\x1b]0;PWNED\x07.cnn"
+    name.write_text("network a\ninput 1x8x8\nrelu    # spaced\n")
+    assert main(["fmt", "--check", str(name)]) == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "x?]0;PWNED?.cnn" in err

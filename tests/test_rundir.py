@@ -51,6 +51,17 @@ def test_links_planted_at_the_runs_files_are_replaced_not_written_through(run, c
 
 
 
+def test_a_folder_name_sends_no_terminal_escapes(run, capsys):
+    """The run's report names its folder and files: a name chosen to hold an escape sequence
+    (here one that sets the terminal's title and clears it) is printed with `?` in its place."""
+    argv, out, _ = run
+    hostile = out.parent / "run\x1b]0;PWNED\x07\x1b[2J"
+    argv[argv.index(str(out))] = str(hostile)
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "\x1b" not in printed and "\x07" not in printed and "run?]0;PWNED??[2J" in printed
+
+
 def test_a_lock_file_removed_as_it_is_opened_is_locked_afresh(tmp_path, monkeypatch):
     """The lock-file protocol's retry: a file the previous run removed just after our open has no
     name left (st_nlink 0), which is not a planted second name."""
