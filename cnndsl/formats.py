@@ -25,6 +25,7 @@ from .dataset import (
 )
 from .errors import CnnDataError
 from .files import open_regular
+from .limits import MAX_SIZE
 
 # --- MNIST IDX ------------------------------------------------------------------------
 
@@ -51,6 +52,8 @@ def _read_idx(path: Path, magic: int, ndim: int, budget: Budget) -> np.ndarray:
         if found != magic:
             raise fail(path, f"bad IDX magic 0x{found:08x}, expected 0x{magic:08x}")
         sizes = [int(d) for d in np.frombuffer(head, ">u4", ndim, 4)]
+        if max(sizes) > MAX_SIZE:  # (an empty file's other sizes could overflow numpy's: 0 x 2**32-1 x 2**32-1)
+            raise fail(path, f"IDX size {max(sizes):,} is more than the largest, {MAX_SIZE:,}")
         want = math.prod(sizes)
         budget.take(path, want, f"a {dims(sizes)} IDX file")
         body = read_at_most(f, want + 1)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .limits import MAX_SIZE
+
 
 @dataclass(frozen=True)
 class Global:
@@ -64,8 +66,10 @@ def to_numpy(rec, dtype_names=INT_DTYPES) -> np.ndarray | str:
         found = f"{rec.dtype.name} array" if isinstance(rec, Array) and isinstance(rec.dtype, Dtype) else describe(rec)
         return f"an array of dtype {', '.join(sorted(dtype_names))}, found a {found}"
     shape = rec.shape
-    if not (isinstance(shape, tuple) and len(shape) <= MAX_DIMS and all(type(d) is int and d >= 0 for d in shape)):
-        return f"an array with a shape of at most {MAX_DIMS} non-negative sizes"
+    # (each size bounded, or an empty array's other sizes could overflow numpy's: (2**62, 0) int64)
+    if not (isinstance(shape, tuple) and len(shape) <= MAX_DIMS and all(type(d) is int and 0 <= d <= MAX_SIZE
+                                                                        for d in shape)):
+        return f"an array with a shape of at most {MAX_DIMS} sizes from 0 to {MAX_SIZE:,}"
     dtype = np.dtype((rec.dtype.byteorder if rec.dtype.byteorder in ("<", ">") else "=") + rec.dtype.name)
     want = math.prod(shape) * dtype.itemsize
     if not isinstance(rec.raw, (bytes, bytearray)) or len(rec.raw) != want:

@@ -163,6 +163,8 @@ HUGE = b"cnumpy\nndarray\nM\x00 M\x00\x0c\x86\x85R"  # numpy.ndarray((8192, 3072
     (batch(ops(b"data"), array(TWO_ROWS, ops(b"x" * 10)), *VALID[2:]),
      "a 2x3072 uint8 array with its 6,144 bytes, found 10 bytes"),
     (batch(ops(b"data"), ops(b"x" * 10), *VALID[2:]), "CIFAR data as raw bytes must be N x 3072 long, found 10 bytes"),
+    (batch(*VALID[:2], ops(b"labels"), array(b"\x8a\x08" + (2**62).to_bytes(8, "little") + b"K\x00\x86", ops(b""), "i8")),
+     "CIFAR labels must be an array with a shape of at most 8 sizes from 0 to 2,147,483,647"),
     (batch(ops(b"data"), array(TWO_ROWS, b"]"), *VALID[2:]), "array with its 6,144 bytes, found list"),
     (b"\x80\x04\x8c\x08builtins\x8c\x04eval\x93.", r"refusing to unpickle builtins.eval: .*STACK_GLOBAL at byte 18"),
     (b"\x80\x02c_codecs\nencode\n" + text("abc") + text("utf-8") + b"\x86R.", "_codecs.encode other than .* latin1"),

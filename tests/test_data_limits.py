@@ -104,6 +104,13 @@ def test_an_idx_header_claiming_gigabytes_is_refused_at_the_default_limit(tmp_pa
         load(root)
 
 
+def test_an_empty_idx_file_with_huge_sizes_is_refused(tmp_path):
+    """No images, so no bytes to read; but 0 x 2^32-1 x 2^32-1 is past what numpy can shape."""
+    root = write_mnist(tmp_path / "m", idx_header((0, 2**32 - 1, 2**32 - 1)))
+    with data_error("IDX size 4,294,967,295 is more than the largest, 2,147,483,647"):
+        load(root)
+
+
 def test_a_gz_that_inflates_past_its_header_is_not_read_on(tmp_path):
     root = write_mnist(tmp_path / "m", idx_header((5, 4, 3)) + bytes(8 * MiB))
     assert peak_bytes(lambda: load(root), refused=r"wrong size: more than 76 bytes, but a 5x4x3 IDX file has 76") < MiB
