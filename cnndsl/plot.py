@@ -12,6 +12,7 @@ from .errors import CnnInputError
 from .files import FileTooLarge, read_regular, write_file
 
 MAX_METRICS_BYTES = 64 * 2**20  # a row an epoch, ~150 bytes: far more epochs than any run trains
+COLUMNS = ("epoch", "loss", "accuracy")  # what every run's metrics.csv holds, and the curves need
 MISSING = "matplotlib is not installed, so no curves are drawn: pip install matplotlib (or cnndsl[plot])"
 
 
@@ -23,7 +24,8 @@ def read_metrics(run: Path) -> list[dict]:
     """The rows of RUN/metrics.csv, numbers as floats (None where empty)."""
     path = Path(run) / "metrics.csv"
     try:
-        rows = list(csv.DictReader(io.StringIO(read_regular(path, MAX_METRICS_BYTES).decode("utf-8"), newline="")))
+        reader = csv.DictReader(io.StringIO(read_regular(path, MAX_METRICS_BYTES).decode("utf-8"), newline=""))
+        rows = list(reader)
     except FileTooLarge as err:
         raise CnnInputError(f"{path}: {err.size:,} bytes, more than the {MAX_METRICS_BYTES:,} a metrics.csv of a "
                             "training run holds") from None
@@ -32,6 +34,10 @@ def read_metrics(run: Path) -> list[dict]:
             from None
     except (UnicodeDecodeError, csv.Error) as err:
         raise CnnInputError(f"{path}: not the metrics.csv of a training run ({str(err)[:120]})") from None
+    missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
+    if missing or not rows:
+        why = f"no {', '.join(missing)} column" if missing else "no epoch recorded"
+        raise CnnInputError(f"{path}: not the metrics.csv of a training run ({why})")
     try:
         return [{k: float(v) if v else None for k, v in row.items()} for row in rows]
     except (TypeError, ValueError):
@@ -40,7 +46,8 @@ def read_metrics(run: Path) -> list[dict]:
 
 def draw(runs, output) -> Path:
     """A PNG of the runs' loss and accuracy against epochs at `output`."""
-    records = [(Path(run).name or str(run), read_metrics(run)) for run in runs]
+    # (a `$` in a folder's name would start matplotlib's mathematics in the legend)
+    records = [((Path(run).name or str(run)).replace("$", r"\$"), read_metrics(run)) for run in runs]
     if not available():
         raise CnnInputError(MISSING)
     import matplotlib

@@ -32,14 +32,20 @@ def test_curves_of_a_run_and_of_two(tmp_path, capsys):
     assert (tmp_path / "a" / "curves.png").read_bytes().startswith(PNG)
     assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "both.png")]) == 0
     assert (tmp_path / "both.png").read_bytes().startswith(PNG)
+    (tmp_path / "a").rename(tmp_path / "run_$\\frac$")  # matplotlib's mathematics, were it read as such
+    assert main(["plot", str(tmp_path / "run_$\\frac$"), "-o", str(tmp_path / "frac.png")]) == 0
+    assert (tmp_path / "frac.png").read_bytes().startswith(PNG)
     capsys.readouterr()
 
 
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 1
     assert "metrics.csv: cannot read it" in capsys.readouterr().err
-    for text in (b"epoch,loss\n1,abc\n", b"epoch,loss\n1,\xff\xfe\n", b"epoch,loss\n1," + b"9" * 200_000 + b"\n"):
-        (tmp_path / "metrics.csv").write_bytes(text)  # not a number, not UTF-8, a field past csv's limit
+    head = b"epoch,loss,accuracy\n"
+    for text in (head + b"1,abc,1\n", head + b"1,\xff\xfe,1\n", head + b"1," + b"9" * 200_000 + b",1\n", b"a,b\n1,2\n",
+                 b"epoch,loss\n1,2\n", head):
+        # not a number, not UTF-8, a field past csv's limit, no epoch column, no accuracy column, no epoch
+        (tmp_path / "metrics.csv").write_bytes(text)
         assert main(["plot", str(tmp_path)]) == 1
         err = capsys.readouterr().err
         assert "not the metrics.csv of a training run" in err and "Traceback" not in err
