@@ -50,3 +50,21 @@ def test_a_non_contiguous_target_gives_the_same_loss_on_both_backends():
     target = torch.tensor([[0, 9], [2, 9], [1, 9]])[:, 0]  # a strided view
     assert not target.is_contiguous()
     torch.testing.assert_close(tri.loss(x, target), ref.loss(x, target))
+
+
+@pytest.mark.parametrize("device, message", [
+    ("meta", "device 'meta' is not supported; expected 'cpu' or 'cuda' (or 'cuda:N')"),
+    ("mps", "device 'mps' is not supported; expected 'cpu' or 'cuda' (or 'cuda:N')"),
+    ("floppy", "bad device 'floppy'; expected 'cpu' or 'cuda' (or 'cuda:N')")])
+def test_a_device_the_kernels_do_not_run_on_is_an_input_error(device, message):
+    with pytest.raises(cnndsl.CnnInputError) as err:
+        cnndsl.compile(SRC, backend="torch", device=device)
+    assert err.value.message == message
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_a_cuda_device_past_the_machines_is_an_input_error():
+    n = torch.cuda.device_count()
+    with pytest.raises(cnndsl.CnnInputError, match=rf"device 'cuda:{n}' was asked for, but this machine has {n} CUDA"):
+        cnndsl.compile(SRC, device=f"cuda:{n}")

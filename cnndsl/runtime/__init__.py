@@ -23,10 +23,15 @@ def build_module(net: ir.Network, backend: str = "triton", fuse: bool | str = Tr
         raise CnnInputError(f"dtype {dtype} is not supported; expected torch.float32, torch.float16 or torch.bfloat16")
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, TypeError) as err:
-        raise CnnInputError(f"bad device {device!r}: {err}") from None
+    except (RuntimeError, TypeError):
+        raise CnnInputError(f"bad device {str(device)[:100]!r}; expected 'cpu' or 'cuda' (or 'cuda:N')") from None
+    if device.type not in ("cpu", "cuda"):  # (the triton kernels run on CUDA GPUs, or interpreted on a CPU)
+        raise CnnInputError(f"device {str(device)!r} is not supported; expected 'cpu' or 'cuda' (or 'cuda:N')")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CnnInputError("device 'cuda' was asked for, but no CUDA device is available; use device='cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CnnInputError(f"device {str(device)!r} was asked for, but this machine has "
+                            f"{torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     _check_memory(net, device, dtype)
     if backend == "torch":
         from ..reference import ReferenceModule
