@@ -4,8 +4,9 @@
 - one space between words; none inside parentheses or before `,` `)` and a label's `:`; one
   after `,`; none around an option's `=`; one around `+ - * / //`; a repeat as `x2`, `x n` or
   `x (n - 1)`;
-- a line continued with `\\` joined into one; at most one blank line in a row, none at the
-  start or the end, one newline at the end;
+- a line continued with `\\` joined into one (a statement longer than the line limit, 1,000
+  characters, broken with `\\` into lines of at most 100, at spaces); at most one blank line in a
+  row, none at the start or the end, one newline at the end;
 - every comment kept as written: a comment alone on its line indented with the code around it;
   in a run of consecutive code lines, the comments after code aligned in one column, two spaces
   after the longest code that has one.
@@ -19,9 +20,11 @@ import re
 
 from .api import parse_text
 from .errors import CnnInputError
+from .limits import MAX_LINE_CHARS
 from .resume import network_identity
 
 INDENT = "    "
+WRAP = 100  # characters to a line where a statement longer than the line limit is broken
 _TOKEN = re.compile(r"(?:(\d+(?:x\d+)+)|(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|"
                     r"([A-Za-z_]\w*)|(//|[(){}=,:+\-*/]))")
 _REPEAT = re.compile(r"x(?=[0-9(])|x(?=[ \t]+[A-Za-z_0-9(])")  # grammar/cnn.lark's REPEAT
@@ -46,12 +49,30 @@ def _tokens(code: str, where: str) -> list[str]:
         pos = m.end()
 
 
-def _join(tokens: list[str]) -> str:
-    text = ""
+def _join(tokens: list[str], indent: str = "") -> str:
+    """The tokens as one line; one longer than the line limit is broken with `\\` at spaces,
+    WRAP characters to a line, its continuations indented one level more."""
+    pieces = list(_pieces(tokens))
+    text = "".join(sep + tok for sep, tok in pieces)
+    if len(indent + text) <= MAX_LINE_CHARS:
+        return text
+    text, line = "", len(indent)
+    for i, (sep, tok) in enumerate(pieces):
+        near_repeat = tok == "x" and sep or i and pieces[i - 1][1] == "x" and pieces[i - 1][0]
+        if sep and line + len(sep + tok) + 2 > WRAP and line > len(indent) and not near_repeat:
+            text += " \\\n" + indent + INDENT
+            line, sep = len(indent + INDENT), ""
+        text += sep + tok
+        line += len(sep + tok)
+    return text
+
+
+def _pieces(tokens: list[str]):
+    """(separator, text) per token: the canonical spacing."""
     for i, tok in enumerate(tokens):
         prev = tokens[i - 1] if i else None
         if tok == "\0x":
-            text += ("" if prev is None else " ") + "x"
+            yield ("" if prev is None else " "), "x"
             continue
         if prev is None or prev in ("(", "=") or tok in (",", ")", "=") or (tok == ":" and i == 1):
             sep = ""
@@ -61,8 +82,7 @@ def _join(tokens: list[str]) -> str:
             sep = ""  # a call's or a block's parameters: conv_bn(64)
         else:
             sep = " "
-        text += sep + tok
-    return text
+        yield sep, tok
 
 
 def _logical_lines(text: str) -> list[tuple[str, str | None]]:
@@ -96,7 +116,8 @@ def format_source(text: str, filename: str = "<text>") -> str:
             continue
         level = depth - (1 if tokens and tokens[0] == "}" else 0)
         depth += tokens.count("{") - tokens.count("}")
-        rows.append((INDENT * max(level, 0), _join(tokens), comment))
+        indent = INDENT * max(level, 0)
+        rows.append((indent, _join(tokens, indent), comment))
     while rows and rows[-1] is None:
         rows.pop()
     out = _align(rows)
@@ -118,8 +139,12 @@ def _align(rows) -> list[str]:
             out.append("" if rows[i] is None else rows[i][0] + rows[i][2])
             i += 1
             continue
+        if "\n" in rows[i][1]:  # a line broken in several: its comment after its last line
+            out.append(rows[i][0] + rows[i][1] + ("  " + rows[i][2] if rows[i][2] else ""))
+            i += 1
+            continue
         j = i
-        while j < len(rows) and rows[j] is not None and rows[j][1]:
+        while j < len(rows) and rows[j] is not None and rows[j][1] and "\n" not in rows[j][1]:
             j += 1
         width = max((len(r[0] + r[1]) for r in rows[i:j] if r[2]), default=0) + 2
         out += [(r[0] + r[1]).ljust(width) + r[2] if r[2] else r[0] + r[1] for r in rows[i:j]]

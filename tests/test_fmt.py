@@ -177,3 +177,16 @@ def test_fmt_names_files_without_terminal_escapes(tmp_path, capsys):
     assert main(["fmt", "--check", str(name)]) == 1
     err = capsys.readouterr().err
     assert "\x1b" not in err and "\x07" not in err and "x?]0;PWNED?.cnn" in err
+
+
+def test_a_statement_longer_than_the_line_limit_is_broken_not_joined():
+    """Joined, the continued call would be 1,700 characters, past the 1,000 a line may hold:
+    fmt breaks it at spaces into lines of at most 100, and formats its own output to itself."""
+    terms = " + ".join(["0" * 25] * 30)
+    text = (f"network a\ninput 1x8x8\nblock b(n, m) {{\nrelu\n}}\nb({terms}, \\\n{terms}) x (1 + 0)  # a long call\n"
+            "relu x 2\n")
+    out = format_source(text)
+    assert max(len(line.partition("#")[0].rstrip()) for line in out.splitlines()) <= 100 and out.count("\\\n") >= 16
+    assert out.splitlines()[-2].endswith(") x (1 + 0)  # a long call") and out.splitlines()[-1] == "relu x2"
+    assert format_source(out) == out
+    assert network_identity(cnndsl.parse(out)) == network_identity(cnndsl.parse(text))
