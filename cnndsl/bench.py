@@ -26,6 +26,7 @@ import torch
 
 from . import api, bench_report
 from .errors import CnnInputError
+from .limits import MAX_SIZE
 from .plan import plan, traffic
 from .shapes import buffers, macs, numel, params
 
@@ -253,8 +254,8 @@ def main(args, setup: Setup | None = None) -> int:
                   "Use `cnndsl plan` for the kernels and modelled memory traffic without one.", file=sys.stderr)
             return 1
         setup = Setup()
-    if args.batch < 1:
-        raise CnnInputError(f"--batch must be at least 1, got {args.batch}")
+    if not 1 <= args.batch <= MAX_SIZE:
+        raise CnnInputError(f"--batch must be from 1 to {MAX_SIZE:,}, got {args.batch}")
     if args.groups and args.providers:
         raise CnnInputError("--providers does not apply to --groups, which times fused, unfused and eager")
     if args.cuda_graph and not setup.device.startswith("cuda"):

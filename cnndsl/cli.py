@@ -12,6 +12,7 @@ from pathlib import Path
 from . import api, cli_tools, runconfig
 from .errors import CnnError, CnnInputError, printable
 from .files import write_file
+from .limits import MAX_SIZE
 
 
 def _check(args) -> int:
@@ -27,8 +28,8 @@ def _plan(args) -> int:
     from .plan import plan
     from .summary import plan_json, plan_table
     net = api.parse(Path(args.file))
-    if args.batch < 1:
-        raise CnnInputError(f"--batch must be at least 1, got {args.batch}")
+    if not 1 <= args.batch <= MAX_SIZE:
+        raise CnnInputError(f"--batch must be from 1 to {MAX_SIZE:,}, got {args.batch}")
     report = plan_json if args.json else plan_table
     out = report(net, plan(net, "block" if args.block_fusion else True), plan(net, False), args.batch,
                  ITEMSIZE[args.dtype], args.train)

@@ -163,7 +163,7 @@ def test_the_plot_is_a_png(tmp_path):
 
 @pytest.mark.parametrize(("extra", "message"), [(["--groups", "--providers", "fused"], "--providers does not apply"),
                                                 (["--cuda-graph"], "--cuda-graph needs a CUDA device, not cpu"),
-                                                (["--batch", "0"], "--batch must be at least 1, got 0")])
+                                                (["--batch", "0"], "--batch must be from 1 to 2,147,483,647, got 0")])
 def test_bad_options_are_refused(tmp_path, extra, message):
     with pytest.raises(cnndsl.CnnInputError, match=message):
         bench.main(_cli(tmp_path, *extra), setup=SETUP)

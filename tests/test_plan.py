@@ -115,7 +115,7 @@ def test_plan_table_says_why(capsys):
 
 def test_plan_rejects_a_bad_batch(capsys):
     assert main(["plan", str(EXAMPLES / "lenet5.cnn"), "--batch", "0"]) == 1
-    assert "--batch must be at least 1, got 0" in capsys.readouterr().err
+    assert "--batch must be from 1 to 2,147,483,647, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
