@@ -7,7 +7,7 @@
 
 The front end (parse, check, summary) needs only lark; compiling needs torch."""
 
-from .api import compile, load_weights, parse
+from .api import compile, load_ops, load_weights, parse
 from .errors import (
                      CnnArgumentError,
                      CnnDataError,
@@ -36,6 +36,7 @@ __all__ = [
                      "Op",
                      "Span",
                      "compile",
+                     "load_ops",
                      "load_weights",
                      "parse",
 ]

@@ -1,5 +1,5 @@
 """The Python API: `parse` (path or text -> Network), `compile` (-> torch.nn.Module),
-and `emit`. Torch is imported only when a model is compiled."""
+`load_weights` and `load_ops`. Torch is imported only when a model is compiled or ops loaded."""
 
 import re
 from os import PathLike
@@ -99,3 +99,10 @@ def load_weights(model, source) -> dict:
     mismatch raises CnnWeightsError naming both sides and loads nothing. -> {model name: source name}."""
     from .weights import load_weights as load
     return load(model, source)
+
+
+def load_ops() -> None:
+    """Register cnndsl's torch custom ops (`torch.ops.cnndsl.conv_block`, ...) in this process, as
+    compiling a model does: a program saved by torch.export names them, so a process that
+    compiled no model calls this before `torch.export.load`."""
+    from .runtime import triton_module  # noqa: F401 - importing it defines every op

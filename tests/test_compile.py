@@ -4,6 +4,8 @@ fake implementations and registered gradients), so `torch.compile(model, fullgra
 model computes what the eager one does. On the CPU the custom ops run the kernels in Triton's
 interpreter inside the compiled graph."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,18 @@ def test_an_exported_model_evaluates_as_the_eager_one(tmp_path):
         torch.export.save(program, tmp_path / "residual.pt2")
         loaded = torch.export.load(tmp_path / "residual.pt2")
         assert torch.equal(loaded.module()(x), model(x))
+
+
+def test_an_exported_model_loads_in_a_fresh_process_after_load_ops(tmp_path):
+    """The saved program names torch.ops.cnndsl.*: a process that compiled nothing registers
+    them with cnndsl.load_ops() (import cnndsl alone does not import torch)."""
+    model = cnndsl.compile(RESIDUAL).eval()
+    x, _ = _inputs(model)
+    with torch.no_grad():
+        torch.export.save(torch.export.export(model, (x,)), tmp_path / "residual.pt2")
+        torch.save({"x": x, "y": model(x)}, tmp_path / "io.pt")
+    script = ("import sys, torch, cnndsl; cnndsl.load_ops(); io = torch.load(sys.argv[2]); "
+              "p = torch.export.load(sys.argv[1]); assert torch.equal(p.module()(io['x']), io['y']); print('same')")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "residual.pt2"), str(tmp_path / "io.pt")],
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 0 and run.stdout.strip() == "same", run.stderr[-2000:]
