@@ -6,6 +6,7 @@ a dict key that is a tuple nested a million deep crashes the interpreter when it
 
 import os
 import pickletools
+import struct
 import zipfile
 
 MAX_PICKLE_BYTES = 64 * 2**20  # a checkpoint's pickle (tensors are records of their own) is KBs
@@ -42,10 +43,22 @@ def check_archive(f) -> int:
             if info.file_size > MAX_PICKLE_BYTES:
                 raise Refused(f"its pickle {info.filename[:100]!r} is {info.file_size:,} bytes, more than the "
                                  f"{MAX_PICKLE_BYTES:,} a file of weights needs")
-            depth = pickle_depth(archive.read(info))
+            depth = pickle_depth(_stored(f, info))
             if depth > MAX_PICKLE_DEPTH:
                 raise Refused(f"its pickle nests containers {depth} deep, more than {MAX_PICKLE_DEPTH}")
     return size
+
+
+def _stored(f, info: zipfile.ZipInfo) -> bytes:
+    """A stored record's bytes, read as torch.load reads them: without zipfile's CRC check, so
+    that damage is reported as the checksum's (a checkpoint's) or the unpickler's."""
+    f.seek(info.header_offset)
+    head = f.read(30)  # the local file header; its name and extra field follow it
+    if len(head) < 30 or head[:4] != b"PK\x03\x04":
+        raise Refused(f"record {info.filename[:100]!r} has no local header where the archive's index says")
+    name, extra = struct.unpack("<HH", head[26:30])
+    f.seek(info.header_offset + 30 + name + extra)
+    return f.read(info.compress_size)
 
 
 def pickle_depth(data: bytes, stop: int = MAX_PICKLE_DEPTH) -> int:

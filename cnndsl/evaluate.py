@@ -42,11 +42,8 @@ def evaluate(file: str | Path, weights: str | Path, data_spec: str | None = None
     model = api.compile(net, backend=backend, fuse=fuse, device=device, dtype=DTYPES[dtype])
     check_batch_memory(net, max(min(batch_size, len(test_set)), 1), model.device, DTYPES[dtype].itemsize,
                        training=False)
-    if w.checkpoint is not None:
-        resume.check_model(w.checkpoint, model.state_dict(), weights, cast=True, error=CnnWeightsError)
+    if w.checkpoint is not None:  # (the same network, its labels free to differ: loaded by name or by order)
         resume.check_network(w.checkpoint, net, weights, file, error=CnnWeightsError)
-        model.load_state_dict(w.checkpoint["model"])
-    else:
-        load_weights(model, w)
+    load_weights(model, w)
     norm = Normalize.from_record(w.checkpoint.get("normalize")) if w.checkpoint is not None else None
     return metrics.validate(model, *tensors_of(test_set, model, norm), batch_size)["val_accuracy"]

@@ -60,6 +60,15 @@ def check_network(ckpt: dict, net: ir.Network, path, file, error=CnnTrainError) 
                             "`source` holds its text)")
 
 
+def in_our_names(theirs: dict, expected: dict) -> dict:
+    """A checkpoint's weights under the model's names: as they are where every name matches, else
+    in declaration order; after check_network, which has shown the same network (whose labels,
+    and so names, may differ)."""
+    if set(theirs) == set(expected) or len(theirs) != len(expected):
+        return theirs
+    return dict(zip(expected, theirs.values()))
+
+
 def check_model(ckpt: dict, expected: dict, path, *, cast: bool, error=CnnTrainError) -> None:
     """The checkpoint's weights fit `expected` (the model's state dict): the same names, shapes
     and dtypes. cast=True (eval) lets floating-point weights load into another floating-point

@@ -171,8 +171,9 @@ def _resume(ckpt: dict, path: Path, net, file, model, optimizer, kind: str) -> t
     """Load a verified checkpoint into the model, the optimizer (built for kind from the settled
     options, whose hyper-parameters win over the ones in the checkpoint's param_groups) and the
     RNG, after checking that each part fits; -> (epochs done, history)."""
-    resume.check_model(ckpt, model.state_dict(), path, cast=False)
     resume.check_network(ckpt, net, path, file)
+    ckpt = {**ckpt, "model": resume.in_our_names(ckpt["model"], model.state_dict())}
+    resume.check_model(ckpt, model.state_dict(), path, cast=False)
     resume.check_optimizer(ckpt, optimizer, recipe.STATE_KEYS[kind], path)
     if ckpt["source"] != net.source:
         print(f"note: {printable(path)} was written from a different version of the network file; the network is the "
