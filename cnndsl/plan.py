@@ -68,7 +68,7 @@ class Group:
     output_note: str | None = None  # for a conv block that could defer: whether its output is written, why
     into: int | None = None  # the concat whose output (slab) it writes its output into, zero-copy (slabs.py)
     # for a concat, each input's state (slabs.py): 0 copied in, 1 written in place by its group, 2 and its
-    # gradient read in place in backward
+    # gradient read in place in backward, 3 copied in and its gradient read in place by its fork's sum
     in_place: tuple[int, ...] = ()
     into_note: str | None = None  # for a concat: which branches write into its slab, why the others are copied
     # where a value forks to a conv and a shortcut (cross-layer): the conv's group returns a gradient token
