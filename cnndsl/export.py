@@ -54,6 +54,10 @@ def export(file, weights, output, classes: int | None = None, opset: int = MIN_O
     if output.is_dir():
         raise CnnInputError(f"export: {output} is a directory; name the file to write, e.g. {output / 'model'}"
                             f"{output.suffix}")
+    folder = output.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise CnnInputError(f"export: cannot write {output}: {folder} {what}")
     net = api.parse(Path(file))
     w = read(weights)
     if classes is None and w.checkpoint is not None:  # a fine-tuning run's own head
@@ -76,7 +80,6 @@ def export(file, weights, output, classes: int | None = None, opset: int = MIN_O
         if importlib.util.find_spec("onnx") is None:
             raise CnnInputError("export to ONNX needs the onnx package: pip install onnx (or cnndsl[export])")
     try:  # written whole beside the output, then renamed over it: a failed export leaves no torn file
-        output.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = new_file_beside(output)
         os.close(fd)
         try:
