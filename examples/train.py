@@ -1,5 +1,6 @@
-"""Train examples/digits.cnn with the Python API and a plain torch optimizer loop: what
-`cnndsl train examples/digits.cnn` does, without the checkpoints and the progress bar.
+"""Train examples/digits.cnn with the Python API and a plain torch optimizer loop: the network
+and optimizer of `cnndsl train examples/digits.cnn`, with its own shuffle and no validation
+split, checkpoints or progress bar.
 
     python examples/train.py [--epochs 4] [--backend triton|torch]
 """
