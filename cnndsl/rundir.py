@@ -45,6 +45,12 @@ def _lock(out: Path) -> int:
     for _ in range(LOCK_TRIES):
         try:
             out.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise CnnTrainError(f"cannot use {out} as the output folder: it is a file; give --out a folder (one "
+                                "that does not exist is created)") from None
+        except OSError as err:
+            raise CnnTrainError(f"cannot create the output folder {out}: {err.strerror or err}") from None
+        try:
             # never through a link: a planted OUT/.lock -> ~/.ssh/authorized_keys would be truncated
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except FileNotFoundError:  # the folder was removed by a run that just left it empty

@@ -92,3 +92,15 @@ def test_a_replaced_file_keeps_its_mode_and_a_new_one_gets_the_usual(tmp_path):
     assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "private.json").read_text() == "new"
+
+
+def test_an_output_folder_that_cannot_be_one_is_named(run, capsys):
+    argv, out, victim = run
+    at = argv.index(str(out))
+    for target, message in ((victim, f"cannot use {victim} as the output folder: it is a file; give --out a folder"),
+                            (victim / "sub", f"cannot create the output folder {victim / 'sub'}: Not a directory")):
+        argv[at] = str(target)
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"training error: {message}" in err and "Traceback" not in err, err
+    assert victim.read_text() == SECRET
