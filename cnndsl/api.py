@@ -19,7 +19,7 @@ _SOURCE_START = re.compile(r"\ufeff?\s*(#|network\s)")
 def _is_path(src) -> bool:
     """A PathLike, or a one-line str ending in .cnn that does not begin as source text does
     (`#`, `network `): a network's text has at least two lines, a path none."""
-    return isinstance(src, PathLike) or (isinstance(src, str) and "\n" not in src and src.strip().endswith(".cnn")
+    return isinstance(src, PathLike) or (isinstance(src, str) and "\n" not in src and src.endswith(".cnn")
                                          and not _SOURCE_START.match(src))
 
 

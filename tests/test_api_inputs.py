@@ -10,7 +10,8 @@ SRC = "network a\ninput 1x4x4\nconv 2 3x3\nrelu\nflatten\ndense 3\nsoftmax\n"
 BACKENDS = ["torch", "triton"]
 
 
-@pytest.mark.parametrize("text", ["# file: tiny.cnn", "network tiny.cnn", "  # a.cnn", "\ufeff# b.cnn"])
+@pytest.mark.parametrize("text", ["# file: tiny.cnn", "network tiny.cnn", "  # a.cnn", "\ufeff# b.cnn",
+                                  "examples/digits.cnn  "])
 def test_one_line_text_that_begins_as_source_is_text_not_a_path(text):
     with pytest.raises(cnndsl.CnnSyntaxError) as err:
         cnndsl.parse(text)
