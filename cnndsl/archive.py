@@ -9,7 +9,7 @@ import pickletools
 import struct
 import zipfile
 
-MAX_PICKLE_BYTES = 64 * 2**20  # a checkpoint's pickle (tensors are records of their own) is KBs
+MAX_PICKLE_BYTES = 16 * 2**20  # a checkpoint's pickle (tensors are records of their own) is KBs
 MAX_PICKLE_DEPTH = 64  # torch nests a tensor 4 deep, a checkpoint's payload 6 more
 _MARK = None  # a MARK on the simulated stack
 _MUTATORS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}  # change their first input
@@ -33,7 +33,7 @@ def check_archive(f) -> int:
         for info in archive.infolist():
             if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
                 raise Refused(f"record {info.filename[:100]!r} is compressed ({info.compress_size} bytes for "
-                                 f"{info.file_size}), which torch.save never does")
+                              f"{info.file_size}), which torch.save never does")
             declared += info.file_size
             if info.filename.endswith(".pkl"):
                 pickles.append(info)
@@ -42,7 +42,7 @@ def check_archive(f) -> int:
         for info in pickles:
             if info.file_size > MAX_PICKLE_BYTES:
                 raise Refused(f"its pickle {info.filename[:100]!r} is {info.file_size:,} bytes, more than the "
-                                 f"{MAX_PICKLE_BYTES:,} a file of weights needs")
+                              f"{MAX_PICKLE_BYTES:,} a file of weights needs")
             depth = pickle_depth(_stored(f, info))
             if depth > MAX_PICKLE_DEPTH:
                 raise Refused(f"its pickle nests containers {depth} deep, more than {MAX_PICKLE_DEPTH}")

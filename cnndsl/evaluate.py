@@ -7,7 +7,7 @@ from pathlib import Path
 from . import api, data, finetune, metrics, resume
 from .augment import Normalize
 from .errors import CnnInputError, CnnWeightsError
-from .runtime import check_batch_memory
+from .runtime import check_batch_memory, check_run_device
 from .train import DTYPES, classes_of, tensors_of
 from .weights import load_weights
 from .weights import read as read_weights
@@ -23,6 +23,7 @@ def evaluate(file: str | Path, weights: str | Path, data_spec: str | None = None
         raise CnnInputError(f"--batch-size must be at least 1, got {batch_size}")
     if dtype not in DTYPES:
         raise CnnInputError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    check_run_device(device)
     net = api.parse(Path(file))
     w = read_weights(weights)
     config = w.checkpoint["config"] if w.checkpoint else {}

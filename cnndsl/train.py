@@ -35,7 +35,7 @@ from . import (
 from .errors import CnnInputError, CnnTrainError, printable, terminal_safe
 from .limits import MAX_SIZE
 from .loop import DTYPES
-from .runtime import check_batch_memory
+from .runtime import check_batch_memory, check_run_device
 
 CHECKPOINT = "last.pt"  # in the output folder
 MAX_EPOCHS = 1_000_000  # --epochs and the options counted in epochs: far beyond any run
@@ -98,6 +98,7 @@ class Options:
                 raise CnnInputError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
         if self.dtype not in DTYPES:
             raise CnnInputError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+        check_run_device(self.device)
         if not (isinstance(self.val_split, (int, float)) and 0 <= self.val_split < 1):
             raise CnnInputError(f"--val-split must be a fraction in [0, 1), got {self.val_split}")
         if self.early_stop is not None and (self.early_stop < 1 or not self.val_split):

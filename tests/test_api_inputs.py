@@ -1,6 +1,8 @@
 """The Python API at its edges: what `cnndsl.parse` takes for a path and what for text, and
 targets of `model.loss` that are out of range or laid out unusually, on both backends."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -53,14 +55,25 @@ def test_a_non_contiguous_target_gives_the_same_loss_on_both_backends():
     torch.testing.assert_close(tri.loss(x, target), ref.loss(x, target))
 
 
-@pytest.mark.parametrize("device, message", [
-    ("meta", "device 'meta' is not supported; expected 'cpu' or 'cuda' (or 'cuda:N')"),
-    ("mps", "device 'mps' is not supported; expected 'cpu' or 'cuda' (or 'cuda:N')"),
-    ("floppy", "bad device 'floppy'; expected 'cpu' or 'cuda' (or 'cuda:N')")])
-def test_a_device_the_kernels_do_not_run_on_is_an_input_error(device, message):
+@pytest.mark.parametrize("backend, device, message", [
+    ("triton", "meta", "device 'meta' is not supported; expected 'cpu' or 'cuda' (or 'cuda:N')"),
+    ("torch", "mps", "device 'mps' is not supported; expected 'cpu' or 'cuda' (or 'cuda:N')"),
+    ("torch", "floppy", "bad device 'floppy'; expected 'cpu' or 'cuda' (or 'cuda:N')")])
+def test_a_device_the_kernels_do_not_run_on_is_an_input_error(backend, device, message):
+    """The reference backend also builds on 'meta' (shapes without data, as test_macs counts)."""
     with pytest.raises(cnndsl.CnnInputError) as err:
-        cnndsl.compile(SRC, backend="torch", device=device)
+        cnndsl.compile(SRC, backend=backend, device=device)
     assert err.value.message == message
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_train_and_eval_run_on_a_cpu_or_a_cuda_gpu(command, tmp_path, capsys):
+    from cnndsl.cli import main
+    extra = ["--weights", str(tmp_path / "w.pt")] if command == "eval" else ["--out", str(tmp_path / "run")]
+    digits = Path(__file__).resolve().parent.parent / "examples" / "digits.cnn"
+    assert main([command, str(digits), "--backend", "torch", "--device", "meta", *extra]) == 1
+    err = capsys.readouterr().err
+    assert "input error: --device must be cpu, cuda or cuda:N, got 'meta'" in err and "Traceback" not in err, err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,6 +1,7 @@
 """The runtime: torch.nn.Modules that run a Network, one per backend."""
 
 import os
+import re
 
 import torch
 
@@ -25,7 +26,8 @@ def build_module(net: ir.Network, backend: str = "triton", fuse: bool | str = Tr
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except (RuntimeError, TypeError):
         raise CnnInputError(f"bad device {str(device)[:100]!r}; expected 'cpu' or 'cuda' (or 'cuda:N')") from None
-    if device.type not in ("cpu", "cuda"):  # (the triton kernels run on CUDA GPUs, or interpreted on a CPU)
+    # (the triton kernels run on CUDA GPUs, or interpreted on a CPU; the reference also on 'meta', shapes only)
+    if device.type not in ("cpu", "cuda") and not (backend == "torch" and device.type == "meta"):
         raise CnnInputError(f"device {str(device)!r} is not supported; expected 'cpu' or 'cuda' (or 'cuda:N')")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CnnInputError("device 'cuda' was asked for, but no CUDA device is available; use device='cpu'")
@@ -81,3 +83,9 @@ def check_batch_memory(net: ir.Network, batch: int, device: torch.device, itemsi
     if need > have:
         raise CnnInputError(f"{net.name}: a batch of {batch:,} needs at least {need / 2**30:,.1f} GiB ({kept}), more "
                             f"than the {have / 2**30:,.1f} GiB of memory on {device}; use a smaller {what}")
+
+
+def check_run_device(device: str | None) -> None:
+    """Training and evaluation run on a CPU or a CUDA GPU (a 'meta' model holds no data)."""
+    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        raise CnnInputError(f"--device must be cpu, cuda or cuda:N, got {str(device)[:100]!r}")
