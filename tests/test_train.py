@@ -198,12 +198,12 @@ def test_resume_and_eval_take_the_same_network_with_other_labels(tiny, tmp_path,
     """The network's identity leaves names out: relabelled layers take the checkpoint's weights
     in declaration order, on --resume as on eval."""
     net, data = tiny
-    train(net, _opts(data, tmp_path, epochs=1), log=lambda *_: None)
+    train(net, _opts(data, tmp_path, epochs=1, backend="torch"), log=lambda *_: None)
     renamed = tmp_path / "renamed.cnn"
     renamed.write_text(TINY.replace("dense 8", "first_dense: dense 8"))
     assert main(["eval", str(renamed), "--weights", str(tmp_path / "last.pt"), "--data", str(data),
                  "--backend", "torch"]) == 0
-    result = train(renamed, _opts(data, tmp_path, epochs=2, resume=""), log=lambda *_: None)
+    result = train(renamed, _opts(data, tmp_path, epochs=2, resume="", backend="torch"), log=lambda *_: None)
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     capsys.readouterr()
 
