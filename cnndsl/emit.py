@@ -159,7 +159,26 @@ class {cls}(nn.Module):
         self._p = dict(self.named_modules())  # layer name -> layer
         self._caches = {{}}  # group -> its folded eval weights
 
+    def train(self, mode=True):
+        self._caches.clear()  # (a write through .data moves no version counter: switching modes folds afresh)
+        return super().train(mode)
+
+    def _check(self, x):
+        """The input the steps were planned for: a dense (N, {", ".join(map(str, net.input_shape))}) tensor, N >= 1, in the
+        parameters' dtype and on their device."""
+        want = {tuple(net.input_shape)!r}
+        if not isinstance(x, torch.Tensor) or x.layout != torch.strided or x.is_nested or x.dim() != 4 \\
+                or tuple(x.shape[1:]) != want or x.shape[0] == 0:
+            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{net.name}: expected a dense input of shape [N, {", ".join(map(str, net.input_shape))}] with N >= 1, got {{got}}")
+        like = next(self.parameters(), None)
+        dtype, device = (like.dtype, like.device) if like is not None else (x.dtype, x.device)
+        if x.dtype != dtype or dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.device != device:
+            raise ValueError(f"{net.name}: expected a float32, float16 or bfloat16 input of the parameters' dtype and "
+                             f"device ({{dtype}} on {{device}}), got {{x.dtype}} on {{x.device}}")
+
     def forward(self, x, logits=False):
+        self._check(x)
         return run_steps(LOGITS if logits else FORWARD, x, self._p, RUNNERS, self.training, self._caches)
 
     def loss(self, x, target):

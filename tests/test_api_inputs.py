@@ -82,3 +82,35 @@ def test_a_cuda_device_past_the_machines_is_an_input_error():
     n = torch.cuda.device_count()
     with pytest.raises(cnndsl.CnnInputError, match=rf"device 'cuda:{n}' was asked for, but this machine has {n} CUDA"):
         cnndsl.compile(SRC, device=f"cuda:{n}")
+
+
+def test_a_write_through_data_is_folded_after_a_mode_switch_and_an_in_place_update_at_once():
+    """Eval folds the batch norm into the conv weights once per weight change, which it sees by
+    torch's version counters: an update in place (an optimizer's, no_grad's) is seen at once;
+    a write through `.data` moves no counter, and model.eval() folds afresh."""
+    src = "network t\ninput 2x4x4\nconv 2 3 pad=1\nbatchnorm\nrelu\nflatten\ndense 3\n"
+    tri = cnndsl.compile(src, device="cpu").eval()
+    ref = cnndsl.compile(src, backend="torch", device="cpu").eval()
+    ref.load_state_dict(tri.state_dict())
+    x = torch.randn(2, 2, 4, 4)
+    with torch.no_grad():
+        tri(x)
+        for m in (tri, ref):
+            m.conv1.weight.mul_(2)
+        torch.testing.assert_close(tri(x), ref(x))
+        for m in (tri, ref):
+            m.conv1.weight.data.mul_(3)
+        tri.eval()
+        torch.testing.assert_close(tri(x), ref(x))
+
+
+def test_a_model_moved_to_channels_last_or_float64_or_given_a_sparse_input():
+    tri = cnndsl.compile(SRC.replace("1x4x4", "2x4x4"), device="cpu")
+    ref = cnndsl.compile(SRC.replace("1x4x4", "2x4x4"), backend="torch", device="cpu")
+    ref.load_state_dict(tri.state_dict())
+    x = torch.randn(2, 2, 4, 4)
+    torch.testing.assert_close(tri.to(memory_format=torch.channels_last)(x), ref(x))
+    with pytest.raises(cnndsl.CnnInputError, match="expected a dense tensor, got a torch.sparse_coo tensor"):
+        tri(x.to_sparse())
+    with pytest.raises(cnndsl.CnnInputError, match=r"the model is torch.float64 on cpu \(model.to\(...\) moved it\)"):
+        tri.double()(x.double())

@@ -127,3 +127,24 @@ def test_emit_replaces_a_link_at_its_output_instead_of_writing_through_it(tmp_pa
     assert run.returncode == 0, run.stderr
     assert victim.read_text() == "keep me\n"
     assert not (tmp_path / "out.py").is_symlink() and "class Lenet5" in (tmp_path / "out.py").read_text()
+
+
+def test_an_emitted_module_checks_its_input_and_refolds_on_a_mode_switch(tmp_path):
+    """The steps were planned for one input shape: another is refused, as the compiled model
+    refuses it, not computed with the planned geometry. And a weight written through `.data`
+    (which moves no version counter) is folded afresh after model.eval()."""
+    net = cnndsl.parse("network g\ninput 1x6x6\nconv 2 3 pad=1\nbatchnorm\nglobal_avgpool\nflatten\ndense 3\n")
+    _, model = _emitted(tmp_path, net, True)
+    model.eval()
+    for bad, message in ((torch.randn(2, 1, 8, 8), (r"expected a dense input of shape \[N, 1, 6, 6\] with N >= 1, got "
+                                                    r"\[2, 1, 8, 8\]")),
+                         (torch.randn(0, 1, 6, 6), r"got \[0, 1, 6, 6\]"),
+                         (torch.randn(2, 1, 6, 6).double(), "got torch.float64 on cpu")):
+        with pytest.raises(ValueError, match=message):
+            model(bad)
+    x = torch.ones(1, 1, 6, 6)
+    with torch.no_grad():
+        before = model(x)
+        model.conv1.weight.data.mul_(3)
+        model.eval()
+        assert not torch.equal(model(x), before)

@@ -76,6 +76,9 @@ class NetworkModule(nn.Module):
         want = (*self.net.input_shape,)
         if not isinstance(x, torch.Tensor):
             raise CnnInputError(f"{self.net.name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.layout != torch.strided or x.is_nested:
+            raise CnnInputError(f"{self.net.name}: expected a dense tensor, got a {x.layout} "
+                                f"{'nested ' if x.is_nested else ''}tensor; convert it with x.to_dense()")
         if x.dim() != 4 or tuple(x.shape[1:]) != want:
             raise CnnInputError(f"{self.net.name}: expected input of shape [N, {', '.join(map(str, want))}], "
                                 f"got {list(x.shape)}")

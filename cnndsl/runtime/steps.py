@@ -62,10 +62,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _cast(value, dtype: torch.dtype):
-    """A parameter in the compute dtype (a differentiable copy); buffers, the batch norms' running
-    statistics, stay as they are (the kernels update them in any float dtype)."""
-    if isinstance(value, torch.nn.Parameter) and value.dtype != dtype:
-        return value.to(dtype)
+    """A parameter in the compute dtype and contiguous (a differentiable copy where it is not: a
+    model moved to channels_last, a dense weight loaded transposed); buffers, the batch norms'
+    running statistics, stay as they are (the kernels update them in any float dtype)."""
+    if isinstance(value, torch.nn.Parameter):
+        return (value.to(dtype) if value.dtype != dtype else value).contiguous()
     return value
 
 

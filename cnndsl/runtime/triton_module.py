@@ -7,10 +7,13 @@ import importlib
 import torch
 
 from ..codegen import lower, runner_of
+from ..errors import CnnInputError
 from ..ops import REGISTRY
 from ..rules import RULES
 from .module import NetworkModule
 from .steps import run_steps
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The executor's own (forking a value to several readers) and the loss's, with every op's and rule's.
 _QUALIFIED = ("add.fork", "add.redirect", "softmax.cross_entropy", *(d.runner for d in REGISTRY.values() if d.runner),
@@ -25,6 +28,18 @@ class TritonModule(NetworkModule):
         self.program = lower(net, self.plan)
         self.caches = {}  # group -> its folded eval weights (kernels/conv_block.py)
         self._by_name = dict(self.named_modules())  # layer name -> the module holding its parameters
+
+    def train(self, mode: bool = True):
+        # (a write through `.data` moves no version counter, so the folded weights cannot see it;
+        # switching modes, model.eval() included, folds afresh)
+        self.caches.clear()
+        return super().train(mode)
+
+    def check_input(self, x) -> None:
+        super().check_input(x)
+        if self.dtype not in KERNEL_DTYPES or self.device.type not in ("cpu", "cuda"):
+            raise CnnInputError(f"{self.net.name}: the model is {self.dtype} on {self.device} (model.to(...) moved "
+                                "it); the kernels compute in float32, float16 or bfloat16 on a CPU or a CUDA GPU")
 
     @property
     def steps(self):
