@@ -28,8 +28,9 @@ def evaluate(file: str | Path, weights: str | Path, data_spec: str | None = None
     w = read_weights(weights)
     config = w.checkpoint["config"] if w.checkpoint else {}
     classes = classes if classes is not None else config.get("classes")
+    trained_on = config.get("only_classes")
     if only_classes is None:
-        only_classes = config.get("only_classes")
+        only_classes = trained_on
         if not isinstance(only_classes, (str, type(None))):  # a checksum is no signature: anyone can forge one
             raise CnnWeightsError(f"{weights} is not a valid cnndsl checkpoint: only_classes in its config is "
                                   f"{only_classes!r:.60} ({type(only_classes).__name__}); expected labels and "
@@ -39,6 +40,13 @@ def evaluate(file: str | Path, weights: str | Path, data_spec: str | None = None
     _, test_set = data.load(data_spec)
     if only_classes:
         test_set = finetune.only_classes(test_set, only_classes)
+        picked, head = len(test_set.classes), classes_of(net)
+        if only_classes != trained_on and picked != head:  # (renumbered 0.., they are not the classes it predicts)
+            raise CnnInputError(f"--only-classes {only_classes} picks {picked} classes, numbered 0 to {picked - 1}, "
+                                f"but the weights' head has {head} outputs, trained on "
+                                + ("all the classes" if trained_on is None else f"--only-classes {trained_on}"),
+                                hint=f"evaluate weights trained with --only-classes {only_classes} (or a head of "
+                                     f"{picked} classes, --classes {picked})")
     data.check(test_set, net.input_shape, classes_of(net), "test set")
     model = api.compile(net, backend=backend, fuse=fuse, device=device, dtype=DTYPES[dtype])
     check_batch_memory(net, max(min(batch_size, len(test_set)), 1), model.device, DTYPES[dtype].itemsize,

@@ -74,7 +74,9 @@ def _checked(parser, config: dict, where: str) -> dict:
     for key, value in config.items():
         if key == "nproc":  # (a file that says how many processes to start is not one cnndsl writes)
             raise CnnInputError(f"{where}: nproc is not an option a file sets: give --nproc on the command line")
-        if key == "fuse" and value in (True, False, "block"):
+        if key == "fuse":
+            if value not in (True, False, "block") or isinstance(value, (int, float)) and not isinstance(value, bool):
+                raise CnnInputError(f"{where}: fuse is {value!r:.60}, not a fusion level (true, \"block\" or false)")
             out["no_fuse"], out["block_fusion"] = value is False, value == "block"
             continue
         action = actions.get(key)
@@ -83,7 +85,7 @@ def _checked(parser, config: dict, where: str) -> dict:
         if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
             ok = isinstance(value, bool)
         elif value is None or isinstance(value, bool):
-            ok = value is None  # true and false are only a flag's
+            ok = value is None and action.default is None  # true and false are only a flag's; null an unset one's
         elif action.type is int:
             ok = isinstance(value, int)
         elif action.type is float:
@@ -94,6 +96,8 @@ def _checked(parser, config: dict, where: str) -> dict:
             raise CnnInputError(f"{where}: {key} is {value!r:.60}, not a value --{key.replace('_', '-')} "
                                 f"takes" + (f" ({', '.join(action.choices)})" if action.choices else ""))
         out[key] = value
+    if out.get("no_fuse") and out.get("block_fusion"):
+        raise CnnInputError(f"{where}: no_fuse and block_fusion are both set; give one fusion level")
     return out
 
 

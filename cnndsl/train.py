@@ -40,6 +40,7 @@ from .runtime import check_batch_memory, check_run_device
 CHECKPOINT = "last.pt"  # in the output folder
 MAX_EPOCHS = 1_000_000  # --epochs and the options counted in epochs: far beyond any run
 MAX_SEED = 2**40
+MAX_HYPER = 1e30  # --lr, --momentum, --weight-decay: far past any use, well inside fp32
 CONFIG = "config.json"  # every option of the run, in the output folder (`cnndsl train --config`)
 METRICS, BEST = "metrics.csv", "best.pt"  # one row per epoch; the checkpoint of the best validation accuracy
 CURVES = "curves.png"  # loss and accuracy against epochs (with matplotlib)
@@ -90,12 +91,13 @@ class Options:
                                 f"{self.seed}")
         if self.optimizer is not None and self.optimizer not in recipe.OPTIMIZERS:
             raise CnnInputError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(recipe.OPTIMIZERS)}")
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise CnnInputError(f"--lr must be a positive number, got {self.lr}")
+        # (the optimizer keeps them as fp32 scalars: a larger one fails inside its first step)
+        if self.lr is not None and not (math.isfinite(self.lr) and 0 < self.lr <= MAX_HYPER):
+            raise CnnInputError(f"--lr must be a positive number of at most {MAX_HYPER:g}, got {self.lr}")
         for name in ("momentum", "weight_decay"):
             value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise CnnInputError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
+            if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_HYPER):
+                raise CnnInputError(f"--{name.replace('_', '-')} must be a number from 0 to {MAX_HYPER:g}, got {value}")
         if self.dtype not in DTYPES:
             raise CnnInputError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
         check_run_device(self.device)
@@ -107,6 +109,9 @@ class Options:
         if self.sched not in schedule.SCHEDULES or self.warmup_epochs < 0:
             raise CnnInputError(f"--sched must be one of {', '.join(schedule.SCHEDULES)} and --warmup-epochs at "
                                 f"least 0, got {self.sched!r} and {self.warmup_epochs}")
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            raise CnnInputError(f"--warmup-epochs {self.warmup_epochs} must be less than --epochs {self.epochs}: the "
+                                "warm-up would take the whole run, and the schedule never begin")
         augment.parse(self.augment)
         if self.sync_bn and self.backend != "triton":
             raise CnnInputError("--sync-bn synchronises the triton backend's fused batch norms; the torch backend "
@@ -250,7 +255,7 @@ def _run(file, net, ckpt_path: Path, opts: Options, log, w: distributed.World) -
     if opts.init is not None and ckpt is None:
         finetune.init(model, opts.init, opts.classes is not None, log)
     if opts.freeze:
-        labels = opts.freeze.split(",")
+        labels = [label.strip() for label in opts.freeze.split(",")]
         frozen = finetune.freeze(model, labels, opts.freeze_bn)
         names = f"{frozen[0]} .. {frozen[-1]}" if len(labels) == 1 and len(frozen) > 2 else ", ".join(frozen)
         bns = f" and their {len(model.frozen_bn)} batch norms run on running statistics" if model.frozen_bn else ""
@@ -264,11 +269,11 @@ def _run(file, net, ckpt_path: Path, opts: Options, log, w: distributed.World) -
             log(f"note: it has trained its {done} epochs of --epochs {opts.epochs}, so none is left; give "
                 f"--epochs {done + 1} or more to train on")
     config = {k: v for k, v in asdict(opts).items() if k != "resume"}
-    for key in ("data", "init"):  # absolute: a resumed or replayed run may start in another folder
+    for key in ("data", "init"):  # absolute, as the file is: a resumed or replayed run may start elsewhere
         if config[key] is not None:
             config[key] = str(Path(config[key]).resolve())
     if w.leader:
-        runconfig.write(ckpt_path.parent / CONFIG, file, config)
+        runconfig.write(ckpt_path.parent / CONFIG, Path(file).resolve(), config)
     norm = _normalization(opts, ckpt, torch.from_numpy(train_set.x), log)  # every split by the training split's
     x, y = tensors_of(train_set, model, norm)
     xv, yv = tensors_of(val_set, model, norm) if val_set is not None else (None, None)

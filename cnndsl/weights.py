@@ -240,6 +240,11 @@ def load_weights(model: torch.nn.Module, source, skip: tuple = ()) -> dict:
     architecture are laid out), after checking every tensor (pairs); a mismatch raises CnnWeightsError
     naming both sides and loads nothing. `skip` names model entries left as they are (a new
     head). -> {our name: their name} of what was loaded."""
+    if not isinstance(model, torch.nn.Module):
+        raise CnnWeightsError(f"load_weights: expected a compiled model (a torch.nn.Module), got {type(model).__name__}")
+    if not isinstance(source, (Weights, dict, str, os.PathLike)):
+        raise CnnWeightsError(f"load_weights: expected a path (a .pt, .pth, .safetensors or checkpoint file) or a "
+                              f"state dict, got {type(source).__name__}")
     if isinstance(source, Weights):
         tensors, ordered, where = source.tensors, source.ordered, source.where
     elif isinstance(source, dict):

@@ -35,6 +35,9 @@ def test_bad_config_files_are_refused(tmp_path, capsys):
              '{"optimizer": "lbfgs"}': "optimizer is 'lbfgs', not a value --optimizer takes (sgd, adam, adamw)",
              '{"freeze_bn": "yes"}': "freeze_bn is 'yes'",
              '{"epoch": 3}': "unknown option 'epoch'",
+             '{"seed": null}': "seed is None, not a value --seed takes",  # (null only where the default is unset)
+             '{"fuse": "cross"}': "fuse is 'cross', not a fusion level (true, \"block\" or false)",
+             '{"no_fuse": true, "block_fusion": true}': "no_fuse and block_fusion are both set; give one fusion level",
              "{": "not a JSON file"}
     for i, (text, message) in enumerate(cases.items()):
         path = tmp_path / f"c{i}.json"

@@ -58,6 +58,16 @@ def test_frozen_layers_keep_their_weights_and_the_head_trains(runs, capsys):
     assert float(capsys.readouterr().out.split()[-1]) >= 0.95
 
 
+def test_eval_on_other_classes_than_the_head_was_trained_on_is_refused(runs, capsys):
+    """Renumbered from 0, the chosen classes are not the ones a head trained on others predicts:
+    its accuracy would mean nothing."""
+    assert main(["eval", DIGITS, "--backend", "torch", "--weights", str(runs[0]), "--only-classes", "5,7"]) == 1
+    assert ("input error: --only-classes 5,7 picks 2 classes, numbered 0 to 1, but the weights' head has 5 outputs, "
+            "trained on --only-classes 0-4") in capsys.readouterr().err
+    assert main(["eval", DIGITS, "--backend", "torch", "--weights", str(runs[0]), "--only-classes", "0-4"]) == 0
+    capsys.readouterr()
+
+
 def test_exports_load_elsewhere_and_agree(runs, tmp_path):
     model = cnndsl.compile(finetune.with_classes(cnndsl.parse(DIGITS), 5), backend="torch", device="cpu").eval()
     load_weights(model, runs[1])

@@ -117,7 +117,7 @@ def test_nan_loss_keeps_the_last_good_checkpoint(tiny, tmp_path):
     before = (tmp_path / "last.pt").read_bytes()
     with pytest.raises(CnnTrainError, match=r"the loss became (nan|inf) in epoch 2 .*try a lower --lr; "
                                             r"the last good checkpoint, .*last.pt, is kept") as caught:
-        train(net, _opts(data, tmp_path, epochs=2, resume="", lr=1e38, batch_size=40), log=lambda *_: None)
+        train(net, _opts(data, tmp_path, epochs=2, resume="", lr=1e30, batch_size=40), log=lambda *_: None)
     assert caught.value.render().count("training error") == 1, caught.value.render()
     assert (tmp_path / "last.pt").read_bytes() == before
 
@@ -145,13 +145,16 @@ def test_bad_options_and_checkpoints(tiny, tmp_path, capsys):
     assert main(["train", str(net), "--data", str(data), "--epochs", "0"]) == 1
     assert "--epochs must be at least 1, got 0" in capsys.readouterr().err
     assert main(["train", str(net), "--data", str(data), "--lr", "-1"]) == 1
-    assert "--lr must be a positive number, got -1.0" in capsys.readouterr().err
+    assert "--lr must be a positive number of at most 1e+30, got -1.0" in capsys.readouterr().err
     seed_range = "--seed must be a whole number from -1,099,511,627,776 to 1,099,511,627,776 (2^40), got"
     for flags, message in ((["--seed", "9" * 23], f"{seed_range} {'9' * 23}"),
                            (["--seed", str(2**62)], f"{seed_range} {2**62}"),  # (seed * 100,003 overflowed)
                            (["--epochs", "9" * 20], "--epochs must be at most 1,000,000, got 99,999,"),
                            (["--warmup-epochs", "5000000"], "--warmup-epochs must be at most 1,000,000, got 5,000,000"),
-                           (["--batch-size", "3000000000"], "--batch-size must be at most 2,147,483,647")):
+                           (["--batch-size", "3000000000"], "--batch-size must be at most 2,147,483,647"),
+                           (["--lr", "1e39"], "--lr must be a positive number of at most 1e+30, got 1e+39"),
+                           (["--weight-decay", "1e308"], "--weight-decay must be a number from 0 to 1e+30, got 1e+308"),
+                           (["--epochs", "2", "--warmup-epochs", "2"], "--warmup-epochs 2 must be less than --epochs 2")):
         assert main(["train", str(net), "--data", str(data), *flags]) == 1  # before a first epoch, not after it
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err

@@ -280,3 +280,10 @@ def test_counts_load_from_any_integer_dtype():
     load_weights(model, state)
     assert int(model.state_dict()["batchnorm1.num_batches_tracked"]) == 5
     assert torch.equal(model.state_dict()["dense2.bias"], torch.full((10,), 7.0))
+
+
+@pytest.mark.parametrize("source", [[1], torch.zeros(1), None, 3, b"w.pt"], ids=["list", "tensor", "none", "int", "bytes"])
+def test_load_weights_names_what_it_takes(source):
+    model = cnndsl.compile(EXAMPLES / "lenet5.cnn", backend="torch", device="cpu")
+    with pytest.raises(CnnWeightsError, match=f"expected a path .* or a state dict, got {type(source).__name__}"):
+        load_weights(model, source)
