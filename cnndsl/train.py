@@ -272,7 +272,7 @@ def _run(file, net, ckpt_path: Path, opts: Options, log, w: distributed.World) -
     for key in ("data", "init"):  # absolute, as the file is: a resumed or replayed run may start elsewhere
         if config[key] is not None:
             config[key] = str(Path(config[key]).resolve())
-    if w.leader:
+    if w.leader and done < opts.epochs:  # (a resume with nothing left to train leaves the run's record as it is)
         runconfig.write(ckpt_path.parent / CONFIG, Path(file).resolve(), config)
     norm = _normalization(opts, ckpt, torch.from_numpy(train_set.x), log)  # every split by the training split's
     x, y = tensors_of(train_set, model, norm)

@@ -80,9 +80,11 @@ def test_a_resumed_run_takes_its_checkpoints_options(tmp_path, capsys):
     a, b = read(whole / "last.pt").tensors, read(parts / "last.pt").tensors
     assert all(torch.equal(a[k], b[k]) for k in a)
     capsys.readouterr()
-    assert main(["train", DIGITS, "--resume", "--out", str(parts)]) == 0  # --epochs 2 from the checkpoint
+    before = (parts / "config.json").read_text()
+    assert main(["train", DIGITS, "--resume", "--out", str(parts), "--lr", "0.5"]) == 0  # --epochs 2 from the checkpoint
     assert "note: it has trained its 2 epochs of --epochs 2, so none is left; give --epochs 3 or more to train " \
            "on" in capsys.readouterr().out
+    assert (parts / "config.json").read_text() == before  # (nothing trained: the record still says what last.pt is)
     assert main(["train", DIGITS, "--resume", "--out", str(parts), "--epochs", "3", "--val-split", "0.1",
                  "--sched", "cosine"]) == 0
     recorded = json.loads((parts / "config.json").read_text())
