@@ -106,9 +106,11 @@ def check_optimizer(ckpt: dict, optimizer, state_keys: frozenset, path) -> None:
                             f"optimizer has {len(mine)}")
     params = {}
     for i, (group, own) in enumerate(zip(groups, mine)):
-        if len(group["params"]) != len(own["params"]):
+        if len(group["params"]) != len(own["params"]):  # (the parameters that train: --freeze decides them)
             raise CnnTrainError(f"{path}: parameter group {i} of its {kind} state lists {len(group['params'])} "
-                                f"parameters, this model's has {len(own['params'])}")
+                                f"parameters, this model's has {len(own['params'])}",
+                                hint="another --freeze trains other parameters: leave --freeze out to take the "
+                                     "checkpoint's")
         for pid, param in zip(group["params"], own["params"]):
             if pid in params:
                 raise CnnTrainError(f"{path}: its {kind} state lists parameter {pid} twice")

@@ -202,3 +202,10 @@ def test_only_classes_from_a_checkpoint_are_checked(runs, tmp_path, capsys):
     huge = forged(runs[0], tmp_path / "huge.pt", only_classes="0-10000000000")
     with pytest.raises(CnnInputError, match="expected distinct labels in 0..9"):
         evaluate(DIGITS, huge, backend="torch")
+
+
+def test_resuming_with_another_freeze_says_so(runs, tmp_path, capsys):
+    assert main(["train", DIGITS, "--backend", "torch", "--resume", str(runs[1]), "--out", str(tmp_path / "o"),
+                 "--freeze", "conv1"]) == 1
+    err = capsys.readouterr().err
+    assert "parameters, this model's has" in err and "another --freeze trains other parameters" in err, err
