@@ -15,6 +15,7 @@ _MARK = None  # a MARK on the simulated stack
 _MUTATORS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}  # change their first input
 _CONTAINERS = (pickletools.pytuple, pickletools.pylist, pickletools.pydict, pickletools.pyset,
                pickletools.pyfrozenset)
+_ALLOCATORS = {"bytearray"}  # globals weights_only allows that allocate a size given as a number
 _GETS = {"GET", "BINGET", "LONG_BINGET"}
 _PUTS = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
 
@@ -28,14 +29,26 @@ def check_archive(f) -> int:
     stores every record uncompressed, and a compressed one could inflate without bound) and
     that its pickle nests no deeper than MAX_PICKLE_DEPTH; else Refused."""
     size = os.fstat(f.fileno()).st_size
-    declared, pickles = 0, []
+    # torch.load reads a file that does not start as a zip by its legacy format, unpickling it
+    # from byte 0; and where bytes precede the zip, Python's zipfile and torch's reader can see
+    # two different central directories
+    f.seek(0)
+    if f.read(4) != b"PK\x03\x04":
+        raise Refused("it does not begin as the zip archive torch.save writes")
+    end = zipfile._EndRecData(f)  # (zipfile's own reading of the end record, zip64 included)
+    if end is None or _prepended(end):
+        raise Refused("its zip directory is not where its end record says (data was put before or inside it)")
+    declared, pickles, names = 0, [], set()
     with zipfile.ZipFile(f) as archive:
         for info in archive.infolist():
             if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
                 raise Refused(f"record {info.filename[:100]!r} is compressed ({info.compress_size} bytes for "
                               f"{info.file_size}), which torch.save never does")
+            if info.filename.lower() in names:  # (torch's reader matches names ignoring case)
+                raise Refused(f"it holds two records named {info.filename[:100]!r}, ignoring case")
+            names.add(info.filename.lower())
             declared += info.file_size
-            if info.filename.endswith(".pkl"):
+            if info.filename.lower().endswith(".pkl"):
                 pickles.append(info)
         if declared > size:
             raise Refused(f"its records declare {declared} bytes, more than the file's {size}")
@@ -47,6 +60,15 @@ def check_archive(f) -> int:
             if depth > MAX_PICKLE_DEPTH:
                 raise Refused(f"its pickle nests containers {depth} deep, more than {MAX_PICKLE_DEPTH}")
     return size
+
+
+def _prepended(end: list) -> int:
+    """Bytes between where the end record says the central directory is and where it is, as
+    zipfile computes them (and then forgives): torch's reader follows the record."""
+    gap = end[zipfile._ECD_LOCATION] - end[zipfile._ECD_OFFSET] - end[zipfile._ECD_SIZE]
+    if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:  # the zip64 end record and locator lie between
+        gap -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+    return gap
 
 
 def _stored(f, info: zipfile.ZipInfo) -> bytes:
@@ -76,7 +98,14 @@ def pickle_depth(data: bytes, stop: int = MAX_PICKLE_DEPTH) -> int:
         depths.append(depth)
         return len(depths) - 1
 
+    strings = []  # the last two strings pushed: STACK_GLOBAL's module and name
     for op, arg, _ in pickletools.genops(data):
+        if isinstance(arg, str) and op.name != "GLOBAL":
+            strings = [*strings[-1:], arg]
+        if op.name in ("GLOBAL", "STACK_GLOBAL"):
+            module, name = arg.split(" ", 1) if op.name == "GLOBAL" else (["", ""] + strings)[-2:]
+            if name in _ALLOCATORS:  # (weights_only allows it: bytearray(2**30) is 1 GiB from 20 bytes)
+                raise Refused(f"its pickle calls {module}.{name}, which allocates what its argument says")
         if op.name in _PUTS:
             memo[len(memo) if op.name == "MEMOIZE" else arg] = stack[-1] if stack and stack[-1] is not _MARK else new(0)
             continue

@@ -6,6 +6,7 @@ interpreter hashing a deep tuple."""
 import io
 import pickle
 import random
+import struct
 import zipfile
 
 import pytest
@@ -82,3 +83,47 @@ def test_what_torch_save_writes_passes(tmp_path):
                                                                      "param_groups": [{"betas": (0.9, 0.999)}]}}
     torch.save(state, tmp_path / "ok.pt")
     assert torch.equal(read(tmp_path / "ok.pt").tensors["a.weight"], torch.zeros(3, 3))
+
+
+DEEP = b"\x80\x02}" + b")" + b"\x85" * 100_000 + b"K\x00s."  # {((...(),)...): 0}, 100,000 deep
+
+
+def _rewritten(tmp_path, name: str, pkl: bytes, rename=lambda n: n):
+    """A torch.save archive rewritten by zipfile (no zip64), its data.pkl replaced and its names renamed."""
+    buf, out = io.BytesIO(), io.BytesIO()
+    torch.save({"w": torch.zeros(2)}, buf)
+    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            dst.writestr(rename(info.filename), pkl if info.filename.endswith("/data.pkl") else src.read(info))
+    (tmp_path / name).write_bytes(out.getvalue())
+    return tmp_path / name
+
+
+def _with_gap(path):
+    """Bytes slipped in before the central directory, the end record left as it was: zipfile
+    forgives the gap (it reads the directory where it finds it), torch's reader follows the record."""
+    data = path.read_bytes()
+    at = struct.unpack("<I", data[data.rindex(b"PK\x05\x06") + 16:][:4])[0]
+    path.write_bytes(data[:at] + b"\0" * 64 + data[at:])
+    return path
+
+
+def _prefixed(path, data: bytes):
+    path.write_bytes(data + path.read_bytes())
+    return path
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda t: _rewritten(t, "upper.pt", DEEP, lambda n: n.replace("data.pkl", "data.PKL")),
+     "its pickle nests containers 65 deep"),  # (torch's reader finds data.pkl ignoring case)
+    (lambda t: _with_gap(_rewritten(t, "gap.pt", pickle.dumps({"w": 1}, protocol=2))),
+     "its zip directory is not where its end record says"),
+    (lambda t: _prefixed(_rewritten(t, "prefix.pt", pickle.dumps({}, 2)), DEEP),
+     "it does not begin as the zip archive torch.save writes"),  # (torch.load reads it by its legacy format)
+    (lambda t: _rewritten(t, "alloc.pt", b"\x80\x02]c__builtin__\nbytearray\nJ\x00\x00\x00@\x85Ra."),
+     "its pickle calls __builtin__.bytearray, which allocates what its argument says")],
+    ids=["renamed-record", "directory-gap", "legacy-prefix", "bytearray"])
+def test_archives_that_torch_reads_otherwise_than_zipfile_are_refused(tmp_path, build, message):
+    path = build(tmp_path)
+    with pytest.raises(CnnWeightsError, match=rf"{path.name} is not a readable torch file: {message}"):
+        read(path)
