@@ -95,7 +95,10 @@ _fold = define(
 def _folded(cache, w, b, bn_w, bn_b, mean, var, eps):
     """The conv weight and bias with eval-mode batch norm folded in; in eager, recomputed only when
     a tensor's version counter (bumped by every in-place update, e.g. an optimizer step) moves."""
-    if torch.compiler.is_compiling():  # no version counters in a graph (inductor's freezing folds once)
+    tensors = [t for t in (w, b, bn_w, bn_b, mean, var) if t is not None]
+    # no version counters in a graph (inductor's freezing folds once), nor on the tensors that
+    # torch.inference_mode makes (a cast or contiguous copy of a parameter): fold each call
+    if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
         return _fold(w, b, bn_w, bn_b, mean, var, eps)
     key = tuple((id(t), t.data_ptr(), t._version) if t is not None else None for t in (w, b, bn_w, bn_b, mean, var))
     if cache.get("key") != key:
