@@ -20,6 +20,7 @@ from .layers import KERNEL, LAYERS, REQUIRED, WORDS, Symbol, coerce
 from .limits import (
     MAX_DEPTH,
     MAX_EXPANSIONS,
+    MAX_NAME_CHARS,
     MAX_NESTING,
     MAX_NODES,
     MAX_SIZE,
@@ -55,6 +56,7 @@ class _Builder:
         self.expanded = 0  # statements expanded so far, against MAX_EXPANSIONS
         self.checked: dict = {}  # (statement, arguments, input shape) -> (attrs, shape), see layer()
         self.bound: dict = {}  # (block call, arguments) -> its parameters' values, see call()
+        self.name_chars = 0  # of every layer's name so far, bounded by MAX_NAME_CHARS
         self.keys: dict = {}  # typed bindings -> Bindings.key
         self.arith = Arithmetic()
         for stmt in program.stmts:
@@ -95,6 +97,10 @@ class _Builder:
             raise CnnArgumentError(f"the network expands to more than {MAX_NODES:,} layers", span,
                                    hint="check the repetition counts")
         _check_values(shape, keyword, span)
+        self.name_chars += len(name)
+        if self.name_chars > MAX_NAME_CHARS:  # (each holds the labels of the block calls it is in)
+            raise CnnNameError(f"the layers' names add up to more than {MAX_NAME_CHARS:,} characters (each name "
+                               "holds the labels of the block calls it is in)", span, hint="use shorter labels")
         self.nodes.append(ir.Node(len(self.nodes), op, attrs, tuple(inputs), shape, name, span, keyword))
         return len(self.nodes) - 1
 
@@ -110,11 +116,7 @@ class _Builder:
                 continue
             reps = self.arith.count(stmt.repeat, env)
             for i in range(reps):
-                self.expanded += 1
-                if self.expanded > MAX_EXPANSIONS:  # empty blocks make no layers but still cost work
-                    raise CnnArgumentError(f"the network expands to more than {MAX_EXPANSIONS:,} statements "
-                                           "(layers, block calls and residuals, each repetition counted)",
-                                           stmt.span, hint="check the repetition counts and the blocks they call")
+                self.expand(1, stmt.span)
                 label = stmt.label if stmt.label is None or reps == 1 else f"{stmt.label}.{i}"
                 if isinstance(stmt, ast.Residual):
                     cur = self.residual(stmt, cur, env, scope.name(label, "residual", stmt.span), stack, nesting)
@@ -131,6 +133,14 @@ class _Builder:
                                        expected="a layer (" + ", ".join(LAYERS) + ") or a block defined with `block`",
                                        hint=did_you_mean(stmt.name, [*LAYERS, *self.blocks]))
         return cur
+
+    def expand(self, n: int, span) -> None:
+        """Count n statements (or a concat's branches) expanded: empty ones make no layers but still cost work."""
+        self.expanded += n
+        if self.expanded > MAX_EXPANSIONS:
+            raise CnnArgumentError(f"the network expands to more than {MAX_EXPANSIONS:,} statements "
+                                   "(layers, block calls, residuals and concat branches, each repetition counted)",
+                                   span, hint="check the repetition counts and the blocks they call")
 
     def bind(self, params, args, env, owner: str, what: str, positional: int):
         """Match arguments to named parameters: the first `positional` by position, then
@@ -255,6 +265,7 @@ class _Builder:
             raise CnnShapeError(f"a concat needs at least two branches, got {len(stmt.branches)}", stmt.span,
                                 expected="`branch { ... }` lines inside `concat { }`; `branch { }` is the input itself")
         _check_nesting(stmt, nesting)
+        self.expand(len(stmt.branches), stmt.span)
         ends = [self.stmts(b.body, cur, env, Scope(f"{name}.branch{i}"), stack, nesting + 1)
                 for i, b in enumerate(stmt.branches, 1)]
         shapes = [self.nodes[e].shape for e in ends]

@@ -14,4 +14,5 @@ MAX_POOL_WINDOW = 65_536  # taps of one pooling window (256x256): each output re
 MAX_DEPTH = 64  # block calls nested inside each other
 MAX_NESTING = 64  # residual branches nested inside each other (through block calls too)
 MAX_NODES = 100_000  # layers after expansion (the input not counted): far beyond any real network
-MAX_EXPANSIONS = 250_000  # statements expanded: layers, block calls and residuals, each repetition counted
+MAX_EXPANSIONS = 250_000  # statements expanded: layers, block calls, residuals, concat branches, each repetition
+MAX_NAME_CHARS = 20_000_000  # the layers' dotted names together (block-call labels nest into each)

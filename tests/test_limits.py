@@ -327,3 +327,19 @@ def test_the_reliability_page_states_every_limit():
         value = getattr(limits, name)
         assert shown.get(name, f"{value:,}") in page, f"docs/reliability.md does not state {name} = {value:,}"
     assert f"{MAX_DATA_BYTES:,}" in page
+
+
+def test_concat_branches_count_as_expansions():
+    """8,000 empty branches repeated 10,000 times made no layers to count, and took a minute."""
+    src = "network a\ninput 1x1x1\nblock c {\nconcat {\n" + "branch { }\n" * 8000 + "}\nconv 1 1x1\n}\nc x 10000\n"
+    err = error(src, cnndsl.CnnArgumentError, seconds=4)
+    assert err.message.startswith("the network expands to more than 250,000 statements (layers, block calls, "
+                                  "residuals and concat branches")
+
+
+def test_the_layers_names_are_bounded_however_their_block_calls_nest():
+    """64 calls deep, each under a 900-character label, around `relu x 99990`: every name was
+    57,000 characters, 5.6 GB of names from a 58 KB file."""
+    blocks = ["block b0 {\nrelu x 99990\n}\n"] + [f"block b{k} {{\n{'l' * 900}: b{k - 1}\n}}\n" for k in range(1, 64)]
+    err = error(H + "".join(blocks) + "b63\n", cnndsl.CnnNameError, seconds=4)
+    assert err.message.startswith("the layers' names add up to more than 20,000,000 characters")
