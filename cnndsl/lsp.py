@@ -13,6 +13,7 @@ Everything is computed from the text the editor sends: nothing is written, nothi
 file is read (a request about a document the editor has not opened gets an empty answer), and
 standard input is read one checked message at a time (MessageReader)."""
 
+import bisect
 import logging
 import re
 import sys
@@ -161,6 +162,16 @@ def _position(source: str, offset: int) -> lsp.Position:
     return lsp.Position(line, offset - (source.rfind("\n", 0, offset) + 1))
 
 
+def _line_starts(source: str) -> list[int]:
+    """The offset of each line's first character: positions by bisection, not by counting from 0."""
+    return [0, *(m.end() for m in re.finditer("\n", source))]
+
+
+def _position_in(starts: list[int], offset: int) -> lsp.Position:
+    line = bisect.bisect_right(starts, offset) - 1
+    return lsp.Position(line, offset - starts[line])
+
+
 @server.feature(lsp.TEXT_DOCUMENT_DEFINITION)
 def _definition(ls: CnnLanguageServer, params: lsp.DefinitionParams):
     doc = _opened(ls, params.text_document.uri)
@@ -209,11 +220,11 @@ def _symbols(ls: CnnLanguageServer, params: lsp.DocumentSymbolParams):
 
 def symbols(source: str) -> list[lsp.DocumentSymbol]:
     """The network, its blocks and its labels, each at its name."""
-    out = []
+    out, starts = [], _line_starts(source)
     for pattern, kind, detail in ((_NETWORK, lsp.SymbolKind.Module, "network"), (_BLOCK, lsp.SymbolKind.Function,
                                   "block"), (_LABEL, lsp.SymbolKind.Variable, "label")):
         for m in pattern.finditer(source):
-            start = _position(source, m.start(1))
+            start = _position_in(starts, m.start(1))
             rng = lsp.Range(start, lsp.Position(start.line, start.character + len(m.group(1))))
             out.append(lsp.DocumentSymbol(name=m.group(1), kind=kind, range=rng, selection_range=rng, detail=detail))
     return sorted(out, key=lambda s: (s.range.start.line, s.range.start.character))
