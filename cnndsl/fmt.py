@@ -19,7 +19,7 @@ idempotent: a formatted file formats to itself."""
 import re
 
 from .api import parse_text
-from .errors import CnnInputError
+from .errors import CnnError, CnnInputError
 from .limits import MAX_LINE_CHARS
 from .resume import network_identity
 
@@ -49,12 +49,12 @@ def _tokens(code: str, where: str) -> list[str]:
         pos = m.end()
 
 
-def _join(tokens: list[str], indent: str = "") -> str:
+def _join(tokens: list[str], indent: str = "", reserve: int = 0) -> str:
     """The tokens as one line; one longer than the line limit is broken with `\\` at spaces,
     WRAP characters to a line, its continuations indented one level more."""
     pieces = list(_pieces(tokens))
     text = "".join(sep + tok for sep, tok in pieces)
-    if len(indent + text) <= MAX_LINE_CHARS:
+    if len(indent + text) + reserve <= MAX_LINE_CHARS:  # (reserve: a comment after it)
         return text
     text, line = "", len(indent)
     for i, (sep, tok) in enumerate(pieces):
@@ -117,12 +117,16 @@ def format_source(text: str, filename: str = "<text>") -> str:
         level = depth - (1 if tokens and tokens[0] == "}" else 0)
         depth += tokens.count("{") - tokens.count("}")
         indent = INDENT * max(level, 0)
-        rows.append((indent, _join(tokens, indent), comment))
+        rows.append((indent, _join(tokens, indent, len(comment) + 2 if comment else 0), comment))
     while rows and rows[-1] is None:
         rows.pop()
     out = _align(rows)
     result = "\n".join(out) + "\n"
-    after = parse_text(result, filename=filename)
+    try:
+        after = parse_text(result, filename=filename)
+    except CnnError as err:  # (a limit: re-indented and aligned, the layout can outgrow a line or the file)
+        raise CnnInputError(f"fmt: the canonical layout of {filename} would pass a limit of the language "
+                            f"({err.message}); the file is left as it is") from None
     if network_identity(after) != network_identity(before) or _comments(result) != _comments(text) or \
             after.name != before.name:
         raise CnnInputError(f"fmt: the layout of {filename} could not be made canonical without changing it; "

@@ -190,3 +190,19 @@ def test_a_statement_longer_than_the_line_limit_is_broken_not_joined():
     assert out.splitlines()[-2].endswith(") x (1 + 0)  # a long call") and out.splitlines()[-1] == "relu x2"
     assert format_source(out) == out
     assert network_identity(cnndsl.parse(out)) == network_identity(cnndsl.parse(text))
+
+
+def test_a_layout_that_would_pass_a_limit_is_refused_as_fmts_own():
+    """Spaced, the dense line is 987 characters; aligned after it, the relu line's comment would
+    end at 1,020: fmt says its layout would pass the limit, not that the user's line 3 is too long."""
+    text = f"network a\ninput 1x8x8\nrelu  # a comment long enough to pass\nflatten\ndense {'+'.join(['11111'] * 123)}  #c\n"
+    with pytest.raises(CnnError, match=r"fmt: the canonical layout of <text> would pass a limit of the language "
+                                       r"\(line 3 is too long: 1,020 characters, at most 1,000\)"):
+        format_source(text)
+
+
+def test_a_comment_counts_toward_the_line_it_ends():
+    """Spaced, the dense line is 979 characters, and its comment 62 more: the line is broken."""
+    text = f"network a\ninput 1x8x8\nflatten\ndense {'+'.join(['11111'] * 122)}  # {'c' * 60}\n"
+    out = format_source(text)
+    assert "\\\n" in out and max(map(len, out.splitlines())) <= 1000 and format_source(out) == out
