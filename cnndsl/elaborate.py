@@ -310,8 +310,9 @@ def _check_nesting(stmt, nesting: int) -> None:
 
 def _typed(env: dict) -> tuple:
     """A block's bindings as a cache key: with each value's type, since 8, 8.0 and true are equal
-    keys to Python but not the same argument (8.0 is no filter count)."""
-    return tuple((k, type(v), v) for k, v in env.items())
+    keys to Python but not the same argument (8.0 is no filter count); a float by its bits, since
+    -0.0 and 0.0 are equal too (a leaky_relu's slope)."""
+    return tuple((k, type(v), v.hex() if isinstance(v, float) else v) for k, v in env.items())
 
 
 def _check_values(shape: tuple, keyword: str, span) -> None:

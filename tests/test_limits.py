@@ -343,3 +343,10 @@ def test_the_layers_names_are_bounded_however_their_block_calls_nest():
     blocks = ["block b0 {\nrelu x 99990\n}\n"] + [f"block b{k} {{\n{'l' * 900}: b{k - 1}\n}}\n" for k in range(1, 64)]
     err = error(H + "".join(blocks) + "b63\n", cnndsl.CnnNameError, seconds=4)
     assert err.message.startswith("the layers' names add up to more than 20,000,000 characters")
+
+
+def test_a_cached_call_tells_0_0_from_minus_0_0():
+    """-0.0 == 0.0 in Python: the binding cache keys a float by its bits, so each call keeps its slope."""
+    src = "network t\ninput 1x4x4\nblock b(s) {\nleaky_relu s\n}\nb(0.0)\nb(0.0 * (0 - 1))\n"
+    slopes = [str(n.attrs) for n in cnndsl.parse(src).nodes[1:]]
+    assert "-0.0" not in slopes[0] and "-0.0" in slopes[1], slopes
