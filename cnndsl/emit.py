@@ -169,7 +169,8 @@ class {cls}(nn.Module):
         want = {tuple(net.input_shape)!r}
         if not isinstance(x, torch.Tensor) or x.layout != torch.strided or x.is_nested or x.dim() != 4 \\
                 or tuple(x.shape[1:]) != want or x.shape[0] == 0:
-            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            got = (f"{{'a nested' if x.is_nested else x.layout}} tensor {{list(x.shape)}}" if x.is_nested or x.layout != torch.strided
+                   else list(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{net.name}: expected a dense input of shape [N, {", ".join(map(str, net.input_shape))}] with N >= 1, got {{got}}")
         like = next(self.parameters(), None)
         dtype, device = (like.dtype, like.device) if like is not None else (x.dtype, x.device)
