@@ -10,10 +10,9 @@ from ..codegen import lower, runner_of
 from ..errors import CnnInputError
 from ..ops import REGISTRY
 from ..rules import RULES
+from . import DTYPES
 from .module import NetworkModule
 from .steps import run_steps
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The executor's own (forking a value to several readers) and the loss's, with every op's and rule's.
 _QUALIFIED = ("add.fork", "add.redirect", "softmax.cross_entropy", *(d.runner for d in REGISTRY.values() if d.runner),
@@ -37,7 +36,7 @@ class TritonModule(NetworkModule):
 
     def check_input(self, x) -> None:
         super().check_input(x)
-        if self.dtype not in KERNEL_DTYPES or self.device.type not in ("cpu", "cuda"):
+        if self.dtype not in DTYPES or self.device.type not in ("cpu", "cuda"):
             raise CnnInputError(f"{self.net.name}: the model is {self.dtype} on {self.device} (model.to(...) moved "
                                 "it); the kernels compute in float32, float16 or bfloat16 on a CPU or a CUDA GPU")
 
