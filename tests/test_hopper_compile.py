@@ -39,8 +39,9 @@ backend or its ptxas is missing.
    differ only in int values, divisibility or ints equal to 1 compile once) with the GPU's
    defaults (fp32 `tl.dot` in ieee precision: torch's TF32 switch off) and the smallest GPU
    config, not the first (the largest tiles: up to 30 s each for an fp32 FMA `tl.dot`); and
-   every GPU config of each autotuned kernel for one code path, in fp32 where the kernel runs in
-   it (4-byte elements: the most registers and shared memory a tile) with TF32 on where that is
+   the two GPU configs of each autotuned kernel that stage the most shared memory and hold the
+   most accumulator per thread (smaller ones fit where they do), for one code path, in fp32 where
+   the kernel runs in it (4-byte elements: the most registers and shared memory a tile) with TF32 on where that is
    a choice (tensor-core tf32, which stages the most shared memory; the GEMM kernels' 16-bit
    configs are test_hopper_speed.py's, which compiles each of them). CNNDSL_HOPPER_ALL_CONFIGS=1
    compiles every code path with every GPU config and both precisions instead (about a thousand
@@ -255,12 +256,24 @@ def expand(launches):
                            "launch": json.dumps(launch["args"]), "error": traceback.format_exc()})
     for launch, k, _ in sweep.values():
         args = list(variants(launch["args"]))[-1]  # GPU values last: TF32 on, where it is a choice
-        for i, cfg in enumerate(k.pruned(args)):
+        for i, cfg in extremes(k.pruned(args)):
             try:
                 add(launch, k.with_config(args, cfg), f"GPU config {i}: {cfg}", "configs")
             except Exception:
                 errors.append({"kernel": f"{launch['module']}.{launch['kernel']}", "stage": "specialise",
                                "launch": json.dumps(launch["args"]), "error": traceback.format_exc()})
+
+
+def extremes(configs):
+    """(index, config) of the configs most likely to fail on sm_90: the one staging the most
+    shared memory (operand tiles times stages) and the one holding the most accumulator per
+    thread (registers); smaller ones fit where these do."""
+    def size(c):
+        return c.kwargs.get("BLOCK_M", 1), c.kwargs.get("BLOCK_N", 1), c.kwargs.get("BLOCK_K", c.kwargs.get("BLOCK", 1))
+    staged = max(range(len(configs)), key=lambda i: (lambda m, n, k: (m * k + k * n) * configs[i].num_stages)(
+        *size(configs[i])))
+    held = max(range(len(configs)), key=lambda i: (lambda m, n, k: m * n * k / configs[i].num_warps)(*size(configs[i])))
+    return [(i, configs[i]) for i in sorted({staged, held})]
 
 
 def compile_one(i):
