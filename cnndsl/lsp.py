@@ -157,11 +157,6 @@ def _word_at(source: str, line: int, character: int) -> str | None:
     return None
 
 
-def _position(source: str, offset: int) -> lsp.Position:
-    line = source.count("\n", 0, offset)
-    return lsp.Position(line, offset - (source.rfind("\n", 0, offset) + 1))
-
-
 def _line_starts(source: str) -> list[int]:
     """The offset of each line's first character: positions by bisection, not by counting from 0."""
     return [0, *(m.end() for m in re.finditer("\n", source))]
@@ -180,7 +175,7 @@ def _definition(ls: CnnLanguageServer, params: lsp.DefinitionParams):
     word = _word_at(doc.source, params.position.line, params.position.character)
     for m in _BLOCK.finditer(doc.source):
         if m.group(1) == word:
-            start = _position(doc.source, m.start(1))
+            start = _position_in(_line_starts(doc.source), m.start(1))
             end = lsp.Position(start.line, start.character + len(word))
             return lsp.Location(uri=params.text_document.uri, range=lsp.Range(start, end))
     return None

@@ -264,16 +264,26 @@ def expand(launches):
                                "launch": json.dumps(launch["args"]), "error": traceback.format_exc()})
 
 
+def _mnk(cfg):
+    """A config's (BLOCK_M, BLOCK_N, BLOCK_K); an elementwise kernel's BLOCK as its K."""
+    kw = cfg.kwargs
+    return kw.get("BLOCK_M", 1), kw.get("BLOCK_N", 1), kw.get("BLOCK_K", kw.get("BLOCK", 1))
+
+
 def extremes(configs):
     """(index, config) of the configs most likely to fail on sm_90: the one staging the most
     shared memory (operand tiles times stages) and the one holding the most accumulator per
     thread (registers); smaller ones fit where these do."""
-    def size(c):
-        return c.kwargs.get("BLOCK_M", 1), c.kwargs.get("BLOCK_N", 1), c.kwargs.get("BLOCK_K", c.kwargs.get("BLOCK", 1))
-    staged = max(range(len(configs)), key=lambda i: (lambda m, n, k: (m * k + k * n) * configs[i].num_stages)(
-        *size(configs[i])))
-    held = max(range(len(configs)), key=lambda i: (lambda m, n, k: m * n * k / configs[i].num_warps)(*size(configs[i])))
-    return [(i, configs[i]) for i in sorted({staged, held})]
+    def staged(i):
+        m, n, k = _mnk(configs[i])
+        return (m * k + k * n) * configs[i].num_stages
+
+    def held(i):
+        m, n, k = _mnk(configs[i])
+        return m * n * k / configs[i].num_warps
+
+    picked = {max(range(len(configs)), key=staged), max(range(len(configs)), key=held)}
+    return [(i, configs[i]) for i in sorted(picked)]
 
 
 def compile_one(i):
