@@ -127,8 +127,8 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
         # registers makes ptxas serialize the wgmma pipeline here); its coefficients are loaded once
         a_off = p[:, None] * stride_dyp + (g * COUT_G + offs_k)[None, :]  # (BLOCK_K, BLOCK_M)
         z_ptrs = gp_z_ptr + (p[:, None] * K + (g * COUT_G + offs_k)[None, :] if GP_SLICE else a_off)
-        s, t, beta, mu, gamma = grad_coefs(gp_scale_ptr, gp_shift_ptr, gp_center_ptr, K, g * COUT_G + offs_k, k_mask,
-                                           GP_AFFINE, GP_CENTER)
+        s, t, beta, off = grad_coefs(gp_scale_ptr, gp_shift_ptr, gp_center_ptr, K, g * COUT_G + offs_k, k_mask,
+                                     GP_AFFINE, GP_CENTER)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         db = tl.zeros((16, BLOCK_M), dtype=tl.float32)
         e0 = tl.broadcast_to((tl.arange(0, 16) == 0)[:, None], (16, BLOCK_K)).to(DOT_DTYPE)
@@ -161,15 +161,15 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
                             GP_POOL, GP_KH, GP_KW, GP_SH, GP_SW, GP_ACT, gp_slope)
         elif GRAD_PRO and EVEN_P and EVEN_M:  # every row and channel real: no mask
             a = apply_grad_prologue(tl.load(a_ptrs), tl.load(z_ptrs), s[None, :], t[None, :], beta[None, :],
-                                    mu[None, :], gamma[None, :], p_mask, GP_AFFINE, GP_ACT, gp_slope, GP_CENTER,
-                                    MASKED=False)
+                                    off[None, :], p_mask, GP_AFFINE, GP_ACT, gp_slope, GP_CENTER,
+                                    DOT_DTYPE, MASKED=False)
             z_ptrs += BLOCK_K * K
         elif GRAD_PRO:
             keep = p_mask[:, None] & k_mask[None, :]
             a = tl.load(a_ptrs, mask=keep, other=0.0)
             zt = tl.load(z_ptrs, mask=keep, other=0.0)
-            a = apply_grad_prologue(a, zt, s[None, :], t[None, :], beta[None, :], mu[None, :], gamma[None, :], keep,
-                                    GP_AFFINE, GP_ACT, gp_slope, GP_CENTER)
+            a = apply_grad_prologue(a, zt, s[None, :], t[None, :], beta[None, :], off[None, :], keep,
+                                    GP_AFFINE, GP_ACT, gp_slope, GP_CENTER, DOT_DTYPE)
             z_ptrs += BLOCK_K * K
         elif EVEN_P and EVEN_M:  # every row of every split is real: no mask
             a = tl.load(a_ptrs)
@@ -182,7 +182,7 @@ def _conv_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy (P, 
         else:
             b = tl.load(b_ptrs, mask=row_ok[:, None] & c_mask[None, :], other=0.0)
         if PROLOGUE:  # the input recomputed from z: act(z scale + shift), 0 in the padding
-            b = apply_prologue(b, ps, pt, c_mask, row_ok, PRO_AFFINE, PRO_ACT, pro_slope, EVEN_N)
+            b = apply_prologue(b, ps, pt, c_mask, row_ok, PRO_AFFINE, PRO_ACT, pro_slope, EVEN_N, DOT_DTYPE)
         if GATE:  # x * gate[n, c] in fp32, rounded to the dot's dtype as the forward conv rounds it
             gv = tl.load(gate_ptr + gn[:, None], mask=p_mask[:, None] & c_mask[None, :], other=0.0)
             b = b.to(tl.float32) * gv.to(tl.float32)
@@ -248,7 +248,7 @@ def _depthwise_dw_kernel(x_ptr, dy_ptr, part_ptr, dbp_ptr,  # x (N, H, W, C), dy
         xv = tl.load(x_ptr + (((nh + ih) * W + iw) * C)[:, None] + offs_c[None, :],
                      mask=row_ok[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
         if PROLOGUE:
-            xv = apply_prologue(xv, ps, pt, c_mask, row_ok, PRO_AFFINE, PRO_ACT, pro_slope, False)
+            xv = apply_prologue(xv, ps, pt, c_mask, row_ok, PRO_AFFINE, PRO_ACT, pro_slope, False, tl.float32)
         acc += d * xv
         if HAS_BIAS:
             db += d

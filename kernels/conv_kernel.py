@@ -123,7 +123,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
             a = tl.load(x_ptr + (row + (dh * W + dw) * x_rows)[:, None] + col[None, :],
                         mask=ok[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
             if PROLOGUE:
-                a = apply_prologue(a, ps, pt, n_mask, ok, PRO_AFFINE, PRO_ACT, pro_slope, False)
+                a = apply_prologue(a, ps, pt, n_mask, ok, PRO_AFFINE, PRO_ACT, pro_slope, False, tl.float32)
             tap = (R0 + tr * RSTEP) * S + S0 + ts * SSTEP
             wv = tl.load(w_ptr + col * (R * S) + tap, mask=n_mask, other=0.0).to(tl.float32)
             acc += a * wv[None, :]
@@ -144,9 +144,8 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
             ps, pt = prologue_coefs(pro_scale_ptr + g * CIN_G, pro_shift_ptr + g * CIN_G, offs_k, offs_k < CIN_G,
                                     PRO_AFFINE, EVEN_K)
         if GRAD_PRO and ONE_CB and GP_POOL == 0:
-            s, t, beta, mu, gamma = grad_coefs(gp_scale_ptr + g * CIN_G, gp_shift_ptr + g * CIN_G,
-                                               gp_center_ptr + g * CIN_G, CIN, offs_k, offs_k < CIN_G, GP_AFFINE,
-                                               GP_CENTER)
+            s, t, beta, off = grad_coefs(gp_scale_ptr + g * CIN_G, gp_shift_ptr + g * CIN_G,
+                                         gp_center_ptr + g * CIN_G, CIN, offs_k, offs_k < CIN_G, GP_AFFINE, GP_CENTER)
         if GRAD_PRO and not NO_TAPS:  # (else the loop is left out) with a zero-trip path to the accumulator's
             # last wgmma wait, ptxas serializes dz on load's wgmma pipeline (C7515) behind an epilogue's loads
             tl.assume(RC * SC * NCB > 0)
@@ -172,7 +171,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
                 if not ONE_CB:
                     ps, pt = prologue_coefs(pro_scale_ptr + g * CIN_G, pro_shift_ptr + g * CIN_G, ch, ch < CIN_G,
                                             PRO_AFFINE, EVEN_K)
-                a = apply_prologue(a, ps, pt, ch < CIN_G, ok, PRO_AFFINE, PRO_ACT, pro_slope, EVEN_K)
+                a = apply_prologue(a, ps, pt, ch < CIN_G, ok, PRO_AFFINE, PRO_ACT, pro_slope, EVEN_K, DOT_DTYPE)
             if GATE:  # x * gate[n, c] in fp32, rounded to the dot's dtype as the gate's own pass stores it
                 gv = tl.load(gate_ptr + (n * CIN + g * CIN_G)[:, None] + ch[None, :],
                              mask=m_mask[:, None] & (ch < CIN_G)[None, :], other=0.0)
@@ -190,11 +189,11 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, part_ptr, arg_ptr,  # ARGM
                     else:
                         zt = tl.load(gp_z_ptr + a_off, mask=keep, other=0.0)
                     if not ONE_CB:
-                        s, t, beta, mu, gamma = grad_coefs(gp_scale_ptr + g * CIN_G, gp_shift_ptr + g * CIN_G,
-                                                           gp_center_ptr + g * CIN_G, CIN, ch, ch < CIN_G, GP_AFFINE,
-                                                           GP_CENTER)
-                    a = apply_grad_prologue(a, zt, s[None, :], t[None, :], beta[None, :], mu[None, :],
-                                            gamma[None, :], keep, GP_AFFINE, GP_ACT, gp_slope, GP_CENTER)
+                        s, t, beta, off = grad_coefs(gp_scale_ptr + g * CIN_G, gp_shift_ptr + g * CIN_G,
+                                                     gp_center_ptr + g * CIN_G, CIN, ch, ch < CIN_G, GP_AFFINE,
+                                                     GP_CENTER)
+                    a = apply_grad_prologue(a, zt, s[None, :], t[None, :], beta[None, :], off[None, :], keep,
+                                            GP_AFFINE, GP_ACT, gp_slope, GP_CENTER, DOT_DTYPE)
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
             cb += 1
             wrap = cb == NCB

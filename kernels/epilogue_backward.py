@@ -153,11 +153,11 @@ def _check(dy, z, scale, shift, act1, residual, act2, pool, argmax, bn):
           interpret={"BLOCK_M": ("M", 16, 512), "BLOCK_C": ("C", 16, 128)})
 @triton.jit
 def _bn_act_bwd_kernel(dy_ptr, z_ptr, dz_ptr,  # (M, C); dy's rows stride_dym apart (a concat's gradient slice)
-                       scale_ptr, shift_ptr, center_ptr, slope,  # fp32 (C,), (C,), (3, C): [beta, mean, gamma]
+                       scale_ptr, shift_ptr, center_ptr, slope,  # fp32 (C,), (C,), (2, C): [beta, offset]
                        add_ptr,  # HAS_ADD: (M, C), rows stride_addm apart: z's gradient from its other reader
                        M, C, stride_dym, stride_addm, ACT: tl.constexpr, CENTER: tl.constexpr,
                        HAS_ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    # dz = scale g + beta (z - mean) + gamma with g = dy act'(z scale + shift): batch norm's backward
+    # dz = scale g + beta z + offset with g = dy act'(z scale + shift): batch norm's backward
     # through the batch statistics (CENTER; else through constants, dz = scale g), the activation's
     # recomputed from z: what a conv's gradient kernels apply as they load dy (prologue.py), as a pass.
     # HAS_ADD: z forks (DenseNet: the concat copies it too) and its other gradient is added here, so
@@ -167,11 +167,11 @@ def _bn_act_bwd_kernel(dy_ptr, z_ptr, dz_ptr,  # (M, C); dy's rows stride_dym ap
     ch_ok = ch < C
     keep = (rows < M)[:, None] & ch_ok[None, :]
     offs = rows[:, None] * C + ch[None, :]
-    s, t, beta, mu, gamma = grad_coefs(scale_ptr, shift_ptr, center_ptr, C, ch, ch_ok, True, CENTER)
+    s, t, beta, off = grad_coefs(scale_ptr, shift_ptr, center_ptr, C, ch, ch_ok, True, CENTER)
     dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ch[None, :], mask=keep, other=0.0)
     z = tl.load(z_ptr + offs, mask=keep, other=0.0)
-    dz = apply_grad_prologue(dy, z, s[None, :], t[None, :], beta[None, :], mu[None, :], gamma[None, :], keep, True,
-                             ACT, slope, CENTER)
+    dz = apply_grad_prologue(dy, z, s[None, :], t[None, :], beta[None, :], off[None, :], keep, True,
+                             ACT, slope, CENTER, tl.float32, MASKED=False)  # (stored where keep is: no zeros)
     if HAS_ADD:
         dz += tl.load(add_ptr + rows[:, None] * stride_addm + ch[None, :], mask=keep, other=0.0).to(tl.float32)
     tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=keep)
@@ -240,7 +240,7 @@ def epilogue_backward_on_load(dy, z, scale, shift, residual, act2: Act, pool: Wi
                               bn: BatchNormBackward | None):
     """The gather pass of a block whose batch norm's output is added to a shortcut (no act1), for
     a caller that computes dz from da as it loads it (prologue.GradPrologue): da is dresidual, so
-    it is written once -> (dresidual, center (3, C) fp32 in training or None, dweight, dbias) with
+    it is written once -> (dresidual, center (2, C) fp32 in training or None, dweight, dbias) with
     center, dweight and dbias as batchnorm_backward_on_load's; bn None: the affine is fixed
     (dz = da scale)."""
     check(residual is not None, "epilogue_backward_on_load: expected a residual (a shortcut added after batch norm)")

@@ -9,10 +9,10 @@ the activation, whose value at z = 0 is act(shift), not 0.
 
 The backward's counterpart (GradPrologue, "dz on load"): a block's conv gradients, input and
 weight, read dy and z and apply the block's activation and batch-norm backward to each tile as
-they load it, dz = scale act'(z scale + shift) dy + beta (z - mean) + gamma, so dz is never
+they load it, dz = scale act'(z scale + shift) dy + beta z + offset, so dz is never
 written: a pass that read dy and z and wrote dz, and the two reads of dz, become two reads of
 dy and z (batch norm's two per-channel sums still take one pass over dy and z, which
-batchnorm_backward_on_load turns into beta and gamma). A block that pools in its GEMM and keeps
+batchnorm_backward_on_load turns into beta and offset). A block that pools in its GEMM and keeps
 no z (conv, act1, a non-overlapping pool) computes its dz on load from the pooled dy, the argmax
 and the pooled y (`GradPrologue.pool`, `pooled_grad`): its backward writes no dz either."""
 
@@ -93,33 +93,53 @@ def prologue_coefs(scale_ptr, shift_ptr, ch, ch_ok, AFFINE: tl.constexpr, EVEN: 
 
 
 @triton.jit
+def zero_outside(v, keep, DTYPE: tl.constexpr):
+    """fp32 v as DTYPE, 0 where `keep` is not (v finite there). In bf16 the zeros are a product after
+    the conversion, one packed multiply a pair of elements (HMUL2), where a product before it takes
+    one an element and a select five a pair (the compiler moves it past the conversion, each 16-bit
+    half apart): bf16 has fp32's range, so a finite v converts finite. Not in fp16, whose conversion
+    of a padding value past 65504 would be inf, and inf * 0 NaN."""
+    if DTYPE == tl.bfloat16:
+        return v.to(tl.bfloat16) * keep.to(tl.bfloat16)
+    return (v * keep.to(tl.float32)).to(DTYPE)
+
+
+@triton.jit
 def apply_prologue(a, scale, shift, ch_ok, row_ok, AFFINE: tl.constexpr, ACT: tl.constexpr, slope,
-                   EVEN: tl.constexpr):
-    """act(a scale + shift) (act(a) without AFFINE) in fp32 for a tile a (rows, channels) and its
-    channels' prologue_coefs, 0 where a row or a channel is not real (the conv's zero padding of y);
-    EVEN: every channel is."""
+                   EVEN: tl.constexpr, DTYPE: tl.constexpr):
+    """act(a scale + shift) (act(a) without AFFINE) as DTYPE, computed in fp32, for a tile a (rows,
+    channels) and its channels' prologue_coefs, 0 where a row or a channel is not real (the conv's
+    zero padding of y); EVEN: every channel is. z loads as 0 there, so the value zeroed is
+    act(shift), finite (and act(0) = 0 for a channel that is not real)."""
     v = a.to(tl.float32)
     if AFFINE:
         v = v * scale[None, :] + shift[None, :]
     keep = row_ok[:, None]
     if not EVEN:
         keep = keep & ch_ok[None, :]
+    if DTYPE == tl.bfloat16:  # the zeros after the activation and the conversion (zero_outside)
+        return zero_outside(_act(v, ACT, slope), keep, DTYPE)
     if ACT == _SIGMOID or ACT == _HARDSIGMOID:  # act(0) = 1/2: the padding is set after the activation
-        return tl.where(keep, apply_act(v, ACT, slope), 0.0)
-    # act(0) = 0: the padding zeroed before it by a product (a select would be moved after the
-    # conversion to 16 bits by the compiler, each half of a packed pair apart: five instructions a
-    # pair, against one multiply an element). z is 0 in the padding, so v is the shift there: finite.
-    v = v * keep.to(tl.float32)
-    if ACT == _RELU:  # max with NaN kept, as torch's relu: folded into the conversion to 16 bits
-        return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)  # (F2FP.RELU), a select is not
+        return tl.where(keep, apply_act(v, ACT, slope), 0.0).to(DTYPE)
+    # act(0) = 0: the padding zeroed before it by a product, so that a relu still folds into the
+    # conversion to 16 bits. z is 0 in the padding, so v is the shift there: finite.
+    return _act(v * keep.to(tl.float32), ACT, slope).to(DTYPE)
+
+
+@triton.jit
+def _act(v, ACT: tl.constexpr, slope):
+    """apply_act, the relu as a max with NaN kept (torch's relu), which the compiler folds into a
+    conversion to 16 bits (F2FP.RELU); a select it does not."""
+    if ACT == _RELU:
+        return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
     return apply_act(v, ACT, slope)
 
 
 @dataclass(frozen=True)
 class GradPrologue:
-    """dz on load: dz = scale act'(z scale + shift) dy + beta (z - mean) + gamma per channel, for
+    """dz on load: dz = scale act'(z scale + shift) dy + beta z + offset per channel, for
     z (N, OH, OW, K) the block's conv output (dy's shape and dtype); scale, shift (K,) fp32 or both
-    None (no batch norm: dz = act'(z) dy); center (3, K) fp32 [beta, mean, gamma] (training batch
+    None (no batch norm: dz = act'(z) dy); center (2, K) fp32 [beta, offset] (training batch
     norm) or None. With a `pool` (a non-overlapping Window over the conv's output, the block's GEMM
     pooled), dy and z are the pooled y's gradient and y itself (N, POH, POW, K), act's gradient
     comes from y (specs.Act.grad_from_output) and dz at a conv pixel is its window's dy where the
@@ -180,7 +200,7 @@ def grad_prologue_args(gp: GradPrologue | None, dy: torch.Tensor, cols_g: int, d
           f"grad prologue z: expected a contiguous tensor of dy's shape {tuple(dy.shape)}, got {tuple(gp.z.shape)}")
     check((gp.scale is None) == (gp.shift is None), "grad prologue: scale and shift must be given together")
     k = dy.shape[-1]
-    for name, t, shape in (("scale", gp.scale, (k,)), ("shift", gp.shift, (k,)), ("center", gp.center, (3, k))):
+    for name, t, shape in (("scale", gp.scale, (k,)), ("shift", gp.shift, (k,)), ("center", gp.center, (2, k))):
         if t is not None:
             check_tensor(t, f"grad prologue {name}", dtype=torch.float32, device=dy.device)
             check(tuple(t.shape) == shape and t.is_contiguous(),
@@ -200,25 +220,25 @@ def grad_prologue_args(gp: GradPrologue | None, dy: torch.Tensor, cols_g: int, d
 
 @triton.jit
 def grad_coefs(scale_ptr, shift_ptr, center_ptr, K, ch, ch_ok, AFFINE: tl.constexpr, CENTER: tl.constexpr):
-    """(scale, shift, beta, mean, gamma) fp32 of channels ch (of K): 1, 0, 0, 0, 0 where a stage is off."""
+    """(scale, shift, beta, offset) fp32 of channels ch (of K): 1, 0, 0, 0 where a stage is off."""
     one = tl.full(ch.shape, 1.0, tl.float32)
     zero = tl.zeros(ch.shape, tl.float32)
-    scale, shift, beta, mean, gamma = one, zero, zero, zero, zero
+    scale, shift, beta, offset = one, zero, zero, zero
     if AFFINE:
         scale = tl.load(scale_ptr + ch, mask=ch_ok, other=0.0)
         shift = tl.load(shift_ptr + ch, mask=ch_ok, other=0.0)
     if CENTER:
         beta = tl.load(center_ptr + ch, mask=ch_ok, other=0.0)
-        mean = tl.load(center_ptr + K + ch, mask=ch_ok, other=0.0)
-        gamma = tl.load(center_ptr + 2 * K + ch, mask=ch_ok, other=0.0)
-    return scale, shift, beta, mean, gamma
+        offset = tl.load(center_ptr + K + ch, mask=ch_ok, other=0.0)
+    return scale, shift, beta, offset
 
 
 @triton.jit
-def apply_grad_prologue(dy, z, scale, shift, beta, mean, gamma, keep, AFFINE: tl.constexpr, ACT: tl.constexpr, slope,
-                        CENTER: tl.constexpr, MASKED: tl.constexpr = True):
-    """dz in fp32 for tiles dy, z and grad_coefs broadcast to them, 0 where `keep` is not (the
-    padding around dy, whose dz is 0, not gamma); MASKED=False: every element is real, keep unread."""
+def apply_grad_prologue(dy, z, scale, shift, beta, offset, keep, AFFINE: tl.constexpr, ACT: tl.constexpr, slope,
+                        CENTER: tl.constexpr, DTYPE: tl.constexpr, MASKED: tl.constexpr = True):
+    """dz as DTYPE, computed in fp32, for tiles dy, z and grad_coefs broadcast to them, 0 where `keep`
+    is not (the padding around dy, whose dz is 0: dy and z load as 0 there, so the value zeroed is
+    the offset, finite); MASKED=False: every element is real (or is not stored), keep unread."""
     zf = z.to(tl.float32)
     pre = zf
     if AFFINE:
@@ -226,15 +246,11 @@ def apply_grad_prologue(dy, z, scale, shift, beta, mean, gamma, keep, AFFINE: tl
     g = apply_act_grad(pre, dy.to(tl.float32), ACT, slope)
     if AFFINE:
         g = g * scale
-    if not MASKED:
-        if CENTER:
-            g += beta * (zf - mean) + gamma
-        return g
-    if CENTER:  # the only term not 0 in the padding, where dy and z load as 0: zeroed by a product
-        # there (finite), cheaper than a select, which the compiler would apply to each 16-bit half
-        g += (beta * (zf - mean) + gamma) * keep.to(tl.float32)
-        return g
-    return tl.where(keep, g, 0.0)
+    if CENTER:  # two multiply-adds an element (beta z + offset, then g scale + that)
+        g += beta * zf + offset
+    if MASKED:
+        return zero_outside(g, keep, DTYPE)
+    return g.to(DTYPE)
 
 
 @triton.jit
