@@ -167,6 +167,11 @@ def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | N
             f.write(raw)
 
 
+# the top-level modules of torchvision's auxiliary classifiers (GoogLeNet's two, Inception v3's one):
+# a network with a second output, which the language cannot write (docs/language.md, section 11)
+AUX_HEADS = {"aux1", "aux2", "AuxLogits"}
+
+
 def pairs(model_state: dict, source: dict, ordered: bool, where: str, skip: tuple = ()) -> list:
     """[(our name, their name, tensor)] for every entry of model_state not in `skip`: by name when
     the source has every one of them, else by declaration order (the source's entries in order,
@@ -185,9 +190,13 @@ def pairs(model_state: dict, source: dict, ordered: bool, where: str, skip: tupl
         if skip:
             theirs = theirs[:len(theirs) - len(skip)]
         if len(theirs) != len(ours):
+            aux = sorted({name.split(".")[0] for name, _ in theirs} & AUX_HEADS)
+            hint = (f"; its {', '.join(f'{a}.*' for a in aux)} entries are the auxiliary classifiers of torchvision's "
+                    "GoogLeNet or Inception v3, which a .cnn network has not: leave them out" if aux else
+                    " (is it the same architecture?)")
             raise CnnWeightsError(f"{where} holds {len(theirs)} tensors{' besides the head' if skip else ''}, the "
                                   f"model {len(ours)}: the names differ, so they are matched in order, and the "
-                                  f"counts must agree (is it the same architecture?)")
+                                  f"counts must agree{hint}")
         matched = [(k, name, t) for k, (name, t) in zip(ours, theirs)]
     for ours_name, theirs_name, t in matched:
         target = model_state[ours_name]

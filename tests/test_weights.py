@@ -46,6 +46,21 @@ def test_torchvision_resnet18_loads_in_declaration_order(tmp_path):
         assert torch.equal(model.logits(x), ref(x))
 
 
+def test_torchvision_s_auxiliary_classifiers_are_named_when_the_counts_differ():
+    """A GoogLeNet state dict with torchvision's aux1 and aux2 heads (aux_logits=True, as its weights
+    file holds them) is refused, naming them; without their entries it loads."""
+    ref = tm.googlenet()
+    state = dict(ref.state_dict())
+    aux = {f"aux{i}.{name}": torch.zeros(2) for i in (1, 2) for name in ("conv.conv.weight", "fc1.weight")}
+    model = cnndsl.compile(EXAMPLES / "googlenet.cnn", backend="torch", device="cpu")
+    with pytest.raises(CnnWeightsError, match=r"the counts must agree; its aux1\.\*, aux2\.\* entries are the "
+                                              r"auxiliary classifiers of torchvision's GoogLeNet or Inception v3"):
+        cnndsl.load_weights(model, {**state, **aux})
+    with pytest.raises(CnnWeightsError, match=r"the counts must agree \(is it the same architecture\?\)"):
+        cnndsl.load_weights(model, {**state, "extra.weight": torch.zeros(2)})
+    cnndsl.load_weights(model, state)
+
+
 def test_a_checkpoint_and_a_state_dict_load_by_name(tmp_path):
     a = cnndsl.compile(EXAMPLES / "lenet5.cnn", backend="torch", device="cpu")
     b = cnndsl.compile(EXAMPLES / "lenet5.cnn", backend="torch", device="cpu")
