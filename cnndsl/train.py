@@ -173,6 +173,11 @@ def _where(model) -> str:
     return "Triton's interpreter on the CPU (no CUDA device; correct but slow)"
 
 
+def _same_path(given: str, recorded) -> bool:
+    """Whether --init names the file the checkpoint's run started from (recorded absolute)."""
+    return isinstance(recorded, str) and Path(given).resolve() == Path(recorded).resolve()
+
+
 def _resume(ckpt: dict, path: Path, net, file, model, optimizer, kind: str) -> tuple[int, list]:
     """Load a verified checkpoint into the model, the optimizer (built for kind from the settled
     options, whose hyper-parameters win over the ones in the checkpoint's param_groups) and the
@@ -234,6 +239,10 @@ def _run(file, net, ckpt_path: Path, opts: Options, log, w: distributed.World) -
         resume_from = Path(opts.resume) if opts.resume else ckpt_path
         ckpt = checkpoint.load(resume_from)
     opts = recipe.settle(opts, ckpt, resume_from)
+    if ckpt is not None and opts.init is not None and not _same_path(opts.init, ckpt["config"].get("init")):
+        raise CnnTrainError(f"--init {opts.init} with --resume: a resumed run goes on from the weights of its "
+                            f"checkpoint {resume_from}, not from --init's; start a new run (another --out) from "
+                            f"{opts.init}, or leave --init out")
     train_set, test_set = data.load(opts.data)
     if opts.only_classes:
         train_set, test_set = (finetune.only_classes(ds, opts.only_classes) for ds in (train_set, test_set))

@@ -139,6 +139,24 @@ def test_an_error_about_an_option_the_checkpoint_set_says_where_it_came_from(fil
     err = capsys.readouterr().err
     assert "--batch-size 20 is the global batch" in err and "came from" not in err
 
+def test_init_with_resume_is_refused_unless_it_is_the_runs_own(files, tmp_path, capsys):
+    """--resume goes on from the checkpoint's weights: another --init is refused, saying so; the
+    --init the run started from (recorded in its checkpoint, given again or not) resumes."""
+    net, data = files
+    train(net, _opts(data, tmp_path / "first", epochs=1), **QUIET)
+    start = tmp_path / "first" / "last.pt"
+    train(net, _opts(data, tmp_path / "run", epochs=1, init=str(start)), **QUIET)
+    base = ["train", str(net), "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "2", "--resume"]
+    other = tmp_path / "other.pt"
+    other.write_bytes(start.read_bytes())
+    assert main([*base, "--init", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert f"--init {other} with --resume: a resumed run goes on from the weights of its checkpoint" in err
+    assert "Traceback" not in err
+    assert main([*base, "--init", str(start)]) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
 def _edit(path, change) -> None:
     """Rewrite a real checkpoint with `change` applied, through save (a valid checksum)."""
     fields = {k: v for k, v in ckpt.load(path).items() if k not in ("format", "checksum")}
