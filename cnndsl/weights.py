@@ -170,6 +170,7 @@ def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | N
 # the top-level modules of torchvision's auxiliary classifiers (GoogLeNet's two, Inception v3's one):
 # a network with a second output, which the language cannot write (docs/language.md, section 11)
 AUX_HEADS = {"aux1", "aux2", "AuxLogits"}
+COUNT = "num_batches_tracked"  # a batch norm's count of training batches (its momentum=None average's)
 
 
 def pairs(model_state: dict, source: dict, ordered: bool, where: str, skip: tuple = ()) -> list:
@@ -178,6 +179,9 @@ def pairs(model_state: dict, source: dict, ordered: bool, where: str, skip: tupl
     less as many trailing entries as are skipped: a replaced head); every tensor checked (dense, with
     data, the model's shape, a dtype of the same kind: _kind) so that copying them cannot fail."""
     ours = [k for k in model_state if k not in skip]
+    if not any(k.rsplit(".", 1)[-1] == COUNT for k in source):  # saved by a torch before 0.4.1 (older files
+        # of torchvision's weights): no batch norm counts; the model's stay, as torch's loader leaves them
+        ours = [k for k in ours if k.rsplit(".", 1)[-1] != COUNT]
     if all(k in source for k in ours):
         matched = [(k, k, source[k]) for k in ours]
     else:

@@ -46,6 +46,23 @@ def test_torchvision_resnet18_loads_in_declaration_order(tmp_path):
         assert torch.equal(model.logits(x), ref(x))
 
 
+def test_a_state_dict_without_batch_norm_counts_loads_the_rest(tmp_path):
+    """A file saved by a torch before 0.4.1 (older files of torchvision's weights) holds no
+    num_batches_tracked: everything else loads, in declaration order or by name, the counts stay."""
+    ref = tm.randomize(tm.resnet18(), seed=3).eval()
+    old = {k: v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "old.pth")
+    model = cnndsl.compile(EXAMPLES / "resnet18.cnn", backend="torch", device="cpu").eval()
+    loaded = cnndsl.load_weights(model, tmp_path / "old.pth")
+    assert list(loaded.values()) == list(old) and not any(k.endswith("num_batches_tracked") for k in loaded)
+    assert all(int(v) == 0 for k, v in model.state_dict().items() if k.endswith("num_batches_tracked"))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model.logits(x), ref(x))
+    mine = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert list(cnndsl.load_weights(model, mine)) == list(mine)
+
+
 def test_torchvision_s_auxiliary_classifiers_are_named_when_the_counts_differ():
     """A GoogLeNet state dict with torchvision's aux1 and aux2 heads (aux_logits=True, as its weights
     file holds them) is refused, naming them; without their entries it loads."""
