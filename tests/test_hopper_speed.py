@@ -150,16 +150,16 @@ XFAIL = {
     ("conv forward", "ratio"): "27 of 36 compiles: 93-97 instructions per 128x128x32 w8 iteration (1.8x-1.9x; "
                                "the tutorial at that tile is 77), 2.3x-5.7x at the 64- and 32-wide tiles of "
                                "64- and 32-channel layers, and cross-layer fusion's prologue (the A tile "
-                               "normalised and activated in registers): 279 at 64x64x64 (5.4x), 306 at "
-                               "128x32x32 (11.9x), 321 at 128x128x64 (3.1x)",
+                               "normalised and activated in registers): 263 at 64x64x64 (5.1x), 290 at "
+                               "128x32x32 (11.3x), 305 at 128x128x64 (3.0x)",
     ("conv input-grad", "ratio"): "21 of 26: 95-98 instructions per 128x128x32 w8 iteration (1.8x-1.9x), up to "
                                   "5.1x at 64x32x64, and dz on load (the dy and z tiles turned into dz in "
-                                  "registers): 449-621 at 128x128x64 (4.4x-6.0x), 272-495 at 64x64x64 "
-                                  "(5.3x-9.6x), and from a pooled dy, argmax and y 447-490 at the 32-wide tiles "
+                                  "registers): 402-552 at 128x128x64 (3.9x-5.4x), 258-447 at 64x64x64 "
+                                  "(5.0x-8.7x), and from a pooled dy, argmax and y 447-490 at the 32-wide tiles "
                                   "of a 32-channel layer (17x-19x)",
     ("conv weight-grad", "ratio"): "11 of 17: cross-layer fusion's prologue and dz on load (from a pooled dy "
-                                   "too), 393-543 instructions "
-                                   "per iteration (7.6x-10.5x), and without them the tiles under 128x128 of 64- "
+                                   "too), 377-526 instructions "
+                                   "per iteration (7.3x-10.2x), and without them the tiles under 128x128 of 64- "
                                    "and 16-channel layers, 84-169 (1.6x-9.9x)",
     ("dense", "async16"): "3 of 33: the fused softmax over up to 1024 classes (16x1024x16, 8 warps) makes one "
                           "2-byte load: its 16-row A tile is 512 bytes a stage, 2 a thread, and a 16-byte copy a "
