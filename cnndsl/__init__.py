@@ -18,6 +18,7 @@ from .errors import (
                      CnnSyntaxError,
                      CnnTrainError,
                      CnnWeightsError,
+                     InterpreterWarning,
                      Span,
 )
 from .ir import Network, Op
@@ -32,6 +33,7 @@ __all__ = [
                      "CnnSyntaxError",
                      "CnnTrainError",
                      "CnnWeightsError",
+                     "InterpreterWarning",
                      "Network",
                      "Op",
                      "Span",

@@ -145,6 +145,12 @@ class CnnTrainError(CnnError):
     kind = "training error"
 
 
+class InterpreterWarning(UserWarning):
+    """Kernels run in Triton's interpreter (no CUDA device): correct, but orders of magnitude slower.
+    Warned once, when the first triton-backend model is compiled (the kernels are imported then),
+    so that a filter set after `import cnndsl` silences it."""
+
+
 def did_you_mean(word: str, choices) -> str | None:
     """A hint naming the closest choice, if any is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

@@ -1,11 +1,11 @@
 """Triton kernels: each module holds private kernels and their launchers.
 
-Importing this package decides where kernels run: with no CUDA device it sets
-TRITON_INTERPRET=1 so that the same kernels run on CPU tensors in Triton's interpreter,
-and says so once. Triton reads the variable when `triton.jit` wraps a function, its own
-library functions included, so a Triton imported earlier (torch.optim imports it) is
-dropped from sys.modules (all but its compiled extension) and imported afresh: without a
-GPU it had nothing to run on.
+Importing this package (the first triton-backend compile does) decides where kernels run:
+with no CUDA device it sets TRITON_INTERPRET=1 so that the same kernels run on CPU tensors in
+Triton's interpreter, and says so once (cnndsl.InterpreterWarning). Triton reads the variable
+when `triton.jit` wraps a function, its own library functions included, so a Triton imported
+earlier (torch.optim imports it) is dropped from sys.modules (all but its compiled extension)
+and imported afresh: without a GPU it had nothing to run on.
 
 In the interpreter, Triton's int32 overflow checks follow TRITON_DEBUG as on a GPU: the
 interpreter computes a check for every integer add, sub and mul (an int64 copy and two
@@ -20,10 +20,7 @@ import warnings
 
 import torch
 
-
-class InterpreterWarning(UserWarning):
-    """Kernels run in Triton's interpreter: correct, but orders of magnitude slower."""
-
+from ..errors import InterpreterWarning
 
 if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"

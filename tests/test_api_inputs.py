@@ -1,6 +1,9 @@
 """The Python API at its edges: what `cnndsl.parse` takes for a path and what for text, and
 targets of `model.loss` that are out of range or laid out unusually, on both backends."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +117,18 @@ def test_a_model_moved_to_channels_last_or_float64_or_given_a_sparse_input():
         tri(x.to_sparse())
     with pytest.raises(cnndsl.CnnInputError, match=r"the model is torch.float64 on cpu \(model.to\(...\) moved it\)"):
         tri.double()(x.double())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's warning: no CUDA device")
+def test_the_interpreter_warning_is_silenced_by_its_category_after_import_cnndsl():
+    """cnndsl.InterpreterWarning comes once, at the first triton-backend compile (not at `import
+    cnndsl`), so the filter the README gives silences it; without the filter it is shown."""
+    code = ("import warnings, cnndsl\n{}m = cnndsl.compile('network n\\ninput 1x4x4\\nflatten\\ndense 2\\n', "
+            "device='cpu')\nassert cnndsl.kernels.InterpreterWarning is cnndsl.InterpreterWarning\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for line, shown in (("warnings.filterwarnings('ignore', category=cnndsl.InterpreterWarning)\n", False),
+                        ("", True)):
+        run = subprocess.run([sys.executable, "-W", "always", "-c", code.format(line)], env=env, capture_output=True,
+                             text=True, check=False)
+        assert run.returncode == 0, run.stderr
+        assert run.stderr.count("InterpreterWarning: cnndsl: no CUDA device found") == int(shown), run.stderr
