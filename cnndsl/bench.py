@@ -247,17 +247,17 @@ def run(net, batch: int, dtype_name: str, providers=PROVIDERS, modes=MODES, setu
 def main(args, setup: Setup | None = None) -> int:
     """`cnndsl bench`: on the GPU unless `setup` says otherwise (the tests' CPU setup)."""
     from . import bench_groups
-    net = api.parse(Path(args.file))  # errors in the file come first, GPU or not
+    net = api.parse(Path(args.file))  # errors in the file and the options come first, GPU or not
+    if not 1 <= args.batch <= MAX_SIZE:
+        raise CnnInputError(f"--batch must be from 1 to {MAX_SIZE:,}, got {args.batch}")
+    if args.groups and args.providers:
+        raise CnnInputError("--providers does not apply to --groups, which times fused, unfused and eager")
     if setup is None:
         if not torch.cuda.is_available():
             print("cnndsl bench needs a CUDA GPU: none is available here (torch.cuda.is_available() is False). "
                   "Use `cnndsl plan` for the kernels and modelled memory traffic without one.", file=sys.stderr)
             return 1
         setup = Setup()
-    if not 1 <= args.batch <= MAX_SIZE:
-        raise CnnInputError(f"--batch must be from 1 to {MAX_SIZE:,}, got {args.batch}")
-    if args.groups and args.providers:
-        raise CnnInputError("--providers does not apply to --groups, which times fused, unfused and eager")
     if args.cuda_graph and not setup.device.startswith("cuda"):
         raise CnnInputError(f"--cuda-graph needs a CUDA device, not {setup.device}")
     setup = replace(setup, graph=args.cuda_graph)

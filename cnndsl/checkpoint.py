@@ -27,6 +27,7 @@ field's type are checked before anything is used."""
 import contextlib
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import BinaryIO
 
@@ -110,6 +111,9 @@ def open_file(path: Path, error, what: str) -> BinaryIO:
         raise error(f"cannot read {path}: {err.strerror or err}") from None
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # a terminal's control sequence (color, bold)
+
+
 def read_torch(path: Path, error, missing: str, readable: str) -> tuple[object, int]:
     """(payload, file size) of a torch.save archive, loaded with weights_only=True after
     check_archive; `error` (a CnnError class) if the file is missing ("no {missing} at ..."),
@@ -122,7 +126,8 @@ def read_torch(path: Path, error, missing: str, readable: str) -> tuple[object, 
         except Refused as err:
             raise error(f"{path} is not a readable {readable}: {err}") from None
         except pickle.UnpicklingError as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else "unpickling failed"
+            text = ANSI.sub("", str(err)).strip()  # (torch's message sets bold with terminal escapes)
+            first = text.splitlines()[0] if text else "unpickling failed"
             raise error(f"{path} holds objects other than tensors and plain data, or is corrupt; refusing to "
                         f"load it ({first[:200]})") from None
         except Exception as err:  # noqa: BLE001 - a damaged archive makes torch raise almost any type

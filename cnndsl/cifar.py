@@ -44,7 +44,7 @@ def _data(path: Path, value) -> np.ndarray:
         return np.frombuffer(value, np.uint8).reshape(-1, _PIXELS)
     data = to_numpy(value, {"u1"})
     if isinstance(data, str):
-        raise fail(path, f"CIFAR data must be {data}")
+        raise fail(path, f"CIFAR data must be (N, {_PIXELS}) uint8 ({data})")
     if data.ndim != 2 or data.shape[1] != _PIXELS:
         raise fail(path, f"CIFAR data must be (N, {_PIXELS}) uint8, found {data.shape} {data.dtype}")
     return data

@@ -64,7 +64,7 @@ def to_numpy(rec, dtype_names=INT_DTYPES) -> np.ndarray | str:
         rec = Array((), rec.dtype, False, rec.raw)
     if not (isinstance(rec, Array) and isinstance(rec.dtype, Dtype) and rec.dtype.name in dtype_names):
         found = f"{rec.dtype.name} array" if isinstance(rec, Array) and isinstance(rec.dtype, Dtype) else describe(rec)
-        return f"an array of dtype {', '.join(sorted(dtype_names))}, found a {found}"
+        return f"an array of dtype {', '.join(sorted(dtype_names))}, found {'an' if found[0] in 'aeiou' else 'a'} {found}"
     shape = rec.shape
     # (each size bounded, or an empty array's other sizes could overflow numpy's: (2**62, 0) int64)
     if not (isinstance(shape, tuple) and len(shape) <= MAX_DIMS and all(type(d) is int and 0 <= d <= MAX_SIZE

@@ -42,15 +42,18 @@ def _kernels(rule: str, ops: tuple[Op, ...]) -> tuple[tuple[str, ...], tuple[str
     return inference, fwd, bwd
 
 
-GEMM_POOL_NOTE = "its conv pools in the GEMM: no z written; backward reads y and the argmax"
-DZ_ON_LOAD_NOTE = "its backward writes no dz: its conv's gradients compute it as they load dy and z"
-POOLED_DZ_ON_LOAD_NOTE = ("its backward writes no dz: its conv's gradients compute it as they load the pooled dy, "
-                          "argmax and y")
-
-
-def dz_note(gemm_pool: bool) -> str:
-    """What `cnndsl plan` says of a dz-on-load group's dz in training: from what its kernels compute it."""
-    return POOLED_DZ_ON_LOAD_NOTE if gemm_pool else DZ_ON_LOAD_NOTE
+def training_notes(g) -> list[str]:
+    """What `cnndsl plan --train` says under a group whose conv pools in its GEMM (gemm_pool) or
+    computes dz on load: what its backward reads in place of z and dz (a max pool's y and argmax; an
+    average pool's backward needs the pooled dy alone)."""
+    avg = g.gemm_pool and g.output.attrs.mode == "avg"  # (a GEMM-pooling group ends in its pool)
+    pooled = "the pooled dy" if avg else "the pooled dy, argmax and y"
+    notes = [f"its conv pools in the GEMM: no z written; backward reads {'no argmax or y' if avg else 'y and the argmax'}"
+             ] if g.gemm_pool else []
+    if g.dz_on_load:
+        notes.append("its backward writes no dz: its conv's gradients compute it as they load "
+                     f"{pooled if g.gemm_pool else 'dy and z'}")
+    return notes
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class Group:
     deferred: bool = False  # in training, its output goes to the next conv (or max pool) as z, scale and shift
     prologue: bool = False  # its conv's (or pool's) input is a deferred group's output (normalised on load)
     dz_on_load: bool = False  # in backward, its conv's gradient kernels compute dz as they load dy (z, or y, argmax)
-    gemm_pool: bool = False  # in training too its GEMM pools; no z is kept, backward reads y and the argmax
+    gemm_pool: bool = False  # in training too its GEMM pools; no z is kept (backward: training_notes)
     output_note: str | None = None  # for a conv block that could defer: whether its output is written, why
     into: int | None = None  # the concat whose output (slab) it writes its output into, zero-copy (slabs.py)
     # for a concat, each input's state (slabs.py): 0 copied in, 1 written in place by its group, 2 and its
@@ -111,10 +114,7 @@ class Plan:
                 lines.append(f"       not fused further: {g.reason}")
             if g.output_note:
                 lines.append(f"       in training: {g.output_note}")
-            if g.gemm_pool:
-                lines.append(f"       in training: {GEMM_POOL_NOTE}")
-            if g.dz_on_load:
-                lines.append(f"       in training: {dz_note(g.gemm_pool)}")
+            lines += [f"       in training: {note}" for note in training_notes(g)]
             if g.into_note:
                 lines.append(f"       {g.into_note}")
         return "\n".join(lines)

@@ -92,24 +92,22 @@ def plan_json(net: ir.Network, fused, unfused, batch: int, itemsize: int, train:
 
 def plan_table(net: ir.Network, fused, unfused, batch: int, itemsize: int, train: bool) -> str:
     """`cnndsl plan`: one row per fused group with its ops, kernels and modelled MB moved."""
-    from .plan import GEMM_POOL_NOTE, dz_note
+    from .plan import training_notes
     j = plan_json(net, fused, unfused, batch, itemsize, train)
     level = "" if j["fusion"] == "fused" else ", block-level fusion"  # the default level goes unsaid
     lines = [(f"plan for {net.name} ({j['mode']}{level}, batch {batch}, {itemsize}-byte elements): "
               f"{j['fused_groups']} fused groups ({j['unfused_groups']} unfused), "
               f"{j['fused_kernels']} kernels ({j['unfused_kernels']} unfused)"),
              f"  {'#':>3}  {'group':<30} {'ops':<36} {'MB fused':>9} {'unfused':>9}  kernels"]
-    for i, g in enumerate(j["groups"]):
+    for i, (g, group) in enumerate(zip(j["groups"], fused.groups)):
         lines.append(f"  {i:>3}  {g['name'][:30]:<30} {'+'.join(g['ops'])[:36]:<36} {_mb(g['bytes']):>9} "
                      f"{_mb(g['unfused_bytes']):>9}  {', '.join(g['kernels']) or no_kernel(g['zero_copy'])}")
         if g["not_fused_further"]:
             lines.append(f"       not fused further: {g['not_fused_further']}")
         if train and g["training_output"]:
             lines.append(f"       {g['training_output']}")
-        if train and g["gemm_pool"]:
-            lines.append(f"       {GEMM_POOL_NOTE}")
-        if train and g["dz_on_load"]:
-            lines.append(f"       {dz_note(g['gemm_pool'])}")
+        if train:
+            lines += [f"       {note}" for note in training_notes(group)]
         if train and g["adds_gradient_of"]:
             where = "input gradient" if "conv" in g["ops"] else "backward pass"  # (a norm_act group's: bn_act_bwd)
             lines.append(f"       its {where} adds {g['adds_gradient_of']}'s gradient of the same input: "

@@ -16,7 +16,7 @@ import torch
 
 import cnndsl
 from cnndsl import bench, bench_report
-from cnndsl.cli import build_parser
+from cnndsl.cli import build_parser, main
 from cnndsl.plan import plan, traffic
 from cnndsl.shapes import macs
 
@@ -167,6 +167,18 @@ def test_the_plot_is_a_png(tmp_path):
 def test_bad_options_are_refused(tmp_path, extra, message):
     with pytest.raises(cnndsl.CnnInputError, match=message):
         bench.main(_cli(tmp_path, *extra), setup=SETUP)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine without a GPU's order of errors")
+@pytest.mark.parametrize(("extra", "message"), [(["--groups", "--providers", "fused"], "--providers does not apply"),
+                                                (["--batch", "0"], "--batch must be from 1 to 2,147,483,647, got 0")])
+def test_bad_options_are_named_before_the_missing_gpu(tmp_path, capsys, extra, message):
+    """Without a GPU the command line still names a bad option (docs/reliability.md), not the GPU."""
+    src = tmp_path / "small.cnn"
+    src.write_text(CLASSIFIER)
+    assert main(["bench", str(src), *extra]) == 1
+    err = capsys.readouterr().err
+    assert f"input error: {message}" in err and "needs a CUDA GPU" not in err
 
 
 def test_the_providers_option_offers_every_provider():

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import cnndsl
-from cnndsl import CnnTrainError
+from cnndsl import CnnTrainError, CnnWeightsError
 from cnndsl import checkpoint as ckpt
 from cnndsl.resume import network_record
+from cnndsl.weights import read as read_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
 
@@ -175,6 +176,10 @@ def test_a_checkpoint_of_the_older_format_is_refused_by_name(tmp_path):
     with pytest.raises(CnnTrainError, match=r"old.pt was written by an older cnndsl \(format 'cnndsl-checkpoint-1'\): "
                                             "it has no checksum and no network identity"):
         ckpt.load(tmp_path / "old.pt")
+    # where weights are read (eval --weights, export --weights, --init, load_weights) too: not taken
+    # for a state dict under "model"
+    with pytest.raises(CnnWeightsError, match=r"old.pt was written by an older cnndsl \(format 'cnndsl-checkpoint-1'"):
+        read_weights(tmp_path / "old.pt")
 
 
 def test_a_compressed_record_is_refused_before_it_is_inflated(saved, tmp_path):

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import cnndsl
+from cnndsl.cli import main
 from cnndsl.errors import CnnInputError
-from cnndsl.plan import plan, traffic
+from cnndsl.plan import plan, traffic, training_notes
 from cnndsl.traffic import group_bytes
 
 from helpers import launches, run_both
@@ -226,6 +227,22 @@ def test_pool_in_the_gemm_in_training():
     text = str(plan(net, True))
     assert "its conv pools in the GEMM: no z written" in text
     assert "its conv's gradients compute it as they load the pooled dy, argmax and y" in text
+
+
+def test_an_average_pool_in_the_gemm_says_its_backward_reads_no_argmax_or_y(tmp_path, capsys):
+    """POOLED's conv + 2x2 average pool pools in its GEMM and computes dz on load from the pooled dy
+    alone: `cnndsl plan --train` says so (not y and the argmax, which its max-pool group reads)."""
+    groups = plan(cnndsl.parse(POOLED), True).groups
+    avg = next(g for g in groups if g.gemm_pool and g.output.attrs.mode == "avg")
+    notes = ["its conv pools in the GEMM: no z written; backward reads no argmax or y",
+             "its backward writes no dz: its conv's gradients compute it as they load the pooled dy"]
+    assert training_notes(avg) == notes
+    (tmp_path / "pooled.cnn").write_text(POOLED)
+    assert main(["plan", str(tmp_path / "pooled.cnn"), "--train"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert all(f"       {n}" in out for n in notes)
+    assert "       its backward writes no dz: its conv's gradients compute it as they load the pooled dy, argmax and y" \
+        in out
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")

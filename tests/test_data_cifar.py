@@ -150,7 +150,7 @@ HUGE = b"cnumpy\nndarray\nM\x00 M\x00\x0c\x86\x85R"  # numpy.ndarray((8192, 3072
 
 @pytest.mark.parametrize("content, message", [
     (DTYPE_BUILD, r"data_batch_1: data error: expected a pickled dict, found numpy dtype"),
-    (batch(ops(b"data"), DTYPE_BUILD[2:-1], *VALID[2:]), "CIFAR data must be an array of dtype u1, found a numpy dtype"),
+    (batch(ops(b"data"), DTYPE_BUILD[2:-1], *VALID[2:]), r"CIFAR data must be \(N, 3072\) uint8 \(an array of dtype u1, found a numpy dtype\)"),
     (batch(ops(b"data"), HUGE, *VALID[2:]), r"refusing REDUCE of numpy.ndarray: .* \(opcode REDUCE at byte 33\)"),
     (batch(*VALID[:3], ops([1, [2, 3]])), "CIFAR labels must be a flat list of integers; label 1 is a list"),
     (batch(*VALID[:3], ops([0, True])), "label 1 is a bool"),

@@ -168,6 +168,14 @@ def test_bad_files_change_nothing(tmp_path):
         assert _unchanged(model, before), what
 
 
+def test_torch_s_refusal_is_quoted_without_its_terminal_escapes(tmp_path):
+    """torch's weights_only refusal sets bold with escape sequences; the quote leaves them out."""
+    torch.save({"layer": torch.nn.Linear(2, 2)}, tmp_path / "module.pt")  # (a module: a class global)
+    with pytest.raises(CnnWeightsError, match="holds objects other than tensors .*Weights only load failed") as caught:
+        read(tmp_path / "module.pt")
+    assert "\x1b" not in str(caught.value) and "?[" not in caught.value.render()
+
+
 def test_a_shape_mismatch_names_both_sides():
     model = cnndsl.compile(EXAMPLES / "lenet5.cnn", backend="torch", device="cpu")
     state = dict(model.state_dict())
