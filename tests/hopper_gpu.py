@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import cnndsl
+import cnndsl.errors
 import cnndsl.kernels  # before triton: decides TRITON_INTERPRET
 import cnndsl.specs
 
@@ -51,7 +52,7 @@ def _gpu_tagged(value, gpu_values):
 def gpu_view():
     """The kernel modules imported again under another package name as a GPU process imports
     them (TRITON_INTERPRET=0, so `_common.INTERPRET` is False); never launched."""
-    parent = "_cnndsl_gpu_view"  # as cnndsl: its `specs` (which `from ..specs` reaches) is cnndsl's own
+    parent = "_cnndsl_gpu_view"  # as cnndsl: its `specs` and `errors` (`from ..specs`) are cnndsl's own
     pkg = f"{parent}.kernels"
     spec = importlib.util.spec_from_file_location(pkg, KERNELS / "__init__.py",
                                                   submodule_search_locations=[str(KERNELS)])
@@ -60,7 +61,8 @@ def gpu_view():
     try:
         sys.modules[parent] = types.ModuleType(parent)
         sys.modules[parent].__path__ = []
-        sys.modules[f"{parent}.specs"] = sys.modules["cnndsl.specs"]
+        for name in ("specs", "errors"):
+            sys.modules[f"{parent}.{name}"] = sys.modules[f"cnndsl.{name}"]
         package = importlib.util.module_from_spec(spec)
         sys.modules[pkg] = package
         spec.loader.exec_module(package)
