@@ -199,8 +199,12 @@ def emit(net: ir.Network, fuse: bool = True) -> str:
               'only torch and triton; without a GPU set TRITON_INTERPRET=1 before importing."""\n\n'
               "import torch\nfrom torch import nn\n\n"
               f"SOURCE = {net.filename or '<string>'!r}\n\n")
-    body = header + _sources(modules | {"specs", "runtime.steps"}) + _steps(net, program, runners)
+    code = header + _sources(modules | {"specs", "runtime.steps"})
+    # the names the class must not shadow: the code's, and the three the steps bind (the steps
+    # themselves, a line per layer, are not parsed: 100,000 layers would take gigabytes)
+    taken = _top_level_names(code) | {"RUNNERS", "FORWARD", "LOGITS"}
+    body = code + _steps(net, program, runners)
     # Custom ops are global to a process: this module's live in a namespace of their own.
     namespace = "cnndsl_emitted_" + hashlib.sha256(body.encode()).hexdigest()[:16]
     body = body.replace('NAMESPACE = "cnndsl"', f"NAMESPACE = {namespace!r}", 1)
-    return body + _module_class(net, _class_name(net, _top_level_names(body)))
+    return body + _module_class(net, _class_name(net, taken))

@@ -17,6 +17,7 @@ import bisect
 import logging
 import re
 import sys
+from collections import OrderedDict
 from urllib.parse import unquote
 
 from lsprotocol import types as lsp
@@ -27,6 +28,7 @@ from .api import parse_text
 from .errors import CnnError, CnnInputError, printable
 from .highlight import STRUCTURE
 from .layers import LAYERS
+from .limits import MAX_NODES
 from .lsp_stream import MessageReader, OneLine
 from .ops.base import fmt
 from .plan import plan
@@ -38,10 +40,27 @@ _NETWORK = re.compile(r"^[ \t]*network[ \t]+([A-Za-z_]\w*)", re.MULTILINE)
 _WORD = re.compile(r"[A-Za-z_]\w*")
 
 
+# The analyses kept for hover, by their layers together: one network at the language's bound
+# (some 70 MB with its plan), or many small ones; past it the least recently analysed goes, and a
+# hover on its document analyses it again. (Every document the editor opens is otherwise kept.)
+MAX_KEPT_LAYERS = MAX_NODES
+
+
 class CnnLanguageServer(LanguageServer):
     def __init__(self):
         super().__init__("cnndsl", __version__, text_document_sync_kind=lsp.TextDocumentSyncKind.Full)
-        self.networks = {}  # uri -> (Network, {node id: group index}, groups) of its last text that compiled
+        # uri -> (Network, {node id: group index}, groups) of its last text that compiled, oldest first
+        self.networks = OrderedDict()
+        self.dropped = set()  # uris whose analysis `keep` let go
+
+
+def keep(ls: CnnLanguageServer, uri: str, analysis: tuple, budget: int = MAX_KEPT_LAYERS) -> None:
+    """Keep uri's analysis as the newest, letting the oldest go while the kept layers pass `budget`."""
+    ls.networks.pop(uri, None)
+    ls.networks[uri] = analysis
+    ls.dropped.discard(uri)
+    while len(ls.networks) > 1 and sum(len(net.nodes) for net, _, _ in ls.networks.values()) > budget:
+        ls.dropped.add(ls.networks.popitem(last=False)[0])
 
 
 server = CnnLanguageServer()
@@ -58,11 +77,12 @@ def _analyse(ls: CnnLanguageServer, uri: str) -> None:
     doc = _opened(ls, uri)
     if doc is None:
         return
+    ls.dropped.discard(uri)
     diagnostics = []
     try:  # the text as text: api.parse would take a one-line `other.cnn` for a path and read that file
         net = parse_text(doc.source, filename=doc.filename or uri)
         groups = plan(net, True).groups
-        ls.networks[uri] = (net, {node.id: i for i, g in enumerate(groups) for node in g.nodes}, groups)
+        keep(ls, uri, (net, {node.id: i for i, g in enumerate(groups) for node in g.nodes}, groups))
     except CnnError as err:
         diagnostics.append(_diagnostic(err))
     ls.text_document_publish_diagnostics(lsp.PublishDiagnosticsParams(uri=uri, diagnostics=diagnostics))
@@ -102,6 +122,7 @@ def _did_save(ls: CnnLanguageServer, params: lsp.DidSaveTextDocumentParams):
 @server.feature(lsp.TEXT_DOCUMENT_DID_CLOSE)
 def _did_close(ls: CnnLanguageServer, params: lsp.DidCloseTextDocumentParams):
     ls.networks.pop(params.text_document.uri, None)
+    ls.dropped.discard(params.text_document.uri)
 
 
 def _inside(span, line: int, column: int) -> bool:
@@ -140,7 +161,10 @@ def hover_text(net, group_of, groups, line: int, column: int) -> str | None:
 
 @server.feature(lsp.TEXT_DOCUMENT_HOVER)
 def _hover(ls: CnnLanguageServer, params: lsp.HoverParams):
-    found = ls.networks.get(params.text_document.uri)
+    uri = params.text_document.uri
+    if uri in ls.dropped:  # let go for newer documents' analyses: analysed again
+        _analyse(ls, uri)
+    found = ls.networks.get(uri)
     if found is None:
         return None
     text = hover_text(*found, params.position.line + 1, params.position.character + 1)

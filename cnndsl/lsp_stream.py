@@ -83,6 +83,9 @@ class MessageReader:
         self.error = f"cnndsl lsp: malformed message header: {why}; the connection is closed"
 
 
+MAX_LOG_CHARS = 500  # a line of the server's log: a message's text may quote a whole request
+
+
 class OneLine(logging.Formatter):
     """pygls' warnings and errors as one line each: it logs a message that is not JSON, or not
     JSON-RPC, with a traceback that tells an editor's user no more than its last line."""
@@ -90,4 +93,5 @@ class OneLine(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         err = record.exc_info[1] if record.exc_info else None
         why = f": {type(err).__name__}: {str(err).partition(chr(10))[0]}" if err is not None else ""
-        return printable(f"cnndsl lsp: {record.getMessage()}{why}")
+        # (pygls writes some tracebacks into the message itself, after its first line)
+        return printable(f"cnndsl lsp: {record.getMessage().partition(chr(10))[0]}{why}")[:MAX_LOG_CHARS]

@@ -15,8 +15,14 @@ import pytest
 from lsprotocol import types as lsp
 from pygls.lsp.client import LanguageClient
 
-from cnndsl.lsp import _diagnostic, symbols
-from cnndsl.lsp_stream import MAX_MESSAGE_BYTES, MAX_SKIP_BYTES, MessageReader
+from cnndsl.api import parse_text
+from cnndsl.lsp import CnnLanguageServer, _diagnostic, keep, symbols
+from cnndsl.lsp_stream import (
+    MAX_LOG_CHARS,
+    MAX_MESSAGE_BYTES,
+    MAX_SKIP_BYTES,
+    MessageReader,
+)
 
 URI = "file:///tmp/net.cnn"
 BAD = "network n\ninput 3x8x8\nconv 8 3 pad=1\nflaten\ndense 4\n"
@@ -184,6 +190,18 @@ def test_a_message_that_is_not_json_is_one_line_on_stderr():
                                          "name enclosed in double quotes: line 1 column 2 (char 1)")]
 
 
+def test_a_request_with_invalid_params_logs_one_short_line():
+    """pygls writes the traceback of a request it cannot read (a negative position) into its log
+    message: the server's stderr keeps that message's first line, the traceback left out."""
+    init = b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"capabilities":{}}}'
+    hover = (b'{"jsonrpc":"2.0","id":2,"method":"textDocument/hover","params":{"textDocument":{"uri":'
+             b'"file:///a.cnn"},"position":{"line":-5,"character":-5}}}')
+    done = _lsp_run(_message(init) + _message(hover))
+    err = done.stderr.decode()
+    assert "Traceback" not in err and err.strip(), err
+    assert all(len(line) <= MAX_LOG_CHARS for line in err.splitlines())
+
+
 def _frames(data: bytes):
     """(the bodies pygls' loop would read through a MessageReader, the reader's error)."""
     reader, bodies = MessageReader(io.BytesIO(data)), []
@@ -251,3 +269,19 @@ def test_the_outline_of_a_long_document_takes_linear_time():
     found = symbols(source)
     assert len(found) == 200_001 and found[-1].range.start.line == 200_001
     assert time.monotonic() - start < 8
+
+
+def test_the_analyses_kept_are_bounded_by_their_layers():
+    """Each open document's analysis is kept for hover until the kept layers pass the budget; then
+    the least recently analysed goes (a hover analyses it again), never the newest."""
+    ls = CnnLanguageServer()
+    net = parse_text(GOOD)  # 7 layers
+    for i in range(5):
+        keep(ls, f"file:///{i}.cnn", (net, {}, []), budget=3 * len(net.nodes))
+    assert list(ls.networks) == [f"file:///{i}.cnn" for i in (2, 3, 4)]
+    assert ls.dropped == {"file:///0.cnn", "file:///1.cnn"}
+    keep(ls, "file:///2.cnn", (net, {}, []), budget=3 * len(net.nodes))  # analysed again: the newest
+    keep(ls, "file:///0.cnn", (net, {}, []), budget=3 * len(net.nodes))
+    assert list(ls.networks) == [f"file:///{i}.cnn" for i in (4, 2, 0)] and ls.dropped == {f"file:///{i}.cnn" for i in (1, 3)}
+    keep(ls, "file:///big.cnn", (net, {}, []), budget=len(net.nodes) - 1)  # one past the budget alone: kept
+    assert list(ls.networks) == ["file:///big.cnn"]
