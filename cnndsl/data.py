@@ -61,6 +61,7 @@ import numpy as np
 
 from .dataset import Dataset, dims, fail, read_maybe_gz, split
 from .errors import CnnDataError
+from .files import usable
 from .formats import FORMATS
 
 DEFAULT_NAME = "digits (UCI, bundled)"
@@ -83,7 +84,7 @@ def load(spec: str | os.PathLike | None = None) -> tuple[Dataset, Dataset]:
     """(train, test). None -> the bundled default set with its fixed held-out split."""
     if spec is None:
         return _digits()
-    path = Path(spec)
+    path = usable(spec, "--data", CnnDataError)
     if not path.exists():
         raise fail(path, "no such file or directory")
     for detect, read in FORMATS.values():

@@ -21,7 +21,7 @@ from . import api, finetune, resume
 from .augment import Normalize
 from .checkpoint import reason
 from .errors import CnnInputError, CnnWeightsError
-from .files import new_file_beside
+from .files import new_file_beside, usable
 from .weights import load_weights, read, write_safetensors
 
 FORMATS = (".onnx", ".safetensors", ".pt", ".pth")
@@ -51,6 +51,7 @@ def export(file, weights, output, classes: int | None = None, opset: int = MIN_O
         raise CnnInputError(f"export: --opset must be from {MIN_OPSET} to {top} (the newest this torch's ONNX "
                             f"exporter writes), got {opset}" if top else f"export: --opset must be {MIN_OPSET} or "
                             f"newer, got {opset}")
+    output = usable(output, "export: cannot write", CnnInputError)
     if output.is_dir():
         raise CnnInputError(f"export: {output} is a directory; name the file to write, e.g. {output / 'model'}"
                             f"{output.suffix}")

@@ -4,6 +4,7 @@ check before the open could be raced); a write makes a new file beside the targe
 over it, so that a link planted at the path is replaced, not written through, and a reader never
 sees half a file."""
 
+import errno
 import os
 import secrets
 import stat
@@ -27,10 +28,27 @@ class FileTooLarge(OSError):
         self.size = size
 
 
+def usable(path, what: str, error) -> Path:
+    """Path(path), refused with `error` ("WHAT P: ...") where no file can be: a path holding a NUL
+    character (os calls raise ValueError) or a name longer than the system takes (pathlib's exists()
+    and is_dir() raise that OSError instead of answering)."""
+    text = os.fspath(path)
+    if "\0" in text:
+        raise error(f"{what} {text!r:.200}: a path cannot hold a NUL character")
+    try:
+        os.lstat(text)
+    except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:
+            raise error(f"{what} {text[:80]}...: {err.strerror} ({len(os.fsencode(text)):,} bytes)") from None
+    return Path(text)
+
+
 def open_regular(path: Path) -> BinaryIO:
     """The regular file at `path` (or at the end of its links), open for binary reading:
     FileNotFoundError, IsADirectoryError, NotRegularFile, or any OSError of the open. The type
     is checked on the open file, so the file cannot be swapped between a check and the open."""
+    if "\0" in os.fspath(path):  # (os.open would raise ValueError)
+        raise OSError(errno.EINVAL, "a path cannot hold a NUL character", str(path))
     # O_NONBLOCK: opening a FIFO must not wait for a writer; it has no effect on a regular file.
     f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb")
     try:

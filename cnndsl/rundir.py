@@ -17,6 +17,7 @@ import stat
 from pathlib import Path
 
 from .errors import CnnTrainError
+from .files import usable
 
 LOCK_NAME = ".lock"
 LOCK_TRIES = 50  # a try fails only when another run removed the lock file between our open and our lock
@@ -27,6 +28,7 @@ def claim(out: Path, stale: tuple[str, ...]):
     """Hold the lock on the folder `out` (created if missing) for the with-block; yields the
     names of the stale files (glob patterns) it deleted. CnnTrainError if another run holds
     it. A folder this call created is removed again if the run leaves it empty."""
+    out = usable(out, "cannot use the output folder", CnnTrainError)
     created = not out.exists()
     fd = _lock(out)
     try:

@@ -240,3 +240,26 @@ def test_subprocess_huge_integer_is_an_error_not_a_traceback(tmp_path, line):
     result = run_cli("check", path)
     assert "Traceback" not in result.stderr, result.stderr[-600:]
     assert result.returncode in (0, 1)
+
+
+LONG = "o" * 300  # a file name past the 255 bytes a file system takes
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "{net}", "--backend", "torch", "--out", LONG], "training error: cannot use the output folder ooo"),
+    (["train", "{net}", "--backend", "torch", "--data", LONG], "data error: --data ooo"),
+    (["train", "{net}", "--backend", "torch", "--config", "{nul_out}"],
+     r"training error: cannot use the output folder 'a\x00b': a path cannot hold a NUL character"),
+    (["train", "{net}", "--backend", "torch", "--config", "{nul_init}", "--out", "{tmp}/run"],
+     "weights error: cannot read a?b.pt: a path cannot hold a NUL character"),
+    (["export", "{net}", "--weights", "w.pt", "-o", LONG + ".onnx"], "input error: export: cannot write ooo")])
+def test_a_path_no_file_can_have_is_a_clear_error(tmp_path, capsys, argv, message):
+    """A name longer than the file system takes, or a NUL character (a config.json can hold one),
+    is refused with one line: pathlib's exists() and os.open raise on them."""
+    (tmp_path / "nul_out.json").write_text(json.dumps({"out": "a\u0000b"}))
+    (tmp_path / "nul_init.json").write_text(json.dumps({"init": "a\u0000b.pt", "epochs": 1}))
+    names = {"net": EXAMPLES / "digits.cnn", "nul_out": tmp_path / "nul_out.json",
+             "nul_init": tmp_path / "nul_init.json", "tmp": tmp_path}
+    assert main([a.format(**names) for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
