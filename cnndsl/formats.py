@@ -219,7 +219,10 @@ def _read_images(image_module, files: list[Path], budget: Budget, root: Path) ->
     """Pixels (N, C, H, W) /255: one channel when every image is grayscale, else RGB. The
     sizes come from the headers and are counted before any image is decoded."""
     heads = [_with_image(image_module, p, lambda im: (im.mode, im.size)) for p in files]
-    for path, (_, size) in zip(files, heads):
+    for path, (mode, size) in zip(files, heads):
+        if mode.startswith(("I", "F")):  # Pillow's convert to "L" or "RGB" would clip them to 0 or 255
+            raise fail(path, f"a {mode} image (16 or 32 bits, or floating point a pixel): only 8-bit images are "
+                             "read; convert it to 8 bits a channel")
         if size != heads[0][1]:
             raise fail(path, f"image is {dims(size)} but {files[0]} is {dims(heads[0][1])}: "
                               "all images must have one size")

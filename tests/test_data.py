@@ -4,6 +4,7 @@ pickle reader are in test_data_cifar.py, the data limit and hostile files in
 test_data_limits.py."""
 
 import gzip
+import re
 import sys
 
 import numpy as np
@@ -218,6 +219,22 @@ def test_image_folder_errors(tmp_path):
     (tmp_path / "c" / "empty").mkdir(parents=True)
     with data_error("no images"):
         load(tmp_path / "c")
+
+
+@needs_pillow
+@pytest.mark.parametrize(("mode", "pixels"), [("I;16", np.full((4, 6), 40000, np.uint16)),
+                                              ("I", np.full((4, 6), -5, np.int32)),
+                                              ("F", np.full((4, 6), 0.5, np.float32))])
+def test_an_image_of_more_than_8_bits_is_refused_not_clipped(tmp_path, mode, pixels):
+    """Pillow converts a 16-bit, 32-bit or float image to 8 bits by clipping (every pixel 255 or 0):
+    such an image is named instead."""
+    root = write_images(tmp_path / "a", per_class=2)
+    image = Image.fromarray(pixels)
+    assert image.mode == mode
+    image.save(root / "dog" / "9.tif")
+    with data_error(rf"9.tif: data error: a {re.escape(mode)} image \(16 or 32 bits, or floating point a pixel\): "
+                    "only 8-bit images are read"):
+        load(root)
 
 
 @needs_pillow
