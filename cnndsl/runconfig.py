@@ -105,4 +105,5 @@ def _shown(value) -> str:
     """An option's value as the command line would give it (a flag's as on or off)."""
     if isinstance(value, bool) or value is None:
         return {True: "on", False: "off", None: "unset"}[value]
-    return str(value)
+    text = str(value)  # (a config.json's number can have thousands of digits)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text):,} characters)"

@@ -46,6 +46,13 @@ METRICS, BEST = "metrics.csv", "best.pt"  # one row per epoch; the checkpoint of
 CURVES = "curves.png"  # loss and accuracy against epochs (with matplotlib)
 
 
+def _shown(value) -> str:
+    """A whole number as the option messages show it: one of more than 30 digits (a config.json can
+    hold thousands) by its first digits and its length."""
+    digits = len(str(abs(value))) if isinstance(value, int) else 0
+    return f"{value:,}" if digits <= 30 else f"{str(value)[:20]}... ({digits:,} digits)"
+
+
 @dataclass(frozen=True)
 class Options:
     data: str | None = None  # None: the bundled digits (data.py)
@@ -83,12 +90,12 @@ class Options:
                                ("warmup_epochs", None, MAX_EPOCHS), ("early_stop", None, MAX_EPOCHS)):
             value, flag = getattr(self, name), "--" + name.replace("_", "-")
             if low is not None and value < low:
-                raise CnnInputError(f"{flag} must be at least {low}, got {value}")
+                raise CnnInputError(f"{flag} must be at least {low}, got {_shown(value)}")
             if value is not None and value > top:
-                raise CnnInputError(f"{flag} must be at most {top:,}, got {value:,}")
+                raise CnnInputError(f"{flag} must be at most {top:,}, got {_shown(value)}")
         if abs(self.seed) > MAX_SEED:  # (each epoch's generators take seed * 100,003 + epoch: 64 bits)
             raise CnnInputError(f"--seed must be a whole number from -{MAX_SEED:,} to {MAX_SEED:,} (2^40), got "
-                                f"{self.seed}")
+                                f"{_shown(self.seed)}")
         if self.optimizer is not None and self.optimizer not in recipe.OPTIMIZERS:
             raise CnnInputError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(recipe.OPTIMIZERS)}")
         # (the optimizer keeps them as fp32 scalars: a larger one fails inside its first step)
@@ -105,10 +112,10 @@ class Options:
             raise CnnInputError(f"--val-split must be a fraction in [0, 1), got {self.val_split}")
         if self.early_stop is not None and (self.early_stop < 1 or not self.val_split):
             raise CnnInputError(f"--early-stop must be at least 1 and needs a validation split, got "
-                                f"{self.early_stop} with --val-split {self.val_split}")
+                                f"{_shown(self.early_stop)} with --val-split {self.val_split}")
         if self.sched not in schedule.SCHEDULES or self.warmup_epochs < 0:
             raise CnnInputError(f"--sched must be one of {', '.join(schedule.SCHEDULES)} and --warmup-epochs at "
-                                f"least 0, got {self.sched!r} and {self.warmup_epochs}")
+                                f"least 0, got {self.sched!r:.40} and {_shown(self.warmup_epochs)}")
         if self.warmup_epochs and self.warmup_epochs >= self.epochs:
             raise CnnInputError(f"--warmup-epochs {self.warmup_epochs} must be less than --epochs {self.epochs}: the "
                                 "warm-up would take the whole run, and the schedule never begin")

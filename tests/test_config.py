@@ -116,3 +116,15 @@ def test_a_resumed_run_finds_its_data_and_turns_options_off(tmp_path, monkeypatc
     recorded = json.loads((run / "config.json").read_text())
     assert recorded["data"] == str(tmp_path / "mine.npz") and recorded["early_stop"] is None
     assert recorded["fuse"] is True and recorded["freeze_bn"] is False and recorded["freeze"] == "conv1"
+
+
+def test_a_number_of_thousands_of_digits_is_shown_short(tmp_path, capsys):
+    """A config.json may hold an int of 4,000 digits: the error and its note show its first digits
+    and its length, not all of it."""
+    (tmp_path / "big.json").write_text(json.dumps({"epochs": 10**4000}))
+    net = Path(__file__).resolve().parent.parent / "examples" / "digits.cnn"
+    assert main(["train", str(net), "--config", str(tmp_path / "big.json"), "--backend", "torch"]) == 1
+    err = capsys.readouterr().err
+    assert "input error: --epochs must be at most 1,000,000, got 10000000000000000000... (4,001 digits)" in err
+    assert "note: --epochs 10000000000000000000... (4,001 characters) came from --config" in err
+    assert len(err) < 500
