@@ -46,11 +46,11 @@ METRICS, BEST = "metrics.csv", "best.pt"  # one row per epoch; the checkpoint of
 CURVES = "curves.png"  # loss and accuracy against epochs (with matplotlib)
 
 
-def _shown(value) -> str:
-    """A whole number as the option messages show it: one of more than 30 digits (a config.json can
-    hold thousands) by its first digits and its length."""
+def _shown(value, spec: str = "") -> str:
+    """A whole number as the option messages show it (format(value, spec)): one of more than 30
+    digits (a config.json can hold thousands) by its first digits and its length."""
     digits = len(str(abs(value))) if isinstance(value, int) else 0
-    return f"{value:,}" if digits <= 30 else f"{str(value)[:20]}... ({digits:,} digits)"
+    return format(value, spec) if digits <= 30 else f"{str(value)[:20]}... ({digits:,} digits)"
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class Options:
             if low is not None and value < low:
                 raise CnnInputError(f"{flag} must be at least {low}, got {_shown(value)}")
             if value is not None and value > top:
-                raise CnnInputError(f"{flag} must be at most {top:,}, got {_shown(value)}")
+                raise CnnInputError(f"{flag} must be at most {top:,}, got {_shown(value, ',')}")
         if abs(self.seed) > MAX_SEED:  # (each epoch's generators take seed * 100,003 + epoch: 64 bits)
             raise CnnInputError(f"--seed must be a whole number from -{MAX_SEED:,} to {MAX_SEED:,} (2^40), got "
                                 f"{_shown(self.seed)}")
