@@ -122,7 +122,8 @@ def test_a_model_moved_to_channels_last_or_float64_or_given_a_sparse_input():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's warning: no CUDA device")
 def test_the_interpreter_warning_is_silenced_by_its_category_after_import_cnndsl():
     """cnndsl.InterpreterWarning comes once, at the first triton-backend compile (not at `import
-    cnndsl`), so the filter the README gives silences it; without the filter it is shown."""
+    cnndsl`), so the filter the README gives silences it; without the filter it is shown, at the
+    line that compiled."""
     code = ("import warnings, cnndsl\n{}m = cnndsl.compile('network n\\ninput 1x4x4\\nflatten\\ndense 2\\n', "
             "device='cpu')\nassert cnndsl.kernels.InterpreterWarning is cnndsl.InterpreterWarning\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -132,3 +133,4 @@ def test_the_interpreter_warning_is_silenced_by_its_category_after_import_cnndsl
                              text=True, check=False)
         assert run.returncode == 0, run.stderr
         assert run.stderr.count("InterpreterWarning: cnndsl: no CUDA device found") == int(shown), run.stderr
+    assert "<string>:2: InterpreterWarning" in run.stderr  # the user's line that compiled, not importlib's
