@@ -40,8 +40,9 @@ def read(path: str | os.PathLike) -> Weights:
     if path.suffix == ".safetensors":
         return Weights(*read_safetensors(path), where=str(path))
     payload, size = checkpoint.read_torch(path, CnnWeightsError, "weights file", "torch file")
-    if isinstance(payload, dict) and str(payload.get("format")).startswith("cnndsl-checkpoint"):  # (an older
-        # one is refused by verify, as --resume refuses it, not read as a state dict under "model")
+    fmt = payload.get("format") if isinstance(payload, dict) else None
+    if isinstance(fmt, str) and fmt.startswith("cnndsl-checkpoint"):  # (an older one is refused by
+        # verify, as --resume refuses it, not read as a state dict under "model")
         ckpt = checkpoint.verify(path, payload, size, CnnWeightsError)
         return Weights(dict(ckpt["model"]), True, ckpt, str(path))
     return Weights(_state_dict(payload, path), True, where=str(path))
