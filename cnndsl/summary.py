@@ -90,6 +90,24 @@ def plan_json(net: ir.Network, fused, unfused, batch: int, itemsize: int, train:
             "bytes": sum(g["bytes"] for g in groups), "unfused_bytes": sum(g["unfused_bytes"] for g in groups)}
 
 
+MAX_LABEL = 48  # characters of a group's name in the plan's table (--json has it whole)
+
+
+def short_label(name: str) -> str:
+    """A group's name for the plan's table: "first..last" with the last layer's dotted path written
+    from where it leaves the first's (`b.c1.conv..b.c1.relu1` -> `b.c1.conv..relu1`), then cut in
+    the middle to MAX_LABEL characters (a name's start says where, its end which layer)."""
+    first, sep, last = name.partition("..")
+    if sep:
+        a, b = first.split("."), last.split(".")
+        common = next((i for i, (x, y) in enumerate(zip(a[:-1], b[:-1])) if x != y), min(len(a), len(b)) - 1)
+        name = f"{first}..{'.'.join(b[common:])}"
+    if len(name) <= MAX_LABEL:
+        return name
+    head = MAX_LABEL // 3
+    return f"{name[:head]}...{name[-(MAX_LABEL - head - 3):]}"
+
+
 def plan_table(net: ir.Network, fused, unfused, batch: int, itemsize: int, train: bool) -> str:
     """`cnndsl plan`: one row per fused group with its ops, kernels and modelled MB moved."""
     from .plan import training_notes
@@ -98,9 +116,12 @@ def plan_table(net: ir.Network, fused, unfused, batch: int, itemsize: int, train
     lines = [(f"plan for {net.name} ({j['mode']}{level}, batch {batch}, {itemsize}-byte elements): "
               f"{j['fused_groups']} fused groups ({j['unfused_groups']} unfused), "
               f"{j['fused_kernels']} kernels ({j['unfused_kernels']} unfused)"),
-             f"  {'#':>3}  {'group':<30} {'ops':<36} {'MB fused':>9} {'unfused':>9}  kernels"]
-    for i, (g, group) in enumerate(zip(j["groups"], fused.groups)):
-        lines.append(f"  {i:>3}  {g['name'][:30]:<30} {'+'.join(g['ops'])[:36]:<36} {_mb(g['bytes']):>9} "
+             ""]
+    labels = [short_label(g["name"]) for g in j["groups"]]
+    width = max(map(len, ["group", *labels]))
+    lines[-1] = f"  {'#':>3}  {'group':<{width}} {'ops':<36} {'MB fused':>9} {'unfused':>9}  kernels"
+    for i, (g, group, label) in enumerate(zip(j["groups"], fused.groups, labels)):
+        lines.append(f"  {i:>3}  {label:<{width}} {'+'.join(g['ops'])[:36]:<36} {_mb(g['bytes']):>9} "
                      f"{_mb(g['unfused_bytes']):>9}  {', '.join(g['kernels']) or no_kernel(g['zero_copy'])}")
         if g["not_fused_further"]:
             lines.append(f"       not fused further: {g['not_fused_further']}")

@@ -12,6 +12,7 @@ import torch
 import cnndsl
 from cnndsl.cli import main
 from cnndsl.plan import plan
+from cnndsl.summary import MAX_LABEL, short_label
 
 from helpers import run_both
 
@@ -111,6 +112,22 @@ def test_plan_table_says_why(capsys):
     assert out.startswith("plan for resnet18 (inference, batch 1, 4-byte elements): 23 fused groups (70 unfused)")
     assert "not fused further: maxpool1 (pool) does not fuse: its windows overlap" in out
     assert "total MB moved" in out
+
+
+@pytest.mark.parametrize(("name", "label"), [
+    ("conv1", "conv1"), ("conv1..relu1", "conv1..relu1"),
+    ("inception3a.concat1.branch2.conv_bn1.conv..inception3a.concat1.branch2.conv_bn1.relu1",
+     "inception3a.concat1.branch2.conv_bn1.conv..relu1"),
+    ("a.b.x..a.c.y", "a.b.x..c.y"),
+    ("block" + ".inner" * 20 + ".conv..block" + ".inner" * 20 + ".relu", "block.inner.inne....inner.inner.inner.conv..relu")])
+def test_the_table_labels_a_group_by_its_first_layer_and_where_its_last_leaves_it(name, label):
+    assert short_label(name) == label and len(label) <= MAX_LABEL
+
+
+def test_the_plan_table_tells_googlenets_branches_apart(capsys):
+    assert main(["plan", str(EXAMPLES / "googlenet.cnn")]) == 0
+    rows = [line.split()[1] for line in capsys.readouterr().out.splitlines()[2:] if line[:6].strip().isdigit()]
+    assert "inception3a.concat1.branch2.conv_bn1.conv..relu1" in rows and len(set(rows)) == len(rows)
 
 
 def test_plan_rejects_a_bad_batch(capsys):
