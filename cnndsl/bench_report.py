@@ -6,6 +6,7 @@ import csv
 import json
 
 from .errors import CnnInputError
+from .summary import short_label
 
 BASELINE = "eager"  # the provider every speed is relative to
 
@@ -46,11 +47,13 @@ def _mb(n: int) -> str:
 def groups_table(rows: list[dict]) -> str:
     """One row per fused group and mode: its layers, the three medians, the speed-ups of the
     fused group and the modelled MB it saves."""
-    lines = [(f"{'#':>3}  {'group':<24} {'layers':<30} {'mode':<9} {'fused ms':>9} {'unfused':>9} {'eager':>9} "
+    labels = [short_label(r["name"]) for r in rows]
+    width = max(map(len, ["group", *labels]))
+    lines = [(f"{'#':>3}  {'group':<{width}} {'layers':<30} {'mode':<9} {'fused ms':>9} {'unfused':>9} {'eager':>9} "
              f"{'vs unf.':>7} {'vs eager':>8} {'MB saved':>9} {'err':>8}")]
-    for r in rows:
+    for r, label in zip(rows, labels):
         err = "-" if r["err"] is None else f"{r['err']:.1e}"
-        lines.append(f"{r['group']:>3}  {r['name'][:24]:<24} {r['ops'][:30]:<30} {r['mode']:<9} {r['fused_ms']:>9.3f} "
+        lines.append(f"{r['group']:>3}  {label:<{width}} {r['ops'][:30]:<30} {r['mode']:<9} {r['fused_ms']:>9.3f} "
                      f"{r['unfused_ms']:>9.3f} {r['eager_ms']:>9.3f} {r['vs_unfused']:>6.2f}x {r['vs_eager']:>7.2f}x "
                      f"{_mb(r['bytes_saved']):>9} {err:>8}")
     for mode in dict.fromkeys(r["mode"] for r in rows):
