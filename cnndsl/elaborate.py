@@ -93,9 +93,7 @@ class _Builder:
         self.blocks[block.name] = block
 
     def add(self, op, attrs, inputs, shape, name, span, keyword) -> int:
-        if len(self.nodes) > MAX_NODES:  # nodes[0] is the input, not a layer
-            raise CnnArgumentError(f"the network expands to more than {MAX_NODES:,} layers", span,
-                                   hint="check the repetition counts")
+        self.project(len(self.nodes), 0, span)  # the layers with this one (nodes[0] is the input, not a layer)
         _check_values(shape, keyword, span)
         self.name_chars += len(name)
         if self.name_chars > MAX_NAME_CHARS:  # (each holds the labels of the block calls it is in)
@@ -115,7 +113,11 @@ class _Builder:
                                        stmt.name_span, hint="define blocks at the top level of the file")
                 continue
             reps = self.arith.count(stmt.repeat, env)
+            layers, expanded = len(self.nodes) - 1, self.expanded
             for i in range(reps):
+                if i == 1:  # every repetition makes what the first made: past a bound, say so now
+                    self.project(layers + (len(self.nodes) - 1 - layers) * reps,
+                                 expanded + (self.expanded - expanded) * reps, stmt.span)
                 self.expand(1, stmt.span)
                 label = stmt.label if stmt.label is None or reps == 1 else f"{stmt.label}.{i}"
                 if isinstance(stmt, ast.Residual):
@@ -137,7 +139,16 @@ class _Builder:
     def expand(self, n: int, span) -> None:
         """Count n statements (or a concat's branches) expanded: empty ones make no layers but still cost work."""
         self.expanded += n
-        if self.expanded > MAX_EXPANSIONS:
+        self.project(0, self.expanded, span)
+
+    @staticmethod
+    def project(layers: int, expanded: int, span) -> None:
+        """Refuse a network of more layers or expanded statements than the bounds: as they come (add,
+        expand), or as a repetition foresees them after its first."""
+        if layers > MAX_NODES:
+            raise CnnArgumentError(f"the network expands to more than {MAX_NODES:,} layers", span,
+                                   hint="check the repetition counts")
+        if expanded > MAX_EXPANSIONS:
             raise CnnArgumentError(f"the network expands to more than {MAX_EXPANSIONS:,} statements "
                                    "(layers, block calls, residuals and concat branches, each repetition counted)",
                                    span, hint="check the repetition counts and the blocks they call")

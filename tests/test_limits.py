@@ -122,7 +122,18 @@ def test_empty_block_fan_out_trips_the_expansion_bound():
     src = "network a\ninput 1x8x8\nblock e {\n}\nblock f {\n  e x 100000\n}\nblock g {\n  f x 100000\n}\ng\nrelu\n"
     err = error(src, cnndsl.CnnArgumentError, seconds=1.5)
     assert err.message.startswith(f"the network expands to more than {MAX_EXPANSIONS:,} statements")
-    assert err.line == 6 and "in block 'f' called at line 9" in err.render()
+    # (foreseen after the first of g's calls of f: each makes 100,001 statements)
+    assert err.line == 9 and "in block 'g' called at line 11" in err.render()
+
+
+def test_a_repetition_foresees_the_bounds_after_its_first():
+    """Every repetition makes what the first made: 3 x 100,000 relus four calls deep are refused
+    after the first 3, at the repetition that passes the bound, not after 100,000 layers."""
+    src = ("network a\ninput 1x8x8\nblock b0 {\nrelu\n}\nblock b1 {\n  b0 x 3\n}\nblock b2 {\n  b1 x 100000\n}\n"
+           "block b3 {\n  b2 x 3\n}\nb3 x 10\nrelu\n")
+    err = error(src, cnndsl.CnnArgumentError, seconds=0.3)
+    assert (err.line, err.message) == (10, f"the network expands to more than {MAX_NODES:,} layers")
+    assert "in block 'b2' called at line 13" in err.render()
 
 
 def test_the_node_limit_is_exact():
@@ -250,7 +261,7 @@ def test_binding_many_parameters_counts_against_the_evaluation_bound():
 
 
 @pytest.mark.parametrize("src, message", [
-    ("network a\ninput 1x1x1\nconcat {\n" + "branch { }\n" * 16 + "} x 100000\n",
+    ("network a\ninput 1x1x1\nconcat {\n" + "branch { }\n" * 16 + "} x 10\n",
      ("concat makes a 4294967296x1x1 tensor per image, 4,294,967,296 values, more than the 2,147,483,647 a layer "
      "may hold")),
     (H + "conv 1 1 pad=100000\n", ("conv makes a 1x200008x200008 tensor per image, 40,003,200,064 values, more "
