@@ -200,6 +200,7 @@ def test_a_request_with_invalid_params_logs_one_short_line():
     err = done.stderr.decode()
     assert "Traceback" not in err and err.strip(), err
     assert all(len(line) <= MAX_LOG_CHARS for line in err.splitlines())
+    assert "cnndsl lsp: Unable to deserialize message\n" in err  # (as docs/reliability.md quotes it)
 
 
 def _frames(data: bytes):
