@@ -6,7 +6,7 @@ import csv
 import json
 
 from .errors import CnnInputError
-from .summary import short_label
+from .summary import group_labels
 
 BASELINE = "eager"  # the provider every speed is relative to
 
@@ -47,8 +47,7 @@ def _mb(n: int) -> str:
 def groups_table(rows: list[dict]) -> str:
     """One row per fused group and mode: its layers, the three medians, the speed-ups of the
     fused group and the modelled MB it saves."""
-    labels = [short_label(r["name"]) for r in rows]
-    width = max(map(len, ["group", *labels]))
+    labels, width = group_labels(r["name"] for r in rows)
     lines = [(f"{'#':>3}  {'group':<{width}} {'layers':<30} {'mode':<9} {'fused ms':>9} {'unfused':>9} {'eager':>9} "
              f"{'vs unf.':>7} {'vs eager':>8} {'MB saved':>9} {'err':>8}")]
     for r, label in zip(rows, labels):

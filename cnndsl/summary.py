@@ -108,6 +108,12 @@ def short_label(name: str) -> str:
     return f"{name[:head]}...{name[-(MAX_LABEL - head - 3):]}"
 
 
+def group_labels(names) -> tuple[list[str], int]:
+    """The short_labels of groups' names and the width of a table's column of them (its heading, "group")."""
+    labels = [short_label(n) for n in names]
+    return labels, max(map(len, ["group", *labels]))
+
+
 def plan_table(net: ir.Network, fused, unfused, batch: int, itemsize: int, train: bool) -> str:
     """`cnndsl plan`: one row per fused group with its ops, kernels and modelled MB moved."""
     from .plan import training_notes
@@ -117,8 +123,7 @@ def plan_table(net: ir.Network, fused, unfused, batch: int, itemsize: int, train
               f"{j['fused_groups']} fused groups ({j['unfused_groups']} unfused), "
               f"{j['fused_kernels']} kernels ({j['unfused_kernels']} unfused)"),
              ""]
-    labels = [short_label(g["name"]) for g in j["groups"]]
-    width = max(map(len, ["group", *labels]))
+    labels, width = group_labels(g["name"] for g in j["groups"])
     lines[-1] = f"  {'#':>3}  {'group':<{width}} {'ops':<36} {'MB fused':>9} {'unfused':>9}  kernels"
     for i, (g, group, label) in enumerate(zip(j["groups"], fused.groups, labels)):
         lines.append(f"  {i:>3}  {label:<{width}} {'+'.join(g['ops'])[:36]:<36} {_mb(g['bytes']):>9} "
